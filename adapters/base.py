@@ -1,0 +1,103 @@
+"""The one small interface every adapter implements (as httpx's transports do).
+
+An adapter turns an ``Exchange`` (what a member asked, already verified and validated)
+into an ``Answer`` from somewhere else. The core finds adapter types by name through the
+``gateway.adapters`` entry-point group and never imports a concrete adapter.
+
+An adapter type is a class with:
+- ``config_schema``: a JSON Schema (Draft 2020-12) for its ``config`` block;
+- ``__init__(name, config, context)``: config already validated against that schema;
+- ``send(exchange) -> Answer``; ``health() -> Health``; ``aclose()``.
+
+Adapters raise the gateway's errors: ``UpstreamError`` (502), ``UpstreamTimeout`` (504),
+``AdapterUnavailable`` (503). Anything else is reported as ``upstream_error``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import aiohttp
+from multidict import CIMultiDict
+
+__all__ = ["Adapter", "AdapterContext", "AdapterType", "Answer", "Exchange", "Health", "Signer"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Exchange:
+    """One verified, validated message on its way out."""
+
+    service: str
+    client: str
+    message_id: str
+    body: bytes
+    content_type: str = "application/json"
+    target: str | None = None
+    user: str | None = None
+    issue: str | None = None
+    correlation_id: str | None = None
+    traceparent: str | None = None
+    timeout_s: float = 10.0
+    # True when the exchange is delivered from the outbox (asynchronous mode).
+    asynchronous: bool = False
+    # Extra protocol headers to forward (for example Gw-Via on a relayed message).
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Answer:
+    """What the far side answered: a status, a JSON body and its headers."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Health:
+    healthy: bool
+    detail: str = ""
+
+
+class Signer(Protocol):
+    """Signs an outbound request with the gateway's key (RFC 9421 + RFC 9530)."""
+
+    kid: str
+
+    def sign_request(
+        self, method: str, url: str, headers: CIMultiDict[str], body: bytes
+    ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdapterContext:
+    """What the core lends an adapter: identity, signer, the shared HTTP pool."""
+
+    member_id: str
+    signer: Signer
+    session: aiohttp.ClientSession
+    base_dir: str = "."
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    name: str
+
+    async def send(self, exchange: Exchange) -> Answer: ...
+
+    async def health(self) -> Health: ...
+
+    async def aclose(self) -> None: ...
+
+
+class AdapterType(Protocol):
+    """The class an entry point names."""
+
+    config_schema: ClassVar[Mapping[str, Any]]
+
+    def __call__(
+        self, name: str, config: Mapping[str, Any], context: AdapterContext
+    ) -> Adapter: ...

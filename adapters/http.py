@@ -1,0 +1,162 @@
+"""``http``: JSON over HTTP to any upstream, signed with the gateway's key.
+
+The request body is forwarded byte for byte; the protocol headers travel with it
+(``Gw-Client``, ``Gw-Message-Id``, ``Gw-Issue``, ``traceparent`` …) plus ``Gw-Via``.
+When ``verify_response`` names the upstream's keys, its answer must carry an RFC 9421
+signature over ``@status``, ``content-digest`` and ``content-type`` by one of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import aiohttp
+from multidict import CIMultiDict
+
+from adapters.base import AdapterContext, Answer, Exchange, Health
+from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
+from gateway.keys import VerificationKey
+from gateway.signing import RequestView, ResponseView, Verifier, check_content_digest
+from gateway.signing import parse_signature_input as parse_sig
+
+__all__ = ["HttpAdapter"]
+
+_FORWARDED = ("Gw-Target", "Gw-User", "Gw-Issue", "Gw-Correlation-Id", "traceparent", "tracestate")
+
+
+class HttpAdapter:
+    config_schema: ClassVar[Mapping[str, Any]] = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["url"],
+        "properties": {
+            "url": {
+                "type": "string",
+                "pattern": "^https?://",
+                "description": "Upstream URL; {service} is replaced by the service code.",
+            },
+            "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+            "health_url": {"type": "string", "pattern": "^https?://"},
+            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+            "forward_user": {"type": "boolean", "default": True},
+            "verify_response": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["keys"],
+                "properties": {
+                    "keys": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {"oneOf": [{"type": "string"}, {"type": "object"}]},
+                    },
+                },
+            },
+        },
+    }
+
+    def __init__(self, name: str, config: Mapping[str, Any], context: AdapterContext) -> None:
+        self.name = name
+        self._url = str(config["url"])
+        self._timeout = float(config.get("timeout_s", 30.0))
+        self._health_url = config.get("health_url")
+        self._headers = dict(config.get("headers", {}))
+        self._forward_user = bool(config.get("forward_user", True))
+        self._ctx = context
+        self._verifier = Verifier()
+        self._response_keys: dict[str, VerificationKey] = {}
+        for ref in config.get("verify_response", {}).get("keys", []):
+            jwk = ref
+            if isinstance(ref, str):
+                path = Path(ref) if Path(ref).is_absolute() else Path(context.base_dir) / ref
+                jwk = json.loads(path.read_text(encoding="utf-8"))
+            key = VerificationKey.from_jwk(jwk)
+            self._response_keys[key.kid] = key
+
+    def url_for(self, service: str) -> str:
+        return self._url.replace("{service}", service)
+
+    def build_headers(self, exchange: Exchange) -> CIMultiDict[str]:
+        headers: CIMultiDict[str] = CIMultiDict(self._headers)
+        headers["Content-Type"] = exchange.content_type
+        headers["Gw-Client"] = exchange.client
+        headers["Gw-Message-Id"] = exchange.message_id
+        headers["Gw-Via"] = self._ctx.member_id
+        values = {
+            "Gw-Target": exchange.target,
+            "Gw-User": exchange.user if self._forward_user else None,
+            "Gw-Issue": exchange.issue,
+            "Gw-Correlation-Id": exchange.correlation_id,
+            "traceparent": exchange.traceparent,
+        }
+        for name in _FORWARDED:
+            value = values.get(name) or exchange.headers.get(name)
+            if value:
+                headers[name] = value
+        return headers
+
+    async def send(self, exchange: Exchange) -> Answer:
+        url = self.url_for(exchange.service)
+        headers = self.build_headers(exchange)
+        self._ctx.signer.sign_request("POST", url, headers, exchange.body)
+        timeout = aiohttp.ClientTimeout(total=min(self._timeout, exchange.timeout_s))
+        try:
+            async with self._ctx.session.post(
+                url, data=exchange.body, headers=headers, timeout=timeout
+            ) as resp:
+                body = await resp.read()
+                status = resp.status
+                resp_headers = CIMultiDict(resp.headers)
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"{self.name}: no answer within {timeout.total} s") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"{self.name}: {type(exc).__name__}") from exc
+        if status >= 300:
+            raise UpstreamError(f"{self.name}: upstream answered {status}")
+        if self._response_keys:
+            self._verify(status, resp_headers, body, RequestView("POST", url, headers))
+        return Answer(
+            status=status,
+            body=body,
+            content_type=resp_headers.get("Content-Type", "application/json"),
+            headers={k: v for k, v in resp_headers.items() if k.lower().startswith("gw-")},
+        )
+
+    def _verify(
+        self, status: int, headers: CIMultiDict[str], body: bytes, request: RequestView
+    ) -> None:
+        try:
+            sig = parse_sig(headers)
+            key = self._response_keys.get(sig.keyid)
+            if key is None:
+                raise UpstreamError(f"{self.name}: the answer is signed by unknown key {sig.keyid}")
+            self._verifier.verify(
+                ResponseView(status, headers, request),
+                sig,
+                key,
+                required=("@status", "content-digest", "content-type"),
+            )
+            check_content_digest(headers.get("Content-Digest", ""), body)
+        except UpstreamError:
+            raise
+        except GatewayError as exc:
+            raise UpstreamError(f"{self.name}: the answer's signature: {exc.detail}") from exc
+
+    async def health(self) -> Health:
+        if not self._health_url:
+            return Health(healthy=True, detail="no health_url configured")
+        try:
+            async with self._ctx.session.get(
+                self._health_url, timeout=aiohttp.ClientTimeout(total=2)
+            ) as resp:
+                return Health(healthy=resp.status < 300, detail=f"HTTP {resp.status}")
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return Health(healthy=False, detail=type(exc).__name__)
+
+    async def aclose(self) -> None:
+        # The session belongs to the core; nothing of our own to release.
+        await asyncio.sleep(0)

@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Set up and run the gateway, or its test suite, on a fresh clone with only python3.
+
+    python3 dev.py run     # venv + install, then gateway, simulator and demo system
+    python3 dev.py test    # venv + install, then ruff, mypy (strict) and pytest
+
+The virtual environment lives in .venv and is reinstalled when pyproject.toml changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+STAMP = VENV / ".installed"
+
+
+def _sh(*args: str | Path) -> None:
+    print("+", " ".join(str(a) for a in args), flush=True)
+    subprocess.run([str(a) for a in args], cwd=ROOT, check=True)
+
+
+def ensure_venv() -> None:
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == wanted:
+        return
+    if not (BIN / "python").exists():
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    _sh(BIN / "python", "-m", "pip", "install", "-q", "--upgrade", "pip")
+    _sh(BIN / "python", "-m", "pip", "install", "-q", "-e", ".[dev]")
+    STAMP.write_text(wanted)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in {"run", "test"}:
+        print(__doc__)
+        return 2
+    ensure_venv()
+    if argv[0] == "run":
+        cmd = [str(BIN / "gateway"), "up", "--config", str(ROOT / "config.yaml"), *argv[1:]]
+        try:
+            return subprocess.call(cmd, cwd=ROOT)
+        except KeyboardInterrupt:
+            return 0
+    steps = [
+        [BIN / "ruff", "check", "."],
+        [BIN / "ruff", "format", "--check", "."],
+        [BIN / "mypy"],
+        [BIN / "python", "-m", "pytest", "--cov", "--cov-report=term:skip-covered", *argv[1:]],
+    ]
+    for step in steps:
+        try:
+            _sh(*step)
+        except subprocess.CalledProcessError as exc:
+            return exc.returncode or 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,330 @@
+"""The ``gateway`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gateway.config import Config, jwk_path_for, load_config
+from gateway.errors import ConfigError, GatewayError
+from gateway.keys import KeyType, VerificationKey, ensure_keypair, generate, write_keypair
+from gateway.logs import configure_logging
+
+__all__ = ["main"]
+
+log = logging.getLogger("gateway")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+async def _run_sites(
+    sites: Sequence[tuple[web.Application, str, int, str]], *, shutdown_timeout: float
+) -> None:
+    """Serve apps until SIGINT/SIGTERM, then stop accepting and drain (reverse order)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runners: list[web.AppRunner] = []
+    try:
+        for app, host, port, label in sites:
+            runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+            runners.append(runner)
+            print(f"  {label:<34} http://{host}:{port}", flush=True)
+        print("Ready. Ctrl-C stops.", flush=True)
+        await stop.wait()
+        print("Stopping: no new requests; in-flight work finishes, the rest stays queued.")
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.app import create_app
+
+    config = _config(args)
+    app = create_app(config)
+    print(f"gateway {config.gateway.member_id}")
+    asyncio.run(
+        _run_sites(
+            [(app, config.ingress.host, config.ingress.port, "ingress")],
+            shutdown_timeout=config.delivery.shutdown_grace_s,
+        )
+    )
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Gateway + national-platform simulator + demo provincial system, keys created."""
+    from gateway.app import create_app
+    from simulators.national import NationalPlatform, create_national_app
+    from simulators.portal import Portal, create_portal_app
+
+    config_path = Path(args.config).resolve()
+    raw = load_raw(config_path)
+    base = config_path.parent
+    gw_pem = base / raw["gateway"]["key"]
+    gateway_pair = ensure_keypair(gw_pem, jwk_path_for(gw_pem))
+    sim_pairs = {}
+    for name, sim in raw.get("simulators", {}).items():
+        pem = base / sim["key"]
+        sim_pairs[name] = ensure_keypair(pem, jwk_path_for(pem))
+    config = load_config(config_path)
+    gateway_keys = {gateway_pair.kid: VerificationKey.from_jwk(gateway_pair.jwk)}
+    url = f"http://{config.ingress.host}:{config.ingress.port}"
+    sites: list[tuple[web.Application, str, int, str]] = [
+        (create_app(config), config.ingress.host, config.ingress.port, "gateway ingress")
+    ]
+    nat = config.simulators.get("national")
+    if nat is not None:
+        national = NationalPlatform(
+            member_id=nat.member_id,
+            keypair=sim_pairs["national"],
+            trusted=gateway_keys,
+            callback_base=url,
+            callback_delay_s=nat.callback_delay_s,
+        )
+        sites.append((create_national_app(national), nat.host, nat.port, "national platform (sim)"))
+    por = config.simulators.get("portal")
+    if por is not None:
+        portal = Portal(
+            member_id=por.member_id,
+            keypair=sim_pairs["portal"],
+            gateway_keys=gateway_keys,
+            gateway_url=url,
+            examples=_examples(config),
+        )
+        sites.append(
+            (create_portal_app(portal), por.host, por.port, f"demo system {por.member_id}")
+        )
+    print(f"gateway {config.gateway.member_id} (kid {gateway_pair.kid})")
+    asyncio.run(_run_sites(sites, shutdown_timeout=config.delivery.shutdown_grace_s))
+    return 0
+
+
+def load_raw(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError([f"{path}: {exc}"]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: not a mapping"])
+    return data
+
+
+def _examples(config: Config) -> dict[str, Any]:
+    found = {}
+    for s in config.services:
+        schema = s.request_schema
+        if isinstance(schema, dict) and schema.get("examples"):
+            found[s.code] = schema["examples"][0]
+    return found
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from gateway.registry import check_adapter_config
+
+    try:
+        config = _config(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{args.config}:{problem}")
+        print(f"{len(exc.problems)} problem(s)")
+        return 1
+    problems: list[str] = []
+    for i, adapter in enumerate(config.adapters):
+        problems += check_adapter_config(adapter.type, adapter.config, f"/adapters/{i}")
+    if not config.gateway.key_path.exists():
+        problems.append(f"/gateway/key: {config.gateway.key_path} does not exist (gateway keygen)")
+    for problem in problems:
+        print(f"{args.config}:{problem}")
+    if problems:
+        print(f"{len(problems)} problem(s)")
+        return 1
+    print(
+        f"{args.config}: OK ({len(config.members)} members, {len(config.services)} services, "
+        f"{len(config.adapters)} adapters, {len(config.routes)} routes)"
+    )
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    pem = Path(args.out)
+    if pem.exists() and not args.force:
+        print(f"{pem} exists; --force replaces it", file=sys.stderr)
+        return 1
+    kind: KeyType = args.type
+    pair = write_keypair(generate(kind), pem, jwk_path_for(pem), kid=args.kid)
+    print(
+        json.dumps(
+            {
+                "kid": pair.kid,
+                "alg": pair.algorithm,
+                "private": str(pem),
+                "public_jwk": str(jwk_path_for(pem)),
+            }
+        )
+    )
+    return 0
+
+
+async def _with_store(config: Config) -> Any:
+    from gateway.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(config.store.path, synchronous=config.store.synchronous)
+    await store.open()
+    return store
+
+
+def _mask(headers: dict[str, str]) -> dict[str, str]:
+    return {k: ("***" if k.lower() == "gw-user" else v) for k, v in headers.items()}
+
+
+def cmd_log_show(args: argparse.Namespace) -> int:
+    config = _config(args)
+
+    async def run() -> int:
+        store = await _with_store(config)
+        try:
+            records = await store.find_by_message_id(args.id.lower())
+            if not records:
+                print(f"no message {args.id}", file=sys.stderr)
+                return 1
+            for r in records:
+                out = {
+                    "seq": r.seq,
+                    "message_id": r.message_id,
+                    "client": r.client,
+                    "service": r.service,
+                    "mode": r.mode,
+                    "state": r.state,
+                    "target": r.target,
+                    "adapter": r.adapter,
+                    "status": r.status,
+                    "code": r.code,
+                    "error": r.error,
+                    "attempts": r.attempts,
+                    "request_digest": r.request_digest,
+                    "request_headers": _mask(dict(r.request_headers)),
+                    "request_body": (r.request_body or b"").decode("utf-8", "replace"),
+                    "response_body": (r.response_body or b"").decode("utf-8", "replace"),
+                    "result": (r.result or b"").decode("utf-8", "replace") or None,
+                    "timings_ms": dict(r.timings),
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.created_at)),
+                    "trace_id": r.trace_id,
+                }
+                print(json.dumps(out, ensure_ascii=False, indent=2))
+            return 0
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    config = _config(args)
+
+    async def run() -> int:
+        store = await _with_store(config)
+        try:
+            if args.action == "list":
+                rows = await store.dead_letters(limit=args.limit)
+                if args.json:
+                    print(json.dumps(list(rows), ensure_ascii=False, indent=2))
+                else:
+                    print(
+                        f"{'KIND':<9}{'SEQ':>6}  {'MESSAGE ID':<37}{'SERVICE':<22}ATTEMPTS  ERROR"
+                    )
+                    for r in rows:
+                        print(
+                            f"{r['kind']:<9}{r['seq']:>6}  {r['message_id']:<37}"
+                            f"{r['service']:<22}{r['attempts']:>8}  {r['error'] or ''}"
+                        )
+                    print(f"{len(rows)} dead letter(s)")
+                return 0
+            ok = await store.redeliver(args.kind, args.seq, time.time())
+            print("queued for redelivery" if ok else f"no dead {args.kind} {args.seq}")
+            return 0 if ok else 1
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="Data exchange gateway for cross-regional government service interop.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    parser.add_argument("--log-format", choices=["json", "text"], default="text")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", default="config.yaml", help="config file (default config.yaml)")
+        return p
+
+    with_config(sub.add_parser("serve", help="run the gateway")).set_defaults(func=cmd_serve)
+    with_config(
+        sub.add_parser("up", help="create missing keys; run gateway, simulator and demo system")
+    ).set_defaults(func=cmd_up)
+    with_config(sub.add_parser("check", help="validate the configuration")).set_defaults(
+        func=cmd_check
+    )
+    kg = sub.add_parser("keygen", help="generate a key pair (PKCS#8 PEM 0600 + public JWK)")
+    kg.add_argument("--type", choices=["ed25519", "ecdsa-p256", "rsa-pss"], default="ed25519")
+    kg.add_argument("--out", required=True, help="private key path, e.g. keys/member.pem")
+    kg.add_argument("--kid", help="key id (default: RFC 7638 thumbprint)")
+    kg.add_argument("--force", action="store_true", help="replace an existing key")
+    kg.set_defaults(func=cmd_keygen)
+    lg = sub.add_parser("log", help="read the message log")
+    lg_sub = lg.add_subparsers(dest="action", required=True)
+    show = with_config(lg_sub.add_parser("show", help="print one exchange"))
+    show.add_argument("id", help="message id")
+    show.set_defaults(func=cmd_log_show)
+    dl = sub.add_parser("dead-letters", help="list or redeliver dead letters")
+    dl_sub = dl.add_subparsers(dest="action", required=True)
+    ls = with_config(dl_sub.add_parser("list", help="list dead letters"))
+    ls.add_argument("--limit", type=int, default=100)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_dead_letters)
+    rd = with_config(dl_sub.add_parser("redeliver", help="put one dead letter back in the outbox"))
+    rd.add_argument("kind", choices=["message", "callback"])
+    rd.add_argument("seq", type=int)
+    rd.set_defaults(func=cmd_dead_letters)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(level=args.log_level, fmt=args.log_format)
+    try:
+        result: int = args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config: {problem}", file=sys.stderr)
+        return 2
+    except GatewayError as exc:
+        print(f"error: {exc.detail}", file=sys.stderr)
+        return 1
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

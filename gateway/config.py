@@ -1,0 +1,383 @@
+"""Configuration: ``config.yaml`` validated by ``schemas/config.schema.json``, then frozen.
+
+Paths in the file are relative to the file itself. JWKs and JSON Schemas may be given
+inline or as paths; they are read here, so the rest of the gateway sees plain data.
+Every problem is reported with its location (a JSON Pointer into the file), all at once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import jsonschema
+import yaml
+
+from gateway.errors import ConfigError
+
+__all__ = [
+    "SCHEMA_DIR",
+    "AdapterConfig",
+    "Config",
+    "DeliveryConfig",
+    "GatewayIdentity",
+    "Listen",
+    "MemberConfig",
+    "RouteConfig",
+    "SecurityConfig",
+    "ServiceConfig",
+    "SimulatorConfig",
+    "StoreConfig",
+    "jwk_path_for",
+    "load_config",
+    "parse_config",
+]
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+MemberKind = Literal["system", "gateway", "platform"]
+Mode = Literal["sync", "async"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayIdentity:
+    member_id: str
+    key_path: Path
+    jwk_path: Path
+    public_url: str | None = None
+    previous_keys: tuple[Mapping[str, Any], ...] = ()
+
+    @property
+    def region(self) -> str:
+        return self.member_id.split(":", 1)[0]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreConfig:
+    path: Path
+    # WAL with synchronous=NORMAL survives a process crash; FULL also survives power loss.
+    synchronous: Literal["normal", "full"] = "normal"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecurityConfig:
+    clock_skew_s: int = 300
+    max_body_bytes: int = 1024 * 1024
+    max_field_errors: int = 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryConfig:
+    workers: int = 16
+    poll_interval_s: float = 0.2
+    base_delay_s: float = 0.5
+    max_delay_s: float = 60.0
+    max_attempts: int = 10
+    max_age_s: float = 86400.0
+    outbox_limit: int = 100_000
+    shutdown_grace_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemberConfig:
+    id: str
+    kind: MemberKind
+    name: str = ""
+    enabled: bool = True
+    keys: tuple[Mapping[str, Any], ...] = ()
+    services: tuple[str, ...] = ()
+    callback_url: str | None = None
+    regions: tuple[str, ...] = ()
+
+    @property
+    def region(self) -> str:
+        return self.id.split(":", 1)[0]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceConfig:
+    code: str
+    mode: Mode = "sync"
+    allow_async: bool = False
+    request_schema: Mapping[str, Any] | bool
+    response_schema: Mapping[str, Any] | bool
+    callback_schema: Mapping[str, Any] | bool | None = None
+    timeout_s: float = 10.0
+    max_body_bytes: int | None = None
+    max_attempts: int | None = None
+    max_age_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdapterConfig:
+    name: str
+    type: str
+    enabled: bool = True
+    concurrency: int = 64
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteConfig:
+    service: str
+    adapter: str
+    target: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimulatorConfig:
+    member_id: str
+    host: str = "127.0.0.1"
+    port: int
+    key_path: Path
+    jwk_path: Path
+    callback_delay_s: float = 0.5
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    path: Path | None
+    gateway: GatewayIdentity
+    ingress: Listen
+    admin: Listen
+    store: StoreConfig
+    security: SecurityConfig
+    delivery: DeliveryConfig
+    members: tuple[MemberConfig, ...]
+    services: tuple[ServiceConfig, ...]
+    adapters: tuple[AdapterConfig, ...]
+    routes: tuple[RouteConfig, ...]
+    simulators: Mapping[str, SimulatorConfig] = field(default_factory=dict)
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+def jwk_path_for(pem_path: Path) -> Path:
+    """``keys/gateway.pem`` → ``keys/gateway.jwk.json``."""
+    return pem_path.with_name(pem_path.name.removesuffix(".pem") + ".jwk.json")
+
+
+def _pointer(path: Sequence[Any]) -> str:
+    return "/" + "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in path)
+
+
+def _config_schema() -> Mapping[str, Any]:
+    with (SCHEMA_DIR / "config.schema.json").open(encoding="utf-8") as fh:
+        loaded: Mapping[str, Any] = json.load(fh)
+    return loaded
+
+
+class _Reader:
+    """Reads referenced files, collecting problems instead of stopping at the first."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.problems: list[str] = []
+
+    def path(self, value: str) -> Path:
+        p = Path(value)
+        return p if p.is_absolute() else self.base / p
+
+    def json_ref(self, value: Any, where: str) -> Any:
+        if not isinstance(value, str):
+            return value
+        target = self.path(value)
+        try:
+            return json.loads(target.read_text(encoding="utf-8"))
+        except OSError as exc:
+            self.problems.append(f"{where}: cannot read {value} ({exc.strerror})")
+        except json.JSONDecodeError as exc:
+            self.problems.append(f"{where}: {value} is not JSON ({exc.msg} at line {exc.lineno})")
+        return None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file; raise ``ConfigError`` listing every problem."""
+    path = Path(path).resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"{path}: not valid YAML{where}"]) from exc
+    return parse_config(data, base=path.parent, path=path)
+
+
+def parse_config(data: Any, *, base: Path, path: Path | None = None) -> Config:
+    """Validate an already-parsed config document (the file, or an admin export)."""
+    validator = jsonschema.Draft202012Validator(_config_schema())
+    problems = [
+        f"{_pointer(err.absolute_path)}: {err.message}"
+        for err in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.path)))
+    ]
+    if problems:
+        raise ConfigError(problems)
+    reader = _Reader(base)
+    config = _build(data, reader, path)
+    problems = reader.problems + _cross_check(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
+    gw = data["gateway"]
+    key_path = r.path(gw["key"])
+    listen = data.get("listen", {})
+    members = tuple(
+        MemberConfig(
+            id=m["id"],
+            kind=m["kind"],
+            name=m.get("name", ""),
+            enabled=m.get("enabled", True),
+            keys=tuple(
+                k
+                for j, ref in enumerate(m.get("keys", []))
+                if (k := r.json_ref(ref, f"/members/{i}/keys/{j}")) is not None
+            ),
+            services=tuple(m.get("services", [])),
+            callback_url=m.get("callback_url"),
+            regions=tuple(m.get("regions", [])),
+        )
+        for i, m in enumerate(data["members"])
+    )
+    services = tuple(
+        ServiceConfig(
+            code=s["code"],
+            mode=s.get("mode", "sync"),
+            allow_async=s.get("allow_async", False),
+            request_schema=r.json_ref(s["request_schema"], f"/services/{i}/request_schema") or {},
+            response_schema=r.json_ref(s["response_schema"], f"/services/{i}/response_schema")
+            or {},
+            callback_schema=(
+                r.json_ref(s["callback_schema"], f"/services/{i}/callback_schema")
+                if "callback_schema" in s
+                else None
+            ),
+            timeout_s=s.get("timeout_s", 10.0),
+            max_body_bytes=s.get("max_body_bytes"),
+            max_attempts=s.get("max_attempts"),
+            max_age_s=s.get("max_age_s"),
+        )
+        for i, s in enumerate(data["services"])
+    )
+    sims = {
+        name: SimulatorConfig(
+            member_id=s["member_id"],
+            host=s.get("host", "127.0.0.1"),
+            port=s["port"],
+            key_path=r.path(s["key"]),
+            jwk_path=jwk_path_for(r.path(s["key"])),
+            callback_delay_s=s.get("callback_delay_s", 0.5),
+        )
+        for name, s in data.get("simulators", {}).items()
+    }
+    return Config(
+        path=path,
+        gateway=GatewayIdentity(
+            member_id=gw["member_id"],
+            key_path=key_path,
+            jwk_path=jwk_path_for(key_path),
+            public_url=gw.get("public_url"),
+            previous_keys=tuple(
+                k
+                for j, ref in enumerate(gw.get("previous_keys", []))
+                if (k := r.json_ref(ref, f"/gateway/previous_keys/{j}")) is not None
+            ),
+        ),
+        ingress=Listen(**{"port": 8080, **listen.get("ingress", {})}),
+        admin=Listen(**{"port": 8081, **listen.get("admin", {})}),
+        store=StoreConfig(
+            path=r.path(data.get("store", {}).get("path", "var/gateway.db")),
+            synchronous=data.get("store", {}).get("synchronous", "normal"),
+        ),
+        security=SecurityConfig(**data.get("security", {})),
+        delivery=DeliveryConfig(**data.get("delivery", {})),
+        members=members,
+        services=services,
+        adapters=tuple(
+            AdapterConfig(
+                name=a["name"],
+                type=a["type"],
+                enabled=a.get("enabled", True),
+                concurrency=a.get("concurrency", 64),
+                config=a.get("config", {}),
+            )
+            for a in data["adapters"]
+        ),
+        routes=tuple(
+            RouteConfig(service=x["service"], adapter=x["adapter"], target=x.get("target"))
+            for x in data["routes"]
+        ),
+        simulators=sims,
+        raw=data,
+    )
+
+
+def _duplicates(values: Sequence[Any]) -> set[Any]:
+    seen: set[Any] = set()
+    return {v for v in values if v in seen or seen.add(v)}  # type: ignore[func-returns-value]
+
+
+def _cross_check(config: Config) -> list[str]:
+    """Problems the JSON Schema cannot see: references between sections, keys, schemas."""
+    from gateway.keys import VerificationKey  # local: keys imports errors only, no cycle risk
+
+    problems: list[str] = []
+    codes = [s.code for s in config.services]
+    names = [a.name for a in config.adapters]
+    for dup in _duplicates([m.id for m in config.members]):
+        problems.append(f"/members: member {dup} is defined twice")
+    for dup in _duplicates(codes):
+        problems.append(f"/services: service {dup} is defined twice")
+    for dup in _duplicates(names):
+        problems.append(f"/adapters: adapter {dup} is defined twice")
+    for dup in _duplicates([(r.service, r.target) for r in config.routes]):
+        problems.append(f"/routes: route {dup[0]} (target {dup[1]}) is defined twice")
+    for i, m in enumerate(config.members):
+        kids: list[str] = []
+        for j, jwk in enumerate(m.keys):
+            try:
+                kids.append(VerificationKey.from_jwk(jwk).kid)
+            except (ValueError, TypeError, AttributeError) as exc:
+                problems.append(f"/members/{i}/keys/{j}: {exc}")
+        for dup in _duplicates(kids):
+            problems.append(f"/members/{i}/keys: kid {dup} appears twice")
+        for j, code in enumerate(m.services):
+            if code not in codes:
+                problems.append(f"/members/{i}/services/{j}: unknown service {code}")
+        if m.kind == "gateway" and not m.regions:
+            problems.append(f"/members/{i}/regions: a peer gateway needs the regions it serves")
+    for i, s in enumerate(config.services):
+        for part in ("request_schema", "response_schema", "callback_schema"):
+            schema = getattr(s, part)
+            if schema is None:
+                continue
+            try:
+                jsonschema.Draft202012Validator.check_schema(schema)
+            except jsonschema.SchemaError as exc:
+                where = _pointer([*exc.absolute_path])
+                problems.append(
+                    f"/services/{i}/{part}: not a valid Draft 2020-12 schema at {where}"
+                )
+        if s.mode == "async" and s.callback_schema is None:
+            problems.append(f"/services/{i}/callback_schema: an async service needs one")
+        if not any(r.service == s.code for r in config.routes):
+            problems.append(f"/services/{i}: service {s.code} has no route")
+    for i, r in enumerate(config.routes):
+        if r.service not in codes:
+            problems.append(f"/routes/{i}/service: unknown service {r.service}")
+        if r.adapter not in names:
+            problems.append(f"/routes/{i}/adapter: unknown adapter {r.adapter}")
+    return problems

@@ -1,0 +1,301 @@
+"""Durable delivery: the outbox of asynchronous exchanges and of callbacks to members.
+
+A message answered ``202`` is already committed. Workers claim due rows with a lease,
+send them, and either move them on or reschedule them with exponential backoff and full
+jitter; past the attempt or age limit they become dead letters. A crash leaves leases
+behind, which ``release_leases`` voids at start-up, so every accepted message is tried
+again: delivery is at least once and receivers dedupe on ``Gw-Message-Id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from multidict import CIMultiDict
+
+from gateway.config import DeliveryConfig, GatewayIdentity
+from gateway.errors import AdapterUnavailable, GatewayError, UpstreamError
+from gateway.signing import Signer
+from gateway.store import CallbackRecord, DuplicateMessage, MessageRecord, NewCallback, Store
+from gateway.trace import child_traceparent, ensure_traceparent
+
+if TYPE_CHECKING:
+    from gateway.pipeline import Pipeline, RuntimeHolder
+
+__all__ = ["Delivery", "DeliveryState", "backoff_delay"]
+
+log = logging.getLogger("gateway.delivery")
+LEASE_S = 300.0  # longer than any upstream timeout; voided at restart
+
+
+class DeliveryState(enum.Enum):
+    CREATED = "created"  # constructed, not yet started
+    RUNNING = "running"  # claiming and delivering
+    DRAINING = "draining"  # stopped claiming; in-flight work finishing
+    STOPPED = "stopped"  # no task left
+
+
+def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(max, base·2^(n-1))]."""
+    return rng.uniform(0, min(max_s, base_s * 2 ** max(0, attempt - 1)))
+
+
+class Delivery:
+    def __init__(
+        self,
+        *,
+        config: DeliveryConfig,
+        identity: GatewayIdentity,
+        store: Store,
+        runtime: RuntimeHolder,
+        pipeline: Pipeline,
+        signer: Signer,
+        session: aiohttp.ClientSession,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.store = store
+        self.runtime = runtime
+        self.pipeline = pipeline
+        self.signer = signer
+        self.session = session
+        self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrecy
+        self._event = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._limits: dict[str, asyncio.Semaphore] = {}
+        self._depth = 0
+        self._loop_task: asyncio.Task[None] | None = None
+        self.state = DeliveryState.CREATED
+        self.delivered = 0
+
+    # Control -------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._depth += 1
+        self._event.set()
+
+    def accepting(self) -> bool:
+        return self.state is DeliveryState.RUNNING and self._depth < self.config.outbox_limit
+
+    async def start(self) -> None:
+        released = await self.store.release_leases()
+        if released:
+            log.info("voided %d leases left by an earlier run", released)
+        self._depth = await self.store.outbox_depth()
+        self.state = DeliveryState.RUNNING
+        self._loop_task = asyncio.create_task(self._run(), name="delivery")
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop claiming, let in-flight deliveries finish up to the grace, leave the rest."""
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        self.state = DeliveryState.DRAINING
+        self._event.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        self.state = DeliveryState.STOPPED
+
+    # Loop ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while self.state is DeliveryState.RUNNING:
+            self._event.clear()
+            try:
+                claimed = await self._claim()
+                self._depth = await self.store.outbox_depth()
+            except Exception:  # the loop must outlive any one failure
+                log.exception("the outbox could not be read; retrying")
+                claimed = 0
+            if claimed and len(self._tasks) < self.config.workers:
+                continue  # more may be due right now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event.wait(), self.config.poll_interval_s)
+
+    async def _claim(self) -> int:
+        free = self.config.workers - len(self._tasks)
+        if free <= 0:
+            return 0
+        now = self._clock()
+        messages = await self.store.claim_due_messages(now, free, LEASE_S)
+        for record in messages:
+            self._spawn(self._deliver_message(record))
+        free -= len(messages)
+        callbacks = await self.store.claim_due_callbacks(now, free, LEASE_S) if free > 0 else []
+        for cb in callbacks:
+            self._spawn(self._deliver_callback(cb))
+        return len(messages) + len(callbacks)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception:  # a failed attempt stays leased and is retried after restart
+                log.exception("a delivery attempt failed unexpectedly")
+
+        task = asyncio.create_task(guarded())
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            self._event.set()  # a worker slot is free
+
+        task.add_done_callback(done)
+
+    def _limit(self, adapter: str, size: int) -> asyncio.Semaphore:
+        if adapter not in self._limits:
+            self._limits[adapter] = asyncio.Semaphore(size)
+        return self._limits[adapter]
+
+    def _give_up(self, attempts: int, created_at: float, max_attempts: int, max_age: float) -> bool:
+        return attempts >= max_attempts or self._clock() - created_at >= max_age
+
+    # Messages to adapters ------------------------------------------------------------
+
+    async def _deliver_message(self, record: MessageRecord) -> None:
+        runtime = self.runtime.current
+        service = runtime.services.get(record.service)
+        if service is None:
+            await self.store.set_message_state(
+                record.seq, "dead", error=f"service {record.service} no longer exists"
+            )
+            return
+        max_attempts = service.config.max_attempts or self.config.max_attempts
+        max_age = service.config.max_age_s or self.config.max_age_s
+        traceparent = ensure_traceparent(
+            f"00-{record.trace_id}-{uuid.uuid4().hex[:16]}-01" if record.trace_id else None
+        )
+        exchange = self.pipeline.exchange_of(record, service, traceparent)
+        name = runtime.routes.lookup(record.service, record.target) or ""
+        slot = runtime.adapters.get(name)
+        attempts = record.attempts + 1
+        try:
+            async with self._limit(name, slot.config.concurrency if slot else 1):
+                adapter, answer = await self.pipeline.call_adapter(runtime, service, exchange)
+        except AdapterUnavailable as exc:
+            # The breaker is open or the adapter is off: wait in the outbox, spend no attempt.
+            delay = float(exc.retry_after or self.config.base_delay_s)
+            await self.store.reschedule_message(
+                record.seq,
+                attempts=record.attempts,
+                next_attempt_at=self._clock() + delay,
+                error=exc.detail,
+            )
+            return
+        except GatewayError as exc:
+            await self._retry_message(record, attempts, max_attempts, max_age, exc.detail)
+            return
+        if answer.status == 202:
+            # Acknowledged: the decision comes later by callback.
+            await self.store.set_message_state(
+                record.seq, "delivered", adapter=adapter, attempts=attempts, error=None
+            )
+            return
+        # A final answer right away: it is the result, delivered to the member as a callback.
+        with contextlib.suppress(DuplicateMessage):  # an earlier run stored it already
+            await self.store.insert_callback(
+                NewCallback(
+                    message_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"answer:{record.message_id}")),
+                    client=self.identity.member_id,
+                    correlation_id=record.message_id,
+                    original_seq=record.seq,
+                    service=record.service,
+                    headers={"Content-Type": answer.content_type},
+                    body=answer.body,
+                    digest="",
+                )
+            )
+        await self.store.set_message_state(
+            record.seq, "answered", adapter=adapter, attempts=attempts, error=None
+        )
+        self._event.set()
+
+    async def _retry_message(
+        self, record: MessageRecord, attempts: int, max_attempts: int, max_age: float, error: str
+    ) -> None:
+        if self._give_up(attempts, record.created_at, max_attempts, max_age):
+            log.warning("message %s is dead after %d attempts: %s", record.seq, attempts, error)
+            await self.store.set_message_state(record.seq, "dead", error=error, attempts=attempts)
+            return
+        delay = backoff_delay(
+            attempts, self.config.base_delay_s, self.config.max_delay_s, self._rng
+        )
+        await self.store.reschedule_message(
+            record.seq, attempts=attempts, next_attempt_at=self._clock() + delay, error=error
+        )
+
+    # Callbacks to members ------------------------------------------------------------
+
+    async def _deliver_callback(self, cb: CallbackRecord) -> None:
+        runtime = self.runtime.current
+        attempts = cb.attempts + 1
+        service = runtime.services.get(cb.service)
+        max_attempts = (
+            service.config.max_attempts if service else None
+        ) or self.config.max_attempts
+        max_age = (service.config.max_age_s if service else None) or self.config.max_age_s
+        member = runtime.members.get(cb.original_client)
+        url = member.config.callback_url if member else None
+        if not url:
+            await self.store.finish_callback(
+                cb.seq, state="dead", attempts=attempts, error="the member has no callback_url"
+            )
+            return
+        try:
+            await self._post_callback(url, cb)
+        except GatewayError as exc:
+            if self._give_up(attempts, cb.created_at, max_attempts, max_age):
+                log.warning("callback %s is dead after %d attempts", cb.seq, attempts)
+                await self.store.finish_callback(
+                    cb.seq, state="dead", attempts=attempts, error=exc.detail
+                )
+                return
+            delay = backoff_delay(
+                attempts, self.config.base_delay_s, self.config.max_delay_s, self._rng
+            )
+            await self.store.reschedule_callback(
+                cb.seq, attempts=attempts, next_attempt_at=self._clock() + delay, error=exc.detail
+            )
+            return
+        await self.store.finish_callback(cb.seq, state="delivered", attempts=attempts, error=None)
+        self.delivered += 1
+
+    async def _post_callback(self, url: str, cb: CallbackRecord) -> None:
+        headers: CIMultiDict[str] = CIMultiDict()
+        headers["Content-Type"] = "application/json"
+        headers["Gw-Client"] = self.identity.member_id
+        headers["Gw-Message-Id"] = cb.message_id
+        headers["Gw-Correlation-Id"] = cb.correlation_id
+        if cb.trace_id:
+            headers["traceparent"] = child_traceparent(f"00-{cb.trace_id}-{'0' * 15}1-01")
+        self.signer.sign_request("POST", url, headers, cb.body)
+        try:
+            async with self.session.post(
+                url, data=cb.body, headers=headers, timeout=aiohttp.ClientTimeout(total=30)
+            ) as resp:
+                await resp.read()
+                status = resp.status
+        except TimeoutError as exc:
+            raise UpstreamError(f"callback to {url} timed out") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"callback to {url} failed: {type(exc).__name__}") from exc
+        if not 200 <= status < 300:
+            raise UpstreamError(f"callback to {url} answered {status}")

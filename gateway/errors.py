@@ -1,0 +1,266 @@
+"""The gateway's single exception tree.
+
+Every error a client can see carries a stable protocol ``code`` (PROTOCOL.md, "Errors")
+and an HTTP ``status``; the problem middleware turns it into RFC 9457 problem+json.
+Anything that is not a ``GatewayError`` becomes ``internal`` with details only in the log.
+
+    GatewayError
+    ├── ConfigError                    (not an HTTP error: bad config, listed problems)
+    ├── StoreError                     500 internal
+    ├── BadRequest                     400
+    │   ├── MalformedRequest           malformed_request
+    │   ├── MissingHeader              missing_header
+    │   └── DigestMismatch             digest_mismatch
+    ├── Unauthenticated                401
+    │   ├── SignatureMissing           signature_missing
+    │   ├── SignatureInvalid           signature_invalid
+    │   ├── SignatureExpired           signature_expired
+    │   └── KeyUnknown                 key_unknown
+    ├── Forbidden                      403
+    │   ├── ClientUnknown              client_unknown
+    │   ├── ClientDisabled             client_disabled
+    │   └── NotPermitted               forbidden
+    ├── NotFound                       404
+    │   ├── ServiceUnknown             service_unknown
+    │   └── MessageUnknown             message_unknown
+    ├── MessageIdReused                409 message_id_reused
+    ├── PayloadTooLarge                413 payload_too_large
+    ├── UnsupportedMediaType           415 unsupported_media_type
+    ├── SchemaInvalid                  422 schema_invalid (with field errors)
+    ├── RateLimited                    429 rate_limited (Retry-After)
+    ├── UpstreamError                  502 upstream_error
+    ├── Unavailable                    503
+    │   ├── AdapterUnavailable         adapter_unavailable (Retry-After)
+    │   └── Overloaded                 overloaded
+    ├── UpstreamTimeout                504 upstream_timeout (also a TimeoutError)
+    └── InternalError                  500 internal
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+__all__ = [
+    "AdapterUnavailable",
+    "BadRequest",
+    "ClientDisabled",
+    "ClientUnknown",
+    "ConfigError",
+    "DigestMismatch",
+    "FieldError",
+    "Forbidden",
+    "GatewayError",
+    "InternalError",
+    "KeyUnknown",
+    "MalformedRequest",
+    "MessageIdReused",
+    "MessageUnknown",
+    "MissingHeader",
+    "NotFound",
+    "NotPermitted",
+    "Overloaded",
+    "PayloadTooLarge",
+    "RateLimited",
+    "SchemaInvalid",
+    "ServiceUnknown",
+    "SignatureExpired",
+    "SignatureInvalid",
+    "SignatureMissing",
+    "StoreError",
+    "Unauthenticated",
+    "Unavailable",
+    "UnsupportedMediaType",
+    "UpstreamError",
+    "UpstreamTimeout",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    """One violation: a JSON Pointer into the offending document and what is wrong there."""
+
+    pointer: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"pointer": self.pointer, "message": self.message}
+
+
+class GatewayError(Exception):
+    """Root of every error the gateway raises on purpose."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str = "", *, retry_after: int | None = None) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.retry_after = retry_after
+
+    @property
+    def errors(self) -> Sequence[FieldError]:
+        return ()
+
+
+class ConfigError(GatewayError):
+    """The configuration has problems; each names its location (``/members/0/id: …``)."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("; ".join(problems) or "invalid configuration")
+        self.problems = tuple(problems)
+
+
+class StoreError(GatewayError):
+    title = "Message store error"
+
+
+class InternalError(GatewayError):
+    pass
+
+
+class BadRequest(GatewayError):
+    status = 400
+    code = "malformed_request"
+    title = "Malformed request"
+
+
+class MalformedRequest(BadRequest):
+    pass
+
+
+class MissingHeader(BadRequest):
+    code = "missing_header"
+    title = "A required header is missing"
+
+
+class DigestMismatch(BadRequest):
+    code = "digest_mismatch"
+    title = "Content-Digest does not match the body"
+
+
+class Unauthenticated(GatewayError):
+    status = 401
+    code = "signature_invalid"
+    title = "Signature invalid"
+
+
+class SignatureMissing(Unauthenticated):
+    code = "signature_missing"
+    title = "The request is not signed"
+
+
+class SignatureInvalid(Unauthenticated):
+    pass
+
+
+class SignatureExpired(Unauthenticated):
+    code = "signature_expired"
+    title = "The signature is not fresh"
+
+
+class KeyUnknown(Unauthenticated):
+    code = "key_unknown"
+    title = "The signing key is not known for this client"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    code = "forbidden"
+    title = "Forbidden"
+
+
+class ClientUnknown(Forbidden):
+    code = "client_unknown"
+    title = "Unknown client"
+
+
+class ClientDisabled(Forbidden):
+    code = "client_disabled"
+    title = "Client disabled"
+
+
+class NotPermitted(Forbidden):
+    pass
+
+
+class NotFound(GatewayError):
+    status = 404
+    code = "service_unknown"
+    title = "Not found"
+
+
+class ServiceUnknown(NotFound):
+    title = "Unknown service"
+
+
+class MessageUnknown(NotFound):
+    code = "message_unknown"
+    title = "Unknown message"
+
+
+class MessageIdReused(GatewayError):
+    status = 409
+    code = "message_id_reused"
+    title = "Message id reused with a different body"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    code = "payload_too_large"
+    title = "Payload too large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    code = "unsupported_media_type"
+    title = "Unsupported media type"
+
+
+class SchemaInvalid(GatewayError):
+    status = 422
+    code = "schema_invalid"
+    title = "The document does not match the service's schema"
+
+    def __init__(self, detail: str, field_errors: Sequence[FieldError]) -> None:
+        super().__init__(detail)
+        self._errors = tuple(field_errors)
+
+    @property
+    def errors(self) -> Sequence[FieldError]:
+        return self._errors
+
+
+class RateLimited(GatewayError):
+    status = 429
+    code = "rate_limited"
+    title = "Rate limit exceeded"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    code = "upstream_error"
+    title = "The upstream failed"
+
+
+class Unavailable(GatewayError):
+    status = 503
+    code = "overloaded"
+    title = "Service unavailable"
+
+
+class AdapterUnavailable(Unavailable):
+    code = "adapter_unavailable"
+    title = "The adapter is unavailable"
+
+
+class Overloaded(Unavailable):
+    title = "The gateway is overloaded"
+
+
+class UpstreamTimeout(GatewayError, TimeoutError):
+    status = 504
+    code = "upstream_timeout"
+    title = "The upstream did not answer in time"

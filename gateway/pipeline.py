@@ -1,0 +1,648 @@
+"""The exchange pipeline, top to bottom in one place.
+
+``POST /v1/exchange/{service}``:
+    read body → authenticate (headers, member, key, signature, freshness, digest)
+    → idempotency → authorise → validate → record → route → adapter
+    → validate answer → sign → record.
+
+``GET /v1/messages/{id}`` and ``POST /v1/callbacks/{service}`` reuse the same stages.
+Each stage is one small method; none reaches into another's storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from adapters.base import Answer, Exchange
+from gateway.config import GatewayIdentity, SecurityConfig
+from gateway.errors import (
+    AdapterUnavailable,
+    ClientDisabled,
+    ClientUnknown,
+    GatewayError,
+    KeyUnknown,
+    MalformedRequest,
+    MessageIdReused,
+    MessageUnknown,
+    MissingHeader,
+    NotPermitted,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceUnknown,
+    UnsupportedMediaType,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from gateway.registry import Member, Runtime, Service
+from gateway.signing import (
+    REQUEST_COMPONENTS,
+    RequestView,
+    SignatureInput,
+    Signer,
+    VerifiedSignature,
+    Verifier,
+    check_content_digest,
+    parse_signature_input,
+)
+from gateway.store import DuplicateMessage, MessageRecord, NewCallback, NewMessage, Store
+from gateway.trace import trace_id_of
+
+__all__ = ["Authenticated", "Pipeline", "RuntimeHolder", "problem_body"]
+
+log = logging.getLogger("gateway.exchange")
+
+MEMBER_ID = re.compile(r"^[0-9]{6}:[a-z0-9][a-z0-9-]{0,62}$")
+_SINGLE_HEADERS = (
+    "Content-Type",
+    "Content-Digest",
+    "Gw-Client",
+    "Gw-Message-Id",
+    "Gw-Target",
+    "Gw-User",
+    "Gw-Issue",
+    "Gw-Via",
+    "Gw-Correlation-Id",
+)
+# Never stored: signatures are verifiable only with the rest of the request anyway,
+# and Authorization would be a secret.
+_NOT_RECORDED = frozenset({"authorization", "cookie", "proxy-authorization"})
+
+
+class RuntimeHolder:
+    """Holds the current ``Runtime``; a swap is one assignment (atomic for readers)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.current = runtime
+
+
+class Wakeable(Protocol):
+    def wake(self) -> None: ...
+
+    def accepting(self) -> bool: ...
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What the pipeline learned about a request so far (for rejections and logs)."""
+
+    client: str | None = None
+    message_id: str | None = None
+    service: str | None = None
+    digest: str | None = None
+    size: int = 0
+    signature_label: str | None = None
+    recorded: bool = False
+    traceparent: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+CTX_KEY = web.RequestKey("gw.ctx", RequestContext)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Authenticated:
+    """A request whose signature verified: who sent it, and who vouched for it."""
+
+    client: str
+    message_id: str
+    signer: Member  # the member whose key signed (the client, or the vouching peer)
+    signature: VerifiedSignature
+    digest: str  # sha-256 of the body, hex ("" when the request has no body)
+
+
+def problem_body(exc: GatewayError, message_id: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": f"https://gateway.example/problems/{exc.code}",
+        "title": exc.title,
+        "status": exc.status,
+        "detail": exc.detail,
+        "code": exc.code,
+    }
+    if message_id:
+        body["message_id"] = message_id
+    if exc.errors:
+        body["errors"] = [e.as_dict() for e in exc.errors]
+    return body
+
+
+def _single(headers: CIMultiDictProxy[str], name: str) -> str | None:
+    values = headers.getall(name, [])
+    if len(values) > 1:
+        raise MalformedRequest(f"the {name} header appears more than once")
+    return values[0] if values else None
+
+
+def _require(headers: CIMultiDictProxy[str], name: str) -> str:
+    value = _single(headers, name)
+    if value is None or not value.strip():
+        raise MissingHeader(f"the {name} header is required")
+    return value.strip()
+
+
+def _message_id(value: str) -> str:
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError as exc:
+        raise MalformedRequest("Gw-Message-Id must be a UUID") from exc
+    if str(parsed) != value.lower():
+        raise MalformedRequest("Gw-Message-Id must be a UUID in its canonical form")
+    return value.lower()
+
+
+def _recordable(headers: CIMultiDictProxy[str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in _NOT_RECORDED}
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise MalformedRequest("the body is not a JSON document") from exc
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        identity: GatewayIdentity,
+        security: SecurityConfig,
+        signer: Signer,
+        verifier: Verifier,
+        store: Store,
+        runtime: RuntimeHolder,
+        outbox: Wakeable | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.identity = identity
+        self.security = security
+        self.signer = signer
+        self.verifier = verifier
+        self.store = store
+        self.runtime = runtime
+        self.outbox = outbox
+        self._clock = clock
+
+    # Stages --------------------------------------------------------------------------
+
+    async def read_body(self, request: web.Request, limit: int, ctx: RequestContext) -> bytes:
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(f"the body exceeds {limit} bytes")
+        body = await request.read()
+        ctx.size = len(body)
+        if len(body) > limit:
+            raise PayloadTooLarge(f"the body exceeds {limit} bytes")
+        return body
+
+    def target_uri(self, request: web.Request) -> str:
+        base = self.identity.public_url
+        if base:
+            return base.rstrip("/") + request.raw_path
+        return str(request.url)
+
+    def authenticate(
+        self,
+        request: web.Request,
+        body: bytes | None,
+        runtime: Runtime,
+        ctx: RequestContext,
+        *,
+        required: tuple[str, ...] = REQUEST_COMPONENTS,
+    ) -> Authenticated:
+        """Who sent this, proven by an RFC 9421 signature and an RFC 9530 digest."""
+        headers = request.headers
+        started = time.perf_counter()
+        sig: SignatureInput = parse_signature_input(headers)
+        ctx.signature_label = sig.label
+        for name in _SINGLE_HEADERS:
+            _single(headers, name)
+        client = _require(headers, "Gw-Client")
+        ctx.client = client
+        ctx.message_id = _require(headers, "Gw-Message-Id")
+        if body is not None:
+            _require(headers, "Content-Digest")
+            _require(headers, "Content-Type")
+        if not MEMBER_ID.match(client):
+            raise MalformedRequest("Gw-Client must be a member id <region>:<system>")
+        via = _single(headers, "Gw-Via")
+        signer = self._member(runtime, via if via else client)
+        if via:
+            self._check_vouching(signer, client)
+        key = signer.keys.get(sig.keyid)
+        if key is None:
+            raise KeyUnknown(f"key {sig.keyid!r} is not a key of {signer.id}")
+        present = tuple(
+            name
+            for name in ("gw-target", "gw-user", "gw-issue", "gw-via", "gw-correlation-id")
+            if name in headers
+        )
+        verified = self.verifier.verify(
+            RequestView(request.method, self.target_uri(request), headers),
+            sig,
+            key,
+            required=required + present,
+        )
+        digest = ""
+        if body is not None:
+            digest = check_content_digest(headers["Content-Digest"], body)
+            ctx.digest = digest
+            ctype = headers["Content-Type"].split(";", 1)[0].strip().lower()
+            if ctype != "application/json":
+                raise UnsupportedMediaType("the body must be application/json")
+        message_id = ctx.message_id = _message_id(ctx.message_id)
+        ctx.timings["verify"] = (time.perf_counter() - started) * 1000
+        return Authenticated(
+            client=client,
+            message_id=message_id,
+            signer=signer,
+            signature=verified,
+            digest=digest,
+        )
+
+    @staticmethod
+    def _member(runtime: Runtime, member_id: str) -> Member:
+        member = runtime.members.get(member_id)
+        if member is None:
+            raise ClientUnknown(f"{member_id} is not a member of this exchange")
+        if not member.config.enabled:
+            raise ClientDisabled(f"{member_id} is disabled")
+        return member
+
+    @staticmethod
+    def _check_vouching(peer: Member, client: str) -> None:
+        """A peer gateway may speak only for members of the regions it is registered for."""
+        if peer.config.kind == "system":
+            raise NotPermitted(f"{peer.id} is not a gateway and cannot relay for others")
+        region = client.split(":", 1)[0]
+        regions = peer.config.regions
+        if region not in regions and "100000" not in regions:
+            raise NotPermitted(f"{peer.id} may not vouch for members of region {region}")
+
+    @staticmethod
+    def service_of(runtime: Runtime, code: str) -> Service:
+        service = runtime.services.get(code)
+        if service is None:
+            raise ServiceUnknown(f"no service {code!r} is offered here")
+        return service
+
+    @staticmethod
+    def authorise(auth: Authenticated, service: Service) -> None:
+        if service.code not in auth.signer.config.services:
+            raise NotPermitted(f"{auth.signer.id} may not call {service.code}")
+
+    async def replay(
+        self, request: web.Request, auth: Authenticated, ctx: RequestContext
+    ) -> web.Response | None:
+        """Same message id again: the stored outcome, or 409 for a different body."""
+        existing = await self.store.get_message(auth.client, auth.message_id)
+        if existing is None:
+            return None
+        if existing.request_digest != auth.digest:
+            raise MessageIdReused(f"message {auth.message_id} was already sent with another body")
+        if existing.mode == "async":
+            response = self.accepted_response(existing)
+        elif existing.finished:
+            response = web.Response(
+                status=existing.status or 200,
+                body=existing.response_body or b"",
+                content_type=None,
+                headers={
+                    "Content-Type": existing.response_headers.get(
+                        "Content-Type", "application/json"
+                    ),
+                    "Gw-Message-Id": existing.message_id,
+                },
+            )
+        else:
+            raise MessageIdReused(f"message {auth.message_id} is still being processed")
+        response.headers["Gw-Replayed"] = "true"
+        return response
+
+    def validate(self, service: Service, body: bytes, ctx: RequestContext) -> Any:
+        started = time.perf_counter()
+        document = _json(body)
+        service.request.validate(document, "request")
+        ctx.timings["validate"] = (time.perf_counter() - started) * 1000
+        return document
+
+    async def record(
+        self,
+        request: web.Request,
+        auth: Authenticated,
+        service: Service,
+        body: bytes,
+        asynchronous: bool,
+        ctx: RequestContext,
+    ) -> MessageRecord:
+        started = time.perf_counter()
+        if asynchronous and self.outbox is not None and not self.outbox.accepting():
+            raise Overloaded("the outbox is full; try again later", retry_after=5)
+        record = await self.store.insert_message(
+            NewMessage(
+                message_id=auth.message_id,
+                client=auth.client,
+                service=service.code,
+                mode="async" if asynchronous else "sync",
+                state="accepted" if asynchronous else "delivering",
+                request_headers=_recordable(request.headers),
+                request_body=body,
+                request_digest=auth.digest,
+                target=request.headers.get("Gw-Target"),
+                trace_id=trace_id_of(ctx.traceparent),
+                next_attempt_at=self._clock() if asynchronous else None,
+            )
+        )
+        ctx.recorded = True
+        ctx.timings["record"] = (time.perf_counter() - started) * 1000
+        return record
+
+    def exchange_of(self, record: MessageRecord, service: Service, traceparent: str) -> Exchange:
+        h = record.request_headers
+        lowered = {k.lower(): v for k, v in h.items()}
+        return Exchange(
+            service=record.service,
+            client=record.client,
+            message_id=record.message_id,
+            body=record.request_body or b"",
+            target=record.target,
+            user=lowered.get("gw-user"),
+            issue=lowered.get("gw-issue"),
+            traceparent=traceparent,
+            timeout_s=service.config.timeout_s,
+            asynchronous=record.mode == "async",
+        )
+
+    async def call_adapter(
+        self, runtime: Runtime, service: Service, exchange: Exchange
+    ) -> tuple[str, Answer]:
+        """Route and send; the breaker and the adapter's concurrency limit apply."""
+        name = runtime.routes.lookup(service.code, exchange.target)
+        if name is None or name not in runtime.adapters:
+            raise AdapterUnavailable(f"no route for {service.code}", retry_after=30)
+        slot = runtime.adapters[name]
+        if not slot.config.enabled:
+            raise AdapterUnavailable(f"adapter {name} is disabled", retry_after=30)
+        slot.breaker.before_call(name)
+        try:
+            async with asyncio.timeout(service.config.timeout_s):
+                answer = await slot.adapter.send(exchange)
+        except TimeoutError as exc:
+            slot.breaker.record_failure()
+            if isinstance(exc, UpstreamTimeout):
+                raise
+            raise UpstreamTimeout(f"{name}: no answer within {service.config.timeout_s} s") from exc
+        except (UpstreamError, AdapterUnavailable):
+            slot.breaker.record_failure()
+            raise
+        except GatewayError:
+            raise
+        except Exception as exc:
+            slot.breaker.record_failure()
+            log.exception("adapter %s failed", name)
+            raise UpstreamError(f"{name}: the adapter failed") from exc
+        slot.breaker.record_success()
+        return name, answer
+
+    @staticmethod
+    def validate_answer(service: Service, answer: Answer) -> None:
+        try:
+            document = json.loads(answer.body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UpstreamError("the upstream's answer is not JSON") from exc
+        errors = service.response.errors(document)
+        if errors:
+            where = ", ".join(e.pointer or "/" for e in errors[:5])
+            raise UpstreamError(f"the upstream's answer violates the response schema at {where}")
+
+    def sign(self, request: web.Request, response: web.Response, ctx: RequestContext) -> None:
+        """Sign any answer; bind it to the request's signature when there is one."""
+        body = response.body if isinstance(response.body, bytes) else b""
+        headers: CIMultiDict[str] = CIMultiDict(response.headers)
+        if ctx.message_id and "Gw-Message-Id" not in headers:
+            headers["Gw-Message-Id"] = ctx.message_id
+        label = ctx.signature_label if "Signature" in request.headers else None
+        view = RequestView(request.method, self.target_uri(request), request.headers)
+        try:
+            self.signer.sign_response(response.status, headers, body, view, label)
+        except GatewayError:
+            # The request's own Signature was unusable for ;req: sign without the binding.
+            self.signer.sign_response(response.status, headers, body, view, None)
+        response.headers.clear()
+        response.headers.extend(headers)
+
+    # Flows ---------------------------------------------------------------------------
+
+    async def exchange(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        ctx: RequestContext = request[CTX_KEY]
+        runtime = self.runtime.current
+        code = request.match_info["service"]
+        ctx.service = code
+        known = runtime.services.get(code)
+        limit = self.security.max_body_bytes
+        if known is not None and known.config.max_body_bytes:
+            limit = min(limit, known.config.max_body_bytes)
+        body = await self.read_body(request, limit, ctx)
+        auth = self.authenticate(request, body, runtime, ctx)
+        service = self.service_of(runtime, code)
+        replayed = await self.replay(request, auth, ctx)
+        if replayed is not None:
+            return replayed
+        self.authorise(auth, service)
+        self.validate(service, body, ctx)
+        prefer = request.headers.get("Prefer", "").lower()
+        asynchronous = service.config.mode == "async" or (
+            service.config.allow_async and "respond-async" in prefer
+        )
+        try:
+            record = await self.record(request, auth, service, body, asynchronous, ctx)
+        except DuplicateMessage:
+            # A concurrent twin won the insert: answer as a replay.
+            replayed = await self.replay(request, auth, ctx)
+            if replayed is None:  # pragma: no cover - the twin's row exists by definition
+                raise
+            return replayed
+        if asynchronous:
+            if self.outbox is not None:
+                self.outbox.wake()
+            return self.accepted_response(record)
+        return await self.deliver_sync(runtime, service, record, ctx, started)
+
+    async def deliver_sync(
+        self,
+        runtime: Runtime,
+        service: Service,
+        record: MessageRecord,
+        ctx: RequestContext,
+        started: float,
+    ) -> web.Response:
+        adapter_name: str | None = None
+        upstream_started = time.perf_counter()
+        try:
+            adapter_name, answer = await self.call_adapter(
+                runtime, service, self.exchange_of(record, service, ctx.traceparent)
+            )
+            ctx.timings["upstream"] = (time.perf_counter() - upstream_started) * 1000
+            self.validate_answer(service, answer)
+        except GatewayError as exc:
+            ctx.timings["upstream"] = (time.perf_counter() - upstream_started) * 1000
+            ctx.timings["total"] = (time.perf_counter() - started) * 1000
+            await self.store.finish_message(
+                record.seq,
+                state="failed",
+                status=exc.status,
+                code=exc.code,
+                adapter=adapter_name,
+                response_headers={"Content-Type": "application/problem+json"},
+                response_body=json.dumps(problem_body(exc, record.message_id)).encode(),
+                error=exc.detail,
+                timings=ctx.timings,
+            )
+            raise
+        response = web.Response(
+            status=200,
+            body=answer.body,
+            content_type=None,
+            headers={"Content-Type": answer.content_type, "Gw-Message-Id": record.message_id},
+        )
+        ctx.timings["total"] = (time.perf_counter() - started) * 1000
+        await self.store.finish_message(
+            record.seq,
+            state="answered",
+            status=200,
+            code=None,
+            adapter=adapter_name,
+            response_headers={"Content-Type": answer.content_type},
+            response_body=answer.body,
+            timings=ctx.timings,
+        )
+        return response
+
+    def accepted_response(self, record: MessageRecord) -> web.Response:
+        state = record.state
+        body = json.dumps({"message_id": record.message_id, "state": state}).encode()
+        return web.Response(
+            status=202,
+            body=body,
+            content_type=None,
+            headers={
+                "Content-Type": "application/json",
+                "Location": f"/v1/messages/{record.message_id}",
+                "Gw-Message-Id": record.message_id,
+            },
+        )
+
+    async def message_status(self, request: web.Request) -> web.Response:
+        """``GET /v1/messages/{id}``, readable only by the member that sent it."""
+        ctx: RequestContext = request[CTX_KEY]
+        runtime = self.runtime.current
+        auth = self.authenticate(
+            request, None, runtime, ctx, required=("@method", "@target-uri", "gw-client")
+        )
+        message_id = request.match_info["id"].lower()
+        record = await self.store.get_message(auth.client, message_id)
+        if record is None:
+            raise MessageUnknown(f"no message {message_id} from {auth.client}")
+        view: dict[str, Any] = {
+            "message_id": record.message_id,
+            "service": record.service,
+            "client": record.client,
+            "target": record.target,
+            "state": record.state,
+            "attempts": record.attempts,
+            "created_at": _iso(record.created_at),
+            "updated_at": _iso(record.updated_at),
+        }
+        if record.result is not None:
+            view["result"] = _json_or_text(record.result)
+        elif record.response_body is not None and record.status == 200:
+            view["result"] = _json_or_text(record.response_body)
+        if record.error:
+            view["error"] = {"code": record.code, "detail": record.error}
+        return web.json_response(view)
+
+    async def callback(self, request: web.Request) -> web.Response:
+        """``POST /v1/callbacks/{service}`` from the national platform or a peer gateway."""
+        ctx: RequestContext = request[CTX_KEY]
+        runtime = self.runtime.current
+        code = request.match_info["service"]
+        ctx.service = code
+        body = await self.read_body(request, self.security.max_body_bytes, ctx)
+        auth = self.authenticate(
+            request, body, runtime, ctx, required=(*REQUEST_COMPONENTS, "gw-correlation-id")
+        )
+        if auth.signer.config.kind == "system":
+            raise NotPermitted(f"{auth.signer.id} is not a platform or gateway")
+        service = self.service_of(runtime, code)
+        correlation = _message_id(_require(request.headers, "Gw-Correlation-Id"))
+        seen = await self.store.get_callback(auth.client, auth.message_id)
+        if seen is not None:
+            if seen.digest != auth.digest:
+                raise MessageIdReused(
+                    f"callback {auth.message_id} was already sent with another body"
+                )
+            response = self._callback_ack(seen.message_id, correlation, "duplicate")
+            response.headers["Gw-Replayed"] = "true"
+            return response
+        if service.callback is None:
+            raise ServiceUnknown(f"{code} takes no callbacks")
+        document = _json(body)
+        service.callback.validate(document, "callback")
+        original = await self._original(correlation, code)
+        try:
+            await self.store.insert_callback(
+                NewCallback(
+                    message_id=auth.message_id,
+                    client=auth.client,
+                    correlation_id=correlation,
+                    original_seq=original.seq,
+                    service=code,
+                    headers=_recordable(request.headers),
+                    body=body,
+                    digest=auth.digest,
+                )
+            )
+        except DuplicateMessage:
+            return self._callback_ack(auth.message_id, correlation, "duplicate")
+        ctx.recorded = True
+        if self.outbox is not None:
+            self.outbox.wake()
+        return self._callback_ack(auth.message_id, correlation, "accepted")
+
+    async def _original(self, correlation: str, service: str) -> MessageRecord:
+        found = [
+            m for m in await self.store.find_by_message_id(correlation) if m.service == service
+        ]
+        if not found or found[0].mode != "async":
+            raise MessageUnknown(
+                f"no asynchronous {service} message {correlation} awaits an answer"
+            )
+        return found[0]
+
+    @staticmethod
+    def _callback_ack(message_id: str, correlation: str, state: str) -> web.Response:
+        return web.json_response(
+            {"message_id": message_id, "correlation_id": correlation, "state": state},
+            headers={"Gw-Message-Id": message_id},
+        )
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+def _json_or_text(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return data.decode("utf-8", "replace")

@@ -1,0 +1,539 @@
+"""The embedded store: SQLite in WAL mode through aiosqlite, with versioned migrations."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from gateway.errors import StoreError
+from gateway.store import (
+    CallbackRecord,
+    DuplicateMessage,
+    MessageRecord,
+    NewCallback,
+    NewMessage,
+    Rejection,
+)
+
+__all__ = ["MIGRATIONS", "SQLiteStore"]
+
+# Append only: each entry moves the schema one version up (PRAGMA user_version).
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE messages (
+        seq              INTEGER PRIMARY KEY AUTOINCREMENT,
+        message_id       TEXT    NOT NULL,
+        client           TEXT    NOT NULL,
+        service          TEXT    NOT NULL,
+        mode             TEXT    NOT NULL,
+        state            TEXT    NOT NULL,
+        target           TEXT,
+        adapter          TEXT,
+        request_headers  TEXT    NOT NULL,
+        request_body     BLOB,
+        request_digest   TEXT    NOT NULL,
+        status           INTEGER,
+        code             TEXT,
+        response_headers TEXT    NOT NULL DEFAULT '{}',
+        response_body    BLOB,
+        result           BLOB,
+        error            TEXT,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at  REAL,
+        lease_until      REAL,
+        created_at       REAL    NOT NULL,
+        updated_at       REAL    NOT NULL,
+        timings          TEXT    NOT NULL DEFAULT '{}',
+        trace_id         TEXT,
+        UNIQUE (client, message_id)
+    );
+    CREATE INDEX messages_due ON messages (next_attempt_at) WHERE next_attempt_at IS NOT NULL;
+    CREATE INDEX messages_state ON messages (state, created_at);
+    CREATE INDEX messages_message_id ON messages (message_id);
+
+    CREATE TABLE callbacks (
+        seq              INTEGER PRIMARY KEY AUTOINCREMENT,
+        message_id       TEXT    NOT NULL,
+        client           TEXT    NOT NULL,
+        correlation_id   TEXT    NOT NULL,
+        original_seq     INTEGER NOT NULL REFERENCES messages (seq),
+        service          TEXT    NOT NULL,
+        headers          TEXT    NOT NULL,
+        body             BLOB    NOT NULL,
+        digest           TEXT    NOT NULL,
+        state            TEXT    NOT NULL,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at  REAL,
+        lease_until      REAL,
+        error            TEXT,
+        created_at       REAL    NOT NULL,
+        updated_at       REAL    NOT NULL,
+        UNIQUE (client, message_id)
+    );
+    CREATE INDEX callbacks_due ON callbacks (next_attempt_at) WHERE next_attempt_at IS NOT NULL;
+
+    CREATE TABLE rejections (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        at         REAL    NOT NULL,
+        client     TEXT,
+        message_id TEXT,
+        service    TEXT,
+        status     INTEGER NOT NULL,
+        code       TEXT    NOT NULL,
+        detail     TEXT    NOT NULL,
+        digest     TEXT,
+        size       INTEGER NOT NULL,
+        headers    TEXT    NOT NULL
+    );
+    """,
+)
+
+_MESSAGE_COLUMNS = (
+    "seq, message_id, client, service, mode, state, target, adapter, request_headers, "
+    "request_body, request_digest, status, code, response_headers, response_body, result, "
+    "error, attempts, next_attempt_at, created_at, updated_at, timings, trace_id"
+)
+_CALLBACK_JOIN = "callbacks c JOIN messages m ON m.seq = c.original_seq"
+_CALLBACK_COLUMNS = (
+    "c.seq, c.message_id, c.client, c.correlation_id, c.original_seq, m.client AS original_client, "
+    "c.service, c.body, c.digest, c.state, c.attempts, c.next_attempt_at, c.created_at, "
+    "c.updated_at, c.error, m.trace_id"
+)
+
+
+def _message(row: sqlite3.Row) -> MessageRecord:
+    return MessageRecord(
+        seq=row["seq"],
+        message_id=row["message_id"],
+        client=row["client"],
+        service=row["service"],
+        mode=row["mode"],
+        state=row["state"],
+        target=row["target"],
+        adapter=row["adapter"],
+        request_headers=json.loads(row["request_headers"]),
+        request_body=row["request_body"],
+        request_digest=row["request_digest"],
+        status=row["status"],
+        code=row["code"],
+        response_headers=json.loads(row["response_headers"]),
+        response_body=row["response_body"],
+        result=row["result"],
+        error=row["error"],
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        timings=json.loads(row["timings"]),
+        trace_id=row["trace_id"],
+    )
+
+
+def _callback(row: sqlite3.Row) -> CallbackRecord:
+    return CallbackRecord(
+        seq=row["seq"],
+        message_id=row["message_id"],
+        client=row["client"],
+        correlation_id=row["correlation_id"],
+        original_seq=row["original_seq"],
+        original_client=row["original_client"],
+        service=row["service"],
+        body=row["body"],
+        digest=row["digest"],
+        state=row["state"],
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        error=row["error"],
+        trace_id=row["trace_id"],
+    )
+
+
+class SQLiteStore:
+    """``Store`` on one SQLite file. Each write is its own committed transaction."""
+
+    def __init__(self, path: Path | str, *, synchronous: str = "normal") -> None:
+        self.path = Path(path)
+        self._synchronous = synchronous.upper()
+        self._db: aiosqlite.Connection | None = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreError("the store is not open")
+        return self._db
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = await aiosqlite.connect(self.path, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute(f"PRAGMA synchronous={self._synchronous}")
+            await db.execute("PRAGMA foreign_keys=ON")
+            await db.execute("PRAGMA busy_timeout=10000")
+            self._db = db
+            await self._migrate()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the store at {self.path}: {exc}") from exc
+
+    async def _migrate(self) -> None:
+        async with self.db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            await self.db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def _write(self, sql: str, params: Sequence[Any] = ()) -> int:
+        try:
+            cur = await self.db.execute(sql, params)
+            count = cur.rowcount
+            await cur.close()
+            return count
+        except sqlite3.IntegrityError:
+            raise
+        except (sqlite3.Error, ValueError) as exc:  # aiosqlite: ValueError once closed
+            raise StoreError(f"store write failed: {exc}") from exc
+
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            async with self.db.execute(sql, params) as cur:
+                return list(await cur.fetchall())
+        except (sqlite3.Error, ValueError) as exc:
+            raise StoreError(f"store read failed: {exc}") from exc
+
+    async def ping(self) -> None:
+        """Prove the store is writable (readiness)."""
+        await self._write("BEGIN IMMEDIATE")
+        await self._write("ROLLBACK")
+
+    # Exchanges -----------------------------------------------------------------------
+
+    async def insert_message(self, msg: NewMessage) -> MessageRecord:
+        now = time.time()
+        try:
+            rows = await self._rows(
+                f"INSERT INTO messages (message_id, client, service, mode, state, target, adapter, "
+                f"request_headers, request_body, request_digest, next_attempt_at, created_at, "
+                f"updated_at, trace_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                f"RETURNING {_MESSAGE_COLUMNS}",
+                (
+                    msg.message_id,
+                    msg.client,
+                    msg.service,
+                    msg.mode,
+                    msg.state,
+                    msg.target,
+                    msg.adapter,
+                    json.dumps(dict(msg.request_headers)),
+                    msg.request_body,
+                    msg.request_digest,
+                    msg.next_attempt_at,
+                    now,
+                    now,
+                    msg.trace_id,
+                ),
+            )
+        except StoreError as exc:
+            if isinstance(exc.__cause__, sqlite3.IntegrityError):
+                raise DuplicateMessage(msg.message_id) from exc
+            raise
+        return _message(rows[0])
+
+    async def get_message(self, client: str, message_id: str) -> MessageRecord | None:
+        rows = await self._rows(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE client = ? AND message_id = ?",
+            (client, message_id),
+        )
+        return _message(rows[0]) if rows else None
+
+    async def get_message_by_seq(self, seq: int) -> MessageRecord | None:
+        rows = await self._rows(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE seq = ?", (seq,))
+        return _message(rows[0]) if rows else None
+
+    async def find_by_message_id(self, message_id: str) -> Sequence[MessageRecord]:
+        rows = await self._rows(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE message_id = ?", (message_id,)
+        )
+        return [_message(r) for r in rows]
+
+    async def finish_message(
+        self,
+        seq: int,
+        *,
+        state: str,
+        status: int,
+        code: str | None,
+        adapter: str | None,
+        response_headers: Mapping[str, str],
+        response_body: bytes | None,
+        error: str | None = None,
+        timings: Mapping[str, float] | None = None,
+    ) -> None:
+        await self._write(
+            "UPDATE messages SET state=?, status=?, code=?, adapter=COALESCE(?, adapter), "
+            "response_headers=?, response_body=?, error=?, timings=?, updated_at=?, "
+            "next_attempt_at=NULL, lease_until=NULL WHERE seq=?",
+            (
+                state,
+                status,
+                code,
+                adapter,
+                json.dumps(dict(response_headers)),
+                response_body,
+                error,
+                json.dumps(dict(timings or {})),
+                time.time(),
+                seq,
+            ),
+        )
+
+    async def record_rejection(self, rejection: Rejection) -> None:
+        await self._write(
+            "INSERT INTO rejections (at, client, message_id, service, status, code, detail, "
+            "digest, size, headers) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                time.time(),
+                rejection.client,
+                rejection.message_id,
+                rejection.service,
+                rejection.status,
+                rejection.code,
+                rejection.detail,
+                rejection.digest,
+                rejection.size,
+                json.dumps(dict(rejection.headers)),
+            ),
+        )
+
+    async def rejections(self, limit: int = 100) -> list[dict[str, Any]]:
+        rows = await self._rows("SELECT * FROM rejections ORDER BY seq DESC LIMIT ?", (limit,))
+        return [dict(r) for r in rows]
+
+    async def search_messages(
+        self,
+        *,
+        client: str | None = None,
+        service: str | None = None,
+        state: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> Sequence[MessageRecord]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (("client", client), ("service", service), ("state", state)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if since is not None:
+            clauses.append("created_at >= ?")
+            params.append(since)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = await self._rows(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages {where} ORDER BY seq DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [_message(r) for r in rows]
+
+    async def count_messages(self, state: str | None = None) -> int:
+        sql = "SELECT COUNT(*) FROM messages" + (" WHERE state = ?" if state else "")
+        rows = await self._rows(sql, (state,) if state else ())
+        return int(rows[0][0])
+
+    # Outbox --------------------------------------------------------------------------
+
+    async def outbox_depth(self) -> int:
+        rows = await self._rows(
+            "SELECT (SELECT COUNT(*) FROM messages WHERE next_attempt_at IS NOT NULL) + "
+            "(SELECT COUNT(*) FROM callbacks WHERE next_attempt_at IS NOT NULL)"
+        )
+        return int(rows[0][0])
+
+    async def claim_due_messages(
+        self, now: float, limit: int, lease_s: float
+    ) -> Sequence[MessageRecord]:
+        rows = await self._rows(
+            "UPDATE messages SET state='delivering', lease_until=?, updated_at=? WHERE seq IN ("
+            "SELECT seq FROM messages WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= ? "
+            "AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_attempt_at LIMIT ?) "
+            f"RETURNING {_MESSAGE_COLUMNS}",
+            (now + lease_s, now, now, now, limit),
+        )
+        return sorted((_message(r) for r in rows), key=lambda m: m.seq)
+
+    async def reschedule_message(
+        self, seq: int, *, attempts: int, next_attempt_at: float, error: str
+    ) -> None:
+        await self._write(
+            "UPDATE messages SET attempts=?, next_attempt_at=?, lease_until=NULL, error=?, "
+            "updated_at=? WHERE seq=?",
+            (attempts, next_attempt_at, error, time.time(), seq),
+        )
+
+    async def set_message_state(
+        self,
+        seq: int,
+        state: str,
+        *,
+        adapter: str | None = None,
+        error: str | None = None,
+        result: bytes | None = None,
+        attempts: int | None = None,
+    ) -> None:
+        """Move a message on; it leaves the outbox (no next attempt)."""
+        await self._write(
+            "UPDATE messages SET state=?, adapter=COALESCE(?, adapter), error=?, "
+            "result=COALESCE(?, result), attempts=COALESCE(?, attempts), next_attempt_at=NULL, "
+            "lease_until=NULL, updated_at=? WHERE seq=?",
+            (state, adapter, error, result, attempts, time.time(), seq),
+        )
+
+    async def release_leases(self) -> int:
+        """After a restart nothing is in flight: every lease is void."""
+        messages = await self._write(
+            "UPDATE messages SET lease_until=NULL WHERE lease_until IS NOT NULL"
+        )
+        callbacks = await self._write(
+            "UPDATE callbacks SET lease_until=NULL WHERE lease_until IS NOT NULL"
+        )
+        return messages + callbacks
+
+    # Callbacks -----------------------------------------------------------------------
+
+    async def insert_callback(self, cb: NewCallback) -> CallbackRecord:
+        """Store a callback and mark its message answered, in one transaction."""
+        now = time.time()
+        try:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = await self.db.execute(
+                    "INSERT INTO callbacks (message_id, client, correlation_id, original_seq, "
+                    "service, headers, body, digest, state, next_attempt_at, created_at, "
+                    "updated_at) VALUES (?,?,?,?,?,?,?,?,'pending',?,?,?)",
+                    (
+                        cb.message_id,
+                        cb.client,
+                        cb.correlation_id,
+                        cb.original_seq,
+                        cb.service,
+                        json.dumps(dict(cb.headers)),
+                        cb.body,
+                        cb.digest,
+                        now,
+                        now,
+                        now,
+                    ),
+                )
+                seq = cur.lastrowid
+                await cur.close()
+                await self.db.execute(
+                    "UPDATE messages SET state='answered', result=?, next_attempt_at=NULL, "
+                    "lease_until=NULL, updated_at=? WHERE seq=?",
+                    (cb.body, now, cb.original_seq),
+                )
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.IntegrityError as exc:
+            raise DuplicateMessage(cb.message_id) from exc
+        except sqlite3.Error as exc:
+            raise StoreError(f"store write failed: {exc}") from exc
+        rows = await self._rows(
+            f"SELECT {_CALLBACK_COLUMNS} FROM {_CALLBACK_JOIN} WHERE c.seq = ?",
+            (seq,),
+        )
+        return _callback(rows[0])
+
+    async def get_callback(self, client: str, message_id: str) -> CallbackRecord | None:
+        rows = await self._rows(
+            f"SELECT {_CALLBACK_COLUMNS} FROM {_CALLBACK_JOIN} "
+            "WHERE c.client = ? AND c.message_id = ?",
+            (client, message_id),
+        )
+        return _callback(rows[0]) if rows else None
+
+    async def claim_due_callbacks(
+        self, now: float, limit: int, lease_s: float
+    ) -> Sequence[CallbackRecord]:
+        rows = await self._rows(
+            "UPDATE callbacks SET lease_until=?, updated_at=? WHERE seq IN ("
+            "SELECT seq FROM callbacks WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= ? "
+            "AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_attempt_at LIMIT ?) "
+            "RETURNING seq",
+            (now + lease_s, now, now, now, limit),
+        )
+        if not rows:
+            return []
+        seqs = [int(r[0]) for r in rows]
+        found = await self._rows(
+            f"SELECT {_CALLBACK_COLUMNS} FROM {_CALLBACK_JOIN} "
+            f"WHERE c.seq IN ({','.join('?' * len(seqs))}) ORDER BY c.seq",
+            seqs,
+        )
+        return [_callback(r) for r in found]
+
+    async def finish_callback(
+        self, seq: int, *, state: str, attempts: int, error: str | None
+    ) -> None:
+        """Close a callback; once delivered, its message reaches ``callback_delivered``."""
+        now = time.time()
+        await self._write(
+            "UPDATE callbacks SET state=?, attempts=?, error=?, next_attempt_at=NULL, "
+            "lease_until=NULL, updated_at=? WHERE seq=?",
+            (state, attempts, error, now, seq),
+        )
+        if state == "delivered":
+            await self._write(
+                "UPDATE messages SET state='callback_delivered', updated_at=? WHERE seq = "
+                "(SELECT original_seq FROM callbacks WHERE seq=?)",
+                (now, seq),
+            )
+
+    async def reschedule_callback(
+        self, seq: int, *, attempts: int, next_attempt_at: float, error: str
+    ) -> None:
+        await self._write(
+            "UPDATE callbacks SET attempts=?, next_attempt_at=?, lease_until=NULL, error=?, "
+            "updated_at=? WHERE seq=?",
+            (attempts, next_attempt_at, error, time.time(), seq),
+        )
+
+    async def dead_letters(self, limit: int = 100) -> Sequence[Mapping[str, Any]]:
+        rows = await self._rows(
+            "SELECT 'message' AS kind, seq, message_id, client, service, attempts, error, "
+            "updated_at FROM messages WHERE state='dead' UNION ALL "
+            "SELECT 'callback' AS kind, c.seq, c.message_id, m.client, c.service, c.attempts, "
+            "c.error, c.updated_at FROM callbacks c JOIN messages m ON m.seq = c.original_seq "
+            "WHERE c.state='dead' ORDER BY updated_at DESC LIMIT ?",
+            (limit,),
+        )
+        return [dict(r) for r in rows]
+
+    async def redeliver(self, kind: str, seq: int, now: float) -> bool:
+        """Put one dead letter back in the outbox with a fresh attempt budget."""
+        if kind == "message":
+            count = await self._write(
+                "UPDATE messages SET state='accepted', attempts=0, next_attempt_at=?, "
+                "lease_until=NULL, created_at=?, updated_at=? WHERE seq=? AND state='dead'",
+                (now, now, now, seq),
+            )
+        else:
+            count = await self._write(
+                "UPDATE callbacks SET state='pending', attempts=0, next_attempt_at=?, "
+                "lease_until=NULL, created_at=?, updated_at=? WHERE seq=? AND state='dead'",
+                (now, now, now, seq),
+            )
+        return count == 1

@@ -1,0 +1,288 @@
+"""Shared fixtures: keys generated per session, real servers on loopback, real SQLite files."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer, unused_port
+
+from gateway.app import DELIVERY, PIPELINE, STORE, create_app
+from gateway.client import ExchangeClient
+from gateway.config import Config, jwk_path_for, parse_config
+from gateway.keys import KeyPair, KeyType, VerificationKey, generate, write_keypair
+from gateway.signing import Signer
+from simulators.national import NationalPlatform, create_national_app
+from simulators.portal import Portal, create_portal_app
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMAS = ROOT / "schemas" / "services"
+
+PORTAL_ID = "330000:one-stop-portal"
+TAX_ID = "330000:tax-system"
+DISABLED_ID = "330000:retired-system"
+NATIONAL_ID = "100000:national-platform"
+PEER_ID = "440000:gateway"
+GATEWAY_ID = "330000:gateway"
+
+CREDIT_EXAMPLE = json.loads((SCHEMAS / "credit.query" / "request.json").read_text())["examples"][0]
+APPLY_EXAMPLE = json.loads((SCHEMAS / "crossregion.apply" / "request.json").read_text())[
+    "examples"
+][0]
+
+
+@dataclass(frozen=True)
+class Keys:
+    directory: Path
+    pairs: dict[str, KeyPair]
+
+    def jwk_file(self, name: str) -> str:
+        return str(jwk_path_for(self.directory / f"{name}.pem"))
+
+    def verification(self, name: str) -> dict[str, VerificationKey]:
+        key = VerificationKey.from_jwk(self.pairs[name].jwk)
+        return {key.kid: key}
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    """Fresh keys for every test session; never committed anywhere."""
+    directory = tmp_path_factory.mktemp("keys")
+    kinds: dict[str, KeyType] = {
+        "gateway": "ed25519",
+        "portal": "ed25519",
+        "tax": "ecdsa-p256",
+        "disabled": "ed25519",
+        "national": "ed25519",
+        "peer": "ed25519",
+        "stranger": "ed25519",
+    }
+    pairs = {
+        name: write_keypair(
+            generate(kind), directory / f"{name}.pem", jwk_path_for(directory / f"{name}.pem")
+        )
+        for name, kind in kinds.items()
+    }
+    return Keys(directory, pairs)
+
+
+def config_document(keys: Keys, *, store: Path, national_url: str) -> dict[str, Any]:
+    """A complete config as ``config.yaml`` would hold it, pointing at test keys."""
+    return {
+        "gateway": {"member_id": GATEWAY_ID, "key": str(keys.directory / "gateway.pem")},
+        "store": {"path": str(store)},
+        "security": {"clock_skew_s": 300, "max_body_bytes": 262144},
+        "delivery": {
+            "workers": 8,
+            "poll_interval_s": 0.05,
+            "base_delay_s": 0.05,
+            "max_delay_s": 0.2,
+            "max_attempts": 4,
+            "shutdown_grace_s": 2,
+        },
+        "members": [
+            {
+                "id": PORTAL_ID,
+                "kind": "system",
+                "keys": [keys.jwk_file("portal")],
+                "services": ["credit.query", "crossregion.apply"],
+                "callback_url": "http://127.0.0.1:1/callbacks",
+            },
+            {
+                "id": TAX_ID,
+                "kind": "system",
+                "keys": [keys.jwk_file("tax")],
+                "services": [],
+            },
+            {
+                "id": DISABLED_ID,
+                "kind": "system",
+                "enabled": False,
+                "keys": [keys.jwk_file("disabled")],
+                "services": ["credit.query"],
+            },
+            {
+                "id": NATIONAL_ID,
+                "kind": "platform",
+                "keys": [keys.jwk_file("national")],
+                "regions": ["100000"],
+            },
+            {
+                "id": PEER_ID,
+                "kind": "gateway",
+                "keys": [keys.jwk_file("peer")],
+                "regions": ["440000"],
+                "services": ["credit.query"],
+            },
+        ],
+        "services": [
+            {
+                "code": "credit.query",
+                "mode": "sync",
+                "allow_async": True,
+                "request_schema": str(SCHEMAS / "credit.query" / "request.json"),
+                "response_schema": str(SCHEMAS / "credit.query" / "response.json"),
+                "callback_schema": str(SCHEMAS / "credit.query" / "response.json"),
+                "timeout_s": 2,
+                "max_body_bytes": 4096,
+            },
+            {
+                "code": "crossregion.apply",
+                "mode": "async",
+                "request_schema": str(SCHEMAS / "crossregion.apply" / "request.json"),
+                "response_schema": str(SCHEMAS / "crossregion.apply" / "response.json"),
+                "callback_schema": str(SCHEMAS / "crossregion.apply" / "callback.json"),
+                "timeout_s": 2,
+            },
+        ],
+        "adapters": [
+            {
+                "name": "national",
+                "type": "http",
+                "config": {
+                    "url": f"{national_url}/api/exchange/{{service}}",
+                    "health_url": f"{national_url}/health",
+                    "timeout_s": 5,
+                    "verify_response": {"keys": [keys.jwk_file("national")]},
+                },
+            },
+        ],
+        "routes": [
+            {"service": "credit.query", "adapter": "national"},
+            {"service": "crossregion.apply", "adapter": "national"},
+        ],
+    }
+
+
+@dataclass
+class Harness:
+    """A gateway with the national platform and the portal, all real servers on loopback."""
+
+    config: Config
+    keys: Keys
+    gateway: TestClient[web.Request, web.Application]
+    national: NationalPlatform
+    portal: Portal
+    portal_url: str
+    clients: dict[str, ExchangeClient] = field(default_factory=dict)
+
+    @property
+    def app(self) -> web.Application:
+        app = self.gateway.app
+        assert app is not None
+        return app
+
+    @property
+    def url(self) -> str:
+        return str(self.gateway.make_url("")).rstrip("/")
+
+    def client(self, name: str, member_id: str | None = None) -> ExchangeClient:
+        """A signed client using key ``name`` and claiming ``member_id``."""
+        ids = {
+            "portal": PORTAL_ID,
+            "tax": TAX_ID,
+            "disabled": DISABLED_ID,
+            "national": NATIONAL_ID,
+            "peer": PEER_ID,
+            "stranger": "330000:stranger",
+        }
+        return ExchangeClient(
+            member_id=member_id or ids[name],
+            signer=Signer(self.keys.pairs[name], label="sig1"),
+            base_url=self.url,
+            session=self.gateway.session,
+        )
+
+    async def wait_for(
+        self, predicate: Callable[[], Awaitable[bool]], within_s: float = 10.0
+    ) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while not await predicate():
+            if loop.time() > deadline:
+                raise AssertionError("condition not reached in time")
+            await asyncio.sleep(0.05)
+
+    async def state_of(self, message_id: str, client: str = PORTAL_ID) -> str | None:
+        record = await self.app[STORE].get_message(client, message_id)
+        return record.state if record else None
+
+
+HarnessFactory = Callable[..., Awaitable[Harness]]
+
+
+@pytest.fixture
+async def make_harness(keys: Keys, tmp_path: Path) -> AsyncIterator[HarnessFactory]:
+    """Build a harness; ``edit`` may change the config document before it is parsed."""
+    started: list[tuple[TestServer, TestServer, TestClient[web.Request, web.Application]]] = []
+
+    async def factory(
+        edit: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        start_delivery: bool = True,
+        store: Path | None = None,
+    ) -> Harness:
+        gw_port, nat_port, portal_port = unused_port(), unused_port(), unused_port()
+        national_url = f"http://127.0.0.1:{nat_port}"
+        portal_url = f"http://127.0.0.1:{portal_port}"
+        doc = config_document(
+            keys, store=store or tmp_path / "gateway.db", national_url=national_url
+        )
+        doc["members"][0]["callback_url"] = f"{portal_url}/callbacks"
+        if edit is not None:
+            edit(doc)
+        config = parse_config(copy.deepcopy(doc), base=tmp_path)
+        gateway_keys = keys.verification("gateway")
+        national = NationalPlatform(
+            member_id=NATIONAL_ID,
+            keypair=keys.pairs["national"],
+            trusted=gateway_keys,
+            callback_base=f"http://127.0.0.1:{gw_port}",
+            callback_delay_s=0.05,
+        )
+        portal = Portal(
+            member_id=PORTAL_ID,
+            keypair=keys.pairs["portal"],
+            gateway_keys=gateway_keys,
+            gateway_url=f"http://127.0.0.1:{gw_port}",
+        )
+        nat_server = TestServer(create_national_app(national), port=nat_port)
+        portal_server = TestServer(create_portal_app(portal), port=portal_port)
+        await nat_server.start_server()
+        await portal_server.start_server()
+        client: TestClient[web.Request, web.Application] = TestClient(
+            TestServer(create_app(config, start_delivery=start_delivery), port=gw_port)
+        )
+        await client.start_server()
+        started.append((nat_server, portal_server, client))
+        return Harness(config, keys, client, national, portal, portal_url)
+
+    yield factory
+    for nat_server, portal_server, client in reversed(started):
+        await client.close()
+        await portal_server.close()
+        await nat_server.close()
+
+
+@pytest.fixture
+async def harness(make_harness: HarnessFactory) -> Harness:
+    return await make_harness()
+
+
+__all__ = [
+    "APPLY_EXAMPLE",
+    "CREDIT_EXAMPLE",
+    "DELIVERY",
+    "PIPELINE",
+    "Harness",
+    "HarnessFactory",
+    "Keys",
+]

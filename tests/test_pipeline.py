@@ -1,0 +1,293 @@
+"""The exchange pipeline end to end: real gateway, real national platform, real SQLite."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+import uuid
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from gateway.app import STORE
+from gateway.client import verify_reply
+from gateway.keys import public_from_jwk
+from tests.conftest import (
+    APPLY_EXAMPLE,
+    CREDIT_EXAMPLE,
+    DISABLED_ID,
+    PORTAL_ID,
+    Harness,
+    HarnessFactory,
+)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+async def test_hand_signed_request_gets_a_verifiable_signed_answer(harness: Harness) -> None:
+    """A request signed with `cryptography` alone is answered 200, signed by a JWKS key."""
+    key = harness.keys.pairs["portal"]
+    assert isinstance(key.private, ed25519.Ed25519PrivateKey)
+    url = f"{harness.url}/v1/exchange/credit.query"
+    body = json.dumps(CREDIT_EXAMPLE).encode()
+    digest = f"sha-256=:{_b64(hashlib.sha256(body).digest())}:"
+    message_id = str(uuid.uuid4())
+    created = int(time.time())
+    params = (
+        '("@method" "@target-uri" "content-digest" "content-type" "gw-client" "gw-message-id")'
+        f';created={created};keyid="{key.kid}";alg="ed25519"'
+    )
+    base = "\n".join(
+        [
+            '"@method": POST',
+            f'"@target-uri": {url}',
+            f'"content-digest": {digest}',
+            '"content-type": application/json',
+            f'"gw-client": {PORTAL_ID}',
+            f'"gw-message-id": {message_id}',
+            f'"@signature-params": {params}',
+        ]
+    )
+    signature = _b64(key.private.sign(base.encode()))
+    headers = {
+        "Content-Type": "application/json",
+        "Content-Digest": digest,
+        "Gw-Client": PORTAL_ID,
+        "Gw-Message-Id": message_id,
+        "Signature-Input": f"req={params}",
+        "Signature": f"req=:{signature}:",
+    }
+    async with harness.gateway.session.post(url, data=body, headers=headers) as resp:
+        answer = await resp.read()
+        assert resp.status == 200, answer
+        rh = resp.headers
+    assert json.loads(answer)["uscc"] == CREDIT_EXAMPLE["uscc"]
+
+    # Verify the answer by hand too: the base binds it to our own request signature.
+    jwks = await (await harness.gateway.get("/.well-known/jwks.json")).json()
+    resp_input = rh["Signature-Input"]
+    _, _, rest = resp_input.partition("=")
+    components_and_params = rest
+    jwk = next(k for k in jwks["keys"] if f'keyid="{k["kid"]}"' in components_and_params)
+    public = public_from_jwk(jwk)
+    assert isinstance(public, ed25519.Ed25519PublicKey)
+    assert rh["Content-Digest"] == f"sha-256=:{_b64(hashlib.sha256(answer).digest())}:"
+    expected_components = (
+        '("@status" "content-digest" "content-type" "gw-message-id" "signature";req;key="req")'
+    )
+    assert components_and_params.startswith(expected_components)
+    resp_base = "\n".join(
+        [
+            '"@status": 200',
+            f'"content-digest": {rh["Content-Digest"]}',
+            f'"content-type": {rh["Content-Type"]}',
+            f'"gw-message-id": {message_id}',
+            f'"signature";req;key="req": :{signature}:',
+            f'"@signature-params": {components_and_params}',
+        ]
+    )
+    resp_sig = rh["Signature"].split("=", 1)[1].strip(":")
+    public.verify(base64.b64decode(resp_sig), resp_base.encode())  # raises if forged
+
+
+async def test_answer_is_recorded_with_timings_and_adapter(harness: Harness) -> None:
+    """A sync exchange ends `answered` in the log with adapter, digest and stage timings."""
+    reply = await harness.client("portal").exchange("credit.query", CREDIT_EXAMPLE)
+    assert reply.status == 200
+    message_id = reply.headers["Gw-Message-Id"]
+    record = await harness.app[STORE].get_message(PORTAL_ID, message_id)
+    assert record is not None
+    assert record.state == "answered"
+    assert record.adapter == "national"
+    assert record.status == 200
+    sent = json.dumps(CREDIT_EXAMPLE, ensure_ascii=False).encode()
+    assert record.request_body == sent
+    assert record.request_digest == hashlib.sha256(sent).hexdigest()
+    assert json.loads(record.response_body or b"{}")["uscc"] == CREDIT_EXAMPLE["uscc"]
+    assert {"verify", "validate", "record", "upstream", "total"} <= set(record.timings)
+    assert record.request_headers["Gw-Client"] == PORTAL_ID
+    assert harness.national.received == [message_id]
+
+
+async def test_outbound_request_is_signed_by_the_gateway_with_via(harness: Harness) -> None:
+    """The national platform verified the gateway's key (else it would have answered 401)."""
+    reply = await harness.client("portal").exchange(
+        "credit.query", CREDIT_EXAMPLE, headers={"Gw-Issue": "ZJ2026-0001"}
+    )
+    assert reply.status == 200, reply.body
+    verify_reply(reply, harness.keys.verification("gateway"))
+
+
+async def test_same_message_id_same_body_replays_the_stored_answer(harness: Harness) -> None:
+    """Sending a message twice returns the stored answer with Gw-Replayed; upstream sees one."""
+    client = harness.client("portal")
+    message_id = str(uuid.uuid4())
+    first = await client.exchange("credit.query", CREDIT_EXAMPLE, message_id=message_id)
+    second = await client.exchange("credit.query", CREDIT_EXAMPLE, message_id=message_id)
+    assert first.status == second.status == 200
+    assert second.headers["Gw-Replayed"] == "true"
+    assert second.body == first.body
+    verify_reply(second, harness.keys.verification("gateway"))
+    assert harness.national.received == [message_id]
+
+
+async def test_async_replay_returns_the_202(harness: Harness) -> None:
+    """An async message sent twice is acknowledged twice with the same Location."""
+    client = harness.client("portal")
+    message_id = str(uuid.uuid4())
+    first = await client.exchange("crossregion.apply", APPLY_EXAMPLE, message_id=message_id)
+    second = await client.exchange("crossregion.apply", APPLY_EXAMPLE, message_id=message_id)
+    assert first.status == second.status == 202
+    assert second.headers["Location"] == first.headers["Location"] == f"/v1/messages/{message_id}"
+    assert second.headers["Gw-Replayed"] == "true"
+
+
+async def test_prefer_respond_async_on_a_service_that_allows_it(harness: Harness) -> None:
+    """`Prefer: respond-async` on a sync service with allow_async gives 202 and a result."""
+    client = harness.client("portal")
+    reply = await client.exchange(
+        "credit.query", CREDIT_EXAMPLE, headers={"Prefer": "respond-async"}
+    )
+    assert reply.status == 202
+    message_id = reply.json()["message_id"]
+
+    async def answered() -> bool:
+        return await harness.state_of(message_id) == "callback_delivered"
+
+    await harness.wait_for(answered)
+    status = await client.status(message_id)
+    assert status.status == 200
+    assert status.json()["result"]["uscc"] == CREDIT_EXAMPLE["uscc"]
+    assert harness.portal.processed[message_id]["uscc"] == CREDIT_EXAMPLE["uscc"]
+
+
+async def test_message_status_is_private_to_its_sender(harness: Harness) -> None:
+    """Another member asking for a message it did not send gets 404 message_unknown."""
+    reply = await harness.client("portal").exchange("crossregion.apply", APPLY_EXAMPLE)
+    message_id = reply.json()["message_id"]
+    own = await harness.client("portal").status(message_id)
+    assert own.status == 200
+    assert own.json()["service"] == "crossregion.apply"
+    other = await harness.client("tax").status(message_id)
+    assert other.status == 404
+    assert other.json()["code"] == "message_unknown"
+
+
+async def test_peer_gateway_may_vouch_for_its_own_region(harness: Harness) -> None:
+    """440000:gateway relaying for a 440000 member is accepted (signed by the peer's key)."""
+    peer = harness.client("peer", member_id="440000:back-office")
+    reply = await peer.exchange(
+        "credit.query", CREDIT_EXAMPLE, headers={"Gw-Via": "440000:gateway"}
+    )
+    assert reply.status == 200, reply.body
+
+
+async def test_peer_gateway_may_not_vouch_outside_its_regions(harness: Harness) -> None:
+    """440000:gateway relaying for a 330000 member is refused 403 forbidden, before upstream."""
+    peer = harness.client("peer", member_id="330000:one-stop-portal")
+    reply = await peer.exchange(
+        "credit.query", CREDIT_EXAMPLE, headers={"Gw-Via": "440000:gateway"}
+    )
+    assert reply.status == 403
+    assert reply.json()["code"] == "forbidden"
+    assert harness.national.received == []
+
+
+async def test_schema_errors_list_every_violation_with_pointers(harness: Harness) -> None:
+    """A document with several faults gets 422 with one {pointer, message} per fault."""
+    bad: dict[str, Any] = {
+        "uscc": "91350100M000100Y44",
+        "scope": ["basic", "gossip"],
+        "extra": 1,
+    }
+    reply = await harness.client("portal").exchange("credit.query", bad)
+    assert reply.status == 422
+    problem = reply.json()
+    assert problem["code"] == "schema_invalid"
+    pointers = {e["pointer"] for e in problem["errors"]}
+    assert {"", "/uscc", "/scope/1"} <= pointers
+    text = json.dumps(problem)
+    assert "91350100M000100Y44" not in text  # values are never echoed
+    assert harness.national.received == []
+
+
+async def test_disabled_member_is_refused(harness: Harness) -> None:
+    """A disabled member gets 403 client_disabled even with a valid signature."""
+    reply = await harness.client("disabled").exchange("credit.query", CREDIT_EXAMPLE)
+    assert reply.status == 403
+    assert reply.json()["code"] == "client_disabled"
+    assert DISABLED_ID not in harness.national.received
+
+
+async def test_every_answer_is_signed_even_errors(harness: Harness) -> None:
+    """A 404 for an unknown service is still signed by the gateway and bound to the request."""
+    reply = await harness.client("portal").exchange("no.such", {})
+    assert reply.status == 404
+    assert reply.headers["Content-Type"] == "application/problem+json"
+    verify_reply(reply, harness.keys.verification("gateway"))
+
+
+async def test_upstream_answer_violating_schema_is_502(make_harness: HarnessFactory) -> None:
+    """An upstream answer that fails the response schema never reaches the member."""
+
+    def edit(doc: dict[str, Any]) -> None:
+        doc["adapters"].append(
+            {
+                "name": "bad",
+                "type": "mock",
+                "config": {"responses": {"default": {"body": {"uscc": 42}}}},
+            }
+        )
+        doc["routes"][0]["adapter"] = "bad"
+
+    h = await make_harness(edit)
+    reply = await h.client("portal").exchange("credit.query", CREDIT_EXAMPLE)
+    assert reply.status == 502
+    assert reply.json()["code"] == "upstream_error"
+    record = await h.app[STORE].get_message(PORTAL_ID, reply.headers["Gw-Message-Id"])
+    assert record is not None
+    assert record.state == "failed"
+    assert record.code == "upstream_error"
+
+
+async def test_target_routes_to_its_own_adapter(make_harness: HarnessFactory) -> None:
+    """A route with a Gw-Target match wins over the service's catch-all route."""
+
+    def edit(doc: dict[str, Any]) -> None:
+        record = {
+            "uscc": "91350100M000100Y43",
+            "name": "粤港企业",
+            "status": "active",
+            "updated_at": "2026-01-01T00:00:00Z",
+        }
+        doc["adapters"].append(
+            {"name": "gd", "type": "mock", "config": {"responses": {"default": {"body": record}}}}
+        )
+        doc["routes"].append(
+            {"service": "credit.query", "adapter": "gd", "target": "440000:gateway"}
+        )
+
+    h = await make_harness(edit)
+    client = h.client("portal")
+    routed = await client.exchange(
+        "credit.query", CREDIT_EXAMPLE, headers={"Gw-Target": "440000:gateway"}
+    )
+    assert routed.json()["name"] == "粤港企业"
+    default = await client.exchange("credit.query", CREDIT_EXAMPLE)
+    assert default.json()["name"] != "粤港企业"
+    assert len(h.national.received) == 1
+
+
+async def test_client_signed_with_ecdsa_is_accepted(make_harness: HarnessFactory) -> None:
+    """A member with an ECDSA P-256 key exchanges like an Ed25519 one."""
+
+    def edit(doc: dict[str, Any]) -> None:
+        doc["members"][1]["services"] = ["credit.query"]
+
+    h = await make_harness(edit)
+    reply = await h.client("tax").exchange("credit.query", CREDIT_EXAMPLE)
+    assert reply.status == 200, reply.body
