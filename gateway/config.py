@@ -122,6 +122,9 @@ class AdapterConfig:
     type: str
     enabled: bool = True
     concurrency: int = 64
+    # Consecutive failures that open the circuit, and how long it stays open.
+    failure_threshold: int = 5
+    reset_timeout_s: float = 5.0
     config: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -312,6 +315,8 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
                 type=a["type"],
                 enabled=a.get("enabled", True),
                 concurrency=a.get("concurrency", 64),
+                failure_threshold=a.get("breaker", {}).get("failure_threshold", 5),
+                reset_timeout_s=a.get("breaker", {}).get("reset_timeout_s", 5.0),
                 config=a.get("config", {}),
             )
             for a in data["adapters"]

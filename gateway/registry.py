@@ -99,7 +99,13 @@ class AdapterSlot:
 
     config: AdapterConfig
     adapter: Adapter
-    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    breaker: CircuitBreaker = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.breaker = CircuitBreaker(
+            failure_threshold=self.config.failure_threshold,
+            reset_timeout_s=self.config.reset_timeout_s,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -34,6 +34,7 @@ class Portal:
     examples: Mapping[str, Any] = field(default_factory=dict)
     fail_next: int = 0
     deliveries: list[str] = field(default_factory=list)  # every Gw-Message-Id that arrived
+    seen: dict[str, int] = field(default_factory=dict)  # correlation id → deliveries
     processed: dict[str, Any] = field(default_factory=dict)  # correlation id → result, once
 
 
@@ -53,6 +54,7 @@ async def _callback(request: web.Request) -> web.Response:
     message_id = request.headers["Gw-Message-Id"]
     correlation = request.headers.get("Gw-Correlation-Id", "")
     portal.deliveries.append(message_id)
+    portal.seen[correlation] = portal.seen.get(correlation, 0) + 1
     duplicate = correlation in portal.processed
     if not duplicate:
         portal.processed[correlation] = json.loads(body)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,15 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+# Message states move forward only; each target state lists the states it may follow.
+_IN_OUTBOX = "('accepted', 'delivering')"
+_FROM = {
+    "delivered": _IN_OUTBOX,
+    "answered": "('accepted', 'delivering', 'delivered')",
+    "dead": _IN_OUTBOX,
+    "failed": _IN_OUTBOX,
+}
+
 _MESSAGE_COLUMNS = (
     "seq, message_id, client, service, mode, state, target, adapter, request_headers, "
     "request_body, request_digest, status, code, response_headers, response_body, result, "
@@ -163,6 +174,7 @@ class SQLiteStore:
         self.path = Path(path)
         self._synchronous = synchronous.upper()
         self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -196,7 +208,7 @@ class SQLiteStore:
             await self._db.close()
             self._db = None
 
-    async def _write(self, sql: str, params: Sequence[Any] = ()) -> int:
+    async def _execute(self, sql: str, params: Sequence[Any]) -> int:
         try:
             cur = await self.db.execute(sql, params)
             count = cur.rowcount
@@ -207,17 +219,37 @@ class SQLiteStore:
         except (sqlite3.Error, ValueError) as exc:  # aiosqlite: ValueError once closed
             raise StoreError(f"store write failed: {exc}") from exc
 
+    async def _write(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """One statement, alone on the connection (never inside another's transaction)."""
+        async with self._lock:
+            return await self._execute(sql, params)
+
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        try:
-            async with self.db.execute(sql, params) as cur:
-                return list(await cur.fetchall())
-        except (sqlite3.Error, ValueError) as exc:
-            raise StoreError(f"store read failed: {exc}") from exc
+        async with self._lock:
+            try:
+                async with self.db.execute(sql, params) as cur:
+                    return list(await cur.fetchall())
+            except (sqlite3.Error, ValueError) as exc:
+                raise StoreError(f"store query failed: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        """Several statements that commit together. The connection is shared by every
+        coroutine, so the lock keeps their statements out of this transaction (a ROLLBACK
+        here must never undo someone else's acknowledged write)."""
+        async with self._lock:
+            await self._execute("BEGIN IMMEDIATE", ())
+            try:
+                yield
+            except BaseException:
+                await self._execute("ROLLBACK", ())
+                raise
+            await self._execute("COMMIT", ())
 
     async def ping(self) -> None:
         """Prove the store is writable (readiness)."""
-        await self._write("BEGIN IMMEDIATE")
-        await self._write("ROLLBACK")
+        async with self._transaction():
+            pass
 
     # Exchanges -----------------------------------------------------------------------
 
@@ -378,7 +410,7 @@ class SQLiteStore:
     ) -> None:
         await self._write(
             "UPDATE messages SET attempts=?, next_attempt_at=?, lease_until=NULL, error=?, "
-            "updated_at=? WHERE seq=?",
+            f"updated_at=? WHERE seq=? AND state IN {_IN_OUTBOX}",
             (attempts, next_attempt_at, error, time.time(), seq),
         )
 
@@ -392,11 +424,12 @@ class SQLiteStore:
         result: bytes | None = None,
         attempts: int | None = None,
     ) -> None:
-        """Move a message on; it leaves the outbox (no next attempt)."""
+        """Move a message forward; it leaves the outbox. A transition that would move it
+        back (a late acknowledgement after its answer) changes nothing."""
         await self._write(
             "UPDATE messages SET state=?, adapter=COALESCE(?, adapter), error=?, "
             "result=COALESCE(?, result), attempts=COALESCE(?, attempts), next_attempt_at=NULL, "
-            "lease_until=NULL, updated_at=? WHERE seq=?",
+            f"lease_until=NULL, updated_at=? WHERE seq=? AND state IN {_FROM[state]}",
             (state, adapter, error, result, attempts, time.time(), seq),
         )
 
@@ -416,8 +449,7 @@ class SQLiteStore:
         """Store a callback and mark its message answered, in one transaction."""
         now = time.time()
         try:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
+            async with self._transaction():
                 cur = await self.db.execute(
                     "INSERT INTO callbacks (message_id, client, correlation_id, original_seq, "
                     "service, headers, body, digest, state, next_attempt_at, created_at, "
@@ -438,22 +470,18 @@ class SQLiteStore:
                 )
                 seq = cur.lastrowid
                 await cur.close()
-                await self.db.execute(
+                # A later decision supersedes an earlier one; a late ack never demotes it.
+                await self._execute(
                     "UPDATE messages SET state='answered', result=?, next_attempt_at=NULL, "
                     "lease_until=NULL, updated_at=? WHERE seq=?",
                     (cb.body, now, cb.original_seq),
                 )
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
         except sqlite3.IntegrityError as exc:
             raise DuplicateMessage(cb.message_id) from exc
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, ValueError) as exc:
             raise StoreError(f"store write failed: {exc}") from exc
         rows = await self._rows(
-            f"SELECT {_CALLBACK_COLUMNS} FROM {_CALLBACK_JOIN} WHERE c.seq = ?",
-            (seq,),
+            f"SELECT {_CALLBACK_COLUMNS} FROM {_CALLBACK_JOIN} WHERE c.seq = ?", (seq,)
         )
         return _callback(rows[0])
 
@@ -488,19 +516,25 @@ class SQLiteStore:
     async def finish_callback(
         self, seq: int, *, state: str, attempts: int, error: str | None
     ) -> None:
-        """Close a callback; once delivered, its message reaches ``callback_delivered``."""
+        """Close a callback; once delivered, its message reaches ``callback_delivered``.
+
+        Both rows change in one transaction, so a crash never strands the message."""
         now = time.time()
-        await self._write(
-            "UPDATE callbacks SET state=?, attempts=?, error=?, next_attempt_at=NULL, "
-            "lease_until=NULL, updated_at=? WHERE seq=?",
-            (state, attempts, error, now, seq),
-        )
-        if state == "delivered":
-            await self._write(
-                "UPDATE messages SET state='callback_delivered', updated_at=? WHERE seq = "
-                "(SELECT original_seq FROM callbacks WHERE seq=?)",
-                (now, seq),
-            )
+        try:
+            async with self._transaction():
+                await self._execute(
+                    "UPDATE callbacks SET state=?, attempts=?, error=?, next_attempt_at=NULL, "
+                    "lease_until=NULL, updated_at=? WHERE seq=?",
+                    (state, attempts, error, now, seq),
+                )
+                if state == "delivered":
+                    await self._execute(
+                        "UPDATE messages SET state='callback_delivered', updated_at=? WHERE seq = "
+                        "(SELECT original_seq FROM callbacks WHERE seq=?) AND state = 'answered'",
+                        (now, seq),
+                    )
+        except (sqlite3.Error, ValueError) as exc:
+            raise StoreError(f"store write failed: {exc}") from exc
 
     async def reschedule_callback(
         self, seq: int, *, attempts: int, next_attempt_at: float, error: str
