@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -22,8 +20,11 @@ from gateway.errors import (
     ServiceUnknown,
 )
 from gateway.keys import KeyPair, load_keypair
-from gateway.pipeline import CTX_KEY, Pipeline, RequestContext, RuntimeHolder, problem_body
-from gateway.registry import AdapterSlot, build_adapter, build_runtime
+from gateway.live import LiveConfig
+from gateway.openapi import ingress_document
+from gateway.pipeline import CTX_KEY, Pipeline, RequestContext, RuntimeHolder
+from gateway.problem import problem_response
+from gateway.registry import Runtime, build_runtime
 from gateway.signing import Signer, Verifier
 from gateway.store import Rejection
 from gateway.store.sqlite import SQLiteStore
@@ -33,6 +34,7 @@ __all__ = [
     "CONFIG",
     "DELIVERY",
     "KEYPAIR",
+    "LIVE",
     "PIPELINE",
     "RUNTIME",
     "STORE",
@@ -48,20 +50,9 @@ RUNTIME = web.AppKey("runtime", RuntimeHolder)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 DELIVERY = web.AppKey("delivery", Delivery)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+LIVE = web.AppKey("live", LiveConfig)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _problem(exc: GatewayError, message_id: str | None) -> web.Response:
-    response = web.Response(
-        status=exc.status,
-        body=json.dumps(problem_body(exc, message_id), ensure_ascii=False).encode(),
-        content_type=None,
-        headers={"Content-Type": "application/problem+json"},
-    )
-    if exc.retry_after is not None:
-        response.headers["Retry-After"] = str(exc.retry_after)
-    return response
 
 
 def _translate(exc: web.HTTPException) -> GatewayError:
@@ -87,14 +78,14 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         if exc.status < 400:
             raise
         error = _translate(exc)
-        response = _problem(error, ctx.message_id)
+        response = problem_response(error, ctx.message_id)
     except GatewayError as exc:
         error = exc
-        response = _problem(exc, ctx.message_id)
+        response = problem_response(exc, ctx.message_id)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         error = InternalError("an internal error occurred; it has been logged")
-        response = _problem(error, ctx.message_id)
+        response = problem_response(error, ctx.message_id)
     pipeline = request.app[PIPELINE]
     if request.path.startswith("/v1/") and isinstance(response, web.Response):
         response.headers["traceparent"] = ctx.traceparent
@@ -224,22 +215,24 @@ def create_app(config: Config, *, start_delivery: bool = True) -> web.Applicatio
         yield
         await session.close()
 
-    async def adapters_ctx(app: web.Application) -> AsyncIterator[None]:
-        base = str(config.path.parent) if config.path else str(Path.cwd())
-        context = AdapterContext(
+    def install(runtime: Runtime) -> None:
+        holder.current = runtime
+
+    def adapter_context() -> AdapterContext:
+        return AdapterContext(
             member_id=config.gateway.member_id,
             signer=signer,
             session=app[SESSION],
-            base_dir=base,
+            base_dir=str(config.base),
         )
-        slots = {
-            a.name: AdapterSlot(config=a, adapter=build_adapter(a, context))
-            for a in config.adapters
-        }
-        holder.current = build_runtime(config, slots, previous=holder.current)
+
+    live = LiveConfig(config=config, store=store, apply=install, context=adapter_context)
+    app[LIVE] = live
+
+    async def adapters_ctx(app: web.Application) -> AsyncIterator[None]:
+        await live.load()
         yield
-        for slot in slots.values():
-            await slot.adapter.aclose()
+        await live.aclose()
 
     async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         delivery = Delivery(
@@ -276,4 +269,9 @@ def create_app(config: Config, *, start_delivery: bool = True) -> web.Applicatio
     app.router.add_get("/.well-known/jwks.json", _jwks)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(ingress_document())
+
+    app.router.add_get("/openapi.json", openapi)
     return app

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.config import Config, jwk_path_for, load_config
+from gateway.config import Config, jwk_path_for, load_config, warnings_of
 from gateway.errors import ConfigError, GatewayError
 from gateway.keys import KeyType, VerificationKey, ensure_keypair, generate, write_keypair
 from gateway.logs import configure_logging
@@ -53,24 +53,28 @@ async def _run_sites(
             await runner.cleanup()
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def _gateway_sites(config: Config) -> list[tuple[web.Application, str, int, str]]:
+    from gateway.admin import create_admin_app
     from gateway.app import create_app
 
-    config = _config(args)
     app = create_app(config)
+    return [
+        (app, config.ingress.host, config.ingress.port, "gateway ingress"),
+        (create_admin_app(app), config.admin.host, config.admin.port, "gateway admin API"),
+    ]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _config(args)
     print(f"gateway {config.gateway.member_id}")
     asyncio.run(
-        _run_sites(
-            [(app, config.ingress.host, config.ingress.port, "ingress")],
-            shutdown_timeout=config.delivery.shutdown_grace_s,
-        )
+        _run_sites(_gateway_sites(config), shutdown_timeout=config.delivery.shutdown_grace_s)
     )
     return 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Gateway + national-platform simulator + demo provincial system, keys created."""
-    from gateway.app import create_app
     from simulators.national import NationalPlatform, create_national_app
     from simulators.portal import Portal, create_portal_app
 
@@ -86,9 +90,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     config = load_config(config_path)
     gateway_keys = {gateway_pair.kid: VerificationKey.from_jwk(gateway_pair.jwk)}
     url = f"http://{config.ingress.host}:{config.ingress.port}"
-    sites: list[tuple[web.Application, str, int, str]] = [
-        (create_app(config), config.ingress.host, config.ingress.port, "gateway ingress")
-    ]
+    sites = _gateway_sites(config)
     nat = config.simulators.get("national")
     if nat is not None:
         national = NationalPlatform(
@@ -154,6 +156,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         problems.append(f"/gateway/key: {config.gateway.key_path} does not exist (gateway keygen)")
     for problem in problems:
         print(f"{args.config}:{problem}")
+    for warning in warnings_of(config):
+        print(f"{args.config}:{warning} [warning]")
     if problems:
         print(f"{len(problems)} problem(s)")
         return 1
@@ -267,6 +271,96 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    """Tokens are managed in the store directly, so the first one needs no API."""
+    from gateway.admin.auth import create_token
+    from gateway.store import ResourceChange
+
+    config = _config(args)
+
+    async def run() -> int:
+        store = await _with_store(config)
+        try:
+            if args.action == "create":
+                token = await create_token(store, args.name, args.role)
+                await store.audit(
+                    ResourceChange(
+                        kind="tokens",
+                        id=args.name,
+                        action="create",
+                        actor="cli",
+                        role="local",
+                        after={"name": args.name, "role": args.role},
+                    )
+                )
+                print(token)
+                print(
+                    f"token {args.name!r} ({args.role}) created; it is shown only once",
+                    file=sys.stderr,
+                )
+                return 0
+            if args.action == "revoke":
+                if not await store.revoke_token(args.name):
+                    print(f"no active token {args.name}", file=sys.stderr)
+                    return 1
+                await store.audit(
+                    ResourceChange(
+                        kind="tokens",
+                        id=args.name,
+                        action="revoke",
+                        actor="cli",
+                        role="local",
+                        before={"name": args.name},
+                    )
+                )
+                print(f"token {args.name!r} revoked")
+                return 0
+            rows = await store.list_tokens()
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                print(f"{'NAME':<24}{'ROLE':<10}{'CREATED':<22}REVOKED")
+                for r in rows:
+                    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["created_at"]))
+                    revoked = (
+                        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["revoked_at"]))
+                        if r["revoked_at"]
+                        else "-"
+                    )
+                    print(f"{r['name']:<24}{r['role']:<10}{created:<22}{revoked}")
+            return 0
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def cmd_config_export(args: argparse.Namespace) -> int:
+    """The live configuration (file + admin changes) as YAML that `gateway serve` accepts."""
+    import yaml
+
+    from gateway.config import parse_config
+    from gateway.live import merge
+
+    config = _config(args)
+
+    async def run() -> dict[str, Any]:
+        store = await _with_store(config)
+        try:
+            return merge(config.raw, await store.load_overlay())
+        finally:
+            await store.close()
+
+    doc = asyncio.run(run())
+    parse_config(doc, base=config.base, path=config.path)  # what we print must load
+    text = yaml.safe_dump(doc, allow_unicode=True, sort_keys=False)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    else:
+        print(text, end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway",
@@ -308,6 +402,25 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("kind", choices=["message", "callback"])
     rd.add_argument("seq", type=int)
     rd.set_defaults(func=cmd_dead_letters)
+    adm = sub.add_parser("admin", help="administer a gateway (tokens here; the rest via the API)")
+    adm_sub = adm.add_subparsers(dest="area", required=True)
+    tok = adm_sub.add_parser("token", help="admin API tokens (stored as hashes)")
+    tok_sub = tok.add_subparsers(dest="action", required=True)
+    tc = with_config(tok_sub.add_parser("create", help="create a token and print it once"))
+    tc.add_argument("--name", required=True)
+    tc.add_argument("--role", required=True, choices=["admin", "operator", "auditor"])
+    tc.set_defaults(func=cmd_token)
+    tl = with_config(tok_sub.add_parser("list", help="list tokens (never their values)"))
+    tl.add_argument("--json", action="store_true")
+    tl.set_defaults(func=cmd_token)
+    tr = with_config(tok_sub.add_parser("revoke", help="revoke a token"))
+    tr.add_argument("name")
+    tr.set_defaults(func=cmd_token)
+    cfg = sub.add_parser("config", help="the live configuration")
+    cfg_sub = cfg.add_subparsers(dest="action", required=True)
+    ex = with_config(cfg_sub.add_parser("export", help="print file + admin changes as YAML"))
+    ex.add_argument("--out", help="write to this file instead of stdout")
+    ex.set_defaults(func=cmd_config_export)
     return parser
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "jwk_path_for",
     "load_config",
     "parse_config",
+    "warnings_of",
 ]
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
@@ -148,6 +149,7 @@ class SimulatorConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     path: Path | None
+    base: Path  # the directory relative paths are resolved against
     gateway: GatewayIdentity
     ingress: Listen
     admin: Listen
@@ -288,6 +290,7 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
     }
     return Config(
         path=path,
+        base=r.base,
         gateway=GatewayIdentity(
             member_id=gw["member_id"],
             key_path=key_path,
@@ -378,11 +381,18 @@ def _cross_check(config: Config) -> list[str]:
                 )
         if s.mode == "async" and s.callback_schema is None:
             problems.append(f"/services/{i}/callback_schema: an async service needs one")
-        if not any(r.service == s.code for r in config.routes):
-            problems.append(f"/services/{i}: service {s.code} has no route")
     for i, r in enumerate(config.routes):
         if r.service not in codes:
             problems.append(f"/routes/{i}/service: unknown service {r.service}")
         if r.adapter not in names:
             problems.append(f"/routes/{i}/adapter: unknown adapter {r.adapter}")
     return problems
+
+
+def warnings_of(config: Config) -> list[str]:
+    """Valid but probably unintended: it loads, and the gateway answers for it at runtime."""
+    warnings = []
+    for i, s in enumerate(config.services):
+        if not any(r.service == s.code for r in config.routes):
+            warnings.append(f"/services/{i}: service {s.code} has no route (answers 503)")
+    return warnings

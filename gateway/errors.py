@@ -15,15 +15,19 @@ Anything that is not a ``GatewayError`` becomes ``internal`` with details only i
     │   ├── SignatureMissing           signature_missing
     │   ├── SignatureInvalid           signature_invalid
     │   ├── SignatureExpired           signature_expired
-    │   └── KeyUnknown                 key_unknown
+    │   ├── KeyUnknown                 key_unknown
+    │   ├── CredentialsMissing         signature_missing (admin API: no bearer token)
+    │   └── CredentialsInvalid         key_unknown (admin API: unknown or revoked token)
     ├── Forbidden                      403
     │   ├── ClientUnknown              client_unknown
     │   ├── ClientDisabled             client_disabled
     │   └── NotPermitted               forbidden
     ├── NotFound                       404
     │   ├── ServiceUnknown             service_unknown
-    │   └── MessageUnknown             message_unknown
+    │   ├── MessageUnknown             message_unknown
+    │   └── ResourceUnknown            resource_unknown (admin API)
     ├── MessageIdReused                409 message_id_reused
+    ├── ResourceExists                 409 resource_exists (admin API)
     ├── PayloadTooLarge                413 payload_too_large
     ├── UnsupportedMediaType           415 unsupported_media_type
     ├── SchemaInvalid                  422 schema_invalid (with field errors)
@@ -48,6 +52,8 @@ __all__ = [
     "ClientDisabled",
     "ClientUnknown",
     "ConfigError",
+    "CredentialsInvalid",
+    "CredentialsMissing",
     "DigestMismatch",
     "FieldError",
     "Forbidden",
@@ -63,6 +69,8 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "RateLimited",
+    "ResourceExists",
+    "ResourceUnknown",
     "SchemaInvalid",
     "ServiceUnknown",
     "SignatureExpired",
@@ -166,6 +174,16 @@ class KeyUnknown(Unauthenticated):
     title = "The signing key is not known for this client"
 
 
+class CredentialsMissing(Unauthenticated):
+    code = "signature_missing"
+    title = "Credentials missing"
+
+
+class CredentialsInvalid(Unauthenticated):
+    code = "key_unknown"
+    title = "Unknown or revoked credentials"
+
+
 class Forbidden(GatewayError):
     status = 403
     code = "forbidden"
@@ -199,6 +217,17 @@ class ServiceUnknown(NotFound):
 class MessageUnknown(NotFound):
     code = "message_unknown"
     title = "Unknown message"
+
+
+class ResourceUnknown(NotFound):
+    code = "resource_unknown"
+    title = "No such resource"
+
+
+class ResourceExists(GatewayError):
+    status = 409
+    code = "resource_exists"
+    title = "The resource exists already"
 
 
 class MessageIdReused(GatewayError):

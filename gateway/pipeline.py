@@ -44,6 +44,7 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from gateway.problem import problem_body
 from gateway.registry import Member, Runtime, Service
 from gateway.signing import (
     REQUEST_COMPONENTS,
@@ -58,7 +59,7 @@ from gateway.signing import (
 from gateway.store import DuplicateMessage, MessageRecord, NewCallback, NewMessage, Store
 from gateway.trace import trace_id_of
 
-__all__ = ["Authenticated", "Pipeline", "RuntimeHolder", "problem_body"]
+__all__ = ["Authenticated", "Pipeline", "RuntimeHolder"]
 
 log = logging.getLogger("gateway.exchange")
 
@@ -119,21 +120,6 @@ class Authenticated:
     signer: Member  # the member whose key signed (the client, or the vouching peer)
     signature: VerifiedSignature
     digest: str  # sha-256 of the body, hex ("" when the request has no body)
-
-
-def problem_body(exc: GatewayError, message_id: str | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "type": f"https://gateway.example/problems/{exc.code}",
-        "title": exc.title,
-        "status": exc.status,
-        "detail": exc.detail,
-        "code": exc.code,
-    }
-    if message_id:
-        body["message_id"] = message_id
-    if exc.errors:
-        body["errors"] = [e.as_dict() for e in exc.errors]
-    return body
 
 
 def _single(headers: CIMultiDictProxy[str], name: str) -> str | None:

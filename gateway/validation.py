@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jsonschema
-from jsonschema.exceptions import ValidationError
+from jsonschema.exceptions import SchemaError, ValidationError
 
 from gateway.errors import FieldError, SchemaInvalid
 from gateway.formats import make_format_checker
@@ -18,7 +18,7 @@ from gateway.formats import make_format_checker
 __all__ = ["DocumentValidator", "describe", "pointer_of"]
 
 
-def pointer_of(error: ValidationError) -> str:
+def pointer_of(error: ValidationError | SchemaError) -> str:
     """RFC 6901 JSON Pointer to the offending value."""
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in error.absolute_path)
 

@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, unused_port
 
+from gateway.admin import create_admin_app, create_token
 from gateway.app import DELIVERY, PIPELINE, STORE, create_app
 from gateway.client import ExchangeClient
 from gateway.config import Config, jwk_path_for, parse_config
@@ -170,7 +171,11 @@ class Harness:
     national: NationalPlatform
     portal: Portal
     portal_url: str
-    clients: dict[str, ExchangeClient] = field(default_factory=dict)
+    admin: TestClient[web.Request, web.Application]
+    tokens: dict[str, str] = field(default_factory=dict)  # role → bearer token
+
+    def auth(self, role: str = "admin") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[role]}"}
 
     @property
     def app(self) -> web.Application:
@@ -223,6 +228,7 @@ HarnessFactory = Callable[..., Awaitable[Harness]]
 async def make_harness(keys: Keys, tmp_path: Path) -> AsyncIterator[HarnessFactory]:
     """Build a harness; ``edit`` may change the config document before it is parsed."""
     started: list[tuple[TestServer, TestServer, TestClient[web.Request, web.Application]]] = []
+    admins: list[TestClient[web.Request, web.Application]] = []
 
     async def factory(
         edit: Callable[[dict[str, Any]], None] | None = None,
@@ -258,14 +264,25 @@ async def make_harness(keys: Keys, tmp_path: Path) -> AsyncIterator[HarnessFacto
         portal_server = TestServer(create_portal_app(portal), port=portal_port)
         await nat_server.start_server()
         await portal_server.start_server()
-        client: TestClient[web.Request, web.Application] = TestClient(
-            TestServer(create_app(config, start_delivery=start_delivery), port=gw_port)
-        )
+        app = create_app(config, start_delivery=start_delivery)
+        client: TestClient[web.Request, web.Application] = TestClient(TestServer(app, port=gw_port))
         await client.start_server()
         started.append((nat_server, portal_server, client))
-        return Harness(config, keys, client, national, portal, portal_url)
+        admin: TestClient[web.Request, web.Application] = TestClient(
+            TestServer(create_admin_app(app))
+        )
+        await admin.start_server()
+        admins.append(admin)
+        suffix = f"-{len(admins)}" if len(admins) > 1 else ""  # names stay unique per store
+        tokens = {
+            role: await create_token(app[STORE], f"test-{role}{suffix}", role)
+            for role in ("admin", "operator", "auditor")
+        }
+        return Harness(config, keys, client, national, portal, portal_url, admin, tokens)
 
     yield factory
+    for admin in admins:
+        await admin.close()
     for nat_server, portal_server, client in reversed(started):
         await client.close()
         await portal_server.close()

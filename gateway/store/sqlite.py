@@ -21,6 +21,7 @@ from gateway.store import (
     NewCallback,
     NewMessage,
     Rejection,
+    ResourceChange,
 )
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
@@ -92,6 +93,34 @@ MIGRATIONS: tuple[str, ...] = (
         digest     TEXT,
         size       INTEGER NOT NULL,
         headers    TEXT    NOT NULL
+    );
+    """,
+    """
+    CREATE TABLE resources (
+        kind       TEXT NOT NULL,
+        id         TEXT NOT NULL,
+        body       TEXT,            -- JSON; NULL is a tombstone (deleted by an admin)
+        updated_at REAL NOT NULL,
+        updated_by TEXT NOT NULL,
+        PRIMARY KEY (kind, id)
+    );
+    CREATE TABLE audit (
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+        at          REAL NOT NULL,
+        actor       TEXT NOT NULL,
+        role        TEXT NOT NULL,
+        action      TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        resource_id TEXT NOT NULL,
+        before      TEXT,
+        after       TEXT
+    );
+    CREATE TABLE admin_tokens (
+        name       TEXT PRIMARY KEY,
+        role       TEXT NOT NULL,
+        hash       TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL,
+        revoked_at REAL
     );
     """,
 )
@@ -250,6 +279,126 @@ class SQLiteStore:
         """Prove the store is writable (readiness)."""
         async with self._transaction():
             pass
+
+    # Live configuration, audit trail, admin tokens -----------------------------------
+
+    async def load_overlay(self) -> list[tuple[str, str, Any]]:
+        """Admin changes to apply over the file: (kind, id, body or None for deleted)."""
+        rows = await self._rows(
+            "SELECT kind, id, body FROM resources ORDER BY updated_at, kind, id"
+        )
+        return [(r["kind"], r["id"], json.loads(r["body"]) if r["body"] else None) for r in rows]
+
+    async def put_resource(self, change: ResourceChange) -> int:
+        """Persist one admin write and its audit record together; return the audit seq."""
+        now = time.time()
+        after = json.dumps(change.after, ensure_ascii=False) if change.after is not None else None
+        try:
+            async with self._transaction():
+                await self._execute(
+                    "INSERT INTO resources (kind, id, body, updated_at, updated_by) "
+                    "VALUES (?,?,?,?,?) ON CONFLICT (kind, id) DO UPDATE SET body=excluded.body, "
+                    "updated_at=excluded.updated_at, updated_by=excluded.updated_by",
+                    (change.kind, change.id, after, now, change.actor),
+                )
+                cur = await self.db.execute(
+                    "INSERT INTO audit (at, actor, role, action, kind, resource_id, before, after) "
+                    "VALUES (?,?,?,?,?,?,?,?)",
+                    (
+                        now,
+                        change.actor,
+                        change.role,
+                        change.action,
+                        change.kind,
+                        change.id,
+                        json.dumps(change.before, ensure_ascii=False)
+                        if change.before is not None
+                        else None,
+                        after,
+                    ),
+                )
+                seq = int(cur.lastrowid or 0)
+                await cur.close()
+        except (sqlite3.Error, ValueError) as exc:
+            raise StoreError(f"store write failed: {exc}") from exc
+        return seq
+
+    async def audit(self, change: ResourceChange) -> int:
+        """An audited action that changes no configuration (a redelivery, a token)."""
+        now = time.time()
+        rows = await self._rows(
+            "INSERT INTO audit (at, actor, role, action, kind, resource_id, before, after) "
+            "VALUES (?,?,?,?,?,?,?,?) RETURNING seq",
+            (
+                now,
+                change.actor,
+                change.role,
+                change.action,
+                change.kind,
+                change.id,
+                json.dumps(change.before, ensure_ascii=False)
+                if change.before is not None
+                else None,
+                json.dumps(change.after, ensure_ascii=False) if change.after is not None else None,
+            ),
+        )
+        return int(rows[0][0])
+
+    async def audit_trail(
+        self, *, kind: str | None = None, since: float | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if kind is not None:
+            clauses.append("kind = ?")
+            params.append(kind)
+        if since is not None:
+            clauses.append("at >= ?")
+            params.append(since)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = await self._rows(
+            f"SELECT * FROM audit {where} ORDER BY seq DESC LIMIT ?", (*params, limit)
+        )
+        out = []
+        for r in rows:
+            item = dict(r)
+            item["before"] = json.loads(item["before"]) if item["before"] else None
+            item["after"] = json.loads(item["after"]) if item["after"] else None
+            out.append(item)
+        return out
+
+    async def add_token(self, name: str, role: str, token_hash: str) -> None:
+        try:
+            async with self._lock:
+                await self.db.execute(
+                    "INSERT INTO admin_tokens (name, role, hash, created_at) VALUES (?,?,?,?)",
+                    (name, role, token_hash, time.time()),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise DuplicateMessage(name) from exc
+        except (sqlite3.Error, ValueError) as exc:
+            raise StoreError(f"store write failed: {exc}") from exc
+
+    async def token_by_hash(self, token_hash: str) -> dict[str, Any] | None:
+        rows = await self._rows(
+            "SELECT name, role, hash, created_at FROM admin_tokens "
+            "WHERE hash = ? AND revoked_at IS NULL",
+            (token_hash,),
+        )
+        return dict(rows[0]) if rows else None
+
+    async def list_tokens(self) -> list[dict[str, Any]]:
+        rows = await self._rows(
+            "SELECT name, role, created_at, revoked_at FROM admin_tokens ORDER BY created_at"
+        )
+        return [dict(r) for r in rows]
+
+    async def revoke_token(self, name: str) -> bool:
+        count = await self._write(
+            "UPDATE admin_tokens SET revoked_at=? WHERE name=? AND revoked_at IS NULL",
+            (time.time(), name),
+        )
+        return count == 1
 
     # Exchanges -----------------------------------------------------------------------
 

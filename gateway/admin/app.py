@@ -1,0 +1,521 @@
+"""Admin API handlers: adapters, members (and their keys), services, routes, ACL, messages,
+dead letters, audit trail and tokens. Every write is validated, takes effect at once
+(``LiveConfig``), persists, and is audited with who, what, when, before and after."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from gateway.admin.auth import Permission, Principal, authenticate, create_token
+from gateway.admin.resources import check_resource
+from gateway.app import DELIVERY, LIVE, RUNTIME, STORE
+from gateway.errors import (
+    ConfigError,
+    FieldError,
+    GatewayError,
+    InternalError,
+    MalformedRequest,
+    ResourceExists,
+    ResourceUnknown,
+    SchemaInvalid,
+)
+from gateway.live import LiveConfig, resource_id
+from gateway.logs import mask_personal
+from gateway.problem import problem_response
+from gateway.registry import adapter_types
+from gateway.store import MessageRecord, ResourceChange
+
+__all__ = ["create_admin_app"]
+
+log = logging.getLogger("gateway.admin")
+PRINCIPAL = web.RequestKey("principal", Principal)
+INGRESS = web.AppKey("ingress", web.Application)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def admin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bearer authentication for /admin/v1; every error as problem+json."""
+    try:
+        if request.path.startswith("/admin/v1"):
+            ingress = request.app[INGRESS]
+            request[PRINCIPAL] = await authenticate(
+                ingress[STORE], request.headers.get("Authorization")
+            )
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error: GatewayError = (
+            ResourceUnknown("no such resource")
+            if exc.status == 404
+            else MalformedRequest(exc.reason)
+        )
+        return problem_response(error)
+    except GatewayError as exc:
+        response = problem_response(exc)
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="gateway-admin"'
+        return response
+    except Exception:
+        log.exception("admin API error on %s %s", request.method, request.path)
+        return problem_response(InternalError("an internal error occurred; it has been logged"))
+
+
+def _principal(request: web.Request, permission: Permission) -> Principal:
+    principal = request[PRINCIPAL]
+    principal.require(permission)
+    return principal
+
+
+def _live(request: web.Request) -> LiveConfig:
+    return request.app[INGRESS][LIVE]
+
+
+async def _body(request: web.Request) -> Any:
+    try:
+        return json.loads(await request.read())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedRequest("the body is not a JSON document") from exc
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396 JSON Merge Patch."""
+    if not isinstance(patch, Mapping):
+        return patch
+    result = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = _merge_patch(result.get(key), value)
+    return result
+
+
+async def _write(
+    request: web.Request,
+    kind: str,
+    rid: str,
+    body: Mapping[str, Any] | None,
+    action: str,
+    principal: Principal,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    if body is not None:
+        check_resource(kind, body, _live(request))
+    try:
+        return await _live(request).write(
+            kind, rid, body, action=action, actor=principal.name, role=principal.role
+        )
+    except ConfigError as exc:
+        raise SchemaInvalid(
+            "the change would make the configuration invalid",
+            [FieldError("", problem) for problem in exc.problems],
+        ) from exc
+
+
+def _item_or_404(live: LiveConfig, kind: str, rid: str) -> dict[str, Any]:
+    item = live.get(kind, rid)
+    if item is None:
+        raise ResourceUnknown(f"no {kind[:-1]} {rid}")
+    return item
+
+
+# Generic resources: adapters, members, services -------------------------------------
+
+
+def _collection(kind: str) -> dict[str, Handler]:
+    async def list_items(request: web.Request) -> web.Response:
+        _principal(request, "read")
+        return web.json_response({kind: _live(request).items(kind)})
+
+    async def get_item(request: web.Request) -> web.Response:
+        _principal(request, "read")
+        return web.json_response(_item_or_404(_live(request), kind, request.match_info["id"]))
+
+    async def create(request: web.Request) -> web.Response:
+        principal = _principal(request, "write")
+        body = await _body(request)
+        check_resource(kind, body, _live(request))
+        rid = resource_id(kind, body)
+        if _live(request).get(kind, rid) is not None:
+            raise ResourceExists(f"{kind[:-1]} {rid} exists; PUT or PATCH it instead")
+        _, after = await _write(request, kind, rid, body, "create", principal)
+        return web.json_response(after, status=201, headers={"Location": f"/admin/v1/{kind}/{rid}"})
+
+    async def replace(request: web.Request) -> web.Response:
+        principal = _principal(request, "write")
+        rid = request.match_info["id"]
+        body = await _body(request)
+        check_resource(kind, body, _live(request))
+        if resource_id(kind, body) != rid:
+            raise SchemaInvalid(
+                "the body names another resource", [FieldError(f"/{KEY[kind]}", f"must be {rid}")]
+            )
+        before, after = await _write(request, kind, rid, body, "replace", principal)
+        return web.json_response(after, status=200 if before else 201)
+
+    async def patch(request: web.Request) -> web.Response:
+        rid = request.match_info["id"]
+        changes = await _body(request)
+        if not isinstance(changes, Mapping):
+            raise MalformedRequest("a merge patch is a JSON object")
+        # Enabling or disabling is an operator's job; anything else needs an admin.
+        principal = _principal(request, "operate" if set(changes) <= {"enabled"} else "write")
+        current = _item_or_404(_live(request), kind, rid)
+        merged = _merge_patch(current, changes)
+        if resource_id(kind, merged) != rid:
+            raise SchemaInvalid("a patch cannot rename", [FieldError(f"/{KEY[kind]}", "fixed")])
+        _, after = await _write(request, kind, rid, merged, "update", principal)
+        return web.json_response(after)
+
+    async def delete(request: web.Request) -> web.Response:
+        principal = _principal(request, "write")
+        rid = request.match_info["id"]
+        _item_or_404(_live(request), kind, rid)
+        await _write(request, kind, rid, None, "delete", principal)
+        return web.Response(status=204)
+
+    return {"list": list_items, "get": get_item, "create": create, "replace": replace,
+            "patch": patch, "delete": delete}  # fmt: skip
+
+
+KEY = {"adapters": "name", "members": "id", "services": "code"}
+
+
+# Adapters ----------------------------------------------------------------------------
+
+
+async def list_adapter_types(request: web.Request) -> web.Response:
+    _principal(request, "read")
+    types = adapter_types(refresh=True)
+    return web.json_response(
+        {
+            "adapter_types": [
+                {"type": n, "config_schema": t.config_schema} for n, t in sorted(types.items())
+            ]
+        }
+    )
+
+
+async def get_adapter_type(request: web.Request) -> web.Response:
+    _principal(request, "read")
+    name = request.match_info["type"]
+    types = adapter_types(refresh=True)
+    if name not in types:
+        raise ResourceUnknown(f"no adapter type {name}")
+    return web.json_response({"type": name, "config_schema": types[name].config_schema})
+
+
+async def adapter_health(request: web.Request) -> web.Response:
+    _principal(request, "read")
+    name = request.match_info["id"]
+    slot = request.app[INGRESS][RUNTIME].current.adapters.get(name)
+    if slot is None:
+        raise ResourceUnknown(f"no adapter {name}")
+    health = await slot.adapter.health()
+    return web.json_response(
+        {
+            "name": name,
+            "type": slot.config.type,
+            "enabled": slot.config.enabled,
+            "healthy": health.healthy and slot.config.enabled,
+            "detail": health.detail,
+            "circuit": slot.breaker.state.value,
+        }
+    )
+
+
+# Member keys and ACL -----------------------------------------------------------------
+
+
+async def add_key(request: web.Request) -> web.Response:
+    principal = _principal(request, "write")
+    member_id = request.match_info["id"]
+    member = _item_or_404(_live(request), "members", member_id)
+    jwk = await _body(request)
+    member["keys"] = [*member.get("keys", []), jwk]
+    try:
+        await _write(request, "members", member_id, member, "add_key", principal)
+    except SchemaInvalid as exc:
+        n = len(member["keys"]) - 1
+        raise SchemaInvalid(
+            exc.detail,
+            [FieldError(e.pointer.removeprefix(f"/keys/{n}"), e.message) for e in exc.errors],
+        ) from exc
+    return web.json_response(jwk, status=201)
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    principal = _principal(request, "write")
+    member_id, kid = request.match_info["id"], request.match_info["kid"]
+    member = _item_or_404(_live(request), "members", member_id)
+    keys = member.get("keys", [])
+    kept = [k for k in keys if not (isinstance(k, Mapping) and k.get("kid") == kid)]
+    if len(kept) == len(keys):
+        raise ResourceUnknown(f"{member_id} has no key {kid}")
+    member["keys"] = kept
+    await _write(request, "members", member_id, member, "revoke_key", principal)
+    return web.Response(status=204)
+
+
+async def list_acl(request: web.Request) -> web.Response:
+    _principal(request, "read")
+    members = _live(request).items("members")
+    return web.json_response(
+        {"acl": [{"member": m["id"], "services": m.get("services", [])} for m in members]}
+    )
+
+
+async def put_acl(request: web.Request) -> web.Response:
+    principal = _principal(request, "write")
+    member_id = request.match_info["member"]
+    member = _item_or_404(_live(request), "members", member_id)
+    body = await _body(request)
+    if not isinstance(body, Mapping) or not isinstance(body.get("services"), list):
+        raise SchemaInvalid("expected {services: [...]}", [FieldError("/services", "required")])
+    member["services"] = body["services"]
+    await _write(request, "members", member_id, member, "update_acl", principal)
+    return web.json_response({"member": member_id, "services": member["services"]})
+
+
+# Routes ------------------------------------------------------------------------------
+
+
+async def list_routes(request: web.Request) -> web.Response:
+    _principal(request, "read")
+    return web.json_response({"routes": _live(request).items("routes")})
+
+
+async def create_route(request: web.Request) -> web.Response:
+    principal = _principal(request, "write")
+    body = await _body(request)
+    check_resource("routes", body, _live(request))
+    rid = resource_id("routes", body)
+    before, after = await _write(request, "routes", rid, body, "create", principal)
+    return web.json_response(after, status=200 if before else 201)
+
+
+async def delete_route(request: web.Request) -> web.Response:
+    principal = _principal(request, "write")
+    rid = f"{request.match_info['service']}|{request.match_info.get('target') or '*'}"
+    _item_or_404(_live(request), "routes", rid)
+    await _write(request, "routes", rid, None, "delete", principal)
+    return web.Response(status=204)
+
+
+# Messages, dead letters, audit -------------------------------------------------------
+
+
+def _masked(data: bytes | None) -> Any:
+    if data is None:
+        return None
+    text = mask_personal(data.decode("utf-8", "replace"))
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def message_view(record: MessageRecord) -> dict[str, Any]:
+    headers = {
+        k: ("***" if k.lower() == "gw-user" else v) for k, v in record.request_headers.items()
+    }
+    return {
+        "seq": record.seq,
+        "message_id": record.message_id,
+        "client": record.client,
+        "service": record.service,
+        "mode": record.mode,
+        "state": record.state,
+        "target": record.target,
+        "adapter": record.adapter,
+        "status": record.status,
+        "code": record.code,
+        "error": record.error,
+        "attempts": record.attempts,
+        "request_digest": record.request_digest,
+        "request_headers": headers,
+        "request": _masked(record.request_body),
+        "response": _masked(record.response_body),
+        "result": _masked(record.result),
+        "timings_ms": dict(record.timings),
+        "trace_id": record.trace_id,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+    }
+
+
+def _since(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        try:
+            return time.mktime(time.strptime(value[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+        except ValueError as exc:
+            raise MalformedRequest("since is a Unix time or YYYY-MM-DDTHH:MM:SS (UTC)") from exc
+
+
+def _limit(request: web.Request) -> int:
+    try:
+        return max(1, min(1000, int(request.query.get("limit", "100"))))
+    except ValueError as exc:
+        raise MalformedRequest("limit is an integer") from exc
+
+
+async def search_messages(request: web.Request) -> web.Response:
+    _principal(request, "read")
+    q = request.query
+    records = await request.app[INGRESS][STORE].search_messages(
+        client=q.get("client"),
+        service=q.get("service"),
+        state=q.get("state"),
+        since=_since(q.get("since")),
+        limit=_limit(request),
+    )
+    return web.json_response({"messages": [message_view(r) for r in records]})
+
+
+async def get_message(request: web.Request) -> web.Response:
+    _principal(request, "read")
+    records = await request.app[INGRESS][STORE].find_by_message_id(request.match_info["id"].lower())
+    if not records:
+        raise ResourceUnknown(f"no message {request.match_info['id']}")
+    return web.json_response(message_view(records[0]))
+
+
+async def list_dead_letters(request: web.Request) -> web.Response:
+    _principal(request, "read")
+    rows = await request.app[INGRESS][STORE].dead_letters(limit=_limit(request))
+    return web.json_response({"dead_letters": list(rows)})
+
+
+async def redeliver(request: web.Request) -> web.Response:
+    principal = _principal(request, "operate")
+    ingress = request.app[INGRESS]
+    message_id = request.match_info["id"].lower()
+    rows = [
+        r for r in await ingress[STORE].dead_letters(limit=100_000) if r["message_id"] == message_id
+    ]
+    if not rows:
+        raise ResourceUnknown(f"no dead letter {message_id}")
+    row = rows[0]
+    await ingress[STORE].redeliver(row["kind"], row["seq"], time.time())
+    await ingress[STORE].audit(
+        ResourceChange(
+            kind="dead-letters",
+            id=message_id,
+            action="redeliver",
+            actor=principal.name,
+            role=principal.role,
+            before={"state": "dead", "attempts": row["attempts"], "error": row["error"]},
+            after={"state": "accepted" if row["kind"] == "message" else "pending"},
+        )
+    )
+    delivery = ingress.get(DELIVERY)
+    if delivery is not None:
+        delivery.wake()
+    return web.json_response(
+        {"message_id": message_id, "kind": row["kind"], "state": "queued"}, status=202
+    )
+
+
+async def audit_trail(request: web.Request) -> web.Response:
+    _principal(request, "read")
+    entries = await request.app[INGRESS][STORE].audit_trail(
+        kind=request.query.get("kind"),
+        since=_since(request.query.get("since")),
+        limit=_limit(request),
+    )
+    return web.json_response({"audit": entries})
+
+
+# Tokens ------------------------------------------------------------------------------
+
+
+async def list_tokens(request: web.Request) -> web.Response:
+    _principal(request, "read")
+    return web.json_response({"tokens": await request.app[INGRESS][STORE].list_tokens()})
+
+
+async def new_token(request: web.Request) -> web.Response:
+    principal = _principal(request, "write")
+    body = await _body(request)
+    if not isinstance(body, Mapping):
+        raise MalformedRequest("expected {name, role}")
+    store = request.app[INGRESS][STORE]
+    token = await create_token(store, str(body.get("name", "")), str(body.get("role", "")))
+    await store.audit(
+        ResourceChange(
+            kind="tokens", id=str(body["name"]), action="create", actor=principal.name,
+            role=principal.role, after={"name": body["name"], "role": body["role"]},
+        )
+    )  # fmt: skip
+    return web.json_response(
+        {"name": body["name"], "role": body["role"], "token": token}, status=201
+    )
+
+
+async def revoke_token(request: web.Request) -> web.Response:
+    principal = _principal(request, "write")
+    store = request.app[INGRESS][STORE]
+    name = request.match_info["name"]
+    if not await store.revoke_token(name):
+        raise ResourceUnknown(f"no active token {name}")
+    await store.audit(
+        ResourceChange(
+            kind="tokens", id=name, action="revoke", actor=principal.name, role=principal.role,
+            before={"name": name}, after=None,
+        )
+    )  # fmt: skip
+    return web.Response(status=204)
+
+
+def create_admin_app(ingress: web.Application) -> web.Application:
+    """The admin listener's app; it shares the ingress app's store and live config."""
+    from gateway.openapi import admin_document
+
+    app = web.Application(middlewares=[admin_middleware], client_max_size=4 * 1024 * 1024)
+    app[INGRESS] = ingress
+    r = app.router
+    base = "/admin/v1"
+    r.add_get(f"{base}/adapter-types", list_adapter_types)
+    r.add_get(f"{base}/adapter-types/{{type}}", get_adapter_type)
+    for kind in ("adapters", "members", "services"):
+        h = _collection(kind)
+        r.add_get(f"{base}/{kind}", h["list"])
+        r.add_post(f"{base}/{kind}", h["create"])
+        r.add_get(f"{base}/{kind}/{{id}}", h["get"])
+        r.add_put(f"{base}/{kind}/{{id}}", h["replace"])
+        r.add_patch(f"{base}/{kind}/{{id}}", h["patch"])
+        r.add_delete(f"{base}/{kind}/{{id}}", h["delete"])
+    r.add_get(f"{base}/adapters/{{id}}/health", adapter_health)
+    r.add_post(f"{base}/members/{{id}}/keys", add_key)
+    r.add_delete(f"{base}/members/{{id}}/keys/{{kid}}", revoke_key)
+    r.add_get(f"{base}/acl", list_acl)
+    r.add_put(f"{base}/acl/{{member}}", put_acl)
+    r.add_get(f"{base}/routes", list_routes)
+    r.add_post(f"{base}/routes", create_route)
+    r.add_delete(f"{base}/routes/{{service}}", delete_route)
+    r.add_delete(f"{base}/routes/{{service}}/{{target}}", delete_route)
+    r.add_get(f"{base}/messages", search_messages)
+    r.add_get(f"{base}/messages/{{id}}", get_message)
+    r.add_get(f"{base}/dead-letters", list_dead_letters)
+    r.add_post(f"{base}/dead-letters/{{id}}/redeliver", redeliver)
+    r.add_get(f"{base}/audit", audit_trail)
+    r.add_get(f"{base}/tokens", list_tokens)
+    r.add_post(f"{base}/tokens", new_token)
+    r.add_delete(f"{base}/tokens/{{name}}", revoke_token)
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(admin_document())
+
+    r.add_get("/openapi.json", openapi)
+    return app

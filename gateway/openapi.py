@@ -1,0 +1,568 @@
+"""OpenAPI 3.1 documents of the ingress and admin APIs (served at ``/openapi.json``).
+
+Resource schemas come from ``schemas/config.schema.json`` so the API and the file
+cannot drift apart; its ``$defs`` become ``components/schemas``.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from typing import Any
+
+from gateway import __version__
+from gateway.config import SCHEMA_DIR
+
+__all__ = ["admin_document", "ingress_document"]
+
+_PROBLEM = {"$ref": "#/components/schemas/Problem"}
+_MEMBER_ID = "^[0-9]{6}:[a-z0-9][a-z0-9-]{0,62}$"
+_UUID = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+
+
+def _rewrite(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {
+            k: (v.replace("#/$defs/", "#/components/schemas/") if k == "$ref" else _rewrite(v))
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_rewrite(v) for v in node]
+    return node
+
+
+@cache
+def _config_schema() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(
+        (SCHEMA_DIR / "config.schema.json").read_text(encoding="utf-8")
+    )
+    return loaded
+
+
+def _problems(*statuses: int) -> dict[str, Any]:
+    return {
+        str(s): {
+            "description": "RFC 9457 problem",
+            "content": {"application/problem+json": {"schema": _PROBLEM}},
+        }
+        for s in statuses
+    }
+
+
+def _header(
+    name: str, description: str, *, required: bool = False, **schema: Any
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": required,
+        "description": description,
+        "schema": {"type": "string", **schema},
+    }
+
+
+_COMMON_SCHEMAS: dict[str, Any] = {
+    "Problem": {
+        "type": "object",
+        "required": ["type", "title", "status", "detail", "code"],
+        "properties": {
+            "type": {"type": "string"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+            "code": {"type": "string"},
+            "message_id": {"type": "string"},
+            "errors": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["pointer", "message"],
+                    "properties": {"pointer": {"type": "string"}, "message": {"type": "string"}},
+                },
+            },
+        },
+    },
+    "Accepted": {
+        "type": "object",
+        "required": ["message_id", "state"],
+        "properties": {"message_id": {"type": "string"}, "state": {"type": "string"}},
+    },
+    "MessageStatus": {
+        "type": "object",
+        "required": ["message_id", "service", "client", "state", "attempts", "created_at"],
+        "properties": {
+            "message_id": {"type": "string"},
+            "service": {"type": "string"},
+            "client": {"type": "string"},
+            "target": {"type": ["string", "null"]},
+            "state": {
+                "enum": [
+                    "accepted",
+                    "delivering",
+                    "delivered",
+                    "answered",
+                    "callback_delivered",
+                    "failed",
+                    "dead",
+                ]
+            },
+            "attempts": {"type": "integer"},
+            "created_at": {"type": "string"},
+            "updated_at": {"type": "string"},
+            "result": {},
+            "error": {"type": "object"},
+        },
+    },
+    "JWKS": {
+        "type": "object",
+        "required": ["keys"],
+        "properties": {"keys": {"type": "array", "items": {"type": "object"}}},
+    },
+    "Health": {"type": "object", "properties": {"status": {"type": "string"}}},
+}
+
+_SIGNED = [
+    _header("Gw-Client", "the sender's member id", required=True, pattern=_MEMBER_ID),
+    _header("Gw-Message-Id", "UUID, the idempotency key", required=True, pattern=_UUID),
+    _header("Signature-Input", "RFC 9421", required=True),
+    _header("Signature", "RFC 9421", required=True),
+]
+
+
+@cache
+def ingress_document() -> dict[str, Any]:
+    service_param = {
+        "name": "service",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[a-z][a-z0-9_]*(\\.[a-z][a-z0-9_]*)+$"},
+    }
+    post_headers = [
+        *_SIGNED,
+        _header("Content-Digest", "RFC 9530 sha-256 or sha-512", required=True),
+        _header("Gw-Target", "the intended receiver", pattern=_MEMBER_ID),
+        _header("Gw-User", "end user or official acting (masked in logs)"),
+        _header("Gw-Issue", "case number (办件编号)"),
+        _header("Prefer", "respond-async (RFC 7240)"),
+        _header("traceparent", "W3C trace context"),
+    ]
+    json_body = {
+        "required": True,
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Government data exchange gateway — ingress API",
+            "version": __version__,
+            "description": "Signed (RFC 9421 + RFC 9530), schema-validated exchange.",
+        },
+        "paths": {
+            "/v1/exchange/{service}": {
+                "post": {
+                    "operationId": "exchange",
+                    "summary": "Send a service request",
+                    "parameters": [service_param, *post_headers],
+                    "requestBody": json_body,
+                    "responses": {
+                        "200": {
+                            "description": "the receiver's answer, signed",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        },
+                        "202": {
+                            "description": "accepted for asynchronous handling",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Accepted"}
+                                }
+                            },
+                        },
+                        **_problems(
+                            400, 401, 403, 404, 409, 413, 415, 422, 429, 500, 502, 503, 504
+                        ),
+                    },
+                }
+            },
+            "/v1/messages/{id}": {
+                "get": {
+                    "operationId": "messageStatus",
+                    "summary": "State of a message the caller sent",
+                    "parameters": [
+                        {
+                            "name": "id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
+                        *_SIGNED,
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "the message's state",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/MessageStatus"}
+                                }
+                            },
+                        },
+                        **_problems(400, 401, 403, 404, 500),
+                    },
+                }
+            },
+            "/v1/callbacks/{service}": {
+                "post": {
+                    "operationId": "callback",
+                    "summary": "A decision from the national platform or a peer gateway",
+                    "parameters": [
+                        service_param,
+                        *post_headers[:5],
+                        _header("Gw-Correlation-Id", "the original message id", required=True),
+                    ],
+                    "requestBody": json_body,
+                    "responses": {
+                        "200": {
+                            "description": "acknowledged (also for a repeated callback)",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        },
+                        **_problems(400, 401, 403, 404, 409, 413, 415, 422, 500),
+                    },
+                }
+            },
+            "/.well-known/jwks.json": {
+                "get": {
+                    "operationId": "jwks",
+                    "summary": "The gateway's public keys",
+                    "responses": {
+                        "200": {
+                            "description": "JWKS",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/JWKS"}
+                                }
+                            },
+                        }
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "operationId": "healthz",
+                    "summary": "The process is alive",
+                    "responses": {
+                        "200": {
+                            "description": "alive",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Health"}
+                                }
+                            },
+                        }
+                    },
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "operationId": "readyz",
+                    "summary": "Store writable, keys loaded, adapters healthy",
+                    "responses": {
+                        "200": {
+                            "description": "ready",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        },
+                        "503": {
+                            "description": "not ready, with reasons",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        },
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus metrics",
+                    "responses": {
+                        "200": {
+                            "description": "text exposition format",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document",
+                    "responses": {
+                        "200": {
+                            "description": "OpenAPI 3.1",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
+        },
+        "components": {"schemas": _COMMON_SCHEMAS},
+    }
+
+
+def _resource(kind: str) -> dict[str, Any]:
+    root = _config_schema()
+    return _rewrite(root["properties"][kind]["items"])  # type: ignore[no-any-return]
+
+
+def _ok(schema: dict[str, Any], status: str = "200", description: str = "OK") -> dict[str, Any]:
+    return {
+        status: {"description": description, "content": {"application/json": {"schema": schema}}}
+    }
+
+
+@cache
+def admin_document() -> dict[str, Any]:
+    obj = {"type": "object"}
+    secured: list[dict[str, list[str]]] = [{"bearer": []}]
+    paths: dict[str, Any] = {}
+    id_param = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    names = {"adapters": "Adapter", "members": "Member", "services": "Service"}
+    for kind, name in names.items():
+        ref = {"$ref": f"#/components/schemas/{name}"}
+        listing = {"type": "object", "properties": {kind: {"type": "array", "items": ref}}}
+        paths[f"/admin/v1/{kind}"] = {
+            "get": {
+                "operationId": f"list_{kind}",
+                "responses": {**_ok(listing), **_problems(401, 403)},
+            },
+            "post": {
+                "operationId": f"create_{kind}",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": ref}}},
+                "responses": {**_ok(ref, "201", "created"), **_problems(400, 401, 403, 409, 422)},
+            },
+        }
+        paths[f"/admin/v1/{kind}/{{id}}"] = {
+            "parameters": [id_param],
+            "get": {
+                "operationId": f"get_{kind}",
+                "responses": {**_ok(ref), **_problems(401, 403, 404)},
+            },
+            "put": {
+                "operationId": f"replace_{kind}",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": ref}}},
+                "responses": {
+                    **_ok(ref),
+                    **_ok(ref, "201", "created"),
+                    **_problems(400, 401, 403, 422),
+                },
+            },
+            "patch": {
+                "operationId": f"patch_{kind}",
+                "description": "RFC 7396 JSON Merge Patch; {enabled} alone is an operator's job.",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/merge-patch+json": {"schema": obj},
+                        "application/json": {"schema": obj},
+                    },
+                },
+                "responses": {**_ok(ref), **_problems(400, 401, 403, 404, 422)},
+            },
+            "delete": {
+                "operationId": f"delete_{kind}",
+                "responses": {"204": {"description": "deleted"}, **_problems(401, 403, 404, 422)},
+            },
+        }
+    paths["/admin/v1/adapters/{id}/health"] = {
+        "parameters": [id_param],
+        "get": {
+            "operationId": "adapter_health",
+            "responses": {**_ok(obj), **_problems(401, 403, 404)},
+        },
+    }
+    paths["/admin/v1/adapter-types"] = {
+        "get": {
+            "operationId": "list_adapter_types",
+            "responses": {**_ok(obj), **_problems(401, 403)},
+        }
+    }
+    paths["/admin/v1/adapter-types/{type}"] = {
+        "parameters": [
+            {"name": "type", "in": "path", "required": True, "schema": {"type": "string"}}
+        ],
+        "get": {
+            "operationId": "get_adapter_type",
+            "responses": {**_ok(obj), **_problems(401, 403, 404)},
+        },
+    }
+    paths["/admin/v1/members/{id}/keys"] = {
+        "parameters": [id_param],
+        "post": {
+            "operationId": "add_key",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": obj}}},
+            "responses": {**_ok(obj, "201", "added"), **_problems(400, 401, 403, 404, 422)},
+        },
+    }
+    paths["/admin/v1/members/{id}/keys/{kid}"] = {
+        "parameters": [
+            id_param,
+            {"name": "kid", "in": "path", "required": True, "schema": {"type": "string"}},
+        ],
+        "delete": {
+            "operationId": "revoke_key",
+            "responses": {"204": {"description": "revoked"}, **_problems(401, 403, 404, 422)},
+        },
+    }
+    paths["/admin/v1/acl"] = {
+        "get": {"operationId": "list_acl", "responses": {**_ok(obj), **_problems(401, 403)}}
+    }
+    paths["/admin/v1/acl/{member}"] = {
+        "parameters": [
+            {"name": "member", "in": "path", "required": True, "schema": {"type": "string"}}
+        ],
+        "put": {
+            "operationId": "put_acl",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["services"],
+                            "properties": {
+                                "services": {"type": "array", "items": {"type": "string"}}
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {**_ok(obj), **_problems(400, 401, 403, 404, 422)},
+        },
+    }
+    route = {"$ref": "#/components/schemas/Route"}
+    paths["/admin/v1/routes"] = {
+        "get": {"operationId": "list_routes", "responses": {**_ok(obj), **_problems(401, 403)}},
+        "post": {
+            "operationId": "create_route",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": route}}},
+            "responses": {
+                **_ok(route),
+                **_ok(route, "201", "created"),
+                **_problems(400, 401, 403, 422),
+            },
+        },
+    }
+    svc = {"name": "service", "in": "path", "required": True, "schema": {"type": "string"}}
+    paths["/admin/v1/routes/{service}"] = {
+        "parameters": [svc],
+        "delete": {
+            "operationId": "delete_route",
+            "responses": {"204": {"description": "deleted"}, **_problems(401, 403, 404, 422)},
+        },
+    }
+    paths["/admin/v1/routes/{service}/{target}"] = {
+        "parameters": [
+            svc,
+            {"name": "target", "in": "path", "required": True, "schema": {"type": "string"}},
+        ],
+        "delete": {
+            "operationId": "delete_target_route",
+            "responses": {"204": {"description": "deleted"}, **_problems(401, 403, 404, 422)},
+        },
+    }
+    query = [
+        {"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
+        for n in ("client", "service", "state", "since", "limit")
+    ]
+    paths["/admin/v1/messages"] = {
+        "get": {
+            "operationId": "search_messages",
+            "parameters": query,
+            "responses": {**_ok(obj), **_problems(400, 401, 403)},
+        }
+    }
+    paths["/admin/v1/messages/{id}"] = {
+        "parameters": [id_param],
+        "get": {
+            "operationId": "get_message",
+            "responses": {**_ok(obj), **_problems(401, 403, 404)},
+        },
+    }
+    paths["/admin/v1/dead-letters"] = {
+        "get": {
+            "operationId": "list_dead_letters",
+            "parameters": query[-1:],
+            "responses": {**_ok(obj), **_problems(400, 401, 403)},
+        }
+    }
+    paths["/admin/v1/dead-letters/{id}/redeliver"] = {
+        "parameters": [id_param],
+        "post": {
+            "operationId": "redeliver",
+            "responses": {**_ok(obj, "202", "queued"), **_problems(401, 403, 404)},
+        },
+    }
+    paths["/admin/v1/audit"] = {
+        "get": {
+            "operationId": "audit",
+            "parameters": [
+                {"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
+                for n in ("kind", "since", "limit")
+            ],
+            "responses": {**_ok(obj), **_problems(400, 401, 403)},
+        }
+    }
+    paths["/admin/v1/tokens"] = {
+        "get": {"operationId": "list_tokens", "responses": {**_ok(obj), **_problems(401, 403)}},
+        "post": {
+            "operationId": "create_token",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["name", "role"],
+                            "properties": {
+                                "name": {"type": "string"},
+                                "role": {"enum": ["admin", "operator", "auditor"]},
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                **_ok(obj, "201", "created; the token is shown once"),
+                **_problems(400, 401, 403),
+            },
+        },
+    }
+    paths["/admin/v1/tokens/{name}"] = {
+        "parameters": [
+            {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+        ],
+        "delete": {
+            "operationId": "revoke_token",
+            "responses": {"204": {"description": "revoked"}, **_problems(401, 403, 404)},
+        },
+    }
+    for item in paths.values():
+        for method, op in item.items():
+            if method != "parameters":
+                op["security"] = secured
+    paths["/openapi.json"] = {
+        "get": {"operationId": "admin_openapi", "security": [], "responses": _ok(obj)}
+    }
+    schemas = {
+        **_COMMON_SCHEMAS,
+        **{k: _rewrite(v) for k, v in _config_schema()["$defs"].items()},
+        "Adapter": _resource("adapters"),
+        "Member": _resource("members"),
+        "Service": _resource("services"),
+        "Route": _resource("routes"),
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Government data exchange gateway — admin API", "version": __version__},
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
