@@ -1,0 +1,317 @@
+"""The benchmark, in one command: an upstream, three contenders, the same load for each.
+
+    .venv/bin/python -m bench.run [--duration 10] [--connections 64] [--async] [--smoke]
+
+See bench/README.md for what the contenders are and how to read the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: make the project root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import chart
+from bench.asyncpass import AsyncResult, run_async
+from bench.load import PassResult, SignedRequest, presign, run_python, run_wrk
+from bench.stack import ROOT, Stack, example, running
+
+__all__ = ["main"]
+
+CONTENDERS = ("bare", "floor", "gateway")
+# Issue 7's targets, shown beside the figures (the benchmark itself enforces none).
+TARGETS = {"ratio_floor_min": 0.7, "p99_added_ms_max": 5.0, "async_msgs_per_s_min": 1000.0}
+DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    duration_s: int
+    warmup_s: int
+    connections: int
+    processes: int  # of the Python load generator
+    loader: str  # "wrk" or "python" for the max-throughput passes
+    stateless_pool: int  # pre-signed requests for bare and floor (they may cycle)
+    half_load: bool  # the rate-limited pass at half the gateway's throughput
+    async_messages: int  # 0: no async pass
+    chart: bool
+    smoke: bool
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    loader = args.loader
+    if loader == "auto":
+        loader = "wrk" if shutil.which("wrk") else "python"
+    elif loader == "wrk" and not shutil.which("wrk"):
+        raise SystemExit("--loader wrk: wrk is not installed")
+    if args.smoke:
+        return Settings(
+            duration_s=1,
+            warmup_s=1,
+            connections=8,
+            processes=1,
+            loader=loader,
+            stateless_pool=500,
+            half_load=False,
+            async_messages=50 if args.async_mode else 0,
+            chart=False,
+            smoke=True,
+        )
+    return Settings(
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        connections=args.connections,
+        processes=args.processes,
+        loader=loader,
+        stateless_pool=20_000,
+        half_load=True,
+        async_messages=args.async_messages if args.async_mode else 0,
+        chart=True,
+        smoke=False,
+    )
+
+
+def _drive(
+    s: Settings, url: str, pool: Sequence[SignedRequest], rate: float | None = None
+) -> PassResult:
+    if s.loader == "wrk" and rate is None:
+        return run_wrk(
+            url, pool, connections=s.connections, warmup_s=s.warmup_s, duration_s=s.duration_s
+        )
+    return run_python(
+        url,
+        pool,
+        connections=s.connections,
+        processes=s.processes,
+        warmup_s=s.warmup_s,
+        duration_s=s.duration_s,
+        rate=rate,
+    )
+
+
+def _presign(stack: Stack, url: str, count: int) -> list[SignedRequest]:
+    return presign(stack.member, url, "credit.query", example("credit.query"), count)
+
+
+def _row(name: str, r: PassResult) -> str:
+    flag = ""
+    if r.flagged:
+        flag = (
+            f"  FLAGGED: {r.non2xx} non-2xx, {r.socket_errors} socket errors, {r.replayed} replays"
+        )
+    return (
+        f"  {name:<8} {r.rps:>9.1f} req/s   p50 {r.p50_ms:>7.2f} ms   p99 {r.p99_ms:>7.2f} ms"
+        f"   errors {r.errors}{flag}"
+    )
+
+
+def measure(stack: Stack, s: Settings) -> tuple[dict[str, PassResult], dict[str, PassResult]]:
+    """Max throughput of each contender, then bare and gateway at half the gateway's."""
+    urls = {"bare": stack.bare, "floor": stack.floor, "gateway": stack.gateway}
+    seconds = s.warmup_s + s.duration_s
+    full: dict[str, PassResult] = {}
+    print(f"max throughput ({s.loader}, {s.connections} connections, {s.duration_s} s each):")
+    for name in CONTENDERS:
+        size = s.stateless_pool
+        if name == "gateway":
+            # The floor's work is a subset of the gateway's, so its rate bounds the
+            # gateway's; the 1.5x margin keeps the gateway's message ids from repeating.
+            size = math.ceil(1.5 * max(full["floor"].rps, 100.0) * seconds) + 100
+        full[name] = _drive(s, urls[name], _presign(stack, urls[name], size))
+        print(_row(name, full[name]), flush=True)
+    half: dict[str, PassResult] = {}
+    rate = full["gateway"].rps / 2
+    if s.half_load and rate > 0:
+        print(f"half load (python, open loop at {rate:.0f} req/s):")
+        for name in ("bare", "gateway"):
+            pool = _presign(stack, urls[name], math.ceil(1.1 * rate * seconds) + 50)
+            half[name] = _drive(s, urls[name], pool, rate)
+            print(_row(name, half[name]), flush=True)
+    return full, half
+
+
+def _stats(r: PassResult) -> dict[str, Any]:
+    return {
+        "rps": round(r.rps, 1),
+        "p50_ms": round(r.p50_ms, 3),
+        "p99_ms": round(r.p99_ms, 3),
+        "requests": r.requests,
+        "errors": r.errors,
+        "non2xx": r.non2xx,
+        "socket_errors": r.socket_errors,
+        "replayed": r.replayed,
+        "flagged": r.flagged,
+        "loader": r.loader,
+    }
+
+
+def _machine() -> dict[str, Any]:
+    model = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        model = names[0].split(":", 1)[1].strip() if names else ""
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        # Anything else running skews every figure: read this before the results.
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "note": "load generator, upstream and contender share these CPUs",
+    }
+
+
+def report(
+    s: Settings,
+    machine: dict[str, Any],
+    full: dict[str, PassResult],
+    half: dict[str, PassResult],
+    async_result: AsyncResult | None,
+) -> dict[str, Any]:
+    """The ``latest.json`` document."""
+    gateway = full["gateway"]
+
+    def ratio(other: str) -> float:
+        return round(gateway.rps / full[other].rps, 3) if full[other].rps else 0.0
+
+    added = round(half["gateway"].p99_ms - half["bare"].p99_ms, 3) if half else None
+    return {
+        "gateway_rps": round(gateway.rps, 1),
+        "floor_rps": round(full["floor"].rps, 1),
+        "bare_rps": round(full["bare"].rps, 1),
+        "ratio_floor": ratio("floor"),
+        "ratio_bare": ratio("bare"),
+        "p50_ms": round(gateway.p50_ms, 3),
+        "p99_ms": round(gateway.p99_ms, 3),
+        "p99_added_ms": added,
+        "contenders": {name: _stats(r) for name, r in full.items()},
+        "half_load": (
+            {"rate_rps": round(gateway.rps / 2, 1)} | {n: _stats(r) for n, r in half.items()}
+            if half
+            else None
+        ),
+        "async": (
+            {
+                **asdict(async_result),
+                "accept_s": round(async_result.accept_s, 3),
+                "seconds": round(async_result.seconds, 3),
+                "msgs_per_s": round(async_result.msgs_per_s, 1),
+                "complete": async_result.complete,
+            }
+            if async_result
+            else None
+        ),
+        "targets": TARGETS,
+        "machine": machine,
+        "settings": asdict(s),
+        "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _summary(doc: dict[str, Any]) -> list[str]:
+    t = doc["targets"]
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    lines = [
+        f"gateway/floor = {doc['ratio_floor']:.3f}"
+        f"   (target >= {t['ratio_floor_min']}: {met(doc['ratio_floor'] >= t['ratio_floor_min'])})",
+        f"gateway/bare  = {doc['ratio_bare']:.3f}",
+    ]
+    if doc["p99_added_ms"] is not None:
+        ok = doc["p99_added_ms"] <= t["p99_added_ms_max"]
+        lines.append(
+            f"p99 added over bare at {doc['half_load']['rate_rps']:.0f} req/s"
+            f" = {doc['p99_added_ms']:.2f} ms   (target <= {t['p99_added_ms_max']}: {met(ok)})"
+        )
+    a = doc["async"]
+    if a is not None:
+        ok = a["complete"] and a["msgs_per_s"] >= t["async_msgs_per_s_min"]
+        lines.append(
+            f"async: {a['callback_delivered']}/{a['messages']} callback_delivered in"
+            f" {a['seconds']:.2f} s = {a['msgs_per_s']:.1f} msg/s (202s in {a['accept_s']:.2f} s)"
+            f"   (target >= {t['async_msgs_per_s_min']:.0f}: {met(ok)})"
+        )
+    return lines
+
+
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    def bounded(low: int, high: int) -> Any:
+        def parse(text: str) -> int:
+            value = int(text)
+            if not low <= value <= high:
+                raise argparse.ArgumentTypeError(f"must be between {low} and {high}")
+            return value
+
+        return parse
+
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    # Signatures are fresh for 300 s, and each pass is signed just before it runs.
+    p.add_argument("--duration", type=bounded(1, 240), default=10, help="seconds per pass")
+    p.add_argument("--warmup", type=bounded(0, 30), default=2, help="seconds before each pass")
+    p.add_argument("--connections", type=bounded(1, 1024), default=64, help="concurrent requests")
+    p.add_argument("--processes", type=bounded(1, 64), default=2, help="Python load processes")
+    p.add_argument(
+        "--loader", choices=["auto", "wrk", "python"], default="auto", help="auto: wrk if installed"
+    )
+    p.add_argument("--async", dest="async_mode", action="store_true", help="add the async pass")
+    p.add_argument("--async-messages", type=bounded(1, 100_000), default=3000, help="its size")
+    p.add_argument("--smoke", action="store_true", help="a seconds-long check, no chart")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the JSON report (PNG beside)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _arguments(argv)
+    s = _settings(args)
+    started = time.monotonic()
+    machine = _machine()
+    print(
+        f"{machine['cpu_count']} CPUs ({machine['cpu_model']}), Python {machine['python']},"
+        f" load average {machine['load_average_1m']}"
+    )
+    print("load generator, upstream and each contender share them: figures are relative")
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp, running(Path(tmp)) as stack:
+        full, half = measure(stack, s)
+        async_result = None
+        if s.async_messages:
+            print(f"async: {s.async_messages} crossregion.apply messages ...", flush=True)
+            async_result = asyncio.run(
+                run_async(stack, messages=s.async_messages, connections=s.connections)
+            )
+    doc = report(s, machine, full, half, async_result)
+    flagged = any(r.flagged for r in [*full.values(), *half.values()])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    print("\n".join(_summary(doc)))
+    print(f"report: {args.out}")
+    if s.chart:
+        png = args.out.with_suffix(".png")
+        print(f"chart: {png}" if chart.draw(doc, png) else "chart skipped: matplotlib missing")
+    print(f"done in {time.monotonic() - started:.0f} s")
+    return 1 if flagged or (async_result is not None and not async_result.complete) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""RFC 9421 signatures by plain string joining: the floor's crypto, and the pre-signer.
+
+No structured-field parser and no signature library: the covered components are known
+in advance, so the signature base (RFC 9421 §2.5) is joined from strings and signed or
+verified with one Ed25519 call. ``tests/test_bench.py`` checks the output against the
+gateway's own verifier, so the floor does exactly the cryptography the gateway must do.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+from collections.abc import Mapping, Sequence
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+__all__ = [
+    "REQUEST_HEADERS",
+    "answer_lines",
+    "content_digest",
+    "request_lines",
+    "sign",
+    "verify",
+]
+
+# The headers a member's exchange request covers, after @method and @target-uri.
+REQUEST_HEADERS = ("content-digest", "content-type", "gw-client", "gw-message-id")
+Line = tuple[str, str]  # (serialised component identifier, value)
+
+
+def content_digest(body: bytes) -> str:
+    """The RFC 9530 ``Content-Digest`` value (sha-256) of ``body``."""
+    return f"sha-256=:{base64.b64encode(hashlib.sha256(body).digest()).decode()}:"
+
+
+def request_lines(
+    method: str, url: str, headers: Mapping[str, str], names: Sequence[str] = REQUEST_HEADERS
+) -> list[Line]:
+    """The covered components of a request: method, target URI, then ``names``."""
+    lines = [('"@method"', method), ('"@target-uri"', url)]
+    lines += [(f'"{name}"', headers[name]) for name in names]
+    return lines
+
+
+def answer_lines(
+    status: int, headers: Mapping[str, str], request_label: str, request_signature: str
+) -> list[Line]:
+    """An answer's components, bound to the request's signature with ``;req``."""
+    return [
+        ('"@status"', str(status)),
+        ('"content-digest"', headers["content-digest"]),
+        ('"content-type"', headers["content-type"]),
+        ('"gw-message-id"', headers["gw-message-id"]),
+        (f'"signature";req;key="{request_label}"', request_signature),
+    ]
+
+
+def _base(lines: Sequence[Line], params: str) -> bytes:
+    body = "".join(f"{name}: {value}\n" for name, value in lines)
+    return f'{body}"@signature-params": {params}'.encode()
+
+
+def sign(
+    key: ed25519.Ed25519PrivateKey,
+    kid: str,
+    label: str,
+    lines: Sequence[Line],
+    created: int | None = None,
+) -> tuple[str, str]:
+    """``(Signature-Input, Signature)`` values for ``lines`` signed with ``key``."""
+    covered = " ".join(name for name, _ in lines)
+    when = int(time.time()) if created is None else created
+    params = f'({covered});created={when};keyid="{kid}";alg="ed25519"'
+    value = base64.b64encode(key.sign(_base(lines, params))).decode()
+    return f"{label}={params}", f"{label}=:{value}:"
+
+
+def verify(
+    key: ed25519.Ed25519PublicKey, signature_input: str, signature: str, lines: Sequence[Line]
+) -> bool:
+    """Whether ``signature`` covers exactly ``lines`` (a one-member dictionary each)."""
+    label, _, params = signature_input.partition("=")
+    sig_label, _, value = signature.partition("=")
+    if label != sig_label or not params.startswith("("):
+        return False
+    try:
+        key.verify(base64.b64decode(value.strip(":"), validate=True), _base(lines, params))
+    except (InvalidSignature, ValueError):
+        return False
+    return True

@@ -1,0 +1,215 @@
+"""The processes under test: upstream, bare, floor and the real gateway, on loopback.
+
+Keys are generated into a temporary directory, with the gateway's config beside them;
+every process logs to a file there, and all are terminated and waited for on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from bench.load import Member
+from gateway.config import jwk_path_for
+from gateway.keys import generate, write_keypair
+
+__all__ = ["PORTAL_ID", "ROOT", "Stack", "example", "running"]
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMAS = ROOT / "schemas" / "services"
+PORTAL_ID = "330000:one-stop-portal"
+READY_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Stack:
+    """Base URLs of everything started, the member that signs the load, the store."""
+
+    upstream: str
+    bare: str
+    floor: str
+    gateway: str
+    member: Member
+    store: Path
+
+
+def example(service: str) -> Any:
+    """The first example document of a service's request schema."""
+    schema = json.loads((SCHEMAS / service / "request.json").read_text(encoding="utf-8"))
+    return schema["examples"][0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _write_keys(directory: Path) -> Member:
+    """Fresh Ed25519 key pairs (PEM 0600 + JWK) for gateway, platform and member."""
+    pairs = {}
+    for name in ("gateway", "national", "portal"):
+        pem = directory / f"{name}.pem"
+        pairs[name] = write_keypair(generate("ed25519"), pem, jwk_path_for(pem))
+    portal = pairs["portal"].private
+    assert isinstance(portal, ed25519.Ed25519PrivateKey)  # generate("ed25519") made it
+    return Member(member_id=PORTAL_ID, key=portal, kid=pairs["portal"].kid)
+
+
+def gateway_config(keys: Path, *, port: int, upstream: str, store: Path) -> dict[str, Any]:
+    """The gateway's config: the member allowed both services, one http adapter."""
+    return {
+        "gateway": {"member_id": "330000:gateway", "key": str(keys / "gateway.pem")},
+        "listen": {"ingress": {"host": "127.0.0.1", "port": port}},
+        "store": {"path": str(store)},
+        "members": [
+            {
+                "id": PORTAL_ID,
+                "kind": "system",
+                "keys": [str(keys / "portal.jwk.json")],
+                "services": ["credit.query", "crossregion.apply"],
+                "callback_url": f"{upstream}/callbacks",
+            },
+            {
+                "id": "100000:national-platform",
+                "kind": "platform",
+                "keys": [str(keys / "national.jwk.json")],
+                "regions": ["100000"],
+            },
+        ],
+        "services": [
+            {
+                "code": "credit.query",
+                "mode": "sync",
+                "request_schema": str(SCHEMAS / "credit.query" / "request.json"),
+                "response_schema": str(SCHEMAS / "credit.query" / "response.json"),
+                "timeout_s": 10,
+            },
+            {
+                "code": "crossregion.apply",
+                "mode": "async",
+                "request_schema": str(SCHEMAS / "crossregion.apply" / "request.json"),
+                "response_schema": str(SCHEMAS / "crossregion.apply" / "response.json"),
+                "callback_schema": str(SCHEMAS / "crossregion.apply" / "callback.json"),
+                "timeout_s": 10,
+            },
+        ],
+        "adapters": [
+            {
+                "name": "upstream",
+                "type": "http",
+                "config": {"url": f"{upstream}/api/exchange/{{service}}", "timeout_s": 10},
+            }
+        ],
+        "routes": [
+            {"service": "credit.query", "adapter": "upstream"},
+            {"service": "crossregion.apply", "adapter": "upstream"},
+        ],
+    }
+
+
+def _ready(port: int, path: str) -> bool:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def _process(
+    name: str, command: Sequence[str], port: int, health: str, logs: Path
+) -> Iterator[None]:
+    """Run one server until the block ends; fail early with its log if it never gets ready."""
+    log_path = logs / f"{name}.log"
+    with log_path.open("wb") as log:
+        # Our own interpreter and scripts, fixed arguments, no shell.
+        process = subprocess.Popen(  # noqa: S603
+            list(command), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while not _ready(port, health):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not start:\n{_tail(log_path)}")
+                time.sleep(0.1)
+            yield
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@contextlib.contextmanager
+def running(workdir: Path) -> Iterator[Stack]:
+    """Start the upstream and the three contenders; stop them all when the block ends."""
+    keys = workdir / "keys"
+    member = _write_keys(keys)
+    logs = workdir / "logs"
+    logs.mkdir()
+    ports = {name: _free_port() for name in ("upstream", "bare", "floor", "gateway")}
+    url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    store = workdir / "gateway.db"
+    config = workdir / "config.yaml"
+    document = gateway_config(keys, port=ports["gateway"], upstream=url["upstream"], store=store)
+    config.write_text(yaml.safe_dump(document, allow_unicode=True), encoding="utf-8")
+    servers = [sys.executable, "-m", "bench.servers"]
+    exchange = f"{url['upstream']}/api/exchange/credit.query"
+    commands = {
+        "upstream": [
+            *servers,
+            "upstream",
+            f"--port={ports['upstream']}",
+            f"--gateway-url={url['gateway']}",
+            f"--key={keys / 'national.pem'}",
+        ],
+        "bare": [*servers, "bare", f"--port={ports['bare']}", f"--upstream={exchange}"],
+        "floor": [
+            *servers,
+            "floor",
+            f"--port={ports['floor']}",
+            f"--upstream={exchange}",
+            f"--key={keys / 'gateway.pem'}",
+            f"--client-jwk={keys / 'portal.jwk.json'}",
+        ],
+        "gateway": [
+            str(Path(sys.executable).with_name("gateway")),
+            "serve",
+            f"--config={config}",
+        ],
+    }
+    with contextlib.ExitStack() as started:
+        for name, command in commands.items():
+            health = "/healthz" if name == "gateway" else "/health"
+            started.enter_context(_process(name, command, ports[name], health, logs))
+        yield Stack(
+            upstream=url["upstream"],
+            bare=url["bare"],
+            floor=url["floor"],
+            gateway=url["gateway"],
+            member=member,
+            store=store,
+        )
