@@ -73,7 +73,10 @@ def gateway_config(keys: Path, *, port: int, upstream: str, store: Path) -> dict
     """The gateway's config: the member allowed both services, one http adapter."""
     return {
         "gateway": {"member_id": "330000:gateway", "key": str(keys / "gateway.pem")},
-        "listen": {"ingress": {"host": "127.0.0.1", "port": port}},
+        "listen": {
+            "ingress": {"host": "127.0.0.1", "port": port},
+            "admin": {"host": "127.0.0.1", "port": _free_port()},
+        },
         "store": {"path": str(store)},
         "members": [
             {
