@@ -61,7 +61,7 @@ def test_request_base_matches_the_library(
     """For requests, the fast base and params equal the library's for the same components."""
     h: CIMultiDict[str] = CIMultiDict(headers)
     components = [*derived, *sorted(headers)]
-    items = [(c, {}) for c in components]
+    items: list[tuple[str, dict[str, Any]]] = [(c, {}) for c in components]
     params = {"created": created, "keyid": "k1", "alg": "ed25519"}
     ours = fast_base(RequestView(method, target, h), items, params)
     lib = _library_base(_Req(method, target, h), components, created)
