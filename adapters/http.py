@@ -94,7 +94,9 @@ class HttpAdapter:
             "traceparent": exchange.traceparent,
         }
         for name in _FORWARDED:
-            value = values.get(name) or exchange.headers.get(name)
+            value = values.get(name)
+            if value is None and not (name == "Gw-User" and not self._forward_user):
+                value = exchange.headers.get(name)
             if value:
                 headers[name] = value
         return headers
@@ -105,8 +107,10 @@ class HttpAdapter:
         self._ctx.signer.sign_request("POST", url, headers, exchange.body)
         timeout = aiohttp.ClientTimeout(total=min(self._timeout, exchange.timeout_s))
         try:
+            # Never follow a redirect: it would re-send a signed body (and Gw-User) to a
+            # place nobody configured; a 3xx is an upstream error like any other.
             async with self._ctx.session.post(
-                url, data=exchange.body, headers=headers, timeout=timeout
+                url, data=exchange.body, headers=headers, timeout=timeout, allow_redirects=False
             ) as resp:
                 body = await resp.read()
                 status = resp.status

@@ -18,7 +18,7 @@ from aiohttp import web
 from gateway.config import Config, jwk_path_for, load_config, warnings_of
 from gateway.errors import ConfigError, GatewayError
 from gateway.keys import KeyType, VerificationKey, ensure_keypair, generate, write_keypair
-from gateway.logs import configure_logging
+from gateway.logs import configure_logging, mask_personal
 
 __all__ = ["main"]
 
@@ -196,6 +196,11 @@ async def _with_store(config: Config) -> Any:
     return store
 
 
+def _text(data: bytes | None) -> str:
+    """A stored body for an operator's eyes: personal data masked."""
+    return mask_personal((data or b"").decode("utf-8", "replace"))
+
+
 def _mask(headers: dict[str, str]) -> dict[str, str]:
     return {k: ("***" if k.lower() == "gw-user" else v) for k, v in headers.items()}
 
@@ -226,9 +231,9 @@ def cmd_log_show(args: argparse.Namespace) -> int:
                     "attempts": r.attempts,
                     "request_digest": r.request_digest,
                     "request_headers": _mask(dict(r.request_headers)),
-                    "request_body": (r.request_body or b"").decode("utf-8", "replace"),
-                    "response_body": (r.response_body or b"").decode("utf-8", "replace"),
-                    "result": (r.result or b"").decode("utf-8", "replace") or None,
+                    "request_body": _text(r.request_body),
+                    "response_body": _text(r.response_body),
+                    "result": _text(r.result) or None,
                     "timings_ms": dict(r.timings),
                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.created_at)),
                     "trace_id": r.trace_id,

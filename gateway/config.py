@@ -262,9 +262,12 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
             code=s["code"],
             mode=s.get("mode", "sync"),
             allow_async=s.get("allow_async", False),
-            request_schema=r.json_ref(s["request_schema"], f"/services/{i}/request_schema") or {},
-            response_schema=r.json_ref(s["response_schema"], f"/services/{i}/response_schema")
-            or {},
+            request_schema=_schema(
+                r.json_ref(s["request_schema"], f"/services/{i}/request_schema")
+            ),
+            response_schema=_schema(
+                r.json_ref(s["response_schema"], f"/services/{i}/response_schema")
+            ),
             callback_schema=(
                 r.json_ref(s["callback_schema"], f"/services/{i}/callback_schema")
                 if "callback_schema" in s
@@ -331,6 +334,13 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
         simulators=sims,
         raw=data,
     )
+
+
+def _schema(loaded: Any) -> Mapping[str, Any] | bool:
+    """A loaded schema; one that could not be read (already reported) stands in as {}.
+    ``false`` (reject everything) must stay ``false``."""
+    schema: Mapping[str, Any] | bool = {} if loaded is None else loaded
+    return schema
 
 
 def _duplicates(values: Sequence[Any]) -> set[Any]:

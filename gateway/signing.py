@@ -305,8 +305,7 @@ def _fast_base(
         else:
             value = _field(message.headers, name)
         lines.append(f'"{name}": {value}')
-    inner: Any = ([(n, dict(p)) for n, p in items], dict(params))
-    params_text: str = http_sf.ser({"s": inner})[2:]
+    params_text = _serialize_params(items, params)
     lines.append(f'"@signature-params": {params_text}')
     base = "\n".join(lines)
     if not base.isascii():
@@ -315,6 +314,38 @@ def _fast_base(
 
 
 _URL_COMPONENTS = frozenset({"@target-uri", "@authority", "@path", "@scheme", "@query"})
+_SF_STRING_OK = frozenset(chr(c) for c in range(0x20, 0x7F)) - {'"', "\\"}
+
+
+def _sf_value(value: Any) -> str:
+    """RFC 8941 bare item for the simple types signature parameters use."""
+    if value is True:
+        return ""  # boolean true is written as the bare key
+    if type(value) is int:
+        return f"={value}"
+    if isinstance(value, str) and _SF_STRING_OK.issuperset(value):
+        return f'="{value}"'
+    raise _Unsupported  # anything rarer goes through http-sf
+
+
+def _serialize_params(
+    items: Sequence[tuple[str, Mapping[str, Any]]], params: Mapping[str, Any]
+) -> str:
+    """``@signature-params``: the inner list of components with its parameters (RFC 8941)."""
+    try:
+        parts = []
+        for name, item_params in items:
+            if not _SF_STRING_OK.issuperset(name):
+                raise _Unsupported
+            parts.append(
+                f'"{name}"' + "".join(f";{k}{_sf_value(v)}" for k, v in item_params.items())
+            )
+        tail = "".join(f";{k}{_sf_value(v)}" for k, v in params.items())
+        return "(" + " ".join(parts) + ")" + tail
+    except _Unsupported:
+        inner: Any = ([(n, dict(p)) for n, p in items], dict(params))
+        serialized: str = http_sf.ser({"s": inner})[2:]
+        return serialized
 
 
 def _verify_raw(key: VerificationKey, signature: bytes, base: bytes) -> None:

@@ -20,7 +20,7 @@ from gateway.errors import FieldError, SchemaInvalid
 from gateway.keys import VerificationKey
 from gateway.live import LiveConfig
 from gateway.registry import adapter_types
-from gateway.validation import describe, pointer_of
+from gateway.validation import field_errors, pointer_of
 
 __all__ = ["check_resource", "resource_schema"]
 
@@ -40,7 +40,7 @@ def _validator(kind: str) -> jsonschema.Draft202012Validator:
 
 def check_resource(kind: str, body: Any, live: LiveConfig) -> None:
     """Raise ``SchemaInvalid`` listing every problem of ``body`` as a ``kind`` resource."""
-    errors = [FieldError(pointer_of(e), describe(e)) for e in _validator(kind).iter_errors(body)]
+    errors = field_errors(_validator(kind).iter_errors(body))
     if not errors and isinstance(body, Mapping):
         errors += _KIND_CHECKS[kind](body, live)
     if errors:
@@ -54,8 +54,8 @@ def _adapter(body: Mapping[str, Any], live: LiveConfig) -> list[FieldError]:
         return [FieldError("/type", f"unknown adapter type; installed: {', '.join(sorted(types))}")]
     validator = jsonschema.Draft202012Validator(types[kind].config_schema)
     return [
-        FieldError("/config" + pointer_of(e), describe(e))
-        for e in validator.iter_errors(dict(body.get("config", {})))
+        FieldError("/config" + e.pointer, e.message)
+        for e in field_errors(validator.iter_errors(dict(body.get("config", {}))))
     ]
 
 

@@ -326,9 +326,7 @@ class SQLiteStore:
 
     async def load_overlay(self) -> list[tuple[str, str, Any]]:
         """Admin changes to apply over the file: (kind, id, body or None for deleted)."""
-        rows = self._rows(
-            "SELECT kind, id, body FROM resources ORDER BY updated_at, kind, id"
-        )
+        rows = self._rows("SELECT kind, id, body FROM resources ORDER BY updated_at, kind, id")
         return [(r["kind"], r["id"], json.loads(r["body"]) if r["body"] else None) for r in rows]
 
     async def put_resource(self, change: ResourceChange) -> int:
@@ -447,11 +445,10 @@ class SQLiteStore:
     async def insert_message(self, msg: NewMessage) -> MessageRecord:
         now = time.time()
         try:
-            rows = self._rows(
-                f"INSERT INTO messages (message_id, client, service, mode, state, target, adapter, "
-                f"request_headers, request_body, request_digest, next_attempt_at, created_at, "
-                f"updated_at, trace_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-                f"RETURNING {_MESSAGE_COLUMNS}",
+            cur = self.db.execute(
+                "INSERT INTO messages (message_id, client, service, mode, state, target, adapter, "
+                "request_headers, request_body, request_digest, next_attempt_at, created_at, "
+                "updated_at, trace_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     msg.message_id,
                     msg.client,
@@ -471,7 +468,33 @@ class SQLiteStore:
             )
         except sqlite3.IntegrityError as exc:
             raise DuplicateMessage(msg.message_id) from exc
-        return _message(rows[0])
+        except sqlite3.Error as exc:
+            raise StoreError(f"store write failed: {exc}") from exc
+        # The row is what we just wrote: no need to read it back.
+        return MessageRecord(
+            seq=int(cur.lastrowid or 0),
+            message_id=msg.message_id,
+            client=msg.client,
+            service=msg.service,
+            mode=msg.mode,
+            state=msg.state,
+            request_headers=msg.request_headers,
+            request_body=msg.request_body,
+            request_digest=msg.request_digest,
+            target=msg.target,
+            adapter=msg.adapter,
+            status=None,
+            code=None,
+            response_headers={},
+            response_body=None,
+            result=None,
+            error=None,
+            attempts=0,
+            next_attempt_at=msg.next_attempt_at,
+            created_at=now,
+            updated_at=now,
+            trace_id=msg.trace_id,
+        )
 
     async def get_message(self, client: str, message_id: str) -> MessageRecord | None:
         rows = self._rows(
@@ -618,15 +641,19 @@ class SQLiteStore:
         self._write(
             "UPDATE messages SET state=?, adapter=COALESCE(?, adapter), error=?, "
             "result=COALESCE(?, result), attempts=COALESCE(?, attempts), next_attempt_at=NULL, "
-            f"lease_until=NULL, updated_at=? WHERE seq=? AND state IN {_FROM[state]}",
+            f"lease_until=NULL, updated_at=? WHERE seq=? AND state IN {self._from(state)}",
             (state, adapter, error, result, attempts, time.time(), seq),
         )
 
+    @staticmethod
+    def _from(state: str) -> str:
+        if state not in _FROM:
+            raise StoreError(f"no message moves to state {state!r} this way")
+        return _FROM[state]
+
     async def release_leases(self) -> int:
         """After a restart nothing is in flight: every lease is void."""
-        messages = self._write(
-            "UPDATE messages SET lease_until=NULL WHERE lease_until IS NOT NULL"
-        )
+        messages = self._write("UPDATE messages SET lease_until=NULL WHERE lease_until IS NOT NULL")
         callbacks = self._write(
             "UPDATE callbacks SET lease_until=NULL WHERE lease_until IS NOT NULL"
         )
@@ -666,6 +693,8 @@ class SQLiteStore:
                     (cb.body, now, cb.original_seq),
                 )
         except sqlite3.IntegrityError as exc:
+            if "UNIQUE" not in str(exc):  # e.g. a FOREIGN KEY failure: no such message
+                raise StoreError(f"store write failed: {exc}") from exc
             raise DuplicateMessage(cb.message_id) from exc
         except sqlite3.Error as exc:
             raise StoreError(f"store write failed: {exc}") from exc
