@@ -101,16 +101,32 @@ class HttpAdapter:
                 headers[name] = value
         return headers
 
+    # What a subclass may change: how an exchange becomes a request body, which answer
+    # components a signature must cover, and how an answer becomes an Answer.
+    response_components: tuple[str, ...] = ("@status", "content-digest", "content-type")
+
+    def encode(self, exchange: Exchange) -> bytes:
+        return exchange.body
+
+    def decode(self, status: int, headers: CIMultiDict[str], body: bytes) -> Answer:
+        return Answer(
+            status=status,
+            body=body,
+            content_type=headers.get("Content-Type", "application/json"),
+            headers={k: v for k, v in headers.items() if k.lower().startswith("gw-")},
+        )
+
     async def send(self, exchange: Exchange) -> Answer:
         url = self.url_for(exchange.service)
         headers = self.build_headers(exchange)
-        self._ctx.signer.sign_request("POST", url, headers, exchange.body)
+        data = self.encode(exchange)
+        self._ctx.signer.sign_request("POST", url, headers, data)
         timeout = aiohttp.ClientTimeout(total=min(self._timeout, exchange.timeout_s))
         try:
             # Never follow a redirect: it would re-send a signed body (and Gw-User) to a
             # place nobody configured; a 3xx is an upstream error like any other.
             async with self._ctx.session.post(
-                url, data=exchange.body, headers=headers, timeout=timeout, allow_redirects=False
+                url, data=data, headers=headers, timeout=timeout, allow_redirects=False
             ) as resp:
                 body = await resp.read()
                 status = resp.status
@@ -123,12 +139,7 @@ class HttpAdapter:
             raise UpstreamError(f"{self.name}: upstream answered {status}")
         if self._response_keys:
             self._verify(status, resp_headers, body, RequestView("POST", url, headers))
-        return Answer(
-            status=status,
-            body=body,
-            content_type=resp_headers.get("Content-Type", "application/json"),
-            headers={k: v for k, v in resp_headers.items() if k.lower().startswith("gw-")},
-        )
+        return self.decode(status, resp_headers, body)
 
     def _verify(
         self, status: int, headers: CIMultiDict[str], body: bytes, request: RequestView
@@ -142,7 +153,7 @@ class HttpAdapter:
                 ResponseView(status, headers, request),
                 sig,
                 key,
-                required=("@status", "content-digest", "content-type"),
+                required=self.response_components,
             )
             check_content_digest(headers.get("Content-Digest", ""), body)
         except UpstreamError:

@@ -139,6 +139,13 @@ def _examples(config: Config) -> dict[str, Any]:
     return found
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Province A, the national platform and province B on loopback, end to end."""
+    from gateway.demo import main as demo
+
+    return demo()
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from gateway.registry import check_adapter_config
 
@@ -386,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("check", help="validate the configuration")).set_defaults(
         func=cmd_check
     )
+    sub.add_parser(
+        "demo", help="a cross-province application end to end: A, national platform, B"
+    ).set_defaults(func=cmd_demo)
     kg = sub.add_parser("keygen", help="generate a key pair (PKCS#8 PEM 0600 + public JWK)")
     kg.add_argument("--type", choices=["ed25519", "ecdsa-p256", "rsa-pss"], default="ed25519")
     kg.add_argument("--out", required=True, help="private key path, e.g. keys/member.pem")

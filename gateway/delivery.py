@@ -210,6 +210,7 @@ class Delivery:
             )
             return
         # A final answer right away: it is the result, delivered to the member as a callback.
+        await self.store.note_attempt(record.seq, attempts=attempts, adapter=adapter)
         with contextlib.suppress(DuplicateMessage):  # an earlier run stored it already
             await self.store.insert_callback(
                 NewCallback(
@@ -252,8 +253,11 @@ class Delivery:
             service.config.max_attempts if service else None
         ) or self.config.max_attempts
         max_age = (service.config.max_age_s if service else None) or self.config.max_age_s
-        member = runtime.members.get(cb.original_client)
+        # A message a peer relayed for one of its members is answered to that peer.
+        member = runtime.members.get(cb.original_via or cb.original_client)
         url = member.config.callback_url if member else None
+        if url:
+            url = url.replace("{service}", cb.service)
         if not url:
             await self.store.finish_callback(
                 cb.seq, state="dead", attempts=attempts, error="the member has no callback_url"

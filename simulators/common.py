@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +20,12 @@ from gateway.signing import (
     parse_signature_input,
 )
 
-__all__ = ["problem", "signed_json", "verify_request"]
+__all__ = ["note", "problem", "signed_json", "verify_request"]
+
+
+def note(trail: list[dict[str, Any]], hop: str, checked: str) -> None:
+    """Record one hop (what arrived where, and which signature was checked there)."""
+    trail.append({"at": time.monotonic(), "hop": hop, "checked": checked})
 
 
 def problem(status: int, code: str, detail: str) -> web.Response:

@@ -1,9 +1,20 @@
 """The national government service platform, simulated as a small real aiohttp app.
 
-It verifies the gateway's signature, answers ``credit.query`` with a signed credit
-record, acknowledges asynchronous jobs (``crossregion.apply``, ``supervision.report``)
-and calls back later, signed with its own key. ``POST /_control`` makes it fail on
-purpose for tests: ``{"mode": "ok" | "refuse" | "error" | "hang" | "slow", "delay_s": n}``.
+Two entrances, one behaviour:
+- ``POST /api/v1/exchange``: the platform's own envelope (``adapters/national.py``):
+  ``{"service", "message_id", "client", "source_gateway", "target", "payload"}`` in,
+  HTTP 200 ``{"code", "message", "data"?, "ticket"?}`` out;
+- ``POST /api/exchange/{service}``: the bare document, for the generic ``http`` adapter.
+
+Every request must be signed by a registered provincial gateway. ``credit.query``,
+``enterprise.license.verify`` and ``evaluation.submit`` are answered at once, signed.
+``crossregion.apply`` is acknowledged and, when the handling province's gateway is
+registered, relayed to it (signed by the platform, vouching for the applicant); that
+gateway's decision arrives on ``POST /api/v1/callbacks/{service}`` and is relayed back
+to the gateway the application came from. Without a registered handling gateway, and
+for ``supervision.report``, the platform answers by callback itself.
+``POST /_control`` makes it fail on purpose for tests:
+``{"mode": "ok" | "refuse" | "error" | "hang" | "slow", "delay_s": n}``.
 """
 
 from __future__ import annotations
@@ -27,25 +38,32 @@ from multidict import CIMultiDict
 from gateway.errors import GatewayError
 from gateway.keys import KeyPair, VerificationKey
 from gateway.signing import Signer, Verifier
-from simulators.common import problem, signed_json, verify_request
+from simulators.common import note, problem, signed_json, verify_request
 
 __all__ = ["NationalPlatform", "create_national_app"]
 
 log = logging.getLogger("simulators.national")
-ASYNC_SERVICES = frozenset({"crossregion.apply", "supervision.report"})
+PLATFORM_ID = "100000:national-platform"
 
 
 @dataclass(slots=True, kw_only=True)
 class NationalPlatform:
     member_id: str
     keypair: KeyPair
-    trusted: Mapping[str, VerificationKey]  # gateway keys by kid
-    callback_base: str  # the gateway's ingress, e.g. http://127.0.0.1:8080
+    trusted: Mapping[str, VerificationKey]  # provincial gateways' keys by kid
+    callback_base: str  # the (single) gateway to call back when none is recorded
     callback_delay_s: float = 0.5
+    # Registered provincial gateways: region code → ingress base URL.
+    provinces: dict[str, str] = field(default_factory=dict)
     mode: str = "ok"
     delay_s: float = 0.0
     received: list[str] = field(default_factory=list)
     callbacks_sent: list[str] = field(default_factory=list)
+    traceparents: list[str] = field(default_factory=list)
+    # message id → (service, ingress of the gateway it came from), for relayed answers
+    relays: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # What happened, hop by hop (the demo prints it)
+    trail: list[dict[str, Any]] = field(default_factory=list)
     rng: random.Random = field(default_factory=random.Random)
 
 
@@ -54,33 +72,76 @@ SESSION = web.AppKey("national_session", aiohttp.ClientSession)
 TASKS: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("national_tasks")
 
 
-def _credit_record(uscc: str) -> dict[str, Any]:
-    seed = int(hashlib.sha256(uscc.encode()).hexdigest()[:8], 16)
-    rating = "ABCD"[seed % 4]
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _seed(text: str) -> int:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
+def _credit_record(doc: Mapping[str, Any]) -> dict[str, Any]:
+    uscc = str(doc.get("uscc"))
+    rating = "ABCD"[_seed(uscc) % 4]
     return {
         "uscc": uscc,
-        "name": f"模拟企业{seed % 1000:03d}有限公司",
+        "name": f"模拟企业{_seed(uscc) % 1000:03d}有限公司",
         "status": "active",
         "credit_rating": rating,
         "dishonest_entity": rating == "D",
         "administrative_penalties": [],
         "source": "national-credit-information-sharing-platform",
-        "updated_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "updated_at": _now(),
     }
 
 
-def _decision(request_doc: Mapping[str, Any], message_id: str) -> dict[str, Any]:
+def _license(doc: Mapping[str, Any]) -> dict[str, Any]:
+    number = str(doc.get("license_number"))
+    valid = not number.endswith("0")
+    return {
+        "license_number": number,
+        "valid": valid,
+        "status": "valid" if valid else "revoked",
+        "issuer": "国家市场监督管理总局电子营业执照系统 (simulated)",
+        "valid_until": "2046-11-25",
+        "checked_at": _now(),
+    }
+
+
+def _evaluation(doc: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "evaluation_id": f"HCP{_seed(json.dumps(doc, sort_keys=True)) % 10**12:012d}",
+        "recorded_at": _now(),
+        "follow_up_required": int(doc.get("grade", 5)) <= 2,
+    }
+
+
+def _decision(doc: Mapping[str, Any], message_id: str) -> dict[str, Any]:
     return {
         "decision": "approved",
         "case_number": f"CR{message_id.replace('-', '')[:20].upper()}",
-        "handling_region": request_doc.get("handling_region", "440000"),
-        "decided_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "handling_region": doc.get("handling_region", "440000"),
+        "decided_at": _now(),
         "reason": "材料齐全，符合法定形式，予以办理",
     }
 
 
-async def _exchange(request: web.Request) -> web.StreamResponse:
-    sim = request.app[NATIONAL]
+def _filing(message_id: str) -> dict[str, Any]:
+    return {
+        "record_number": f"JG{message_id.replace('-', '')[:16].upper()}",
+        "filed_at": _now(),
+        "status": "filed",
+    }
+
+
+SYNC_ANSWERS = {
+    "credit.query": _credit_record,
+    "enterprise.license.verify": _license,
+    "evaluation.submit": _evaluation,
+}
+
+
+async def _refuse_or_delay(request: web.Request, sim: NationalPlatform) -> web.Response | None:
     if sim.mode == "refuse":
         if request.transport is not None:
             request.transport.close()
@@ -89,58 +150,208 @@ async def _exchange(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(3600)
     if sim.mode == "slow":
         await asyncio.sleep(sim.delay_s)
+    return None
+
+
+async def _verified(
+    request: web.Request, sim: NationalPlatform
+) -> tuple[bytes, str] | web.Response:
     try:
-        body, _ = await verify_request(request, sim.trusted, Verifier())
+        body, kid = await verify_request(request, sim.trusted, Verifier())
     except (GatewayError, web.HTTPUnauthorized, KeyError) as exc:
         return problem(401, "signature_invalid", str(exc))
     if sim.mode == "error":
         return problem(500, "internal", "simulated failure")
+    sim.received.append(request.headers["Gw-Message-Id"])
+    sim.traceparents.append(request.headers.get("traceparent", ""))
+    via = request.headers.get("Gw-Via", request.headers.get("Gw-Client", "?"))
+    note(sim.trail, f"{via} → national platform", f"gateway signature, kid {kid}")
+    return body, kid
+
+
+def _handle(
+    app: web.Application, service: str, message_id: str, doc: Any, source: str, client: str
+) -> tuple[dict[str, Any] | None, str | None]:
+    """(result, None) for an immediate answer, (None, ticket) when it will call back."""
+    sim = app[NATIONAL]
+    if service in SYNC_ANSWERS:
+        return SYNC_ANSWERS[service](doc), None
+    if service == "crossregion.apply":
+        region = str(doc.get("handling_region", ""))
+        sim.relays[message_id] = (service, source)
+        if region in sim.provinces and sim.provinces[region] != source:
+            _spawn(app, _relay(app, service, message_id, doc, client, sim.provinces[region]))
+        else:
+            _spawn(app, _call_back(app, service, message_id, _decision(doc, message_id), source))
+        return None, f"NP-{message_id}"
+    if service == "supervision.report":
+        _spawn(app, _call_back(app, service, message_id, _filing(message_id), source))
+        return None, f"NP-{message_id}"
+    raise KeyError(service)
+
+
+def _source_of(request: web.Request, sim: NationalPlatform) -> str:
+    """The ingress of the gateway that sent this: by its region, else the default."""
+    via = request.headers.get("Gw-Via", "")
+    return sim.provinces.get(via.split(":", 1)[0], sim.callback_base)
+
+
+async def _exchange_envelope(request: web.Request) -> web.StreamResponse:
+    sim = request.app[NATIONAL]
+    refused = await _refuse_or_delay(request, sim)
+    if refused is not None:
+        return refused
+    checked = await _verified(request, sim)
+    if isinstance(checked, web.Response):
+        return checked
+    body, _ = checked
+    signer = Signer(sim.keypair)
+    try:
+        envelope = json.loads(body)
+        service, message_id = str(envelope["service"]), str(envelope["message_id"])
+        payload = envelope["payload"]
+    except (ValueError, KeyError, TypeError):
+        return signed_json(request, signer, 200, {"code": "E400", "message": "bad envelope"})
+    try:
+        client = str(envelope["client"])
+        result, ticket = _handle(
+            request.app, service, message_id, payload, _source_of(request, sim), client
+        )
+    except KeyError:
+        return signed_json(request, signer, 200, {"code": "E404", "message": f"no {service}"})
+    if ticket is not None:
+        return signed_json(
+            request, signer, 200, {"code": "0", "message": "accepted", "ticket": ticket}
+        )
+    return signed_json(request, signer, 200, {"code": "0", "message": "ok", "data": result})
+
+
+async def _exchange_bare(request: web.Request) -> web.StreamResponse:
+    sim = request.app[NATIONAL]
+    refused = await _refuse_or_delay(request, sim)
+    if refused is not None:
+        return refused
+    checked = await _verified(request, sim)
+    if isinstance(checked, web.Response):
+        return checked
+    body, _ = checked
     service = request.match_info["service"]
     message_id = request.headers["Gw-Message-Id"]
-    sim.received.append(message_id)
     try:
         doc = json.loads(body)
     except json.JSONDecodeError:
         return problem(400, "malformed_request", "not JSON")
-    if service == "credit.query":
-        return signed_json(request, Signer(sim.keypair), 200, _credit_record(str(doc.get("uscc"))))
-    if service in ASYNC_SERVICES:
-        task = asyncio.create_task(_call_back(request.app, service, message_id, doc))
-        request.app[TASKS].add(task)
-        task.add_done_callback(request.app[TASKS].discard)
-        ack = {"accepted": True, "ticket": f"NP-{message_id}"}
-        return signed_json(request, Signer(sim.keypair), 202, ack)
-    return problem(404, "service_unknown", f"the national platform has no {service}")
-
-
-async def _call_back(app: web.Application, service: str, message_id: str, doc: Any) -> None:
-    sim = app[NATIONAL]
-    await asyncio.sleep(sim.callback_delay_s)
-    body = json.dumps(_decision(doc, message_id), ensure_ascii=False).encode()
-    callback_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"decision:{message_id}"))
-    url = f"{sim.callback_base.rstrip('/')}/v1/callbacks/{service}"
-    for attempt in range(30):
-        headers: CIMultiDict[str] = CIMultiDict(
-            {
-                "Content-Type": "application/json",
-                "Gw-Client": sim.member_id,
-                "Gw-Message-Id": callback_id,
-                "Gw-Correlation-Id": message_id,
-            }
+    try:
+        result, ticket = _handle(
+            request.app,
+            service,
+            message_id,
+            doc,
+            _source_of(request, sim),
+            request.headers["Gw-Client"],
         )
-        Signer(sim.keypair).sign_request("POST", url, headers, body)
+    except KeyError:
+        return problem(404, "service_unknown", f"the national platform has no {service}")
+    if ticket is not None:
+        return signed_json(request, Signer(sim.keypair), 202, {"accepted": True, "ticket": ticket})
+    return signed_json(request, Signer(sim.keypair), 200, result)
+
+
+async def _callback_in(request: web.Request) -> web.StreamResponse:
+    """A handling province's decision: relay it to the gateway the application came from."""
+    sim = request.app[NATIONAL]
+    checked = await _verified(request, sim)
+    if isinstance(checked, web.Response):
+        return checked
+    body, _ = checked
+    correlation = request.headers.get("Gw-Correlation-Id", "")
+    if correlation not in sim.relays:
+        return problem(404, "message_unknown", f"no relayed application {correlation}")
+    service, source = sim.relays[correlation]
+    _spawn(request.app, _call_back(request.app, service, correlation, json.loads(body), source, 0))
+    return web.json_response({"received": request.headers["Gw-Message-Id"]})
+
+
+def _name(sim: NationalPlatform, url: str) -> str:
+    regions = [region for region, base in sim.provinces.items() if base == url]
+    return f"{regions[0]}:gateway" if regions else url
+
+
+def _spawn(app: web.Application, work: Any) -> None:
+    task = asyncio.create_task(work)
+    app[TASKS].add(task)
+    task.add_done_callback(app[TASKS].discard)
+
+
+def _signed_headers(
+    sim: NationalPlatform, url: str, body: bytes, extra: dict[str, str]
+) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json", **extra})
+    Signer(sim.keypair).sign_request("POST", url, headers, body)
+    return headers
+
+
+async def _post_until_taken(
+    app: web.Application, url: str, body: bytes, extra: dict[str, str], what: str
+) -> int | None:
+    """POST with retries (the receiver may be restarting); the final status or None."""
+    sim = app[NATIONAL]
+    for attempt in range(30):
+        headers = _signed_headers(sim, url, body, extra)
         try:
             async with app[SESSION].post(url, data=body, headers=headers) as resp:
                 await resp.read()
                 if resp.status < 500:
-                    sim.callbacks_sent.append(message_id)
                     if resp.status >= 300:
-                        log.warning("callback for %s refused: %s", message_id, resp.status)
-                    return
+                        log.warning("%s refused: %s", what, resp.status)
+                    return resp.status
         except (aiohttp.ClientError, TimeoutError):
             pass
         await asyncio.sleep(min(5.0, 0.2 * 2**attempt) * sim.rng.random())
-    log.error("gave up calling back for %s", message_id)
+    log.error("gave up: %s", what)
+    return None
+
+
+async def _relay(
+    app: web.Application, service: str, message_id: str, doc: Any, client: str, target: str
+) -> None:
+    """Hand an application to the handling province's gateway, vouching for the applicant."""
+    sim = app[NATIONAL]
+    body = json.dumps(doc, ensure_ascii=False).encode()
+    url = f"{target.rstrip('/')}/v1/exchange/{service}"
+    extra = {
+        "Gw-Client": client,
+        "Gw-Message-Id": message_id,
+        "Gw-Via": sim.member_id,
+    }
+    status = await _post_until_taken(app, url, body, extra, f"relay of {message_id}")
+    note(
+        sim.trail, f"national platform → {_name(sim, target)}", f"platform-signed relay ({status})"
+    )
+
+
+async def _call_back(
+    app: web.Application,
+    service: str,
+    message_id: str,
+    decision: Mapping[str, Any],
+    target: str,
+    delay: float | None = None,
+) -> None:
+    sim = app[NATIONAL]
+    await asyncio.sleep(sim.callback_delay_s if delay is None else delay)
+    body = json.dumps(decision, ensure_ascii=False).encode()
+    url = f"{target.rstrip('/')}/v1/callbacks/{service}"
+    extra = {
+        "Gw-Client": sim.member_id,
+        "Gw-Message-Id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"decision:{message_id}")),
+        "Gw-Correlation-Id": message_id,
+    }
+    status = await _post_until_taken(app, url, body, extra, f"callback for {message_id}")
+    if status is not None:
+        sim.callbacks_sent.append(message_id)
+        hop = f"national platform → {_name(sim, target)} (callback)"
+        note(sim.trail, hop, f"platform-signed callback ({status})")
 
 
 async def _control(request: web.Request) -> web.Response:
@@ -173,7 +384,9 @@ def create_national_app(sim: NationalPlatform) -> web.Application:
         await app[SESSION].close()
 
     app.cleanup_ctx.append(session_ctx)
-    app.router.add_post("/api/exchange/{service}", _exchange)
+    app.router.add_post("/api/v1/exchange", _exchange_envelope)
+    app.router.add_post("/api/exchange/{service}", _exchange_bare)
+    app.router.add_post("/api/v1/callbacks/{service}", _callback_in)
     app.router.add_post("/_control", _control)
     app.router.add_get("/health", _health)
     return app
@@ -194,10 +407,7 @@ def main() -> None:  # pragma: no cover - exercised through `gateway up`
     pair = ensure_keypair(Path(args.key), jwk_path_for(Path(args.key)))
     gw = VerificationKey.from_jwk(json.loads(Path(args.gateway_jwk).read_text()))
     sim = NationalPlatform(
-        member_id="100000:national-platform",
-        keypair=pair,
-        trusted={gw.kid: gw},
-        callback_base=args.gateway_url,
+        member_id=PLATFORM_ID, keypair=pair, trusted={gw.kid: gw}, callback_base=args.gateway_url
     )
     web.run_app(create_national_app(sim), host="127.0.0.1", port=args.port)
 

@@ -20,7 +20,7 @@ from gateway.client import ExchangeClient, verify_reply
 from gateway.errors import GatewayError
 from gateway.keys import KeyPair, VerificationKey
 from gateway.signing import Signer, Verifier
-from simulators.common import problem, verify_request
+from simulators.common import note, problem, verify_request
 
 __all__ = ["Portal", "create_portal_app"]
 
@@ -35,6 +35,7 @@ class Portal:
     fail_next: int = 0
     deliveries: list[str] = field(default_factory=list)  # every Gw-Message-Id that arrived
     seen: dict[str, int] = field(default_factory=dict)  # correlation id → deliveries
+    trail: list[dict[str, Any]] = field(default_factory=list)
     processed: dict[str, Any] = field(default_factory=dict)  # correlation id → result, once
 
 
@@ -48,12 +49,14 @@ async def _callback(request: web.Request) -> web.Response:
         portal.fail_next -= 1
         return problem(503, "overloaded", "simulated outage")
     try:
-        body, _ = await verify_request(request, portal.gateway_keys, Verifier())
+        body, kid = await verify_request(request, portal.gateway_keys, Verifier())
     except (GatewayError, web.HTTPUnauthorized, KeyError) as exc:
         return problem(401, "signature_invalid", str(exc))
     message_id = request.headers["Gw-Message-Id"]
     correlation = request.headers.get("Gw-Correlation-Id", "")
     portal.deliveries.append(message_id)
+    note(portal.trail, f"{request.headers.get('Gw-Client')} → {portal.member_id} (callback)",
+         f"gateway signature, kid {kid}")  # fmt: skip
     portal.seen[correlation] = portal.seen.get(correlation, 0) + 1
     duplicate = correlation in portal.processed
     if not duplicate:

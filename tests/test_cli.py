@@ -181,7 +181,7 @@ def test_check_accepts_the_repository_config(
     """`check` on config.yaml with its keys present prints OK with the counts and exits 0."""
     assert main(["check", "--config", str(deployment)]) == 0
     out = capsys.readouterr().out
-    assert out.strip() == (f"{deployment}: OK (2 members, 2 services, 1 adapters, 2 routes)")
+    assert out.strip() == (f"{deployment}: OK (2 members, 5 services, 1 adapters, 5 routes)")
 
 
 def test_check_prints_warnings_but_passes(
@@ -193,9 +193,13 @@ def test_check_prints_warnings_but_passes(
     deployment.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
     assert main(["check", "--config", str(deployment)]) == 0
     lines = capsys.readouterr().out.splitlines()
+    unrouted = [s["code"] for s in doc["services"][1:]]
     assert lines == [
-        f"{deployment}:/services/1: service crossregion.apply has no route (answers 503) [warning]",
-        f"{deployment}: OK (2 members, 2 services, 1 adapters, 1 routes)",
+        *(
+            f"{deployment}:/services/{i}: service {code} has no route (answers 503) [warning]"
+            for i, code in enumerate(unrouted, start=1)
+        ),
+        f"{deployment}: OK (2 members, 5 services, 1 adapters, 1 routes)",
     ]
 
 
@@ -230,14 +234,14 @@ def test_check_lists_cross_reference_and_adapter_problems(
     assert out.splitlines()[-1] == "2 problem(s)"
 
     doc = yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))
-    doc["adapters"][0]["config"]["url"] = "ftp://national/{service}"
+    doc["adapters"][0]["config"]["base_url"] = "ftp://national"
     doc["adapters"][0]["config"]["retries"] = 3
     deployment.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
     (deployment.parent / "keys" / "gateway.pem").unlink()
     assert main(["check", "--config", str(deployment)]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == "3 problem(s)"
-    assert any(line.startswith(f"{deployment}:/adapters/0/config/url: ") for line in lines)
+    assert any(line.startswith(f"{deployment}:/adapters/0/config/base_url: ") for line in lines)
     assert any(line.startswith(f"{deployment}:/adapters/0/config: ") for line in lines)
     assert f"{deployment}:/gateway/key: " in lines[-2]
     assert "gateway keygen" in lines[-2]
@@ -346,7 +350,7 @@ def test_installed_script_runs_help_and_check(deployment: Path) -> None:
     checked = _gateway("check", "--config", str(deployment), cwd=deployment.parent)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout.strip() == (
-        f"{deployment}: OK (2 members, 2 services, 1 adapters, 2 routes)"
+        f"{deployment}: OK (2 members, 5 services, 1 adapters, 5 routes)"
     )
     (deployment.parent / "keys" / "national-platform.jwk.json").unlink()
     broken = _gateway("check", "--config", "config.yaml", cwd=deployment.parent)

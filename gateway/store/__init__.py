@@ -93,6 +93,8 @@ class CallbackRecord:
     correlation_id: str
     original_seq: int
     original_client: str
+    # The peer that vouched for the original request (its Gw-Via): answers go back there.
+    original_via: str | None
     service: str
     body: bytes
     digest: str
@@ -184,6 +186,7 @@ class Store(Protocol):
         attempts: int | None = None,
     ) -> None: ...
     async def release_leases(self) -> int: ...
+    async def note_attempt(self, seq: int, *, attempts: int, adapter: str | None) -> None: ...
 
     # Callbacks
     async def insert_callback(self, cb: NewCallback) -> CallbackRecord: ...

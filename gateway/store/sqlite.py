@@ -146,7 +146,7 @@ _CALLBACK_JOIN = "callbacks c JOIN messages m ON m.seq = c.original_seq"
 _CALLBACK_COLUMNS = (
     "c.seq, c.message_id, c.client, c.correlation_id, c.original_seq, m.client AS original_client, "
     "c.service, c.body, c.digest, c.state, c.attempts, c.next_attempt_at, c.created_at, "
-    "c.updated_at, c.error, m.trace_id"
+    "c.updated_at, c.error, m.trace_id, m.request_headers AS original_headers"
 )
 
 
@@ -178,6 +178,13 @@ def _message(row: sqlite3.Row) -> MessageRecord:
     )
 
 
+def _header(headers_json: str, name: str) -> str | None:
+    for key, value in json.loads(headers_json).items():
+        if key.lower() == name:
+            return str(value)
+    return None
+
+
 def _callback(row: sqlite3.Row) -> CallbackRecord:
     return CallbackRecord(
         seq=row["seq"],
@@ -186,6 +193,7 @@ def _callback(row: sqlite3.Row) -> CallbackRecord:
         correlation_id=row["correlation_id"],
         original_seq=row["original_seq"],
         original_client=row["original_client"],
+        original_via=_header(row["original_headers"], "gw-via"),
         service=row["service"],
         body=row["body"],
         digest=row["digest"],
@@ -643,6 +651,14 @@ class SQLiteStore:
             "result=COALESCE(?, result), attempts=COALESCE(?, attempts), next_attempt_at=NULL, "
             f"lease_until=NULL, updated_at=? WHERE seq=? AND state IN {self._from(state)}",
             (state, adapter, error, result, attempts, time.time(), seq),
+        )
+
+    async def note_attempt(self, seq: int, *, attempts: int, adapter: str | None) -> None:
+        """Count a delivery attempt without moving the message's state."""
+        self._write(
+            "UPDATE messages SET attempts=?, adapter=COALESCE(?, adapter), updated_at=? "
+            "WHERE seq=?",
+            (attempts, adapter, time.time(), seq),
         )
 
     @staticmethod

@@ -1,0 +1,84 @@
+"""``national_platform``: our exchange mapped onto the national platform's exchange API.
+
+The national government service platform speaks its own envelope (the simulator in
+``simulators/national.py`` implements it): a request is
+``{"service", "message_id", "client", "source_gateway", "target", "payload"}`` posted to
+``{base_url}/api/v1/exchange``, signed by this gateway, and every answer is HTTP 200
+with ``{"code", "message", "data"?, "ticket"?}``: code ``"0"`` with a ``ticket`` is an
+acknowledgement (the decision follows by callback to ``/v1/callbacks/{service}``),
+code ``"0"`` with ``data`` is the result, any other code is the platform refusing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from multidict import CIMultiDict
+
+from adapters.base import AdapterContext, Answer, Exchange
+from adapters.http import HttpAdapter
+from gateway.errors import UpstreamError
+
+__all__ = ["NationalPlatformAdapter"]
+
+
+class NationalPlatformAdapter(HttpAdapter):
+    config_schema: ClassVar[Mapping[str, Any]] = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["base_url", "platform_keys"],
+        "properties": {
+            "base_url": {"type": "string", "pattern": "^https?://"},
+            "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+            "platform_keys": {
+                "type": "array",
+                "minItems": 1,
+                "description": "The platform's public JWKs (inline or file paths): its answers "
+                "must be signed by one of them.",
+                "items": {"oneOf": [{"type": "string"}, {"type": "object"}]},
+            },
+            "forward_user": {"type": "boolean"},
+        },
+    }
+
+    def __init__(self, name: str, config: Mapping[str, Any], context: AdapterContext) -> None:
+        base = str(config["base_url"]).rstrip("/")
+        http_config: dict[str, Any] = {
+            "url": f"{base}/api/v1/exchange",
+            "health_url": f"{base}/health",
+            "timeout_s": config.get("timeout_s", 30.0),
+            "forward_user": config.get("forward_user", True),
+            "verify_response": {"keys": list(config["platform_keys"])},
+        }
+        super().__init__(name, http_config, context)
+        self._member_id = context.member_id
+
+    def encode(self, exchange: Exchange) -> bytes:
+        envelope = {
+            "service": exchange.service,
+            "message_id": exchange.message_id,
+            "client": exchange.client,
+            "source_gateway": self._member_id,
+            "target": exchange.target,
+            "payload": json.loads(exchange.body),
+        }
+        return json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode()
+
+    def decode(self, status: int, headers: CIMultiDict[str], body: bytes) -> Answer:
+        try:
+            reply = json.loads(body)
+            code = str(reply["code"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UpstreamError(f"{self.name}: the platform's answer is not its envelope") from exc
+        if code != "0":
+            raise UpstreamError(
+                f"{self.name}: the platform refused: {code} {reply.get('message', '')}"
+            )
+        if reply.get("ticket") and reply.get("data") is None:
+            ack = {"accepted": True, "ticket": str(reply["ticket"])}
+            return Answer(status=202, body=json.dumps(ack).encode())
+        data = json.dumps(reply.get("data"), ensure_ascii=False).encode()
+        return Answer(status=200, body=data)

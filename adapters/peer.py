@@ -1,0 +1,65 @@
+"""``peer_gateway``: federation with another province's gateway.
+
+The peer's ingress takes our request as a member's (``POST /v1/exchange/{service}``),
+signed by this gateway's key, with the original ``Gw-Client`` and ``Gw-Via`` naming us;
+the peer accepts it only for members of the regions it registered us for. Its answer
+must be signed by the peer and bound to our request's signature (``"signature";req``),
+which proves the answer belongs to this question. A ``202`` means the peer will call
+back on our ``/v1/callbacks/{service}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from multidict import CIMultiDict
+
+from adapters.base import AdapterContext
+from adapters.http import HttpAdapter
+from gateway.errors import UpstreamError
+from gateway.signing import RequestView
+from gateway.signing import parse_signature_input as parse_sig
+
+__all__ = ["PeerGatewayAdapter"]
+
+
+class PeerGatewayAdapter(HttpAdapter):
+    config_schema: ClassVar[Mapping[str, Any]] = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["url", "peer_id", "peer_keys"],
+        "properties": {
+            "url": {"type": "string", "pattern": "^https?://", "description": "the peer's ingress"},
+            "peer_id": {"type": "string", "pattern": "^[0-9]{6}:[a-z0-9][a-z0-9-]{0,62}$"},
+            "peer_keys": {
+                "type": "array",
+                "minItems": 1,
+                "items": {"oneOf": [{"type": "string"}, {"type": "object"}]},
+            },
+            "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+            "forward_user": {"type": "boolean"},
+        },
+    }
+
+    def __init__(self, name: str, config: Mapping[str, Any], context: AdapterContext) -> None:
+        base = str(config["url"]).rstrip("/")
+        http_config: dict[str, Any] = {
+            "url": f"{base}/v1/exchange/{{service}}",
+            "health_url": f"{base}/healthz",
+            "timeout_s": config.get("timeout_s", 30.0),
+            "forward_user": config.get("forward_user", True),
+            "verify_response": {"keys": list(config["peer_keys"])},
+        }
+        super().__init__(name, http_config, context)
+        self.peer_id = str(config["peer_id"])
+        self._label = getattr(context.signer, "label", "gw")
+
+    def _verify(
+        self, status: int, headers: CIMultiDict[str], body: bytes, request: RequestView
+    ) -> None:
+        super()._verify(status, headers, body, request)
+        bound = ("signature", {"req": True, "key": self._label})
+        if bound not in parse_sig(headers).items:
+            raise UpstreamError(f"{self.name}: the peer's answer is not bound to our request")

@@ -1,0 +1,64 @@
+"""The three-party cross-province scenario: every hop signed, checked and on record."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from gateway.demo import A_GATEWAY, B_GATEWAY, PORTAL, run_demo
+
+
+async def test_scenario_records_each_hop_in_each_gateway(tmp_path: Path) -> None:
+    """A portal → A → national → B → back office → decision back to the portal, logged."""
+    report = await run_demo(tmp_path, verbose=False)
+    assert report.problems == []
+    assert report.decision is not None
+    assert report.decision["decision"] == "approved"
+    assert report.decision["handling_region"] == "440000"
+    a = {r.service: r for r in report.logs[A_GATEWAY]}
+    b = {r.service: r for r in report.logs[B_GATEWAY]}
+    assert a["crossregion.apply"].state == "callback_delivered"
+    assert a["crossregion.apply"].adapter == "national"
+    assert a["credit.query"].state == "answered"
+    assert a["evaluation.submit"].state == "answered"
+    relayed = b["crossregion.apply"]
+    assert relayed.client == PORTAL  # vouched for by the platform, not B's own member
+    assert relayed.message_id == a["crossregion.apply"].message_id
+    assert relayed.state == "callback_delivered"
+    assert relayed.adapter == "back-office"
+    assert relayed.attempts == 1
+    assert {k.lower(): v for k, v in relayed.request_headers.items()}["gw-via"] == (
+        "100000:national-platform"
+    )
+    hops = [h["hop"] for h in report.hops]
+    for expected in (
+        f"{PORTAL} → {A_GATEWAY} (crossregion.apply)",
+        f"{A_GATEWAY} → national platform",
+        f"national platform → {B_GATEWAY}",
+        f"{B_GATEWAY} → 440000:back-office",
+        f"{B_GATEWAY} → national platform",
+        f"national platform → {A_GATEWAY} (callback)",
+        f"{A_GATEWAY} → {PORTAL} (callback)",
+    ):
+        assert expected in hops, (expected, hops)
+    order = [hops.index(h) for h in (f"{A_GATEWAY} → national platform",
+                                     f"{B_GATEWAY} → 440000:back-office",
+                                     f"{A_GATEWAY} → {PORTAL} (callback)")]  # fmt: skip
+    assert order == sorted(order)
+    assert report.replies["credit.query"].json()["uscc"] == "91350100M000100Y43"
+    assert "evaluation_id" in report.replies["evaluation.submit"].json()
+
+
+def test_gateway_demo_command_exits_zero() -> None:
+    """`gateway demo` runs the scenario as a user would and exits 0."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "--log-level", "WARNING", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK: every hop signed, checked and on record" in done.stdout
+    assert "national platform → 440000:gateway" in done.stdout
