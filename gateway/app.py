@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -10,6 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from adapters.base import AdapterContext
+from gateway.audit import CheckpointSigner
 from gateway.config import Config
 from gateway.delivery import Delivery
 from gateway.errors import (
@@ -19,8 +21,11 @@ from gateway.errors import (
     PayloadTooLarge,
     ServiceUnknown,
 )
-from gateway.keys import KeyPair, load_keypair
+from gateway.health import Readiness
+from gateway.keys import KeyPair, jwks_keys, load_keypair, load_rotated_keys, read_passphrase
+from gateway.limits import IN_FLIGHT, InFlight, handler_args, limits_middleware
 from gateway.live import LiveConfig
+from gateway.metrics import Metrics
 from gateway.openapi import ingress_document
 from gateway.pipeline import CTX_KEY, Pipeline, RequestContext, RuntimeHolder
 from gateway.problem import problem_response
@@ -28,16 +33,21 @@ from gateway.registry import Runtime, build_runtime
 from gateway.signing import Signer, Verifier
 from gateway.store import Rejection
 from gateway.store.sqlite import SQLiteStore
+from gateway.tls import TLS_CONTEXT, server_context
 from gateway.trace import ensure_traceparent
+from gateway.tracing import Span, Tracing, create_tracing
 
 __all__ = [
     "CONFIG",
     "DELIVERY",
     "KEYPAIR",
     "LIVE",
+    "METRICS",
     "PIPELINE",
+    "READINESS",
     "RUNTIME",
     "STORE",
+    "TRACING",
     "create_app",
 ]
 
@@ -51,6 +61,9 @@ PIPELINE = web.AppKey("pipeline", Pipeline)
 DELIVERY = web.AppKey("delivery", Delivery)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 LIVE = web.AppKey("live", LiveConfig)
+METRICS = web.AppKey("metrics", Metrics)
+READINESS = web.AppKey("readiness", Readiness)
+TRACING = web.AppKey("tracing", Tracing)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -68,7 +81,13 @@ def _translate(exc: web.HTTPException) -> GatewayError:
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """GatewayError → problem+json; anything else → ``internal``; sign every /v1 answer."""
-    ctx = RequestContext(traceparent=ensure_traceparent(request.headers.get("traceparent")))
+    traceparent = ensure_traceparent(request.headers.get("traceparent"))
+    tracing = request.app[TRACING]
+    span: Span | None = None
+    if tracing.enabled and request.path.startswith("/v1/"):
+        span = tracing.start(_span_name(request), traceparent)
+        traceparent = span.traceparent if span is not None else traceparent
+    ctx = RequestContext(traceparent=traceparent)
     request[CTX_KEY] = ctx
     started = time.perf_counter()
     error: GatewayError | None = None
@@ -95,8 +114,57 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             log.exception("could not sign the answer to %s", request.path)
     if error is not None and request.path.startswith("/v1/") and not ctx.recorded:
         await _record_rejection(request, ctx, error)
-    _log_exchange(request, ctx, response.status, error, started)
+    _observe(request, ctx, response, error, started, span)
     return response
+
+
+def _span_name(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return f"{request.method} {resource.canonical if resource is not None else 'unmatched'}"
+
+
+def _observe(
+    request: web.Request,
+    ctx: RequestContext,
+    response: web.StreamResponse,
+    error: GatewayError | None,
+    started: float,
+    span: Span | None,
+) -> None:
+    """A /v1 request's log line, metrics and span, from what the pipeline noted in ctx."""
+    if not request.path.startswith("/v1/"):
+        return
+    elapsed = time.perf_counter() - started
+    runtime = request.app[RUNTIME].current
+    exchange = request.path.startswith("/v1/exchange/")
+    adapter = None
+    if exchange and ctx.service is not None and ctx.service in runtime.services:
+        adapter = runtime.routes.lookup(ctx.service, request.headers.get("Gw-Target"))
+    code = error.code if error is not None else None
+    request.app[METRICS].observe_request(
+        runtime,
+        ctx,
+        exchange=exchange,
+        adapter=adapter,
+        status=response.status,
+        code=code,
+        replayed="Gw-Replayed" in response.headers,
+        elapsed_s=elapsed,
+    )
+    _log_exchange(request, ctx, response.status, error, elapsed, adapter)
+    if span is not None:
+        span.end(
+            {
+                "http.request.method": request.method,
+                "http.response.status_code": response.status,
+                "gw.client": ctx.client,
+                "gw.service": ctx.service,
+                "gw.message_id": ctx.message_id,
+                "gw.adapter": adapter,
+                "gw.code": code,
+            },
+            error=code if response.status >= 500 else None,
+        )
 
 
 async def _record_rejection(request: web.Request, ctx: RequestContext, error: GatewayError) -> None:
@@ -128,10 +196,9 @@ def _log_exchange(
     ctx: RequestContext,
     status: int,
     error: GatewayError | None,
-    started: float,
+    elapsed_s: float,
+    adapter: str | None,
 ) -> None:
-    if not request.path.startswith("/v1/"):
-        return
     log.info(
         "exchange",
         extra={
@@ -140,17 +207,21 @@ def _log_exchange(
             "client": ctx.client,
             "message_id": ctx.message_id,
             "service": ctx.service,
+            "adapter": adapter,
             "status": status,
             "code": error.code if error else None,
             "trace_id": ctx.traceparent.split("-")[1],
-            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            "latency_ms": round(elapsed_s * 1000, 3),
         },
     )
 
 
 async def _jwks(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
-    keys = [dict(request.app[KEYPAIR].jwk), *(dict(k) for k in config.gateway.previous_keys)]
+    gw = request.app[CONFIG].gateway
+    # The retired-keys file is small and this endpoint is cached: read it each time, so
+    # a rotation's grace period ends on time without a restart.
+    rotated = load_rotated_keys(gw.rotated_keys_path)
+    keys = jwks_keys(request.app[KEYPAIR].jwk, gw.previous_keys, rotated, time.time())
     return web.json_response({"keys": keys}, headers={"Cache-Control": "max-age=300"})
 
 
@@ -158,35 +229,26 @@ async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def _readyz(request: web.Request) -> web.Response:
-    reasons: list[str] = []
-    try:
-        await request.app[STORE].ping()
-    except GatewayError as exc:
-        reasons.append(f"store: {exc.detail}")
-    except Exception as exc:  # any failure of the store means not ready
-        reasons.append(f"store: {type(exc).__name__}")
-    delivery = request.app.get(DELIVERY)
-    if delivery is not None and delivery.state.value != "running":
-        reasons.append(f"delivery: {delivery.state.value}")
-    for name, slot in request.app[RUNTIME].current.adapters.items():
-        if slot.config.enabled and not slot.breaker.allows():
-            reasons.append(f"adapter {name}: circuit open")
-    status = 503 if reasons else 200
-    return web.json_response(
-        {"status": "ready" if not reasons else "not ready", "reasons": reasons}, status=status
-    )
+def create_app(
+    config: Config, *, start_delivery: bool = True, tracing: Tracing | None = None
+) -> web.Application:
+    """The ingress application; resources live in cleanup contexts, one yield each.
 
-
-def create_app(config: Config, *, start_delivery: bool = True) -> web.Application:
-    """The ingress application; resources live in cleanup contexts, one yield each."""
+    ``tracing`` replaces the one ``config.tracing`` describes (tests pass an exporter)."""
+    in_flight = InFlight(config.security.max_concurrent)
     app = web.Application(
-        middlewares=[problem_middleware],
+        middlewares=[problem_middleware, limits_middleware(config.security, in_flight)],
         client_max_size=config.security.max_body_bytes + 1,
+        handler_args=handler_args(config.security),
     )
     app[CONFIG] = config
-    keypair = load_keypair(config.gateway.key_path, config.gateway.jwk_path)
+    app[IN_FLIGHT] = in_flight
+    gw = config.gateway
+    passphrase = read_passphrase(gw.key_passphrase_env, gw.key_passphrase_file)
+    keypair = load_keypair(gw.key_path, gw.jwk_path, passphrase=passphrase)
     app[KEYPAIR] = keypair
+    if config.ingress.tls is not None:
+        app[TLS_CONTEXT] = server_context(config.ingress.tls)
     store = SQLiteStore(config.store.path, synchronous=config.store.synchronous)
     app[STORE] = store
     signer = Signer(keypair)
@@ -200,11 +262,32 @@ def create_app(config: Config, *, start_delivery: bool = True) -> web.Applicatio
         store=store,
         runtime=holder,
     )
+    metrics = app[METRICS] = Metrics()
+    app[TRACING] = tracing if tracing is not None else create_tracing(config.tracing)
+    readiness = app[READINESS] = Readiness(
+        store=store, runtime=holder, keypair=keypair, delivery=lambda: app.get(DELIVERY)
+    )
+
+    async def tracing_ctx(app: web.Application) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(app[TRACING].shutdown)  # flushes buffered spans
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.open()
         yield
         await store.close()
+
+    async def checkpoints_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Signs the message log's head now and then; the last one after delivery stopped.
+        checkpoints = CheckpointSigner(
+            store=store,
+            keypair=keypair,
+            gateway=config.gateway.member_id,
+            interval_s=config.store.checkpoint_interval_s,
+        )
+        checkpoints.start()
+        yield
+        await checkpoints.stop()
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=256, limit_per_host=128, ttl_dns_cache=300)
@@ -243,6 +326,8 @@ def create_app(config: Config, *, start_delivery: bool = True) -> web.Applicatio
             pipeline=app[PIPELINE],
             signer=signer,
             session=app[SESSION],
+            metrics=metrics,
+            tracing=app[TRACING],
         )
         app[DELIVERY] = delivery
         app[PIPELINE].outbox = delivery
@@ -252,7 +337,11 @@ def create_app(config: Config, *, start_delivery: bool = True) -> web.Applicatio
         if start_delivery:
             await delivery.stop()
 
-    app.cleanup_ctx.extend([store_ctx, session_ctx, adapters_ctx, delivery_ctx])
+    app.cleanup_ctx.extend(
+        [tracing_ctx, store_ctx, checkpoints_ctx, session_ctx, adapters_ctx, delivery_ctx]
+    )
+    if metrics.multiprocess:
+        app.cleanup_ctx.append(metrics.breaker_publisher(holder))
 
     async def exchange(request: web.Request) -> web.Response:
         return await request.app[PIPELINE].exchange(request)
@@ -268,7 +357,8 @@ def create_app(config: Config, *, start_delivery: bool = True) -> web.Applicatio
     app.router.add_post("/v1/callbacks/{service}", callback)
     app.router.add_get("/.well-known/jwks.json", _jwks)
     app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/readyz", readiness.handler)
+    app.router.add_get("/metrics", metrics.endpoint(store, holder))
 
     async def openapi(request: web.Request) -> web.Response:
         return web.json_response(ingress_document())

@@ -9,16 +9,29 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from gateway.admin.cli import register_admin_commands
+from gateway.audit_cli import register_audit_commands
 from gateway.config import Config, jwk_path_for, load_config, warnings_of
 from gateway.errors import ConfigError, GatewayError
-from gateway.keys import KeyType, VerificationKey, ensure_keypair, generate, write_keypair
-from gateway.logs import configure_logging, mask_personal
+from gateway.keys import (
+    KeyType,
+    VerificationKey,
+    ensure_keypair,
+    generate,
+    read_passphrase,
+    write_keypair,
+)
+from gateway.keys_cli import add_passphrase_options, passphrase_from_args, register_keys_commands
+from gateway.limits import GatewayRunner
+from gateway.logs import configure_logging
+from gateway.masking import mask_headers, masked_text
+from gateway.tls import TLS_CONTEXT
 
 __all__ = ["main"]
 
@@ -40,11 +53,16 @@ async def _run_sites(
     runners: list[web.AppRunner] = []
     try:
         for app, host, port, label in sites:
-            runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, access_log=None)
+            # GatewayRunner: HTTP-level errors (oversized headers…) answered as problem+json
+            runner: web.AppRunner = GatewayRunner(
+                app, shutdown_timeout=shutdown_timeout, access_log=None
+            )
             await runner.setup()
-            await web.TCPSite(runner, host, port, reuse_address=True).start()
+            tls = app.get(TLS_CONTEXT)
+            await web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls).start()
             runners.append(runner)
-            print(f"  {label:<34} http://{host}:{port}", flush=True)
+            scheme = "https" if tls is not None else "http"
+            print(f"  {label:<34} {scheme}://{host}:{port}", flush=True)
         print("Ready. Ctrl-C stops.", flush=True)
         await stop.wait()
         print("Stopping: no new requests; in-flight work finishes, the rest stays queued.")
@@ -64,8 +82,17 @@ def _gateway_sites(config: Config) -> list[tuple[web.Application, str, int, str]
     ]
 
 
+def _configure_logging(args: argparse.Namespace, config: Config) -> None:
+    """The config's ``logging`` section; ``--log-level``/``--log-format`` win over it."""
+    configure_logging(
+        level=getattr(args, "log_level", None) or config.logging.level,
+        fmt=getattr(args, "log_format", None) or config.logging.format,
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
+    _configure_logging(args, config)
     print(f"gateway {config.gateway.member_id}")
     asyncio.run(
         _run_sites(_gateway_sites(config), shutdown_timeout=config.delivery.shutdown_grace_s)
@@ -82,12 +109,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     raw = load_raw(config_path)
     base = config_path.parent
     gw_pem = base / raw["gateway"]["key"]
-    gateway_pair = ensure_keypair(gw_pem, jwk_path_for(gw_pem))
+    secret = raw["gateway"].get("key_passphrase_file")
+    passphrase = read_passphrase(
+        raw["gateway"].get("key_passphrase_env"), base / secret if secret else None
+    )
+    gateway_pair = ensure_keypair(gw_pem, jwk_path_for(gw_pem), passphrase=passphrase)
     sim_pairs = {}
     for name, sim in raw.get("simulators", {}).items():
         pem = base / sim["key"]
         sim_pairs[name] = ensure_keypair(pem, jwk_path_for(pem))
     config = load_config(config_path)
+    _configure_logging(args, config)
     gateway_keys = {gateway_pair.kid: VerificationKey.from_jwk(gateway_pair.jwk)}
     url = f"http://{config.ingress.host}:{config.ingress.port}"
     sites = _gateway_sites(config)
@@ -181,17 +213,17 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         print(f"{pem} exists; --force replaces it", file=sys.stderr)
         return 1
     kind: KeyType = args.type
-    pair = write_keypair(generate(kind), pem, jwk_path_for(pem), kid=args.kid)
-    print(
-        json.dumps(
-            {
-                "kid": pair.kid,
-                "alg": pair.algorithm,
-                "private": str(pem),
-                "public_jwk": str(jwk_path_for(pem)),
-            }
-        )
+    passphrase = passphrase_from_args(args)
+    pair = write_keypair(
+        generate(kind), pem, jwk_path_for(pem), kid=args.kid, passphrase=passphrase
     )
+    report = {
+        "kid": pair.kid,
+        "alg": pair.algorithm,
+        "private": str(pem),
+        "public_jwk": str(jwk_path_for(pem)),
+    }
+    print(json.dumps(report | ({"encrypted": True} if passphrase is not None else {})))
     return 0
 
 
@@ -203,13 +235,14 @@ async def _with_store(config: Config) -> Any:
     return store
 
 
-def _text(data: bytes | None) -> str:
-    """A stored body for an operator's eyes: personal data masked."""
-    return mask_personal((data or b"").decode("utf-8", "replace"))
+def _text(data: bytes | None, sensitive: Sequence[str] = ()) -> str:
+    """A stored body for an operator's eyes: personal data and sensitive fields masked."""
+    return masked_text(data, sensitive)
 
 
-def _mask(headers: dict[str, str]) -> dict[str, str]:
-    return {k: ("***" if k.lower() == "gw-user" else v) for k, v in headers.items()}
+def _sensitive(doc: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Each service's sensitive JSON Pointers, in the file with the admin changes."""
+    return {s["code"]: list(s.get("sensitive", [])) for s in doc.get("services", [])}
 
 
 def cmd_log_show(args: argparse.Namespace) -> int:
@@ -222,7 +255,11 @@ def cmd_log_show(args: argparse.Namespace) -> int:
             if not records:
                 print(f"no message {args.id}", file=sys.stderr)
                 return 1
+            from gateway.live import merge
+
+            sensitive = _sensitive(merge(config.raw, await store.load_overlay()))
             for r in records:
+                fields = sensitive.get(r.service, [])
                 out = {
                     "seq": r.seq,
                     "message_id": r.message_id,
@@ -237,10 +274,10 @@ def cmd_log_show(args: argparse.Namespace) -> int:
                     "error": r.error,
                     "attempts": r.attempts,
                     "request_digest": r.request_digest,
-                    "request_headers": _mask(dict(r.request_headers)),
-                    "request_body": _text(r.request_body),
-                    "response_body": _text(r.response_body),
-                    "result": _text(r.result) or None,
+                    "request_headers": mask_headers(r.request_headers),
+                    "request_body": _text(r.request_body, fields),
+                    "response_body": _text(r.response_body, fields),
+                    "result": _text(r.result, fields) or None,
                     "timings_ms": dict(r.timings),
                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.created_at)),
                     "trace_id": r.trace_id,
@@ -378,8 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gateway",
         description="Data exchange gateway for cross-regional government service interop.",
     )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
-    parser.add_argument("--log-format", choices=["json", "text"], default="text")
+    parser.add_argument(
+        "--log-level", help="DEBUG, INFO, WARNING (default: the config's logging.level, or INFO)"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["json", "text"],
+        help="default: the config's logging.format, or text",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -401,7 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("--out", required=True, help="private key path, e.g. keys/member.pem")
     kg.add_argument("--kid", help="key id (default: RFC 7638 thumbprint)")
     kg.add_argument("--force", action="store_true", help="replace an existing key")
+    add_passphrase_options(kg)
     kg.set_defaults(func=cmd_keygen)
+    register_keys_commands(sub)
     lg = sub.add_parser("log", help="read the message log")
     lg_sub = lg.add_subparsers(dest="action", required=True)
     show = with_config(lg_sub.add_parser("show", help="print one exchange"))
@@ -431,17 +476,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr = with_config(tok_sub.add_parser("revoke", help="revoke a token"))
     tr.add_argument("name")
     tr.set_defaults(func=cmd_token)
+    register_admin_commands(adm_sub)
     cfg = sub.add_parser("config", help="the live configuration")
     cfg_sub = cfg.add_subparsers(dest="action", required=True)
     ex = with_config(cfg_sub.add_parser("export", help="print file + admin changes as YAML"))
     ex.add_argument("--out", help="write to this file instead of stdout")
     ex.set_defaults(func=cmd_config_export)
+    register_audit_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(level=args.log_level, fmt=args.log_format)
+    configure_logging(level=args.log_level or "INFO", fmt=args.log_format or "text")
     try:
         result: int = args.func(args)
     except ConfigError as exc:

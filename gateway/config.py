@@ -25,12 +25,16 @@ __all__ = [
     "DeliveryConfig",
     "GatewayIdentity",
     "Listen",
+    "LoggingConfig",
     "MemberConfig",
+    "RateLimit",
     "RouteConfig",
     "SecurityConfig",
     "ServiceConfig",
     "SimulatorConfig",
     "StoreConfig",
+    "TlsConfig",
+    "TracingConfig",
     "jwk_path_for",
     "load_config",
     "parse_config",
@@ -43,9 +47,20 @@ Mode = Literal["sync", "async"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TlsConfig:
+    """TLS on a listener; with ``client_ca``, peers may (or must) present a certificate."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Listen:
     host: str = "127.0.0.1"
     port: int
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,10 +70,20 @@ class GatewayIdentity:
     jwk_path: Path
     public_url: str | None = None
     previous_keys: tuple[Mapping[str, Any], ...] = ()
+    # Where the private key's passphrase comes from when the PEM is encrypted.
+    key_passphrase_env: str | None = None
+    key_passphrase_file: Path | None = None
 
     @property
     def region(self) -> str:
         return self.member_id.split(":", 1)[0]
+
+    @property
+    def rotated_keys_path(self) -> Path:
+        """Public JWKs retired by ``gateway keys rotate``, each with its ``exp``."""
+        return self.key_path.with_name(
+            self.key_path.name.removesuffix(".pem") + ".previous.jwks.json"
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,6 +91,16 @@ class StoreConfig:
     path: Path
     # WAL with synchronous=NORMAL survives a process crash; FULL also survives power loss.
     synchronous: Literal["normal", "full"] = "normal"
+    # How often the message log's chain head is signed (a checkpoint); see docs/audit.md.
+    checkpoint_interval_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimit:
+    """A token bucket: ``rate_per_s`` tokens a second, at most ``burst`` saved up."""
+
+    rate_per_s: float
+    burst: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,6 +108,15 @@ class SecurityConfig:
     clock_skew_s: int = 300
     max_body_bytes: int = 1024 * 1024
     max_field_errors: int = 20
+    max_concurrent: int = 1024  # requests in flight on the ingress; more get 503 overloaded
+    rate_limit: RateLimit | None = None  # per member, unless the member sets its own
+    max_header_count: int = 100
+    max_header_line_bytes: int = 8190  # the request line and each header field
+    max_header_bytes: int = 32768  # the whole header section
+    body_timeout_s: float = 30.0  # the body must arrive within this, once headers are in
+    idle_timeout_s: float = 75.0  # an idle (or header-trickling) connection is closed
+    max_json_depth: int = 64
+    max_json_items: int = 100_000  # object members plus array items, in the whole document
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,6 +132,19 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LoggingConfig:
+    level: str = "INFO"
+    format: Literal["json", "text"] = "text"  # json: one object per line, for production
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TracingConfig:
+    # OTLP/HTTP traces endpoint; None leaves tracing off unless OTEL_EXPORTER_OTLP_* is set.
+    otlp_endpoint: str | None = None
+    service_name: str = "gov-exchange-gateway"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MemberConfig:
     id: str
     kind: MemberKind
@@ -97,6 +154,8 @@ class MemberConfig:
     services: tuple[str, ...] = ()
     callback_url: str | None = None
     regions: tuple[str, ...] = ()
+    rate_limit: RateLimit | None = None
+    revoked_keys: tuple[str, ...] = ()  # kids that may not come back without ?reinstate=true
 
     @property
     def region(self) -> str:
@@ -115,6 +174,7 @@ class ServiceConfig:
     max_body_bytes: int | None = None
     max_attempts: int | None = None
     max_age_s: float | None = None
+    sensitive: tuple[str, ...] = ()  # JSON Pointers masked in logs and admin views
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,6 +186,8 @@ class AdapterConfig:
     # Consecutive failures that open the circuit, and how long it stays open.
     failure_threshold: int = 5
     reset_timeout_s: float = 5.0
+    # Whether its health() counts for /readyz (see gateway/health.py).
+    readiness: bool = True
     config: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -161,6 +223,8 @@ class Config:
     adapters: tuple[AdapterConfig, ...]
     routes: tuple[RouteConfig, ...]
     simulators: Mapping[str, SimulatorConfig] = field(default_factory=dict)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -254,6 +318,8 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
             services=tuple(m.get("services", [])),
             callback_url=m.get("callback_url"),
             regions=tuple(m.get("regions", [])),
+            rate_limit=_rate_limit(m.get("rate_limit")),
+            revoked_keys=tuple(m.get("revoked_keys", [])),
         )
         for i, m in enumerate(data["members"])
     )
@@ -277,6 +343,7 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
             max_body_bytes=s.get("max_body_bytes"),
             max_attempts=s.get("max_attempts"),
             max_age_s=s.get("max_age_s"),
+            sensitive=tuple(s.get("sensitive", [])),
         )
         for i, s in enumerate(data["services"])
     )
@@ -304,14 +371,24 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
                 for j, ref in enumerate(gw.get("previous_keys", []))
                 if (k := r.json_ref(ref, f"/gateway/previous_keys/{j}")) is not None
             ),
+            key_passphrase_env=gw.get("key_passphrase_env"),
+            key_passphrase_file=(
+                r.path(gw["key_passphrase_file"]) if "key_passphrase_file" in gw else None
+            ),
         ),
-        ingress=Listen(**{"port": 8080, **listen.get("ingress", {})}),
+        ingress=_listen(listen.get("ingress", {}), 8080, r),
         admin=Listen(**{"port": 8081, **listen.get("admin", {})}),
         store=StoreConfig(
             path=r.path(data.get("store", {}).get("path", "var/gateway.db")),
             synchronous=data.get("store", {}).get("synchronous", "normal"),
+            checkpoint_interval_s=data.get("store", {}).get("checkpoint_interval_s", 60.0),
         ),
-        security=SecurityConfig(**data.get("security", {})),
+        security=SecurityConfig(
+            **{
+                **data.get("security", {}),
+                "rate_limit": _rate_limit(data.get("security", {}).get("rate_limit")),
+            }
+        ),
         delivery=DeliveryConfig(**data.get("delivery", {})),
         members=members,
         services=services,
@@ -323,6 +400,7 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
                 concurrency=a.get("concurrency", 64),
                 failure_threshold=a.get("breaker", {}).get("failure_threshold", 5),
                 reset_timeout_s=a.get("breaker", {}).get("reset_timeout_s", 5.0),
+                readiness=a.get("readiness", True),
                 config=a.get("config", {}),
             )
             for a in data["adapters"]
@@ -332,7 +410,32 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
             for x in data["routes"]
         ),
         simulators=sims,
+        logging=LoggingConfig(
+            level=str(data.get("logging", {}).get("level", "INFO")).upper(),
+            format=data.get("logging", {}).get("format", "text"),
+        ),
+        tracing=TracingConfig(**data.get("tracing", {})),
         raw=data,
+    )
+
+
+def _rate_limit(data: Mapping[str, Any] | None) -> RateLimit | None:
+    return RateLimit(**data) if data is not None else None
+
+
+def _listen(data: Mapping[str, Any], port: int, r: _Reader) -> Listen:
+    tls = data.get("tls")
+    return Listen(
+        host=data.get("host", "127.0.0.1"),
+        port=data.get("port", port),
+        tls=TlsConfig(
+            cert=r.path(tls["cert"]),
+            key=r.path(tls["key"]),
+            client_ca=r.path(tls["client_ca"]) if "client_ca" in tls else None,
+            require_client_cert=tls.get("require_client_cert", False),
+        )
+        if tls is not None
+        else None,
     )
 
 
@@ -372,6 +475,9 @@ def _cross_check(config: Config) -> list[str]:
                 problems.append(f"/members/{i}/keys/{j}: {exc}")
         for dup in _duplicates(kids):
             problems.append(f"/members/{i}/keys: kid {dup} appears twice")
+        for kid in kids:
+            if kid in m.revoked_keys:
+                problems.append(f"/members/{i}/keys: kid {kid} is revoked for this member")
         for j, code in enumerate(m.services):
             if code not in codes:
                 problems.append(f"/members/{i}/services/{j}: unknown service {code}")
@@ -391,6 +497,9 @@ def _cross_check(config: Config) -> list[str]:
                 )
         if s.mode == "async" and s.callback_schema is None:
             problems.append(f"/services/{i}/callback_schema: an async service needs one")
+    tls = config.ingress.tls
+    if tls is not None and tls.require_client_cert and tls.client_ca is None:
+        problems.append("/listen/ingress/tls: require_client_cert needs a client_ca")
     for i, r in enumerate(config.routes):
         if r.service not in codes:
             problems.append(f"/routes/{i}/service: unknown service {r.service}")

@@ -24,9 +24,11 @@ from multidict import CIMultiDict
 
 from gateway.config import DeliveryConfig, GatewayIdentity
 from gateway.errors import AdapterUnavailable, GatewayError, UpstreamError
+from gateway.metrics import Metrics
 from gateway.signing import Signer
 from gateway.store import CallbackRecord, DuplicateMessage, MessageRecord, NewCallback, Store
 from gateway.trace import child_traceparent, ensure_traceparent
+from gateway.tracing import NO_TRACING, Span, Tracing
 
 if TYPE_CHECKING:
     from gateway.pipeline import Pipeline, RuntimeHolder
@@ -62,6 +64,8 @@ class Delivery:
         session: aiohttp.ClientSession,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -72,6 +76,8 @@ class Delivery:
         self.session = session
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrecy
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.tracing = tracing
         self._event = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._limits: dict[str, asyncio.Semaphore] = {}
@@ -173,25 +179,32 @@ class Delivery:
     async def _deliver_message(self, record: MessageRecord) -> None:
         runtime = self.runtime.current
         service = runtime.services.get(record.service)
+        started = time.perf_counter()
+        attempts = record.attempts + 1
         if service is None:
-            await self.store.set_message_state(
-                record.seq, "dead", error=f"service {record.service} no longer exists"
-            )
+            error = f"service {record.service} no longer exists"
+            await self.store.set_message_state(record.seq, "dead", error=error)
+            self._account("message", "dead", record, None, attempts, started, None, error=error)
             return
         max_attempts = service.config.max_attempts or self.config.max_attempts
         max_age = service.config.max_age_s or self.config.max_age_s
         traceparent = ensure_traceparent(
             f"00-{record.trace_id}-{uuid.uuid4().hex[:16]}-01" if record.trace_id else None
         )
+        span = self._span(f"deliver {record.service}", traceparent)
+        if span is not None:
+            traceparent = span.traceparent
         exchange = self.pipeline.exchange_of(record, service, traceparent)
         name = runtime.routes.lookup(record.service, record.target) or ""
         slot = runtime.adapters.get(name)
-        attempts = record.attempts + 1
+        called = started
         try:
             async with self._limit(name, slot.config.concurrency if slot else 1):
+                called = time.perf_counter()  # the wait for a slot is not the upstream's
                 adapter, answer = await self.pipeline.call_adapter(runtime, service, exchange)
         except AdapterUnavailable as exc:
             # The breaker is open or the adapter is off: wait in the outbox, spend no attempt.
+            self.metrics.observe_upstream(name or "none", 0.0, exc.code)
             delay = float(exc.retry_after or self.config.base_delay_s)
             await self.store.reschedule_message(
                 record.seq,
@@ -199,15 +212,25 @@ class Delivery:
                 next_attempt_at=self._clock() + delay,
                 error=exc.detail,
             )
+            spent = record.attempts  # none spent: the count stays where it was
+            self._account(
+                "message", "deferred", record, name, spent, started, span, exc.code, exc.detail
+            )
             return
         except GatewayError as exc:
-            await self._retry_message(record, attempts, max_attempts, max_age, exc.detail)
+            self.metrics.observe_upstream(name, time.perf_counter() - called, exc.code)
+            outcome = await self._retry_message(record, attempts, max_attempts, max_age, exc.detail)
+            self._account(
+                "message", outcome, record, name, attempts, started, span, exc.code, exc.detail
+            )
             return
+        self.metrics.observe_upstream(adapter, time.perf_counter() - called, None)
         if answer.status == 202:
             # Acknowledged: the decision comes later by callback.
             await self.store.set_message_state(
                 record.seq, "delivered", adapter=adapter, attempts=attempts, error=None
             )
+            self._account("message", "delivered", record, adapter, attempts, started, span)
             return
         # A final answer right away: it is the result, delivered to the member as a callback.
         await self.store.note_attempt(record.seq, attempts=attempts, adapter=adapter)
@@ -227,21 +250,23 @@ class Delivery:
         await self.store.set_message_state(
             record.seq, "answered", adapter=adapter, attempts=attempts, error=None
         )
+        self._account("message", "delivered", record, adapter, attempts, started, span)
         self._event.set()
 
     async def _retry_message(
         self, record: MessageRecord, attempts: int, max_attempts: int, max_age: float, error: str
-    ) -> None:
+    ) -> str:
+        """Reschedule with backoff, or dead-letter past the limits; the outcome."""
         if self._give_up(attempts, record.created_at, max_attempts, max_age):
-            log.warning("message %s is dead after %d attempts: %s", record.seq, attempts, error)
             await self.store.set_message_state(record.seq, "dead", error=error, attempts=attempts)
-            return
+            return "dead"
         delay = backoff_delay(
             attempts, self.config.base_delay_s, self.config.max_delay_s, self._rng
         )
         await self.store.reschedule_message(
             record.seq, attempts=attempts, next_attempt_at=self._clock() + delay, error=error
         )
+        return "retry"
 
     # Callbacks to members ------------------------------------------------------------
 
@@ -258,18 +283,26 @@ class Delivery:
         url = member.config.callback_url if member else None
         if url:
             url = url.replace("{service}", cb.service)
+        started = time.perf_counter()
         if not url:
-            await self.store.finish_callback(
-                cb.seq, state="dead", attempts=attempts, error="the member has no callback_url"
-            )
+            error = "the member has no callback_url"
+            await self.store.finish_callback(cb.seq, state="dead", attempts=attempts, error=error)
+            self._account("callback", "dead", cb, None, attempts, started, None, error=error)
             return
+        # Same trace as the original message, a fresh span id for this hop (W3C).
+        traceparent = child_traceparent(f"00-{cb.trace_id}-{'0' * 15}1-01") if cb.trace_id else None
+        span = self._span(f"callback {cb.service}", traceparent) if traceparent else None
+        if span is not None:
+            traceparent = span.traceparent
         try:
-            await self._post_callback(url, cb)
+            await self._post_callback(url, cb, traceparent)
         except GatewayError as exc:
             if self._give_up(attempts, cb.created_at, max_attempts, max_age):
-                log.warning("callback %s is dead after %d attempts", cb.seq, attempts)
                 await self.store.finish_callback(
                     cb.seq, state="dead", attempts=attempts, error=exc.detail
+                )
+                self._account(
+                    "callback", "dead", cb, None, attempts, started, span, exc.code, exc.detail
                 )
                 return
             delay = backoff_delay(
@@ -278,18 +311,22 @@ class Delivery:
             await self.store.reschedule_callback(
                 cb.seq, attempts=attempts, next_attempt_at=self._clock() + delay, error=exc.detail
             )
+            self._account(
+                "callback", "retry", cb, None, attempts, started, span, exc.code, exc.detail
+            )
             return
         await self.store.finish_callback(cb.seq, state="delivered", attempts=attempts, error=None)
         self.delivered += 1
+        self._account("callback", "delivered", cb, None, attempts, started, span)
 
-    async def _post_callback(self, url: str, cb: CallbackRecord) -> None:
+    async def _post_callback(self, url: str, cb: CallbackRecord, traceparent: str | None) -> None:
         headers: CIMultiDict[str] = CIMultiDict()
         headers["Content-Type"] = "application/json"
         headers["Gw-Client"] = self.identity.member_id
         headers["Gw-Message-Id"] = cb.message_id
         headers["Gw-Correlation-Id"] = cb.correlation_id
-        if cb.trace_id:
-            headers["traceparent"] = child_traceparent(f"00-{cb.trace_id}-{'0' * 15}1-01")
+        if traceparent:
+            headers["traceparent"] = traceparent
         self.signer.sign_request("POST", url, headers, cb.body)
         try:
             async with self.session.post(
@@ -303,3 +340,53 @@ class Delivery:
             raise UpstreamError(f"callback to {url} failed: {type(exc).__name__}") from exc
         if not 200 <= status < 300:
             raise UpstreamError(f"callback to {url} answered {status}")
+
+    # Accounting ----------------------------------------------------------------------
+
+    def _span(self, name: str, traceparent: str) -> Span | None:
+        return self.tracing.start(name, traceparent, server=False) if self.tracing.enabled else None
+
+    def _account(
+        self,
+        kind: str,
+        outcome: str,
+        item: MessageRecord | CallbackRecord,
+        adapter: str | None,
+        attempt: int,
+        started: float,
+        span: Span | None,
+        code: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        """One outbox attempt: its JSON log line, its count and its span.
+
+        For a callback, ``message_id`` is the original message's id (what the member
+        knows) and ``callback_id`` the callback's own ``Gw-Message-Id``."""
+        self.metrics.observe_delivery(kind, outcome)
+        if isinstance(item, MessageRecord):
+            message_id, callback_id, client = item.message_id, None, item.client
+        else:
+            message_id, callback_id = item.correlation_id, item.message_id
+            client = item.original_client
+        fields = {
+            "event": "delivery",
+            "kind": kind,
+            "message_id": message_id,
+            "callback_id": callback_id,
+            "trace_id": item.trace_id,
+            "client": client,
+            "service": item.service,
+            "adapter": adapter or None,
+            "outcome": outcome,
+            "attempt": attempt,
+            "code": code,
+            "error": error,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+        level = logging.INFO if outcome == "delivered" else logging.WARNING
+        log.log(level, "delivery", extra=fields)
+        if span is not None:
+            span.end(
+                {f"gw.{k}": v for k, v in fields.items() if k not in ("event", "latency_ms")},
+                error=error if outcome in ("retry", "dead") else None,
+            )

@@ -10,7 +10,8 @@ Anything that is not a ``GatewayError`` becomes ``internal`` with details only i
     ├── BadRequest                     400
     │   ├── MalformedRequest           malformed_request
     │   ├── MissingHeader              missing_header
-    │   └── DigestMismatch             digest_mismatch
+    │   ├── DigestMismatch             digest_mismatch
+    │   └── RequestTimeout             malformed_request (the body came too slowly)
     ├── Unauthenticated                401
     │   ├── SignatureMissing           signature_missing
     │   ├── SignatureInvalid           signature_invalid
@@ -69,6 +70,7 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "RateLimited",
+    "RequestTimeout",
     "ResourceExists",
     "ResourceUnknown",
     "SchemaInvalid",
@@ -147,6 +149,12 @@ class MissingHeader(BadRequest):
 class DigestMismatch(BadRequest):
     code = "digest_mismatch"
     title = "Content-Digest does not match the body"
+
+
+class RequestTimeout(BadRequest):
+    """The body did not arrive in time. 400, not 408: each protocol code has one status."""
+
+    title = "Request timeout"
 
 
 class Unauthenticated(GatewayError):

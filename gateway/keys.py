@@ -10,9 +10,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
 import stat
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,13 +31,19 @@ __all__ = [
     "PublicKey",
     "VerificationKey",
     "algorithm_for",
+    "check_private_file",
     "ensure_keypair",
     "generate",
     "jwk_thumbprint",
+    "jwks_keys",
+    "kind_of",
     "load_keypair",
+    "load_rotated_keys",
     "private_to_jwk",
     "public_from_jwk",
     "public_to_jwk",
+    "read_passphrase",
+    "rotate_keypair",
     "write_keypair",
 ]
 
@@ -188,13 +196,21 @@ class KeyPair:
 
 
 def write_keypair(
-    key: PrivateKey, pem_path: Path, jwk_path: Path, *, kid: str | None = None
+    key: PrivateKey,
+    pem_path: Path,
+    jwk_path: Path,
+    *,
+    kid: str | None = None,
+    passphrase: bytes | None = None,
 ) -> KeyPair:
-    """Write a PKCS#8 PEM (mode 0600, created so) and its public JWK."""
+    """Write a PKCS#8 PEM (mode 0600, created so; encrypted with ``passphrase`` if given)
+    and its public JWK."""
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption(),
     )
     pem_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(pem_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -206,35 +222,184 @@ def write_keypair(
     return KeyPair(kid=jwk["kid"], algorithm=algorithm_for(key), private=key, jwk=jwk)
 
 
-def load_keypair(pem_path: Path, jwk_path: Path | None = None) -> KeyPair:
-    """Load a private key; its kid comes from the JWK file beside it, else the thumbprint."""
+def check_private_file(path: Path, what: str = "private key") -> None:
+    """Refuse a secret (private key, passphrase) that group or others could read."""
     try:
-        mode = pem_path.stat().st_mode
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read {what} ({exc.strerror})"]) from exc
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError([f"{path}: {what} is accessible by group or others (chmod 600)"])
+
+
+def load_keypair(
+    pem_path: Path, jwk_path: Path | None = None, *, passphrase: bytes | None = None
+) -> KeyPair:
+    """Load a private key (decrypting it with ``passphrase`` when it is encrypted); its
+    kid comes from the JWK file beside it, which must hold the same key, else the
+    thumbprint."""
+    check_private_file(pem_path)
+    try:
         data = pem_path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{pem_path}: cannot read private key ({exc.strerror})"]) from exc
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError([f"{pem_path}: private key is accessible by group or others (chmod 600)"])
+    encrypted = b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data
+    if encrypted and passphrase is None:
+        raise ConfigError(
+            [
+                f"{pem_path}: the private key is encrypted; give its passphrase with "
+                "gateway.key_passphrase_env or gateway.key_passphrase_file"
+            ]
+        )
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        key = serialization.load_pem_private_key(data, password=passphrase if encrypted else None)
     except (ValueError, TypeError) as exc:
-        raise ConfigError([f"{pem_path}: not a usable PKCS#8 PEM private key"]) from exc
+        problem = (
+            "cannot decrypt the private key (wrong passphrase?)"
+            if encrypted
+            else "not a usable PKCS#8 PEM private key"
+        )
+        raise ConfigError([f"{pem_path}: {problem}"]) from exc
     if not isinstance(
         key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
     ):
         raise ConfigError([f"{pem_path}: unsupported key type {type(key).__name__}"])
     kid = None
     if jwk_path is not None and jwk_path.exists():
-        kid = json.loads(jwk_path.read_text(encoding="utf-8")).get("kid")
+        beside = json.loads(jwk_path.read_text(encoding="utf-8"))
+        kid = beside.get("kid")
+        if _required_members(beside) != _required_members(private_to_jwk(key)):
+            raise ConfigError([f"{jwk_path}: this public JWK is not the key in {pem_path}"])
     jwk = private_to_jwk(key, kid)
     return KeyPair(kid=jwk["kid"], algorithm=algorithm_for(key), private=key, jwk=jwk)
 
 
-def ensure_keypair(pem_path: Path, jwk_path: Path, kind: KeyType = "ed25519") -> KeyPair:
+def ensure_keypair(
+    pem_path: Path, jwk_path: Path, kind: KeyType = "ed25519", *, passphrase: bytes | None = None
+) -> KeyPair:
     """Load the key pair, creating it first when the PEM is missing."""
     if not pem_path.exists():
-        return write_keypair(generate(kind), pem_path, jwk_path)
-    pair = load_keypair(pem_path, jwk_path)
+        return write_keypair(generate(kind), pem_path, jwk_path, passphrase=passphrase)
+    pair = load_keypair(pem_path, jwk_path, passphrase=passphrase)
     if not jwk_path.exists():
         jwk_path.write_text(json.dumps(dict(pair.jwk), indent=2) + "\n", encoding="utf-8")
     return pair
+
+
+def read_passphrase(env: str | None, file: Path | None) -> bytes | None:
+    """An encrypted key's passphrase: from the environment variable ``env`` if named,
+    else from ``file`` (mode 0600, one line); ``None`` when neither is configured."""
+    if env is not None:
+        value = os.environ.get(env)
+        if not value:
+            raise ConfigError([f"the environment variable {env} (the key passphrase) is not set"])
+        return value.encode()
+    if file is None:
+        return None
+    check_private_file(file, "passphrase file")
+    try:
+        secret = file.read_bytes().rstrip(b"\r\n")
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot read passphrase file ({exc.strerror})"]) from exc
+    if not secret:
+        raise ConfigError([f"{file}: the passphrase file is empty"])
+    return secret
+
+
+def kind_of(key: PrivateKey) -> KeyType:
+    """The ``generate`` kind that makes a key like this one."""
+    kinds: dict[str, KeyType] = {"ed25519": "ed25519", "ecdsa-p256-sha256": "ecdsa-p256"}
+    return kinds.get(algorithm_for(key), "rsa-pss")
+
+
+# Rotation ------------------------------------------------------------------------------
+#
+# ``rotate_keypair`` retires the current key into a JWKS file beside the PEM
+# (``gateway.previous.jwks.json``), each retired JWK with an ``exp`` (Unix time) after
+# which it is no longer published. Peers that fetched the JWKS before the rotation can
+# still verify what the old key signed until then.
+
+
+def load_rotated_keys(path: Path) -> tuple[dict[str, Any], ...]:
+    """Retired public JWKs (with ``exp``); none when the file does not exist."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return ()
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError([f"{path}: not a readable JWKS ({exc})"]) from exc
+    keys = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(keys, list) or not all(isinstance(k, dict) for k in keys):
+        raise ConfigError([f"{path}: not a JWKS (an object with a keys array)"])
+    return tuple(keys)
+
+
+def jwks_keys(
+    current: Mapping[str, Any],
+    configured: Sequence[Mapping[str, Any]],
+    rotated: Sequence[Mapping[str, Any]],
+    now: float,
+) -> list[dict[str, Any]]:
+    """The published JWKS: the current key, then configured and unexpired retired keys,
+    each kid once."""
+    seen: set[Any] = set()
+    published: list[dict[str, Any]] = []
+    for jwk in (current, *configured, *(k for k in rotated if float(k.get("exp", 0)) > now)):
+        if jwk.get("kid") not in seen:
+            seen.add(jwk.get("kid"))
+            published.append(dict(jwk))
+    return published
+
+
+def _replace_file(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` beside ``path`` and rename it over: readers see old or new, whole."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(temporary, mode)
+    os.replace(temporary, path)
+
+
+def rotate_keypair(
+    pem_path: Path,
+    jwk_path: Path,
+    rotated_path: Path,
+    *,
+    grace_s: float,
+    passphrase: bytes | None = None,
+    kind: KeyType | None = None,
+    kid: str | None = None,
+    now: float | None = None,
+) -> tuple[KeyPair, KeyPair, float]:
+    """Make a new key current; the old public JWK stays published until ``now + grace_s``.
+
+    Returns (old, new, expiry). The retired key is written first, so a crash part-way
+    leaves the old key current and merely listed twice. The new PEM is encrypted with
+    ``passphrase`` when given (the same as the old one's)."""
+    now = time.time() if now is None else now
+    old = load_keypair(pem_path, jwk_path, passphrase=passphrase)
+    expiry = now + grace_s
+    kept = [
+        k for k in load_rotated_keys(rotated_path)
+        if float(k.get("exp", 0)) > now and k.get("kid") != old.kid
+    ]  # fmt: skip
+    retired = [*kept, {**old.jwk, "exp": math.ceil(expiry)}]
+    _replace_file(rotated_path, (json.dumps({"keys": retired}, indent=2) + "\n").encode(), 0o644)
+    key = generate(kind or kind_of(old.private))
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption(),
+    )
+    jwk = private_to_jwk(key, kid)
+    if jwk["kid"] == old.kid:
+        raise ConfigError([f"the new key's kid {old.kid} is the old one's; choose another"])
+    _replace_file(jwk_path, (json.dumps(jwk, indent=2) + "\n").encode(), 0o644)
+    _replace_file(pem_path, pem, 0o600)
+    new = KeyPair(kid=jwk["kid"], algorithm=algorithm_for(key), private=key, jwk=jwk)
+    return old, new, expiry

@@ -205,7 +205,7 @@ def ingress_document() -> dict[str, Any]:
                                 }
                             },
                         },
-                        **_problems(400, 401, 403, 404, 500),
+                        **_problems(400, 401, 403, 404, 429, 500, 503),
                     },
                 }
             },
@@ -224,7 +224,7 @@ def ingress_document() -> dict[str, Any]:
                             "description": "acknowledged (also for a repeated callback)",
                             "content": {"application/json": {"schema": {"type": "object"}}},
                         },
-                        **_problems(400, 401, 403, 404, 409, 413, 415, 422, 500),
+                        **_problems(400, 401, 403, 404, 409, 413, 415, 422, 429, 500, 503),
                     },
                 }
             },
@@ -316,6 +316,94 @@ def _ok(schema: dict[str, Any], status: str = "200", description: str = "OK") ->
     }
 
 
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _list_of(key: str, name: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": [key],
+        "properties": {key: {"type": "array", "items": _ref(name)}},
+    }
+
+
+def _object(required: list[str], **properties: Any) -> dict[str, Any]:
+    return {"type": "object", "required": required, "properties": properties}
+
+
+_STR: dict[str, Any] = {"type": "string"}
+_INT: dict[str, Any] = {"type": "integer"}
+_BOOL: dict[str, Any] = {"type": "boolean"}
+_UNIX: dict[str, Any] = {"type": "number", "description": "Unix time, seconds"}
+_STR_OR_NULL: dict[str, Any] = {"type": ["string", "null"]}
+
+# What the admin API answers, beside the resources cut from the config schema.
+_ADMIN_SCHEMAS: dict[str, Any] = {
+    "PublicJwk": {
+        **_object(["kty", "kid"], kty=_STR, kid={"type": "string", "minLength": 1}),
+        "description": "A public JWK (RFC 7517) with its kid; a private one is refused.",
+        "not": {"required": ["d"]},
+    },
+    "AdapterType": _object(
+        ["type", "config_schema"],
+        type=_STR,
+        config_schema={"type": "object", "description": "JSON Schema (Draft 2020-12)"},
+    ),
+    "AdapterHealth": _object(
+        ["name", "type", "enabled", "healthy", "circuit"],
+        name=_STR, type=_STR, enabled=_BOOL, healthy=_BOOL, detail=_STR,
+        circuit={"enum": ["closed", "open", "half_open"]},
+    ),
+    "AclEntry": _object(
+        ["member", "services"], member=_STR, services={"type": "array", "items": _STR}
+    ),
+    "MessageRecord": _object(
+        ["seq", "message_id", "client", "service", "mode", "state", "attempts",
+         "created_at", "updated_at"],
+        seq=_INT, message_id=_STR, client=_STR, service=_STR, mode=_STR, state=_STR,
+        target=_STR_OR_NULL, adapter=_STR_OR_NULL, status={"type": ["integer", "null"]},
+        code=_STR_OR_NULL, error=_STR_OR_NULL, attempts=_INT, request_digest=_STR,
+        request_headers={"type": "object", "additionalProperties": _STR},
+        request={}, response={}, result={},
+        timings_ms={"type": "object", "additionalProperties": {"type": "number"}},
+        trace_id=_STR_OR_NULL, created_at=_UNIX, updated_at=_UNIX,
+    ),
+    "DeadLetter": _object(
+        ["kind", "seq", "message_id", "service", "attempts"],
+        kind={"enum": ["message", "callback"]}, seq=_INT, message_id=_STR, client=_STR,
+        service=_STR, attempts=_INT, error=_STR_OR_NULL, updated_at=_UNIX,
+    ),
+    "Redelivery": _object(
+        ["message_id", "kind", "state"],
+        message_id=_STR, kind={"enum": ["message", "callback"]}, state={"const": "queued"},
+    ),
+    "AuditEntry": _object(
+        ["seq", "at", "actor", "role", "action", "kind", "resource_id", "before", "after"],
+        seq=_INT, at=_UNIX, actor=_STR, role=_STR, action=_STR, kind=_STR, resource_id=_STR,
+        before={"description": "the resource before the change; null for a create"},
+        after={"description": "the resource after the change; null for a delete"},
+    ),
+    "Token": _object(
+        ["name", "role", "created_at"],
+        name=_STR, role={"enum": ["admin", "operator", "auditor"]}, created_at=_UNIX,
+        revoked_at={"type": ["number", "null"]},
+    ),
+    "NewToken": _object(
+        ["name", "role", "token"],
+        name=_STR, role={"enum": ["admin", "operator", "auditor"]},
+        token={"type": "string", "description": "shown once; only its hash is stored"},
+    ),
+}  # fmt: skip
+
+
+def _member() -> dict[str, Any]:
+    """The config's member, but the API takes keys only as JWK objects, not file paths."""
+    member = _resource("members")
+    member["properties"]["keys"] = {"type": "array", "items": _ref("PublicJwk")}
+    return member
+
+
 @cache
 def admin_document() -> dict[str, Any]:
     obj = {"type": "object"}
@@ -325,7 +413,7 @@ def admin_document() -> dict[str, Any]:
     names = {"adapters": "Adapter", "members": "Member", "services": "Service"}
     for kind, name in names.items():
         ref = {"$ref": f"#/components/schemas/{name}"}
-        listing = {"type": "object", "properties": {kind: {"type": "array", "items": ref}}}
+        listing = _list_of(kind, name)
         paths[f"/admin/v1/{kind}"] = {
             "get": {
                 "operationId": f"list_{kind}",
@@ -373,13 +461,16 @@ def admin_document() -> dict[str, Any]:
         "parameters": [id_param],
         "get": {
             "operationId": "adapter_health",
-            "responses": {**_ok(obj), **_problems(401, 403, 404)},
+            "responses": {**_ok(_ref("AdapterHealth")), **_problems(401, 403, 404)},
         },
     }
     paths["/admin/v1/adapter-types"] = {
         "get": {
             "operationId": "list_adapter_types",
-            "responses": {**_ok(obj), **_problems(401, 403)},
+            "responses": {
+                **_ok(_list_of("adapter_types", "AdapterType")),
+                **_problems(401, 403),
+            },
         }
     }
     paths["/admin/v1/adapter-types/{type}"] = {
@@ -388,17 +479,35 @@ def admin_document() -> dict[str, Any]:
         ],
         "get": {
             "operationId": "get_adapter_type",
-            "responses": {**_ok(obj), **_problems(401, 403, 404)},
+            "responses": {**_ok(_ref("AdapterType")), **_problems(401, 403, 404)},
         },
     }
     paths["/admin/v1/members/{id}/keys"] = {
         "parameters": [id_param],
         "post": {
             "operationId": "add_key",
-            "requestBody": {"required": True, "content": {"application/json": {"schema": obj}}},
-            "responses": {**_ok(obj, "201", "added"), **_problems(400, 401, 403, 404, 422)},
+            "parameters": [
+                {
+                    "name": "reinstate",
+                    "in": "query",
+                    "description": "true: allow a kid this member had revoked back (audited)",
+                    "schema": {"type": "string", "enum": ["true", "false"]},
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("PublicJwk")}},
+            },
+            "responses": {
+                **_ok(_ref("PublicJwk"), "201", "added"),
+                **_problems(400, 401, 403, 404, 422),
+            },
         },
     }
+    # PUT and PATCH of a whole member keep its revoked kids out too, unless ?reinstate=true.
+    reinstate = paths["/admin/v1/members/{id}/keys"]["post"]["parameters"]
+    for method in ("put", "patch"):
+        paths["/admin/v1/members/{id}"][method]["parameters"] = reinstate
     paths["/admin/v1/members/{id}/keys/{kid}"] = {
         "parameters": [
             id_param,
@@ -410,7 +519,10 @@ def admin_document() -> dict[str, Any]:
         },
     }
     paths["/admin/v1/acl"] = {
-        "get": {"operationId": "list_acl", "responses": {**_ok(obj), **_problems(401, 403)}}
+        "get": {
+            "operationId": "list_acl",
+            "responses": {**_ok(_list_of("acl", "AclEntry")), **_problems(401, 403)},
+        }
     }
     paths["/admin/v1/acl/{member}"] = {
         "parameters": [
@@ -432,12 +544,15 @@ def admin_document() -> dict[str, Any]:
                     }
                 },
             },
-            "responses": {**_ok(obj), **_problems(400, 401, 403, 404, 422)},
+            "responses": {**_ok(_ref("AclEntry")), **_problems(400, 401, 403, 404, 422)},
         },
     }
-    route = {"$ref": "#/components/schemas/Route"}
+    route = _ref("Route")
     paths["/admin/v1/routes"] = {
-        "get": {"operationId": "list_routes", "responses": {**_ok(obj), **_problems(401, 403)}},
+        "get": {
+            "operationId": "list_routes",
+            "responses": {**_ok(_list_of("routes", "Route")), **_problems(401, 403)},
+        },
         "post": {
             "operationId": "create_route",
             "requestBody": {"required": True, "content": {"application/json": {"schema": route}}},
@@ -474,28 +589,34 @@ def admin_document() -> dict[str, Any]:
         "get": {
             "operationId": "search_messages",
             "parameters": query,
-            "responses": {**_ok(obj), **_problems(400, 401, 403)},
+            "responses": {
+                **_ok(_list_of("messages", "MessageRecord")),
+                **_problems(400, 401, 403),
+            },
         }
     }
     paths["/admin/v1/messages/{id}"] = {
         "parameters": [id_param],
         "get": {
             "operationId": "get_message",
-            "responses": {**_ok(obj), **_problems(401, 403, 404)},
+            "responses": {**_ok(_ref("MessageRecord")), **_problems(401, 403, 404)},
         },
     }
     paths["/admin/v1/dead-letters"] = {
         "get": {
             "operationId": "list_dead_letters",
             "parameters": query[-1:],
-            "responses": {**_ok(obj), **_problems(400, 401, 403)},
+            "responses": {
+                **_ok(_list_of("dead_letters", "DeadLetter")),
+                **_problems(400, 401, 403),
+            },
         }
     }
     paths["/admin/v1/dead-letters/{id}/redeliver"] = {
         "parameters": [id_param],
         "post": {
             "operationId": "redeliver",
-            "responses": {**_ok(obj, "202", "queued"), **_problems(401, 403, 404)},
+            "responses": {**_ok(_ref("Redelivery"), "202", "queued"), **_problems(401, 403, 404)},
         },
     }
     paths["/admin/v1/audit"] = {
@@ -505,11 +626,14 @@ def admin_document() -> dict[str, Any]:
                 {"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
                 for n in ("kind", "since", "limit")
             ],
-            "responses": {**_ok(obj), **_problems(400, 401, 403)},
+            "responses": {**_ok(_list_of("audit", "AuditEntry")), **_problems(400, 401, 403)},
         }
     }
     paths["/admin/v1/tokens"] = {
-        "get": {"operationId": "list_tokens", "responses": {**_ok(obj), **_problems(401, 403)}},
+        "get": {
+            "operationId": "list_tokens",
+            "responses": {**_ok(_list_of("tokens", "Token")), **_problems(401, 403)},
+        },
         "post": {
             "operationId": "create_token",
             "requestBody": {
@@ -528,7 +652,7 @@ def admin_document() -> dict[str, Any]:
                 },
             },
             "responses": {
-                **_ok(obj, "201", "created; the token is shown once"),
+                **_ok(_ref("NewToken"), "201", "created; the token is shown once"),
                 **_problems(400, 401, 403),
             },
         },
@@ -552,8 +676,9 @@ def admin_document() -> dict[str, Any]:
     schemas = {
         **_COMMON_SCHEMAS,
         **{k: _rewrite(v) for k, v in _config_schema()["$defs"].items()},
+        **_ADMIN_SCHEMAS,
         "Adapter": _resource("adapters"),
-        "Member": _resource("members"),
+        "Member": _member(),
         "Service": _resource("services"),
         "Route": _resource("routes"),
     }

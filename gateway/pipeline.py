@@ -39,13 +39,16 @@ from gateway.errors import (
     NotPermitted,
     Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
     ServiceUnknown,
     UnsupportedMediaType,
     UpstreamError,
     UpstreamTimeout,
 )
+from gateway.limits import RateLimiter, check_json_shape
 from gateway.problem import problem_body
 from gateway.registry import Member, Runtime, Service
+from gateway.replay import NonceGuard
 from gateway.signing import (
     REQUEST_COMPONENTS,
     RequestView,
@@ -178,13 +181,26 @@ class Pipeline:
         self.runtime = runtime
         self.outbox = outbox
         self._clock = clock
+        self.rate_limiter = RateLimiter(security.rate_limit)
+        self.nonces = NonceGuard(store, skew_s=security.clock_skew_s, clock=clock)
 
     # Stages --------------------------------------------------------------------------
 
     async def read_body(self, request: web.Request, limit: int, ctx: RequestContext) -> bytes:
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"the body exceeds {limit} bytes")
-        body = await request.read()
+        try:
+            if request.content.is_eof():  # it came with the headers: nothing to wait for
+                body = await request.read()
+            else:  # a client trickling its body is cut off, not waited for
+                async with asyncio.timeout(self.security.body_timeout_s):
+                    body = await request.read()
+        except TimeoutError as exc:
+            raise RequestTimeout(
+                f"the body did not arrive within {self.security.body_timeout_s:g} s"
+            ) from exc
+        except web.RequestPayloadError as exc:
+            raise MalformedRequest("the body's framing is invalid (chunked or length)") from exc
         ctx.size = len(body)
         if len(body) > limit:
             raise PayloadTooLarge(f"the body exceeds {limit} bytes")
@@ -255,6 +271,14 @@ class Pipeline:
             digest=digest,
         )
 
+    async def admit(self, auth: Authenticated) -> None:
+        """Freshness and replay, once the signer is proven: its rate limit, then its
+        signature's nonce (single use while the signature could be fresh)."""
+        self.rate_limiter.admit(auth.signer.config)
+        sig = auth.signature
+        if sig.nonce is not None:
+            await self.nonces.claim(auth.signer.id, sig.keyid, sig.nonce, sig.created)
+
     @staticmethod
     def _member(runtime: Runtime, member_id: str) -> Member:
         member = runtime.members.get(member_id)
@@ -316,6 +340,7 @@ class Pipeline:
 
     def validate(self, service: Service, body: bytes, ctx: RequestContext) -> Any:
         started = time.perf_counter()
+        self.check_shape(body)
         document = _json(body)
         service.request.validate(document, "request")
         ctx.timings["validate"] = (time.perf_counter() - started) * 1000
@@ -399,6 +424,10 @@ class Pipeline:
         slot.breaker.record_success()
         return name, answer
 
+    def check_shape(self, body: bytes) -> None:
+        limits = self.security
+        check_json_shape(body, max_depth=limits.max_json_depth, max_items=limits.max_json_items)
+
     @staticmethod
     def validate_answer(service: Service, answer: Answer) -> None:
         try:
@@ -440,6 +469,7 @@ class Pipeline:
             limit = min(limit, known.config.max_body_bytes)
         body = await self.read_body(request, limit, ctx)
         auth = self.authenticate(request, body, runtime, ctx)
+        await self.admit(auth)
         service = self.service_of(runtime, code)
         replayed = await self.replay(request, auth, ctx)
         if replayed is not None:
@@ -535,6 +565,7 @@ class Pipeline:
         auth = self.authenticate(
             request, None, runtime, ctx, required=("@method", "@target-uri", "gw-client")
         )
+        await self.admit(auth)
         message_id = request.match_info["id"].lower()
         record = await self.store.get_message(auth.client, message_id)
         if record is None:
@@ -567,6 +598,7 @@ class Pipeline:
         auth = self.authenticate(
             request, body, runtime, ctx, required=(*REQUEST_COMPONENTS, "gw-correlation-id")
         )
+        await self.admit(auth)
         if auth.signer.config.kind == "system":
             raise NotPermitted(f"{auth.signer.id} is not a platform or gateway")
         service = self.service_of(runtime, code)
@@ -582,6 +614,7 @@ class Pipeline:
             return response
         if service.callback is None:
             raise ServiceUnknown(f"{code} takes no callbacks")
+        self.check_shape(body)
         document = _json(body)
         service.callback.validate(document, "callback")
         original = await self._original(correlation, code)

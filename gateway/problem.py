@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import GatewayError
+from gateway.logs import mask_personal
 
 __all__ = ["problem_body", "problem_response"]
 
@@ -17,7 +18,7 @@ def problem_body(exc: GatewayError, message_id: str | None = None) -> dict[str, 
         "type": f"https://gateway.example/problems/{exc.code}",
         "title": exc.title,
         "status": exc.status,
-        "detail": exc.detail,
+        "detail": mask_personal(exc.detail),  # never a resident ID, whatever the source
         "code": exc.code,
     }
     if message_id:

@@ -35,6 +35,7 @@ class Portal:
     fail_next: int = 0
     deliveries: list[str] = field(default_factory=list)  # every Gw-Message-Id that arrived
     seen: dict[str, int] = field(default_factory=dict)  # correlation id → deliveries
+    traceparents: dict[str, str] = field(default_factory=dict)  # correlation id → last one
     trail: list[dict[str, Any]] = field(default_factory=list)
     processed: dict[str, Any] = field(default_factory=dict)  # correlation id → result, once
 
@@ -58,6 +59,7 @@ async def _callback(request: web.Request) -> web.Response:
     note(portal.trail, f"{request.headers.get('Gw-Client')} → {portal.member_id} (callback)",
          f"gateway signature, kid {kid}")  # fmt: skip
     portal.seen[correlation] = portal.seen.get(correlation, 0) + 1
+    portal.traceparents[correlation] = request.headers.get("traceparent", "")
     duplicate = correlation in portal.processed
     if not duplicate:
         portal.processed[correlation] = json.loads(body)

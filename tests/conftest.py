@@ -18,7 +18,9 @@ from gateway.app import DELIVERY, PIPELINE, STORE, create_app
 from gateway.client import ExchangeClient
 from gateway.config import Config, jwk_path_for, parse_config
 from gateway.keys import KeyPair, KeyType, VerificationKey, generate, write_keypair
+from gateway.limits import GatewayRunner
 from gateway.signing import Signer
+from gateway.tracing import Tracing
 from simulators.national import NationalPlatform, create_national_app
 from simulators.portal import Portal, create_portal_app
 
@@ -36,6 +38,14 @@ CREDIT_EXAMPLE = json.loads((SCHEMAS / "credit.query" / "request.json").read_tex
 APPLY_EXAMPLE = json.loads((SCHEMAS / "crossregion.apply" / "request.json").read_text())[
     "examples"
 ][0]
+
+
+class GatewayTestServer(TestServer):
+    """A test server run as ``gateway serve`` runs the ingress: by ``GatewayRunner``, so
+    HTTP-level errors (too many or too long headers, garbage) come as problem+json."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return GatewayRunner(self.app, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -235,6 +245,7 @@ async def make_harness(keys: Keys, tmp_path: Path) -> AsyncIterator[HarnessFacto
         *,
         start_delivery: bool = True,
         store: Path | None = None,
+        tracing: Tracing | None = None,
     ) -> Harness:
         gw_port, nat_port, portal_port = unused_port(), unused_port(), unused_port()
         national_url = f"http://127.0.0.1:{nat_port}"
@@ -264,8 +275,10 @@ async def make_harness(keys: Keys, tmp_path: Path) -> AsyncIterator[HarnessFacto
         portal_server = TestServer(create_portal_app(portal), port=portal_port)
         await nat_server.start_server()
         await portal_server.start_server()
-        app = create_app(config, start_delivery=start_delivery)
-        client: TestClient[web.Request, web.Application] = TestClient(TestServer(app, port=gw_port))
+        app = create_app(config, start_delivery=start_delivery, tracing=tracing)
+        client: TestClient[web.Request, web.Application] = TestClient(
+            GatewayTestServer(app, port=gw_port)
+        )
         await client.start_server()
         started.append((nat_server, portal_server, client))
         admin: TestClient[web.Request, web.Application] = TestClient(
@@ -299,6 +312,7 @@ __all__ = [
     "CREDIT_EXAMPLE",
     "DELIVERY",
     "PIPELINE",
+    "GatewayTestServer",
     "Harness",
     "HarnessFactory",
     "Keys",

@@ -68,6 +68,13 @@ async def test_member_registered_at_runtime_can_exchange_then_be_revoked_and_dis
     status, _ = await _call(
         harness, "POST", "/admin/v1/members/330000:tax-bureau/keys", member["keys"][0]
     )
+    assert status == 422  # a revoked key comes back only on purpose (tests/test_keys.py)
+    status, _ = await _call(
+        harness,
+        "POST",
+        "/admin/v1/members/330000:tax-bureau/keys?reinstate=true",
+        member["keys"][0],
+    )
     assert status == 201
     assert (await client.exchange("credit.query", CREDIT_EXAMPLE)).status == 200
     status, _ = await _call(

@@ -88,7 +88,10 @@ async def deployment(keys: Keys, tmp_path: Path) -> AsyncIterator[Deployment]:
     doc = config_document(
         keys, store=tmp_path / "gw.db", national_url=f"http://127.0.0.1:{nat_port}"
     )
-    doc["listen"] = {"ingress": {"host": "127.0.0.1", "port": gw_port}}
+    doc["listen"] = {
+        "ingress": {"host": "127.0.0.1", "port": gw_port},
+        "admin": {"host": "127.0.0.1", "port": unused_port()},
+    }
     doc["members"][0]["callback_url"] = f"http://127.0.0.1:{portal_port}/callbacks"
     doc["delivery"].update({"max_attempts": 100, "shutdown_grace_s": 3})
     config_path = tmp_path / "config.yaml"

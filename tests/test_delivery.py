@@ -113,7 +113,11 @@ async def test_upstream_down_then_back_breaker_opens_and_queue_drains(
         await _until_state(h, message_id, "callback_delivered", within_s=20)
     assert sorted(h.portal.processed) == sorted(ids)
     assert await h.app[STORE].dead_letters() == []
-    assert (await h.gateway.get("/readyz")).status == 200
+
+    async def ready() -> bool:  # adapter health answers are cached for a few seconds
+        return (await h.gateway.get("/readyz")).status == 200
+
+    await h.wait_for(ready)
 
 
 async def test_upstream_5xx_retries_then_dead_then_redeliver(make_harness: HarnessFactory) -> None:

@@ -4,16 +4,17 @@ dead letters, audit trail and tokens. Every write is validated, takes effect at 
 
 from __future__ import annotations
 
+import calendar
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
 
 from gateway.admin.auth import Permission, Principal, authenticate, create_token
-from gateway.admin.resources import check_resource
+from gateway.admin.resources import carry_revocations, check_resource
 from gateway.app import DELIVERY, LIVE, RUNTIME, STORE
 from gateway.errors import (
     ConfigError,
@@ -27,6 +28,7 @@ from gateway.errors import (
 )
 from gateway.live import LiveConfig, resource_id
 from gateway.logs import mask_personal
+from gateway.masking import mask_headers, masked_body
 from gateway.problem import problem_response
 from gateway.registry import adapter_types
 from gateway.store import MessageRecord, ResourceChange
@@ -106,6 +108,10 @@ async def _write(
     action: str,
     principal: Principal,
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    if kind == "members" and body is not None:
+        # A revoked kid stays revoked unless the request says ?reinstate=true.
+        reinstate = request.query.get("reinstate") == "true"
+        body = carry_revocations(body, _live(request).get(kind, rid), reinstate=reinstate)
     if body is not None:
         check_resource(kind, body, _live(request))
     try:
@@ -260,6 +266,7 @@ async def revoke_key(request: web.Request) -> web.Response:
     if len(kept) == len(keys):
         raise ResourceUnknown(f"{member_id} has no key {kid}")
     member["keys"] = kept
+    member["revoked_keys"] = [*member.get("revoked_keys", []), kid]
     await _write(request, "members", member_id, member, "revoke_key", principal)
     return web.Response(status=204)
 
@@ -312,20 +319,9 @@ async def delete_route(request: web.Request) -> web.Response:
 # Messages, dead letters, audit -------------------------------------------------------
 
 
-def _masked(data: bytes | None) -> Any:
-    if data is None:
-        return None
-    text = mask_personal(data.decode("utf-8", "replace"))
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def message_view(record: MessageRecord) -> dict[str, Any]:
-    headers = {
-        k: ("***" if k.lower() == "gw-user" else v) for k, v in record.request_headers.items()
-    }
+def message_view(record: MessageRecord, sensitive: Sequence[str] = ()) -> dict[str, Any]:
+    """A stored exchange for an operator: Gw-User, resident IDs and the service's
+    ``sensitive`` fields masked."""
     return {
         "seq": record.seq,
         "message_id": record.message_id,
@@ -337,13 +333,13 @@ def message_view(record: MessageRecord) -> dict[str, Any]:
         "adapter": record.adapter,
         "status": record.status,
         "code": record.code,
-        "error": record.error,
+        "error": mask_personal(record.error) if record.error else record.error,
         "attempts": record.attempts,
         "request_digest": record.request_digest,
-        "request_headers": headers,
-        "request": _masked(record.request_body),
-        "response": _masked(record.response_body),
-        "result": _masked(record.result),
+        "request_headers": mask_headers(record.request_headers),
+        "request": masked_body(record.request_body, sensitive),
+        "response": masked_body(record.response_body, sensitive),
+        "result": masked_body(record.result, sensitive),
         "timings_ms": dict(record.timings),
         "trace_id": record.trace_id,
         "created_at": record.created_at,
@@ -358,7 +354,7 @@ def _since(value: str | None) -> float | None:
         return float(value)
     except ValueError:
         try:
-            return time.mktime(time.strptime(value[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+            return float(calendar.timegm(time.strptime(value[:19], "%Y-%m-%dT%H:%M:%S")))
         except ValueError as exc:
             raise MalformedRequest("since is a Unix time or YYYY-MM-DDTHH:MM:SS (UTC)") from exc
 
@@ -380,7 +376,10 @@ async def search_messages(request: web.Request) -> web.Response:
         since=_since(q.get("since")),
         limit=_limit(request),
     )
-    return web.json_response({"messages": [message_view(r) for r in records]})
+    sensitive = _sensitive(request)
+    return web.json_response(
+        {"messages": [message_view(r, sensitive.get(r.service, ())) for r in records]}
+    )
 
 
 async def get_message(request: web.Request) -> web.Response:
@@ -388,7 +387,12 @@ async def get_message(request: web.Request) -> web.Response:
     records = await request.app[INGRESS][STORE].find_by_message_id(request.match_info["id"].lower())
     if not records:
         raise ResourceUnknown(f"no message {request.match_info['id']}")
-    return web.json_response(message_view(records[0]))
+    fields = _sensitive(request).get(records[0].service, ())
+    return web.json_response(message_view(records[0], fields))
+
+
+def _sensitive(request: web.Request) -> dict[str, tuple[str, ...]]:
+    return {s.code: s.sensitive for s in _live(request).config.services}
 
 
 async def list_dead_letters(request: web.Request) -> web.Response:

@@ -22,7 +22,7 @@ from gateway.live import LiveConfig
 from gateway.registry import adapter_types
 from gateway.validation import field_errors, pointer_of
 
-__all__ = ["check_resource", "resource_schema"]
+__all__ = ["carry_revocations", "check_resource", "resource_schema"]
 
 
 @cache
@@ -75,6 +75,13 @@ def _member(body: Mapping[str, Any], live: LiveConfig) -> list[FieldError]:
             continue
         if key.kid in kids:
             errors.append(FieldError(f"/keys/{i}/kid", "appears twice"))
+        if key.kid in body.get("revoked_keys", []):
+            errors.append(
+                FieldError(
+                    f"/keys/{i}/kid",
+                    "was revoked for this member; add it again only with ?reinstate=true",
+                )
+            )
         kids.add(key.kid)
     services = {s.code for s in live.config.services}
     for j, code in enumerate(body.get("services", [])):
@@ -83,6 +90,24 @@ def _member(body: Mapping[str, Any], live: LiveConfig) -> list[FieldError]:
     if body["kind"] == "gateway" and not body.get("regions"):
         errors.append(FieldError("/regions", "a peer gateway needs the regions it serves"))
     return errors
+
+
+def carry_revocations(
+    body: Mapping[str, Any], current: Mapping[str, Any] | None, *, reinstate: bool
+) -> Mapping[str, Any]:
+    """A member write keeps every kid revoked so far, whatever its body says; with
+    ``reinstate`` the kids among its keys leave the revoked list (an explicit act)."""
+    revoked = body.get("revoked_keys", [])
+    if not isinstance(revoked, list) or not isinstance(body.get("keys", []), list):
+        return body  # the schema check names the problem
+    kept = list(dict.fromkeys([*(current or {}).get("revoked_keys", []), *revoked]))
+    if reinstate:
+        listed = {k.get("kid") for k in body.get("keys", []) if isinstance(k, Mapping)}
+        kept = [kid for kid in kept if kid not in listed]
+    merged = {k: v for k, v in body.items() if k != "revoked_keys"}
+    if kept:
+        merged["revoked_keys"] = kept
+    return merged
 
 
 def _service(body: Mapping[str, Any], live: LiveConfig) -> list[FieldError]:

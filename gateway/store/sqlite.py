@@ -24,6 +24,8 @@ from gateway.store import (
     Rejection,
     ResourceChange,
 )
+from gateway.store.chain import MIGRATION as CHAIN_MIGRATION
+from gateway.store.chain import HashChain, body_digest
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
@@ -126,6 +128,18 @@ MIGRATIONS: tuple[str, ...] = (
         revoked_at REAL
     );
     """,
+    CHAIN_MIGRATION,  # the tamper-evident message log (gateway/store/chain.py)
+    """
+    -- Signature nonces seen, kept until the signature could no longer be fresh anyway.
+    CREATE TABLE nonces (
+        signer     TEXT NOT NULL,
+        keyid      TEXT NOT NULL,
+        nonce      TEXT NOT NULL,
+        expires_at REAL NOT NULL,
+        PRIMARY KEY (signer, keyid, nonce)
+    ) WITHOUT ROWID;
+    CREATE INDEX nonces_expiry ON nonces (expires_at);
+    """,
 )
 
 # Message states move forward only; each target state lists the states it may follow.
@@ -227,6 +241,7 @@ class SQLiteStore:
         self._db: sqlite3.Connection | None = None
         self._maintenance: aiosqlite.Connection | None = None
         self._checkpointer: asyncio.Task[None] | None = None
+        self.chain = HashChain()  # the message log's hash chain (gateway/store/chain.py)
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -246,6 +261,8 @@ class SQLiteStore:
             # Checkpoints (which fsync) are ours to run, off the loop; see _checkpoint_loop.
             db.execute("PRAGMA wal_autocheckpoint=0")
             self._migrate(db)
+            self.chain.load(db)
+            self.chain.genesis(db, time.time())
             self._maintenance = await aiosqlite.connect(self.path, isolation_level=None)
         except (sqlite3.Error, OSError) as exc:
             if db is not None:
@@ -325,10 +342,33 @@ class SQLiteStore:
             raise
         self._execute("COMMIT", ())
 
+    @contextlib.contextmanager
+    def _chained(self) -> Iterator[HashChain]:
+        """A transaction that also appends to the message log's hash chain (on the hot
+        path: statements straight on the connection, one context manager)."""
+        db, head = self.db, self.chain.head
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(f"store write failed: {exc}") from exc
+        try:
+            yield self.chain
+            try:
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"store write failed: {exc}") from exc
+        except BaseException:
+            self.chain.head = head  # the rollback takes our chain records with it
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+
     async def ping(self) -> None:
-        """Prove the store is writable (readiness)."""
+        """Prove the store is writable (readiness): take the write lock and write.
+
+        A read-only connection grants ``BEGIN IMMEDIATE``; only a write statement fails."""
         with self._transaction():
-            pass
+            self._execute("DELETE FROM rejections WHERE 0", ())
 
     # Live configuration, audit trail, admin tokens -----------------------------------
 
@@ -448,39 +488,73 @@ class SQLiteStore:
         )
         return count == 1
 
+    # Signature nonces ----------------------------------------------------------------
+
+    async def claim_nonce(
+        self, signer: str, keyid: str, nonce: str, expires_at: float, now: float
+    ) -> bool:
+        """Record a nonce; False when it is already recorded and not yet expired."""
+        count = self._write(
+            "INSERT INTO nonces (signer, keyid, nonce, expires_at) VALUES (?,?,?,?) "
+            "ON CONFLICT (signer, keyid, nonce) DO UPDATE SET expires_at=excluded.expires_at "
+            "WHERE nonces.expires_at <= ?",
+            (signer, keyid, nonce, expires_at, now),
+        )
+        return count == 1
+
+    async def prune_nonces(self, now: float) -> int:
+        return self._write("DELETE FROM nonces WHERE expires_at <= ?", (now,))
+
     # Exchanges -----------------------------------------------------------------------
 
     async def insert_message(self, msg: NewMessage) -> MessageRecord:
         now = time.time()
+        headers = json.dumps(dict(msg.request_headers))
         try:
-            cur = self.db.execute(
-                "INSERT INTO messages (message_id, client, service, mode, state, target, adapter, "
-                "request_headers, request_body, request_digest, next_attempt_at, created_at, "
-                "updated_at, trace_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    msg.message_id,
-                    msg.client,
-                    msg.service,
-                    msg.mode,
-                    msg.state,
-                    msg.target,
-                    msg.adapter,
-                    json.dumps(dict(msg.request_headers)),
-                    msg.request_body,
-                    msg.request_digest,
-                    msg.next_attempt_at,
+            with self._chained() as chain:
+                cur = self.db.execute(
+                    "INSERT INTO messages (message_id, client, service, mode, state, target, "
+                    "adapter, request_headers, request_body, request_digest, next_attempt_at, "
+                    "created_at, updated_at, trace_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        msg.message_id,
+                        msg.client,
+                        msg.service,
+                        msg.mode,
+                        msg.state,
+                        msg.target,
+                        msg.adapter,
+                        headers,
+                        msg.request_body,
+                        msg.request_digest,
+                        msg.next_attempt_at,
+                        now,
+                        now,
+                        msg.trace_id,
+                    ),
+                )
+                seq = int(cur.lastrowid or 0)
+                chain.append(
+                    self.db,
+                    "message.accepted",
+                    seq,
                     now,
-                    now,
-                    msg.trace_id,
-                ),
-            )
+                    message_id=msg.message_id,
+                    client=msg.client,
+                    service=msg.service,
+                    mode=msg.mode,
+                    state=msg.state,
+                    target=msg.target,
+                    request_digest=msg.request_digest,
+                    headers_digest=body_digest(headers.encode()),
+                )
         except sqlite3.IntegrityError as exc:
             raise DuplicateMessage(msg.message_id) from exc
         except sqlite3.Error as exc:
             raise StoreError(f"store write failed: {exc}") from exc
         # The row is what we just wrote: no need to read it back.
         return MessageRecord(
-            seq=int(cur.lastrowid or 0),
+            seq=seq,
             message_id=msg.message_id,
             client=msg.client,
             service=msg.service,
@@ -534,41 +608,69 @@ class SQLiteStore:
         error: str | None = None,
         timings: Mapping[str, float] | None = None,
     ) -> None:
-        self._write(
-            "UPDATE messages SET state=?, status=?, code=?, adapter=COALESCE(?, adapter), "
-            "response_headers=?, response_body=?, error=?, timings=?, updated_at=?, "
-            "next_attempt_at=NULL, lease_until=NULL WHERE seq=?",
-            (
-                state,
-                status,
-                code,
-                adapter,
-                json.dumps(dict(response_headers)),
-                response_body,
-                error,
-                json.dumps(dict(timings or {})),
-                time.time(),
-                seq,
-            ),
-        )
+        now = time.time()
+        with self._chained() as chain:
+            count = self._write(
+                "UPDATE messages SET state=?, status=?, code=?, adapter=COALESCE(?, adapter), "
+                "response_headers=?, response_body=?, error=?, timings=?, updated_at=?, "
+                "next_attempt_at=NULL, lease_until=NULL WHERE seq=?",
+                (
+                    state,
+                    status,
+                    code,
+                    adapter,
+                    json.dumps(dict(response_headers)),
+                    response_body,
+                    error,
+                    json.dumps(dict(timings or {})),
+                    now,
+                    seq,
+                ),
+            )
+            if count == 1:
+                chain.append(
+                    self.db,
+                    "message.finished",
+                    seq,
+                    now,
+                    state=state,
+                    status=status,
+                    code=code,
+                    response_digest=body_digest(response_body),
+                )
 
     async def record_rejection(self, rejection: Rejection) -> None:
-        self._write(
-            "INSERT INTO rejections (at, client, message_id, service, status, code, detail, "
-            "digest, size, headers) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (
-                time.time(),
-                rejection.client,
-                rejection.message_id,
-                rejection.service,
-                rejection.status,
-                rejection.code,
-                rejection.detail,
-                rejection.digest,
-                rejection.size,
-                json.dumps(dict(rejection.headers)),
-            ),
-        )
+        now = time.time()
+        with self._chained() as chain:
+            rows = self._rows(
+                "INSERT INTO rejections (at, client, message_id, service, status, code, detail, "
+                "digest, size, headers) VALUES (?,?,?,?,?,?,?,?,?,?) RETURNING seq",
+                (
+                    now,
+                    rejection.client,
+                    rejection.message_id,
+                    rejection.service,
+                    rejection.status,
+                    rejection.code,
+                    rejection.detail,
+                    rejection.digest,
+                    rejection.size,
+                    json.dumps(dict(rejection.headers)),
+                ),
+            )
+            chain.append(
+                self.db,
+                "rejection",
+                int(rows[0][0]),
+                now,
+                client=rejection.client,
+                message_id=rejection.message_id,
+                service=rejection.service,
+                status=rejection.status,
+                code=rejection.code,
+                digest=rejection.digest,
+                size=rejection.size,
+            )
 
     async def rejections(self, limit: int = 100) -> list[dict[str, Any]]:
         rows = self._rows("SELECT * FROM rejections ORDER BY seq DESC LIMIT ?", (limit,))
@@ -613,6 +715,25 @@ class SQLiteStore:
         )
         return int(rows[0][0])
 
+    async def oldest_outbox_age(self, now: float) -> float:
+        """Seconds since the oldest message or callback still in the outbox was created.
+
+        It reads every outbox row (about 15 ms for 100,000), so it runs in the maintenance
+        connection's thread, off the loop; only a metrics scrape asks for it."""
+        if self._maintenance is None:
+            raise StoreError("the store is not open")
+        try:
+            async with self._maintenance.execute(
+                "SELECT MIN(t) FROM (SELECT MIN(created_at) AS t FROM messages "
+                "WHERE next_attempt_at IS NOT NULL UNION ALL SELECT MIN(created_at) "
+                "FROM callbacks WHERE next_attempt_at IS NOT NULL)"
+            ) as cur:
+                row = await cur.fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"store query failed: {exc}") from exc
+        oldest = row[0] if row is not None else None
+        return max(0.0, now - float(oldest)) if oldest is not None else 0.0
+
     async def claim_due_messages(
         self, now: float, limit: int, lease_s: float
     ) -> Sequence[MessageRecord]:
@@ -646,12 +767,19 @@ class SQLiteStore:
     ) -> None:
         """Move a message forward; it leaves the outbox. A transition that would move it
         back (a late acknowledgement after its answer) changes nothing."""
-        self._write(
-            "UPDATE messages SET state=?, adapter=COALESCE(?, adapter), error=?, "
-            "result=COALESCE(?, result), attempts=COALESCE(?, attempts), next_attempt_at=NULL, "
-            f"lease_until=NULL, updated_at=? WHERE seq=? AND state IN {self._from(state)}",
-            (state, adapter, error, result, attempts, time.time(), seq),
-        )
+        allowed = self._from(state)
+        now = time.time()
+        with self._chained() as chain:
+            count = self._write(
+                "UPDATE messages SET state=?, adapter=COALESCE(?, adapter), error=?, "
+                "result=COALESCE(?, result), attempts=COALESCE(?, attempts), "
+                f"next_attempt_at=NULL, lease_until=NULL, updated_at=? WHERE seq=? AND state IN "
+                f"{allowed}",
+                (state, adapter, error, result, attempts, now, seq),
+            )
+            if count == 1:
+                facts = {} if result is None else {"result_digest": body_digest(result)}
+                chain.append(self.db, "message.state", seq, now, state=state, **facts)
 
     async def note_attempt(self, seq: int, *, attempts: int, adapter: str | None) -> None:
         """Count a delivery attempt without moving the message's state."""
@@ -680,8 +808,9 @@ class SQLiteStore:
     async def insert_callback(self, cb: NewCallback) -> CallbackRecord:
         """Store a callback and mark its message answered, in one transaction."""
         now = time.time()
+        headers = json.dumps(dict(cb.headers))
         try:
-            with self._transaction():
+            with self._chained() as chain:
                 cur = self.db.execute(
                     "INSERT INTO callbacks (message_id, client, correlation_id, original_seq, "
                     "service, headers, body, digest, state, next_attempt_at, created_at, "
@@ -692,7 +821,7 @@ class SQLiteStore:
                         cb.correlation_id,
                         cb.original_seq,
                         cb.service,
-                        json.dumps(dict(cb.headers)),
+                        headers,
                         cb.body,
                         cb.digest,
                         now,
@@ -707,6 +836,23 @@ class SQLiteStore:
                     "UPDATE messages SET state='answered', result=?, next_attempt_at=NULL, "
                     "lease_until=NULL, updated_at=? WHERE seq=?",
                     (cb.body, now, cb.original_seq),
+                )
+                # One record for both rows: the callback, and its message now answered by it.
+                chain.append(
+                    self.db,
+                    "callback.accepted",
+                    int(seq or 0),
+                    now,
+                    message_id=cb.message_id,
+                    client=cb.client,
+                    correlation_id=cb.correlation_id,
+                    original_seq=cb.original_seq,
+                    service=cb.service,
+                    digest=cb.digest,
+                    body_digest=body_digest(cb.body),
+                    headers_digest=body_digest(headers.encode()),
+                    state="pending",
+                    message_state="answered",
                 )
         except sqlite3.IntegrityError as exc:
             if "UNIQUE" not in str(exc):  # e.g. a FOREIGN KEY failure: no such message
@@ -755,17 +901,27 @@ class SQLiteStore:
         Both rows change in one transaction, so a crash never strands the message."""
         now = time.time()
         try:
-            with self._transaction():
-                self._execute(
+            with self._chained() as chain:
+                count = self._execute(
                     "UPDATE callbacks SET state=?, attempts=?, error=?, next_attempt_at=NULL, "
                     "lease_until=NULL, updated_at=? WHERE seq=?",
                     (state, attempts, error, now, seq),
                 )
+                moved = 0
                 if state == "delivered":
-                    self._execute(
+                    moved = self._execute(
                         "UPDATE messages SET state='callback_delivered', updated_at=? WHERE seq = "
                         "(SELECT original_seq FROM callbacks WHERE seq=?) AND state = 'answered'",
                         (now, seq),
+                    )
+                if count == 1:
+                    chain.append(
+                        self.db,
+                        "callback.finished",
+                        seq,
+                        now,
+                        state=state,
+                        message_state="callback_delivered" if moved == 1 else None,
                     )
         except sqlite3.Error as exc:
             raise StoreError(f"store write failed: {exc}") from exc
@@ -792,16 +948,21 @@ class SQLiteStore:
 
     async def redeliver(self, kind: str, seq: int, now: float) -> bool:
         """Put one dead letter back in the outbox with a fresh attempt budget."""
-        if kind == "message":
-            count = self._write(
-                "UPDATE messages SET state='accepted', attempts=0, next_attempt_at=?, "
-                "lease_until=NULL, created_at=?, updated_at=? WHERE seq=? AND state='dead'",
-                (now, now, now, seq),
-            )
-        else:
-            count = self._write(
-                "UPDATE callbacks SET state='pending', attempts=0, next_attempt_at=?, "
-                "lease_until=NULL, created_at=?, updated_at=? WHERE seq=? AND state='dead'",
-                (now, now, now, seq),
-            )
+        with self._chained() as chain:
+            if kind == "message":
+                count = self._write(
+                    "UPDATE messages SET state='accepted', attempts=0, next_attempt_at=?, "
+                    "lease_until=NULL, created_at=?, updated_at=? WHERE seq=? AND state='dead'",
+                    (now, now, now, seq),
+                )
+                state = "accepted"
+            else:
+                count = self._write(
+                    "UPDATE callbacks SET state='pending', attempts=0, next_attempt_at=?, "
+                    "lease_until=NULL, created_at=?, updated_at=? WHERE seq=? AND state='dead'",
+                    (now, now, now, seq),
+                )
+                state = "pending"
+            if count == 1:  # its created_at restarts the age limit: chained as a new start
+                chain.append(self.db, f"{kind}.redelivered", seq, now, state=state)
         return count == 1

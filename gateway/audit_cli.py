@@ -1,0 +1,216 @@
+"""``gateway audit …``: verify the message log, export and check evidence, purge bodies."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.audit import (
+    canonical_bundle,
+    check_bundle,
+    export_bundle,
+    jwks_from,
+    make_checkpoint,
+    open_store,
+    verify_chain,
+)
+from gateway.config import Config, load_config
+from gateway.errors import StoreError
+from gateway.keys import load_keypair
+from gateway.store import chain
+
+__all__ = ["EXIT_UNTRUSTED", "register_audit_commands"]
+
+# ``audit check``: consistent, but only with the bundle's own key (no trusted JWKS given).
+EXIT_UNTRUSTED = 3
+
+
+def register_audit_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``audit verify|export|check|purge`` to the ``gateway`` parser."""
+    audit = sub.add_parser("audit", help="the tamper-evident message log (docs/audit.md)")
+    actions = audit.add_subparsers(dest="action", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", default="config.yaml", help="config file (default config.yaml)")
+        return p
+
+    verify = with_config(
+        actions.add_parser(
+            "verify",
+            help="walk the chain and name the first modified, deleted, inserted, "
+            "reordered or forged record; exit 1 if there is one",
+        )
+    )
+    verify.add_argument("--jwks", help="trust this JWKS file (default: the gateway's own keys)")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.set_defaults(func=cmd_verify)
+
+    export = with_config(
+        actions.add_parser(
+            "export", help="write one message's evidence bundle (signing a checkpoint if needed)"
+        )
+    )
+    export.add_argument("message_id", metavar="MESSAGE_ID")
+    export.add_argument("--out", required=True, help="bundle file to write")
+    export.add_argument("--client", help="the sender, when several sent this message id")
+    export.set_defaults(func=cmd_export)
+
+    check = actions.add_parser(
+        "check",
+        help="check an evidence bundle offline; exit 0 verified against --jwks, 1 broken, "
+        f"{EXIT_UNTRUSTED} consistent but checked only against its own key",
+    )
+    check.add_argument("file", metavar="FILE")
+    check.add_argument("--jwks", help="the gateway's public JWKS, obtained independently")
+    check.set_defaults(func=cmd_check)
+
+    purge = with_config(
+        actions.add_parser(
+            "purge", help="drop request/response/result bodies older than DAYS; digests stay"
+        )
+    )
+    purge.add_argument("--older-than", type=float, required=True, metavar="DAYS")
+    purge.set_defaults(func=cmd_purge)
+
+
+def _read_json(path: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+
+
+def gateway_jwks(config: Config) -> dict[str, Any]:
+    """The gateway's public keys (current and previous), as ``/.well-known/jwks.json``."""
+    if config.gateway.jwk_path.exists():
+        return jwks_from(config.gateway.jwk_path, config.gateway.previous_keys)
+    pair = load_keypair(config.gateway.key_path, None)
+    return {"keys": [dict(pair.jwk), *(dict(k) for k in config.gateway.previous_keys)]}
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    jwks = _read_json(args.jwks) if args.jwks else gateway_jwks(config)
+    with contextlib.closing(open_store(config.store.path, readonly=True)) as db:
+        report = verify_chain(db, jwks, gateway=config.gateway.member_id)
+    if args.json:
+        out = {
+            "ok": report.ok,
+            "records": report.records,
+            "checkpoints": report.checkpoints,
+            "sealed": report.sealed,
+            "findings": [
+                {"seq": f.seq, "kind": f.kind, "detail": f.detail} for f in report.findings
+            ],
+        }
+        print(json.dumps(out, indent=2))
+        return 0 if report.ok else 1
+    unsealed = report.records - report.sealed
+    print(
+        f"message log: {report.records} records, {report.checkpoints} signed checkpoints; "
+        f"sealed up to seq {report.sealed}"
+        + (f" ({unsealed} records not covered by a valid checkpoint)" if unsealed > 0 else "")
+    )
+    first = report.first
+    if first is None:
+        print("OK: every record, link and checkpoint holds")
+        return 0
+    print(f"BROKEN: {first}")
+    for finding in report.findings[1:20]:
+        print(f"  also {finding}")
+    if len(report.findings) > 20:
+        print(f"  … and {len(report.findings) - 20} more")
+    print(f"{len(report.findings)} problem(s)", file=sys.stderr)
+    return 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    jwks = gateway_jwks(config)
+    with contextlib.closing(open_store(config.store.path, readonly=False)) as db:
+        if not chain.schema_has_chain(db):
+            raise StoreError("this store has no message log chain yet (start the gateway once)")
+        found = [
+            m
+            for m in chain.messages_by_id(db, args.message_id.lower())
+            if args.client is None or m["client"] == args.client
+        ]
+        if not found:
+            print(f"no message {args.message_id}", file=sys.stderr)
+            return 1
+        if len(found) > 1:
+            clients = ", ".join(m["client"] for m in found)
+            print(
+                f"several senders used {args.message_id} ({clients}): pass --client",
+                file=sys.stderr,
+            )
+            return 1
+        message = found[0]
+        span = chain.own_events(
+            db, message["seq"], [c["seq"] for c in chain.callbacks_of(db, message["seq"])]
+        )
+        if span is not None and chain.checkpoint_covering(db, span[1]) is None:
+            # Sign now rather than wait for the gateway's next checkpoint.
+            keypair = load_keypair(config.gateway.key_path, config.gateway.jwk_path)
+            make_checkpoint(db, keypair, config.gateway.member_id)
+        bundle = export_bundle(db, message, jwks)
+    raw = canonical_bundle(bundle)
+    report = check_bundle(raw, jwks)
+    if not report.ok:
+        print(
+            f"the bundle does not verify ({report.problem}); run `gateway audit verify`",
+            file=sys.stderr,
+        )
+        return 1
+    Path(args.out).write_bytes(raw)
+    for line in report.summary:
+        print(line)
+    print(f"wrote {args.out} ({len(raw)} bytes)")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        raw = Path(args.file).read_bytes()
+    except OSError as exc:
+        print(f"cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    trusted = _read_json(args.jwks) if args.jwks else None
+    report = check_bundle(raw, trusted)
+    for line in report.summary:
+        print(line)
+    if not report.ok:
+        print(f"BROKEN: {report.problem}")
+        return 1
+    if report.trusted:
+        print(f"OK: verified against {args.jwks}")
+        return 0
+    print(
+        "CONSISTENT, but checked only against the key inside the bundle: this proves nothing "
+        "about who signed it; pass --jwks with the gateway's published JWKS"
+    )
+    return EXIT_UNTRUSTED
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    if args.older_than < 0:
+        print("--older-than must not be negative", file=sys.stderr)
+        return 2
+    config = load_config(args.config)
+    now = time.time()
+    cutoff = now - args.older_than * 86400
+    with contextlib.closing(open_store(config.store.path, readonly=False)) as db:
+        if not chain.schema_has_chain(db):
+            raise StoreError("this store has no message log chain yet (start the gateway once)")
+        messages, callbacks = chain.purge_bodies(db, chain.HashChain(), cutoff, now)
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(cutoff))
+    print(
+        f"purged the bodies of {messages} message(s) and {callbacks} callback(s) created "
+        f"before {since}; their digests stay in the chain"
+    )
+    return 0

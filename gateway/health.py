@@ -1,0 +1,162 @@
+"""Readiness: may a load balancer send this process traffic?
+
+``/healthz`` says only that the process answers. ``/readyz`` answers 503 with the
+reasons when any of these fails:
+
+- the store takes a write (``Store.ping``: the write lock and a write statement);
+- the keys are loaded: the gateway's private key signs and its published JWK verifies
+  that signature (a stale ``.jwk.json`` beside a new key fails here), and members have
+  keys to verify requests with;
+- the outbox delivery is running;
+- every enabled adapter that counts for readiness (``readiness: true``, the default) is
+  healthy by its own ``health()``, asked with a short timeout, and its circuit is not
+  open. Answers are cached for ``ttl_s`` so that frequent probes stay cheap and a slow
+  upstream cannot pile probes up; concurrent probes share one round of checks.
+
+An adapter whose outage should not take the gateway out of rotation (asynchronous
+services queue in the outbox meanwhile) is configured with ``readiness: false``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from adapters.base import Adapter, Health
+from gateway.errors import GatewayError
+from gateway.keys import KeyPair, VerificationKey
+from gateway.signing import RequestView, Signer, Verifier, parse_signature_input
+from gateway.store import Store
+
+if TYPE_CHECKING:
+    from gateway.delivery import Delivery
+    from gateway.pipeline import RuntimeHolder
+
+__all__ = ["Readiness"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    adapter: Adapter  # the instance asked: a replaced adapter is asked again
+    at: float
+    health: Health
+
+
+class Readiness:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        runtime: RuntimeHolder,
+        keypair: KeyPair,
+        delivery: Callable[[], Delivery | None],
+        ttl_s: float = 2.0,
+        timeout_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.runtime = runtime
+        self.keypair = keypair
+        self.delivery = delivery
+        self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
+        self._clock = clock
+        self._checked: dict[str, _Checked] = {}
+        self._lock = asyncio.Lock()
+        self._key_problem: str | bool | None = False  # False: not checked yet
+
+    async def reasons(self) -> list[str]:
+        """Everything that keeps this process from being ready (empty: ready)."""
+        reasons: list[str] = []
+        try:
+            await self.store.ping()
+        except GatewayError as exc:
+            reasons.append(f"store: {exc.detail}")
+        except Exception as exc:  # any failure of the store means not ready
+            reasons.append(f"store: {type(exc).__name__}")
+        reasons += self._keys()
+        delivery = self.delivery()
+        if delivery is not None and delivery.state.value != "running":
+            reasons.append(f"delivery: {delivery.state.value}")
+        runtime = self.runtime.current
+        for name, health in (await self.adapters()).items():
+            if not health.healthy:
+                reasons.append(f"adapter {name}: unhealthy ({health.detail})")
+        for name, slot in runtime.adapters.items():
+            if slot.config.enabled and not slot.breaker.allows():
+                reasons.append(f"adapter {name}: circuit open")
+        return reasons
+
+    def _keys(self) -> list[str]:
+        if self._key_problem is False:  # the key pair never changes: check it once
+            self._key_problem = _check_keypair(self.keypair)
+        problems = [self._key_problem] if isinstance(self._key_problem, str) else []
+        if not any(m.keys for m in self.runtime.current.members.values()):
+            problems.append("keys: no member key is loaded; no request can be verified")
+        return problems
+
+    async def adapters(self) -> dict[str, Health]:
+        """Health of the adapters that count for readiness, at most ``ttl_s`` old."""
+        slots = {
+            name: slot
+            for name, slot in self.runtime.current.adapters.items()
+            if slot.config.enabled and slot.config.readiness
+        }
+        async with self._lock:  # one round of checks at a time; the others reuse it
+            now = self._clock()
+            stale = [
+                name
+                for name, slot in slots.items()
+                if (c := self._checked.get(name)) is None
+                or c.adapter is not slot.adapter
+                or now - c.at >= self.ttl_s
+            ]
+            if stale:
+                answers = await asyncio.gather(*(self._ask(slots[n].adapter) for n in stale))
+                now = self._clock()
+                for name, health in zip(stale, answers, strict=True):
+                    self._checked[name] = _Checked(slots[name].adapter, now, health)
+            for gone in self._checked.keys() - slots.keys():
+                del self._checked[gone]
+        return {name: self._checked[name].health for name in slots}
+
+    async def _ask(self, adapter: Adapter) -> Health:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await adapter.health()
+        except TimeoutError:
+            return Health(healthy=False, detail=f"no answer within {self.timeout_s:g} s")
+        except Exception as exc:  # a health check that fails is an unhealthy adapter
+            return Health(healthy=False, detail=type(exc).__name__)
+
+    async def handler(self, request: web.Request) -> web.Response:
+        """``GET /readyz``: 200 ready, or 503 with the reasons."""
+        reasons = await self.reasons()
+        return web.json_response(
+            {"status": "not ready" if reasons else "ready", "reasons": reasons},
+            status=503 if reasons else 200,
+        )
+
+
+def _check_keypair(keypair: KeyPair) -> str | None:
+    """None when the private key signs and the public JWK verifies it, else the problem."""
+    url, covered = "http://readiness.invalid/", ("@method", "@target-uri", "content-digest")
+    headers: CIMultiDict[str] = CIMultiDict()
+    try:
+        Signer(keypair).sign_request("POST", url, headers, b"", components=covered)
+        Verifier().verify(
+            RequestView("POST", url, headers),
+            parse_signature_input(headers),
+            VerificationKey.from_jwk(keypair.jwk),
+            required=covered,
+        )
+    except (GatewayError, ValueError, TypeError) as exc:
+        detail = exc.detail if isinstance(exc, GatewayError) else str(exc)
+        return f"keys: the gateway key {keypair.kid} does not match its JWK ({detail})"
+    return None

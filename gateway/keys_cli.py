@@ -1,0 +1,101 @@
+"""``gateway keys rotate``, and the passphrase options ``gateway keygen`` shares with it.
+
+A passphrase never comes from the command line (other users can read it in ``ps``):
+only from an environment variable or a file of mode 0600.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.config import load_config
+from gateway.keys import read_passphrase, rotate_keypair
+
+__all__ = ["add_passphrase_options", "passphrase_from_args", "register_keys_commands"]
+
+DEFAULT_PASSPHRASE_ENV = "GATEWAY_KEY_PASSPHRASE"  # noqa: S105 - a variable's name, not a secret
+
+
+def add_passphrase_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt the PEM (PKCS#8, best available cipher) with a passphrase",
+    )
+    parser.add_argument(
+        "--passphrase-env",
+        default=DEFAULT_PASSPHRASE_ENV,
+        metavar="NAME",
+        help=f"environment variable holding the passphrase (default {DEFAULT_PASSPHRASE_ENV})",
+    )
+    parser.add_argument(
+        "--passphrase-file", metavar="PATH", help="file (mode 0600) holding the passphrase"
+    )
+
+
+def passphrase_from_args(args: argparse.Namespace) -> bytes | None:
+    """The passphrase to encrypt with, or None when ``--encrypt`` was not given."""
+    if not args.encrypt:
+        return None
+    if args.passphrase_file:
+        return read_passphrase(None, Path(args.passphrase_file))
+    return read_passphrase(args.passphrase_env, None)
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    gw = config.gateway
+    passphrase = read_passphrase(gw.key_passphrase_env, gw.key_passphrase_file)
+    old, new, expiry = rotate_keypair(
+        gw.key_path,
+        gw.jwk_path,
+        gw.rotated_keys_path,
+        grace_s=args.grace_days * 86400,
+        passphrase=passphrase,
+        kind=args.type,
+        kid=args.kid,
+    )
+    report: dict[str, Any] = {
+        "old_kid": old.kid,
+        "new_kid": new.kid,
+        "alg": new.algorithm,
+        "old_published_until": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiry)),
+        "previous_keys": str(gw.rotated_keys_path),
+        "encrypted": passphrase is not None,
+    }
+    print(json.dumps(report))
+    print(
+        "restart the gateway to sign with the new key; the old one stays in the JWKS "
+        "until the date above",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def register_keys_commands(sub: Any) -> None:
+    """``gateway keys rotate`` (``sub`` is the top-level subparsers action)."""
+    keys = sub.add_parser("keys", help="the gateway's signing key: rotation")
+    keys_sub = keys.add_subparsers(dest="action", required=True)
+    rotate = keys_sub.add_parser(
+        "rotate",
+        help="new signing key; the old public key stays in the JWKS for a grace period",
+    )
+    rotate.add_argument("--config", default="config.yaml", help="config file (default config.yaml)")
+    rotate.add_argument(
+        "--grace-days",
+        type=float,
+        default=7.0,
+        help="days the old key stays published in the JWKS (default 7)",
+    )
+    rotate.add_argument(
+        "--type",
+        choices=["ed25519", "ecdsa-p256", "rsa-pss"],
+        help="key type of the new key (default: the old key's)",
+    )
+    rotate.add_argument("--kid", help="key id of the new key (default: RFC 7638 thumbprint)")
+    rotate.set_defaults(func=cmd_rotate)

@@ -1,0 +1,104 @@
+"""Personal data out of sight: stored documents and headers as operators see them.
+
+Three rules, applied wherever a stored exchange is shown (admin API, ``gateway log
+show``): ``Gw-User`` (and any credential header) is replaced by ``***``; every
+resident identity number keeps only its region code and check digits
+(``mask_personal``); and each field a service lists under ``sensitive`` (JSON
+Pointers, RFC 6901, where a ``*`` segment stands for every member or item) is
+replaced by ``***``. Messages in transit are never changed; only views are.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from gateway.logs import mask_personal
+
+__all__ = ["MASK", "mask_document", "mask_headers", "mask_pointers", "masked_body", "masked_text"]
+
+MASK = "***"
+_SECRET_HEADERS = frozenset({"gw-user", "authorization", "cookie", "proxy-authorization"})
+
+
+def _tokens(pointer: str) -> list[str]:
+    if pointer == "":
+        return []
+    return [t.replace("~1", "/").replace("~0", "~") for t in pointer[1:].split("/")]
+
+
+def _mask_at(node: Any, tokens: Sequence[str]) -> Any:
+    """``node`` with the values at ``tokens`` masked (a new container where it changes)."""
+    if not tokens:
+        return MASK
+    head, rest = tokens[0], tokens[1:]
+    if isinstance(node, dict):
+        names = list(node) if head == "*" else [head] if head in node else []
+        if not names:
+            return node
+        changed = dict(node)
+        for name in names:
+            changed[name] = _mask_at(node[name], rest)
+        return changed
+    if isinstance(node, list):
+        if head == "*":
+            return [_mask_at(item, rest) for item in node]
+        if head.isdigit() and int(head) < len(node) and (head == "0" or head[0] != "0"):
+            changed_list = list(node)
+            changed_list[int(head)] = _mask_at(node[int(head)], rest)
+            return changed_list
+    return node
+
+
+def mask_pointers(document: Any, pointers: Iterable[str]) -> Any:
+    """A copy of ``document`` with the value at each pointer replaced by ``***``; a
+    pointer that does not resolve changes nothing."""
+    for pointer in pointers:
+        document = _mask_at(document, _tokens(pointer))
+    return document
+
+
+def _mask_strings(node: Any) -> Any:
+    if isinstance(node, str):
+        return mask_personal(node)
+    if isinstance(node, dict):
+        return {mask_personal(k): _mask_strings(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_mask_strings(v) for v in node]
+    return node
+
+
+def mask_document(document: Any, pointers: Iterable[str] = ()) -> Any:
+    """A parsed document for display: sensitive fields and resident IDs masked."""
+    return _mask_strings(mask_pointers(document, pointers))
+
+
+def masked_body(data: bytes | None, pointers: Sequence[str] = ()) -> Any:
+    """A stored body for display: the masked document when it is JSON, else masked text."""
+    if data is None:
+        return None
+    text = data.decode("utf-8", "replace")
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        return mask_personal(text)
+    return mask_document(document, pointers)
+
+
+def masked_text(data: bytes | None, pointers: Sequence[str] = ()) -> str:
+    """Like ``masked_body``, as text; a JSON body is re-serialised only when it has
+    sensitive fields to hide (else its bytes are shown as stored, IDs masked)."""
+    text = (data or b"").decode("utf-8", "replace")
+    if pointers:
+        masked = masked_body(data, pointers)
+        if not isinstance(masked, str) and masked is not None:
+            return json.dumps(masked, ensure_ascii=False)
+    return mask_personal(text)
+
+
+def mask_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """Headers for display: ``Gw-User`` and credentials hidden, resident IDs masked."""
+    return {
+        k: MASK if k.lower() in _SECRET_HEADERS else mask_personal(v) for k, v in headers.items()
+    }

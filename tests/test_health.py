@@ -1,0 +1,119 @@
+"""/healthz and /readyz: ready only with a writable store, keys and healthy adapters."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from gateway.app import READINESS, STORE
+from tests.conftest import Harness, HarnessFactory
+
+
+async def _ready(h: Harness) -> tuple[int, list[str]]:
+    resp = await h.gateway.get("/readyz")
+    body = await resp.json()
+    assert body["status"] == ("ready" if resp.status == 200 else "not ready")
+    reasons: list[str] = body["reasons"]
+    return resp.status, reasons
+
+
+async def test_healthz_and_readyz_answer_when_all_is_well(harness: Harness) -> None:
+    """A fresh gateway is alive and ready, with no reasons given."""
+    alive = await harness.gateway.get("/healthz")
+    assert (alive.status, await alive.json()) == (200, {"status": "ok"})
+    assert await _ready(harness) == (200, [])
+
+
+async def test_readyz_503_while_the_store_refuses_writes(harness: Harness) -> None:
+    """SQLite refusing writes on the live connection makes the gateway unready, then ready."""
+    db = harness.app[STORE].db
+    db.execute("PRAGMA query_only = ON")  # SQLite itself now refuses every write
+    status, reasons = await _ready(harness)
+    assert status == 503
+    assert reasons == ["store: store write failed: attempt to write a readonly database"]
+    db.execute("PRAGMA query_only = OFF")
+    assert await _ready(harness) == (200, [])
+
+
+async def test_readyz_503_while_the_store_is_closed(harness: Harness) -> None:
+    """A closed store is not ready; reopened, the same file serves again."""
+    store = harness.app[STORE]
+    await store.close()
+    status, reasons = await _ready(harness)
+    assert (status, reasons) == (503, ["store: the store is not open"])
+    await store.open()
+    assert await _ready(harness) == (200, [])
+
+
+async def test_readyz_follows_adapter_health_through_its_cache(harness: Harness) -> None:
+    """An unhealthy platform turns readiness 503 once the cached answer expires, and back."""
+    readiness = harness.app[READINESS]
+    assert await _ready(harness) == (200, [])
+    harness.national.mode = "error"  # its /health now answers 503
+    assert await _ready(harness) == (200, [])  # the cached answer stands for ttl_s
+    readiness.ttl_s = 0.0
+    status, reasons = await _ready(harness)
+    assert (status, reasons) == (503, ["adapter national: unhealthy (HTTP 503)"])
+    harness.national.mode = "ok"
+    assert await _ready(harness) == (200, [])
+
+
+async def test_probes_share_one_round_of_health_checks(harness: Harness) -> None:
+    """Within the cache's lifetime the platform's /health is asked once, however many probes."""
+    readiness = harness.app[READINESS]
+    readiness.ttl_s = 60.0
+    first = await readiness.adapters()
+    harness.national.mode = "error"
+    for _ in range(5):
+        assert await readiness.adapters() == first
+    assert first["national"].healthy
+
+
+async def test_an_adapter_outside_readiness_does_not_count(make_harness: HarnessFactory) -> None:
+    """``readiness: false`` keeps a gateway ready (its outbox queues) while the platform is down."""
+
+    def optional(doc: dict[str, Any]) -> None:
+        doc["adapters"][0]["readiness"] = False
+
+    h = await make_harness(optional)
+    h.app[READINESS].ttl_s = 0.0
+    h.national.mode = "error"
+    assert await _ready(h) == (200, [])
+    assert await h.app[READINESS].adapters() == {}
+
+
+async def test_readyz_503_without_member_keys(make_harness: HarnessFactory) -> None:
+    """A gateway that can verify no one is not ready."""
+
+    def keyless(doc: dict[str, Any]) -> None:
+        for member in doc["members"]:
+            member["keys"] = []
+
+    h = await make_harness(keyless)
+    status, reasons = await _ready(h)
+    assert (status, reasons) == (503, ["keys: no member key is loaded; no request can be verified"])
+
+
+async def test_a_silent_health_endpoint_times_out(make_harness: HarnessFactory) -> None:
+    """A health endpoint that accepts and never answers counts as unhealthy after the timeout."""
+    stalled: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stalled.append(writer)  # keep the connection open, say nothing
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    def silent(doc: dict[str, Any]) -> None:
+        doc["adapters"][0]["config"]["health_url"] = f"http://127.0.0.1:{port}/health"
+
+    try:
+        h = await make_harness(silent)
+        h.app[READINESS].timeout_s = 0.2
+        status, reasons = await _ready(h)
+        assert (status, reasons) == (503, ["adapter national: unhealthy (no answer within 0.2 s)"])
+    finally:
+        for writer in stalled:
+            writer.close()
+        server.close()
+        await server.wait_closed()
