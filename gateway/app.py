@@ -230,11 +230,16 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 def create_app(
-    config: Config, *, start_delivery: bool = True, tracing: Tracing | None = None
+    config: Config,
+    *,
+    start_delivery: bool = True,
+    tracing: Tracing | None = None,
+    worker: bool = False,
 ) -> web.Application:
     """The ingress application; resources live in cleanup contexts, one yield each.
 
-    ``tracing`` replaces the one ``config.tracing`` describes (tests pass an exporter)."""
+    ``tracing`` replaces the one ``config.tracing`` describes (tests pass an exporter);
+    ``worker`` marks one of several processes (``gateway serve --workers``)."""
     in_flight = InFlight(config.security.max_concurrent)
     app = web.Application(
         middlewares=[problem_middleware, limits_middleware(config.security, in_flight)],
@@ -332,7 +337,7 @@ def create_app(
         app[DELIVERY] = delivery
         app[PIPELINE].outbox = delivery
         if start_delivery:
-            await delivery.start()
+            await delivery.start(release_leases=not worker)
         yield
         if start_delivery:
             await delivery.stop()

@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,7 +45,11 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 async def _run_sites(
-    sites: Sequence[tuple[web.Application, str, int, str]], *, shutdown_timeout: float
+    sites: Sequence[tuple[web.Application, str, int, str]],
+    *,
+    shutdown_timeout: float,
+    reuse_port: bool = False,
+    quiet: bool = False,
 ) -> None:
     """Serve apps until SIGINT/SIGTERM, then stop accepting and drain (reverse order)."""
     stop = asyncio.Event()
@@ -59,27 +65,37 @@ async def _run_sites(
             )
             await runner.setup()
             tls = app.get(TLS_CONTEXT)
-            await web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls).start()
+            await web.TCPSite(
+                runner, host, port, reuse_address=True, reuse_port=reuse_port, ssl_context=tls
+            ).start()
             runners.append(runner)
             scheme = "https" if tls is not None else "http"
-            print(f"  {label:<34} {scheme}://{host}:{port}", flush=True)
-        print("Ready. Ctrl-C stops.", flush=True)
+            if not quiet:
+                print(f"  {label:<34} {scheme}://{host}:{port}", flush=True)
+        if not quiet:
+            print("Ready. Ctrl-C stops.", flush=True)
         await stop.wait()
-        print("Stopping: no new requests; in-flight work finishes, the rest stays queued.")
+        if not quiet:
+            print("Stopping: no new requests; in-flight work finishes, the rest stays queued.")
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
 
 
-def _gateway_sites(config: Config) -> list[tuple[web.Application, str, int, str]]:
+def _gateway_sites(
+    config: Config, *, worker: int | None = None
+) -> list[tuple[web.Application, str, int, str]]:
+    """The ingress and admin apps; of several workers, only worker 0 serves the admin API."""
     from gateway.admin import create_admin_app
     from gateway.app import create_app
 
-    app = create_app(config)
-    return [
-        (app, config.ingress.host, config.ingress.port, "gateway ingress"),
-        (create_admin_app(app), config.admin.host, config.admin.port, "gateway admin API"),
-    ]
+    app = create_app(config, worker=worker is not None)
+    sites = [(app, config.ingress.host, config.ingress.port, "gateway ingress")]
+    if not worker:
+        sites.append(
+            (create_admin_app(app), config.admin.host, config.admin.port, "gateway admin API")
+        )
+    return sites
 
 
 def _configure_logging(args: argparse.Namespace, config: Config) -> None:
@@ -94,10 +110,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
     _configure_logging(args, config)
     print(f"gateway {config.gateway.member_id}")
-    asyncio.run(
-        _run_sites(_gateway_sites(config), shutdown_timeout=config.delivery.shutdown_grace_s)
+    grace = config.delivery.shutdown_grace_s
+    if args.workers <= 1:
+        asyncio.run(_run_sites(_gateway_sites(config), shutdown_timeout=grace))
+        return 0
+    from gateway.workers import supervise
+
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Metrics of all workers are merged from files in one directory.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+    print(
+        f"  gateway ingress                    http://{config.ingress.host}:{config.ingress.port}"
     )
-    return 0
+    print(f"  gateway admin API (worker 0)       http://{config.admin.host}:{config.admin.port}")
+
+    def run_worker(i: int) -> None:
+        sites = _gateway_sites(config, worker=i)
+        asyncio.run(_run_sites(sites, shutdown_timeout=grace, reuse_port=True, quiet=True))
+
+    return supervise(config, args.workers, run_worker)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -429,7 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", default="config.yaml", help="config file (default config.yaml)")
         return p
 
-    with_config(sub.add_parser("serve", help="run the gateway")).set_defaults(func=cmd_serve)
+    serve = with_config(sub.add_parser("serve", help="run the gateway"))
+    serve.add_argument(
+        "--workers", type=int, default=1, help="worker processes sharing the port (default 1)"
+    )
+    serve.set_defaults(func=cmd_serve)
     with_config(
         sub.add_parser("up", help="create missing keys; run gateway, simulator and demo system")
     ).set_defaults(func=cmd_up)

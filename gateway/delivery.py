@@ -95,10 +95,13 @@ class Delivery:
     def accepting(self) -> bool:
         return self.state is DeliveryState.RUNNING and self._depth < self.config.outbox_limit
 
-    async def start(self) -> None:
-        released = await self.store.release_leases()
-        if released:
-            log.info("voided %d leases left by an earlier run", released)
+    async def start(self, *, release_leases: bool = True) -> None:
+        """Start claiming. A lone process voids the leases an earlier run left; with
+        several workers the supervisor does that once, before any worker starts."""
+        if release_leases:
+            released = await self.store.release_leases()
+            if released:
+                log.info("voided %d leases left by an earlier run", released)
         self._depth = await self.store.outbox_depth()
         self.state = DeliveryState.RUNNING
         self._loop_task = asyncio.create_task(self._run(), name="delivery")

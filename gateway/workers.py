@@ -32,18 +32,27 @@ __all__ = ["prepare_store", "supervise"]
 RESTART_DELAY_S = 1.0
 
 
-async def _prepare(config: Config) -> int:
+async def _release(config: Config, owner: int | None) -> int:
     store = SQLiteStore(config.store.path, synchronous=config.store.synchronous)
     await store.open()
     try:
-        return await store.release_leases()
+        return await store.release_leases(owner)
     finally:
         await store.close()
 
 
 def prepare_store(config: Config) -> int:
     """Migrate the store and void stale leases, before any worker starts."""
-    return asyncio.run(_prepare(config))
+    return asyncio.run(_release(config, None))
+
+
+def _forget_metrics(pid: int | None) -> None:
+    """A dead worker's live gauges must not linger in the merged multiprocess metrics."""
+    if pid is None or "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]  # untyped upstream
 
 
 def supervise(config: Config, workers: int, run_worker: Callable[[int], None]) -> int:
@@ -77,9 +86,15 @@ def supervise(config: Config, workers: int, run_worker: Callable[[int], None]) -
             if proc.is_alive():
                 continue
             del procs[i]
-            if not stopping:
-                print(f"worker {i} exited with {proc.exitcode}; starting it again", file=sys.stderr)
+            _forget_metrics(proc.pid)
+            if not stopping and proc.pid is not None:
+                # What it was delivering is due again at once, not when its lease ends.
+                asyncio.run(_release(config, proc.pid))
+            if stopping:
+                # The exit status tells whether the shutdown itself was clean.
                 failed = failed or proc.exitcode not in (0, None)
-                time.sleep(RESTART_DELAY_S)
-                start(i)
+                continue
+            print(f"worker {i} exited with {proc.exitcode}; starting it again", file=sys.stderr)
+            time.sleep(RESTART_DELAY_S)
+            start(i)
     return 0 if not failed else 1

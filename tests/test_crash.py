@@ -42,11 +42,12 @@ class Deployment:
     starts: int = 0
     accepted: set[str] = field(default_factory=set)
 
-    async def start(self) -> None:
+    async def start(self, workers: int = 1) -> None:
         self.starts += 1
+        command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config_path)]
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config_path)],
+                [*command, "--workers", str(workers)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )

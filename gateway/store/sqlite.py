@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -139,6 +140,11 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (signer, keyid, nonce)
     ) WITHOUT ROWID;
     CREATE INDEX nonces_expiry ON nonces (expires_at);
+    """,
+    """
+    -- Who holds a lease (a process id), so one dead worker's leases can be voided alone.
+    ALTER TABLE messages ADD COLUMN lease_owner INTEGER;
+    ALTER TABLE callbacks ADD COLUMN lease_owner INTEGER;
     """,
 )
 
@@ -738,11 +744,12 @@ class SQLiteStore:
         self, now: float, limit: int, lease_s: float
     ) -> Sequence[MessageRecord]:
         rows = self._rows(
-            "UPDATE messages SET state='delivering', lease_until=?, updated_at=? WHERE seq IN ("
+            "UPDATE messages SET state='delivering', lease_until=?, lease_owner=?, updated_at=? "
+            "WHERE seq IN ("
             "SELECT seq FROM messages WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= ? "
             "AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_attempt_at LIMIT ?) "
             f"RETURNING {_MESSAGE_COLUMNS}",
-            (now + lease_s, now, now, now, limit),
+            (now + lease_s, os.getpid(), now, now, now, limit),
         )
         return sorted((_message(r) for r in rows), key=lambda m: m.seq)
 
@@ -795,8 +802,18 @@ class SQLiteStore:
             raise StoreError(f"no message moves to state {state!r} this way")
         return _FROM[state]
 
-    async def release_leases(self) -> int:
-        """After a restart nothing is in flight: every lease is void."""
+    async def release_leases(self, owner: int | None = None) -> int:
+        """Void leases: every one after a restart (nothing is in flight), or those of one
+        process that died while others go on (``owner``, its process id)."""
+        if owner is not None:
+            return sum(
+                self._write(
+                    f"UPDATE {table} SET lease_until=NULL WHERE lease_owner=? "
+                    "AND lease_until IS NOT NULL",
+                    (owner,),
+                )
+                for table in ("messages", "callbacks")
+            )
         messages = self._write("UPDATE messages SET lease_until=NULL WHERE lease_until IS NOT NULL")
         callbacks = self._write(
             "UPDATE callbacks SET lease_until=NULL WHERE lease_until IS NOT NULL"
@@ -877,11 +894,11 @@ class SQLiteStore:
         self, now: float, limit: int, lease_s: float
     ) -> Sequence[CallbackRecord]:
         rows = self._rows(
-            "UPDATE callbacks SET lease_until=?, updated_at=? WHERE seq IN ("
+            "UPDATE callbacks SET lease_until=?, lease_owner=?, updated_at=? WHERE seq IN ("
             "SELECT seq FROM callbacks WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= ? "
             "AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_attempt_at LIMIT ?) "
             "RETURNING seq",
-            (now + lease_s, now, now, now, limit),
+            (now + lease_s, os.getpid(), now, now, now, limit),
         )
         if not rows:
             return []
