@@ -51,6 +51,7 @@ class Settings:
     async_messages: int  # 0: no async pass
     chart: bool
     smoke: bool
+    gateway_workers: int = 1
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -71,6 +72,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             async_messages=50 if args.async_mode else 0,
             chart=False,
             smoke=True,
+            gateway_workers=args.gateway_workers,
         )
     return Settings(
         duration_s=args.duration,
@@ -83,6 +85,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         async_messages=args.async_messages if args.async_mode else 0,
         chart=True,
         smoke=False,
+        gateway_workers=args.gateway_workers,
     )
 
 
@@ -278,6 +281,9 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--async", dest="async_mode", action="store_true", help="add the async pass")
     p.add_argument("--async-messages", type=bounded(1, 100_000), default=3000, help="its size")
     p.add_argument("--smoke", action="store_true", help="a seconds-long check, no chart")
+    p.add_argument(
+        "--gateway-workers", type=bounded(1, 64), default=1, help="gateway serve --workers N"
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the JSON report (PNG beside)")
     return p.parse_args(argv)
 
@@ -292,7 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" load average {machine['load_average_1m']}"
     )
     print("load generator, upstream and each contender share them: figures are relative")
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp, running(Path(tmp)) as stack:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-") as tmp,
+        running(Path(tmp), gateway_workers=s.gateway_workers) as stack,
+    ):
         full, half = measure(stack, s)
         async_result = None
         if s.async_messages:

@@ -167,7 +167,7 @@ def _process(
 
 
 @contextlib.contextmanager
-def running(workdir: Path) -> Iterator[Stack]:
+def running(workdir: Path, *, gateway_workers: int = 1) -> Iterator[Stack]:
     """Start the upstream and the three contenders; stop them all when the block ends."""
     keys = workdir / "keys"
     member = _write_keys(keys)
@@ -202,6 +202,7 @@ def running(workdir: Path) -> Iterator[Stack]:
             str(Path(sys.executable).with_name("gateway")),
             "serve",
             f"--config={config}",
+            f"--workers={gateway_workers}",
         ],
     }
     with contextlib.ExitStack() as started:

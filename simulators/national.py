@@ -196,15 +196,23 @@ def _source_of(request: web.Request, sim: NationalPlatform) -> str:
     return sim.provinces.get(via.split(":", 1)[0], sim.callback_base)
 
 
-async def _exchange_envelope(request: web.Request) -> web.StreamResponse:
-    sim = request.app[NATIONAL]
+async def _admit(request: web.Request, sim: NationalPlatform) -> bytes | web.Response:
+    """The body of a request the platform takes, or the answer refusing it."""
     refused = await _refuse_or_delay(request, sim)
     if refused is not None:
         return refused
     checked = await _verified(request, sim)
     if isinstance(checked, web.Response):
         return checked
-    body, _ = checked
+    return checked[0]
+
+
+async def _exchange_envelope(request: web.Request) -> web.StreamResponse:
+    sim = request.app[NATIONAL]
+    admitted = await _admit(request, sim)
+    if isinstance(admitted, web.Response):
+        return admitted
+    body = admitted
     signer = Signer(sim.keypair)
     try:
         envelope = json.loads(body)
@@ -228,13 +236,10 @@ async def _exchange_envelope(request: web.Request) -> web.StreamResponse:
 
 async def _exchange_bare(request: web.Request) -> web.StreamResponse:
     sim = request.app[NATIONAL]
-    refused = await _refuse_or_delay(request, sim)
-    if refused is not None:
-        return refused
-    checked = await _verified(request, sim)
-    if isinstance(checked, web.Response):
-        return checked
-    body, _ = checked
+    admitted = await _admit(request, sim)
+    if isinstance(admitted, web.Response):
+        return admitted
+    body = admitted
     service = request.match_info["service"]
     message_id = request.headers["Gw-Message-Id"]
     try:

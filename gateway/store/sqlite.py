@@ -395,34 +395,25 @@ class SQLiteStore:
                     "updated_at=excluded.updated_at, updated_by=excluded.updated_by",
                     (change.kind, change.id, after, now, change.actor),
                 )
-                cur = self.db.execute(
-                    "INSERT INTO audit (at, actor, role, action, kind, resource_id, before, after) "
-                    "VALUES (?,?,?,?,?,?,?,?)",
-                    (
-                        now,
-                        change.actor,
-                        change.role,
-                        change.action,
-                        change.kind,
-                        change.id,
-                        json.dumps(change.before, ensure_ascii=False)
-                        if change.before is not None
-                        else None,
-                        after,
-                    ),
-                )
-                seq = int(cur.lastrowid or 0)
-                cur.close()
+                seq = self._insert_audit(change, now)
         except sqlite3.Error as exc:
             raise StoreError(f"store write failed: {exc}") from exc
         return seq
 
     async def audit(self, change: ResourceChange) -> int:
         """An audited action that changes no configuration (a redelivery, a token)."""
-        now = time.time()
-        rows = self._rows(
+        try:
+            return self._insert_audit(change, time.time())
+        except sqlite3.Error as exc:
+            raise StoreError(f"store write failed: {exc}") from exc
+
+    def _insert_audit(self, change: ResourceChange, now: float) -> int:
+        def encoded(value: Any) -> str | None:
+            return json.dumps(value, ensure_ascii=False) if value is not None else None
+
+        cur = self.db.execute(
             "INSERT INTO audit (at, actor, role, action, kind, resource_id, before, after) "
-            "VALUES (?,?,?,?,?,?,?,?) RETURNING seq",
+            "VALUES (?,?,?,?,?,?,?,?)",
             (
                 now,
                 change.actor,
@@ -430,13 +421,13 @@ class SQLiteStore:
                 change.action,
                 change.kind,
                 change.id,
-                json.dumps(change.before, ensure_ascii=False)
-                if change.before is not None
-                else None,
-                json.dumps(change.after, ensure_ascii=False) if change.after is not None else None,
+                encoded(change.before),
+                encoded(change.after),
             ),
         )
-        return int(rows[0][0])
+        seq = int(cur.lastrowid or 0)
+        cur.close()
+        return seq
 
     async def audit_trail(
         self, *, kind: str | None = None, since: float | None = None, limit: int = 100
