@@ -153,11 +153,16 @@ def _recordable(headers: CIMultiDictProxy[str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in _NOT_RECORDED}
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _json(body: bytes) -> Any:
+    """RFC 8259: UTF-8 between systems (json.loads would guess UTF-16/32), no NaN."""
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise MalformedRequest("the body is not a JSON document") from exc
+        return json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MalformedRequest("the body is not a UTF-8 JSON document") from exc
 
 
 class Pipeline:
@@ -230,7 +235,7 @@ class Pipeline:
             _single(headers, name)
         client = _require(headers, "Gw-Client")
         ctx.client = client
-        ctx.message_id = _require(headers, "Gw-Message-Id")
+        raw_message_id = _require(headers, "Gw-Message-Id")
         if body is not None:
             _require(headers, "Content-Digest")
             _require(headers, "Content-Type")
@@ -261,7 +266,8 @@ class Pipeline:
             ctype = headers["Content-Type"].split(";", 1)[0].strip().lower()
             if ctype != "application/json":
                 raise UnsupportedMediaType("the body must be application/json")
-        message_id = ctx.message_id = _message_id(ctx.message_id)
+        # Only a well-formed id is repeated in answers and logs.
+        message_id = ctx.message_id = _message_id(raw_message_id)
         ctx.timings["verify"] = (time.perf_counter() - started) * 1000
         return Authenticated(
             client=client,
