@@ -22,7 +22,6 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from aiohttp.test_utils import TestServer, unused_port
 
 from gateway.audit import (
     CheckpointSigner,
@@ -41,8 +40,6 @@ from gateway.keys import KeyPair, KeyType, generate, private_to_jwk
 from gateway.signing import Signer
 from gateway.store import DuplicateMessage, NewCallback, NewMessage, Rejection, chain
 from gateway.store.sqlite import MIGRATIONS, SQLiteStore
-from simulators.national import NationalPlatform, create_national_app
-from simulators.portal import Portal, create_portal_app
 from tests.conftest import (
     APPLY_EXAMPLE,
     CREDIT_EXAMPLE,
@@ -54,7 +51,7 @@ from tests.conftest import (
     Keys,
     config_document,
 )
-from tests.test_crash import Deployment, _send_until_accepted
+from tests.test_crash import Deployment, _send_until_accepted, deployed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -684,45 +681,13 @@ async def test_verify_runs_as_a_real_process_and_reports_json(
 
 @pytest.fixture
 async def deployment(keys: Keys, tmp_path: Path) -> AsyncIterator[Deployment]:
-    """A gateway subprocess (as in test_crash) beside an in-process platform and portal."""
-    gw_port, admin_port, nat_port, portal_port = (unused_port() for _ in range(4))
-    url = f"http://127.0.0.1:{gw_port}"
-    doc = config_document(
-        keys, store=tmp_path / "gw.db", national_url=f"http://127.0.0.1:{nat_port}"
-    )
-    doc["listen"] = {
-        "ingress": {"host": "127.0.0.1", "port": gw_port},
-        "admin": {"host": "127.0.0.1", "port": admin_port},
-    }
-    doc["members"][0]["callback_url"] = f"http://127.0.0.1:{portal_port}/callbacks"
-    doc["delivery"].update({"max_attempts": 100, "shutdown_grace_s": 3})
-    doc["store"]["checkpoint_interval_s"] = 0.2
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(doc), encoding="utf-8")
-    trusted = keys.verification("gateway")
-    national = NationalPlatform(
-        member_id=NATIONAL_ID,
-        keypair=keys.pairs["national"],
-        trusted=trusted,
-        callback_base=url,
-        callback_delay_s=0.05,
-    )
-    portal = Portal(
-        member_id=PORTAL_ID, keypair=keys.pairs["portal"], gateway_keys=trusted, gateway_url=url
-    )
-    servers = [
-        TestServer(create_national_app(national), port=nat_port),
-        TestServer(create_portal_app(portal), port=portal_port),
-    ]
-    for server in servers:
-        await server.start_server()
-    dep = Deployment(config_path, tmp_path / "gw.db", url, national, portal, tmp_path / "gw.log")
-    try:
+    """A gateway subprocess (as in test_crash), checkpointing every 0.2 s."""
+
+    def often(doc: dict[str, Any]) -> None:
+        doc["store"]["checkpoint_interval_s"] = 0.2
+
+    async with deployed(keys, tmp_path, often) as dep:
         yield dep
-    finally:
-        dep.stop()
-        for server in servers:
-            await server.close()
 
 
 async def test_sigkills_under_load_leave_a_chain_that_verifies(

@@ -12,9 +12,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -82,8 +83,11 @@ class Deployment:
         return dict(rows)
 
 
-@pytest.fixture
-async def deployment(keys: Keys, tmp_path: Path) -> AsyncIterator[Deployment]:
+@contextlib.asynccontextmanager
+async def deployed(
+    keys: Keys, tmp_path: Path, edit: Callable[[dict[str, Any]], None] | None = None
+) -> AsyncIterator[Deployment]:
+    """A gateway config on disk for a subprocess, with the platform and portal in-process."""
     gw_port, nat_port, portal_port = unused_port(), unused_port(), unused_port()
     url = f"http://127.0.0.1:{gw_port}"
     doc = config_document(
@@ -95,6 +99,8 @@ async def deployment(keys: Keys, tmp_path: Path) -> AsyncIterator[Deployment]:
     }
     doc["members"][0]["callback_url"] = f"http://127.0.0.1:{portal_port}/callbacks"
     doc["delivery"].update({"max_attempts": 100, "shutdown_grace_s": 3})
+    if edit is not None:
+        edit(doc)
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(doc), encoding="utf-8")
     gateway_keys = keys.verification("gateway")
@@ -124,6 +130,12 @@ async def deployment(keys: Keys, tmp_path: Path) -> AsyncIterator[Deployment]:
         dep.stop()
         for server in servers:
             await server.close()
+
+
+@pytest.fixture
+async def deployment(keys: Keys, tmp_path: Path) -> AsyncIterator[Deployment]:
+    async with deployed(keys, tmp_path) as dep:
+        yield dep
 
 
 async def _send_until_accepted(
