@@ -77,6 +77,20 @@ class HttpAdapter:
             key = VerificationKey.from_jwk(jwk)
             self._response_keys[key.kid] = key
 
+    @staticmethod
+    def derived_config(
+        config: Mapping[str, Any], *, url: str, health_url: str, keys: list[Any]
+    ) -> dict[str, Any]:
+        """The ``http`` config of an adapter type built on this one (fixed URL layout,
+        answers that must be signed by ``keys``)."""
+        return {
+            "url": url,
+            "health_url": health_url,
+            "timeout_s": config.get("timeout_s", 30.0),
+            "forward_user": config.get("forward_user", True),
+            "verify_response": {"keys": keys},
+        }
+
     def url_for(self, service: str) -> str:
         return self._url.replace("{service}", service)
 

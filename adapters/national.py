@@ -46,13 +46,12 @@ class NationalPlatformAdapter(HttpAdapter):
 
     def __init__(self, name: str, config: Mapping[str, Any], context: AdapterContext) -> None:
         base = str(config["base_url"]).rstrip("/")
-        http_config: dict[str, Any] = {
-            "url": f"{base}/api/v1/exchange",
-            "health_url": f"{base}/health",
-            "timeout_s": config.get("timeout_s", 30.0),
-            "forward_user": config.get("forward_user", True),
-            "verify_response": {"keys": list(config["platform_keys"])},
-        }
+        http_config = self.derived_config(
+            config,
+            url=f"{base}/api/v1/exchange",
+            health_url=f"{base}/health",
+            keys=list(config["platform_keys"]),
+        )
         super().__init__(name, http_config, context)
         self._member_id = context.member_id
 

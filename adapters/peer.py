@@ -45,13 +45,12 @@ class PeerGatewayAdapter(HttpAdapter):
 
     def __init__(self, name: str, config: Mapping[str, Any], context: AdapterContext) -> None:
         base = str(config["url"]).rstrip("/")
-        http_config: dict[str, Any] = {
-            "url": f"{base}/v1/exchange/{{service}}",
-            "health_url": f"{base}/healthz",
-            "timeout_s": config.get("timeout_s", 30.0),
-            "forward_user": config.get("forward_user", True),
-            "verify_response": {"keys": list(config["peer_keys"])},
-        }
+        http_config = self.derived_config(
+            config,
+            url=f"{base}/v1/exchange/{{service}}",
+            health_url=f"{base}/healthz",
+            keys=list(config["peer_keys"]),
+        )
         super().__init__(name, http_config, context)
         self.peer_id = str(config["peer_id"])
         self._label = getattr(context.signer, "label", "gw")

@@ -39,6 +39,10 @@ def _config_schema() -> dict[str, Any]:
     return loaded
 
 
+def _path_param(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
 def _problems(*statuses: int) -> dict[str, Any]:
     return {
         str(s): {
@@ -409,7 +413,7 @@ def admin_document() -> dict[str, Any]:
     obj = {"type": "object"}
     secured: list[dict[str, list[str]]] = [{"bearer": []}]
     paths: dict[str, Any] = {}
-    id_param = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    id_param = _path_param("id")
     names = {"adapters": "Adapter", "members": "Member", "services": "Service"}
     for kind, name in names.items():
         ref = {"$ref": f"#/components/schemas/{name}"}
@@ -474,9 +478,7 @@ def admin_document() -> dict[str, Any]:
         }
     }
     paths["/admin/v1/adapter-types/{type}"] = {
-        "parameters": [
-            {"name": "type", "in": "path", "required": True, "schema": {"type": "string"}}
-        ],
+        "parameters": [_path_param("type")],
         "get": {
             "operationId": "get_adapter_type",
             "responses": {**_ok(_ref("AdapterType")), **_problems(401, 403, 404)},
@@ -511,7 +513,7 @@ def admin_document() -> dict[str, Any]:
     paths["/admin/v1/members/{id}/keys/{kid}"] = {
         "parameters": [
             id_param,
-            {"name": "kid", "in": "path", "required": True, "schema": {"type": "string"}},
+            _path_param("kid"),
         ],
         "delete": {
             "operationId": "revoke_key",
@@ -525,9 +527,7 @@ def admin_document() -> dict[str, Any]:
         }
     }
     paths["/admin/v1/acl/{member}"] = {
-        "parameters": [
-            {"name": "member", "in": "path", "required": True, "schema": {"type": "string"}}
-        ],
+        "parameters": [_path_param("member")],
         "put": {
             "operationId": "put_acl",
             "requestBody": {
@@ -563,7 +563,7 @@ def admin_document() -> dict[str, Any]:
             },
         },
     }
-    svc = {"name": "service", "in": "path", "required": True, "schema": {"type": "string"}}
+    svc = _path_param("service")
     paths["/admin/v1/routes/{service}"] = {
         "parameters": [svc],
         "delete": {
@@ -574,7 +574,7 @@ def admin_document() -> dict[str, Any]:
     paths["/admin/v1/routes/{service}/{target}"] = {
         "parameters": [
             svc,
-            {"name": "target", "in": "path", "required": True, "schema": {"type": "string"}},
+            _path_param("target"),
         ],
         "delete": {
             "operationId": "delete_target_route",
@@ -658,9 +658,7 @@ def admin_document() -> dict[str, Any]:
         },
     }
     paths["/admin/v1/tokens/{name}"] = {
-        "parameters": [
-            {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
-        ],
+        "parameters": [_path_param("name")],
         "delete": {
             "operationId": "revoke_token",
             "responses": {"204": {"description": "revoked"}, **_problems(401, 403, 404)},
