@@ -27,10 +27,10 @@ import math
 import re
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -184,11 +184,13 @@ def make_checkpoint(
     return chain.latest_checkpoint(db)
 
 
-class Connected(Protocol):
-    """Whatever holds the store's open connection (``SQLiteStore``)."""
+_T = TypeVar("_T")
 
-    @property
-    def db(self) -> sqlite3.Connection: ...
+
+class Connected(Protocol):
+    """Whatever writes to the open store (``SQLiteStore.write``: a group-commit unit)."""
+
+    async def write(self, unit: Callable[[sqlite3.Connection], _T]) -> _T: ...
 
 
 class CheckpointSigner:
@@ -203,8 +205,9 @@ class CheckpointSigner:
         self.interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
 
-    def checkpoint(self) -> CheckpointRow | None:
-        return make_checkpoint(self.store.db, self.keypair, self.gateway)
+    async def checkpoint(self) -> CheckpointRow | None:
+        """Sign under the write lock: two workers never sign the same head twice."""
+        return await self.store.write(lambda db: make_checkpoint(db, self.keypair, self.gateway))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="audit-checkpoints")
@@ -213,7 +216,7 @@ class CheckpointSigner:
         while True:
             await asyncio.sleep(self.interval_s)
             try:
-                self.checkpoint()
+                await self.checkpoint()
             except GatewayError:
                 log.warning("could not sign a checkpoint; will retry", exc_info=True)
 
@@ -225,7 +228,7 @@ class CheckpointSigner:
                 await self._task
             self._task = None
         try:
-            self.checkpoint()
+            await self.checkpoint()
         except GatewayError:
             log.warning("could not sign the final checkpoint", exc_info=True)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import random
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer, unused_port
+from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.admin import create_admin_app, create_token
 from gateway.app import DELIVERY, PIPELINE, STORE, create_app
@@ -33,6 +35,39 @@ DISABLED_ID = "330000:retired-system"
 NATIONAL_ID = "100000:national-platform"
 PEER_ID = "440000:gateway"
 GATEWAY_ID = "330000:gateway"
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_EPHEMERAL_LOW, _EPHEMERAL_HIGH = _ephemeral_range()
+
+
+def unused_port() -> int:
+    """A free loopback port *outside* the kernel's ephemeral range.
+
+    A port picked by binding port 0 comes from the ephemeral range, and between closing
+    that socket and the server binding it, any outgoing connection may take it as its
+    local port (we saw ``EADDRINUSE`` in CI-like runs). No outgoing connection is ever
+    given a port below the range, so a free one there stays free for the server.
+    """
+    low = 10_000 if _EPHEMERAL_LOW > 11_000 else _EPHEMERAL_HIGH + 1
+    high = _EPHEMERAL_LOW - 1 if _EPHEMERAL_LOW > 11_000 else 65_535
+    for _ in range(200):
+        port = random.randint(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port outside the ephemeral range")
+
 
 CREDIT_EXAMPLE = json.loads((SCHEMAS / "credit.query" / "request.json").read_text())["examples"][0]
 APPLY_EXAMPLE = json.loads((SCHEMAS / "crossregion.apply" / "request.json").read_text())[
@@ -279,8 +314,10 @@ async def make_harness(keys: Keys, tmp_path: Path) -> AsyncIterator[HarnessFacto
         client: TestClient[web.Request, web.Application] = TestClient(
             GatewayTestServer(app, port=gw_port)
         )
-        await client.start_server()
         started.append((nat_server, portal_server, client))
+        # A gateway that fails to bind has opened its store: close() still releases it
+        # (an open aiosqlite thread would keep pytest from exiting).
+        await client.start_server()
         admin: TestClient[web.Request, web.Application] = TestClient(
             TestServer(create_admin_app(app))
         )

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer, unused_port
+from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from adapters.base import AdapterContext, Exchange
@@ -27,7 +27,7 @@ from gateway.signing import (
     check_content_digest,
     parse_signature_input,
 )
-from tests.conftest import GATEWAY_ID, PEER_ID, PORTAL_ID, Keys
+from tests.conftest import GATEWAY_ID, PEER_ID, PORTAL_ID, Keys, unused_port
 
 BODY = json.dumps({"uscc": "91350100M000100Y43", "purpose": "审核"}, ensure_ascii=False).encode()
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

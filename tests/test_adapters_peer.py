@@ -9,12 +9,20 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer, unused_port
+from aiohttp.test_utils import TestServer
 
 from gateway.app import STORE, create_app
 from gateway.config import parse_config
 from gateway.store.sqlite import SQLiteStore
-from tests.conftest import CREDIT_EXAMPLE, GATEWAY_ID, PEER_ID, PORTAL_ID, HarnessFactory, Keys
+from tests.conftest import (
+    CREDIT_EXAMPLE,
+    GATEWAY_ID,
+    PEER_ID,
+    PORTAL_ID,
+    HarnessFactory,
+    Keys,
+    unused_port,
+)
 
 SCHEMAS = Path(__file__).parent.parent / "schemas" / "services" / "credit.query"
 RECORD = {

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import unused_port
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
@@ -40,6 +39,7 @@ from tests.conftest import (
     TAX_ID,
     Harness,
     HarnessFactory,
+    unused_port,
 )
 
 GATEWAY_BIN = Path(sys.executable).parent / "gateway"

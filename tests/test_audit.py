@@ -341,9 +341,9 @@ async def test_checkpoints_sign_only_a_moved_head_and_once_more_at_shutdown(
         store=store, keypair=keys.pairs["gateway"], gateway=GATEWAY_ID, interval_s=3600
     )
     signer.start()
-    first = signer.checkpoint()
+    first = await signer.checkpoint()
     assert first is not None
-    assert signer.checkpoint() is None  # nothing new to sign
+    assert await signer.checkpoint() is None  # nothing new to sign
     await store.insert_message(_new())
     await signer.stop()
     with _connect(store.path) as db:

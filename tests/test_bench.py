@@ -10,7 +10,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import unused_port
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from multidict import CIMultiDict, CIMultiDictProxy
 from pytest_aiohttp import AiohttpServer
@@ -25,7 +24,7 @@ from gateway.signing import (
     check_content_digest,
     parse_signature_input,
 )
-from tests.conftest import CREDIT_EXAMPLE, PORTAL_ID, Keys
+from tests.conftest import CREDIT_EXAMPLE, PORTAL_ID, Keys, unused_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

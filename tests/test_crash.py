@@ -20,13 +20,13 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from aiohttp.test_utils import TestServer, unused_port
+from aiohttp.test_utils import TestServer
 
 from gateway.client import ExchangeClient
 from gateway.signing import Signer
 from simulators.national import NationalPlatform, create_national_app
 from simulators.portal import Portal, create_portal_app
-from tests.conftest import APPLY_EXAMPLE, NATIONAL_ID, PORTAL_ID, Keys, config_document
+from tests.conftest import APPLY_EXAMPLE, NATIONAL_ID, PORTAL_ID, Keys, config_document, unused_port
 
 
 @dataclass

@@ -26,7 +26,7 @@ async def test_healthz_and_readyz_answer_when_all_is_well(harness: Harness) -> N
 
 async def test_readyz_503_while_the_store_refuses_writes(harness: Harness) -> None:
     """SQLite refusing writes on the live connection makes the gateway unready, then ready."""
-    db = harness.app[STORE].db
+    db = harness.app[STORE].writer
     db.execute("PRAGMA query_only = ON")  # SQLite itself now refuses every write
     status, reasons = await _ready(harness)
     assert status == 503

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import yaml
-from aiohttp.test_utils import unused_port
 
 from gateway.cli import main
 from gateway.client import verify_reply
@@ -38,6 +37,7 @@ from tests.conftest import (
     HarnessFactory,
     Keys,
     config_document,
+    unused_port,
 )
 
 PASSPHRASE = "correct horse battery staple"

@@ -17,7 +17,6 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from aiohttp.test_utils import unused_port
 
 from gateway.app import STORE
 from gateway.logs import JsonFormatter, TextFormatter
@@ -28,6 +27,7 @@ from tests.conftest import (
     Harness,
     Keys,
     config_document,
+    unused_port,
 )
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"

@@ -22,7 +22,6 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from aiohttp.test_utils import unused_port
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -35,7 +34,7 @@ from gateway.errors import ConfigError
 from gateway.limits import GatewayRunner
 from gateway.signing import Signer
 from gateway.tls import TLS_CONTEXT
-from tests.conftest import PORTAL_ID, Keys, config_document
+from tests.conftest import PORTAL_ID, Keys, config_document, unused_port
 
 # Certificates --------------------------------------------------------------------------
 

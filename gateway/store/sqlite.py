@@ -9,9 +9,9 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -25,12 +25,15 @@ from gateway.store import (
     Rejection,
     ResourceChange,
 )
+from gateway.store.batch import GroupCommit, Unit
 from gateway.store.chain import MIGRATION as CHAIN_MIGRATION
 from gateway.store.chain import HashChain, body_digest
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
 log = logging.getLogger("gateway.store")
+
+T = TypeVar("T")
 
 # Append only: each entry moves the schema one version up (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
@@ -227,16 +230,35 @@ def _callback(row: sqlite3.Row) -> CallbackRecord:
     )
 
 
+def _count(cursor: sqlite3.Cursor) -> int:
+    count = cursor.rowcount
+    cursor.close()
+    return count
+
+
+def _run(db: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> int:
+    """Execute one write statement on ``db``; the number of rows it changed."""
+    return _count(db.execute(sql, params))
+
+
+def _fetch(db: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    return list(db.execute(sql, params).fetchall())
+
+
 class SQLiteStore:
     """``Store`` on one SQLite file in WAL mode.
 
     Statements run on the event loop's thread: an indexed SQLite statement in WAL mode
     takes microseconds and (with ``synchronous=NORMAL``) never waits for the disk, while
     handing each one to a worker thread cost milliseconds under load (the thread must win
-    the GIL back from a busy loop; measured in bench/, see the performance notes). The
-    part that does wait for the disk, the WAL checkpoint, runs on a second connection in
-    aiosqlite's thread. With no await inside a method, every method is atomic with
-    respect to the other coroutines sharing the connection.
+    the GIL back from a busy loop; measured in bench/, see the performance notes).
+
+    Three connections: reads run on ``db``; every write is a unit run by ``GroupCommit``
+    (batch.py) on ``writer``, one transaction per loop turn, and its caller resumes once
+    that transaction has committed; the WAL checkpoint, which does wait for the disk,
+    runs on a third connection in aiosqlite's thread. A unit has no await inside, so it
+    is atomic with respect to every other coroutine; a reader never sees a write that
+    has not committed.
     """
 
     CHECKPOINT_EVERY_S = 1.0
@@ -245,36 +267,63 @@ class SQLiteStore:
         self.path = Path(path)
         self._synchronous = synchronous.upper()
         self._db: sqlite3.Connection | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._batch: GroupCommit | None = None
         self._maintenance: aiosqlite.Connection | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         self.chain = HashChain()  # the message log's hash chain (gateway/store/chain.py)
 
     @property
     def db(self) -> sqlite3.Connection:
+        """The reading connection (every write goes through ``write``)."""
         if self._db is None:
             raise StoreError("the store is not open")
         return self._db
 
+    @property
+    def writer(self) -> sqlite3.Connection:
+        """The write connection; only ``GroupCommit`` runs statements on it."""
+        if self._writer is None:
+            raise StoreError("the store is not open")
+        return self._writer
+
+    @property
+    def batch(self) -> GroupCommit:
+        if self._batch is None:
+            raise StoreError("the store is not open")
+        return self._batch
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=10)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self._synchronous}")
+        db.execute("PRAGMA foreign_keys=ON")
+        # Checkpoints (which fsync) are ours to run, off the loop; see _checkpoint_loop.
+        db.execute("PRAGMA wal_autocheckpoint=0")
+        return db
+
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db: sqlite3.Connection | None = None
+        opened: list[sqlite3.Connection] = []
         try:
-            db = sqlite3.connect(self.path, isolation_level=None, timeout=10)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA synchronous={self._synchronous}")
-            db.execute("PRAGMA foreign_keys=ON")
-            # Checkpoints (which fsync) are ours to run, off the loop; see _checkpoint_loop.
-            db.execute("PRAGMA wal_autocheckpoint=0")
-            self._migrate(db)
-            self.chain.load(db)
-            self.chain.genesis(db, time.time())
+            writer = self._connect()
+            opened.append(writer)
+            self._migrate(writer)
+            self.chain.load(writer)
+            self.chain.genesis(writer, time.time())
+            # From now on the writer never sleeps in SQLite's busy handler: GroupCommit
+            # retries a busy BEGIN IMMEDIATE from the loop instead.
+            writer.execute("PRAGMA busy_timeout=0")
+            db = self._connect()
+            opened.append(db)
             self._maintenance = await aiosqlite.connect(self.path, isolation_level=None)
         except (sqlite3.Error, OSError) as exc:
-            if db is not None:
-                db.close()
+            for connection in opened:
+                connection.close()
             raise StoreError(f"cannot open the store at {self.path}: {exc}") from exc
-        self._db = db
+        self._db, self._writer = db, writer
+        self._batch = GroupCommit(writer, self.chain)
         self._checkpointer = asyncio.create_task(self._checkpoint_loop(), name="checkpoint")
 
     @staticmethod
@@ -311,23 +360,30 @@ class SQLiteStore:
                 await self._maintenance.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             await self._maintenance.close()
             self._maintenance = None
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        if self._batch is not None:
+            self._batch.close()
+            self._batch = None
+        for connection in (self._db, self._writer):
+            if connection is not None:
+                connection.close()
+        self._db = self._writer = None
 
-    def _execute(self, sql: str, params: Sequence[Any]) -> int:
+    async def write(self, unit: Unit[T]) -> T:
+        """Run ``unit`` on the write connection in the next group commit (batch.py)."""
         try:
-            cur = self.db.execute(sql, params)
-            count = cur.rowcount
-            cur.close()
-            return count
+            return await self.batch.run(unit)
         except sqlite3.IntegrityError:
             raise
         except sqlite3.Error as exc:
             raise StoreError(f"store write failed: {exc}") from exc
 
-    def _write(self, sql: str, params: Sequence[Any] = ()) -> int:
-        return self._execute(sql, params)
+    async def _write(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """One write statement; the number of rows it changed."""
+        return await self.write(lambda db: _count(db.execute(sql, params)))
+
+    async def _fetch_written(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """One write statement with ``RETURNING``; the rows it returned."""
+        return await self.write(lambda db: _fetch(db, sql, params))
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         try:
@@ -337,44 +393,11 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"store query failed: {exc}") from exc
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """Several statements that commit together (no await may happen inside)."""
-        self._execute("BEGIN IMMEDIATE", ())
-        try:
-            yield
-        except BaseException:
-            self._execute("ROLLBACK", ())
-            raise
-        self._execute("COMMIT", ())
-
-    @contextlib.contextmanager
-    def _chained(self) -> Iterator[HashChain]:
-        """A transaction that also appends to the message log's hash chain (on the hot
-        path: statements straight on the connection, one context manager)."""
-        db, head = self.db, self.chain.head
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StoreError(f"store write failed: {exc}") from exc
-        try:
-            yield self.chain
-            try:
-                db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise StoreError(f"store write failed: {exc}") from exc
-        except BaseException:
-            self.chain.head = head  # the rollback takes our chain records with it
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
-
     async def ping(self) -> None:
         """Prove the store is writable (readiness): take the write lock and write.
 
         A read-only connection grants ``BEGIN IMMEDIATE``; only a write statement fails."""
-        with self._transaction():
-            self._execute("DELETE FROM rejections WHERE 0", ())
+        await self._write("DELETE FROM rejections WHERE 0")
 
     # Live configuration, audit trail, admin tokens -----------------------------------
 
@@ -387,31 +410,35 @@ class SQLiteStore:
         """Persist one admin write and its audit record together; return the audit seq."""
         now = time.time()
         after = json.dumps(change.after, ensure_ascii=False) if change.after is not None else None
+
+        def unit(db: sqlite3.Connection) -> int:
+            db.execute(
+                "INSERT INTO resources (kind, id, body, updated_at, updated_by) "
+                "VALUES (?,?,?,?,?) ON CONFLICT (kind, id) DO UPDATE SET body=excluded.body, "
+                "updated_at=excluded.updated_at, updated_by=excluded.updated_by",
+                (change.kind, change.id, after, now, change.actor),
+            ).close()
+            return self._insert_audit(db, change, now)
+
         try:
-            with self._transaction():
-                self._execute(
-                    "INSERT INTO resources (kind, id, body, updated_at, updated_by) "
-                    "VALUES (?,?,?,?,?) ON CONFLICT (kind, id) DO UPDATE SET body=excluded.body, "
-                    "updated_at=excluded.updated_at, updated_by=excluded.updated_by",
-                    (change.kind, change.id, after, now, change.actor),
-                )
-                seq = self._insert_audit(change, now)
+            return await self.write(unit)
         except sqlite3.Error as exc:
             raise StoreError(f"store write failed: {exc}") from exc
-        return seq
 
     async def audit(self, change: ResourceChange) -> int:
         """An audited action that changes no configuration (a redelivery, a token)."""
+        now = time.time()
         try:
-            return self._insert_audit(change, time.time())
+            return await self.write(lambda db: self._insert_audit(db, change, now))
         except sqlite3.Error as exc:
             raise StoreError(f"store write failed: {exc}") from exc
 
-    def _insert_audit(self, change: ResourceChange, now: float) -> int:
+    @staticmethod
+    def _insert_audit(db: sqlite3.Connection, change: ResourceChange, now: float) -> int:
         def encoded(value: Any) -> str | None:
             return json.dumps(value, ensure_ascii=False) if value is not None else None
 
-        cur = self.db.execute(
+        cur = db.execute(
             "INSERT INTO audit (at, actor, role, action, kind, resource_id, before, after) "
             "VALUES (?,?,?,?,?,?,?,?)",
             (
@@ -454,11 +481,10 @@ class SQLiteStore:
 
     async def add_token(self, name: str, role: str, token_hash: str) -> None:
         try:
-            with self._transaction():
-                self.db.execute(
-                    "INSERT INTO admin_tokens (name, role, hash, created_at) VALUES (?,?,?,?)",
-                    (name, role, token_hash, time.time()),
-                )
+            await self._write(
+                "INSERT INTO admin_tokens (name, role, hash, created_at) VALUES (?,?,?,?)",
+                (name, role, token_hash, time.time()),
+            )
         except sqlite3.IntegrityError as exc:
             raise DuplicateMessage(name) from exc
         except sqlite3.Error as exc:
@@ -479,7 +505,7 @@ class SQLiteStore:
         return [dict(r) for r in rows]
 
     async def revoke_token(self, name: str) -> bool:
-        count = self._write(
+        count = await self._write(
             "UPDATE admin_tokens SET revoked_at=? WHERE name=? AND revoked_at IS NULL",
             (time.time(), name),
         )
@@ -491,7 +517,7 @@ class SQLiteStore:
         self, signer: str, keyid: str, nonce: str, expires_at: float, now: float
     ) -> bool:
         """Record a nonce; False when it is already recorded and not yet expired."""
-        count = self._write(
+        count = await self._write(
             "INSERT INTO nonces (signer, keyid, nonce, expires_at) VALUES (?,?,?,?) "
             "ON CONFLICT (signer, keyid, nonce) DO UPDATE SET expires_at=excluded.expires_at "
             "WHERE nonces.expires_at <= ?",
@@ -500,55 +526,58 @@ class SQLiteStore:
         return count == 1
 
     async def prune_nonces(self, now: float) -> int:
-        return self._write("DELETE FROM nonces WHERE expires_at <= ?", (now,))
+        return await self._write("DELETE FROM nonces WHERE expires_at <= ?", (now,))
 
     # Exchanges -----------------------------------------------------------------------
 
     async def insert_message(self, msg: NewMessage) -> MessageRecord:
         now = time.time()
         headers = json.dumps(dict(msg.request_headers))
-        try:
-            with self._chained() as chain:
-                cur = self.db.execute(
-                    "INSERT INTO messages (message_id, client, service, mode, state, target, "
-                    "adapter, request_headers, request_body, request_digest, next_attempt_at, "
-                    "created_at, updated_at, trace_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        msg.message_id,
-                        msg.client,
-                        msg.service,
-                        msg.mode,
-                        msg.state,
-                        msg.target,
-                        msg.adapter,
-                        headers,
-                        msg.request_body,
-                        msg.request_digest,
-                        msg.next_attempt_at,
-                        now,
-                        now,
-                        msg.trace_id,
-                    ),
-                )
-                seq = int(cur.lastrowid or 0)
-                chain.append(
-                    self.db,
-                    "message.accepted",
-                    seq,
+
+        def unit(db: sqlite3.Connection) -> int:
+            cur = db.execute(
+                "INSERT INTO messages (message_id, client, service, mode, state, target, "
+                "adapter, request_headers, request_body, request_digest, next_attempt_at, "
+                "created_at, updated_at, trace_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    msg.message_id,
+                    msg.client,
+                    msg.service,
+                    msg.mode,
+                    msg.state,
+                    msg.target,
+                    msg.adapter,
+                    headers,
+                    msg.request_body,
+                    msg.request_digest,
+                    msg.next_attempt_at,
                     now,
-                    message_id=msg.message_id,
-                    client=msg.client,
-                    service=msg.service,
-                    mode=msg.mode,
-                    state=msg.state,
-                    target=msg.target,
-                    request_digest=msg.request_digest,
-                    headers_digest=body_digest(headers.encode()),
-                )
+                    now,
+                    msg.trace_id,
+                ),
+            )
+            seq = int(cur.lastrowid or 0)
+            cur.close()
+            self.chain.append(
+                db,
+                "message.accepted",
+                seq,
+                now,
+                message_id=msg.message_id,
+                client=msg.client,
+                service=msg.service,
+                mode=msg.mode,
+                state=msg.state,
+                target=msg.target,
+                request_digest=msg.request_digest,
+                headers_digest=body_digest(headers.encode()),
+            )
+            return seq
+
+        try:
+            seq = await self.write(unit)
         except sqlite3.IntegrityError as exc:
             raise DuplicateMessage(msg.message_id) from exc
-        except sqlite3.Error as exc:
-            raise StoreError(f"store write failed: {exc}") from exc
         # The row is what we just wrote: no need to read it back.
         return MessageRecord(
             seq=seq,
@@ -606,27 +635,30 @@ class SQLiteStore:
         timings: Mapping[str, float] | None = None,
     ) -> None:
         now = time.time()
-        with self._chained() as chain:
-            count = self._write(
-                "UPDATE messages SET state=?, status=?, code=?, adapter=COALESCE(?, adapter), "
-                "response_headers=?, response_body=?, error=?, timings=?, updated_at=?, "
-                "next_attempt_at=NULL, lease_until=NULL WHERE seq=?",
-                (
-                    state,
-                    status,
-                    code,
-                    adapter,
-                    json.dumps(dict(response_headers)),
-                    response_body,
-                    error,
-                    json.dumps(dict(timings or {})),
-                    now,
-                    seq,
-                ),
+
+        def unit(db: sqlite3.Connection) -> None:
+            count = _count(
+                db.execute(
+                    "UPDATE messages SET state=?, status=?, code=?, adapter=COALESCE(?, adapter), "
+                    "response_headers=?, response_body=?, error=?, timings=?, updated_at=?, "
+                    "next_attempt_at=NULL, lease_until=NULL WHERE seq=?",
+                    (
+                        state,
+                        status,
+                        code,
+                        adapter,
+                        json.dumps(dict(response_headers)),
+                        response_body,
+                        error,
+                        json.dumps(dict(timings or {})),
+                        now,
+                        seq,
+                    ),
+                )
             )
             if count == 1:
-                chain.append(
-                    self.db,
+                self.chain.append(
+                    db,
                     "message.finished",
                     seq,
                     now,
@@ -636,10 +668,14 @@ class SQLiteStore:
                     response_digest=body_digest(response_body),
                 )
 
+        await self.write(unit)
+
     async def record_rejection(self, rejection: Rejection) -> None:
         now = time.time()
-        with self._chained() as chain:
-            rows = self._rows(
+
+        def unit(db: sqlite3.Connection) -> None:
+            rows = _fetch(
+                db,
                 "INSERT INTO rejections (at, client, message_id, service, status, code, detail, "
                 "digest, size, headers) VALUES (?,?,?,?,?,?,?,?,?,?) RETURNING seq",
                 (
@@ -655,8 +691,8 @@ class SQLiteStore:
                     json.dumps(dict(rejection.headers)),
                 ),
             )
-            chain.append(
-                self.db,
+            self.chain.append(
+                db,
                 "rejection",
                 int(rows[0][0]),
                 now,
@@ -668,6 +704,8 @@ class SQLiteStore:
                 digest=rejection.digest,
                 size=rejection.size,
             )
+
+        await self.write(unit)
 
     async def rejections(self, limit: int = 100) -> list[dict[str, Any]]:
         rows = self._rows("SELECT * FROM rejections ORDER BY seq DESC LIMIT ?", (limit,))
@@ -734,7 +772,7 @@ class SQLiteStore:
     async def claim_due_messages(
         self, now: float, limit: int, lease_s: float
     ) -> Sequence[MessageRecord]:
-        rows = self._rows(
+        rows = await self._fetch_written(
             "UPDATE messages SET state='delivering', lease_until=?, lease_owner=?, updated_at=? "
             "WHERE seq IN ("
             "SELECT seq FROM messages WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= ? "
@@ -747,7 +785,7 @@ class SQLiteStore:
     async def reschedule_message(
         self, seq: int, *, attempts: int, next_attempt_at: float, error: str
     ) -> None:
-        self._write(
+        await self._write(
             "UPDATE messages SET attempts=?, next_attempt_at=?, lease_until=NULL, error=?, "
             f"updated_at=? WHERE seq=? AND state IN {_IN_OUTBOX}",
             (attempts, next_attempt_at, error, time.time(), seq),
@@ -767,8 +805,10 @@ class SQLiteStore:
         back (a late acknowledgement after its answer) changes nothing."""
         allowed = self._from(state)
         now = time.time()
-        with self._chained() as chain:
-            count = self._write(
+
+        def unit(db: sqlite3.Connection) -> None:
+            count = _run(
+                db,
                 "UPDATE messages SET state=?, adapter=COALESCE(?, adapter), error=?, "
                 "result=COALESCE(?, result), attempts=COALESCE(?, attempts), "
                 f"next_attempt_at=NULL, lease_until=NULL, updated_at=? WHERE seq=? AND state IN "
@@ -777,11 +817,13 @@ class SQLiteStore:
             )
             if count == 1:
                 facts = {} if result is None else {"result_digest": body_digest(result)}
-                chain.append(self.db, "message.state", seq, now, state=state, **facts)
+                self.chain.append(db, "message.state", seq, now, state=state, **facts)
+
+        await self.write(unit)
 
     async def note_attempt(self, seq: int, *, attempts: int, adapter: str | None) -> None:
         """Count a delivery attempt without moving the message's state."""
-        self._write(
+        await self._write(
             "UPDATE messages SET attempts=?, adapter=COALESCE(?, adapter), updated_at=? "
             "WHERE seq=?",
             (attempts, adapter, time.time(), seq),
@@ -796,20 +838,19 @@ class SQLiteStore:
     async def release_leases(self, owner: int | None = None) -> int:
         """Void leases: every one after a restart (nothing is in flight), or those of one
         process that died while others go on (``owner``, its process id)."""
-        if owner is not None:
+        where, params = ("lease_owner=? AND ", (owner,)) if owner is not None else ("", ())
+
+        def unit(db: sqlite3.Connection) -> int:
             return sum(
-                self._write(
-                    f"UPDATE {table} SET lease_until=NULL WHERE lease_owner=? "
-                    "AND lease_until IS NOT NULL",
-                    (owner,),
+                _run(
+                    db,
+                    f"UPDATE {table} SET lease_until=NULL WHERE {where}lease_until IS NOT NULL",
+                    params,
                 )
                 for table in ("messages", "callbacks")
             )
-        messages = self._write("UPDATE messages SET lease_until=NULL WHERE lease_until IS NOT NULL")
-        callbacks = self._write(
-            "UPDATE callbacks SET lease_until=NULL WHERE lease_until IS NOT NULL"
-        )
-        return messages + callbacks
+
+        return await self.write(unit)
 
     # Callbacks -----------------------------------------------------------------------
 
@@ -817,51 +858,56 @@ class SQLiteStore:
         """Store a callback and mark its message answered, in one transaction."""
         now = time.time()
         headers = json.dumps(dict(cb.headers))
-        try:
-            with self._chained() as chain:
-                cur = self.db.execute(
-                    "INSERT INTO callbacks (message_id, client, correlation_id, original_seq, "
-                    "service, headers, body, digest, state, next_attempt_at, created_at, "
-                    "updated_at) VALUES (?,?,?,?,?,?,?,?,'pending',?,?,?)",
-                    (
-                        cb.message_id,
-                        cb.client,
-                        cb.correlation_id,
-                        cb.original_seq,
-                        cb.service,
-                        headers,
-                        cb.body,
-                        cb.digest,
-                        now,
-                        now,
-                        now,
-                    ),
-                )
-                seq = cur.lastrowid
-                cur.close()
-                # A later decision supersedes an earlier one; a late ack never demotes it.
-                self._execute(
-                    "UPDATE messages SET state='answered', result=?, next_attempt_at=NULL, "
-                    "lease_until=NULL, updated_at=? WHERE seq=?",
-                    (cb.body, now, cb.original_seq),
-                )
-                # One record for both rows: the callback, and its message now answered by it.
-                chain.append(
-                    self.db,
-                    "callback.accepted",
-                    int(seq or 0),
+
+        def unit(db: sqlite3.Connection) -> int:
+            cur = db.execute(
+                "INSERT INTO callbacks (message_id, client, correlation_id, original_seq, "
+                "service, headers, body, digest, state, next_attempt_at, created_at, "
+                "updated_at) VALUES (?,?,?,?,?,?,?,?,'pending',?,?,?)",
+                (
+                    cb.message_id,
+                    cb.client,
+                    cb.correlation_id,
+                    cb.original_seq,
+                    cb.service,
+                    headers,
+                    cb.body,
+                    cb.digest,
                     now,
-                    message_id=cb.message_id,
-                    client=cb.client,
-                    correlation_id=cb.correlation_id,
-                    original_seq=cb.original_seq,
-                    service=cb.service,
-                    digest=cb.digest,
-                    body_digest=body_digest(cb.body),
-                    headers_digest=body_digest(headers.encode()),
-                    state="pending",
-                    message_state="answered",
-                )
+                    now,
+                    now,
+                ),
+            )
+            seq = cur.lastrowid
+            cur.close()
+            # A later decision supersedes an earlier one; a late ack never demotes it.
+            _run(
+                db,
+                "UPDATE messages SET state='answered', result=?, next_attempt_at=NULL, "
+                "lease_until=NULL, updated_at=? WHERE seq=?",
+                (cb.body, now, cb.original_seq),
+            )
+            # One record for both rows: the callback, and its message now answered by it.
+            self.chain.append(
+                db,
+                "callback.accepted",
+                int(seq or 0),
+                now,
+                message_id=cb.message_id,
+                client=cb.client,
+                correlation_id=cb.correlation_id,
+                original_seq=cb.original_seq,
+                service=cb.service,
+                digest=cb.digest,
+                body_digest=body_digest(cb.body),
+                headers_digest=body_digest(headers.encode()),
+                state="pending",
+                message_state="answered",
+            )
+            return int(seq or 0)
+
+        try:
+            seq = await self.write(unit)
         except sqlite3.IntegrityError as exc:
             if "UNIQUE" not in str(exc):  # e.g. a FOREIGN KEY failure: no such message
                 raise StoreError(f"store write failed: {exc}") from exc
@@ -884,7 +930,7 @@ class SQLiteStore:
     async def claim_due_callbacks(
         self, now: float, limit: int, lease_s: float
     ) -> Sequence[CallbackRecord]:
-        rows = self._rows(
+        rows = await self._fetch_written(
             "UPDATE callbacks SET lease_until=?, lease_owner=?, updated_at=? WHERE seq IN ("
             "SELECT seq FROM callbacks WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= ? "
             "AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_attempt_at LIMIT ?) "
@@ -908,36 +954,41 @@ class SQLiteStore:
 
         Both rows change in one transaction, so a crash never strands the message."""
         now = time.time()
-        try:
-            with self._chained() as chain:
-                count = self._execute(
-                    "UPDATE callbacks SET state=?, attempts=?, error=?, next_attempt_at=NULL, "
-                    "lease_until=NULL, updated_at=? WHERE seq=?",
-                    (state, attempts, error, now, seq),
+
+        def unit(db: sqlite3.Connection) -> None:
+            count = _run(
+                db,
+                "UPDATE callbacks SET state=?, attempts=?, error=?, next_attempt_at=NULL, "
+                "lease_until=NULL, updated_at=? WHERE seq=?",
+                (state, attempts, error, now, seq),
+            )
+            moved = 0
+            if state == "delivered":
+                moved = _run(
+                    db,
+                    "UPDATE messages SET state='callback_delivered', updated_at=? WHERE seq = "
+                    "(SELECT original_seq FROM callbacks WHERE seq=?) AND state = 'answered'",
+                    (now, seq),
                 )
-                moved = 0
-                if state == "delivered":
-                    moved = self._execute(
-                        "UPDATE messages SET state='callback_delivered', updated_at=? WHERE seq = "
-                        "(SELECT original_seq FROM callbacks WHERE seq=?) AND state = 'answered'",
-                        (now, seq),
-                    )
-                if count == 1:
-                    chain.append(
-                        self.db,
-                        "callback.finished",
-                        seq,
-                        now,
-                        state=state,
-                        message_state="callback_delivered" if moved == 1 else None,
-                    )
+            if count == 1:
+                self.chain.append(
+                    db,
+                    "callback.finished",
+                    seq,
+                    now,
+                    state=state,
+                    message_state="callback_delivered" if moved == 1 else None,
+                )
+
+        try:
+            await self.write(unit)
         except sqlite3.Error as exc:
             raise StoreError(f"store write failed: {exc}") from exc
 
     async def reschedule_callback(
         self, seq: int, *, attempts: int, next_attempt_at: float, error: str
     ) -> None:
-        self._write(
+        await self._write(
             "UPDATE callbacks SET attempts=?, next_attempt_at=?, lease_until=NULL, error=?, "
             "updated_at=? WHERE seq=?",
             (attempts, next_attempt_at, error, time.time(), seq),
@@ -956,21 +1007,26 @@ class SQLiteStore:
 
     async def redeliver(self, kind: str, seq: int, now: float) -> bool:
         """Put one dead letter back in the outbox with a fresh attempt budget."""
-        with self._chained() as chain:
+
+        def unit(db: sqlite3.Connection) -> bool:
             if kind == "message":
-                count = self._write(
+                count = _run(
+                    db,
                     "UPDATE messages SET state='accepted', attempts=0, next_attempt_at=?, "
                     "lease_until=NULL, created_at=?, updated_at=? WHERE seq=? AND state='dead'",
                     (now, now, now, seq),
                 )
                 state = "accepted"
             else:
-                count = self._write(
+                count = _run(
+                    db,
                     "UPDATE callbacks SET state='pending', attempts=0, next_attempt_at=?, "
                     "lease_until=NULL, created_at=?, updated_at=? WHERE seq=? AND state='dead'",
                     (now, now, now, seq),
                 )
                 state = "pending"
             if count == 1:  # its created_at restarts the age limit: chained as a new start
-                chain.append(self.db, f"{kind}.redelivered", seq, now, state=state)
-        return count == 1
+                self.chain.append(db, f"{kind}.redelivered", seq, now, state=state)
+            return count == 1
+
+        return await self.write(unit)

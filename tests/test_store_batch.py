@@ -1,0 +1,262 @@
+"""Group commit (gateway/store/batch.py) on real SQLite files.
+
+One transaction per loop turn, a failed unit undoes only itself, a failed commit fails
+every waiter and leaves nothing behind, and a lock held by another connection never
+freezes the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.audit import verify_chain
+from gateway.errors import StoreError
+from gateway.store import DuplicateMessage, NewCallback, NewMessage
+from gateway.store.batch import GroupCommit
+from gateway.store.chain import MIGRATION as CHAIN_SCHEMA
+from gateway.store.chain import HashChain
+from gateway.store.sqlite import SQLiteStore
+
+PORTAL = "330000:one-stop-portal"
+_BODY = b'{"uscc": "x"}'
+_DIGEST = hashlib.sha256(_BODY).hexdigest()
+
+
+def _new(message_id: str | None = None) -> NewMessage:
+    return NewMessage(
+        message_id=message_id or str(uuid.uuid4()),
+        client=PORTAL,
+        service="credit.query",
+        mode="async",
+        state="accepted",
+        request_headers={"Gw-Client": PORTAL},
+        request_body=_BODY,
+        request_digest=_DIGEST,
+        next_attempt_at=time.time() + 3600,
+    )
+
+
+@contextmanager
+def _connect(path: Path) -> Iterator[sqlite3.Connection]:
+    """Another connection to the same file, as another worker or the CLI would have."""
+    db = sqlite3.connect(path, isolation_level=None, timeout=10)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+_COUNTS = {
+    "messages": "SELECT COUNT(*) FROM messages",
+    "callbacks": "SELECT COUNT(*) FROM callbacks",
+}
+
+
+def _count(path: Path, table: str = "messages") -> int:
+    with _connect(path) as db:
+        return int(db.execute(_COUNTS[table]).fetchone()[0])
+
+
+def _chain_ok(path: Path) -> bool:
+    with _connect(path) as db:
+        return verify_chain(db, {"keys": []}, gateway="330000:gateway").ok
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    s = SQLiteStore(tmp_path / "gateway.db")
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_writes_of_one_turn_share_one_commit_and_are_committed_when_awaited(
+    store: SQLiteStore,
+) -> None:
+    """Twenty inserts started together: one transaction; each caller then sees its row
+    from another connection (accepted means committed)."""
+    batches = store.batch.batches
+    records = await asyncio.gather(*(store.insert_message(_new()) for _ in range(20)))
+    assert store.batch.batches == batches + 1
+    assert _count(store.path) == 20
+    assert sorted(r.seq for r in records) == list(range(1, 21))
+    assert _chain_ok(store.path)
+
+
+async def test_a_failed_unit_undoes_only_itself(store: SQLiteStore) -> None:
+    """A duplicate in the middle of a batch fails alone; its neighbours commit, and the
+    chain has no record of it (its savepoint took the record back)."""
+    first = await store.insert_message(_new())
+    head = store.chain.head
+    outcomes = await asyncio.gather(
+        store.insert_message(_new()),
+        store.insert_message(_new(first.message_id)),
+        store.insert_message(_new()),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[1], DuplicateMessage)
+    assert not any(isinstance(o, BaseException) for o in (outcomes[0], outcomes[2]))
+    assert _count(store.path) == 3
+    assert store.chain.head.seq == head.seq + 2
+    assert _chain_ok(store.path)
+
+
+async def test_a_failed_commit_fails_every_waiter_and_keeps_nothing(store: SQLiteStore) -> None:
+    """A deferred foreign-key violation fails at COMMIT: the whole batch rolls back, every
+    caller gets StoreError, the in-memory chain head returns to the stored one."""
+    head = store.chain.head
+    orphan = NewCallback(
+        message_id="cb-orphan",
+        client=PORTAL,
+        correlation_id="nobody",
+        original_seq=999_999,
+        service="credit.query",
+        headers={},
+        body=b"{}",
+        digest="cafe",
+    )
+
+    def defer(db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA defer_foreign_keys=ON")
+
+    async def orphan_insert() -> Any:
+        return await store.insert_callback(orphan)
+
+    outcomes = await asyncio.gather(
+        store.insert_message(_new()),
+        store.write(defer),
+        orphan_insert(),
+        return_exceptions=True,
+    )
+    assert all(isinstance(o, StoreError) for o in outcomes), outcomes
+    assert _count(store.path) == 0
+    assert _count(store.path, "callbacks") == 0
+    assert store.chain.head == head
+    await store.insert_message(_new())  # and the store goes on
+    assert _count(store.path) == 1
+    assert _chain_ok(store.path)
+
+
+async def test_a_lock_held_elsewhere_delays_the_write_but_never_the_loop(
+    store: SQLiteStore,
+) -> None:
+    """Another connection holds the write lock for 300 ms: our insert waits for it, the
+    loop keeps turning (no tick is late by more than 50 ms; SQLite's busy handler would
+    have slept the whole time), and the writes queued meanwhile commit together."""
+    gaps: list[float] = []
+
+    async def ticker(stop: asyncio.Event) -> None:
+        last = time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    with _connect(store.path) as other:
+        other.execute("BEGIN IMMEDIATE")
+        stop = asyncio.Event()
+        ticking = asyncio.create_task(ticker(stop))
+        retries = store.batch.busy_retries
+        writes = [asyncio.create_task(store.insert_message(_new())) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        writes += [asyncio.create_task(store.insert_message(_new())) for _ in range(3)]
+        await asyncio.sleep(0.2)
+        assert not any(w.done() for w in writes)
+        batches = store.batch.batches
+        other.execute("COMMIT")
+        await asyncio.gather(*writes)
+        stop.set()
+        await ticking
+    assert store.batch.batches == batches + 1
+    assert store.batch.busy_retries > retries
+    assert max(gaps) < 0.05, max(gaps)
+    assert _count(store.path) == 6
+
+
+async def test_a_lock_never_released_fails_the_batch_after_the_busy_timeout(
+    tmp_path: Path,
+) -> None:
+    """GroupCommit gives up after ``busy_timeout_s`` with StoreError, then works again."""
+    path = tmp_path / "busy.db"
+    with _connect(path) as setup:
+        setup.execute("PRAGMA journal_mode=WAL")
+        setup.executescript(CHAIN_SCHEMA)
+        setup.execute("CREATE TABLE t (x INTEGER)")
+    writer = sqlite3.connect(path, isolation_level=None, timeout=0)
+    batch = GroupCommit(writer, HashChain(), busy_timeout_s=0.1)
+    try:
+        with _connect(path) as other:
+            other.execute("BEGIN IMMEDIATE")
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="locked"):
+                await batch.run(lambda db: db.execute("INSERT INTO t VALUES (1)").close())
+            assert 0.1 <= time.monotonic() - started < 1.0
+            other.execute("ROLLBACK")
+        await batch.run(lambda db: db.execute("INSERT INTO t VALUES (2)").close())
+        assert [r[0] for r in writer.execute("SELECT x FROM t")] == [2]
+    finally:
+        batch.close()
+        writer.close()
+
+
+async def test_a_cancelled_caller_s_write_still_commits(store: SQLiteStore) -> None:
+    """The write was asked for: cancelling the waiter does not take it back."""
+    message = _new()
+    waiter = asyncio.create_task(store.insert_message(message))
+    await asyncio.sleep(0)  # queued, flush scheduled
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await store.ping()  # the next batch runs after the first one
+    found = await store.get_message(PORTAL, message.message_id)
+    assert found is not None
+    assert found.state == "accepted"
+
+
+async def test_two_stores_on_one_file_interleave_without_forking_the_chain(
+    tmp_path: Path,
+) -> None:
+    """Two workers' stores write in the same turns: each batch reads the head under the
+    lock, so the chain stays one line."""
+    path = tmp_path / "two.db"
+    a, b = SQLiteStore(path), SQLiteStore(path)
+    await a.open()
+    await b.open()
+    try:
+        for _ in range(5):
+            await asyncio.gather(
+                *(a.insert_message(_new()) for _ in range(4)),
+                *(b.insert_message(_new()) for _ in range(4)),
+            )
+    finally:
+        await a.close()
+        await b.close()
+    assert _count(path) == 40
+    assert _chain_ok(path)
+
+
+async def test_closing_fails_what_is_still_queued(tmp_path: Path) -> None:
+    """A unit queued when the store closes gets StoreError, not a hang."""
+    path = tmp_path / "closing.db"
+    with _connect(path) as setup:
+        setup.executescript(CHAIN_SCHEMA)
+        setup.execute("CREATE TABLE t (x INTEGER)")
+    writer = sqlite3.connect(path, isolation_level=None, timeout=0)
+    batch = GroupCommit(writer, HashChain())
+    pending = asyncio.create_task(batch.run(lambda db: db.execute("INSERT INTO t VALUES (1)")))
+    await asyncio.sleep(0)  # queued, its flush scheduled but not run
+    batch.close()
+    with pytest.raises(StoreError, match="closed"):
+        await pending
+    writer.close()
