@@ -49,9 +49,14 @@ def draw(report: Mapping[str, Any], path: Path) -> bool:
         axes[2].bar_label(axes[2].containers[0], fmt="%.1f")
         axes[2].set_title(f"p99 at {half['rate_rps']:.0f} req/s (ms)")
 
+    # The ratios are medians of per-round ratios, not the bars' quotient: say so.
+    rounds = len(report.get("rounds") or [])
+    low, high = report.get("ratio_floor_range") or (report["ratio_floor"],) * 2
+    spread = f" (median of {rounds} rounds, {low:.2f}–{high:.2f})" if rounds > 1 else ""
     fig.suptitle(
-        f"gateway/floor {report['ratio_floor']:.2f}   gateway/bare {report['ratio_bare']:.2f}"
-        f"   ({report['machine']['cpu_count']} CPUs, shared with load and upstream)"
+        f"gateway/floor {report['ratio_floor']:.2f}{spread}   gateway/bare"
+        f" {report['ratio_bare']:.2f}   ({report['machine']['cpu_count']} CPUs, shared with load"
+        " and upstream)"
     )
     fig.savefig(path, dpi=110)
     plt.close(fig)

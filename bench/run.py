@@ -1,6 +1,6 @@
 """The benchmark, in one command: an upstream, three contenders, the same load for each.
 
-    .venv/bin/python -m bench.run [--duration 10] [--connections 64] [--async] [--smoke]
+    .venv/bin/python -m bench.run [--rounds 3] [--duration 8] [--connections 64] [--async] [--smoke]
 
 See bench/README.md for what the contenders are and how to read the output.
 """
@@ -18,10 +18,10 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 if __package__ in (None, ""):  # run as a file: make the project root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,17 +30,21 @@ from bench import chart
 from bench.asyncpass import AsyncResult, run_async
 from bench.load import PassResult, SignedRequest, presign, run_python, run_wrk
 from bench.stack import ROOT, Stack, example, running
+from gateway import eventloop
 
-__all__ = ["main"]
+__all__ = ["Figures", "Round", "combine", "main", "median_pass"]
 
 CONTENDERS = ("bare", "floor", "gateway")
 # Issue 7's targets, shown beside the figures (the benchmark itself enforces none).
 TARGETS = {"ratio_floor_min": 0.7, "p99_added_ms_max": 5.0, "async_msgs_per_s_min": 1000.0}
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
+    rounds: int  # of bare, floor, gateway back to back at max throughput
     duration_s: int
     warmup_s: int
     connections: int
@@ -52,6 +56,7 @@ class Settings:
     chart: bool
     smoke: bool
     gateway_workers: int = 1
+    loop: str = "asyncio"  # every process's event loop (gateway, contenders, upstream)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -62,6 +67,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise SystemExit("--loader wrk: wrk is not installed")
     if args.smoke:
         return Settings(
+            rounds=1,
             duration_s=1,
             warmup_s=1,
             connections=8,
@@ -73,8 +79,10 @@ def _settings(args: argparse.Namespace) -> Settings:
             chart=False,
             smoke=True,
             gateway_workers=args.gateway_workers,
+            loop=eventloop.resolve(args.loop),
         )
     return Settings(
+        rounds=args.rounds,
         duration_s=args.duration,
         warmup_s=args.warmup,
         connections=args.connections,
@@ -86,6 +94,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         chart=True,
         smoke=False,
         gateway_workers=args.gateway_workers,
+        loop=eventloop.resolve(args.loop),
     )
 
 
@@ -111,41 +120,120 @@ def _presign(stack: Stack, url: str, count: int) -> list[SignedRequest]:
     return presign(stack.member, url, "credit.query", example("credit.query"), count)
 
 
-def _row(name: str, r: PassResult) -> str:
+def _row(name: str, r: PassResult, prefix: str = "") -> str:
     flag = ""
     if r.flagged:
         flag = (
             f"  FLAGGED: {r.non2xx} non-2xx, {r.socket_errors} socket errors, {r.replayed} replays"
         )
     return (
-        f"  {name:<8} {r.rps:>9.1f} req/s   p50 {r.p50_ms:>7.2f} ms   p99 {r.p99_ms:>7.2f} ms"
-        f"   errors {r.errors}{flag}"
+        f"  {prefix}{name:<8} {r.rps:>9.1f} req/s   p50 {r.p50_ms:>7.2f} ms"
+        f"   p99 {r.p99_ms:>7.2f} ms   errors {r.errors}{flag}"
     )
 
 
-def measure(stack: Stack, s: Settings) -> tuple[dict[str, PassResult], dict[str, PassResult]]:
-    """Max throughput of each contender, then bare and gateway at half the gateway's."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Round:
+    """Each contender's max-throughput pass, run back to back under the machine's same load."""
+
+    passes: Mapping[str, PassResult]  # by contender
+
+    def ratio(self, other: str) -> float:
+        """The gateway's throughput over ``other``'s in this round (0 if ``other`` had none)."""
+        gateway, base = self.passes["gateway"], self.passes[other]
+        return gateway.rps / base.rps if base.rps else 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Figures:
+    """What the rounds add up to: each contender's median round, the median per-round ratios."""
+
+    median: Mapping[str, PassResult]  # by contender: its pass of median throughput
+    ratio_floor: float
+    ratio_bare: float
+    ratio_floor_range: tuple[float, float]  # the lowest and highest round
+
+
+def _lower_median(ordered: Sequence[T]) -> T:
+    """The middle of sorted values; of an even count the lower middle, a value a round had."""
+    if not ordered:
+        raise ValueError("no rounds")
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def median_pass(passes: Sequence[PassResult]) -> PassResult:
+    """The pass of median throughput (the lower middle of an even count)."""
+    return _lower_median(sorted(passes, key=lambda r: r.rps))
+
+
+def combine(rounds: Sequence[Round]) -> Figures:
+    """Each contender's median round, and the median of the ratios taken within each round.
+
+    A round's passes run seconds apart and share the machine's conditions; rounds run a
+    minute apart and need not. So the ratio is taken within each round, then the median:
+    a ratio of the medians could divide a fast round's gateway by a slow round's floor.
+    """
+    floor = [r.ratio("floor") for r in rounds]
+    return Figures(
+        median={name: median_pass([r.passes[name] for r in rounds]) for name in CONTENDERS},
+        ratio_floor=round(_lower_median(sorted(floor)), 3),
+        ratio_bare=round(_lower_median(sorted(r.ratio("bare") for r in rounds)), 3),
+        ratio_floor_range=(round(min(floor), 3), round(max(floor), 3)),
+    )
+
+
+def gateway_pool_size(floor_rps: float, seconds: int) -> int:
+    """Pre-signed requests enough that the gateway's pool never cycles within a pass.
+
+    The floor's work is a subset of the gateway's, so its rate bounds the gateway's; the
+    1.5x margin keeps the gateway's message ids from repeating (a replay is answered from
+    the store and would inflate its throughput). ``floor_rps`` is the highest of the run.
+    """
+    return math.ceil(1.5 * max(floor_rps, 100.0) * seconds) + 100
+
+
+# Runs one max-throughput pass: contender name, pool size -> its result.
+Drive = Callable[[str, int], PassResult]
+
+
+def max_throughput(s: Settings, drive: Drive) -> list[Round]:
+    """``s.rounds`` rounds of bare, floor and gateway, each on a freshly pre-signed pool."""
+    rounds: list[Round] = []
+    floor_max = 0.0  # over every round so far: one slow floor round must not shrink the pool
+    for number in range(1, s.rounds + 1):
+        passes: dict[str, PassResult] = {}
+        for name in CONTENDERS:
+            size = s.stateless_pool
+            if name == "gateway":
+                size = gateway_pool_size(floor_max, s.warmup_s + s.duration_s)
+            passes[name] = drive(name, size)
+            if name == "floor":
+                floor_max = max(floor_max, passes[name].rps)
+            print(_row(name, passes[name], prefix=f"{number:>2}  "), flush=True)
+        rounds.append(Round(passes=passes))
+    return rounds
+
+
+def measure(stack: Stack, s: Settings) -> tuple[list[Round], dict[str, PassResult]]:
+    """Max throughput in rounds, then bare and gateway at half the gateway's median round."""
     urls = {"bare": stack.bare, "floor": stack.floor, "gateway": stack.gateway}
     seconds = s.warmup_s + s.duration_s
-    full: dict[str, PassResult] = {}
-    print(f"max throughput ({s.loader}, {s.connections} connections, {s.duration_s} s each):")
-    for name in CONTENDERS:
-        size = s.stateless_pool
-        if name == "gateway":
-            # The floor's work is a subset of the gateway's, so its rate bounds the
-            # gateway's; the 1.5x margin keeps the gateway's message ids from repeating.
-            size = math.ceil(1.5 * max(full["floor"].rps, 100.0) * seconds) + 100
-        full[name] = _drive(s, urls[name], _presign(stack, urls[name], size))
-        print(_row(name, full[name]), flush=True)
+    print(
+        f"max throughput ({s.loader}, {s.connections} connections, {s.duration_s} s each;"
+        f" {s.rounds} round{'s' if s.rounds != 1 else ''} of {', '.join(CONTENDERS)}):"
+    )
+    rounds = max_throughput(
+        s, lambda name, size: _drive(s, urls[name], _presign(stack, urls[name], size))
+    )
     half: dict[str, PassResult] = {}
-    rate = full["gateway"].rps / 2
+    rate = median_pass([r.passes["gateway"] for r in rounds]).rps / 2
     if s.half_load and rate > 0:
         print(f"half load (python, open loop at {rate:.0f} req/s):")
         for name in ("bare", "gateway"):
             pool = _presign(stack, urls[name], math.ceil(1.1 * rate * seconds) + 50)
             half[name] = _drive(s, urls[name], pool, rate)
             print(_row(name, half[name]), flush=True)
-    return full, half
+    return rounds, half
 
 
 def _stats(r: PassResult) -> dict[str, Any]:
@@ -183,27 +271,31 @@ def _machine() -> dict[str, Any]:
 def report(
     s: Settings,
     machine: dict[str, Any],
-    full: dict[str, PassResult],
+    rounds: Sequence[Round],
     half: dict[str, PassResult],
     async_result: AsyncResult | None,
 ) -> dict[str, Any]:
-    """The ``latest.json`` document."""
-    gateway = full["gateway"]
-
-    def ratio(other: str) -> float:
-        return round(gateway.rps / full[other].rps, 3) if full[other].rps else 0.0
-
+    """The ``latest.json`` document: the median rounds' figures first, then every round."""
+    figures = combine(rounds)
+    median = figures.median
+    gateway = median["gateway"]
     added = round(half["gateway"].p99_ms - half["bare"].p99_ms, 3) if half else None
     return {
         "gateway_rps": round(gateway.rps, 1),
-        "floor_rps": round(full["floor"].rps, 1),
-        "bare_rps": round(full["bare"].rps, 1),
-        "ratio_floor": ratio("floor"),
-        "ratio_bare": ratio("bare"),
+        "floor_rps": round(median["floor"].rps, 1),
+        "bare_rps": round(median["bare"].rps, 1),
+        "ratio_floor": figures.ratio_floor,
+        "ratio_bare": figures.ratio_bare,
+        "ratio_floor_range": list(figures.ratio_floor_range),
         "p50_ms": round(gateway.p50_ms, 3),
         "p99_ms": round(gateway.p99_ms, 3),
         "p99_added_ms": added,
-        "contenders": {name: _stats(r) for name, r in full.items()},
+        "contenders": {name: _stats(median[name]) for name in CONTENDERS},
+        "rounds": [
+            {name: _stats(r.passes[name]) for name in CONTENDERS}
+            | {"ratio_floor": round(r.ratio("floor"), 3), "ratio_bare": round(r.ratio("bare"), 3)}
+            for r in rounds
+        ],
         "half_load": (
             {"rate_rps": round(gateway.rps / 2, 1)} | {n: _stats(r) for n, r in half.items()}
             if half
@@ -233,10 +325,20 @@ def _summary(doc: dict[str, Any]) -> list[str]:
     def met(ok: bool) -> str:
         return "met" if ok else "NOT met"
 
+    def spread(key: str) -> str:
+        ratios = [r[key] for r in doc["rounds"]]
+        if len(ratios) == 1:
+            return "(1 round)"
+        listed = ", ".join(f"{x:.3f}" for x in ratios)
+        return (
+            f"(median of {len(ratios)} rounds: {listed}; range {min(ratios):.3f}–{max(ratios):.3f})"
+        )
+
+    ok = doc["ratio_floor"] >= t["ratio_floor_min"]
     lines = [
-        f"gateway/floor = {doc['ratio_floor']:.3f}"
-        f"   (target >= {t['ratio_floor_min']}: {met(doc['ratio_floor'] >= t['ratio_floor_min'])})",
-        f"gateway/bare  = {doc['ratio_bare']:.3f}",
+        f"gateway/floor = {doc['ratio_floor']:.3f}   {spread('ratio_floor')}"
+        f"   (target >= {t['ratio_floor_min']}: {met(ok)})",
+        f"gateway/bare  = {doc['ratio_bare']:.3f}   {spread('ratio_bare')}",
     ]
     if doc["p99_added_ms"] is not None:
         ok = doc["p99_added_ms"] <= t["p99_added_ms_max"]
@@ -271,7 +373,10 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     # Signatures are fresh for 300 s, and each pass is signed just before it runs.
-    p.add_argument("--duration", type=bounded(1, 240), default=10, help="seconds per pass")
+    p.add_argument(
+        "--rounds", type=bounded(1, 20), default=3, help="of bare, floor, gateway; medians reported"
+    )
+    p.add_argument("--duration", type=bounded(1, 240), default=8, help="seconds per pass")
     p.add_argument("--warmup", type=bounded(0, 30), default=2, help="seconds before each pass")
     p.add_argument("--connections", type=bounded(1, 1024), default=64, help="concurrent requests")
     p.add_argument("--processes", type=bounded(1, 64), default=2, help="Python load processes")
@@ -280,9 +385,15 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--async", dest="async_mode", action="store_true", help="add the async pass")
     p.add_argument("--async-messages", type=bounded(1, 100_000), default=3000, help="its size")
-    p.add_argument("--smoke", action="store_true", help="a seconds-long check, no chart")
+    p.add_argument("--smoke", action="store_true", help="a seconds-long check, 1 round, no chart")
     p.add_argument(
         "--gateway-workers", type=bounded(1, 64), default=1, help="gateway serve --workers N"
+    )
+    p.add_argument(
+        "--loop",
+        choices=eventloop.LOOPS,
+        default="auto",
+        help="event loop of every process (auto: uvloop when installed)",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the JSON report (PNG beside)")
     return p.parse_args(argv)
@@ -298,19 +409,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" load average {machine['load_average_1m']}"
     )
     print("load generator, upstream and each contender share them: figures are relative")
+    print(f"event loop of every process: {s.loop}")
     with (
         tempfile.TemporaryDirectory(prefix="bench-") as tmp,
-        running(Path(tmp), gateway_workers=s.gateway_workers) as stack,
+        running(Path(tmp), gateway_workers=s.gateway_workers, loop=s.loop) as stack,
     ):
-        full, half = measure(stack, s)
+        rounds, half = measure(stack, s)
         async_result = None
         if s.async_messages:
             print(f"async: {s.async_messages} crossregion.apply messages ...", flush=True)
             async_result = asyncio.run(
                 run_async(stack, messages=s.async_messages, connections=s.connections)
             )
-    doc = report(s, machine, full, half, async_result)
-    flagged = any(r.flagged for r in [*full.values(), *half.values()])
+    doc = report(s, machine, rounds, half, async_result)
+    passes = [*(p for r in rounds for p in r.passes.values()), *half.values()]
+    flagged = any(p.flagged for p in passes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     print("\n".join(_summary(doc)))

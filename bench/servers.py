@@ -23,6 +23,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from bench import sig
+from gateway import eventloop
 from gateway.config import jwk_path_for
 from gateway.keys import load_keypair, public_from_jwk
 
@@ -243,9 +244,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--gateway-url", help="gateway ingress for callbacks (upstream)")
     parser.add_argument("--key", help="Ed25519 PKCS#8 PEM this process signs with")
     parser.add_argument("--client-jwk", help="the member's public JWK (floor)")
+    parser.add_argument("--loop", choices=eventloop.LOOPS, default="auto", help="event loop")
     args = parser.parse_args(argv)
-    # Like `gateway serve`: no access log, the default event loop.
-    web.run_app(_app(args), host="127.0.0.1", port=args.port, access_log=None, print=None)
+    # Like `gateway serve`: no access log, the same event loop as the gateway.
+    factory = eventloop.loop_factory(args.loop)
+    loop = factory() if factory is not None else asyncio.new_event_loop()
+    web.run_app(
+        _app(args), host="127.0.0.1", port=args.port, access_log=None, print=None, loop=loop
+    )
 
 
 if __name__ == "__main__":

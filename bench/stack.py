@@ -167,7 +167,7 @@ def _process(
 
 
 @contextlib.contextmanager
-def running(workdir: Path, *, gateway_workers: int = 1) -> Iterator[Stack]:
+def running(workdir: Path, *, gateway_workers: int = 1, loop: str = "auto") -> Iterator[Stack]:
     """Start the upstream and the three contenders; stop them all when the block ends."""
     keys = workdir / "keys"
     member = _write_keys(keys)
@@ -179,7 +179,8 @@ def running(workdir: Path, *, gateway_workers: int = 1) -> Iterator[Stack]:
     config = workdir / "config.yaml"
     document = gateway_config(keys, port=ports["gateway"], upstream=url["upstream"], store=store)
     config.write_text(yaml.safe_dump(document, allow_unicode=True), encoding="utf-8")
-    servers = [sys.executable, "-m", "bench.servers"]
+    # Every contender and the upstream run on the same event loop as the gateway.
+    servers = [sys.executable, "-m", "bench.servers", f"--loop={loop}"]
     exchange = f"{url['upstream']}/api/exchange/credit.query"
     commands = {
         "upstream": [
@@ -203,6 +204,7 @@ def running(workdir: Path, *, gateway_workers: int = 1) -> Iterator[Stack]:
             "serve",
             f"--config={config}",
             f"--workers={gateway_workers}",
+            f"--loop={loop}",
         ],
     }
     with contextlib.ExitStack() as started:

@@ -279,6 +279,7 @@ def create_app(
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.open()
+        store.batch.observer = metrics
         yield
         await store.close()
 

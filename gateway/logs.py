@@ -20,19 +20,42 @@ def mask_personal(text: str) -> str:
     return _RESIDENT_ID.sub(r"\1********\2", text)
 
 
+_SCALARS = (int, float, bool, type(None))
+
+
+def _timestamp(created: float, msecs: float, cache: dict[int, str] = {}) -> str:  # noqa: B006
+    """ISO 8601 UTC to the millisecond; the part up to the second is formatted once."""
+    second = int(created)
+    prefix = cache.get(second)
+    if prefix is None:
+        cache.clear()
+        prefix = cache[second] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{prefix}.{int(msecs):03d}Z"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": _timestamp(record.created, record.msecs),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": mask_personal(record.getMessage()),
         }
-        data.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
+        nested = False
+        for key, value in record.__dict__.items():
+            if key in _STANDARD:
+                continue
+            if isinstance(value, str):
+                # Masked value by value (a resident ID has 18 characters): cheaper than
+                # scanning the whole line, which was a third of a log line's cost.
+                data[key] = mask_personal(value) if len(value) >= 18 else value
+            else:
+                data[key] = value
+                nested = nested or not isinstance(value, _SCALARS)
         if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
-        return mask_personal(json.dumps(data, ensure_ascii=False, default=str))
+            data["exc"] = mask_personal(self.formatException(record.exc_info))
+        line = json.dumps(data, ensure_ascii=False, default=str)
+        return mask_personal(line) if nested else line
 
 
 class TextFormatter(logging.Formatter):
@@ -49,6 +72,12 @@ def configure_logging(*, level: str = "INFO", fmt: str = "text") -> None:
     handler.setFormatter(
         JsonFormatter() if fmt == "json" else TextFormatter("%(asctime)s %(levelname)s %(message)s")
     )
+    # The logging HOWTO's "Optimization": no formatter here uses the caller's file and
+    # line, thread or process names, so the records need not collect them.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

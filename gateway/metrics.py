@@ -20,6 +20,9 @@ gateway_deliveries_total               counter    kind (message, callback), outc
 gateway_circuit_breaker_state          gauge      adapter (0 closed, 1 half-open, 2 open)
 gateway_outbox_depth                   gauge      (read from the store at scrape time)
 gateway_outbox_oldest_age_seconds      gauge      (read from the store at scrape time)
+gateway_store_batch_units              histogram  (writes per group commit)
+gateway_store_commit_seconds           histogram  (BEGIN to COMMIT of a batch, on the loop)
+gateway_store_busy_total               counter    (batches that waited for another worker)
 =====================================  =========  ==========================================
 
 ``code`` on ``gateway_exchanges_total`` is ``ok`` (200), ``accepted`` (202), ``replayed``
@@ -195,6 +198,23 @@ class Metrics:
         )
         self._outbox = _Outbox()
         r.register(self._outbox)
+        self._batch_units = Histogram(
+            "gateway_store_batch_units",
+            "Writes committed together in one store transaction (group commit).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self._batch_seconds = Histogram(
+            "gateway_store_commit_seconds",
+            "Time from BEGIN to COMMIT of a store batch (the event loop waits for it).",
+            buckets=BUCKETS,
+            registry=r,
+        )
+        self._busy = Counter(
+            "gateway_store_busy_total",
+            "Store batches put off because another process held the write lock.",
+            registry=r,
+        )
 
         self._stage = {name: stage.labels(name) for name in STAGES}
         self._timed = {name: child for name, child in self._stage.items() if name != "total"}
@@ -279,6 +299,15 @@ class Metrics:
         if histogram is None:
             histogram = self._upstream_children[adapter] = self._upstream_seconds.labels(adapter)
         histogram.observe(seconds)
+
+    def committed(self, units: int, seconds: float) -> None:
+        """A store batch committed (``GroupCommit``'s observer)."""
+        self._batch_units.observe(units)
+        self._batch_seconds.observe(seconds)
+
+    def busy(self) -> None:
+        """A store batch waited for another process's write lock."""
+        self._busy.inc()
 
     def observe_delivery(self, kind: str, outcome: str) -> None:
         """One outbox attempt: ``kind`` message or callback; ``outcome`` as documented."""

@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from multidict import CIMultiDict, CIMultiDictProxy
 from pytest_aiohttp import AiohttpServer
 
-from bench.load import Member, presign
+from bench.load import Member, PassResult, presign
+from bench.run import Round, Settings, combine, gateway_pool_size, max_throughput, report
 from bench.servers import create_floor_app, create_upstream_app
 from gateway.client import Reply, verify_reply
 from gateway.signing import (
@@ -114,4 +115,104 @@ def test_smoke_run_measures_every_contender_without_errors(tmp_path: Path, loade
         assert report["contenders"][name]["replayed"] == 0
     for key in ("ratio_floor", "ratio_bare", "p50_ms", "p99_ms", "p99_added_ms", "machine"):
         assert key in report
+    assert report["settings"]["rounds"] == len(report["rounds"]) == 1
+    assert report["ratio_floor_range"] == [report["ratio_floor"]] * 2
     assert report["async"]["complete"]
+
+
+def _pass(rps: float, p99_ms: float = 50.0) -> PassResult:
+    """A hand-made 10 s pass at ``rps``; ``p99_ms`` tells passes of equal rps apart."""
+    return PassResult(
+        loader="wrk",
+        requests=round(rps * 10),
+        duration_s=10.0,
+        p50_ms=p99_ms / 2,
+        p99_ms=p99_ms,
+        non2xx=0,
+        socket_errors=0,
+        replayed=0,
+    )
+
+
+def _round(bare: float, floor: float, gateway: float, gateway_p99: float = 50.0) -> Round:
+    return Round(
+        passes={"bare": _pass(bare), "floor": _pass(floor), "gateway": _pass(gateway, gateway_p99)}
+    )
+
+
+# Gateway/floor per round: 0.5, 0.3, 0.4 (median 0.4); gateway/bare: 0.25, 0.15, 0.2 (0.2).
+# The ratios of the medians differ: gateway 500 / floor 1200 = 0.417, / bare 2400 = 0.208.
+ROUNDS = [
+    _round(2000, 1000, 500, gateway_p99=11.0),
+    _round(4000, 2000, 600, gateway_p99=22.0),
+    _round(2400, 1200, 480, gateway_p99=33.0),
+]
+
+
+def test_ratios_are_the_median_of_per_round_ratios_not_a_ratio_of_medians() -> None:
+    """Each ratio divides passes of one round; the reported figures are each one's median round."""
+    figures = combine(ROUNDS)
+    assert figures.ratio_floor == 0.4
+    assert figures.ratio_bare == 0.2
+    assert figures.ratio_floor_range == (0.3, 0.5)
+    assert round(500 / 1200, 3) != figures.ratio_floor  # what a ratio of medians would give
+    # Each contender's own median round: gateway's is round 1, floor's and bare's round 3.
+    assert figures.median["gateway"] is ROUNDS[0].passes["gateway"]
+    assert figures.median["floor"] is ROUNDS[2].passes["floor"]
+    assert figures.median["bare"] is ROUNDS[2].passes["bare"]
+
+
+def test_an_even_count_of_rounds_takes_the_lower_middle() -> None:
+    """Two rounds: the lower of each pair, a figure one round really had."""
+    figures = combine(ROUNDS[:2])
+    assert figures.ratio_floor == 0.3
+    assert figures.ratio_floor_range == (0.3, 0.5)
+    assert figures.median["gateway"] is ROUNDS[0].passes["gateway"]
+    assert figures.median["floor"] is ROUNDS[0].passes["floor"]
+
+
+def _settings(rounds: int) -> Settings:
+    return Settings(
+        rounds=rounds,
+        duration_s=8,
+        warmup_s=2,
+        connections=64,
+        processes=2,
+        loader="wrk",
+        stateless_pool=20_000,
+        half_load=False,
+        async_messages=0,
+        chart=False,
+        smoke=False,
+    )
+
+
+def test_report_keeps_its_keys_and_adds_every_round() -> None:
+    """latest.json: the median figures under the old keys, the gateway's median latency, rounds."""
+    doc = report(_settings(3), {}, ROUNDS, {}, None)
+    assert (doc["gateway_rps"], doc["floor_rps"], doc["bare_rps"]) == (500.0, 1200.0, 2400.0)
+    assert (doc["ratio_floor"], doc["ratio_bare"]) == (0.4, 0.2)
+    assert doc["ratio_floor_range"] == [0.3, 0.5]
+    assert doc["p99_ms"] == 11.0
+    assert doc["contenders"]["gateway"]["rps"] == 500.0
+    assert [r["ratio_floor"] for r in doc["rounds"]] == [0.5, 0.3, 0.4]
+    assert [r["floor"]["rps"] for r in doc["rounds"]] == [1000.0, 2000.0, 1200.0]
+    assert doc["settings"]["rounds"] == 3
+    assert json.loads(json.dumps(doc)) == doc
+
+
+def test_the_gateway_pool_is_sized_from_the_fastest_floor_of_the_run() -> None:
+    """A slow floor round after a fast one must not shrink the gateway's pool into cycling."""
+    floors = iter([2000.0, 800.0, 1500.0])
+    sizes: list[tuple[str, int]] = []
+
+    def drive(name: str, size: int) -> PassResult:
+        sizes.append((name, size))
+        return _pass(next(floors) if name == "floor" else 300.0)
+
+    rounds = max_throughput(_settings(3), drive)
+    assert len(rounds) == 3
+    assert [name for name, _ in sizes] == ["bare", "floor", "gateway"] * 3
+    gateway = [size for name, size in sizes if name == "gateway"]
+    assert gateway == [gateway_pool_size(2000.0, 10)] * 3
+    assert gateway[0] == 30_100

@@ -135,6 +135,13 @@ async def test_mixed_exchanges_move_counters_and_histograms(harness: Harness) ->
     assert m.value("gateway_outbox_oldest_age_seconds") == 0
     assert m.value("gateway_circuit_breaker_state", adapter="national") == 0
 
+    # Group commit: every store batch so far is counted, with the writes it carried.
+    batch = h.app[STORE].batch
+    assert m.value("gateway_store_batch_units_count") == batch.batches > 0
+    assert m.value("gateway_store_batch_units_sum") == batch.units >= batch.batches
+    assert m.value("gateway_store_commit_seconds_count") == batch.batches
+    assert m.value("gateway_store_busy_total") == 0  # one process: nobody else holds the lock
+
 
 async def test_outbox_gauges_read_the_store_at_scrape_time(make_harness: HarnessFactory) -> None:
     """While the platform refuses, accepted messages show as outbox depth and age; then 0."""

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
 from typing import Any
 
+import http_sf
 from http_message_signatures import HTTPMessageSigner, algorithms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from gateway.errors import DigestMismatch
 from gateway.keys import KeyPair, VerificationKey, generate, private_to_jwk
-from gateway.signing import RequestView, ResponseView, Signer, Verifier, parse_signature_input
+from gateway.signing import (  # units under test
+    RequestView,
+    ResponseView,
+    Signer,
+    Verifier,
+    _fast_bytes_member,
+    _fast_signature_input,
+    check_content_digest,
+    content_digest,
+    parse_signature_input,
+)
 from gateway.signing import _fast_base as fast_base  # the unit under test
 
 KEY = generate("ed25519")
@@ -115,3 +128,93 @@ class _Req:
 class _Resp:
     def __init__(self, status: int, headers: CIMultiDict[str], request: _Req) -> None:
         self.status_code, self.headers, self.request = status, headers, request
+
+
+# Fast structured-field readers: same answer as http-sf, or no answer ----------------
+
+sf_key = st.from_regex(r"[a-z*][a-z0-9_.*-]{0,8}", fullmatch=True)
+sf_string = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=12)
+sf_param_value = st.one_of(
+    st.integers(min_value=-(10**15) + 1, max_value=10**15 - 1),
+    sf_string,
+    st.just(True),
+    st.booleans(),
+)
+
+
+def _sf_text(draw_params: list[tuple[str, Any]]) -> str:
+    return "".join(
+        f";{k}" if v is True else f";{k}={http_sf.ser({'x': (v, {})})[2:]}" for k, v in draw_params
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    label=sf_key,
+    names=st.lists(sf_string, max_size=6),
+    params=st.lists(st.tuples(sf_key, sf_param_value), max_size=5),
+    noise=st.sampled_from(["", " ", ", x=1", "  ", ";", "\t"]),
+    where=st.integers(min_value=0, max_value=200),
+)
+def test_fast_signature_input_agrees_with_http_sf(
+    label: str, names: list[str], params: list[tuple[str, Any]], noise: str, where: int
+) -> None:
+    """Any Signature-Input text the fast reader accepts, http-sf reads the same way."""
+    members = " ".join(http_sf.ser({"x": (n, {})})[2:] for n in names)
+    text = f"{label}=({members}){_sf_text(params)}"
+    cut = where % (len(text) + 1)
+    text = text[:cut] + noise + text[cut:]
+    fast = _fast_signature_input(text)
+    parsed: Any
+    try:
+        parsed = http_sf.parse(text.encode("ascii"), tltype="dictionary")
+    except ValueError:
+        parsed = None
+    if fast is None:
+        return  # the reference decides
+    assert parsed is not None, text
+    assert len(parsed) == 1
+    reference_label, (inner, reference_params) = next(iter(parsed.items()))
+    assert fast == (reference_label, [n for n, _ in inner], dict(reference_params)), text
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    label=sf_key,
+    raw=st.binary(max_size=70),
+    mangle=st.sampled_from(["", "drop-pad", "extra", "space", "bad-bits"]),
+)
+def test_fast_byte_sequence_agrees_with_http_sf(label: str, raw: bytes, mangle: str) -> None:
+    """``label=:base64:`` read fast gives http-sf's bytes and its serialization."""
+    b64 = base64.b64encode(raw).decode()
+    if mangle == "drop-pad":
+        b64 = b64.rstrip("=")
+    elif mangle == "extra":
+        b64 += "A"
+    elif mangle == "space":
+        b64 = " " + b64
+    elif mangle == "bad-bits" and b64.endswith("=") and len(b64) >= 2:
+        b64 = b64[:-3] + "B" + b64[-2:] if b64.endswith("==") else b64[:-2] + "B="
+    text = f"{label}=:{b64}:"
+    fast = _fast_bytes_member(text)
+    if fast is None:
+        return
+    parsed: Any = http_sf.parse(text.encode("ascii"), tltype="dictionary")
+    assert fast[0] in parsed
+    assert fast[1] == parsed[fast[0]][0]
+    assert fast[2] == http_sf.ser({"m": parsed[fast[0]]})[2:]
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=st.binary(max_size=64), other=st.binary(max_size=64))
+def test_fast_content_digest_agrees_with_the_general_check(body: bytes, other: bytes) -> None:
+    """The one-member sha-256 shortcut accepts and refuses exactly as the general path."""
+    value = content_digest(other)
+    outcomes = []
+    for text in (value, value + ", md5=:AAAA:"):  # the second never takes the fast path
+        try:
+            outcomes.append(check_content_digest(text, body))
+        except DigestMismatch:
+            outcomes.append("mismatch")
+    assert outcomes[0] == outcomes[1]
+    assert (outcomes[0] != "mismatch") == (body == other)

@@ -94,10 +94,10 @@ async def test_writes_of_one_turn_share_one_commit_and_are_committed_when_awaite
 
 
 async def test_a_failed_unit_undoes_only_itself(store: SQLiteStore) -> None:
-    """A duplicate in the middle of a batch fails alone; its neighbours commit, and the
-    chain has no record of it (its savepoint took the record back)."""
+    """A duplicate in the middle of a batch fails alone; its neighbours, rolled back with
+    it, run again in the next batch and commit; the chain has no record of the duplicate."""
     first = await store.insert_message(_new())
-    head = store.chain.head
+    head, batches = store.chain.head, store.batch.batches
     outcomes = await asyncio.gather(
         store.insert_message(_new()),
         store.insert_message(_new(first.message_id)),
@@ -108,6 +108,7 @@ async def test_a_failed_unit_undoes_only_itself(store: SQLiteStore) -> None:
     assert not any(isinstance(o, BaseException) for o in (outcomes[0], outcomes[2]))
     assert _count(store.path) == 3
     assert store.chain.head.seq == head.seq + 2
+    assert store.batch.batches == batches + 1  # the rolled-back one is not counted
     assert _chain_ok(store.path)
 
 

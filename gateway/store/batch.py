@@ -5,10 +5,13 @@ its statements and returns a result. ``GroupCommit.run(unit)`` queues it and wai
 first unit of a turn schedules a flush (``loop.call_soon``), so every unit queued until
 that flush runs joins the same transaction::
 
-    BEGIN IMMEDIATE                      -- one write lock, one commit per batch
-      SAVEPOINT unit  ...  RELEASE unit  -- each unit: all or nothing on its own
-      SAVEPOINT unit  ...  ROLLBACK TO unit; RELEASE unit   -- a failed unit undoes itself
-    COMMIT                               -- then every waiter learns its result
+    BEGIN IMMEDIATE          -- one write lock, one commit per batch
+      unit; unit; unit ...   -- statements straight on the connection
+    COMMIT                   -- then every waiter learns its result
+
+A unit that raises rolls the batch back: it alone gets its exception, the others run
+again in the next turn's batch (units are plain functions of the database, so running
+one again after a rollback is running it once).
 
 A caller's ``await`` returns only after ``COMMIT``: "accepted means committed" holds,
 with one commit (and with ``synchronous=FULL``, one fsync) shared by every request of
@@ -34,18 +37,29 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from gateway.errors import StoreError
 from gateway.store.chain import HashChain
 
-__all__ = ["GroupCommit", "Unit"]
+__all__ = ["BatchObserver", "GroupCommit", "Unit"]
 
 T = TypeVar("T")
 Unit = Callable[[sqlite3.Connection], T]
 
 _RETRY_FIRST_S = 0.0002
 _RETRY_MAX_S = 0.004
+
+
+class BatchObserver(Protocol):
+    """Told about each batch (gateway/metrics.py turns it into histograms)."""
+
+    def committed(self, units: int, seconds: float) -> None:
+        """A batch of ``units`` committed; ``seconds`` from BEGIN to COMMIT (the loop's
+        time spent in it)."""
+
+    def busy(self) -> None:
+        """A flush was put off: another process held the write lock."""
 
 
 def _busy(exc: sqlite3.Error) -> bool:
@@ -55,9 +69,9 @@ def _busy(exc: sqlite3.Error) -> bool:
 class GroupCommit:
     """Batches units into one transaction per loop turn on ``db`` (the write connection).
 
-    ``chain`` is the message log's hash chain: its head is read again under the write
-    lock at the start of each batch (another process may have appended) and put back
-    when a unit or the batch rolls back.
+    ``chain`` is the message log's hash chain: its in-memory head is put back when a
+    batch rolls back (when another process appended meanwhile, ``HashChain.append``
+    finds out by its sequence number and reads the head again, under our lock).
     """
 
     def __init__(
@@ -73,6 +87,7 @@ class GroupCommit:
         self.batches = 0  # committed transactions
         self.units = 0  # units committed in them
         self.busy_retries = 0  # flushes put off because another process held the lock
+        self.observer: BatchObserver | None = None
 
     async def run(self, unit: Unit[T]) -> T:
         """Run ``unit`` in the next batch; its result once the batch has committed."""
@@ -104,8 +119,10 @@ class GroupCommit:
         self._handle = None
         if not self._pending:
             return
+        db, chain = self._db, self._chain
+        started = time.perf_counter()
         try:
-            self._db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             if _busy(exc) and self._wait_for_lock():
                 return
@@ -114,14 +131,29 @@ class GroupCommit:
             return
         self._busy_since, self._retry_s = None, _RETRY_FIRST_S
         batch = self._take()
+        head = chain.head
+        results: list[Any] = []
         try:
-            outcomes = self._run_batch(batch)
-            self._db.execute("COMMIT")
+            for unit, future in batch:
+                try:
+                    results.append(unit(db))
+                except Exception as exc:
+                    # Undo the whole batch, fail this unit, run the others again next turn
+                    # (a failure is rare: a duplicate id; savepoints around every unit
+                    # would cost two statements each on every request instead).
+                    db.execute("ROLLBACK")
+                    chain.head = head
+                    if not future.done():
+                        future.set_exception(exc)
+                    rest = [item for item in batch if item[1] is not future]
+                    self._pending[:0] = rest
+                    self._handle = asyncio.get_running_loop().call_soon(self._flush)
+                    return
+            db.execute("COMMIT")
         except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK")
-            with contextlib.suppress(sqlite3.Error, StoreError):
-                self._chain.load(self._db)
+                db.execute("ROLLBACK")
+            chain.head = head
             failure = (
                 exc if isinstance(exc, StoreError) else StoreError(f"store write failed: {exc}")
             )
@@ -131,34 +163,11 @@ class GroupCommit:
             return
         self.batches += 1
         self.units += len(batch)
-        for future, result, error in outcomes:
-            if future.done():
-                continue
-            if error is None:
+        if self.observer is not None:
+            self.observer.committed(len(batch), time.perf_counter() - started)
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
                 future.set_result(result)
-            else:
-                future.set_exception(error)
-
-    def _run_batch(
-        self, batch: list[tuple[Unit[Any], asyncio.Future[Any]]]
-    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
-        db, chain = self._db, self._chain
-        chain.load(db)  # under the write lock: the real head, whoever appended last
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        for unit, future in batch:
-            head = chain.head
-            db.execute("SAVEPOINT unit")
-            try:
-                result = unit(db)
-            except Exception as exc:
-                db.execute("ROLLBACK TO unit")
-                db.execute("RELEASE unit")
-                chain.head = head
-                outcomes.append((future, None, exc))
-            else:
-                db.execute("RELEASE unit")
-                outcomes.append((future, result, None))
-        return outcomes
 
     def _wait_for_lock(self) -> bool:
         """Try again shortly, unless the lock has been busy for too long."""
@@ -168,6 +177,8 @@ class GroupCommit:
         elif now - self._busy_since > self._busy_timeout_s:
             return False
         self.busy_retries += 1
+        if self.observer is not None:
+            self.observer.busy()
         loop = asyncio.get_running_loop()
         self._handle = loop.call_later(self._retry_s, self._flush)
         self._retry_s = min(self._retry_s * 2, _RETRY_MAX_S)
