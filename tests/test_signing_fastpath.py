@@ -7,6 +7,9 @@ import datetime
 from typing import Any
 
 import http_sf
+import pytest
+from cryptography.exceptions import InvalidSignature as CryptoInvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from http_message_signatures import HTTPMessageSigner, algorithms
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,6 +24,7 @@ from gateway.signing import (  # units under test
     Verifier,
     _fast_bytes_member,
     _fast_signature_input,
+    _verify_raw,
     check_content_digest,
     content_digest,
     parse_signature_input,
@@ -218,3 +222,23 @@ def test_fast_content_digest_agrees_with_the_general_check(body: bytes, other: b
             outcomes.append("mismatch")
     assert outcomes[0] == outcomes[1]
     assert (outcomes[0] != "mismatch") == (body == other)
+
+
+@settings(max_examples=50, deadline=None)
+@given(message=st.binary(max_size=300), flip=st.integers(min_value=0, max_value=511))
+def test_libsodium_and_openssl_agree_on_ed25519(message: bytes, flip: int) -> None:
+    """Ed25519 runs through libsodium: OpenSSL's signatures verify there and ours verify in
+    OpenSSL, byte for byte the same (Ed25519 is deterministic); a flipped bit fails both."""
+    assert isinstance(KEY, ed25519.Ed25519PrivateKey)
+    public = VerificationKey(kid="k1", algorithm="ed25519", key=KEY.public_key())
+    openssl = KEY.sign(message)
+    _verify_raw(public, openssl, message)
+    signer = Signer(PAIR)
+    assert signer._sodium is not None
+    assert signer._sodium.sign(message).signature == openssl
+    damaged = bytearray(openssl)
+    damaged[flip // 8] ^= 1 << (flip % 8)
+    with pytest.raises(CryptoInvalidSignature):
+        _verify_raw(public, bytes(damaged), message)
+    with pytest.raises(CryptoInvalidSignature):
+        KEY.public_key().verify(bytes(damaged), message)
