@@ -97,7 +97,9 @@ def _parse_dictionary(value: str) -> Any:
 
 _KEY = r"[a-z*][a-z0-9_.*-]*"
 _STRING = r'"[\x20\x21\x23-\x5b\x5d-\x7e]*"'
-_VALUE = rf"-?[0-9]{{1,15}}|{_STRING}"  # an integer or a string
+# An integer without leading zeros, or a string: written so, the text is also the
+# canonical serialization, so a verifier can take @signature-params as it came.
+_VALUE = rf"0|-?[1-9][0-9]{{0,14}}|{_STRING}"
 _PARAM_RE = re.compile(rf";({_KEY})(?:=({_VALUE}))?")
 _INPUT_RE = re.compile(
     rf"({_KEY})=\(((?:{_STRING})(?: {_STRING})*)?\)((?:;{_KEY}(?:=(?:{_VALUE}))?)*)"
@@ -123,13 +125,17 @@ def _fast_bytes_member(value: str) -> tuple[str, bytes, str] | None:
 
 
 def _fast_signature_input(value: str) -> tuple[str, list[str], dict[str, Any]] | None:
-    """``label=("a" "b");k=v...``: (label, component names, parameters), else None."""
+    """``label=("a" "b");k=v...``: (label, component names, parameters), else None.
+
+    Accepted text is canonical: what follows ``label=`` is the member serialized."""
     m = _INPUT_RE.fullmatch(value)
     if m is None:
         return None
     names = _STRING_ITEM_RE.findall(m.group(2)) if m.group(2) else []
     params: dict[str, Any] = {}
     for key, raw in _PARAM_RE.findall(m.group(3)):
+        if key in params:
+            return None  # a repeated parameter: the last wins, and the text is not canonical
         if not raw:
             params[key] = True
         elif raw[0] == '"':
@@ -205,6 +211,7 @@ class SignatureInput:
     params: Mapping[str, Any]
     items: tuple[tuple[str, Mapping[str, Any]], ...] = ()  # every component, with parameters
     signature: bytes = b""
+    serialized: str = ""  # the member's canonical text after ``label=``, when known
 
     @property
     def keyid(self) -> str:
@@ -255,6 +262,7 @@ def parse_signature_input(headers: Headers) -> SignatureInput:
             params=params,
             items=tuple((name, {}) for name in names),
             signature=fast_sig[1],
+            serialized=raw_input[len(label) + 1 :],
         )
     try:
         inputs = _parse_dictionary(raw_input)
@@ -348,8 +356,10 @@ def _fast_base(
     message: RequestView | ResponseView,
     items: Sequence[tuple[str, Mapping[str, Any]]],
     params: Mapping[str, Any],
+    serialized: str = "",
 ) -> tuple[bytes, str]:
-    """The signature base and the serialized ``@signature-params`` of ``items``."""
+    """The signature base and the serialized ``@signature-params`` of ``items`` (given as
+    ``serialized`` when the caller has it already)."""
     request = message.request if isinstance(message, ResponseView) else message
     lines: list[str] = []
     seen: set[tuple[str, tuple[tuple[str, Any], ...]]] = set()
@@ -386,7 +396,7 @@ def _fast_base(
         else:
             value = _field(message.headers, name)
         lines.append(f'"{name}": {value}')
-    params_text = _serialize_params(items, params)
+    params_text = serialized or _serialize_params(items, params)
     lines.append(f'"@signature-params": {params_text}')
     base = "\n".join(lines)
     if not base.isascii():
@@ -532,7 +542,7 @@ class Verifier:
         try:
             if extra_required or not sig.items:
                 raise _Unsupported
-            base, _ = _fast_base(message, sig.items, sig.params)
+            base, _ = _fast_base(message, sig.items, sig.params, sig.serialized)
         except _Unsupported:
             self._verify_with_library(message, sig, key, extra_required)
         else:

@@ -180,6 +180,9 @@ def test_fast_signature_input_agrees_with_http_sf(
     assert len(parsed) == 1
     reference_label, (inner, reference_params) = next(iter(parsed.items()))
     assert fast == (reference_label, [n for n, _ in inner], dict(reference_params)), text
+    # What follows the label is the canonical text: the verifier signs over it as is.
+    member = http_sf.ser({reference_label: (inner, reference_params)})
+    assert text == member, text
 
 
 @settings(max_examples=300, deadline=None)
