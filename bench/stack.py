@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from bench.load import Member
 from gateway.config import jwk_path_for
 from gateway.keys import generate, write_keypair
+from gateway.ports import free_port
 
 __all__ = ["PORTAL_ID", "ROOT", "Stack", "example", "running"]
 
@@ -51,13 +51,6 @@ def example(service: str) -> Any:
     return schema["examples"][0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _write_keys(directory: Path) -> Member:
     """Fresh Ed25519 key pairs (PEM 0600 + JWK) for gateway, platform and member."""
     pairs = {}
@@ -75,7 +68,7 @@ def gateway_config(keys: Path, *, port: int, upstream: str, store: Path) -> dict
         "gateway": {"member_id": "330000:gateway", "key": str(keys / "gateway.pem")},
         "listen": {
             "ingress": {"host": "127.0.0.1", "port": port},
-            "admin": {"host": "127.0.0.1", "port": _free_port()},
+            "admin": {"host": "127.0.0.1", "port": free_port()},
         },
         "store": {"path": str(store)},
         "members": [
@@ -173,7 +166,7 @@ def running(workdir: Path, *, gateway_workers: int = 1, loop: str = "auto") -> I
     member = _write_keys(keys)
     logs = workdir / "logs"
     logs.mkdir()
-    ports = {name: _free_port() for name in ("upstream", "bare", "floor", "gateway")}
+    ports = {name: free_port() for name in ("upstream", "bare", "floor", "gateway")}
     url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     store = workdir / "gateway.db"
     config = workdir / "config.yaml"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -33,6 +32,7 @@ from gateway.app import STORE, create_app
 from gateway.client import ExchangeClient, Reply, verify_reply
 from gateway.config import SCHEMA_DIR, jwk_path_for, parse_config
 from gateway.keys import KeyPair, VerificationKey, generate, write_keypair
+from gateway.ports import free_port
 from gateway.signing import Signer, parse_signature_input
 from gateway.store import MessageRecord
 from simulators.backoffice import BackOffice, create_backoffice_app
@@ -50,13 +50,6 @@ SERVICES = SCHEMA_DIR / "services"
 def _example(service: str) -> Any:
     schema = json.loads((SERVICES / service / "request.json").read_text(encoding="utf-8"))
     return schema["examples"][0]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _service(code: str, mode: str, timeout_s: float = 10) -> dict[str, Any]:
@@ -213,7 +206,7 @@ async def _run(workdir: Path, verbose: bool) -> DemoReport:
         )
         for name in ("a-gateway", "a-portal", "national", "b-gateway", "b-office")
     }
-    t = _Topology(workdir, keys, {name: _free_port() for name in names})
+    t = _Topology(workdir, keys, {name: free_port() for name in names})
     a_conf = parse_config(_a_config(t), base=workdir)
     b_conf = parse_config(_b_config(t), base=workdir)
 

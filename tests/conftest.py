@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from gateway.client import ExchangeClient
 from gateway.config import Config, jwk_path_for, parse_config
 from gateway.keys import KeyPair, KeyType, VerificationKey, generate, write_keypair
 from gateway.limits import GatewayRunner
+from gateway.ports import free_port
 from gateway.signing import Signer
 from gateway.tracing import Tracing
 from simulators.national import NationalPlatform, create_national_app
@@ -37,36 +36,9 @@ PEER_ID = "440000:gateway"
 GATEWAY_ID = "330000:gateway"
 
 
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-_EPHEMERAL_LOW, _EPHEMERAL_HIGH = _ephemeral_range()
-
-
 def unused_port() -> int:
-    """A free loopback port *outside* the kernel's ephemeral range.
-
-    A port picked by binding port 0 comes from the ephemeral range, and between closing
-    that socket and the server binding it, any outgoing connection may take it as its
-    local port (we saw ``EADDRINUSE`` in CI-like runs). No outgoing connection is ever
-    given a port below the range, so a free one there stays free for the server.
-    """
-    low = 10_000 if _EPHEMERAL_LOW > 11_000 else _EPHEMERAL_HIGH + 1
-    high = _EPHEMERAL_LOW - 1 if _EPHEMERAL_LOW > 11_000 else 65_535
-    for _ in range(200):
-        port = random.randint(low, high)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port outside the ephemeral range")
+    """A free loopback port outside the ephemeral range (gateway/ports.py says why)."""
+    return free_port()
 
 
 CREDIT_EXAMPLE = json.loads((SCHEMAS / "credit.query" / "request.json").read_text())["examples"][0]

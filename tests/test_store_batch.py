@@ -261,3 +261,29 @@ async def test_closing_fails_what_is_still_queued(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="closed"):
         await pending
     writer.close()
+
+
+def _wal_frames(path: Path) -> int:
+    with _connect(path) as db:
+        return int(db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1])
+
+
+async def test_a_grown_wal_is_started_again_by_the_checkpointer(store: SQLiteStore) -> None:
+    """Past WAL_RESTART_PAGES the checkpoint restarts the WAL, so the next write begins it
+    again. Under load a passive checkpoint alone never does: a reader's snapshot (here a
+    report's open transaction) stops it short, and writes go on appending."""
+    store.WAL_RESTART_PAGES = 32
+    for _ in range(5):
+        await asyncio.gather(*(store.insert_message(_new()) for _ in range(20)))
+    reader = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM messages").fetchone()  # pins its snapshot
+        await asyncio.gather(*(store.insert_message(_new()) for _ in range(20)))
+        asyncio.get_running_loop().call_later(0.2, reader.execute, "COMMIT")
+        await store.checkpoint()  # RESTART waits for the report to end
+    finally:
+        reader.close()
+    await store.insert_message(_new())
+    assert _wal_frames(store.path) < 16  # started again from its first frame
+    assert _count(store.path) == 121

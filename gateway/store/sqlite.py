@@ -262,6 +262,7 @@ class SQLiteStore:
     """
 
     CHECKPOINT_EVERY_S = 1.0
+    WAL_RESTART_PAGES = 4096  # 16 MiB of 4 KiB pages
 
     def __init__(self, path: Path | str, *, synchronous: str = "normal") -> None:
         self.path = Path(path)
@@ -301,6 +302,8 @@ class SQLiteStore:
         db.execute("PRAGMA foreign_keys=ON")
         # Checkpoints (which fsync) are ours to run, off the loop; see _checkpoint_loop.
         db.execute("PRAGMA wal_autocheckpoint=0")
+        # A WAL file that grew under a burst is cut back to this size when it restarts.
+        db.execute(f"PRAGMA journal_size_limit={64 * 1024 * 1024}")
         return db
 
     async def open(self) -> None:
@@ -342,10 +345,21 @@ class SQLiteStore:
                 log.warning("WAL checkpoint failed; will retry", exc_info=True)
 
     async def checkpoint(self) -> None:
+        """Copy the WAL into the database; restart the WAL once it has grown.
+
+        A PASSIVE checkpoint never waits, so under steady load it never catches up with
+        the writer, the WAL is never started again and only grows: measured, 140 MB of WAL
+        in 25 s and throughput down from 880 to 550 req/s, every read searching a larger
+        WAL index. So past ``WAL_RESTART_PAGES`` a RESTART checkpoint follows: it takes the
+        write lock for the little the passive one left (GroupCommit waits for it without
+        blocking the loop) and makes the next writer begin the WAL again."""
         if self._maintenance is None:
             return
         try:
-            await self._maintenance.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            async with self._maintenance.execute("PRAGMA wal_checkpoint(PASSIVE)") as cur:
+                row = await cur.fetchone()
+            if row is not None and row[1] >= self.WAL_RESTART_PAGES:
+                await self._maintenance.execute("PRAGMA wal_checkpoint(RESTART)")
         except sqlite3.Error as exc:
             raise StoreError(f"checkpoint failed: {exc}") from exc
 
