@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a file: make the project root importable
 from bench import chart
 from bench.asyncpass import AsyncResult, run_async
 from bench.load import PassResult, SignedRequest, presign, run_python, run_wrk
+from bench.rss import RssSampler
 from bench.stack import ROOT, Stack, example, running
 from gateway import eventloop
 
@@ -36,7 +37,12 @@ __all__ = ["Figures", "Round", "combine", "main", "median_pass"]
 
 CONTENDERS = ("bare", "floor", "gateway")
 # Issue 7's targets, shown beside the figures (the benchmark itself enforces none).
-TARGETS = {"ratio_floor_min": 0.7, "p99_added_ms_max": 5.0, "async_msgs_per_s_min": 1000.0}
+TARGETS = {
+    "ratio_floor_min": 0.7,
+    "p99_added_ms_max": 5.0,
+    "async_msgs_per_s_min": 1000.0,
+    "rss_mib_max": 150.0,
+}
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
 
 T = TypeVar("T")
@@ -274,6 +280,7 @@ def report(
     rounds: Sequence[Round],
     half: dict[str, PassResult],
     async_result: AsyncResult | None,
+    rss_mib: float | None = None,
 ) -> dict[str, Any]:
     """The ``latest.json`` document: the median rounds' figures first, then every round."""
     figures = combine(rounds)
@@ -290,6 +297,8 @@ def report(
         "p50_ms": round(gateway.p50_ms, 3),
         "p99_ms": round(gateway.p99_ms, 3),
         "p99_added_ms": added,
+        # The largest resident set of any gateway process (each worker) during the run.
+        "gateway_peak_rss_mib": rss_mib,
         "contenders": {name: _stats(median[name]) for name in CONTENDERS},
         "rounds": [
             {name: _stats(r.passes[name]) for name in CONTENDERS}
@@ -345,6 +354,13 @@ def _summary(doc: dict[str, Any]) -> list[str]:
         lines.append(
             f"p99 added over bare at {doc['half_load']['rate_rps']:.0f} req/s"
             f" = {doc['p99_added_ms']:.2f} ms   (target <= {t['p99_added_ms_max']}: {met(ok)})"
+        )
+    rss = doc.get("gateway_peak_rss_mib")
+    if rss is not None:
+        ok = rss < t["rss_mib_max"]
+        lines.append(
+            f"gateway peak RSS = {rss:.1f} MiB per process"
+            f"   (target < {t['rss_mib_max']:.0f}: {met(ok)})"
         )
     a = doc["async"]
     if a is not None:
@@ -414,14 +430,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="bench-") as tmp,
         running(Path(tmp), gateway_workers=s.gateway_workers, loop=s.loop) as stack,
     ):
-        rounds, half = measure(stack, s)
-        async_result = None
-        if s.async_messages:
-            print(f"async: {s.async_messages} crossregion.apply messages ...", flush=True)
-            async_result = asyncio.run(
-                run_async(stack, messages=s.async_messages, connections=s.connections)
-            )
-    doc = report(s, machine, rounds, half, async_result)
+        with RssSampler(stack.gateway_pid) as rss:
+            rounds, half = measure(stack, s)
+            async_result = None
+            if s.async_messages:
+                print(f"async: {s.async_messages} crossregion.apply messages ...", flush=True)
+                async_result = asyncio.run(
+                    run_async(stack, messages=s.async_messages, connections=s.connections)
+                )
+        peak = rss.peak_mib if rss.available else None
+    doc = report(s, machine, rounds, half, async_result, peak)
     passes = [*(p for r in rounds for p in r.passes.values()), *half.values()]
     flagged = any(p.flagged for p in passes)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ class Stack:
     gateway: str
     member: Member
     store: Path
+    gateway_pid: int  # `gateway serve` (with --workers, the supervisor of the workers)
 
 
 def example(service: str) -> Any:
@@ -135,7 +136,7 @@ def _tail(path: Path, lines: int = 20) -> str:
 @contextlib.contextmanager
 def _process(
     name: str, command: Sequence[str], port: int, health: str, logs: Path
-) -> Iterator[None]:
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run one server until the block ends; fail early with its log if it never gets ready."""
     log_path = logs / f"{name}.log"
     with log_path.open("wb") as log:
@@ -149,7 +150,7 @@ def _process(
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{name} did not start:\n{_tail(log_path)}")
                 time.sleep(0.1)
-            yield
+            yield process
         finally:
             process.terminate()
             try:
@@ -201,9 +202,11 @@ def running(workdir: Path, *, gateway_workers: int = 1, loop: str = "auto") -> I
         ],
     }
     with contextlib.ExitStack() as started:
+        pids = {}
         for name, command in commands.items():
             health = "/healthz" if name == "gateway" else "/health"
-            started.enter_context(_process(name, command, ports[name], health, logs))
+            process = started.enter_context(_process(name, command, ports[name], health, logs))
+            pids[name] = process.pid
         yield Stack(
             upstream=url["upstream"],
             bare=url["bare"],
@@ -211,4 +214,5 @@ def running(workdir: Path, *, gateway_workers: int = 1, loop: str = "auto") -> I
             gateway=url["gateway"],
             member=member,
             store=store,
+            gateway_pid=pids["gateway"],
         )

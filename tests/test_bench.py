@@ -118,6 +118,9 @@ def test_smoke_run_measures_every_contender_without_errors(tmp_path: Path, loade
     assert report["settings"]["rounds"] == len(report["rounds"]) == 1
     assert report["ratio_floor_range"] == [report["ratio_floor"]] * 2
     assert report["async"]["complete"]
+    # A Python process serving requests has tens of MiB resident, never zero or gigabytes.
+    assert 20 < report["gateway_peak_rss_mib"] < 1024
+    assert report["settings"]["loop"] == "uvloop"
 
 
 def _pass(rps: float, p99_ms: float = 50.0) -> PassResult:
