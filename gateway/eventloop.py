@@ -1,9 +1,9 @@
 """Which event loop serves: uvloop where it is installed, asyncio's otherwise.
 
 ``gateway serve --loop auto|uvloop|asyncio`` (and the benchmark's contenders, which use
-the same choice so that their figures stay comparable). uvloop is an optional
-dependency (``pip install 'gateway[fast]'``, Linux and macOS); the gateway behaves the
-same on either loop, only faster on uvloop.
+the same choice so that their figures stay comparable). uvloop is a
+dependency of the package everywhere but Windows; the gateway behaves the same on
+either loop, only faster on uvloop.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     try:
         import uvloop
     except ImportError as exc:
+        if name == "auto":  # found but not importable: asyncio's loop serves as well
+            return None
         raise ValueError("--loop uvloop: uvloop is not installed (pip install uvloop)") from exc
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory

@@ -49,6 +49,8 @@ class JsonFormatter(logging.Formatter):
                 # Masked value by value (a resident ID has 18 characters): cheaper than
                 # scanning the whole line, which was a third of a log line's cost.
                 data[key] = mask_personal(value) if len(value) >= 18 else value
+            elif type(value) is int and abs(value) >= 10**16:  # an ID held as a number
+                data[key] = mask_personal(str(value))
             else:
                 data[key] = value
                 nested = nested or not isinstance(value, _SCALARS)

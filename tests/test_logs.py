@@ -87,6 +87,18 @@ def test_resident_ids_are_masked_in_message_extras_and_exception() -> None:
     assert f"bad applicant {MASKED}" in line["exc"]
 
 
+def test_resident_ids_held_as_numbers_or_in_plain_fields_are_masked() -> None:
+    """Every value is masked on its own: a string field, an 18-digit number, a long one."""
+    logger, stream = _logger(JsonFormatter(), "test.logs.values")
+    number = 330106200001010015
+    logger.info("x", extra={"user": RESIDENT_ID, "as_number": number, "small": 200})
+    (line,) = _lines(stream)
+    assert line["user"] == MASKED
+    assert line["as_number"] == "330106********0015"
+    assert line["small"] == 200
+    assert str(number) not in stream.getvalue()
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -280,10 +280,75 @@ async def test_a_grown_wal_is_started_again_by_the_checkpointer(store: SQLiteSto
         reader.execute("BEGIN")
         reader.execute("SELECT COUNT(*) FROM messages").fetchone()  # pins its snapshot
         await asyncio.gather(*(store.insert_message(_new()) for _ in range(20)))
-        asyncio.get_running_loop().call_later(0.2, reader.execute, "COMMIT")
-        await store.checkpoint()  # RESTART waits for the report to end
+        asyncio.get_running_loop().call_later(0.01, reader.execute, "COMMIT")
+        await store.checkpoint()  # RESTART waits (up to 50 ms) for the report to end
     finally:
         reader.close()
     await store.insert_message(_new())
     assert _wal_frames(store.path) < 16  # started again from its first frame
     assert _count(store.path) == 121
+
+
+async def test_a_duplicate_learns_so_only_once_its_twin_is_committed(store: SQLiteStore) -> None:
+    """Two inserts of one message id in one batch: the loser's DuplicateMessage arrives
+    when the winner's row is already readable (the pipeline answers it as a replay)."""
+    message = _new()
+    seen: list[object] = []
+
+    async def insert() -> str:
+        try:
+            await store.insert_message(message)
+        except DuplicateMessage:
+            seen.append(await store.get_message(PORTAL, message.message_id))
+            return "duplicate"
+        return "inserted"
+
+    assert sorted(await asyncio.gather(insert(), insert())) == ["duplicate", "inserted"]
+    assert len(seen) == 1
+    assert seen[0] is not None
+    assert _chain_ok(store.path)
+
+
+async def test_a_batch_sqlite_rolled_back_itself_fails_with_its_own_cause(tmp_path: Path) -> None:
+    """Disk full makes SQLite roll the transaction back by itself: every waiter gets a
+    StoreError naming the real cause, not "no transaction is active"; the store goes on."""
+    store = SQLiteStore(tmp_path / "full.db")
+    await store.open()
+    try:
+        pages = int(store.writer.execute("PRAGMA page_count").fetchone()[0])
+        store.writer.execute(f"PRAGMA max_page_count={pages + 2}")
+        big = [_new() for _ in range(40)]
+        for m in big:
+            object.__setattr__(m, "request_body", b"x" * 8000)
+        outcomes = await asyncio.gather(
+            *(store.insert_message(m) for m in big), return_exceptions=True
+        )
+        failures = [o for o in outcomes if isinstance(o, StoreError)]
+        assert failures
+        assert all("full" in str(f) for f in failures), failures
+        store.writer.execute("PRAGMA max_page_count=1073741823")
+        await store.insert_message(_new())
+    finally:
+        await store.close()
+
+
+async def test_a_reader_that_never_ends_holds_the_restart_up_50_ms_not_seconds(
+    store: SQLiteStore,
+) -> None:
+    """RESTART holds the write lock while it waits for old readers: it gives up after
+    50 ms (SQLite's default wait was 5 s of every writer blocked, every second)."""
+    store.WAL_RESTART_PAGES = 32
+    for _ in range(5):
+        await asyncio.gather(*(store.insert_message(_new()) for _ in range(20)))
+    reader = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM messages").fetchone()
+        await store.insert_message(_new())  # a frame the reader's snapshot lacks
+        started = time.monotonic()
+        await store.checkpoint()
+        assert time.monotonic() - started < 1.0
+        await store.insert_message(_new())  # writers were not shut out
+    finally:
+        reader.close()
+    assert _count(store.path) == 102

@@ -9,9 +9,11 @@ that flush runs joins the same transaction::
       unit; unit; unit ...   -- statements straight on the connection
     COMMIT                   -- then every waiter learns its result
 
-A unit that raises rolls the batch back: it alone gets its exception, the others run
-again in the next turn's batch (units are plain functions of the database, so running
-one again after a rollback is running it once).
+A unit that raises rolls the batch back, and the batch runs again at once with each
+unit in a savepoint: the failed unit alone gets its exception, and only after its
+batch-mates committed (units are plain functions of the database, so running one again
+after a rollback is running it once; savepoints on every unit of every batch would cost
+two statements per write on every request, for a failure that is rare).
 
 A caller's ``await`` returns only after ``COMMIT``: "accepted means committed" holds,
 with one commit (and with ``synchronous=FULL``, one fsync) shared by every request of
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -43,6 +46,8 @@ from gateway.errors import StoreError
 from gateway.store.chain import HashChain
 
 __all__ = ["BatchObserver", "GroupCommit", "Unit"]
+
+log = logging.getLogger("gateway.store")
 
 T = TypeVar("T")
 Unit = Callable[[sqlite3.Connection], T]
@@ -88,6 +93,8 @@ class GroupCommit:
         self.units = 0  # units committed in them
         self.busy_retries = 0  # flushes put off because another process held the lock
         self.observer: BatchObserver | None = None
+        self._careful = False  # the next batch runs each unit in a savepoint
+        self._later = False  # the last busy BEGIN rescheduled the flush
 
     async def run(self, unit: Unit[T]) -> T:
         """Run ``unit`` in the next batch; its result once the batch has committed."""
@@ -103,71 +110,124 @@ class GroupCommit:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-        self._fail(self._take(), StoreError("the store is closed"))
+        self._fail(self._take(), "the store is closed")
 
     def _take(self) -> list[tuple[Unit[Any], asyncio.Future[Any]]]:
         batch, self._pending = self._pending, []
         return batch
 
     @staticmethod
-    def _fail(batch: list[tuple[Unit[Any], asyncio.Future[Any]]], exc: BaseException) -> None:
+    def _fail(
+        batch: list[tuple[Unit[Any], asyncio.Future[Any]]],
+        reason: str,
+        cause: BaseException | None = None,
+    ) -> None:
         for _, future in batch:
             if not future.done():
-                future.set_exception(exc)
+                error = StoreError(reason)  # one each: a shared one would pile up tracebacks
+                error.__cause__ = cause
+                future.set_exception(error)
+
+    def _begin(self) -> sqlite3.Error | None:
+        """``BEGIN IMMEDIATE``: None once begun, else the error (the flush is already
+        rescheduled when it was the lock, see ``_later``)."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            self._later = _busy(exc) and self._wait_for_lock()
+            if not self._later:
+                self._busy_since = None
+            return exc
+        self._busy_since, self._retry_s = None, _RETRY_FIRST_S
+        return None
+
+    def _rollback(self, head: Any) -> None:
+        if self._db.in_transaction:  # SQLite may have rolled back already (disk full, I/O)
+            self._db.execute("ROLLBACK")
+        self._chain.head = head
 
     def _flush(self) -> None:
         self._handle = None
         if not self._pending:
             return
-        db, chain = self._db, self._chain
-        started = time.perf_counter()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            if _busy(exc) and self._wait_for_lock():
-                return
-            self._busy_since = None
-            self._fail(self._take(), StoreError(f"store write failed: {exc}"))
+        error = self._begin()
+        if error is not None:
+            if not self._later:
+                self._fail(self._take(), f"store write failed: {error}", error)
             return
-        self._busy_since, self._retry_s = None, _RETRY_FIRST_S
+        started = time.perf_counter()
+        careful, self._careful = self._careful, False
         batch = self._take()
-        head = chain.head
-        results: list[Any] = []
+        head = self._chain.head
         try:
-            for unit, future in batch:
-                try:
-                    results.append(unit(db))
-                except Exception as exc:
-                    # Undo the whole batch, fail this unit, run the others again next turn
-                    # (a failure is rare: a duplicate id; savepoints around every unit
-                    # would cost two statements each on every request instead).
-                    db.execute("ROLLBACK")
-                    chain.head = head
-                    if not future.done():
-                        future.set_exception(exc)
-                    rest = [item for item in batch if item[1] is not future]
-                    self._pending[:0] = rest
-                    self._handle = asyncio.get_running_loop().call_soon(self._flush)
+            outcomes = self._run(batch, careful)
+            if outcomes is None:
+                # A unit failed (a duplicate id, rarely anything else). Its error must not
+                # reach its caller before its batch-mates have committed (a twin's insert
+                # is what made it a duplicate), so the batch runs again, each unit in a
+                # savepoint; every caller then learns its outcome after that COMMIT.
+                self._rollback(head)
+                error = self._begin()
+                if error is not None:
+                    if not self._later:
+                        raise error
+                    self._pending[:0] = batch  # the lock went elsewhere: next time, carefully
+                    self._careful = True
                     return
-            db.execute("COMMIT")
+                outcomes = self._run(batch, careful=True)
+                assert outcomes is not None
+            self._db.execute("COMMIT")
         except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            chain.head = head
-            failure = (
-                exc if isinstance(exc, StoreError) else StoreError(f"store write failed: {exc}")
-            )
-            self._fail(batch, failure)
+                self._rollback(head)
+            self._chain.head = head
+            reason = exc.detail if isinstance(exc, StoreError) else f"store write failed: {exc}"
+            self._fail(batch, reason, exc)
             if not isinstance(exc, Exception):
                 raise
             return
         self.batches += 1
         self.units += len(batch)
-        if self.observer is not None:
-            self.observer.committed(len(batch), time.perf_counter() - started)
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
+        for (_, future), (result, failure) in zip(batch, outcomes, strict=True):
+            if future.done():
+                continue
+            if failure is None:
                 future.set_result(result)
+            else:
+                future.set_exception(failure)
+        if self.observer is not None:
+            try:
+                self.observer.committed(len(batch), time.perf_counter() - started)
+            except Exception:  # metrics must never break the store
+                log.exception("the batch observer failed")
+
+    def _run(
+        self, batch: list[tuple[Unit[Any], asyncio.Future[Any]]], careful: bool
+    ) -> list[tuple[Any, Exception | None]] | None:
+        """Run every unit; None when one raised (not careful: stop at the first failure).
+
+        Careful, each unit runs in a savepoint, and a failure undoes that unit only."""
+        db, chain = self._db, self._chain
+        outcomes: list[tuple[Any, Exception | None]] = []
+        for unit, _ in batch:
+            if not careful:
+                try:
+                    outcomes.append((unit(db), None))
+                except Exception:
+                    return None
+                continue
+            unit_head = chain.head
+            db.execute("SAVEPOINT unit")
+            try:
+                outcomes.append((unit(db), None))
+            except Exception as exc:
+                if not db.in_transaction:
+                    raise  # SQLite rolled everything back (disk full, I/O): the batch fails
+                db.execute("ROLLBACK TO unit")
+                chain.head = unit_head
+                outcomes.append((None, exc))
+            db.execute("RELEASE unit")
+        return outcomes
 
     def _wait_for_lock(self) -> bool:
         """Try again shortly, unless the lock has been busy for too long."""

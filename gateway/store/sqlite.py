@@ -359,7 +359,14 @@ class SQLiteStore:
             async with self._maintenance.execute("PRAGMA wal_checkpoint(PASSIVE)") as cur:
                 row = await cur.fetchone()
             if row is not None and row[1] >= self.WAL_RESTART_PAGES:
-                await self._maintenance.execute("PRAGMA wal_checkpoint(RESTART)")
+                # RESTART holds the write lock while it waits for readers of old frames
+                # (a long report, `gateway audit verify`): give up after 50 ms rather than
+                # keep every writer waiting, and try again at the next tick.
+                await self._maintenance.execute("PRAGMA busy_timeout=50")
+                try:
+                    await self._maintenance.execute("PRAGMA wal_checkpoint(RESTART)")
+                finally:
+                    await self._maintenance.execute("PRAGMA busy_timeout=5000")
         except sqlite3.Error as exc:
             raise StoreError(f"checkpoint failed: {exc}") from exc
 
