@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
@@ -14,7 +13,7 @@ import uvloop
 
 from gateway import eventloop
 from tests.conftest import Keys
-from tests.test_observability import _serve_config
+from tests.test_observability import _serve_config, until_healthy
 
 
 def test_auto_picks_uvloop_when_it_is_installed() -> None:
@@ -70,16 +69,7 @@ async def test_gateway_serve_runs_on_the_loop_it_was_given(
         )
     try:
         async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 20
-            while True:
-                assert process.poll() is None, out_path.read_text()
-                assert time.monotonic() < deadline, "gateway serve did not come up"
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)
+            await until_healthy(session, process, port, out_path)
     finally:
         process.terminate()
         assert process.wait(10) == 0

@@ -200,6 +200,31 @@ def _serve_config(keys: Keys, tmp_path: Path, logging_section: dict[str, str]) -
     return port
 
 
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+async def until_healthy(
+    session: aiohttp.ClientSession,
+    process: subprocess.Popen[bytes],
+    port: int,
+    log_path: Path,
+    timeout_s: float = 20,
+) -> None:
+    """Wait for a started ``gateway serve`` to answer /healthz (its log if it dies)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, _read(log_path)
+        assert time.monotonic() < deadline, "gateway serve did not come up"
+        try:
+            async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+
+
 async def _serve_and_log(
     keys: Keys, tmp_path: Path, logging_section: dict[str, str], *flags: str
 ) -> list[str]:
@@ -215,16 +240,7 @@ async def _serve_and_log(
         )
     try:
         async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 20
-            while True:
-                assert process.poll() is None, log_path.read_text()
-                assert time.monotonic() < deadline, "gateway serve did not come up"
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)
+            await until_healthy(session, process, port, log_path)
             url = f"http://127.0.0.1:{port}/v1/exchange/credit.query"
             async with session.post(url, json={}, headers={"Gw-User": RESIDENT_ID}) as resp:
                 assert resp.status == 401
