@@ -23,15 +23,16 @@ import aiohttp
 from multidict import CIMultiDict
 
 from gateway.config import DeliveryConfig, GatewayIdentity
+from gateway.dispatch import call_adapter, exchange_of
 from gateway.errors import AdapterUnavailable, GatewayError, UpstreamError
 from gateway.metrics import Metrics
 from gateway.signing import Signer
 from gateway.store import CallbackRecord, DuplicateMessage, MessageRecord, NewCallback, Store
-from gateway.trace import child_traceparent, ensure_traceparent
+from gateway.traceparent import child_traceparent, ensure_traceparent
 from gateway.tracing import NO_TRACING, Span, Tracing
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Pipeline, RuntimeHolder
+    from gateway.registry import RuntimeHolder
 
 __all__ = ["Delivery", "DeliveryState", "backoff_delay"]
 
@@ -59,7 +60,6 @@ class Delivery:
         identity: GatewayIdentity,
         store: Store,
         runtime: RuntimeHolder,
-        pipeline: Pipeline,
         signer: Signer,
         session: aiohttp.ClientSession,
         clock: Callable[[], float] = time.time,
@@ -71,7 +71,6 @@ class Delivery:
         self.identity = identity
         self.store = store
         self.runtime = runtime
-        self.pipeline = pipeline
         self.signer = signer
         self.session = session
         self._clock = clock
@@ -197,14 +196,14 @@ class Delivery:
         span = self._span(f"deliver {record.service}", traceparent)
         if span is not None:
             traceparent = span.traceparent
-        exchange = self.pipeline.exchange_of(record, service, traceparent)
+        exchange = exchange_of(record, service, traceparent)
         name = runtime.routes.lookup(record.service, record.target) or ""
         slot = runtime.adapters.get(name)
         called = started
         try:
             async with self._limit(name, slot.config.concurrency if slot else 1):
                 called = time.perf_counter()  # the wait for a slot is not the upstream's
-                adapter, answer = await self.pipeline.call_adapter(runtime, service, exchange)
+                adapter, answer = await call_adapter(runtime, service, exchange)
         except AdapterUnavailable as exc:
             # The breaker is open or the adapter is off: wait in the outbox, spend no attempt.
             self.metrics.observe_upstream(name or "none", 0.0, exc.code)

@@ -28,6 +28,7 @@ __all__ = [
     "AdapterSlot",
     "Member",
     "Runtime",
+    "RuntimeHolder",
     "Service",
     "adapter_types",
     "build_adapter",
@@ -114,6 +115,13 @@ class Runtime:
     services: Mapping[str, Service]
     routes: RouteTable
     adapters: Mapping[str, AdapterSlot]
+
+
+class RuntimeHolder:
+    """Holds the current ``Runtime``; a swap is one assignment (atomic for readers)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.current = runtime
 
 
 def _service(cfg: ServiceConfig, max_errors: int) -> Service:
