@@ -26,8 +26,9 @@ from typing import Any, Protocol
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.config import GatewayIdentity, SecurityConfig
+from gateway.config import MEMBER_ID_PATTERN, GatewayIdentity, SecurityConfig
 from gateway.dispatch import call_adapter, exchange_of, validate_answer
+from gateway.encoding import iso_utc
 from gateway.errors import (
     ClientDisabled,
     ClientUnknown,
@@ -58,6 +59,7 @@ from gateway.signing import (
     check_content_digest,
     parse_signature_input,
 )
+from gateway.states import MessageState
 from gateway.store import DuplicateMessage, MessageRecord, NewCallback, NewMessage, Store
 from gateway.traceparent import trace_id_of
 
@@ -66,7 +68,7 @@ __all__ = ["Authenticated", "Pipeline"]
 log = logging.getLogger("gateway.exchange")
 
 READ_COMPONENTS = ("@method", "@target-uri", "gw-client")
-MEMBER_ID = re.compile(r"^[0-9]{6}:[a-z0-9][a-z0-9-]{0,62}$")
+MEMBER_ID = re.compile(MEMBER_ID_PATTERN)
 _SINGLE_HEADERS = (
     "Content-Type",
     "Content-Digest",
@@ -377,7 +379,7 @@ class Pipeline:
                 client=auth.client,
                 service=service.code,
                 mode="async" if asynchronous else "sync",
-                state="accepted" if asynchronous else "delivering",
+                state=MessageState.ACCEPTED if asynchronous else MessageState.DELIVERING,
                 request_headers=_recordable(request.headers),
                 request_body=body,
                 request_digest=auth.digest,
@@ -470,7 +472,7 @@ class Pipeline:
             ctx.timings["total"] = (time.perf_counter() - started) * 1000
             await self.store.finish_message(
                 record.seq,
-                state="failed",
+                state=MessageState.FAILED,
                 status=exc.status,
                 code=exc.code,
                 adapter=adapter_name,
@@ -489,7 +491,7 @@ class Pipeline:
         ctx.timings["total"] = (time.perf_counter() - started) * 1000
         await self.store.finish_message(
             record.seq,
-            state="answered",
+            state=MessageState.ANSWERED,
             status=200,
             code=None,
             adapter=adapter_name,
@@ -530,8 +532,8 @@ class Pipeline:
             "target": record.target,
             "state": record.state,
             "attempts": record.attempts,
-            "created_at": _iso(record.created_at),
-            "updated_at": _iso(record.updated_at),
+            "created_at": iso_utc(record.created_at, millis=True),
+            "updated_at": iso_utc(record.updated_at, millis=True),
         }
         if record.result is not None:
             view["result"] = _json_or_text(record.result)
@@ -607,10 +609,6 @@ class Pipeline:
             {"message_id": message_id, "correlation_id": correlation, "state": state},
             headers={"Gw-Message-Id": message_id},
         )
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
 def _json_or_text(data: bytes) -> Any:

@@ -31,6 +31,7 @@ from gateway.logs import mask_personal
 from gateway.masking import mask_headers, masked_body
 from gateway.problem import problem_response
 from gateway.registry import adapter_types
+from gateway.states import CallbackState, MessageState
 from gateway.store import MessageRecord, ResourceChange
 
 __all__ = ["create_admin_app"]
@@ -420,7 +421,11 @@ async def redeliver(request: web.Request) -> web.Response:
             actor=principal.name,
             role=principal.role,
             before={"state": "dead", "attempts": row["attempts"], "error": row["error"]},
-            after={"state": "accepted" if row["kind"] == "message" else "pending"},
+            after={
+                "state": MessageState.ACCEPTED
+                if row["kind"] == "message"
+                else CallbackState.PENDING
+            },
         )
     )
     delivery = ingress.get(DELIVERY)
