@@ -16,7 +16,7 @@ from typing import Any
 
 import jsonschema
 
-from adapters.base import Adapter, AdapterContext, AdapterType
+from adapters.base import ENTRY_POINT_GROUP, Adapter, AdapterContext, AdapterType
 from gateway.breaker import CircuitBreaker
 from gateway.config import AdapterConfig, Config, MemberConfig, ServiceConfig
 from gateway.errors import ConfigError
@@ -36,7 +36,6 @@ __all__ = [
     "check_adapter_config",
 ]
 
-ENTRY_POINT_GROUP = "gateway.adapters"
 log = logging.getLogger(__name__)
 
 
