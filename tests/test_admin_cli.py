@@ -524,6 +524,7 @@ def test_every_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
         assert "--token" in out
 
 
+@pytest.mark.integration
 async def test_installed_script_against_the_live_admin_listener(
     harness: Harness, tmp_path: Path
 ) -> None:

@@ -330,6 +330,7 @@ def _gateway(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.integration
 def test_installed_script_runs_help_and_check(deployment: Path) -> None:
     """The installed `gateway` script runs as a real process: --help, then check OK and broken."""
     helped = _gateway("--help", cwd=deployment.parent)

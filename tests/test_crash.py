@@ -28,6 +28,8 @@ from simulators.national import NationalPlatform, create_national_app
 from simulators.portal import Portal, create_portal_app
 from tests.conftest import APPLY_EXAMPLE, NATIONAL_ID, PORTAL_ID, Keys, config_document, unused_port
 
+pytestmark = pytest.mark.integration  # starts gateway processes
+
 
 @dataclass
 class Deployment:

@@ -164,6 +164,7 @@ def serve(config: Path, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o660])
 def test_serve_refuses_a_private_key_readable_by_group_or_others(
     keys: Keys, tmp_path: Path, mode: int
@@ -179,6 +180,7 @@ def test_serve_refuses_a_private_key_readable_by_group_or_others(
     assert "Ready" not in ran.stdout
 
 
+@pytest.mark.integration
 def test_serve_refuses_an_encrypted_key_without_its_passphrase(keys: Keys, tmp_path: Path) -> None:
     """An encrypted key and no (or a wrong) passphrase: serve exits 2 with the reason."""
     pem = gateway_copy(keys, tmp_path, passphrase=PASSPHRASE.encode())

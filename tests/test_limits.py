@@ -37,6 +37,7 @@ from tests.conftest import (
     GatewayTestServer,
     Harness,
     HarnessFactory,
+    examples,
 )
 
 PROBLEM = "application/problem+json"
@@ -531,7 +532,7 @@ def _depth(value: Any) -> int:
     return 0
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(value=JSON_VALUES, ascii_only=st.booleans())
 def test_the_byte_scan_sees_exactly_the_structure_outside_strings(
     value: Any, ascii_only: bool
