@@ -34,7 +34,7 @@ from gateway.keys import (
 from gateway.keys_cli import add_passphrase_options, passphrase_from_args, register_keys_commands
 from gateway.limits import GatewayRunner
 from gateway.logs import configure_logging
-from gateway.masking import mask_headers, masked_text
+from gateway.masking import dead_letter_view, message_view
 from gateway.tls import TLS_CONTEXT
 
 __all__ = ["main"]
@@ -277,9 +277,8 @@ async def _with_store(config: Config) -> Any:
     return store
 
 
-def _text(data: bytes | None, sensitive: Sequence[str] = ()) -> str:
-    """A stored body for an operator's eyes: personal data and sensitive fields masked."""
-    return masked_text(data, sensitive)
+def _iso(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 def _sensitive(doc: Mapping[str, Any]) -> dict[str, list[str]]:
@@ -301,29 +300,10 @@ def cmd_log_show(args: argparse.Namespace) -> int:
 
             sensitive = _sensitive(merge(config.raw, await store.load_overlay()))
             for r in records:
-                fields = sensitive.get(r.service, [])
-                out = {
-                    "seq": r.seq,
-                    "message_id": r.message_id,
-                    "client": r.client,
-                    "service": r.service,
-                    "mode": r.mode,
-                    "state": r.state,
-                    "target": r.target,
-                    "adapter": r.adapter,
-                    "status": r.status,
-                    "code": r.code,
-                    "error": r.error,
-                    "attempts": r.attempts,
-                    "request_digest": r.request_digest,
-                    "request_headers": mask_headers(r.request_headers),
-                    "request_body": _text(r.request_body, fields),
-                    "response_body": _text(r.response_body, fields),
-                    "result": _text(r.result, fields) or None,
-                    "timings_ms": dict(r.timings),
-                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.created_at)),
-                    "trace_id": r.trace_id,
-                }
+                # The admin API's view; its Unix times shown as ISO 8601 for a person.
+                out = message_view(r, sensitive.get(r.service, []))
+                for key in ("created_at", "updated_at"):
+                    out[key] = _iso(out[key])
                 print(json.dumps(out, ensure_ascii=False, indent=2))
             return 0
         finally:
@@ -339,7 +319,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         store = await _with_store(config)
         try:
             if args.action == "list":
-                rows = await store.dead_letters(limit=args.limit)
+                rows = [dead_letter_view(r) for r in await store.dead_letters(limit=args.limit)]
                 if args.json:
                     print(json.dumps(list(rows), ensure_ascii=False, indent=2))
                 else:
