@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,17 @@ DISABLED_ID = "330000:retired-system"
 NATIONAL_ID = "100000:national-platform"
 PEER_ID = "440000:gateway"
 GATEWAY_ID = "330000:gateway"
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """The command line configures the root logger: give pytest its handlers back after."""
+    root, access = logging.getLogger(), logging.getLogger("aiohttp.access")
+    handlers, level, access_level = root.handlers[:], root.level, access.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    access.setLevel(access_level)
 
 
 def unused_port() -> int:

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import hashlib
 import json
-import logging
 import os
 import shutil
 import stat
@@ -14,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +31,6 @@ GATEWAY_BIN = Path(sys.executable).parent / "gateway"
 PORTAL = "330000:one-stop-portal"
 # config.yaml names these keys; a fresh deployment creates them with `gateway keygen`.
 DEPLOYMENT_KEYS = ("gateway", "one-stop-portal", "national-platform")
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """`main` configures the root logger; give pytest its own handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture

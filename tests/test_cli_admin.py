@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 import os
 import re
 import sys
@@ -44,16 +43,6 @@ from tests.conftest import (
 
 GATEWAY_BIN = Path(sys.executable).parent / "gateway"
 BUREAU = "330000:tax-bureau"
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """`main` configures the root logger; give pytest its own handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture(autouse=True)

@@ -4,12 +4,10 @@ JWKS, member key revocation that sticks, and refusing unsafe key files at startu
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +40,6 @@ from tests.conftest import (
 
 PASSPHRASE = "correct horse battery staple"
 ENV = "TEST_GATEWAY_PASSPHRASE"
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """`main` configures the root logger; give pytest its own handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def gateway_copy(keys: Keys, directory: Path, *, passphrase: bytes | None = None) -> Path:

@@ -146,6 +146,9 @@ def test_rate_limiter_without_any_limit_admits_everything() -> None:
     limiter = RateLimiter(None)
     for _ in range(1000):
         limiter.admit(member_config())
+    assert limiter.tracked() == 0
+    limiter.admit(member_config(rate_limit=RateLimit(rate_per_s=1, burst=5)))
+    assert limiter.tracked() == 1  # the count does see a bucket when one is kept
 
 
 def test_a_changed_member_limit_takes_effect_at_once() -> None:

@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +16,6 @@ from gateway.logs import JsonFormatter, TextFormatter, configure_logging, mask_p
 
 RESIDENT_ID = "11010519491231002X"
 MASKED = "110105********002X"
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """configure_logging changes the root logger; put pytest's handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    access = logging.getLogger("aiohttp.access").level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.getLogger("aiohttp.access").setLevel(access)
 
 
 def _logger(formatter: logging.Formatter, name: str) -> tuple[logging.Logger, io.StringIO]:

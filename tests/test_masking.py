@@ -9,7 +9,7 @@ import asyncio
 import copy
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +51,6 @@ PERSON = {
     ],
 }
 SENSITIVE = ["/applicant/name", "/applicant/phone", "/materials/*/ref"]
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """`main` configures the root logger; give pytest its own handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 # Pointers ------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from gateway.live import LiveConfig, resource_id
 from gateway.masking import dead_letter_view, message_view
 from gateway.problem import problem_response
 from gateway.registry import adapter_types
+from gateway.states import CallbackState, MessageState
 from gateway.store import ResourceChange
 
 __all__ = ["create_admin_app"]
@@ -391,7 +392,11 @@ async def redeliver(request: web.Request) -> web.Response:
             actor=principal.name,
             role=principal.role,
             before={"state": "dead", "attempts": row["attempts"], "error": row["error"]},
-            after={"state": "accepted" if row["kind"] == "message" else "pending"},
+            after={
+                "state": MessageState.ACCEPTED
+                if row["kind"] == "message"
+                else CallbackState.PENDING
+            },
         )
     )
     delivery = ingress.get(DELIVERY)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 import unicodedata
 from collections.abc import AsyncIterator, Collection, Sequence
 
 from gateway.config import Config, load_config
 from gateway.store import Store
 
-__all__ = ["iso", "load", "open_store", "plural", "table", "width", "with_config"]
+__all__ = ["load", "open_store", "plural", "table", "width", "with_config"]
 
 DEFAULT_CONFIG = "config.yaml"
 
@@ -40,11 +39,6 @@ async def open_store(config: Config) -> AsyncIterator[Store]:
         yield store
     finally:
         await store.close()
-
-
-def iso(when: float) -> str:
-    """A Unix time as ISO 8601 UTC to the second."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 def width(text: str) -> int:

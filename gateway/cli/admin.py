@@ -28,7 +28,8 @@ from urllib.parse import quote, urlencode
 import aiohttp
 from yarl import URL
 
-from gateway.cli._common import iso, plural, table, width
+from gateway.cli._common import plural, table, width
+from gateway.encoding import iso_utc
 
 __all__ = ["TOKEN_ENV", "AdminClient", "AdminError", "Output", "register"]
 
@@ -155,7 +156,7 @@ Command = Callable[[AdminClient, argparse.Namespace], Awaitable[Output]]
 
 def _when(value: Any) -> str:
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return iso(value)
+        return iso_utc(value)
     return "-" if value is None else str(value)
 
 

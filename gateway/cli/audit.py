@@ -22,6 +22,7 @@ from gateway.audit import (
 )
 from gateway.cli._common import load, with_config
 from gateway.config import Config
+from gateway.encoding import iso_utc
 from gateway.errors import StoreError
 from gateway.keys import load_keypair
 from gateway.store import chain
@@ -215,7 +216,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
         if not chain.schema_has_chain(db):
             raise StoreError("this store has no message log chain yet (start the gateway once)")
         messages, callbacks = chain.purge_bodies(db, chain.HashChain(), cutoff, now)
-    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(cutoff))
+    since = iso_utc(cutoff)
     print(
         f"purged the bodies of {messages} message(s) and {callbacks} callback(s) created "
         f"before {since}; their digests stay in the chain"

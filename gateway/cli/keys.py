@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from gateway.cli._common import load, with_config
 from gateway.config import jwk_path_for
+from gateway.encoding import iso_utc
 from gateway.keys import KeyType, generate, read_passphrase, rotate_keypair, write_keypair
 
 __all__ = ["register"]
@@ -86,7 +86,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         "old_kid": old.kid,
         "new_kid": new.kid,
         "alg": new.algorithm,
-        "old_published_until": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiry)),
+        "old_published_until": iso_utc(expiry),
         "previous_keys": str(gw.rotated_keys_path),
         "encrypted": passphrase is not None,
     }

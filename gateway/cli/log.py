@@ -10,7 +10,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from gateway.cli._common import iso, load, open_store, with_config
+from gateway.cli._common import load, open_store, with_config
+from gateway.encoding import iso_utc
 from gateway.masking import message_view
 
 __all__ = ["register"]
@@ -45,7 +46,7 @@ def cmd_log_show(args: argparse.Namespace) -> int:
                 # The admin API's view; its Unix times shown as ISO 8601 for a person.
                 out = message_view(r, sensitive.get(r.service, []))
                 for key in ("created_at", "updated_at"):
-                    out[key] = iso(out[key])
+                    out[key] = iso_utc(out[key])
                 print(json.dumps(out, ensure_ascii=False, indent=2))
             return 0
 

@@ -9,7 +9,8 @@ import asyncio
 import json
 import sys
 
-from gateway.cli._common import iso, load, open_store, table, with_config
+from gateway.cli._common import load, open_store, table, with_config
+from gateway.encoding import iso_utc
 from gateway.store import ResourceChange
 
 __all__ = ["register"]
@@ -65,8 +66,8 @@ def cmd_token(args: argparse.Namespace) -> int:
                 print(json.dumps(rows, indent=2))
                 return 0
             cells = [
-                [r["name"], r["role"], iso(r["created_at"]),
-                 iso(r["revoked_at"]) if r["revoked_at"] else "-"]
+                [r["name"], r["role"], iso_utc(r["created_at"]),
+                 iso_utc(r["revoked_at"]) if r["revoked_at"] else "-"]
                 for r in rows
             ]  # fmt: skip
             print(table(("NAME", "ROLE", "CREATED", "REVOKED"), cells))
