@@ -134,6 +134,21 @@ async def _send_person(h: Harness) -> str:
     return message_id
 
 
+def _config_file(keys: Keys, tmp_path: Path, edit: Callable[[dict[str, Any]], None]) -> str:
+    """The harness's config as a file, for the command line (same store, same edits)."""
+    doc = config_document(keys, store=tmp_path / "gateway.db", national_url="http://127.0.0.1:9")
+    edit(doc)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+    return str(config)
+
+
+async def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Run a command as `gateway` does; its own event loop runs in a thread beside this one."""
+    assert await asyncio.to_thread(main, list(argv)) == 0
+    return capsys.readouterr().out
+
+
 def _assert_masked(view: Any) -> None:
     text = json.dumps(view, ensure_ascii=False)
     for secret in (RESIDENT_ID, "张三丰", "13800138000", "secret-1", "secret-2", "inspector-7"):
@@ -182,13 +197,8 @@ async def test_log_show_masks_sensitive_fields(
     """`gateway log show` prints the exchange with the service's sensitive fields masked."""
     h = await make_harness(_sensitive)
     message_id = await _send_person(h)
-    doc = config_document(keys, store=tmp_path / "gateway.db", national_url="http://127.0.0.1:9")
-    _sensitive(doc)
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
-    # log show runs its own event loop, as the CLI does: in a thread beside this one.
-    assert await asyncio.to_thread(main, ["log", "show", message_id, "--config", str(config)]) == 0
-    shown = json.loads(capsys.readouterr().out)
+    config = _config_file(keys, tmp_path, _sensitive)
+    shown = json.loads(await _cli(capsys, "log", "show", message_id, "--config", config))
     request = shown["request"]
     assert request["applicant"]["name"] == MASK
     assert request["applicant"]["resident_id"] == MASKED_ID
@@ -291,21 +301,15 @@ async def test_an_upstream_error_naming_a_person_is_masked_in_every_view(
         (letter,) = (await resp.json())["dead_letters"]
     assert letter["error"].endswith(masked)
 
-    doc = config_document(keys, store=tmp_path / "gateway.db", national_url="http://127.0.0.1:9")
-    edit(doc)
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
-    # The CLI runs its own event loop: in a thread beside this one.
-    assert await asyncio.to_thread(main, ["log", "show", message_id, "--config", str(config)]) == 0
-    shown = json.loads(capsys.readouterr().out)
+    config = _config_file(keys, tmp_path, edit)
+    shown = json.loads(await _cli(capsys, "log", "show", message_id, "--config", config))
     assert shown["error"] == view["error"]
     _assert_masked(shown)
     times = ("created_at", "updated_at")
     assert {k: v for k, v in shown.items() if k not in times} == {
         k: v for k, v in view.items() if k not in times
     }
-    assert await asyncio.to_thread(main, ["dead-letters", "list", "--config", str(config)]) == 0
-    table = capsys.readouterr().out
+    table = await _cli(capsys, "dead-letters", "list", "--config", config)
     assert MASKED_PHONE in table
     assert MASKED_ID in table
     _assert_masked(table)
