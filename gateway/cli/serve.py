@@ -18,6 +18,8 @@ from typing import Any
 from aiohttp import web
 
 from gateway import eventloop
+from gateway.admin import create_admin_app
+from gateway.app import create_app
 from gateway.cli._common import load, with_config
 from gateway.config import Config, jwk_path_for, load_config
 from gateway.errors import ConfigError
@@ -27,6 +29,9 @@ from gateway.logs import configure_logging
 from gateway.tls import TLS_CONTEXT
 
 __all__ = ["load_raw", "register"]
+
+# The apps' modules are imported above, in the supervisor, not after a fork: a worker
+# that is still importing when SIGTERM comes runs the supervisor's inherited handler.
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -94,9 +99,6 @@ def _gateway_sites(
     config: Config, *, worker: int | None = None
 ) -> list[tuple[web.Application, str, int, str]]:
     """The ingress and admin apps; of several workers, only worker 0 serves the admin API."""
-    from gateway.admin import create_admin_app
-    from gateway.app import create_app
-
     app = create_app(config, worker=worker is not None)
     sites = [(app, config.ingress.host, config.ingress.port, "gateway ingress")]
     if not worker:
