@@ -249,7 +249,7 @@ def test_log_show_prints_the_exchange_with_the_user_masked(
     assert shown["client"] == PORTAL
     assert shown["state"] == "accepted"
     assert shown["request_headers"] == {"Gw-Client": PORTAL, "Gw-User": "***", "Gw-Issue": "ZJ-1"}
-    assert shown["request_body"] == '{"applicant": "张三"}'
+    assert shown["request"] == {"applicant": "张三"}
     assert shown["result"] is None
 
 

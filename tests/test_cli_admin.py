@@ -22,8 +22,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from gateway.admin.cli import TOKEN_ENV, default_url
 from gateway.cli import main
+from gateway.cli.admin import TOKEN_ENV, default_url
 from gateway.client import ExchangeClient
 from gateway.config import jwk_path_for
 from gateway.keys import generate, private_to_jwk, write_keypair
