@@ -21,6 +21,7 @@ from gateway.errors import (
     PayloadTooLarge,
     ServiceUnknown,
 )
+from gateway.federation import DirectoryFollower, announce, announcement_of
 from gateway.health import Readiness
 from gateway.keys import KeyPair, jwks_keys, load_keypair, load_rotated_keys, read_passphrase
 from gateway.limits import IN_FLIGHT, InFlight, handler_args, limits_middleware
@@ -40,6 +41,7 @@ from gateway.tracing import Span, Tracing, create_tracing
 __all__ = [
     "CONFIG",
     "DELIVERY",
+    "DIRECTORY",
     "KEYPAIR",
     "LIVE",
     "METRICS",
@@ -64,6 +66,7 @@ LIVE = web.AppKey("live", LiveConfig)
 METRICS = web.AppKey("metrics", Metrics)
 READINESS = web.AppKey("readiness", Readiness)
 TRACING = web.AppKey("tracing", Tracing)
+DIRECTORY = web.AppKey("directory", DirectoryFollower)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -270,7 +273,11 @@ def create_app(
     metrics = app[METRICS] = Metrics()
     app[TRACING] = tracing if tracing is not None else create_tracing(config.tracing)
     readiness = app[READINESS] = Readiness(
-        store=store, runtime=holder, keypair=keypair, delivery=lambda: app.get(DELIVERY)
+        store=store,
+        runtime=holder,
+        keypair=keypair,
+        delivery=lambda: app.get(DELIVERY),
+        directory=lambda: app.get(DIRECTORY),
     )
 
     async def tracing_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -323,6 +330,38 @@ def create_app(
         yield
         await live.aclose()
 
+    async def directory_ctx(app: web.Application) -> AsyncIterator[None]:
+        # The federation directory: announce ourselves, then follow (gateway/federation.py).
+        directory = config.directory
+        if directory is None:
+            yield
+            return
+        if directory.announce_url is not None and not worker:
+            try:
+                status = await announce(
+                    app[SESSION],
+                    directory.announce_url,
+                    keypair,
+                    config.gateway.member_id,
+                    announcement_of(config, keypair),
+                )
+                if status >= 300:
+                    log.warning("directory announcement refused (HTTP %d)", status)
+            except GatewayError as exc:
+                log.warning("%s", exc.detail)
+        follower = DirectoryFollower(
+            config=directory,
+            own=config.gateway.member_id,
+            store=store,
+            live=live,
+            session=lambda: app[SESSION],
+            metrics=metrics,
+        )
+        app[DIRECTORY] = follower
+        await follower.start()
+        yield
+        await follower.stop()
+
     async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         delivery = Delivery(
             config=config.delivery,
@@ -343,7 +382,15 @@ def create_app(
             await delivery.stop()
 
     app.cleanup_ctx.extend(
-        [tracing_ctx, store_ctx, checkpoints_ctx, session_ctx, adapters_ctx, delivery_ctx]
+        [
+            tracing_ctx,
+            store_ctx,
+            checkpoints_ctx,
+            session_ctx,
+            adapters_ctx,
+            directory_ctx,
+            delivery_ctx,
+        ]
     )
     if metrics.multiprocess:
         app.cleanup_ctx.append(metrics.breaker_publisher(holder))

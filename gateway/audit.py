@@ -97,12 +97,13 @@ def _unb64u(text: str) -> bytes:
     return data
 
 
-def sign_jws(keypair: KeyPair, payload: Mapping[str, Any]) -> str:
-    """A compact JWS over ``payload`` (canonical JSON) with the gateway's key."""
+def sign_jws(keypair: KeyPair, payload: Mapping[str, Any], *, typ: str = CHECKPOINT_TYPE) -> str:
+    """A compact JWS over ``payload`` (canonical JSON) with the gateway's key; ``typ``
+    keeps one kind of signed document from being taken for another."""
     alg = _JWS_ALG.get(keypair.algorithm)
     if alg is None:
         raise StoreError(f"cannot sign checkpoints with a {keypair.algorithm} key")
-    header = {"alg": alg, "kid": keypair.kid, "typ": CHECKPOINT_TYPE}
+    header = {"alg": alg, "kid": keypair.kid, "typ": typ}
     signing_input = f"{_b64u(canonical(header).encode())}.{_b64u(canonical(payload).encode())}"
     data = signing_input.encode("ascii")
     key = keypair.private
@@ -116,8 +117,10 @@ def sign_jws(keypair: KeyPair, payload: Mapping[str, Any]) -> str:
     return f"{signing_input}.{_b64u(signature)}"
 
 
-def verify_jws(jws: str, jwks: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Check a checkpoint JWS against a JWKS; return its header and payload."""
+def verify_jws(
+    jws: str, jwks: Mapping[str, Any], *, typ: str = CHECKPOINT_TYPE
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check a JWS of type ``typ`` against a JWKS; return its header and payload."""
     parts = jws.split(".")
     if len(parts) != 3:
         raise JwsInvalid("not a compact JWS")
@@ -128,8 +131,8 @@ def verify_jws(jws: str, jwks: Mapping[str, Any]) -> tuple[dict[str, Any], dict[
         raise JwsInvalid("the JWS header or payload is not JSON") from exc
     if not isinstance(header, dict) or not isinstance(payload, dict):
         raise JwsInvalid("the JWS header or payload is not an object")
-    if header.get("typ") != CHECKPOINT_TYPE:
-        raise JwsInvalid("not a checkpoint")
+    if header.get("typ") != typ:
+        raise JwsInvalid(f"not a {typ} (typ {header.get('typ')!r})")
     kid = header.get("kid")
     found = [k for k in jwks.get("keys", []) if isinstance(k, dict) and k.get("kid") == kid]
     if not found:

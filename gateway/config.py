@@ -24,6 +24,7 @@ __all__ = [
     "AdapterConfig",
     "Config",
     "DeliveryConfig",
+    "DirectoryConfig",
     "GatewayIdentity",
     "Listen",
     "LoggingConfig",
@@ -203,6 +204,17 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DirectoryConfig:
+    """The federation directory this gateway follows (``gateway/federation.py``)."""
+
+    url: str
+    keys: tuple[Mapping[str, Any], ...]  # pinned national directory keys
+    refresh_s: float = 30.0
+    announce_url: str | None = None
+    offers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SimulatorConfig:
     member_id: str
     host: str = "127.0.0.1"
@@ -229,6 +241,7 @@ class Config:
     simulators: Mapping[str, SimulatorConfig] = field(default_factory=dict)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    directory: DirectoryConfig | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -419,7 +432,24 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
             format=data.get("logging", {}).get("format", "text"),
         ),
         tracing=TracingConfig(**data.get("tracing", {})),
+        directory=_directory(data.get("directory"), r),
         raw=data,
+    )
+
+
+def _directory(data: Mapping[str, Any] | None, r: _Reader) -> DirectoryConfig | None:
+    if data is None:
+        return None
+    return DirectoryConfig(
+        url=data["url"],
+        keys=tuple(
+            k
+            for j, ref in enumerate(data["keys"])
+            if (k := r.json_ref(ref, f"/directory/keys/{j}")) is not None
+        ),
+        refresh_s=data.get("refresh_s", 30.0),
+        announce_url=data.get("announce_url"),
+        offers=tuple(data.get("offers", [])),
     )
 
 

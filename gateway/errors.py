@@ -6,6 +6,7 @@ Anything that is not a ``GatewayError`` becomes ``internal`` with details only i
 
     GatewayError
     ├── ConfigError                    (not an HTTP error: bad config, listed problems)
+    ├── DirectoryRefused               (not an HTTP error: a federation directory refused)
     ├── StoreError                     500 internal
     ├── BadRequest                     400
     │   ├── MalformedRequest           malformed_request
@@ -56,6 +57,7 @@ __all__ = [
     "CredentialsInvalid",
     "CredentialsMissing",
     "DigestMismatch",
+    "DirectoryRefused",
     "FieldError",
     "Forbidden",
     "GatewayError",
@@ -121,6 +123,15 @@ class ConfigError(GatewayError):
     def __init__(self, problems: Sequence[str]) -> None:
         super().__init__("; ".join(problems) or "invalid configuration")
         self.problems = tuple(problems)
+
+
+class DirectoryRefused(GatewayError):
+    """A federation directory that must not be applied; ``reason`` is a stable word
+    (``signature``, ``key_unknown``, ``rollback``, ``expired``, ``malformed``, ``issuer``)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 class StoreError(GatewayError):

@@ -13,6 +13,13 @@ reasons when any of these fails:
   open. Answers are cached for ``ttl_s`` so that frequent probes stay cheap and a slow
   upstream cannot pile probes up; concurrent probes share one round of checks.
 
+- with a federation directory configured, one is in force (from the store or fetched).
+
+The answer also carries ``directory`` (version, issued/expiry times, age, ``stale``, the
+last refusal) and ``warnings``: a directory past its ``expires_at`` is served from, and
+said to be stale here, but does not make the process unready (the national platform
+being down must not take every province's gateway out of rotation).
+
 An adapter whose outage should not take the gateway out of rotation (asynchronous
 services queue in the outbox meanwhile) is configured with ``readiness: false``.
 """
@@ -36,6 +43,7 @@ from gateway.store import Store
 
 if TYPE_CHECKING:
     from gateway.delivery import Delivery
+    from gateway.federation import DirectoryFollower
     from gateway.registry import RuntimeHolder
 
 __all__ = ["Readiness"]
@@ -59,7 +67,9 @@ class Readiness:
         ttl_s: float = 2.0,
         timeout_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        directory: Callable[[], DirectoryFollower | None] = lambda: None,
     ) -> None:
+        self.directory = directory
         self.store = store
         self.runtime = runtime
         self.keypair = keypair
@@ -91,6 +101,9 @@ class Readiness:
         for name, slot in runtime.adapters.items():
             if slot.config.enabled and not slot.breaker.allows():
                 reasons.append(f"adapter {name}: circuit open")
+        follower = self.directory()
+        if follower is not None:
+            reasons += follower.reasons()
         return reasons
 
     def _keys(self) -> list[str]:
@@ -138,10 +151,15 @@ class Readiness:
     async def handler(self, request: web.Request) -> web.Response:
         """``GET /readyz``: 200 ready, or 503 with the reasons."""
         reasons = await self.reasons()
-        return web.json_response(
-            {"status": "not ready" if reasons else "ready", "reasons": reasons},
-            status=503 if reasons else 200,
-        )
+        body: dict[str, object] = {
+            "status": "not ready" if reasons else "ready",
+            "reasons": reasons,
+        }
+        follower = self.directory()
+        if follower is not None:
+            body["directory"] = follower.status()
+            body["warnings"] = follower.warnings()
+        return web.json_response(body, status=503 if reasons else 200)
 
 
 def _check_keypair(keypair: KeyPair) -> str | None:

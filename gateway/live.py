@@ -6,6 +6,10 @@ tombstone when deleted), and for that resource the overlay wins over the file, a
 restarts. A resource no admin has touched follows the file, so editing the file and
 restarting still works. ``gateway config export`` prints the merged result.
 
+Between the two sits an optional *layer* (the federation directory, ``gateway/federation
+.py``): changes computed from the file and overlay, over the file, under the overlay, so an
+admin's write still wins over what the directory says. ``set_layer`` rebuilds with it.
+
 A write builds the complete new configuration beside the running one (validated as a
 whole, schemas compiled, new adapters constructed), persists it with its audit record,
 then swaps the runtime in one assignment. In-flight exchanges keep the runtime they
@@ -17,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from adapters.base import Adapter, AdapterContext
@@ -26,7 +30,7 @@ from gateway.errors import ConfigError
 from gateway.registry import AdapterSlot, build_adapter, build_runtime
 from gateway.store import ResourceChange, Store
 
-__all__ = ["KINDS", "LiveConfig", "merge", "resource_id"]
+__all__ = ["KINDS", "Layer", "LiveConfig", "merge", "resource_id"]
 
 # Resource kinds an admin may write, and the field that names each resource.
 KINDS: Mapping[str, str] = {
@@ -41,6 +45,10 @@ def resource_id(kind: str, body: Mapping[str, Any]) -> str:
     if kind == "routes":
         return f"{body['service']}|{body.get('target') or '*'}"
     return str(body[KINDS[kind]])
+
+
+# A layer: given the file with the overlay applied, the changes it makes over the file.
+Layer = Callable[[Mapping[str, Any]], Sequence[tuple[str, str, Any]]]
 
 
 def merge(doc: Mapping[str, Any], changes: Iterable[tuple[str, str, Any]]) -> dict[str, Any]:
@@ -76,11 +84,40 @@ class LiveConfig:
         self._closing: set[asyncio.Task[None]] = set()
         self.doc: dict[str, Any] = dict(config.raw)
         self.config = config
+        self._layer: Layer | None = None
+
+    def _compose(self, overlay: Sequence[tuple[str, str, Any]]) -> dict[str, Any]:
+        """file < layer < overlay."""
+        if self._layer is None:
+            return merge(self._file_doc, overlay)
+        layered = merge(self._file_doc, self._layer(merge(self._file_doc, overlay)))
+        return merge(layered, overlay)
+
+    async def set_layer(self, layer: Layer | None) -> None:
+        """Install a new layer and rebuild; a layer whose result does not validate raises
+        ``ConfigError`` and leaves everything as it was."""
+        async with self._lock:
+            previous = self._layer
+            self._layer = layer
+            try:
+                doc = self._compose(await self._store.load_overlay())
+                config = parse_config(copy.deepcopy(doc), base=self._base, path=self._path)
+                slots, retired = self._build_slots(config, self._slots)
+            except Exception:
+                self._layer = previous
+                raise
+            runtime = build_runtime(config, slots, previous=None)
+            self._slots = slots
+            self.doc, self.config = doc, config
+            self._apply(runtime)
+            grace = max((s.timeout_s for s in config.services), default=10.0)
+            for adapter in retired:
+                self._retire(adapter, grace)
 
     async def load(self) -> None:
         """Start-up: the file plus the stored overlay; adapters built once each."""
         overlay = await self._store.load_overlay()
-        doc = merge(self._file_doc, overlay)
+        doc = self._compose(overlay)
         try:
             config = parse_config(copy.deepcopy(doc), base=self._base, path=self._path)
         except ConfigError as exc:

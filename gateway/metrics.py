@@ -23,6 +23,11 @@ gateway_outbox_oldest_age_seconds      gauge      (read from the store at scrape
 gateway_store_batch_units              histogram  (writes per group commit)
 gateway_store_commit_seconds           histogram  (BEGIN to COMMIT of a batch, on the loop)
 gateway_store_busy_total               counter    (batches that waited for another worker)
+gateway_directory_version              gauge      (the federation directory in force)
+gateway_directory_age_seconds          gauge      (since its issued_at, at scrape time)
+gateway_directory_expires_in_seconds   gauge      (negative: expired, served stale)
+gateway_directory_updates_total        counter    outcome (applied, unreachable,
+                                                  refused_<reason>)
 =====================================  =========  ==========================================
 
 ``code`` on ``gateway_exchanges_total`` is ``ok`` (200), ``accepted`` (202), ``replayed``
@@ -134,6 +139,35 @@ class _Outbox(Collector):
             )
 
 
+class _Directory(Collector):
+    """The directory gauges: its age is computed when scraped, not when last fetched."""
+
+    def __init__(self) -> None:
+        self.version: int | None = None
+        self.issued_at: float | None = None
+        self.expires_at: float | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        if self.version is None or self.issued_at is None or self.expires_at is None:
+            return
+        now = time.time()
+        yield GaugeMetricFamily(
+            "gateway_directory_version",
+            "Version of the federation directory in force.",
+            value=self.version,
+        )
+        yield GaugeMetricFamily(
+            "gateway_directory_age_seconds",
+            "Seconds since the directory in force was issued.",
+            value=now - self.issued_at,
+        )
+        yield GaugeMetricFamily(
+            "gateway_directory_expires_in_seconds",
+            "Seconds until the directory in force expires (negative: expired, stale).",
+            value=self.expires_at - now,
+        )
+
+
 class Metrics:
     """The gateway's metrics in their own registry (one ``Metrics`` per gateway app).
 
@@ -198,6 +232,14 @@ class Metrics:
         )
         self._outbox = _Outbox()
         r.register(self._outbox)
+        self._directory = _Directory()
+        r.register(self._directory)
+        self._directory_updates = Counter(
+            "gateway_directory_updates_total",
+            "Federation directory fetches by outcome (applied, unreachable, refused_<reason>).",
+            ("outcome",),
+            registry=r,
+        )
         self._batch_units = Histogram(
             "gateway_store_batch_units",
             "Writes committed together in one store transaction (group commit).",
@@ -237,6 +279,7 @@ class Metrics:
             # Reads every worker's files at each scrape (unannotated upstream).
             MultiProcessCollector(self._exposed)  # type: ignore[no-untyped-call]
             self._exposed.register(self._outbox)
+            self._exposed.register(self._directory)
         else:
             self._exposed = r
 
@@ -333,6 +376,14 @@ class Metrics:
         """The outbox gauges for the next scrape (None: unknown, the gauge is left out)."""
         self._outbox.depth = depth
         self._outbox.oldest_age_s = oldest_age_s
+
+    def set_directory(self, *, version: int, issued_at: float, expires_at: float) -> None:
+        self._directory.version = version
+        self._directory.issued_at = issued_at
+        self._directory.expires_at = expires_at
+
+    def directory_outcome(self, outcome: str) -> None:
+        self._directory_updates.labels(outcome).inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition (merged across workers in multiprocess mode)."""

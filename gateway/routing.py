@@ -10,7 +10,8 @@ __all__ = ["RouteTable"]
 
 
 class RouteTable:
-    """Exact (service, target) routes win over the service's catch-all route."""
+    """Exact (service, target) routes win over the target's region (``<region>:*``, as
+    the federation directory routes), which wins over the service's catch-all route."""
 
     def __init__(self, routes: Iterable[RouteConfig]) -> None:
         self._routes: dict[tuple[str, str | None], str] = {
@@ -20,6 +21,9 @@ class RouteTable:
     def lookup(self, service: str, target: str | None) -> str | None:
         if target is not None:
             adapter = self._routes.get((service, target))
+            if adapter is not None:
+                return adapter
+            adapter = self._routes.get((service, target.split(":", 1)[0] + ":*"))
             if adapter is not None:
                 return adapter
         return self._routes.get((service, None))

@@ -13,6 +13,11 @@ registered, relayed to it (signed by the platform, vouching for the applicant); 
 gateway's decision arrives on ``POST /api/v1/callbacks/{service}`` and is relayed back
 to the gateway the application came from. Without a registered handling gateway, and
 for ``supervision.report``, the platform answers by callback itself.
+With a ``Publisher`` (``gateway/directory.py``) it is also the federation's directory:
+``GET /v1/directory`` serves the signed directory (``ETag``, ``If-None-Match`` → 304)
+and ``POST /v1/directory/announce`` takes a registered gateway's announcement of its
+keys and offered services, signed with a key the directory already lists for it. The
+keys it then trusts for exchanges are the directory's as well as ``trusted``.
 ``POST /_control`` makes it fail on purpose for tests:
 ``{"mode": "ok" | "refuse" | "error" | "hang" | "slow", "delay_s": n}``.
 """
@@ -35,7 +40,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.errors import GatewayError
+from gateway.directory import Publisher, etag_of
+from gateway.errors import DirectoryRefused, GatewayError
 from gateway.keys import KeyPair, VerificationKey
 from gateway.signing import Signer, Verifier
 from simulators.common import note, problem, signed_json, verify_request
@@ -65,6 +71,18 @@ class NationalPlatform:
     # What happened, hop by hop (the demo prints it)
     trail: list[dict[str, Any]] = field(default_factory=list)
     rng: random.Random = field(default_factory=random.Random)
+    publisher: Publisher | None = None
+    announcements: list[str] = field(default_factory=list)  # kids that signed them
+
+    def keys(self) -> dict[str, VerificationKey]:
+        """Keys accepted on exchanges: ``trusted`` and every key the directory lists."""
+        keys = dict(self.trusted)
+        if self.publisher is not None:
+            for entry in self.publisher.regions.values():
+                for jwk in self.publisher.keys_of(entry["gateway"]["member_id"]):
+                    key = VerificationKey.from_jwk(jwk)
+                    keys[key.kid] = key
+        return keys
 
 
 NATIONAL = web.AppKey("national", NationalPlatform)
@@ -157,7 +175,7 @@ async def _verified(
     request: web.Request, sim: NationalPlatform
 ) -> tuple[bytes, str] | web.Response:
     try:
-        body, kid = await verify_request(request, sim.trusted, Verifier())
+        body, kid = await verify_request(request, sim.keys(), Verifier())
     except (GatewayError, web.HTTPUnauthorized, KeyError) as exc:
         return problem(401, "signature_invalid", str(exc))
     if sim.mode == "error":
@@ -359,6 +377,53 @@ async def _call_back(
         note(sim.trail, hop, f"platform-signed callback ({status})")
 
 
+async def _directory(request: web.Request) -> web.Response:
+    sim = request.app[NATIONAL]
+    if sim.publisher is None:
+        return problem(404, "service_unknown", "this platform publishes no directory")
+    refused = await _refuse_or_delay(request, sim)
+    if refused is not None:
+        return refused
+    jws = sim.publisher.current()
+    etag = etag_of(jws)
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if etag in [t.strip() for t in request.headers.get("If-None-Match", "").split(",")]:
+        return web.Response(status=304, headers=headers)
+    return web.Response(text=jws, content_type="application/jose", headers=headers)
+
+
+async def _announce(request: web.Request) -> web.Response:
+    """A gateway's announcement, signed with a key the directory lists for it now."""
+    sim = request.app[NATIONAL]
+    if sim.publisher is None:
+        return problem(404, "service_unknown", "this platform publishes no directory")
+    member = request.headers.get("Gw-Client", "")
+    listed = [VerificationKey.from_jwk(j) for j in sim.publisher.keys_of(member)]
+    if not listed:
+        return problem(403, "client_unknown", f"{member or 'no Gw-Client'} is not registered")
+    try:
+        body, kid = await verify_request(request, {k.kid: k for k in listed}, Verifier())
+    except (GatewayError, web.HTTPUnauthorized, KeyError) as exc:
+        return problem(401, "signature_invalid", str(getattr(exc, "reason", exc)))
+    try:
+        announcement = json.loads(body)
+        if not isinstance(announcement, dict) or announcement.get("member_id") != member:
+            return problem(400, "malformed_request", "member_id must be the signer's Gw-Client")
+        changed = sim.publisher.announce(member, announcement)
+    except json.JSONDecodeError:
+        return problem(400, "malformed_request", "the announcement is not JSON")
+    except DirectoryRefused as exc:
+        return problem(422, "schema_invalid", exc.detail)
+    sim.announcements.append(kid)
+    if "url" in announcement:
+        sim.provinces[member.split(":", 1)[0]] = str(announcement["url"]).rstrip("/")
+    note(sim.trail, f"{member} → national platform (directory)", f"announcement, kid {kid}")
+    jws = sim.publisher.current()  # a change is signed now, as its new version
+    return web.json_response(
+        {"changed": changed, "version": sim.publisher.version, "etag": etag_of(jws)}
+    )
+
+
 async def _control(request: web.Request) -> web.Response:
     sim = request.app[NATIONAL]
     data = await request.json()
@@ -393,6 +458,8 @@ def create_national_app(sim: NationalPlatform) -> web.Application:
     app.router.add_post("/api/v1/exchange", _exchange_envelope)
     app.router.add_post("/api/exchange/{service}", _exchange_bare)
     app.router.add_post("/api/v1/callbacks/{service}", _callback_in)
+    app.router.add_get("/v1/directory", _directory)
+    app.router.add_post("/v1/directory/announce", _announce)
     app.router.add_post("/_control", _control)
     app.router.add_get("/health", _health)
     return app

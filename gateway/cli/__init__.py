@@ -13,6 +13,7 @@ command                                    module
 ``routes|acl|messages|dead-letters|``
 ``audit|tokens …``
 ``audit verify|export|check|purge``        :mod:`gateway.cli.audit`
+``directory sign|show|verify``             :mod:`gateway.cli.directory`
 =========================================  ==========================================
 
 :mod:`gateway.cli._common` holds what they share: ``--config``, the store a command opens
@@ -25,7 +26,17 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from gateway.cli import admin, audit, config, dead_letters, keys, log, serve, tokens
+from gateway.cli import (
+    admin,
+    audit,
+    config,
+    dead_letters,
+    directory,
+    keys,
+    log,
+    serve,
+    tokens,
+)
 from gateway.errors import ConfigError, GatewayError
 from gateway.logs import configure_logging
 
@@ -56,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.register(adm_sub)
     admin.register(adm_sub)
     audit.register(sub)
+    directory.register(sub)
     return parser
 
 

@@ -8,15 +8,19 @@ only from an environment variable or a file of mode 0600.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from gateway.cli._common import load, with_config
-from gateway.config import jwk_path_for
+from gateway.config import Config, jwk_path_for
 from gateway.encoding import iso_utc
-from gateway.keys import KeyType, generate, read_passphrase, rotate_keypair, write_keypair
+from gateway.errors import GatewayError
+from gateway.keys import KeyPair, KeyType, generate, read_passphrase, rotate_keypair, write_keypair
 
 __all__ = ["register"]
 
@@ -90,6 +94,11 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         "previous_keys": str(gw.rotated_keys_path),
         "encrypted": passphrase is not None,
     }
+    directory = config.directory
+    if directory is not None and directory.announce_url is not None:
+        # Signed with the old key, which the directory lists for us: the national
+        # platform takes the new one on its word.
+        report["announced"] = asyncio.run(_announce(config, directory.announce_url, old, new))
     print(json.dumps(report))
     print(
         "restart the gateway to sign with the new key; the old one stays in the JWKS "
@@ -97,6 +106,23 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+async def _announce(config: Config, url: str, old: KeyPair, new: KeyPair) -> int | str:
+    from gateway.federation import announce, announcement_of  # imports the app's modules
+
+    async with aiohttp.ClientSession() as session:
+        try:
+            return await announce(
+                session,
+                url,
+                old,
+                config.gateway.member_id,
+                announcement_of(config, new),
+            )
+        except GatewayError as exc:
+            print(f"announcement failed: {exc.detail}", file=sys.stderr)
+            return "failed"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

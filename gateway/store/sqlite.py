@@ -149,6 +149,16 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE messages ADD COLUMN lease_owner INTEGER;
     ALTER TABLE callbacks ADD COLUMN lease_owner INTEGER;
     """,
+    """
+    -- The last federation directory this gateway accepted (a JWS), for a restart while
+    -- the national platform is down. One row; a lower version never replaces it.
+    CREATE TABLE directory (
+        id          INTEGER PRIMARY KEY CHECK (id = 1),
+        version     INTEGER NOT NULL,
+        jws         TEXT    NOT NULL,
+        accepted_at REAL    NOT NULL
+    );
+    """,
 )
 
 # Message states move forward only; each target state lists the states it may follow.
@@ -456,6 +466,32 @@ class SQLiteStore:
             return await self.write(unit)
         except sqlite3.Error as exc:
             raise StoreError(f"store write failed: {exc}") from exc
+
+    async def save_directory(self, version: int, jws: str) -> bool:
+        """Keep an accepted directory unless one of a higher version is already kept
+        (another worker may have been first); True when this one is now kept."""
+        now = time.time()
+
+        def unit(db: sqlite3.Connection) -> bool:
+            cur = db.execute(
+                "INSERT INTO directory (id, version, jws, accepted_at) VALUES (1,?,?,?) "
+                "ON CONFLICT (id) DO UPDATE SET version=excluded.version, jws=excluded.jws, "
+                "accepted_at=excluded.accepted_at WHERE excluded.version >= directory.version",
+                (version, jws, now),
+            )
+            changed = cur.rowcount > 0
+            cur.close()
+            return changed
+
+        try:
+            return await self.write(unit)
+        except sqlite3.Error as exc:
+            raise StoreError(f"store write failed: {exc}") from exc
+
+    async def load_directory(self) -> str | None:
+        """The last accepted directory JWS, if any."""
+        rows = self._rows("SELECT jws FROM directory WHERE id = 1")
+        return str(rows[0]["jws"]) if rows else None
 
     async def audit(self, change: ResourceChange) -> int:
         """An audited action that changes no configuration (a redelivery, a token)."""
