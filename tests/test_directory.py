@@ -1,0 +1,307 @@
+"""The federation directory document: signing, what a follower refuses, the config layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import RouteConfig, jwk_path_for
+from gateway.directory import (
+    NATIONAL_ADAPTER,
+    Directory,
+    Publisher,
+    check_succession,
+    directory_layer,
+    read_directory,
+    sign_directory,
+    verify_directory,
+)
+from gateway.encoding import iso_utc
+from gateway.errors import DirectoryRefused
+from gateway.keys import KeyPair, generate, write_keypair
+from gateway.routing import RouteTable
+
+NOW = 1_800_000_000.0
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, KeyPair]:
+    d = tmp_path_factory.mktemp("directory-keys")
+    return {
+        name: write_keypair(generate(kind), d / f"{name}.pem", jwk_path_for(d / f"{name}.pem"))
+        for name, kind in [
+            ("directory", "ed25519"),
+            ("other", "ed25519"),
+            ("p256", "ecdsa-p256"),
+            ("a", "ed25519"),
+            ("b", "ed25519"),
+            ("b2", "ed25519"),
+        ]
+    }
+
+
+def payload(pairs: dict[str, KeyPair], *, version: int = 2, **over: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "format": "gw-directory/1",
+        "issuer": "100000:national-platform",
+        "version": version,
+        "issued_at": iso_utc(NOW - 60),
+        "expires_at": iso_utc(NOW + 3600),
+        "national": {
+            "member_id": "100000:national-platform",
+            "url": "http://127.0.0.1:9000",
+            "keys": [{"jwk": pairs["other"].jwk}],
+            "vouches_for": ["100000"],
+            "services": [{"code": "credit.query"}],
+        },
+        "regions": [
+            {
+                "region": "330000",
+                "gateway": {
+                    "member_id": "330000:gateway",
+                    "url": "http://127.0.0.1:8080",
+                    "keys": [{"jwk": pairs["a"].jwk}],
+                    "vouches_for": ["330000"],
+                    "services": [{"code": "evaluation.submit"}],
+                },
+            },
+            {
+                "region": "440000",
+                "gateway": {
+                    "member_id": "440000:gateway",
+                    "url": "http://127.0.0.1:8090",
+                    "keys": [
+                        {"jwk": pairs["b2"].jwk},
+                        {"jwk": pairs["b"].jwk, "valid_until": iso_utc(NOW + 30)},
+                    ],
+                    "vouches_for": ["440000"],
+                    "services": [
+                        {"code": "crossregion.apply", "via": "national"},
+                        {"code": "credit.query"},
+                    ],
+                },
+            },
+        ],
+    }
+    return doc | over
+
+
+def pinned(pairs: dict[str, KeyPair]) -> list[dict[str, Any]]:
+    return [pairs["directory"].jwk]
+
+
+def signed(pairs: dict[str, KeyPair], **kw: Any) -> str:
+    return sign_directory(pairs["directory"], payload(pairs, **kw))
+
+
+def test_a_signed_directory_reads_back_as_frozen_dataclasses(pairs: dict[str, KeyPair]) -> None:
+    d = verify_directory(signed(pairs), pinned(pairs), now=NOW)
+    assert d.version == 2
+    assert d.kid == pairs["directory"].kid
+    b = d.region("440000")
+    assert b is not None
+    assert b.gateway.member_id == "440000:gateway"
+    assert [k.kid for k in b.gateway.keys] == [pairs["b2"].kid, pairs["b"].kid]
+    assert [k.kid for k in b.gateway.keys if k.valid_at(NOW + 31)] == [pairs["b2"].kid]
+    assert b.gateway.services[0].via == "national"
+    with pytest.raises(AttributeError):
+        d.version = 3  # type: ignore[misc]
+
+
+def test_an_ecdsa_directory_key_signs_too(pairs: dict[str, KeyPair]) -> None:
+    jws = sign_directory(pairs["p256"], payload(pairs))
+    assert read_directory(jws, [pairs["p256"].jwk]).version == 2
+
+
+@pytest.mark.parametrize("position", [5, 40, -3])
+def test_a_flipped_byte_is_refused(pairs: dict[str, KeyPair], position: int) -> None:
+    jws = signed(pairs)
+    chars = list(jws)
+    i = position % len(chars)
+    while chars[i] == ".":
+        i += 1
+    chars[i] = "A" if chars[i] != "A" else "B"
+    with pytest.raises(DirectoryRefused) as err:
+        read_directory("".join(chars), pinned(pairs))
+    assert err.value.reason in ("signature", "key_unknown", "malformed")
+
+
+def test_a_directory_signed_by_another_key_is_refused(pairs: dict[str, KeyPair]) -> None:
+    jws = sign_directory(pairs["other"], payload(pairs))
+    with pytest.raises(DirectoryRefused) as err:
+        read_directory(jws, pinned(pairs))
+    assert err.value.reason == "key_unknown"
+
+
+def test_another_key_claiming_the_pinned_kid_is_refused(pairs: dict[str, KeyPair]) -> None:
+    impostor = KeyPair(
+        kid=pairs["directory"].kid,
+        algorithm=pairs["other"].algorithm,
+        private=pairs["other"].private,
+        jwk=pairs["other"].jwk,
+    )
+    with pytest.raises(DirectoryRefused) as err:
+        read_directory(sign_directory(impostor, payload(pairs)), pinned(pairs))
+    assert err.value.reason == "signature"
+
+
+def test_a_checkpoint_jws_is_not_a_directory(pairs: dict[str, KeyPair]) -> None:
+    from gateway.audit import sign_jws
+
+    with pytest.raises(DirectoryRefused) as err:
+        read_directory(sign_jws(pairs["directory"], payload(pairs)), pinned(pairs))
+    assert err.value.reason == "signature"
+
+
+def test_a_lower_version_is_a_rollback(pairs: dict[str, KeyPair]) -> None:
+    current = read_directory(signed(pairs, version=5), pinned(pairs))
+    with pytest.raises(DirectoryRefused) as err:
+        verify_directory(signed(pairs, version=4), pinned(pairs), current=current, now=NOW)
+    assert err.value.reason == "rollback"
+    other = signed(pairs, version=5, issued_at=iso_utc(NOW - 10))
+    with pytest.raises(DirectoryRefused, match="other content"):
+        verify_directory(other, pinned(pairs), current=current, now=NOW)
+    verify_directory(signed(pairs, version=6), pinned(pairs), current=current, now=NOW)
+
+
+def test_an_expired_or_future_directory_is_refused(pairs: dict[str, KeyPair]) -> None:
+    jws = signed(pairs, expires_at=iso_utc(NOW - 1))
+    with pytest.raises(DirectoryRefused) as err:
+        verify_directory(jws, pinned(pairs), now=NOW)
+    assert err.value.reason == "expired"
+    future = read_directory(signed(pairs, issued_at=iso_utc(NOW + 3600)), pinned(pairs))
+    with pytest.raises(DirectoryRefused) as err:
+        check_succession(future, None, now=NOW)
+    assert err.value.reason == "future"
+
+
+def test_a_private_key_in_the_directory_is_malformed(pairs: dict[str, KeyPair]) -> None:
+    doc = payload(pairs)
+    doc["national"]["keys"] = [{"jwk": {**pairs["other"].jwk, "d": "c2VjcmV0"}}]
+    with pytest.raises(DirectoryRefused) as err:
+        sign_directory(pairs["directory"], doc)
+    assert err.value.reason == "malformed"
+
+
+def _layer(d: Directory, now: float = NOW) -> dict[tuple[str, str], Any]:
+    services = ["credit.query", "crossregion.apply", "evaluation.submit"]
+    return {
+        (k, i): b
+        for k, i, b in directory_layer(d, own="330000:gateway", services=services, now=now)
+    }
+
+
+def test_the_layer_makes_peers_adapters_and_routes_by_region(pairs: dict[str, KeyPair]) -> None:
+    layer = _layer(read_directory(signed(pairs), pinned(pairs)))
+    b = layer[("members", "440000:gateway")]
+    assert b["kind"] == "gateway"
+    assert b["regions"] == ["440000"]
+    assert b["services"] == ["evaluation.submit"]  # what A offers other regions
+    assert [k["kid"] for k in b["keys"]] == [pairs["b2"].kid, pairs["b"].kid]
+    assert ("members", "330000:gateway") not in layer  # never itself
+    peer = layer[("adapters", "directory-440000")]
+    assert peer["config"]["url"] == "http://127.0.0.1:8090"
+    assert layer[("routes", "credit.query|440000:*")]["adapter"] == "directory-440000"
+    assert layer[("routes", "crossregion.apply|440000:*")]["adapter"] == NATIONAL_ADAPTER
+    assert layer[("routes", "credit.query|*")]["adapter"] == NATIONAL_ADAPTER
+
+
+def test_a_retired_key_leaves_the_layer_when_its_overlap_ends(pairs: dict[str, KeyPair]) -> None:
+    layer = _layer(read_directory(signed(pairs), pinned(pairs)), now=NOW + 31)
+    assert [k["kid"] for k in layer[("members", "440000:gateway")]["keys"]] == [pairs["b2"].kid]
+
+
+def test_a_region_route_sits_between_exact_and_catch_all() -> None:
+    table = RouteTable(
+        [
+            RouteConfig(service="s.x", adapter="any"),
+            RouteConfig(service="s.x", adapter="region", target="440000:*"),
+            RouteConfig(service="s.x", adapter="exact", target="440000:tax"),
+        ]
+    )
+    assert table.lookup("s.x", "440000:tax") == "exact"
+    assert table.lookup("s.x", "440000:back-office") == "region"
+    assert table.lookup("s.x", "330000:portal") == "any"
+    assert table.lookup("s.x", None) == "any"
+
+
+def test_the_publisher_signs_a_new_version_per_change(pairs: dict[str, KeyPair]) -> None:
+    clock = [NOW]
+    pub = Publisher(
+        keypair=pairs["directory"],
+        national=payload(pairs)["national"],
+        validity_s=600,
+        clock=lambda: clock[0],
+    )
+    pub.register("440000", payload(pairs)["regions"][1]["gateway"])
+    first = pub.current()
+    assert pub.current() == first  # nothing changed: same document, same version
+    v1 = read_directory(first, pinned(pairs)).version
+    assert pub.announce("440000:gateway", {"keys": [{"jwk": pairs["b2"].jwk}]})
+    assert not pub.announce("440000:gateway", {"keys": [{"jwk": pairs["b2"].jwk}]})
+    second = read_directory(pub.current(), pinned(pairs))
+    assert second.version == v1 + 1
+    assert [k.kid for k in second.regions[0].gateway.keys] == [pairs["b2"].kid]
+    clock[0] += 301  # half the validity: re-signed, so a follower never sees it expire
+    assert read_directory(pub.current(), pinned(pairs)).version == v1 + 2
+    with pytest.raises(DirectoryRefused):
+        pub.announce("440000:gateway", {"keys": []})  # keeps the last valid registration
+    assert pub.keys_of("440000:gateway") == [pairs["b2"].jwk]
+    with pytest.raises(DirectoryRefused):
+        pub.announce("510000:gateway", {"keys": [{"jwk": pairs["b2"].jwk}]})
+
+
+def test_the_cli_signs_and_verifies(
+    pairs: dict[str, KeyPair], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from gateway.cli import main
+
+    source = tmp_path / "payload.json"
+    source.write_text(json.dumps(payload(pairs)), encoding="utf-8")
+    key = tmp_path / "dir.pem"
+    write_keypair(generate("ed25519"), key, jwk_path_for(key))
+    out = tmp_path / "directory.jws"
+    assert (
+        main(
+            [
+                "directory",
+                "sign",
+                "--key",
+                str(key),
+                "--in",
+                str(source),
+                "--version",
+                "9",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert main(["directory", "verify", str(out), "--keys", str(jwk_path_for(key))]) == 0
+    assert '"version": 9' in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "directory",
+                "verify",
+                str(out),
+                "--keys",
+                str(jwk_path_for(key)),
+                "--min-version",
+                "10",
+            ]
+        )
+        == 1
+    )
+    assert "refused (rollback)" in capsys.readouterr().err
+    other = tmp_path / "other.jwk.json"
+    other.write_text(json.dumps(pairs["other"].jwk), encoding="utf-8")
+    assert main(["directory", "verify", str(out), "--keys", str(other)]) == 1
+    assert "refused (key_unknown)" in capsys.readouterr().err
+    assert main(["directory", "show", str(out)]) == 0
+    assert '"440000:gateway"' in capsys.readouterr().out
