@@ -20,7 +20,7 @@ from gateway.directory import (
 )
 from gateway.encoding import iso_utc
 from gateway.errors import DirectoryRefused
-from gateway.keys import KeyPair, generate, write_keypair
+from gateway.keys import KeyPair, KeyType, generate, write_keypair
 from gateway.routing import RouteTable
 
 NOW = 1_800_000_000.0
@@ -29,16 +29,17 @@ NOW = 1_800_000_000.0
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, KeyPair]:
     d = tmp_path_factory.mktemp("directory-keys")
+    kinds: list[tuple[str, KeyType]] = [
+        ("directory", "ed25519"),
+        ("other", "ed25519"),
+        ("p256", "ecdsa-p256"),
+        ("a", "ed25519"),
+        ("b", "ed25519"),
+        ("b2", "ed25519"),
+    ]
     return {
         name: write_keypair(generate(kind), d / f"{name}.pem", jwk_path_for(d / f"{name}.pem"))
-        for name, kind in [
-            ("directory", "ed25519"),
-            ("other", "ed25519"),
-            ("p256", "ecdsa-p256"),
-            ("a", "ed25519"),
-            ("b", "ed25519"),
-            ("b2", "ed25519"),
-        ]
+        for name, kind in kinds
     }
 
 
@@ -89,7 +90,7 @@ def payload(pairs: dict[str, KeyPair], *, version: int = 2, **over: Any) -> dict
 
 
 def pinned(pairs: dict[str, KeyPair]) -> list[dict[str, Any]]:
-    return [pairs["directory"].jwk]
+    return [dict(pairs["directory"].jwk)]
 
 
 def signed(pairs: dict[str, KeyPair], **kw: Any) -> str:
