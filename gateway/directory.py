@@ -256,15 +256,23 @@ def _adapter_name(region: str) -> str:
 
 
 def directory_layer(
-    directory: Directory, *, own: str, services: Iterable[str], now: float
+    directory: Directory,
+    *,
+    own: str,
+    services: Iterable[str],
+    now: float,
+    routed: Iterable[str] = (),
 ) -> list[tuple[str, str, dict[str, Any] | None]]:
     """Changes over the file for gateway ``own``: peer members with the keys valid at
     ``now``, one adapter per peer that is called directly (and one for the national
     platform), and a route per service another region offers (target ``<region>:*``).
 
     ``services`` are the codes this gateway has configured: a peer may call the ones
-    this gateway's own entry offers; routes are made only for configured services."""
+    this gateway's own entry offers; routes are made only for configured services.
+    ``routed`` are services that already have a catch-all route here: the national
+    platform's offer does not take them over (a province serves its own first)."""
     known = set(services)
+    local = set(routed)
     own_region = own.split(":", 1)[0]
     mine = directory.region(own_region)
     offered_here = sorted(
@@ -300,7 +308,7 @@ def directory_layer(
             )
         )
         for offer in national.services:
-            if offer.code in known:
+            if offer.code in known and offer.code not in local:
                 route = {"service": offer.code, "adapter": NATIONAL_ADAPTER}
                 changes.append(("routes", f"{offer.code}|*", route))
     for entry in directory.regions:

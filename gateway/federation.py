@@ -195,7 +195,10 @@ class DirectoryFollower:
     async def _apply(self, directory: Directory) -> None:
         def layer(doc: Mapping[str, Any]) -> Sequence[tuple[str, str, Any]]:
             services = [str(s["code"]) for s in doc.get("services", [])]
-            return directory_layer(directory, own=self.own, services=services, now=self._clock())
+            routed = [str(r["service"]) for r in doc.get("routes", []) if not r.get("target")]
+            return directory_layer(
+                directory, own=self.own, services=services, now=self._clock(), routed=routed
+            )
 
         await self.live.set_layer(layer)
         self.current = directory
