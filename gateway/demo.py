@@ -10,6 +10,13 @@ then queries public credit information and submits a review (好差评). Every p
 real aiohttp server with its own freshly generated key; every hop is signed and
 checked. The demo prints each hop with its time and the signature checked there, then
 reads each gateway's message log, and exits 0 only if every hop is on record.
+
+Neither gateway is told of its peers by hand: the national platform publishes the
+federation directory (``gateway/directory.py``) and both gateways follow it (their
+configs hold only the directory's URL and its pinned key). Mid-demo, B rotates its key
+(``gateway keys rotate`` announces it, signed with the old key), restarts on the new
+one, and a second application goes through with B signing with the new key while A
+lists both of B's keys for the overlap.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ import contextlib
 import json
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +34,12 @@ import aiohttp
 from aiohttp import web
 
 from gateway.admin import create_admin_app
-from gateway.app import STORE, create_app
+from gateway.app import RUNTIME, STORE, create_app
 from gateway.client import ExchangeClient, Reply, verify_reply
 from gateway.config import SCHEMA_DIR, jwk_path_for, parse_config
-from gateway.keys import KeyPair, VerificationKey, generate, write_keypair
+from gateway.directory import Publisher
+from gateway.federation import announce, announcement_of
+from gateway.keys import KeyPair, VerificationKey, generate, rotate_keypair, write_keypair
 from gateway.ports import free_port
 from gateway.signing import Signer, parse_signature_input
 from gateway.states import MessageState
@@ -46,6 +54,7 @@ A_GATEWAY, B_GATEWAY = "330000:gateway", "440000:gateway"
 PORTAL, BACK_OFFICE = "330000:one-stop-portal", "440000:back-office"
 PLATFORM = "100000:national-platform"
 SERVICES = SCHEMA_DIR / "services"
+REFRESH_S = 0.5  # how often each gateway asks for the directory
 
 
 def _example(service: str) -> Any:
@@ -75,6 +84,8 @@ class DemoReport:
     logs: dict[str, list[MessageRecord]] = field(default_factory=dict)
     decision: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
+    rotation: dict[str, Any] | None = None  # how A followed B's new key
+    new_kid: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -94,11 +105,27 @@ class _Topology:
         return str(jwk_path_for(self.workdir / f"{name}.pem"))
 
 
+def _directory(t: _Topology, offers: list[str]) -> dict[str, Any]:
+    """What a gateway knows of the federation: where the directory is, and its key."""
+    return {
+        "url": f"{t.url('national')}/v1/directory",
+        "keys": [t.jwk("directory")],
+        "refresh_s": REFRESH_S,
+        "announce_url": f"{t.url('national')}/v1/directory/announce",
+        "offers": offers,
+    }
+
+
 def _a_config(t: _Topology) -> dict[str, Any]:
     return {
-        "gateway": {"member_id": A_GATEWAY, "key": str(t.workdir / "a-gateway.pem")},
+        "gateway": {
+            "member_id": A_GATEWAY,
+            "key": str(t.workdir / "a-gateway.pem"),
+            "public_url": t.url("a-gateway"),
+        },
         "store": {"path": str(t.workdir / "a-gateway.db")},
         "delivery": {"poll_interval_s": 0.05, "base_delay_s": 0.1, "max_delay_s": 1},
+        "directory": _directory(t, []),
         "members": [
             {
                 "id": PORTAL,
@@ -108,47 +135,29 @@ def _a_config(t: _Topology) -> dict[str, Any]:
                 "services": ["crossregion.apply", "credit.query", "evaluation.submit"],
                 "callback_url": f"{t.url('a-portal')}/callbacks",
             },
-            {
-                "id": PLATFORM,
-                "kind": "platform",
-                "keys": [t.jwk("national")],
-                "regions": ["100000"],
-            },
         ],
         "services": [
             _service("crossregion.apply", "async", 30),
             _service("credit.query", "sync"),
             _service("evaluation.submit", "sync"),
         ],
-        "adapters": [
-            {
-                "name": "national",
-                "type": "national_platform",
-                "config": {"base_url": t.url("national"), "platform_keys": [t.jwk("national")]},
-            }
-        ],
-        "routes": [
-            {"service": code, "adapter": "national"}
-            for code in ("crossregion.apply", "credit.query", "evaluation.submit")
-        ],
+        # Adapters and routes to the platform and to B come from the directory.
+        "adapters": [],
+        "routes": [],
     }
 
 
 def _b_config(t: _Topology) -> dict[str, Any]:
     return {
-        "gateway": {"member_id": B_GATEWAY, "key": str(t.workdir / "b-gateway.pem")},
+        "gateway": {
+            "member_id": B_GATEWAY,
+            "key": str(t.workdir / "b-gateway.pem"),
+            "public_url": t.url("b-gateway"),
+        },
         "store": {"path": str(t.workdir / "b-gateway.db")},
         "delivery": {"poll_interval_s": 0.05, "base_delay_s": 0.1, "max_delay_s": 1},
-        "members": [
-            {
-                "id": PLATFORM,
-                "kind": "platform",
-                "keys": [t.jwk("national")],
-                "regions": ["100000"],
-                "services": ["crossregion.apply"],
-                "callback_url": f"{t.url('national')}/api/v1/callbacks/{{service}}",
-            }
-        ],
+        "directory": _directory(t, ["crossregion.apply"]),
+        "members": [],  # the platform, and A, come from the directory
         "services": [_service("crossregion.apply", "async", 30)],
         "adapters": [
             {
@@ -164,21 +173,55 @@ def _b_config(t: _Topology) -> dict[str, Any]:
     }
 
 
-@contextlib.asynccontextmanager
-async def _running(
-    apps: list[tuple[web.Application, int]],
-) -> AsyncIterator[None]:
-    runners: list[web.AppRunner] = []
-    try:
-        for app, port in apps:
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-            runners.append(runner)
-        yield
-    finally:
-        for runner in reversed(runners):
-            await runner.cleanup()
+def _publisher(t: _Topology) -> Publisher:
+    """The national registry: the platform itself and each province's gateway."""
+    publisher = Publisher(
+        keypair=t.keys["directory"],
+        national={
+            "member_id": PLATFORM,
+            "url": t.url("national"),
+            "callback_url": f"{t.url('national')}/api/v1/callbacks/{{service}}",
+            "keys": [{"jwk": t.keys["national"].jwk}],
+            "vouches_for": ["100000"],
+            "services": [
+                {"code": code}
+                for code in ("crossregion.apply", "credit.query", "evaluation.submit")
+            ],
+        },
+        refresh_s=REFRESH_S,
+    )
+    for region, member, name in (("330000", A_GATEWAY, "a-gateway"), ("440000", B_GATEWAY,
+                                                                      "b-gateway")):  # fmt: skip
+        publisher.register(
+            region,
+            {
+                "member_id": member,
+                "url": t.url(name),
+                "keys": [{"jwk": t.keys[name].jwk}],
+                "vouches_for": [region],
+            },
+        )
+    return publisher
+
+
+class _Servers:
+    """The demo's servers by name, so that one can be restarted (B, after its rotation)."""
+
+    def __init__(self) -> None:
+        self.runners: dict[str, web.AppRunner] = {}
+
+    async def start(self, name: str, app: web.Application, port: int) -> None:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        self.runners[name] = runner
+
+    async def stop(self, name: str) -> None:
+        await self.runners.pop(name).cleanup()
+
+    async def aclose(self) -> None:
+        for name in reversed(list(self.runners)):
+            await self.stop(name)
 
 
 def _signing_kid(record: MessageRecord) -> str:
@@ -205,11 +248,10 @@ async def _run(workdir: Path, verbose: bool) -> DemoReport:
         name: write_keypair(
             generate(), workdir / f"{name}.pem", jwk_path_for(workdir / f"{name}.pem")
         )
-        for name in ("a-gateway", "a-portal", "national", "b-gateway", "b-office")
+        for name in ("a-gateway", "a-portal", "national", "directory", "b-gateway", "b-office")
     }
     t = _Topology(workdir, keys, {name: free_port() for name in names})
     a_conf = parse_config(_a_config(t), base=workdir)
-    b_conf = parse_config(_b_config(t), base=workdir)
 
     def trusted(*who: str) -> dict[str, VerificationKey]:
         found = (VerificationKey.from_jwk(keys[w].jwk) for w in who)
@@ -218,10 +260,11 @@ async def _run(workdir: Path, verbose: bool) -> DemoReport:
     national = NationalPlatform(
         member_id=PLATFORM,
         keypair=keys["national"],
-        trusted=trusted("a-gateway", "b-gateway"),
+        trusted={},  # the gateways' keys come from the directory it publishes
         callback_base=t.url("a-gateway"),
         callback_delay_s=0.05,
         provinces={"330000": t.url("a-gateway"), "440000": t.url("b-gateway")},
+        publisher=_publisher(t),
     )
     portal = Portal(
         member_id=PORTAL,
@@ -235,88 +278,152 @@ async def _run(workdir: Path, verbose: bool) -> DemoReport:
         keypair=keys["b-office"],
         gateway_keys=trusted("b-gateway"),
     )
-    a_app, b_app = create_app(a_conf), create_app(b_conf)
-    apps = [
-        (create_national_app(national), t.ports["national"]),
-        (create_portal_app(portal), t.ports["a-portal"]),
-        (create_backoffice_app(office), t.ports["b-office"]),
-        (a_app, t.ports["a-gateway"]),
-        (create_admin_app(a_app), t.ports["a-admin"]),
-        (b_app, t.ports["b-gateway"]),
-        (create_admin_app(b_app), t.ports["b-admin"]),
-    ]
     report = DemoReport()
     started = time.monotonic()
-    async with _running(apps), aiohttp.ClientSession() as session:
-        client = ExchangeClient(
-            member_id=PORTAL,
-            signer=Signer(keys["a-portal"]),
-            base_url=t.url("a-gateway"),
-            session=session,
-        )
-        a_keys = trusted("a-gateway")
-        hops = report.hops
+    servers = _Servers()
+    try:
+        await servers.start("national", create_national_app(national), t.ports["national"])
+        await servers.start("a-portal", create_portal_app(portal), t.ports["a-portal"])
+        await servers.start("b-office", create_backoffice_app(office), t.ports["b-office"])
+        b_app = create_app(parse_config(_b_config(t), base=workdir))
+        await servers.start("b-gateway", b_app, t.ports["b-gateway"])
+        await servers.start("b-admin", create_admin_app(b_app), t.ports["b-admin"])
+        a_app = create_app(a_conf)
+        await servers.start("a-gateway", a_app, t.ports["a-gateway"])
+        await servers.start("a-admin", create_admin_app(a_app), t.ports["a-admin"])
+        async with aiohttp.ClientSession() as session:
+            client = ExchangeClient(
+                member_id=PORTAL,
+                signer=Signer(keys["a-portal"]),
+                base_url=t.url("a-gateway"),
+                session=session,
+            )
+            a_keys = trusted("a-gateway")
+            hops = report.hops
 
-        async def send(service: str) -> Reply:
-            sent = time.monotonic()
-            reply = await client.exchange(service, _example(service))
-            kid = verify_reply(reply, a_keys)
-            portal_kid = keys["a-portal"].kid
-            checked = f"A checked the portal's (kid {portal_kid[:8]}…); {reply.status} signed by A"
+            async def send(service: str) -> Reply:
+                sent = time.monotonic()
+                reply = await client.exchange(service, _example(service))
+                kid = verify_reply(reply, a_keys)
+                portal_kid = keys["a-portal"].kid
+                checked = (
+                    f"A checked the portal's (kid {portal_kid[:8]}…); {reply.status} signed by A"
+                )
+                hops.append(
+                    {
+                        "at": sent,
+                        "hop": f"{PORTAL} → {A_GATEWAY} ({service})",
+                        "checked": f"{checked} (kid {kid[:8]}…), portal checked it",
+                    }
+                )
+                report.replies[service] = reply
+                return reply
+
+            async def apply() -> str:
+                applied = await send("crossregion.apply")
+                message_id: str = applied.json()["message_id"]
+                deadline = time.monotonic() + 30
+                # The portal is another party: watched as its operator would, by polling.
+                while message_id not in portal.processed and time.monotonic() < deadline:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+                report.decision = portal.processed.get(message_id)
+                if report.decision is None:
+                    report.problems.append(f"the decision on {message_id} never reached the portal")
+                return message_id
+
+            message_ids = [await apply()]
+            await send("credit.query")
+            await send("evaluation.submit")
+            # B rotates its key mid-demo, as `gateway keys rotate` does, and restarts on it.
+            b_conf = parse_config(_b_config(t), base=workdir)
+            gw = b_conf.gateway
+            rotated_at = time.monotonic()
+            old, new, _ = rotate_keypair(
+                gw.key_path, gw.jwk_path, gw.rotated_keys_path, grace_s=3600
+            )
+            status = await announce(
+                session,
+                f"{t.url('national')}/v1/directory/announce",
+                old,
+                B_GATEWAY,
+                announcement_of(b_conf, new),
+            )
             hops.append(
                 {
-                    "at": sent,
-                    "hop": f"{PORTAL} → {A_GATEWAY} ({service})",
-                    "checked": f"{checked} (kid {kid[:8]}…), portal checked it",
+                    "at": rotated_at,
+                    "hop": f"{B_GATEWAY} rotates its key ({old.kid[:8]}… → {new.kid[:8]}…)",
+                    "checked": f"announced, signed with the old key: HTTP {status}",
                 }
             )
-            report.replies[service] = reply
-            return reply
-
-        applied = await send("crossregion.apply")
-        message_id = applied.json()["message_id"]
-        deadline = time.monotonic() + 30
-        # The portal is another party: it is watched as its operator would, by polling.
-        while message_id not in portal.processed and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-        report.decision = portal.processed.get(message_id)
-        if report.decision is None:
-            report.problems.append("the decision never reached the portal")
-        await send("credit.query")
-        await send("evaluation.submit")
-        for trail in (national.trail, office.trail, portal.trail):
-            hops.extend(trail)
-        hops.sort(key=lambda h: float(h["at"]))
-        report.logs = {
-            A_GATEWAY: list(await a_app[STORE].search_messages(limit=50)),
-            B_GATEWAY: list(await b_app[STORE].search_messages(limit=50)),
-        }
-        _check(report, message_id)
+            report.rotation = await _follow(a_app, new.kid, old.kid, rotated_at)
+            if report.rotation is None:
+                report.problems.append(f"A did not list B's new key within {2 * REFRESH_S} s")
+            await servers.stop("b-admin")
+            await servers.stop("b-gateway")
+            b_app = create_app(b_conf)
+            await servers.start("b-gateway", b_app, t.ports["b-gateway"])
+            await servers.start("b-admin", create_admin_app(b_app), t.ports["b-admin"])
+            # B's own systems learn its new key as they would: from B's JWKS.
+            async with session.get(f"{t.url('b-gateway')}/.well-known/jwks.json") as resp:
+                published = [VerificationKey.from_jwk(k) for k in (await resp.json())["keys"]]
+            office.gateway_keys = {k.kid: k for k in published}
+            message_ids.append(await apply())
+            report.new_kid = new.kid
+            for trail in (national.trail, office.trail, portal.trail):
+                hops.extend(trail)
+            hops.sort(key=lambda h: float(h["at"]))
+            report.logs = {
+                A_GATEWAY: list(await a_app[STORE].search_messages(limit=50)),
+                B_GATEWAY: list(await b_app[STORE].search_messages(limit=50)),
+            }
+            _check(report, message_ids)
+    finally:
+        await servers.aclose()
     if verbose:
         _print(report, started)
     return report
 
 
-def _check(report: DemoReport, message_id: str) -> None:
-    """Each hop must be on record in each gateway's message log."""
-    a = {(r.service, r.client): r for r in report.logs[A_GATEWAY]}
-    b = {(r.service, r.client): r for r in report.logs[B_GATEWAY]}
-    expected: Mapping[str, tuple[dict[Any, MessageRecord], tuple[str, str], str]] = {
-        "A: the application, answered and called back": (
-            a, ("crossregion.apply", PORTAL), MessageState.CALLBACK_DELIVERED),
-        "B: the relayed application, decided and called back": (
-            b, ("crossregion.apply", PORTAL), MessageState.CALLBACK_DELIVERED),
-        "A: the credit query": (a, ("credit.query", PORTAL), MessageState.ANSWERED),
-        "A: the evaluation": (a, ("evaluation.submit", PORTAL), MessageState.ANSWERED),
-    }  # fmt: skip
-    for what, (log, key, state) in expected.items():
-        record = log.get(key)
-        if record is None or record.state != state:
-            found = record.state if record else "no record"
-            report.problems.append(f"{what}: expected {state}, found {found}")
-    b_record = b.get(("crossregion.apply", PORTAL))
-    if b_record is not None and b_record.message_id != message_id:
-        report.problems.append("B recorded the application under another message id")
+async def _follow(
+    a_app: web.Application, new_kid: str, old_kid: str, since: float
+) -> dict[str, Any] | None:
+    """How long A took to list B's new key (next to the old one, for the overlap)."""
+    deadline = since + 2 * REFRESH_S + 2.0
+    while time.monotonic() < deadline:
+        member = a_app[RUNTIME].current.members.get(B_GATEWAY)
+        kids = set(member.keys) if member is not None else set()
+        if new_kid in kids:
+            return {
+                "after_s": time.monotonic() - since,
+                "kids": sorted(kids),
+                "old_kept": old_kid in kids,
+            }
+        await asyncio.sleep(0.02)
+    return None
+
+
+def _check(report: DemoReport, message_ids: list[str]) -> None:
+    """Each hop must be on record in each gateway's message log, both applications."""
+    a = {r.message_id: r for r in report.logs[A_GATEWAY]}
+    b = {r.message_id: r for r in report.logs[B_GATEWAY]}
+    for n, message_id in enumerate(message_ids, 1):
+        for gateway, log in ((A_GATEWAY, a), (B_GATEWAY, b)):
+            record = log.get(message_id)
+            if record is None or record.state != MessageState.CALLBACK_DELIVERED:
+                found = record.state if record else "no record"
+                report.problems.append(
+                    f"{gateway}: application {n} expected callback_delivered, found {found}"
+                )
+    by_service = {(r.service, r.client): r for r in report.logs[A_GATEWAY]}
+    for service in ("credit.query", "evaluation.submit"):
+        record = by_service.get((service, PORTAL))
+        if record is None or record.state != MessageState.ANSWERED:
+            report.problems.append(f"A: {service} expected answered")
+    last = b.get(message_ids[-1])
+    if last is not None and report.new_kid is not None:
+        callbacks = [h for h in report.hops if h["hop"] == f"{B_GATEWAY} → national platform"]
+        if not any(report.new_kid in str(h["checked"]) for h in callbacks):
+            report.problems.append("B's callback after the rotation was not signed by the new key")
 
 
 def _print(report: DemoReport, started: float) -> None:
@@ -327,6 +434,12 @@ def _print(report: DemoReport, started: float) -> None:
         print(f"{n:>2} {t:>8.1f}  {hop['hop']:<58} {hop['checked']}")
     if report.decision:
         print(f"\ndecision: {report.decision['decision']} ({report.decision['case_number']})")
+    if report.rotation:
+        print(
+            f"B's rotation: A listed the new key after {report.rotation['after_s'] * 1000:.0f} ms "
+            f"(directory refresh {REFRESH_S:g} s); old key kept for the overlap: "
+            f"{report.rotation['old_kept']}"
+        )
     print("\nmessage logs:")
     for gateway, records in report.logs.items():
         for r in sorted(records, key=lambda r: r.seq):

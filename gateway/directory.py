@@ -102,6 +102,12 @@ class Party:
     keys: tuple[DirectoryKey, ...]
     vouches_for: tuple[str, ...] = ()
     services: tuple[ServiceOffer, ...] = ()
+    callback_url: str | None = None
+
+    @property
+    def callbacks(self) -> str:
+        """Where this party takes callbacks (``{service}`` filled in by delivery)."""
+        return self.callback_url or f"{self.url}/v1/callbacks/{{service}}"
 
     @property
     def region(self) -> str:
@@ -158,6 +164,7 @@ def _party(data: Mapping[str, Any]) -> Party:
             for k in data["keys"]
         ),
         vouches_for=tuple(data.get("vouches_for", ())),
+        callback_url=data.get("callback_url"),
         services=tuple(
             ServiceOffer(code=s["code"], via=s.get("via", "direct"))
             for s in data.get("services", ())
@@ -292,6 +299,7 @@ def directory_layer(
                     "keys": national.jwks_at(now),
                     "regions": list(national.vouches_for or (NATIONAL_REGION,)),
                     "services": offered_here,
+                    "callback_url": national.callbacks,
                 },
             )
         )
@@ -327,6 +335,7 @@ def directory_layer(
                     "keys": keys,
                     "regions": list(gw.vouches_for or (entry.region,)),
                     "services": offered_here,
+                    "callback_url": gw.callbacks,
                     **({} if keys else {"enabled": False}),
                 },
             )

@@ -8,22 +8,24 @@ from pathlib import Path
 
 import pytest
 
-from gateway.demo import A_GATEWAY, B_GATEWAY, PORTAL, run_demo
+from gateway.demo import A_GATEWAY, B_GATEWAY, PORTAL, REFRESH_S, run_demo
 
 pytestmark = pytest.mark.integration  # starts gateway processes
 
 
 async def test_scenario_records_each_hop_in_each_gateway(tmp_path: Path) -> None:
-    """A portal → A → national → B → back office → decision back to the portal, logged."""
+    """A portal → A → national → B → back office → decision back to the portal, logged;
+    on the directory alone, through B's key rotation."""
     report = await run_demo(tmp_path, verbose=False)
     assert report.problems == []
     assert report.decision is not None
     assert report.decision["decision"] == "approved"
     assert report.decision["handling_region"] == "440000"
-    a = {r.service: r for r in report.logs[A_GATEWAY]}
-    b = {r.service: r for r in report.logs[B_GATEWAY]}
+    # Records newest first: the dicts keep the first application (before the rotation).
+    a = {r.service: r for r in sorted(report.logs[A_GATEWAY], key=lambda r: -r.seq)}
+    b = {r.service: r for r in sorted(report.logs[B_GATEWAY], key=lambda r: -r.seq)}
     assert a["crossregion.apply"].state == "callback_delivered"
-    assert a["crossregion.apply"].adapter == "national"
+    assert a["crossregion.apply"].adapter == "directory-national"  # a route the directory made
     assert a["credit.query"].state == "answered"
     assert a["evaluation.submit"].state == "answered"
     relayed = b["crossregion.apply"]
@@ -51,6 +53,14 @@ async def test_scenario_records_each_hop_in_each_gateway(tmp_path: Path) -> None
                                      f"{A_GATEWAY} → {PORTAL} (callback)")]  # fmt: skip
     assert order == sorted(order)
     assert report.replies["credit.query"].json()["uscc"] == "91350100M000100Y43"
+    # B rotated mid-demo: A listed the new key beside the old one within two refreshes,
+    # and the second application went through with B signing with the new key.
+    assert report.rotation is not None
+    assert report.rotation["old_kept"] is True
+    assert report.rotation["after_s"] < 2 * REFRESH_S + 2.0
+    applications = [r for r in report.logs[B_GATEWAY] if r.service == "crossregion.apply"]
+    assert len(applications) == 2
+    assert all(r.state == "callback_delivered" for r in applications)
     assert "evaluation_id" in report.replies["evaluation.submit"].json()
 
 
