@@ -12,7 +12,15 @@ from typing import Any
 import pytest
 
 from gateway.errors import StoreError
-from gateway.store import DuplicateMessage, MessageRecord, NewCallback, NewMessage, Rejection
+from gateway.store import (
+    ConfigConflict,
+    DuplicateMessage,
+    MessageRecord,
+    NewCallback,
+    NewMessage,
+    Rejection,
+    ResourceChange,
+)
 from gateway.store.sqlite import MIGRATIONS, SQLiteStore
 
 PORTAL = "330000:one-stop-portal"
@@ -468,3 +476,58 @@ async def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path: Path) ->
     await store.close()
     assert caught.value.detail == f"cannot open the store at {junk}: file is not a database"
     assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+
+
+def _change(rid: str, body: Any) -> ResourceChange:
+    return ResourceChange(
+        kind="routes", id=rid, action="create", actor="a", role="admin", after=body
+    )
+
+
+async def test_each_admin_write_bumps_the_configuration_version(store: SQLiteStore) -> None:
+    """Versions count up from 0, one per write, and the write returns the new one."""
+    assert await store.config_version() == 0
+    assert await store.put_resource(_change("a|*", {"x": 1})) == 1
+    assert await store.put_resource(_change("b|*", {"x": 2}), expected_version=1) == 2
+    assert await store.config_version() == 2
+
+
+async def test_a_write_based_on_an_old_version_writes_nothing(store: SQLiteStore) -> None:
+    """Compare-and-set: a write expecting version 0 after another write is a conflict and
+    leaves neither resource, audit entry nor version behind."""
+    await store.put_resource(_change("a|*", {"x": 1}))
+    with pytest.raises(ConfigConflict):
+        await store.put_resource(_change("b|*", {"x": 2}), expected_version=0)
+    assert await store.config_version() == 1
+    assert [rid for _, rid, _ in await store.load_overlay()] == ["a|*"]
+    assert len(await store.audit_trail()) == 1
+
+
+async def test_the_overlay_is_ordered_by_version_not_by_clock(store: SQLiteStore) -> None:
+    """Writers' clocks may disagree: the order is the order the writes committed in."""
+    for rid in ("c|*", "a|*", "b|*"):
+        await store.put_resource(_change(rid, {"id": rid}))
+    with sqlite3.connect(store.path) as db:  # the first writer's clock ran far ahead
+        db.execute("UPDATE resources SET updated_at = updated_at + 3600 WHERE id = 'c|*'")
+    await store.put_resource(_change("c|*", None))  # c again: now the latest
+    assert [(rid, body) for _, rid, body in await store.load_overlay()] == [
+        ("a|*", {"id": "a|*"}),
+        ("b|*", {"id": "b|*"}),
+        ("c|*", None),
+    ]
+
+
+def test_the_version_migration_numbers_existing_writes_in_time_order(tmp_path: Path) -> None:
+    """A store from before versions gets them in the order of its old timestamps."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path, isolation_level=None) as db:
+        for number, script in enumerate(MIGRATIONS[:5], start=1):
+            db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
+        db.executemany(
+            "INSERT INTO resources (kind, id, body, updated_at, updated_by) VALUES (?,?,?,?,?)",
+            [("routes", "late", "{}", 20.0, "a"), ("routes", "early", "{}", 10.0, "a")],
+        )
+        db.executescript(f"BEGIN;\n{MIGRATIONS[5]}\nPRAGMA user_version=6;\nCOMMIT;")
+        rows = db.execute("SELECT id, version FROM resources ORDER BY version").fetchall()
+        assert rows == [("early", 1), ("late", 2)]
+        assert db.execute("SELECT version FROM config_version").fetchall() == [(2,)]
