@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from gateway.signing import Signer
 from gateway.tracing import Tracing
 from simulators.national import NationalPlatform, create_national_app
 from simulators.portal import Portal, create_portal_app
+from tests.pg import PostgresServer, unavailable_reason
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / "schemas" / "services"
@@ -53,6 +55,44 @@ class GatewayTestServer(TestServer):
 
     async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
         return GatewayRunner(self.app, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """The suite's own PostgreSQL (tests/pg.py), started once, on first use.
+
+    Under ``CI=true`` a PostgreSQL that cannot be started fails the tests: they never skip
+    there."""
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        server = PostgresServer.start()
+    except RuntimeError as exc:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer) -> Iterator[str]:
+    """A ``postgresql://`` URL of a fresh database for this test alone."""
+    with pg_server.database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a store lives, once per backend: a SQLite file, then a PostgreSQL database
+    (``gateway.store.connect`` opens either)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "db" / "gateway.db")
+    url: str = request.getfixturevalue("pg_url")
+    return url
 
 
 @dataclass(frozen=True)
