@@ -31,8 +31,7 @@ from gateway.pipeline import CTX_KEY, Pipeline, RequestContext, RuntimeHolder
 from gateway.problem import problem_response
 from gateway.registry import Runtime, build_runtime
 from gateway.signing import Signer, Verifier
-from gateway.store import Rejection
-from gateway.store.sqlite import SQLiteStore
+from gateway.store import Rejection, Store, create_store
 from gateway.tls import TLS_CONTEXT, server_context
 from gateway.trace import ensure_traceparent
 from gateway.tracing import Span, Tracing, create_tracing
@@ -55,7 +54,7 @@ log = logging.getLogger("gateway.exchange")
 
 CONFIG = web.AppKey("config", Config)
 KEYPAIR = web.AppKey("keypair", KeyPair)
-STORE = web.AppKey("store", SQLiteStore)
+STORE: web.AppKey[Store] = web.AppKey("store")
 RUNTIME = web.AppKey("runtime", RuntimeHolder)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 DELIVERY = web.AppKey("delivery", Delivery)
@@ -254,7 +253,7 @@ def create_app(
     app[KEYPAIR] = keypair
     if config.ingress.tls is not None:
         app[TLS_CONTEXT] = server_context(config.ingress.tls)
-    store = SQLiteStore(config.store.path, synchronous=config.store.synchronous)
+    store = create_store(config.store)
     app[STORE] = store
     signer = Signer(keypair)
     holder = RuntimeHolder(build_runtime(config, {}))
@@ -279,7 +278,7 @@ def create_app(
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.open()
-        store.batch.observer = metrics
+        store.observe(metrics)
         yield
         await store.close()
 

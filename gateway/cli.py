@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import json
 import logging
@@ -42,6 +43,7 @@ from gateway.keys_cli import add_passphrase_options, passphrase_from_args, regis
 from gateway.limits import GatewayRunner
 from gateway.logs import configure_logging
 from gateway.masking import mask_headers, masked_text
+from gateway.store import Store, create_store
 from gateway.tls import TLS_CONTEXT
 
 __all__ = ["main"]
@@ -283,10 +285,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _with_store(config: Config) -> Any:
-    from gateway.store.sqlite import SQLiteStore
-
-    store = SQLiteStore(config.store.path, synchronous=config.store.synchronous)
+async def _with_store(config: Config) -> Store:
+    store = create_store(config.store)
     await store.open()
     return store
 
@@ -355,15 +355,19 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
             if args.action == "list":
                 rows = await store.dead_letters(limit=args.limit)
                 if args.json:
-                    print(json.dumps(list(rows), ensure_ascii=False, indent=2))
+                    print(
+                        json.dumps(
+                            [dataclasses.asdict(r) for r in rows], ensure_ascii=False, indent=2
+                        )
+                    )
                 else:
                     print(
                         f"{'KIND':<9}{'SEQ':>6}  {'MESSAGE ID':<37}{'SERVICE':<22}ATTEMPTS  ERROR"
                     )
                     for r in rows:
                         print(
-                            f"{r['kind']:<9}{r['seq']:>6}  {r['message_id']:<37}"
-                            f"{r['service']:<22}{r['attempts']:>8}  {r['error'] or ''}"
+                            f"{r.kind:<9}{r.seq:>6}  {r.message_id:<37}"
+                            f"{r.service:<22}{r.attempts:>8}  {r.error or ''}"
                         )
                     print(f"{len(rows)} dead letter(s)")
                 return 0
@@ -388,7 +392,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         try:
             if args.action == "create":
                 token = await create_token(store, args.name, args.role)
-                await store.audit(
+                await store.record_change(
                     ResourceChange(
                         kind="tokens",
                         id=args.name,
@@ -408,7 +412,7 @@ def cmd_token(args: argparse.Namespace) -> int:
                 if not await store.revoke_token(args.name):
                     print(f"no active token {args.name}", file=sys.stderr)
                     return 1
-                await store.audit(
+                await store.record_change(
                     ResourceChange(
                         kind="tokens",
                         id=args.name,
@@ -422,17 +426,17 @@ def cmd_token(args: argparse.Namespace) -> int:
                 return 0
             rows = await store.list_tokens()
             if args.json:
-                print(json.dumps(rows, indent=2))
+                print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
             else:
                 print(f"{'NAME':<24}{'ROLE':<10}{'CREATED':<22}REVOKED")
                 for r in rows:
-                    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["created_at"]))
+                    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.created_at))
                     revoked = (
-                        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["revoked_at"]))
-                        if r["revoked_at"]
+                        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.revoked_at))
+                        if r.revoked_at
                         else "-"
                     )
-                    print(f"{r['name']:<24}{r['role']:<10}{created:<22}{revoked}")
+                    print(f"{r.name:<24}{r.role:<10}{created:<22}{revoked}")
             return 0
         finally:
             await store.close()

@@ -93,6 +93,9 @@ class GatewayIdentity:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StoreConfig:
     path: Path
+    # A postgresql:// URL puts the store on PostgreSQL (several instances share it);
+    # GATEWAY_STORE_URL overrides it. Unset: the SQLite file at ``path``.
+    url: str | None = None
     # WAL with synchronous=NORMAL survives a process crash; FULL also survives power loss.
     synchronous: Literal["normal", "full"] = "normal"
     # How often the message log's chain head is signed (a checkpoint); see docs/audit.md.
@@ -414,6 +417,7 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
         store=StoreConfig(
             path=r.path(data.get("store", {}).get("path", "var/gateway.db")),
             synchronous=data.get("store", {}).get("synchronous", "normal"),
+            url=data.get("store", {}).get("url"),
             checkpoint_interval_s=data.get("store", {}).get("checkpoint_interval_s", 60.0),
         ),
         security=SecurityConfig(

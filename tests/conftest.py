@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import copy
 import json
 import os
@@ -16,12 +18,15 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.admin import create_admin_app, create_token
 from gateway.app import DELIVERY, PIPELINE, STORE, create_app
+from gateway.audit import Report, verify_store
 from gateway.client import ExchangeClient
-from gateway.config import Config, jwk_path_for, parse_config
+from gateway.config import Config, StoreConfig, jwk_path_for, parse_config
 from gateway.keys import KeyPair, KeyType, VerificationKey, generate, write_keypair
 from gateway.limits import GatewayRunner
 from gateway.ports import free_port
 from gateway.signing import Signer
+from gateway.store import Store, create_store
+from gateway.store.sqlite import SQLiteStore
 from gateway.tracing import Tracing
 from simulators.national import NationalPlatform, create_national_app
 from simulators.portal import Portal, create_portal_app
@@ -83,6 +88,29 @@ def pg_url(pg_server: PostgresServer) -> Iterator[str]:
     """A ``postgresql://`` URL of a fresh database for this test alone."""
     with pg_server.database() as url:
         yield url
+
+
+def store_at(url: str, *, instance: str | None = None) -> Store:
+    """A store (not yet opened) at ``url``: a SQLite file path or a postgresql:// URL."""
+    if url.startswith("postgresql://"):
+        return create_store(StoreConfig(path=Path("unused.db"), url=url), instance=instance)
+    return create_store(StoreConfig(path=Path(url)), instance=instance)
+
+
+def verify_file(path: Path, jwks: dict[str, Any], gateway: str = GATEWAY_ID) -> Report:
+    """``gateway audit verify`` on a SQLite file, through a read-only store; callable from a
+    running test loop (it runs its own, in a thread)."""
+
+    async def run() -> Report:
+        store = SQLiteStore(path, readonly=True)
+        await store.open()
+        try:
+            return await verify_store(store, jwks, gateway=gateway)
+        finally:
+            await store.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import copy
 import hashlib
@@ -26,10 +27,10 @@ import yaml
 from gateway.audit import (
     CheckpointSigner,
     JwsInvalid,
+    Report,
     check_bundle,
     make_checkpoint,
     sign_jws,
-    verify_chain,
     verify_jws,
 )
 from gateway.cli import main
@@ -50,6 +51,7 @@ from tests.conftest import (
     HarnessFactory,
     Keys,
     config_document,
+    verify_file,
 )
 from tests.test_crash import Deployment, _send_until_accepted, deployed
 
@@ -103,9 +105,9 @@ def _connect(path: Path) -> Iterator[sqlite3.Connection]:
         db.close()
 
 
-def _verify(path: Path, keys: Keys) -> Any:
-    with _connect(path) as db:
-        return verify_chain(db, _jwks(keys), gateway=GATEWAY_ID)
+def _verify(path: Path, keys: Keys) -> Report:
+    """Verify through a read-only store, as ``gateway audit verify`` does."""
+    return verify_file(path, _jwks(keys))
 
 
 def _kinds(path: Path) -> list[str]:
@@ -122,7 +124,9 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    code = main(list(argv))
+    """``gateway …`` in-process, in a thread of its own: the command runs its own loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        code = pool.submit(main, list(argv)).result()
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
@@ -362,13 +366,13 @@ async def test_the_gateway_refuses_to_sign_over_a_changed_signed_record(
 ) -> None:
     """If the record a checkpoint signed changed, no later checkpoint blesses the change."""
     await store.insert_message(_new())
-    signed = make_checkpoint(store.db, keys.pairs["gateway"], GATEWAY_ID)
+    signed = await make_checkpoint(store, keys.pairs["gateway"], GATEWAY_ID)
     assert signed is not None
     with _connect(store.path) as db:
         db.execute("UPDATE log_chain SET hash = ? WHERE seq = ?", ("0" * 64, signed.seq))
     await store.insert_message(_new())
     with pytest.raises(StoreError, match=f"no longer matches checkpoint {signed.id}"):
-        make_checkpoint(store.db, keys.pairs["gateway"], GATEWAY_ID)
+        await make_checkpoint(store, keys.pairs["gateway"], GATEWAY_ID)
 
 
 def test_checkpoint_interval_is_configured_under_store(keys: Keys, tmp_path: Path) -> None:
@@ -790,7 +794,7 @@ async def test_export_signs_a_checkpoint_when_none_covers_the_message_yet(
 ) -> None:
     """A message newer than the last checkpoint: export signs one, and the bundle checks."""
     await store.insert_message(_new())
-    assert make_checkpoint(store.db, keys.pairs["gateway"], GATEWAY_ID) is not None
+    assert await make_checkpoint(store, keys.pairs["gateway"], GATEWAY_ID) is not None
     later = await store.insert_message(_new())
     doc = config_document(keys, store=store.path, national_url="http://127.0.0.1:1")
     config = tmp_path / "config.yaml"

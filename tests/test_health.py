@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from gateway.app import READINESS, STORE
+from gateway.store.sqlite import SQLiteStore
 from tests.conftest import Harness, HarnessFactory
 
 
@@ -26,7 +27,9 @@ async def test_healthz_and_readyz_answer_when_all_is_well(harness: Harness) -> N
 
 async def test_readyz_503_while_the_store_refuses_writes(harness: Harness) -> None:
     """SQLite refusing writes on the live connection makes the gateway unready, then ready."""
-    db = harness.app[STORE].writer
+    store = harness.app[STORE]
+    assert isinstance(store, SQLiteStore)
+    db = store.writer
     db.execute("PRAGMA query_only = ON")  # SQLite itself now refuses every write
     status, reasons = await _ready(harness)
     assert status == 503

@@ -1,4 +1,5 @@
-"""The SQLite store on real files: migrations, outbox leases, callbacks, dead letters."""
+"""The store on both backends (a real SQLite file, a real PostgreSQL database): records,
+outbox leases, callbacks, dead letters; SQLite's migrations and files at the end."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from gateway.store import (
     NewMessage,
     Rejection,
     ResourceChange,
+    Store,
 )
 from gateway.store.sqlite import MIGRATIONS, SQLiteStore
+from tests.conftest import store_at
 
 PORTAL = "330000:one-stop-portal"
 NATIONAL = "100000:national-platform"
@@ -57,20 +60,20 @@ def _callback(original: MessageRecord, message_id: str = "cb-1") -> NewCallback:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    s = SQLiteStore(tmp_path / "db" / "gateway.db")
+async def store(store_url: str) -> AsyncIterator[Store]:
+    s = store_at(store_url)
     await s.open()
     yield s
     await s.close()
 
 
-async def _queued(store: SQLiteStore, at: float, **changes: Any) -> MessageRecord:
+async def _queued(store: Store, at: float, **changes: Any) -> MessageRecord:
     return await store.insert_message(
         _new(mode="async", state="accepted", next_attempt_at=at, **changes)
     )
 
 
-async def _dead_message(store: SQLiteStore) -> MessageRecord:
+async def _dead_message(store: Store) -> MessageRecord:
     record = await _queued(store, time.time())
     await store.set_message_state(record.seq, "dead", error="gave up", attempts=10)
     return record
@@ -95,10 +98,9 @@ def test_migrations_set_user_version(tmp_path: Path) -> None:
     assert {"messages", "callbacks", "rejections"} <= tables
 
 
-async def test_reopening_does_not_migrate_again_and_keeps_data(tmp_path: Path) -> None:
-    """Data written, closed and reopened from the same file is still there."""
-    path = tmp_path / "durable.db"
-    first = SQLiteStore(path, synchronous="full")
+async def test_reopening_does_not_migrate_again_and_keeps_data(store_url: str) -> None:
+    """Data written, closed and reopened from the same file or database is still there."""
+    first = store_at(store_url)
     await first.open()
     record = await first.insert_message(_new("11111111-1111-4111-8111-111111111111"))
     await first.record_rejection(
@@ -115,7 +117,7 @@ async def test_reopening_does_not_migrate_again_and_keeps_data(tmp_path: Path) -
         )
     )
     await first.close()
-    second = SQLiteStore(path)
+    second = store_at(store_url)
     await second.open()
     try:
         again = await second.get_message(PORTAL, record.message_id)
@@ -126,7 +128,7 @@ async def test_reopening_does_not_migrate_again_and_keeps_data(tmp_path: Path) -
         await second.close()
 
 
-async def test_insert_then_get_round_trips_every_field(store: SQLiteStore) -> None:
+async def test_insert_then_get_round_trips_every_field(store: Store) -> None:
     """A recorded message reads back with its headers, body, digest and trace id."""
     new = _new(target="440000:gateway", adapter="peer")
     record = await store.insert_message(new)
@@ -146,7 +148,7 @@ async def test_insert_then_get_round_trips_every_field(store: SQLiteStore) -> No
     assert await store.get_message_by_seq(record.seq + 1000) is None
 
 
-async def test_same_client_and_message_id_is_a_duplicate(store: SQLiteStore) -> None:
+async def test_same_client_and_message_id_is_a_duplicate(store: Store) -> None:
     """A second insert of the same (client, message id) raises DuplicateMessage."""
     new = _new()
     await store.insert_message(new)
@@ -155,7 +157,7 @@ async def test_same_client_and_message_id_is_a_duplicate(store: SQLiteStore) -> 
     assert await store.count_messages() == 1
 
 
-async def test_same_message_id_from_another_client_is_separate(store: SQLiteStore) -> None:
+async def test_same_message_id_from_another_client_is_separate(store: Store) -> None:
     """Message ids are per client: another client may reuse one; find_by_message_id sees both."""
     new = _new()
     await store.insert_message(new)
@@ -164,7 +166,7 @@ async def test_same_message_id_from_another_client_is_separate(store: SQLiteStor
     assert sorted(r.client for r in found) == [PORTAL, "330000:tax-system"]
 
 
-async def test_finish_message_records_the_answer(store: SQLiteStore) -> None:
+async def test_finish_message_records_the_answer(store: Store) -> None:
     """finish_message stores status, code, adapter, answer and timings; it is then finished."""
     record = await store.insert_message(_new())
     await store.finish_message(
@@ -187,7 +189,7 @@ async def test_finish_message_records_the_answer(store: SQLiteStore) -> None:
     assert done.updated_at >= record.updated_at
 
 
-async def test_finish_message_keeps_the_adapter_when_none_is_given(store: SQLiteStore) -> None:
+async def test_finish_message_keeps_the_adapter_when_none_is_given(store: Store) -> None:
     """A failure finished without an adapter name keeps the one recorded before."""
     record = await store.insert_message(_new(adapter="national"))
     await store.finish_message(
@@ -205,7 +207,7 @@ async def test_finish_message_keeps_the_adapter_when_none_is_given(store: SQLite
     assert (done.adapter, done.code, done.error) == ("national", "upstream_error", "boom")
 
 
-async def test_claim_leases_due_messages_until_the_lease_expires(store: SQLiteStore) -> None:
+async def test_claim_leases_due_messages_until_the_lease_expires(store: Store) -> None:
     """A claimed message is not claimed again until its lease has run out."""
     now = time.time()
     due = await _queued(store, now - 1)
@@ -218,7 +220,7 @@ async def test_claim_leases_due_messages_until_the_lease_expires(store: SQLiteSt
     assert [m.seq for m in again] == [due.seq]
 
 
-async def test_claim_respects_the_limit_and_due_order(store: SQLiteStore) -> None:
+async def test_claim_respects_the_limit_and_due_order(store: Store) -> None:
     """At most `limit` messages are claimed, the longest-due first."""
     now = time.time()
     late = await _queued(store, now - 1)
@@ -232,7 +234,7 @@ async def test_claim_respects_the_limit_and_due_order(store: SQLiteStore) -> Non
     assert await store.outbox_depth() == 3
 
 
-async def test_release_leases_makes_claimed_work_claimable(store: SQLiteStore) -> None:
+async def test_release_leases_makes_claimed_work_claimable(store: Store) -> None:
     """After a restart release_leases voids every lease, so the work is claimed again."""
     now = time.time()
     record = await _queued(store, now)
@@ -243,7 +245,7 @@ async def test_release_leases_makes_claimed_work_claimable(store: SQLiteStore) -
     assert await store.release_leases() == 0
 
 
-async def test_reschedule_moves_the_next_attempt(store: SQLiteStore) -> None:
+async def test_reschedule_moves_the_next_attempt(store: Store) -> None:
     """A rescheduled message keeps its error and attempts and is due only at the new time."""
     now = time.time()
     record = await _queued(store, now)
@@ -254,7 +256,7 @@ async def test_reschedule_moves_the_next_attempt(store: SQLiteStore) -> None:
     assert (again.attempts, again.error, again.next_attempt_at) == (1, "503", now + 60)
 
 
-async def test_set_message_state_takes_it_out_of_the_outbox(store: SQLiteStore) -> None:
+async def test_set_message_state_takes_it_out_of_the_outbox(store: Store) -> None:
     """set_message_state moves a message on and it is no longer due."""
     now = time.time()
     record = await _queued(store, now)
@@ -266,7 +268,7 @@ async def test_set_message_state_takes_it_out_of_the_outbox(store: SQLiteStore) 
     assert (moved.state, moved.adapter, moved.attempts) == ("delivered", "national", 1)
 
 
-async def test_late_acknowledgement_does_not_demote_an_answer(store: SQLiteStore) -> None:
+async def test_late_acknowledgement_does_not_demote_an_answer(store: Store) -> None:
     """A message already answered by its callback stays answered when a late ack arrives."""
     original = await _queued(store, time.time())
     await store.insert_callback(_callback(original))
@@ -277,7 +279,7 @@ async def test_late_acknowledgement_does_not_demote_an_answer(store: SQLiteStore
     assert after.result == b'{"decision": "approved"}'
 
 
-async def test_callback_marks_its_message_answered(store: SQLiteStore) -> None:
+async def test_callback_marks_its_message_answered(store: Store) -> None:
     """insert_callback stores the callback pending and the message answered with its result."""
     original = await _queued(store, time.time())
     cb = await store.insert_callback(_callback(original))
@@ -294,7 +296,7 @@ async def test_callback_marks_its_message_answered(store: SQLiteStore) -> None:
     assert await store.get_callback(PORTAL, "cb-1") is None
 
 
-async def test_duplicate_callback_raises_and_changes_nothing(store: SQLiteStore) -> None:
+async def test_duplicate_callback_raises_and_changes_nothing(store: Store) -> None:
     """The same callback id from the same client twice raises DuplicateMessage."""
     original = await _queued(store, time.time())
     first = await store.insert_callback(_callback(original))
@@ -304,7 +306,7 @@ async def test_duplicate_callback_raises_and_changes_nothing(store: SQLiteStore)
     assert len(await store.claim_due_callbacks(time.time() + 1, limit=10, lease_s=30)) == 1
 
 
-async def test_callback_for_a_missing_message_is_not_a_duplicate(store: SQLiteStore) -> None:
+async def test_callback_for_a_missing_message_is_not_a_duplicate(store: Store) -> None:
     """A callback referring to no recorded message is a store error, not a duplicate."""
     original = await store.insert_message(_new())
     orphan = NewCallback(
@@ -321,7 +323,7 @@ async def test_callback_for_a_missing_message_is_not_a_duplicate(store: SQLiteSt
         await store.insert_callback(orphan)
 
 
-async def test_callback_claim_lease_and_delivery(store: SQLiteStore) -> None:
+async def test_callback_claim_lease_and_delivery(store: Store) -> None:
     """A claimed callback is leased; delivered moves its message to callback_delivered."""
     original = await _queued(store, time.time())
     cb = await store.insert_callback(_callback(original))
@@ -339,7 +341,7 @@ async def test_callback_claim_lease_and_delivery(store: SQLiteStore) -> None:
     assert await store.claim_due_callbacks(now + 100, limit=10, lease_s=30) == []
 
 
-async def test_reschedule_callback_delays_it(store: SQLiteStore) -> None:
+async def test_reschedule_callback_delays_it(store: Store) -> None:
     """A rescheduled callback is due only at its new time, with the error kept."""
     original = await _queued(store, time.time())
     cb = await store.insert_callback(_callback(original))
@@ -351,7 +353,7 @@ async def test_reschedule_callback_delays_it(store: SQLiteStore) -> None:
     assert (again.attempts, again.error) == (1, "refused")
 
 
-async def test_dead_callback_does_not_mark_the_message_delivered(store: SQLiteStore) -> None:
+async def test_dead_callback_does_not_mark_the_message_delivered(store: Store) -> None:
     """A callback finished dead leaves its message answered and is listed as a dead letter."""
     original = await _queued(store, time.time())
     cb = await store.insert_callback(_callback(original))
@@ -360,18 +362,18 @@ async def test_dead_callback_does_not_mark_the_message_delivered(store: SQLiteSt
     assert message is not None
     assert message.state == "answered"
     (letter,) = await store.dead_letters()
-    assert letter["kind"] == "callback"
-    assert letter["seq"] == cb.seq
-    assert letter["client"] == PORTAL
-    assert (letter["attempts"], letter["error"]) == (7, "portal down")
+    assert letter.kind == "callback"
+    assert letter.seq == cb.seq
+    assert letter.client == PORTAL
+    assert (letter.attempts, letter.error) == (7, "portal down")
 
 
-async def test_dead_letters_and_redeliver_a_message(store: SQLiteStore) -> None:
+async def test_dead_letters_and_redeliver_a_message(store: Store) -> None:
     """A dead message is listed; redeliver requeues it once with a fresh attempt budget."""
     dead = await _dead_message(store)
     await _queued(store, time.time())  # alive, not a dead letter
     letters = await store.dead_letters()
-    assert [(x["kind"], x["seq"], x["message_id"]) for x in letters] == [
+    assert [(x.kind, x.seq, x.message_id) for x in letters] == [
         ("message", dead.seq, dead.message_id)
     ]
     now = time.time() + 5
@@ -385,7 +387,7 @@ async def test_dead_letters_and_redeliver_a_message(store: SQLiteStore) -> None:
     assert dead.seq in {m.seq for m in claimed}
 
 
-async def test_redeliver_a_dead_callback(store: SQLiteStore) -> None:
+async def test_redeliver_a_dead_callback(store: Store) -> None:
     """A dead callback goes back to pending and is due again."""
     original = await _queued(store, time.time())
     cb = await store.insert_callback(_callback(original))
@@ -398,7 +400,7 @@ async def test_redeliver_a_dead_callback(store: SQLiteStore) -> None:
     assert [c.seq for c in await store.claim_due_callbacks(now, 10, 30)] == [cb.seq]
 
 
-async def test_redeliver_refuses_what_is_not_dead(store: SQLiteStore) -> None:
+async def test_redeliver_refuses_what_is_not_dead(store: Store) -> None:
     """Redelivering a live message or an unknown seq changes nothing and returns False."""
     live = await _queued(store, time.time())
     assert await store.redeliver("message", live.seq, time.time()) is False
@@ -408,7 +410,7 @@ async def test_redeliver_refuses_what_is_not_dead(store: SQLiteStore) -> None:
     assert again.state == "accepted"
 
 
-async def test_search_messages_filters_and_orders_newest_first(store: SQLiteStore) -> None:
+async def test_search_messages_filters_and_orders_newest_first(store: Store) -> None:
     """search_messages filters by client, service, state and since, newest first, limited."""
     a = await store.insert_message(_new())
     b = await store.insert_message(_new(service="crossregion.apply", state="accepted"))
@@ -423,7 +425,7 @@ async def test_search_messages_filters_and_orders_newest_first(store: SQLiteStor
     assert await store.count_messages("received") == 2
 
 
-async def test_rejections_are_recorded_newest_first(store: SQLiteStore) -> None:
+async def test_rejections_are_recorded_newest_first(store: Store) -> None:
     """record_rejection keeps what was refused, with its headers, newest first."""
     for status, code in ((401, "signature_invalid"), (413, "payload_too_large")):
         await store.record_rejection(
@@ -440,24 +442,24 @@ async def test_rejections_are_recorded_newest_first(store: SQLiteStore) -> None:
             )
         )
     rows = await store.rejections()
-    assert [(r["status"], r["code"]) for r in rows] == [
+    assert [(r.status, r.code) for r in rows] == [
         (413, "payload_too_large"),
         (401, "signature_invalid"),
     ]
-    assert rows[0]["headers"] == '{"Gw-Client": "330000:one-stop-portal"}'
+    assert rows[0].headers == {"Gw-Client": "330000:one-stop-portal"}
     assert len(await store.rejections(limit=1)) == 1
 
 
-async def test_ping_succeeds_on_an_open_store(store: SQLiteStore) -> None:
+async def test_ping_succeeds_on_an_open_store(store: Store) -> None:
     """ping proves the store writable and leaves no transaction open."""
     await store.ping()
     await store.insert_message(_new())
     await store.ping()
 
 
-async def test_closed_store_raises_store_error(tmp_path: Path) -> None:
+async def test_closed_store_raises_store_error(store_url: str) -> None:
     """Using a store that is not open is a StoreError, not an AttributeError."""
-    s = SQLiteStore(tmp_path / "never.db")
+    s = store_at(store_url)
     with pytest.raises(StoreError):
         await s.get_message(PORTAL, "x")
     await s.open()
@@ -484,7 +486,7 @@ def _change(rid: str, body: Any) -> ResourceChange:
     )
 
 
-async def test_each_admin_write_bumps_the_configuration_version(store: SQLiteStore) -> None:
+async def test_each_admin_write_bumps_the_configuration_version(store: Store) -> None:
     """Versions count up from 0, one per write, and the write returns the new one."""
     assert await store.config_version() == 0
     assert await store.put_resource(_change("a|*", {"x": 1})) == 1
@@ -492,28 +494,31 @@ async def test_each_admin_write_bumps_the_configuration_version(store: SQLiteSto
     assert await store.config_version() == 2
 
 
-async def test_a_write_based_on_an_old_version_writes_nothing(store: SQLiteStore) -> None:
+async def test_a_write_based_on_an_old_version_writes_nothing(store: Store) -> None:
     """Compare-and-set: a write expecting version 0 after another write is a conflict and
-    leaves neither resource, audit entry nor version behind."""
+    leaves neither resource, change record nor version behind."""
     await store.put_resource(_change("a|*", {"x": 1}))
     with pytest.raises(ConfigConflict):
         await store.put_resource(_change("b|*", {"x": 2}), expected_version=0)
     assert await store.config_version() == 1
     assert [rid for _, rid, _ in await store.load_overlay()] == ["a|*"]
-    assert len(await store.audit_trail()) == 1
+    assert len(await store.changes()) == 1
 
 
-async def test_the_overlay_is_ordered_by_version_not_by_clock(store: SQLiteStore) -> None:
+async def test_the_overlay_is_ordered_by_version_not_by_clock(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Writers' clocks may disagree: the order is the order the writes committed in."""
-    for rid in ("c|*", "a|*", "b|*"):
+    real = time.time
+    with monkeypatch.context() as m:  # the first writer's clock runs an hour ahead
+        m.setattr(time, "time", lambda: real() + 3600)
+        await store.put_resource(_change("c|*", {"id": "c|*"}))
+    for rid in ("a|*", "b|*"):
         await store.put_resource(_change(rid, {"id": rid}))
-    with sqlite3.connect(store.path) as db:  # the first writer's clock ran far ahead
-        db.execute("UPDATE resources SET updated_at = updated_at + 3600 WHERE id = 'c|*'")
-    await store.put_resource(_change("c|*", None))  # c again: now the latest
     assert [(rid, body) for _, rid, body in await store.load_overlay()] == [
+        ("c|*", {"id": "c|*"}),
         ("a|*", {"id": "a|*"}),
         ("b|*", {"id": "b|*"}),
-        ("c|*", None),
     ]
 
 
@@ -521,13 +526,13 @@ def test_the_version_migration_numbers_existing_writes_in_time_order(tmp_path: P
     """A store from before versions gets them in the order of its old timestamps."""
     path = tmp_path / "old.db"
     with sqlite3.connect(path, isolation_level=None) as db:
-        for number, script in enumerate(MIGRATIONS[:5], start=1):
+        for number, script in enumerate(MIGRATIONS[:6], start=1):
             db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
         db.executemany(
             "INSERT INTO resources (kind, id, body, updated_at, updated_by) VALUES (?,?,?,?,?)",
             [("routes", "late", "{}", 20.0, "a"), ("routes", "early", "{}", 10.0, "a")],
         )
-        db.executescript(f"BEGIN;\n{MIGRATIONS[5]}\nPRAGMA user_version=6;\nCOMMIT;")
+        db.executescript(f"BEGIN;\n{MIGRATIONS[6]}\nPRAGMA user_version=7;\nCOMMIT;")
         rows = db.execute("SELECT id, version FROM resources ORDER BY version").fetchall()
         assert rows == [("early", 1), ("late", 2)]
         assert db.execute("SELECT version FROM config_version").fetchall() == [(2,)]
