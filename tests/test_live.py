@@ -1,5 +1,6 @@
-"""The live configuration across processes: two gateways on one store file, as two
-workers or two instances are, each with its own store connection and runtime."""
+"""The live configuration across processes: two gateways on one store (a SQLite file, as
+two workers share it; a PostgreSQL database, as two instances do), each with its own
+store connections and runtime."""
 
 from __future__ import annotations
 
@@ -22,16 +23,25 @@ async def _call(h: Harness, method: str, path: str, body: Any = None) -> tuple[i
         return resp.status, json.loads(raw) if raw else None
 
 
-async def _pair(make_harness: HarnessFactory, tmp_path: Path) -> tuple[Harness, Harness]:
-    store = tmp_path / "shared.db"
-    return await make_harness(store=store), await make_harness(store=store)
+async def _on(make_harness: HarnessFactory, store_url: str) -> Harness:
+    if store_url.startswith("postgresql://"):
+
+        def on_postgres(doc: dict[str, Any]) -> None:
+            doc["store"]["url"] = store_url
+
+        return await make_harness(on_postgres)
+    return await make_harness(store=Path(store_url))
+
+
+async def _pair(make_harness: HarnessFactory, store_url: str) -> tuple[Harness, Harness]:
+    return await _on(make_harness, store_url), await _on(make_harness, store_url)
 
 
 async def test_a_revocation_on_one_gateway_is_refused_by_the_other_within_a_second(
-    make_harness: HarnessFactory, tmp_path: Path
+    make_harness: HarnessFactory, store_url: str
 ) -> None:
     """The other gateway, which took no admin request, refuses the revoked key in < 1 s."""
-    one, other = await _pair(make_harness, tmp_path)
+    one, other = await _pair(make_harness, store_url)
     client = other.client("portal")
     assert (await client.exchange("credit.query", CREDIT_EXAMPLE)).status == 200
     kid = other.keys.pairs["portal"].kid
@@ -45,11 +55,11 @@ async def test_a_revocation_on_one_gateway_is_refused_by_the_other_within_a_seco
 
 
 async def test_writes_to_different_resources_at_once_on_two_gateways_both_stay(
-    make_harness: HarnessFactory, tmp_path: Path
+    make_harness: HarnessFactory, store_url: str
 ) -> None:
     """Compare-and-set on the version: the write that loses the race is retried on top of
     the other, so neither is lost, on either gateway, nor after a restart."""
-    one, other = await _pair(make_harness, tmp_path)
+    one, other = await _pair(make_harness, store_url)
     first, second = await asyncio.gather(
         _call(one, "PATCH", "/admin/v1/adapters/national", {"concurrency": 7}),
         _call(other, "PATCH", f"/admin/v1/members/{TAX_ID}", {"enabled": False}),
@@ -57,7 +67,7 @@ async def test_writes_to_different_resources_at_once_on_two_gateways_both_stay(
     assert (first[0], second[0]) == (200, 200), (first, second)
     for h in (one, other):
         await h.wait_for(functools.partial(_both_applied, h), within_s=1.0)
-    third = await make_harness(store=tmp_path / "shared.db")  # a restart reads the same
+    third = await _on(make_harness, store_url)  # a restart reads the same
     assert await _both_applied(third)
 
 
@@ -70,11 +80,11 @@ async def _both_applied(h: Harness) -> bool:
 
 
 async def test_writes_to_one_resource_at_once_on_two_gateways_lose_nothing_silently(
-    make_harness: HarnessFactory, tmp_path: Path
+    make_harness: HarnessFactory, store_url: str, tmp_path: Path
 ) -> None:
     """Two keys added to one member at once: each answered 201 is stored; a write that
     would have overwritten the other's is refused with 409 resource_changed."""
-    one, other = await _pair(make_harness, tmp_path)
+    one, other = await _pair(make_harness, store_url)
     jwks = [_new_member(tmp_path, f"330000:k{i}")[0]["keys"][0] for i in range(2)]
     answers = await asyncio.gather(
         *(

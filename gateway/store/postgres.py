@@ -287,6 +287,7 @@ class PostgresStore:
         self._batch: PgGroupCommit | None = None
         self._listener: asyncpg.Connection | None = None
         self._config_changed: asyncio.Event | None = None  # set by NOTIFY gateway_config
+        self._listening = asyncio.Lock()
 
     # Life cycle ----------------------------------------------------------------------
 
@@ -1213,24 +1214,20 @@ class PostgresStore:
     # Wake-ups ------------------------------------------------------------------------
 
     async def _listen(self, channel: str, callback: Callable[[], None]) -> None:
-        """LISTEN on ``channel`` on the store's listening connection (opened on first use)."""
-        try:
-            if self._listener is None:
-                self._listener = await asyncpg.connect(self.url)
-            await self._listener.add_listener(channel, lambda *_: callback())
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("no notifications on %s (polling only): %s", channel, exc)
+        """LISTEN on ``channel`` on the store's one listening connection (opened on first
+        use; the lock keeps two subscribers from opening two, or sharing it mid-command)."""
+        async with self._listening:
+            try:
+                if self._listener is None:
+                    self._listener = await asyncpg.connect(self.url)
+                await self._listener.add_listener(channel, lambda *_: callback())
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("no notifications on %s (polling only): %s", channel, exc)
 
     async def watch_outbox(self, wake: Callable[[], None]) -> None:
         """Call ``wake`` whenever a batch that made outbox work commits, on any instance
         (LISTEN on a connection of its own; delivery's polling stays the fallback)."""
-        if self._listener is None:
-            try:
-                self._listener = await asyncpg.connect(self.url)
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("no outbox wake-ups (polling only): %s", exc)
-                return
-        await self._listener.add_listener(OUTBOX_CHANNEL, lambda *_: wake())
+        await self._listen(OUTBOX_CHANNEL, wake)
 
 
 def _safe(url: str) -> str:
