@@ -29,13 +29,14 @@ import asyncio
 import contextlib
 import copy
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from adapters.base import Adapter, AdapterContext
 from gateway.config import Config, parse_config
 from gateway.errors import ConfigError, ResourceChanged
-from gateway.registry import AdapterSlot, build_adapter, build_runtime
+from gateway.registry import AdapterSlot, Runtime, build_adapter, build_runtime
 from gateway.store import ConfigConflict, ResourceChange, Store
 
 __all__ = ["KINDS", "LiveConfig", "merge", "resource_id"]
@@ -87,6 +88,7 @@ class LiveConfig:
         self._path = config.path
         self._store = store
         self._apply = apply  # installs a new Runtime (one assignment)
+        self._runtime: Runtime | None = None  # the last one installed; its schemas are reused
         self._context = context
         self._lock = asyncio.Lock()
         self._slots: dict[str, AdapterSlot] = {}
@@ -142,20 +144,26 @@ class LiveConfig:
         version = await self._store.config_version()
         if version == self.version:
             return False
+        started = time.perf_counter()
         doc, config = await self._stored()
         slots, retired = self._build_slots(config, self._slots)
-        runtime = build_runtime(config, slots)
+        runtime = build_runtime(config, slots, previous=self._runtime)
         self._slots = slots
         self.doc, self.config = doc, config
-        self._apply(runtime)
+        self._set(runtime)
         self.version = version
         self._retire_all(retired, config)
-        log.info("configuration version %d applied", version)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        log.info("configuration version %d applied in %.0f ms", version, elapsed_ms)
         return True
 
     def _install(self, doc: dict[str, Any], config: Config) -> None:
         self.doc, self.config = doc, config
-        self._apply(build_runtime(config, self._slots))
+        self._set(build_runtime(config, self._slots))
+
+    def _set(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._apply(runtime)
 
     def _build_slots(
         self, config: Config, old: Mapping[str, AdapterSlot]
@@ -233,7 +241,7 @@ class LiveConfig:
                 doc = merge(self.doc, [(kind, rid, after)])
                 config = parse_config(copy.deepcopy(doc), base=self._base, path=self._path)
                 slots, retired = self._build_slots(config, self._slots)
-                runtime = build_runtime(config, slots, previous=None)
+                runtime = build_runtime(config, slots, previous=self._runtime)
                 change = ResourceChange(
                     kind=kind, id=rid, action=action, actor=actor, role=role,
                     before=before, after=after,
@@ -251,7 +259,7 @@ class LiveConfig:
                     continue
                 self._slots = slots
                 self.doc, self.config = doc, config
-                self._apply(runtime)
+                self._set(runtime)
                 self.version = version
                 self._retire_all(retired, config)
                 return before, after
