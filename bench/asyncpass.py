@@ -17,7 +17,8 @@ import aiohttp
 
 from bench.load import presign
 from bench.stack import Stack, example
-from gateway.store.sqlite import SQLiteStore
+from gateway.config import StoreConfig
+from gateway.store import create_store
 
 __all__ = ["AsyncResult", "run_async"]
 
@@ -52,7 +53,8 @@ async def run_async(stack: Stack, *, messages: int, connections: int) -> AsyncRe
     # Signed for the public URL (the first instance), sent round-robin to every instance.
     pool = presign(stack.member, stack.gateway, service, example(service), messages)
     gateways = stack.gateways or (stack.gateway,)
-    store = SQLiteStore(stack.store)
+    # Counted in the store the gateways share (a SQLite file, or the PostgreSQL database).
+    store = create_store(StoreConfig(path=stack.store, url=stack.store_url))
     await store.open()
     connector = aiohttp.TCPConnector(limit=connections)
     try:
