@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -488,6 +489,8 @@ def scaleout(args: argparse.Namespace, s: Settings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _arguments(argv)
     s = _settings(args)
+    # SIGTERM unwinds like Ctrl-C: every server started (PostgreSQL too) is stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.store == "postgres" or args.instances > 1:
         return scaleout(args, s)
     args.out = args.out or DEFAULT_OUT
