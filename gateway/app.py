@@ -319,6 +319,7 @@ def create_app(
 
     async def adapters_ctx(app: web.Application) -> AsyncIterator[None]:
         await live.load()
+        live.watch()  # admin writes made by other workers or instances
         yield
         await live.aclose()
 

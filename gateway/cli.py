@@ -22,7 +22,14 @@ from aiohttp import web
 from gateway import eventloop
 from gateway.admin.cli import register_admin_commands
 from gateway.audit_cli import register_audit_commands
-from gateway.config import Config, jwk_path_for, load_config, warnings_of
+from gateway.config import (
+    Config,
+    jwk_path_for,
+    listen_address,
+    load_config,
+    warnings_of,
+    with_listeners,
+)
 from gateway.errors import ConfigError, GatewayError
 from gateway.keys import (
     KeyType,
@@ -47,6 +54,13 @@ log = logging.getLogger("gateway")
 
 def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config)
+
+
+def _address(text: str) -> tuple[str, int]:
+    try:
+        return listen_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 async def _run_sites(
@@ -115,7 +129,7 @@ def _configure_logging(args: argparse.Namespace, config: Config) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = with_listeners(_config(args), ingress=args.listen, admin=args.admin_listen)
     _configure_logging(args, config)
     try:
         loop = eventloop.resolve(args.loop)
@@ -480,6 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers", type=int, default=1, help="worker processes sharing the port (default 1)"
     )
+    for flag, what in (("--listen", "ingress"), ("--admin-listen", "admin API")):
+        serve.add_argument(
+            flag,
+            type=_address,
+            metavar="HOST:PORT",
+            help=f"the {what} listener (default: the config's)",
+        )
     serve.add_argument(
         "--loop",
         choices=eventloop.LOOPS,

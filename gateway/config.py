@@ -7,6 +7,8 @@ Every problem is reported with its location (a JSON Pointer into the file), all 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,9 +38,11 @@ __all__ = [
     "TlsConfig",
     "TracingConfig",
     "jwk_path_for",
+    "listen_address",
     "load_config",
     "parse_config",
     "warnings_of",
+    "with_listeners",
 ]
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
@@ -229,6 +233,35 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6) → (host, port); ValueError if it is not."""
+    host, colon, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not colon or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def with_listeners(
+    config: Config,
+    *,
+    ingress: tuple[str, int] | None = None,
+    admin: tuple[str, int] | None = None,
+) -> Config:
+    """``config`` listening elsewhere (``gateway serve --listen/--admin-listen``), so that
+    several instances can share one file. The raw document changes too: the live
+    configuration re-parses it on every admin write."""
+    raw = copy.deepcopy(dict(config.raw))
+    listen = raw.setdefault("listen", {})
+    changes: dict[str, Any] = {}
+    for name, address in (("ingress", ingress), ("admin", admin)):
+        if address is not None:
+            host, port = address
+            listen.setdefault(name, {}).update(host=host, port=port)
+            changes[name] = dataclasses.replace(getattr(config, name), host=host, port=port)
+    return dataclasses.replace(config, raw=raw, **changes) if changes else config
 
 
 def jwk_path_for(pem_path: Path) -> Path:

@@ -14,11 +14,13 @@ import pytest
 
 from gateway.errors import StoreError
 from gateway.store import (
+    ConfigConflict,
     DuplicateMessage,
     MessageRecord,
     NewCallback,
     NewMessage,
     Rejection,
+    ResourceChange,
     Store,
 )
 from gateway.store.sqlite import MIGRATIONS, SQLiteStore
@@ -476,3 +478,61 @@ async def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path: Path) ->
     await store.close()
     assert caught.value.detail == f"cannot open the store at {junk}: file is not a database"
     assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+
+
+def _change(rid: str, body: Any) -> ResourceChange:
+    return ResourceChange(
+        kind="routes", id=rid, action="create", actor="a", role="admin", after=body
+    )
+
+
+async def test_each_admin_write_bumps_the_configuration_version(store: Store) -> None:
+    """Versions count up from 0, one per write, and the write returns the new one."""
+    assert await store.config_version() == 0
+    assert await store.put_resource(_change("a|*", {"x": 1})) == 1
+    assert await store.put_resource(_change("b|*", {"x": 2}), expected_version=1) == 2
+    assert await store.config_version() == 2
+
+
+async def test_a_write_based_on_an_old_version_writes_nothing(store: Store) -> None:
+    """Compare-and-set: a write expecting version 0 after another write is a conflict and
+    leaves neither resource, change record nor version behind."""
+    await store.put_resource(_change("a|*", {"x": 1}))
+    with pytest.raises(ConfigConflict):
+        await store.put_resource(_change("b|*", {"x": 2}), expected_version=0)
+    assert await store.config_version() == 1
+    assert [rid for _, rid, _ in await store.load_overlay()] == ["a|*"]
+    assert len(await store.changes()) == 1
+
+
+async def test_the_overlay_is_ordered_by_version_not_by_clock(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writers' clocks may disagree: the order is the order the writes committed in."""
+    real = time.time
+    with monkeypatch.context() as m:  # the first writer's clock runs an hour ahead
+        m.setattr(time, "time", lambda: real() + 3600)
+        await store.put_resource(_change("c|*", {"id": "c|*"}))
+    for rid in ("a|*", "b|*"):
+        await store.put_resource(_change(rid, {"id": rid}))
+    assert [(rid, body) for _, rid, body in await store.load_overlay()] == [
+        ("c|*", {"id": "c|*"}),
+        ("a|*", {"id": "a|*"}),
+        ("b|*", {"id": "b|*"}),
+    ]
+
+
+def test_the_version_migration_numbers_existing_writes_in_time_order(tmp_path: Path) -> None:
+    """A store from before versions gets them in the order of its old timestamps."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path, isolation_level=None) as db:
+        for number, script in enumerate(MIGRATIONS[:6], start=1):
+            db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
+        db.executemany(
+            "INSERT INTO resources (kind, id, body, updated_at, updated_by) VALUES (?,?,?,?,?)",
+            [("routes", "late", "{}", 20.0, "a"), ("routes", "early", "{}", 10.0, "a")],
+        )
+        db.executescript(f"BEGIN;\n{MIGRATIONS[6]}\nPRAGMA user_version=7;\nCOMMIT;")
+        rows = db.execute("SELECT id, version FROM resources ORDER BY version").fetchall()
+        assert rows == [("early", 1), ("late", 2)]
+        assert db.execute("SELECT version FROM config_version").fetchall() == [(2,)]

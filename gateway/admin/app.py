@@ -244,8 +244,8 @@ async def adapter_health(request: web.Request) -> web.Response:
 async def add_key(request: web.Request) -> web.Response:
     principal = _principal(request, "write")
     member_id = request.match_info["id"]
+    jwk = await _body(request)  # first: the member read below must not go stale
     member = _item_or_404(_live(request), "members", member_id)
-    jwk = await _body(request)
     member["keys"] = [*member.get("keys", []), jwk]
     try:
         await _write(request, "members", member_id, member, "add_key", principal)

@@ -27,6 +27,7 @@ __all__ = [
     "CallbackRecord",
     "ChainSnapshot",
     "ChangeRecord",
+    "ConfigConflict",
     "Credential",
     "DeadLetter",
     "DuplicateMessage",
@@ -51,6 +52,11 @@ INSTANCE_ENV = "GATEWAY_INSTANCE_ID"
 
 class DuplicateMessage(Exception):
     """A (client, message id) pair is already recorded."""
+
+
+class ConfigConflict(Exception):
+    """The configuration version moved past the one an admin write was based on (another
+    process wrote meanwhile): nothing was written."""
 
 
 class TokenNameTaken(Exception):
@@ -322,9 +328,18 @@ class Store(Protocol):
     async def dead_letters(self, limit: int = 100) -> Sequence[DeadLetter]: ...
     async def redeliver(self, kind: str, seq: int, now: float) -> bool: ...
 
-    # Live configuration and administration
+    # Live configuration and administration. Every admin write bumps one configuration
+    # version in its own transaction; put_resource returns the new version and, given
+    # expected_version, writes only while the version is still that (else
+    # ConfigConflict); load_overlay lists changes in version order.
+    # wait_for_config_change returns when the version may have moved (a notification)
+    # or after timeout_s, whichever comes first; the caller then reads config_version().
     async def load_overlay(self) -> list[tuple[str, str, Any]]: ...
-    async def put_resource(self, change: ResourceChange) -> int: ...
+    async def put_resource(
+        self, change: ResourceChange, *, expected_version: int | None = None
+    ) -> int: ...
+    async def config_version(self) -> int: ...
+    async def wait_for_config_change(self, timeout_s: float) -> None: ...
     async def record_change(self, change: ResourceChange) -> int: ...
     async def changes(
         self, *, kind: str | None = None, since: float | None = None, limit: int = 100

@@ -16,6 +16,7 @@ transaction per batch, callers resume after COMMIT). What several instances need
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -32,6 +33,7 @@ from gateway.errors import StoreError
 from gateway.store import (
     CallbackRecord,
     ChangeRecord,
+    ConfigConflict,
     Credential,
     DeadLetter,
     DuplicateMessage,
@@ -55,6 +57,7 @@ log = logging.getLogger("gateway.store")
 
 T = TypeVar("T")
 MIGRATION_LOCK = 0x6777_6D69  # pg_advisory_lock key: "gwmi"
+CONFIG_CHANNEL = "gateway_config"  # NOTIFY: an admin write committed (gateway/live.py)
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 _IN_OUTBOX = "('accepted', 'delivering')"
@@ -283,6 +286,8 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._batch: PgGroupCommit | None = None
         self._listener: asyncpg.Connection | None = None
+        self._config_changed: asyncio.Event | None = None  # set by NOTIFY gateway_config
+        self._listening = asyncio.Lock()
 
     # Life cycle ----------------------------------------------------------------------
 
@@ -927,30 +932,61 @@ class PostgresStore:
     # Live configuration, admin change trail, admin tokens ----------------------------
 
     async def load_overlay(self) -> list[tuple[str, str, Any]]:
-        rows = await self._rows(
-            "SELECT kind, id, body FROM resources ORDER BY updated_at, kind, id"
-        )
+        rows = await self._rows("SELECT kind, id, body FROM resources ORDER BY version, kind, id")
         return [(r["kind"], r["id"], json.loads(r["body"]) if r["body"] else None) for r in rows]
 
-    async def put_resource(self, change: ResourceChange) -> int:
-        """Persist one admin write and its change record together; the record's seq."""
+    async def config_version(self) -> int:
+        return int(await self._value("SELECT version FROM config_version") or 0)
+
+    async def wait_for_config_change(self, timeout_s: float) -> None:
+        """Until a NOTIFY on ``gateway_config`` (any instance's admin write committed) or
+        ``timeout_s``: without a listening connection, the caller's poll is all there is."""
+        if self._config_changed is None:
+            self._config_changed = asyncio.Event()
+            await self._listen(CONFIG_CHANNEL, self._config_changed.set)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._config_changed.wait()
+        self._config_changed.clear()  # before the caller reads the version: none is missed
+
+    async def put_resource(
+        self, change: ResourceChange, *, expected_version: int | None = None
+    ) -> int:
+        """Persist one admin write and its change record together, bumping the configuration
+        version (compare-and-set on ``expected_version``: ``ConfigConflict`` if it moved,
+        nothing written); the new version. The row lock on ``config_version`` orders
+        concurrent writers; a NOTIFY tells every instance once the write commits."""
         now = time.time()
         after = _encoded(change.after)
 
-        async def unit(tx: Tx) -> int:
+        async def unit(tx: Tx) -> int | None:
+            version = await tx.conn.fetchval(
+                "UPDATE config_version SET version = version + 1 "
+                "WHERE $1::bigint IS NULL OR version = $1 RETURNING version",
+                expected_version,
+            )
+            if version is None:
+                return None  # no exception: that would roll the whole batch back
             await tx.conn.execute(
-                "INSERT INTO resources (kind, id, body, updated_at, updated_by) "
-                "VALUES ($1,$2,$3,$4,$5) ON CONFLICT (kind, id) DO UPDATE SET body=excluded.body, "
-                "updated_at=excluded.updated_at, updated_by=excluded.updated_by",
+                "INSERT INTO resources (kind, id, body, updated_at, updated_by, version) "
+                "VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (kind, id) DO UPDATE SET "
+                "body=excluded.body, updated_at=excluded.updated_at, "
+                "updated_by=excluded.updated_by, version=excluded.version",
                 change.kind,
                 change.id,
                 after,
                 now,
                 change.actor,
+                version,
             )
-            return await self._insert_change(tx, change, now)
+            await self._insert_change(tx, change, now)
+            await tx.conn.execute("SELECT pg_notify($1, $2)", CONFIG_CHANNEL, str(version))
+            return int(version)
 
-        return await self.write(unit)
+        version = await self.write(unit)
+        if version is None:
+            raise ConfigConflict(f"the configuration is past version {expected_version}")
+        return version
 
     async def record_change(self, change: ResourceChange) -> int:
         """A recorded admin action that changes no configuration (a redelivery, a token)."""
@@ -1178,16 +1214,21 @@ class PostgresStore:
 
     # Wake-ups ------------------------------------------------------------------------
 
+    async def _listen(self, channel: str, callback: Callable[[], None]) -> None:
+        """LISTEN on ``channel`` on the store's one listening connection (opened on first
+        use; the lock keeps two subscribers from opening two, or sharing it mid-command)."""
+        async with self._listening:
+            try:
+                if self._listener is None:
+                    self._listener = await asyncpg.connect(self.url)
+                await self._listener.add_listener(channel, lambda *_: callback())
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("no notifications on %s (polling only): %s", channel, exc)
+
     async def watch_outbox(self, wake: Callable[[], None]) -> None:
         """Call ``wake`` whenever a batch that made outbox work commits, on any instance
         (LISTEN on a connection of its own; delivery's polling stays the fallback)."""
-        if self._listener is None:
-            try:
-                self._listener = await asyncpg.connect(self.url)
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("no outbox wake-ups (polling only): %s", exc)
-                return
-        await self._listener.add_listener(OUTBOX_CHANNEL, lambda *_: wake())
+        await self._listen(OUTBOX_CHANNEL, wake)
 
 
 def _safe(url: str) -> str:

@@ -18,6 +18,7 @@ from gateway.errors import StoreError
 from gateway.store import (
     CallbackRecord,
     ChangeRecord,
+    ConfigConflict,
     Credential,
     DeadLetter,
     DuplicateMessage,
@@ -161,6 +162,21 @@ MIGRATIONS: tuple[str, ...] = (
     -- "audit" is the tamper-evident message log; the admin change trail gets its own name.
     -- Lease owners are opaque instance ids now (text; SQLite keeps the column's affinity).
     ALTER TABLE audit RENAME TO admin_changes;
+    """,
+    """
+    -- The configuration version, bumped in the transaction of every admin write: each
+    -- process notices a change by reading one row, and the overlay applies in version
+    -- order (wall clocks of several writers need not agree).
+    ALTER TABLE resources ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
+    UPDATE resources SET version = (
+        SELECT COUNT(*) FROM resources r
+        WHERE (r.updated_at, r.kind, r.id) <= (resources.updated_at, resources.kind, resources.id)
+    );
+    CREATE TABLE config_version (
+        id      INTEGER PRIMARY KEY CHECK (id = 1),
+        version INTEGER NOT NULL
+    );
+    INSERT INTO config_version (id, version) SELECT 1, COUNT(*) FROM resources;
     """,
 )
 
@@ -502,27 +518,54 @@ class SQLiteStore:
 
     async def load_overlay(self) -> list[tuple[str, str, Any]]:
         """Admin changes to apply over the file: (kind, id, body or None for deleted)."""
-        rows = self._rows("SELECT kind, id, body FROM resources ORDER BY updated_at, kind, id")
+        rows = self._rows("SELECT kind, id, body FROM resources ORDER BY version, kind, id")
         return [(r["kind"], r["id"], json.loads(r["body"]) if r["body"] else None) for r in rows]
 
-    async def put_resource(self, change: ResourceChange) -> int:
-        """Persist one admin write and its change record together; the record's seq."""
+    async def config_version(self) -> int:
+        """The configuration version: one row, read on every poll of every worker."""
+        rows = self._rows("SELECT version FROM config_version")
+        return int(rows[0][0]) if rows else 0
+
+    async def wait_for_config_change(self, timeout_s: float) -> None:
+        """SQLite notifies no one: the caller polls ``config_version`` after the timeout."""
+        await asyncio.sleep(timeout_s)
+
+    async def put_resource(
+        self, change: ResourceChange, *, expected_version: int | None = None
+    ) -> int:
+        """Persist one admin write and its audit record together, bumping the configuration
+        version; return the new version. With ``expected_version``, write only if the
+        version is still that one, else raise ``ConfigConflict`` having written nothing."""
         now = time.time()
         after = json.dumps(change.after, ensure_ascii=False) if change.after is not None else None
 
-        def unit(db: sqlite3.Connection) -> int:
+        def unit(db: sqlite3.Connection) -> int | None:
+            bumped = _fetch(
+                db,
+                "UPDATE config_version SET version = version + 1 "
+                "WHERE ?1 IS NULL OR version = ?1 RETURNING version",
+                (expected_version,),
+            )
+            if not bumped:
+                return None  # no exception: that would roll the whole batch back
+            version = int(bumped[0][0])
             db.execute(
-                "INSERT INTO resources (kind, id, body, updated_at, updated_by) "
-                "VALUES (?,?,?,?,?) ON CONFLICT (kind, id) DO UPDATE SET body=excluded.body, "
-                "updated_at=excluded.updated_at, updated_by=excluded.updated_by",
-                (change.kind, change.id, after, now, change.actor),
+                "INSERT INTO resources (kind, id, body, updated_at, updated_by, version) "
+                "VALUES (?,?,?,?,?,?) ON CONFLICT (kind, id) DO UPDATE SET body=excluded.body, "
+                "updated_at=excluded.updated_at, updated_by=excluded.updated_by, "
+                "version=excluded.version",
+                (change.kind, change.id, after, now, change.actor, version),
             ).close()
-            return self._insert_change(db, change, now)
+            self._insert_change(db, change, now)
+            return version
 
         try:
-            return await self.write(unit)
+            version = await self.write(unit)
         except sqlite3.Error as exc:
             raise StoreError(f"store write failed: {exc}") from exc
+        if version is None:
+            raise ConfigConflict(f"the configuration is past version {expected_version}")
+        return version
 
     async def record_change(self, change: ResourceChange) -> int:
         """A recorded admin action that changes no configuration (a redelivery, a token)."""
