@@ -452,6 +452,7 @@ async def test_a_sqlite_store_imported_into_postgresql_verifies_and_goes_on(
         assert report.ok, report.findings
         assert (report.records, report.checkpoints) == (6, 2)
         assert len(await store.changes()) == 1
+        assert await store.config_version() == 1  # the copied admin write's version
     finally:
         await store.close()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:

@@ -1209,6 +1209,11 @@ class PostgresStore:
                 "checkpoints), 0))",
                 checkpoint_high_water,
             )
+            # The configuration version goes on from the copied one (gateway/live.py).
+            await tx.conn.execute(
+                "UPDATE config_version SET version = GREATEST(version, "
+                "(SELECT COALESCE(MAX(version), 0) FROM resources))"
+            )
 
         await self.write(unit)
 
