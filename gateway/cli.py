@@ -44,6 +44,7 @@ from gateway.limits import GatewayRunner
 from gateway.logs import configure_logging
 from gateway.masking import mask_headers, masked_text
 from gateway.store import Store, create_store
+from gateway.store_cli import register_store_commands
 from gateway.tls import TLS_CONTEXT
 
 __all__ = ["main"]
@@ -560,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", help="write to this file instead of stdout")
     ex.set_defaults(func=cmd_config_export)
     register_audit_commands(sub)
+    register_store_commands(sub)
     return parser
 
 

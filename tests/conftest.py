@@ -310,7 +310,25 @@ HarnessFactory = Callable[..., Awaitable[Harness]]
 
 
 @pytest.fixture
-async def make_harness(keys: Keys, tmp_path: Path) -> AsyncIterator[HarnessFactory]:
+def harness_store_url() -> str | None:
+    """Where harnesses keep their store: None is a SQLite file in the test's tmp dir. A test
+    module overrides this fixture to run its harness tests on PostgreSQL too."""
+    return None
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def both_backends(request: pytest.FixtureRequest) -> str | None:
+    """``harness_store_url`` once per backend (a module sets ``harness_store_url`` to it)."""
+    if request.param == "sqlite":
+        return None
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+@pytest.fixture
+async def make_harness(
+    keys: Keys, tmp_path: Path, harness_store_url: str | None
+) -> AsyncIterator[HarnessFactory]:
     """Build a harness; ``edit`` may change the config document before it is parsed."""
     started: list[tuple[TestServer, TestServer, TestClient[web.Request, web.Application]]] = []
     admins: list[TestClient[web.Request, web.Application]] = []
@@ -329,6 +347,8 @@ async def make_harness(keys: Keys, tmp_path: Path) -> AsyncIterator[HarnessFacto
             keys, store=store or tmp_path / "gateway.db", national_url=national_url
         )
         doc["members"][0]["callback_url"] = f"{portal_url}/callbacks"
+        if harness_store_url is not None:
+            doc["store"]["url"] = harness_store_url
         if edit is not None:
             edit(doc)
         config = parse_config(copy.deepcopy(doc), base=tmp_path)

@@ -1,4 +1,5 @@
-"""Asynchronous exchange: outbox, retries, dead letters, breaker, callbacks, at least once."""
+"""Asynchronous exchange: outbox, retries, dead letters, breaker, callbacks, at least once;
+on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -7,12 +8,20 @@ import random
 import uuid
 from typing import Any
 
+import pytest
 from multidict import CIMultiDict
 
 from gateway.app import STORE
 from gateway.delivery import backoff_delay
 from gateway.signing import Signer
 from tests.conftest import APPLY_EXAMPLE, NATIONAL_ID, PORTAL_ID, Harness, HarnessFactory
+
+
+@pytest.fixture
+def harness_store_url(both_backends: str | None) -> str | None:
+    """Every delivery test runs on SQLite and on PostgreSQL."""
+    return both_backends
+
 
 DECISION = {
     "decision": "approved",

@@ -3,6 +3,7 @@ outbox leases, callbacks, dead letters; SQLite's migrations and files at the end
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 import uuid
@@ -536,3 +537,14 @@ def test_the_version_migration_numbers_existing_writes_in_time_order(tmp_path: P
         rows = db.execute("SELECT id, version FROM resources ORDER BY version").fetchall()
         assert rows == [("early", 1), ("late", 2)]
         assert db.execute("SELECT version FROM config_version").fetchall() == [(2,)]
+
+
+async def test_a_file_migrated_by_newer_code_is_refused(tmp_path: Path) -> None:
+    """A schema version this code does not know: newer code wrote it; refuse to open."""
+    path = tmp_path / "newer.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    store = SQLiteStore(path)
+    with pytest.raises(StoreError, match="newer than this gateway knows"):
+        await store.open()
+    await store.close()

@@ -306,23 +306,31 @@ class PostgresStore:
     def observe(self, observer: BatchObserver) -> None:
         self.batch.observer = observer
 
-    async def open(self) -> None:
+    async def open_pool(self) -> asyncpg.Pool:
+        """Connect, without looking at the schema (``gateway store migrate``)."""
         try:
-            pool = await asyncpg.create_pool(
+            self._pool = await asyncpg.create_pool(
                 self.url, min_size=1, max_size=self.POOL_SIZE, command_timeout=60
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreError(f"cannot open the store at {_safe(self.url)}: {exc}") from exc
+        return self._pool
+
+    async def open(self) -> None:
+        """Connect and migrate (or, read-only, check that the schema is one we know)."""
+        pool = await self.open_pool()
         try:
             async with pool.acquire() as conn:
                 if self._migrate_at_open:
                     await migrate(conn)
                 else:
                     await check_schema(conn)
-        except BaseException:
+        except BaseException as exc:
             await pool.close()
+            self._pool = None
+            if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError):
+                raise StoreError(f"cannot prepare the store: {exc}") from exc
             raise
-        self._pool = pool
         self._batch = PgGroupCommit(pool)
 
     async def close(self) -> None:
@@ -1174,26 +1182,17 @@ class PostgresStore:
     # Moving in -----------------------------------------------------------------------
 
     async def is_empty(self) -> bool:
-        """No message, callback, rejection or chain record yet (``store import``)."""
+        """No message, callback, rejection or chain record but the genesis yet (``store
+        import``)."""
         return bool(
             await self._value(
                 "SELECT NOT EXISTS (SELECT 1 FROM messages) AND NOT EXISTS (SELECT 1 FROM "
                 "callbacks) AND NOT EXISTS (SELECT 1 FROM rejections) AND NOT EXISTS "
-                "(SELECT 1 FROM log_chain)"
+                "(SELECT 1 FROM log_chain WHERE kind != 'genesis')"
             )
         )
 
-    async def copy_rows(
-        self, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]]
-    ) -> None:
-        """Copy rows verbatim (binary COPY), in one transaction of the caller's choice."""
-
-        async def unit(tx: Tx) -> None:
-            await tx.conn.copy_records_to_table(table, records=rows, columns=list(columns))
-
-        await self.write(unit)
-
-    async def finish_import(self) -> None:
+    async def finish_import(self, *, checkpoint_high_water: int = 0) -> None:
         """After ``store import``: the sequences continue after the copied rows and the
         head row is the copied chain's last record."""
 
@@ -1206,7 +1205,14 @@ class PostgresStore:
             await tx.conn.execute(
                 "UPDATE log_head SET seq = COALESCE((SELECT MAX(seq) FROM log_chain), 0), "
                 "hash = COALESCE((SELECT hash FROM log_chain ORDER BY seq DESC LIMIT 1), "
-                "repeat('0', 64)), checkpoint_id = COALESCE((SELECT MAX(id) FROM checkpoints), 0)"
+                "repeat('0', 64)), checkpoint_id = GREATEST($1, COALESCE((SELECT MAX(id) FROM "
+                "checkpoints), 0))",
+                checkpoint_high_water,
+            )
+            # The configuration version goes on from the copied one (gateway/live.py).
+            await tx.conn.execute(
+                "UPDATE config_version SET version = GREATEST(version, "
+                "(SELECT COALESCE(MAX(version), 0) FROM resources))"
             )
 
         await self.write(unit)

@@ -404,9 +404,11 @@ class SQLiteStore:
             db = self._connect()
             opened.append(db)
             self._maintenance = await aiosqlite.connect(self.path, isolation_level=None)
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, StoreError) as exc:
             for connection in opened:
                 connection.close()
+            if isinstance(exc, StoreError):
+                raise
             raise StoreError(f"cannot open the store at {self.path}: {exc}") from exc
         self._db, self._writer = db, writer
         self._batch = GroupCommit(writer, self.chain)
@@ -415,6 +417,11 @@ class SQLiteStore:
     @staticmethod
     def _migrate(db: sqlite3.Connection) -> None:
         version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"the store is at schema version {version}, newer than this gateway knows "
+                f"({len(MIGRATIONS)}): upgrade the gateway"
+            )
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
 
