@@ -31,6 +31,8 @@ import asyncpg
 
 from gateway.errors import StoreError
 from gateway.store import (
+    FORWARD,
+    IN_OUTBOX,
     CallbackRecord,
     ChangeRecord,
     ConfigConflict,
@@ -60,13 +62,8 @@ MIGRATION_LOCK = 0x6777_6D69  # pg_advisory_lock key: "gwmi"
 CONFIG_CHANNEL = "gateway_config"  # NOTIFY: an admin write committed (gateway/live.py)
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
-_IN_OUTBOX = "('accepted', 'delivering')"
-_FROM = {
-    "delivered": _IN_OUTBOX,
-    "answered": "('accepted', 'delivering', 'delivered')",
-    "dead": _IN_OUTBOX,
-    "failed": _IN_OUTBOX,
-}
+_IN_OUTBOX = IN_OUTBOX
+_FROM = FORWARD  # state → the states it may follow (gateway.states)
 # A delivery-side update lands only while this instance holds the row's lease (or nobody
 # does: a message never claimed, a lease voided).
 _FENCE = "(lease_owner IS NULL OR lease_owner = {})"
