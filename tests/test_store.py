@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from gateway.errors import StoreError
@@ -451,11 +452,34 @@ async def test_rejections_are_recorded_newest_first(store: Store) -> None:
     assert len(await store.rejections(limit=1)) == 1
 
 
-async def test_ping_succeeds_on_an_open_store(store: Store) -> None:
+async def test_ping_succeeds_on_an_open_store(store: Store, store_url: str) -> None:
     """ping proves the store writable and leaves no transaction open."""
+
+    async def no_transaction_is_left_open() -> None:
+        if isinstance(store, SQLiteStore):
+            # A second connection takes the write lock at once (timeout 0): none is held.
+            other = sqlite3.connect(store.path, timeout=0, isolation_level=None)
+            try:
+                other.execute("BEGIN IMMEDIATE")
+                other.execute("ROLLBACK")
+            finally:
+                other.close()
+            return
+        conn = await asyncpg.connect(store_url)
+        try:
+            idle = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state LIKE 'idle in transaction%'"
+            )
+        finally:
+            await conn.close()
+        assert idle == 0
+
     await store.ping()
+    await no_transaction_is_left_open()
     await store.insert_message(_new())
     await store.ping()
+    await no_transaction_is_left_open()
 
 
 async def test_closed_store_raises_store_error(store_url: str) -> None:

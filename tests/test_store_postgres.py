@@ -371,14 +371,24 @@ async def test_one_batch_commits_many_writes_and_a_failed_unit_undoes_only_itsel
     store = await instances("a")
     existing = await store.insert_message(_new())
     batches = store.batch.batches
+    twin = _new()
     outcomes = await asyncio.gather(
         *(store.insert_message(_new()) for _ in range(5)),
         store.insert_message(_new(existing.message_id)),
+        store.insert_message(twin),
+        store.insert_message(twin),  # twins within one batch: the first wins
         return_exceptions=True,
     )
-    assert [type(o).__name__ for o in outcomes] == ["MessageRecord"] * 5 + ["DuplicateMessage"]
+    kinds = [type(o).__name__ for o in outcomes]
+    assert kinds == ["MessageRecord"] * 5 + [
+        "DuplicateMessage",
+        "MessageRecord",
+        "DuplicateMessage",
+    ]
     assert store.batch.batches == batches + 1
-    assert await store.count_messages() == 6
+    assert await store.count_messages() == 7
+    seqs = [o.seq for o in outcomes if isinstance(o, MessageRecord)]
+    assert len(set(seqs)) == 6
     assert (await verify_store(store, _jwks(keys), gateway=GATEWAY_ID)).ok
 
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 import yaml
 
 from gateway.admin import create_token
@@ -19,6 +20,8 @@ from gateway.store.sqlite import SQLiteStore
 from tests.conftest import APPLY_EXAMPLE, CREDIT_EXAMPLE, PORTAL_ID, Keys
 from tests.test_crash import Deployment
 from tests.test_crash import deployment as deployment
+
+pytestmark = pytest.mark.integration  # starts gateway processes
 
 
 def _children(pid: int) -> list[int]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.errors import ConfigError
+from gateway.states import MessageState
 from gateway.store.batch import BatchObserver
 from gateway.store.chain import ChainRow, CheckpointRow, Head
 
@@ -22,7 +23,9 @@ if TYPE_CHECKING:
     from gateway.config import StoreConfig
 
 __all__ = [
+    "FORWARD",
     "INSTANCE_ENV",
+    "IN_OUTBOX",
     "STORE_URL_ENV",
     "CallbackRecord",
     "ChainSnapshot",
@@ -43,10 +46,27 @@ __all__ = [
     "TokenRecord",
     "create_store",
     "instance_id",
+    "sql_states",
     "store_url",
 ]
 
 STORE_URL_ENV = "GATEWAY_STORE_URL"
+
+
+def sql_states(*states: MessageState) -> str:
+    """An SQL list of states, ``('accepted', 'delivering')``, for ``state IN …``."""
+    return "(" + ", ".join(f"'{s.value}'" for s in states) + ")"
+
+
+_OUTBOX = (MessageState.ACCEPTED, MessageState.DELIVERING)
+# Message states move forward only: each state set this way, and the states it may follow.
+FORWARD: dict[str, str] = {
+    MessageState.DELIVERED: sql_states(*_OUTBOX),
+    MessageState.ANSWERED: sql_states(*_OUTBOX, MessageState.DELIVERED),
+    MessageState.DEAD: sql_states(*_OUTBOX),
+    MessageState.FAILED: sql_states(*_OUTBOX),
+}
+IN_OUTBOX = sql_states(*_OUTBOX)
 INSTANCE_ENV = "GATEWAY_INSTANCE_ID"
 
 

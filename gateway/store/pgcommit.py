@@ -77,17 +77,25 @@ def _retryable(exc: BaseException) -> bool:
 
 
 class PgGroupCommit:
-    """Batches units into one transaction on a connection from ``pool``, one at a time."""
+    """Batches units into transactions on connections from ``pool``.
+
+    Up to ``IN_FLIGHT`` batches run at once, each on its own connection: a batch spends
+    most of its time waiting for round trips, so while one waits for its COMMIT the next
+    runs its statements. They serialise only at
+    the chain's head row, which each takes just before its COMMIT."""
+
+    IN_FLIGHT = 3
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self._pending: list[tuple[PgUnit[Any], asyncio.Future[Any]]] = []
-        self._task: asyncio.Task[None] | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
         self._closed = False
         self.batches = 0
         self.units = 0
         self.retries = 0  # batches run again after a deadlock or serialization failure
         self.observer: BatchObserver | None = None
+        self._starting = False  # a flush is scheduled for this loop turn
 
     async def run(self, unit: PgUnit[T]) -> T:
         if self._closed:
@@ -95,27 +103,36 @@ class PgGroupCommit:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._pending.append((unit, future))
-        if self._task is None:
-            self._task = loop.create_task(self._drain(), name="group-commit")
+        if len(self._flushes) < self.IN_FLIGHT and not self._starting:
+            self._starting = True
+            loop.call_soon(self._start_flush)
         return await future
+
+    def _start_flush(self) -> None:
+        self._starting = False
+        if not self._pending or len(self._flushes) >= self.IN_FLIGHT:
+            return
+        batch, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._commit(batch), name="group-commit")
+        self._flushes.add(task)
+        task.add_done_callback(self._flushed)
+
+    def _flushed(self, task: asyncio.Task[None]) -> None:
+        self._flushes.discard(task)
+        if self._pending and not self._starting:
+            self._starting = True
+            asyncio.get_running_loop().call_soon(self._start_flush)
 
     async def close(self) -> None:
         self._closed = True
-        if self._task is not None:
-            # Let what was queued commit; no new unit is accepted.
-            await asyncio.gather(self._task, return_exceptions=True)
+        # Let what was queued commit; no new unit is accepted.
+        while self._flushes or (self._pending and self._starting):
+            await asyncio.gather(*self._flushes, return_exceptions=True)
+            await asyncio.sleep(0)
         for _, future in self._pending:
             if not future.done():
                 future.set_exception(StoreError("the store is closed"))
         self._pending = []
-
-    async def _drain(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                await self._commit(batch)
-        finally:
-            self._task = None
 
     async def _commit(self, batch: list[tuple[PgUnit[Any], asyncio.Future[Any]]]) -> None:
         started = time.perf_counter()
@@ -161,7 +178,11 @@ class PgGroupCommit:
         outcomes: list[tuple[Any, Exception | None]] = []
         async with self._pool.acquire() as conn, conn.transaction():
             tx = Tx(conn)
-            for unit, _ in batch:
+            together = {} if careful else await self._together(tx, batch)
+            for n, (unit, _) in enumerate(batch):
+                if n in together:
+                    outcomes.append((together[n], None))
+                    continue
                 if not careful:
                     try:
                         outcomes.append((await unit(tx), None))
@@ -185,6 +206,29 @@ class PgGroupCommit:
             if tx.wake:
                 await conn.execute(f"NOTIFY {OUTBOX_CHANNEL}")
         return outcomes
+
+    @staticmethod
+    async def _together(
+        tx: Tx, batch: list[tuple[PgUnit[Any], asyncio.Future[Any]]]
+    ) -> dict[int, Any]:
+        """Run the batch's units that can share one statement (a ``run_many`` of their
+        class, when there are several of a class); their results by position."""
+        kinds: dict[Any, list[int]] = {}
+        for n, (unit, _) in enumerate(batch):
+            if hasattr(type(unit), "run_many"):
+                kinds.setdefault(type(unit), []).append(n)
+        results: dict[int, Any] = {}
+        for kind, positions in kinds.items():
+            if len(positions) < 2:
+                continue
+            try:
+                values = await kind.run_many(tx, [batch[n][0] for n in positions])
+            except Exception as exc:
+                if _retryable(exc) or isinstance(exc, OSError | asyncpg.InterfaceError):
+                    raise
+                raise _UnitFailed from exc
+            results.update(zip(positions, values, strict=True))
+        return results
 
 
 async def append_events(

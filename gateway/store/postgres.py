@@ -31,6 +31,8 @@ import asyncpg
 
 from gateway.errors import StoreError
 from gateway.store import (
+    FORWARD,
+    IN_OUTBOX,
     CallbackRecord,
     ChangeRecord,
     ConfigConflict,
@@ -60,13 +62,8 @@ MIGRATION_LOCK = 0x6777_6D69  # pg_advisory_lock key: "gwmi"
 CONFIG_CHANNEL = "gateway_config"  # NOTIFY: an admin write committed (gateway/live.py)
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
-_IN_OUTBOX = "('accepted', 'delivering')"
-_FROM = {
-    "delivered": _IN_OUTBOX,
-    "answered": "('accepted', 'delivering', 'delivered')",
-    "dead": _IN_OUTBOX,
-    "failed": _IN_OUTBOX,
-}
+_IN_OUTBOX = IN_OUTBOX
+_FROM = FORWARD  # state → the states it may follow (gateway.states)
 # A delivery-side update lands only while this instance holds the row's lease (or nobody
 # does: a message never claimed, a lease voided).
 _FENCE = "(lease_owner IS NULL OR lease_owner = {})"
@@ -271,6 +268,75 @@ class _Snapshot:
         return None if row is None or row[0] is None else (int(row[0]), int(row[1]))
 
 
+_INSERT_MESSAGES = (
+    "INSERT INTO messages (message_id, client, service, mode, state, target, adapter, "
+    "request_headers, request_body, request_digest, next_attempt_at, created_at, updated_at, "
+    "trace_id) SELECT i, c, s, mo, st, ta, ad, h, b, d, na, at, at, tr FROM unnest($1::text[], "
+    "$2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], "
+    "$9::bytea[], $10::text[], $11::float8[], $12::float8[], $13::text[]) AS u (i, c, s, mo, "
+    "st, ta, ad, h, b, d, na, at, tr) ON CONFLICT (client, message_id) DO NOTHING "
+    "RETURNING seq, client, message_id"
+)
+
+
+class _InsertMessage:
+    """The unit of ``insert_message``. The commonest write, so a batch runs all of its
+    inserts as one statement (``run_many``): one round trip instead of one each."""
+
+    __slots__ = ("headers", "msg", "now")
+
+    def __init__(self, msg: NewMessage, headers: str, now: float) -> None:
+        self.msg, self.headers, self.now = msg, headers, now
+
+    async def __call__(self, tx: Tx) -> int | None:
+        return (await self.run_many(tx, [self]))[0]
+
+    @staticmethod
+    async def run_many(tx: Tx, units: Sequence[_InsertMessage]) -> list[int | None]:
+        """Insert every message; each one's seq, or None for a duplicate (of a stored row,
+        or of an earlier one in this very batch)."""
+        msgs = [u.msg for u in units]
+        rows = await tx.conn.fetch(
+            _INSERT_MESSAGES,
+            [m.message_id for m in msgs],
+            [m.client for m in msgs],
+            [m.service for m in msgs],
+            [m.mode for m in msgs],
+            [m.state for m in msgs],
+            [m.target for m in msgs],
+            [m.adapter for m in msgs],
+            [u.headers for u in units],
+            [m.request_body for m in msgs],
+            [m.request_digest for m in msgs],
+            [m.next_attempt_at for m in msgs],
+            [u.now for u in units],
+            [m.trace_id for m in msgs],
+        )
+        inserted = {(r["client"], r["message_id"]): int(r["seq"]) for r in rows}
+        seqs: list[int | None] = []
+        for u in units:
+            m = u.msg
+            seq = inserted.pop((m.client, m.message_id), None)
+            seqs.append(seq)
+            if seq is None:
+                continue
+            tx.wake = tx.wake or m.next_attempt_at is not None
+            tx.chain(
+                "message.accepted",
+                seq,
+                u.now,
+                message_id=m.message_id,
+                client=m.client,
+                service=m.service,
+                mode=m.mode,
+                state=m.state,
+                target=m.target,
+                request_digest=m.request_digest,
+                headers_digest=body_digest(u.headers.encode()),
+            )
+        return seqs
+
+
 class PostgresStore:
     """``Store`` on a PostgreSQL database shared by any number of instances.
 
@@ -377,45 +443,7 @@ class PostgresStore:
         now = time.time()
         headers = json.dumps(dict(msg.request_headers))
 
-        async def unit(tx: Tx) -> int | None:
-            seq = await tx.conn.fetchval(
-                "INSERT INTO messages (message_id, client, service, mode, state, target, "
-                "adapter, request_headers, request_body, request_digest, next_attempt_at, "
-                "created_at, updated_at, trace_id) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,"
-                "$12,$12,$13) ON CONFLICT (client, message_id) DO NOTHING RETURNING seq",
-                msg.message_id,
-                msg.client,
-                msg.service,
-                msg.mode,
-                msg.state,
-                msg.target,
-                msg.adapter,
-                headers,
-                msg.request_body,
-                msg.request_digest,
-                msg.next_attempt_at,
-                now,
-                msg.trace_id,
-            )
-            if seq is None:
-                return None
-            tx.wake = tx.wake or msg.next_attempt_at is not None
-            tx.chain(
-                "message.accepted",
-                seq,
-                now,
-                message_id=msg.message_id,
-                client=msg.client,
-                service=msg.service,
-                mode=msg.mode,
-                state=msg.state,
-                target=msg.target,
-                request_digest=msg.request_digest,
-                headers_digest=body_digest(headers.encode()),
-            )
-            return int(seq)
-
-        seq = await self.write(unit)
+        seq = await self.write(_InsertMessage(msg, headers, now))
         if seq is None:
             raise DuplicateMessage(msg.message_id)
         return MessageRecord(

@@ -16,6 +16,8 @@ import aiosqlite
 
 from gateway.errors import StoreError
 from gateway.store import (
+    FORWARD,
+    IN_OUTBOX,
     CallbackRecord,
     ChangeRecord,
     ConfigConflict,
@@ -181,13 +183,8 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 # Message states move forward only; each target state lists the states it may follow.
-_IN_OUTBOX = "('accepted', 'delivering')"
-_FROM = {
-    "delivered": _IN_OUTBOX,
-    "answered": "('accepted', 'delivering', 'delivered')",
-    "dead": _IN_OUTBOX,
-    "failed": _IN_OUTBOX,
-}
+_IN_OUTBOX = IN_OUTBOX
+_FROM = FORWARD  # state → the states it may follow (gateway.states)
 
 _MESSAGE_COLUMNS = (
     "seq, message_id, client, service, mode, state, target, adapter, request_headers, "

@@ -8,22 +8,19 @@ import sys
 from pathlib import Path
 
 from gateway.audit import verify_store
-from gateway.config import Config, load_config
+from gateway.cli._common import load, with_config
+from gateway.config import Config
 from gateway.errors import StoreError
 from gateway.store import store_url
 from gateway.store.postgres import PostgresStore, migrate
 
-__all__ = ["register_store_commands"]
+__all__ = ["register"]
 
 
-def register_store_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``store migrate|import`` to the ``gateway`` parser."""
     store = sub.add_parser("store", help="the PostgreSQL store: migrations, moving in")
     actions = store.add_subparsers(dest="action", required=True)
-
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", default="config.yaml", help="config file (default config.yaml)")
-        return p
 
     with_config(
         actions.add_parser(
@@ -50,7 +47,7 @@ def _postgres(config: Config) -> str:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load(args)
     url = _postgres(config)
 
     async def run() -> list[int]:
@@ -68,10 +65,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from gateway.audit_cli import gateway_jwks
+    from gateway.cli.audit import gateway_jwks
     from gateway.store.importer import import_sqlite
 
-    config = load_config(args.config)
+    config = load(args)
     url = _postgres(config)
     jwks = gateway_jwks(config)
 

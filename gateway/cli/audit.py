@@ -1,14 +1,13 @@
-"""``gateway audit …``: verify the message log, export and check evidence, purge bodies."""
+"""``gateway audit verify|export|check|purge``: verify the tamper-evident message log,
+export and check evidence bundles, purge old bodies (docs/audit.md)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +20,21 @@ from gateway.audit import (
     make_checkpoint,
     verify_store,
 )
-from gateway.config import Config, load_config
+from gateway.cli._common import load, open_store, with_config
+from gateway.config import Config
 from gateway.errors import StoreError
 from gateway.keys import load_keypair
-from gateway.store import Store, create_store
 
-__all__ = ["EXIT_UNTRUSTED", "register_audit_commands"]
+__all__ = ["EXIT_UNTRUSTED", "register"]
 
 # ``audit check``: consistent, but only with the bundle's own key (no trusted JWKS given).
 EXIT_UNTRUSTED = 3
 
 
-def register_audit_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``audit verify|export|check|purge`` to the ``gateway`` parser."""
     audit = sub.add_parser("audit", help="the tamper-evident message log (docs/audit.md)")
     actions = audit.add_subparsers(dest="action", required=True)
-
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", default="config.yaml", help="config file (default config.yaml)")
-        return p
 
     verify = with_config(
         actions.add_parser(
@@ -95,23 +90,12 @@ def gateway_jwks(config: Config) -> dict[str, Any]:
     return {"keys": [dict(pair.jwk), *(dict(k) for k in config.gateway.previous_keys)]}
 
 
-@contextlib.asynccontextmanager
-async def _opened(config: Config, *, readonly: bool) -> AsyncIterator[Store]:
-    """The configured store, open for one command (read-only: never migrated or created)."""
-    store = create_store(config.store, readonly=readonly)
-    await store.open()
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load(args)
     jwks = _read_json(args.jwks) if args.jwks else gateway_jwks(config)
 
     async def run() -> Report:
-        async with _opened(config, readonly=True) as store:
+        async with open_store(config, readonly=True) as store:
             return await verify_store(store, jwks, gateway=config.gateway.member_id)
 
     report = asyncio.run(run())
@@ -147,11 +131,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load(args)
     jwks = gateway_jwks(config)
 
     async def run() -> dict[str, Any] | None:
-        async with _opened(config, readonly=False) as store:
+        async with open_store(config, readonly=False) as store:
             async with store.snapshot() as snap:
                 found = [
                     m
@@ -225,12 +209,12 @@ def cmd_purge(args: argparse.Namespace) -> int:
     if args.older_than < 0:
         print("--older-than must not be negative", file=sys.stderr)
         return 2
-    config = load_config(args.config)
+    config = load(args)
     now = time.time()
     cutoff = now - args.older_than * 86400
 
     async def run() -> tuple[int, int]:
-        async with _opened(config, readonly=False) as store:
+        async with open_store(config, readonly=False) as store:
             return await store.purge_bodies(cutoff, now)
 
     messages, callbacks = asyncio.run(run())

@@ -1,6 +1,6 @@
-"""Replay protection (gateway/replay.py and the pipeline's freshness stage): single-use
-nonces in memory and in the store, message-id dedupe across a restart and across two
-instances on one store, and the created/expires window; on SQLite and on PostgreSQL."""
+"""Single-use nonces (gateway/nonces.py and the pipeline's freshness stage): held
+in memory and in the store, message-id dedupe across a restart and across two instances
+on one store, and the created/expires window; on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 
 from gateway.app import STORE
 from gateway.errors import SignatureInvalid
-from gateway.replay import NonceGuard
+from gateway.nonces import NonceGuard
 from gateway.store import Store
 from tests.conftest import CREDIT_EXAMPLE, Harness, HarnessFactory, store_at
 
