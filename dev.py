@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -39,6 +40,35 @@ def ensure_venv() -> None:
     STAMP.write_text(wanted)
 
 
+def _postgres_installed() -> bool:
+    found = list(Path("/usr/lib/postgresql").glob("*/bin/initdb")) or shutil.which("initdb")
+    return bool(found or os.environ.get("GATEWAY_PG_BIN"))
+
+
+def ensure_postgres() -> None:
+    """The PostgreSQL tests start their own server (tests/pg.py) from the installed
+    binaries: install them when missing and we may (root, Debian), else say how."""
+    if os.environ.get("GATEWAY_TEST_PG_DSN") or _postgres_installed():
+        return
+    if os.name == "posix" and os.geteuid() == 0 and shutil.which("apt-get"):
+        # Only the binaries: no cluster of the package's own left running.
+        conf = Path("/etc/postgresql-common/createcluster.conf")
+        if not conf.exists():
+            conf.parent.mkdir(parents=True, exist_ok=True)
+            conf.write_text("create_main_cluster = false\n")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for args in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "postgresql"]):
+            print("+", " ".join(args), flush=True)
+            subprocess.run(args, check=True, env=env)
+        return
+    print(
+        "PostgreSQL is not installed, so its tests will skip (under CI=true they fail): "
+        "install it with `sudo apt-get install postgresql`, or point GATEWAY_TEST_PG_DSN "
+        "at a server where this role may create databases.",
+        flush=True,
+    )
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"run", "test"}:
         print(__doc__)
@@ -50,6 +80,7 @@ def main(argv: list[str]) -> int:
             return subprocess.call(cmd, cwd=ROOT)
         except KeyboardInterrupt:
             return 0
+    ensure_postgres()
     if "--fast" in argv[1:]:
         # No mypy and no coverage: the whole `test` stays the gate (tests/conftest.py).
         steps = [[BIN / "ruff", "check", "."], [BIN / "python", "-m", "pytest", *argv[1:]]]

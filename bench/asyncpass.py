@@ -17,7 +17,8 @@ import aiohttp
 
 from bench.load import presign
 from bench.stack import Stack, example
-from gateway.store.sqlite import SQLiteStore
+from gateway.config import StoreConfig
+from gateway.store import create_store
 
 __all__ = ["AsyncResult", "run_async"]
 
@@ -49,8 +50,11 @@ async def _callbacks(session: aiohttp.ClientSession, upstream: str) -> int:
 async def run_async(stack: Stack, *, messages: int, connections: int) -> AsyncResult:
     """Send ``messages`` requests, then wait (bounded) until all are ``callback_delivered``."""
     service = "crossregion.apply"
+    # Signed for the public URL (the first instance), sent round-robin to every instance.
     pool = presign(stack.member, stack.gateway, service, example(service), messages)
-    store = SQLiteStore(stack.store)
+    gateways = stack.gateways or (stack.gateway,)
+    # Counted in the store the gateways share (a SQLite file, or the PostgreSQL database).
+    store = create_store(StoreConfig(path=stack.store, url=stack.store_url))
     await store.open()
     connector = aiohttp.TCPConnector(limit=connections)
     try:
@@ -58,13 +62,18 @@ async def run_async(stack: Stack, *, messages: int, connections: int) -> AsyncRe
             connector=connector, timeout=aiohttp.ClientTimeout(total=30)
         ) as session:
 
-            async def send(path: str, headers: dict[str, str], body: bytes) -> int:
-                async with session.post(stack.gateway + path, data=body, headers=headers) as r:
+            async def send(url: str, path: str, headers: dict[str, str], body: bytes) -> int:
+                async with session.post(url + path, data=body, headers=headers) as r:
                     await r.read()
                     return r.status
 
             start = time.perf_counter()
-            statuses = await asyncio.gather(*(send(r.path, r.headers, r.body) for r in pool))
+            statuses = await asyncio.gather(
+                *(
+                    send(gateways[k % len(gateways)], r.path, r.headers, r.body)
+                    for k, r in enumerate(pool)
+                )
+            )
             accept_s = time.perf_counter() - start
             accepted = statuses.count(202)
             deadline = start + 60 + messages / 100

@@ -187,7 +187,9 @@ def run_wrk(
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Job:
-    base_url: str
+    # Where to send; with several (instances of one gateway), connection k goes to the
+    # k-th round-robin, as a load balancer spreads connections.
+    base_urls: tuple[str, ...]
     requests: Sequence[SignedRequest]
     connections: int
     warmup_s: float
@@ -223,9 +225,11 @@ async def _drive(job: _Job) -> _Sample:
         end = window + job.duration_s
         cursor = 0
 
-        async def one(req: SignedRequest, due: float) -> None:
+        urls = job.base_urls
+
+        async def one(req: SignedRequest, due: float, k: int) -> None:
             try:
-                status, replayed = await _send(session, job.base_url, req)
+                status, replayed = await _send(session, urls[k % len(urls)], req)
             except (aiohttp.ClientError, TimeoutError):
                 if due >= window:
                     sample.socket_errors += 1
@@ -236,15 +240,15 @@ async def _drive(job: _Job) -> _Sample:
                 sample.non2xx += not 200 <= status < 300
                 sample.replayed += replayed
 
-        async def worker() -> None:
+        async def worker(k: int) -> None:
             nonlocal cursor
             while clock() < end:
                 req = job.requests[cursor % len(job.requests)]
                 cursor += 1
-                await one(req, clock())
+                await one(req, clock(), k)
 
         if job.rate is None:
-            await asyncio.gather(*(worker() for _ in range(job.connections)))
+            await asyncio.gather(*(worker(k) for k in range(job.connections)))
             return sample
         # Open loop: send on schedule; latency counts from the scheduled time.
         tasks: set[asyncio.Task[None]] = set()
@@ -254,7 +258,7 @@ async def _drive(job: _Job) -> _Sample:
             if due >= end:
                 break
             await asyncio.sleep(max(0.0, due - clock()))
-            task = asyncio.create_task(one(req, due))
+            task = asyncio.create_task(one(req, due, k))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         await asyncio.gather(*tasks)
@@ -268,7 +272,7 @@ def _child(job: _Job, barrier: Barrier, out: Connection) -> None:
 
 
 def run_python(
-    base_url: str,
+    base_url: str | Sequence[str],
     pool: Sequence[SignedRequest],
     *,
     connections: int,
@@ -277,13 +281,17 @@ def run_python(
     duration_s: float,
     rate: float | None = None,
 ) -> PassResult:
-    """Replay the pool from ``processes`` asyncio processes, closed loop or at ``rate``/s."""
+    """Replay the pool from ``processes`` asyncio processes, closed loop or at ``rate``/s.
+
+    Several ``base_url``s (instances behind one ``public_url`` the pool is signed for)
+    share the connections round-robin."""
+    urls = (base_url,) if isinstance(base_url, str) else tuple(base_url)
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(processes + 1)
     children: list[tuple[BaseProcess, Connection]] = []
     for i in range(processes):
         job = _Job(
-            base_url=base_url,
+            base_urls=urls[i % len(urls) :] + urls[: i % len(urls)],
             requests=pool[i::processes],
             connections=max(1, (connections + i) // processes),
             warmup_s=warmup_s,

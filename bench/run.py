@@ -1,6 +1,7 @@
 """The benchmark, in one command: an upstream, three contenders, the same load for each.
 
     .venv/bin/python -m bench.run [--rounds 3] [--duration 8] [--connections 64] [--async] [--smoke]
+    .venv/bin/python -m bench.run --store postgres --instances 3 [--async]   # scale-out
 
 See bench/README.md for what the contenders are and how to read the output.
 """
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import math
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -30,6 +33,7 @@ from bench import chart
 from bench.asyncpass import AsyncResult, run_async
 from bench.load import PassResult, SignedRequest, presign, run_python, run_wrk
 from bench.rss import RssSampler
+from bench.scaleout import first_of, layouts, measure_layout, row_line, scaleout_report
 from bench.stack import ROOT, Stack, example, running
 from gateway import eventloop
 
@@ -44,6 +48,7 @@ TARGETS = {
     "rss_mib_max": 150.0,
 }
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
+SCALEOUT_OUT = ROOT / "bench" / "results" / "scaleout.json"
 
 T = TypeVar("T")
 
@@ -411,13 +416,84 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         default="auto",
         help="event loop of every process (auto: uvloop when installed)",
     )
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the JSON report (PNG beside)")
+    p.add_argument(
+        "--store",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="postgres: the scale-out run, SQLite workers beside PostgreSQL instances",
+    )
+    p.add_argument(
+        "--instances",
+        type=bounded(1, 8),
+        default=1,
+        help="scale-out run: 1..N processes of each store (SQLite workers, PG instances)",
+    )
+    p.add_argument(
+        "--store-url",
+        help="a PostgreSQL server (a role that may create databases) instead of starting one",
+    )
+    p.add_argument("--out", type=Path, default=None, help="the JSON report (PNG beside)")
     return p.parse_args(argv)
+
+
+def scaleout(args: argparse.Namespace, s: Settings) -> int:
+    """The scale-out run (bench/scaleout.py): each layout deployed afresh, then measured."""
+    out: Path = args.out or SCALEOUT_OUT
+    chosen = layouts(args.store, args.instances)
+    print(
+        f"scale-out (python load, {s.connections} connections, {s.duration_s} s per pass,"
+        f" median of {s.rounds}; async {s.async_messages or 'off'}):",
+        flush=True,
+    )
+    with contextlib.ExitStack() as stack:
+        server = None
+        if args.store == "postgres":
+            from tests.pg import PostgresServer  # the suite's own initdb'd server
+
+            given = args.store_url
+            server = PostgresServer(url=given) if given else PostgresServer.start()
+            stack.callback(server.stop)
+        rows = []
+        for layout in chosen:
+            with contextlib.ExitStack() as database:
+                pg_url = None
+                if layout.store == "postgres":
+                    assert server is not None
+                    pg_url = database.enter_context(server.database())
+                row = measure_layout(
+                    layout,
+                    pg_url=pg_url,
+                    loop=s.loop,
+                    rounds=s.rounds,
+                    connections=s.connections,
+                    processes=s.processes,
+                    warmup_s=s.warmup_s,
+                    duration_s=s.duration_s,
+                    async_messages=s.async_messages,
+                )
+            rows.append(row)
+            print(row_line(row, first_of(rows, layout.store)), flush=True)
+    doc = scaleout_report(rows, asdict(s) | {"store": args.store, "instances": args.instances})
+    doc["machine"] = _machine()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    for store, ratio in doc["two_over_one"].items():
+        if ratio is not None:
+            met = "met" if ratio >= doc["target_two_over_one"] else "NOT met"
+            print(f"{store}: 2 over 1 = {ratio:.2f}x   (target >= 1.3: {met})")
+    print(f"report: {out}")
+    bad = any(r.sync.flagged or (r.async_result and not r.async_result.complete) for r in rows)
+    return 1 if bad else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _arguments(argv)
     s = _settings(args)
+    # SIGTERM unwinds like Ctrl-C: every server started (PostgreSQL too) is stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if args.store == "postgres" or args.instances > 1:
+        return scaleout(args, s)
+    args.out = args.out or DEFAULT_OUT
     started = time.monotonic()
     machine = _machine()
     print(

@@ -2,6 +2,11 @@
 
 Keys are generated into a temporary directory, with the gateway's config beside them;
 every process logs to a file there, and all are terminated and waited for on exit.
+
+With ``instances`` > 1 (on PostgreSQL, ``store_url``) several ``gateway serve``
+processes share that one config file, each on its own ``--listen`` port; the
+configured ``public_url`` is the first one's, so a request signed for it is valid at
+every instance, as behind a load balancer.
 """
 
 from __future__ import annotations
@@ -40,10 +45,13 @@ class Stack:
     upstream: str
     bare: str
     floor: str
-    gateway: str
+    gateway: str  # the first instance's URL, which is also the gateway's public_url
     member: Member
     store: Path
     gateway_pid: int  # `gateway serve` (with --workers, the supervisor of the workers)
+    gateways: tuple[str, ...] = ()  # every instance (the first is ``gateway``)
+    gateway_pids: tuple[int, ...] = ()
+    store_url: str | None = None  # PostgreSQL; None: the SQLite file ``store``
 
 
 def example(service: str) -> Any:
@@ -63,15 +71,21 @@ def _write_keys(directory: Path) -> Member:
     return Member(member_id=PORTAL_ID, key=portal, kid=pairs["portal"].kid)
 
 
-def gateway_config(keys: Path, *, port: int, upstream: str, store: Path) -> dict[str, Any]:
+def gateway_config(
+    keys: Path, *, port: int, upstream: str, store: Path, store_url: str | None = None
+) -> dict[str, Any]:
     """The gateway's config: the member allowed both services, one http adapter."""
     return {
-        "gateway": {"member_id": "330000:gateway", "key": str(keys / "gateway.pem")},
+        "gateway": {
+            "member_id": "330000:gateway",
+            "key": str(keys / "gateway.pem"),
+            "public_url": f"http://127.0.0.1:{port}",
+        },
         "listen": {
             "ingress": {"host": "127.0.0.1", "port": port},
             "admin": {"host": "127.0.0.1", "port": free_port()},
         },
-        "store": {"path": str(store)},
+        "store": {"path": str(store)} | ({"url": store_url} if store_url else {}),
         "members": [
             {
                 "id": PORTAL_ID,
@@ -161,8 +175,17 @@ def _process(
 
 
 @contextlib.contextmanager
-def running(workdir: Path, *, gateway_workers: int = 1, loop: str = "auto") -> Iterator[Stack]:
-    """Start the upstream and the three contenders; stop them all when the block ends."""
+def running(
+    workdir: Path,
+    *,
+    gateway_workers: int = 1,
+    loop: str = "auto",
+    instances: int = 1,
+    store_url: str | None = None,
+    contenders: bool = True,
+) -> Iterator[Stack]:
+    """Start the upstream and the contenders (only the gateway without ``contenders``);
+    stop them all when the block ends."""
     keys = workdir / "keys"
     member = _write_keys(keys)
     logs = workdir / "logs"
@@ -171,7 +194,9 @@ def running(workdir: Path, *, gateway_workers: int = 1, loop: str = "auto") -> I
     url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     store = workdir / "gateway.db"
     config = workdir / "config.yaml"
-    document = gateway_config(keys, port=ports["gateway"], upstream=url["upstream"], store=store)
+    document = gateway_config(
+        keys, port=ports["gateway"], upstream=url["upstream"], store=store, store_url=store_url
+    )
     config.write_text(yaml.safe_dump(document, allow_unicode=True), encoding="utf-8")
     # Every contender and the upstream run on the same event loop as the gateway.
     servers = [sys.executable, "-m", "bench.servers", f"--loop={loop}"]
@@ -184,29 +209,40 @@ def running(workdir: Path, *, gateway_workers: int = 1, loop: str = "auto") -> I
             f"--gateway-url={url['gateway']}",
             f"--key={keys / 'national.pem'}",
         ],
-        "bare": [*servers, "bare", f"--port={ports['bare']}", f"--upstream={exchange}"],
-        "floor": [
+    }
+    if contenders:
+        commands["bare"] = [*servers, "bare", f"--port={ports['bare']}", f"--upstream={exchange}"]
+        commands["floor"] = [
             *servers,
             "floor",
             f"--port={ports['floor']}",
             f"--upstream={exchange}",
             f"--key={keys / 'gateway.pem'}",
             f"--client-jwk={keys / 'portal.jwk.json'}",
-        ],
-        "gateway": [
-            str(Path(sys.executable).with_name("gateway")),
-            "serve",
-            f"--config={config}",
-            f"--workers={gateway_workers}",
-            f"--loop={loop}",
-        ],
-    }
+        ]
+    serve = [
+        str(Path(sys.executable).with_name("gateway")),
+        "serve",
+        f"--config={config}",
+        f"--workers={gateway_workers}",
+        f"--loop={loop}",
+    ]
+    gateway_ports = [ports["gateway"], *(free_port() for _ in range(instances - 1))]
+    for i, port in enumerate(gateway_ports):
+        name = "gateway" if i == 0 else f"gateway-{i}"
+        ports[name] = port
+        commands[name] = [
+            *serve,
+            f"--listen=127.0.0.1:{port}",
+            f"--admin-listen=127.0.0.1:{free_port()}",
+        ]
     with contextlib.ExitStack() as started:
         pids = {}
         for name, command in commands.items():
-            health = "/healthz" if name == "gateway" else "/health"
+            health = "/healthz" if name.startswith("gateway") else "/health"
             process = started.enter_context(_process(name, command, ports[name], health, logs))
             pids[name] = process.pid
+        gateways = tuple(f"http://127.0.0.1:{port}" for port in gateway_ports)
         yield Stack(
             upstream=url["upstream"],
             bare=url["bare"],
@@ -215,4 +251,7 @@ def running(workdir: Path, *, gateway_workers: int = 1, loop: str = "auto") -> I
             member=member,
             store=store,
             gateway_pid=pids["gateway"],
+            gateways=gateways,
+            gateway_pids=tuple(pids[n] for n in commands if n.startswith("gateway")),
+            store_url=store_url,
         )

@@ -32,8 +32,7 @@ from gateway.pipeline import CTX_KEY, Pipeline, RequestContext
 from gateway.problem import problem_response
 from gateway.registry import Runtime, RuntimeHolder, build_runtime
 from gateway.signing import Signer, Verifier
-from gateway.store import Rejection
-from gateway.store.sqlite import SQLiteStore
+from gateway.store import Rejection, Store, create_store
 from gateway.tls import TLS_CONTEXT, server_context
 from gateway.traceparent import ensure_traceparent
 from gateway.tracing import Span, Tracing, create_tracing
@@ -57,7 +56,7 @@ log = logging.getLogger("gateway.exchange")
 
 CONFIG = web.AppKey("config", Config)
 KEYPAIR = web.AppKey("keypair", KeyPair)
-STORE = web.AppKey("store", SQLiteStore)
+STORE: web.AppKey[Store] = web.AppKey("store")
 RUNTIME = web.AppKey("runtime", RuntimeHolder)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 DELIVERY = web.AppKey("delivery", Delivery)
@@ -257,7 +256,7 @@ def create_app(
     app[KEYPAIR] = keypair
     if config.ingress.tls is not None:
         app[TLS_CONTEXT] = server_context(config.ingress.tls)
-    store = SQLiteStore(config.store.path, synchronous=config.store.synchronous)
+    store = create_store(config.store)
     app[STORE] = store
     signer = Signer(keypair)
     holder = RuntimeHolder(build_runtime(config, {}))
@@ -286,7 +285,7 @@ def create_app(
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.open()
-        store.batch.observer = metrics
+        store.observe(metrics)
         yield
         await store.close()
 
@@ -327,6 +326,7 @@ def create_app(
 
     async def adapters_ctx(app: web.Application) -> AsyncIterator[None]:
         await live.load()
+        live.watch()  # admin writes made by other workers or instances
         yield
         await live.aclose()
 

@@ -7,6 +7,8 @@ Every problem is reported with its location (a JSON Pointer into the file), all 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,9 +40,11 @@ __all__ = [
     "TlsConfig",
     "TracingConfig",
     "jwk_path_for",
+    "listen_address",
     "load_config",
     "parse_config",
     "warnings_of",
+    "with_listeners",
 ]
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
@@ -94,6 +98,9 @@ class GatewayIdentity:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StoreConfig:
     path: Path
+    # A postgresql:// URL puts the store on PostgreSQL (several instances share it);
+    # GATEWAY_STORE_URL overrides it. Unset: the SQLite file at ``path``.
+    url: str | None = None
     # WAL with synchronous=NORMAL survives a process crash; FULL also survives power loss.
     synchronous: Literal["normal", "full"] = "normal"
     # How often the message log's chain head is signed (a checkpoint); see docs/audit.md.
@@ -243,6 +250,35 @@ class Config:
     tracing: TracingConfig = field(default_factory=TracingConfig)
     directory: DirectoryConfig | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6) → (host, port); ValueError if it is not."""
+    host, colon, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not colon or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def with_listeners(
+    config: Config,
+    *,
+    ingress: tuple[str, int] | None = None,
+    admin: tuple[str, int] | None = None,
+) -> Config:
+    """``config`` listening elsewhere (``gateway serve --listen/--admin-listen``), so that
+    several instances can share one file. The raw document changes too: the live
+    configuration re-parses it on every admin write."""
+    raw = copy.deepcopy(dict(config.raw))
+    listen = raw.setdefault("listen", {})
+    changes: dict[str, Any] = {}
+    for name, address in (("ingress", ingress), ("admin", admin)):
+        if address is not None:
+            host, port = address
+            listen.setdefault(name, {}).update(host=host, port=port)
+            changes[name] = dataclasses.replace(getattr(config, name), host=host, port=port)
+    return dataclasses.replace(config, raw=raw, **changes) if changes else config
 
 
 def jwk_path_for(pem_path: Path) -> Path:
@@ -398,6 +434,7 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
         store=StoreConfig(
             path=r.path(data.get("store", {}).get("path", "var/gateway.db")),
             synchronous=data.get("store", {}).get("synchronous", "normal"),
+            url=data.get("store", {}).get("url"),
             checkpoint_interval_s=data.get("store", {}).get("checkpoint_interval_s", 60.0),
         ),
         security=SecurityConfig(

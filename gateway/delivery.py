@@ -2,9 +2,11 @@
 
 A message answered ``202`` is already committed. Workers claim due rows with a lease,
 send them, and either move them on or reschedule them with exponential backoff and full
-jitter; past the attempt or age limit they become dead letters. A crash leaves leases
-behind, which ``release_leases`` voids at start-up, so every accepted message is tried
-again: delivery is at least once and receivers dedupe on ``Gw-Message-Id``.
+jitter; past the attempt or age limit they become dead letters. A lease lasts ``LEASE_S``
+and is renewed while its delivery runs, so a crashed process's work is taken over once
+its leases expire (at once, on SQLite, where ``release_leases`` voids them at start-up):
+delivery is at least once and receivers dedupe on ``Gw-Message-Id``. Updates from a
+process whose lease was taken over change nothing (the store fences them by owner).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ if TYPE_CHECKING:
 __all__ = ["Delivery", "DeliveryState", "backoff_delay"]
 
 log = logging.getLogger("gateway.delivery")
-LEASE_S = 300.0  # longer than any upstream timeout; voided at restart
+LEASE_S = 30.0  # renewed every RENEW_S while a delivery runs; expired, another takes over
+RENEW_S = 10.0
 
 
 class DeliveryState(enum.Enum):
@@ -83,6 +86,8 @@ class Delivery:
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._depth = 0
         self._loop_task: asyncio.Task[None] | None = None
+        self._renew_task: asyncio.Task[None] | None = None
+        self._leased: dict[str, set[int]] = {"message": set(), "callback": set()}
         self.state = DeliveryState.CREATED
         self.delivered = 0
 
@@ -103,8 +108,11 @@ class Delivery:
             if released:
                 log.info("voided %d leases left by an earlier run", released)
         self._depth = await self.store.outbox_depth()
+        # Other instances' new work wakes this loop (PostgreSQL NOTIFY); polling stays.
+        await self.store.watch_outbox(self._event.set)
         self.state = DeliveryState.RUNNING
         self._loop_task = asyncio.create_task(self._run(), name="delivery")
+        self._renew_task = asyncio.create_task(self._renew(), name="delivery-leases")
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop claiming, let in-flight deliveries finish up to the grace, leave the rest."""
@@ -121,6 +129,10 @@ class Delivery:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+        if self._renew_task is not None:
+            self._renew_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renew_task
         self.state = DeliveryState.STOPPED
 
     # Loop ----------------------------------------------------------------------------
@@ -139,6 +151,20 @@ class Delivery:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._event.wait(), self.config.poll_interval_s)
 
+    async def _renew(self) -> None:
+        """Keep the leases of what is being delivered from expiring under it."""
+        while True:
+            await asyncio.sleep(RENEW_S)
+            messages, callbacks = self._leased["message"], self._leased["callback"]
+            if not messages and not callbacks:
+                continue
+            try:
+                await self.store.renew_leases(
+                    sorted(messages), sorted(callbacks), self._clock() + LEASE_S
+                )
+            except GatewayError:
+                log.warning("could not renew delivery leases; will retry", exc_info=True)
+
     async def _claim(self) -> int:
         free = self.config.workers - len(self._tasks)
         if free <= 0:
@@ -146,14 +172,17 @@ class Delivery:
         now = self._clock()
         messages = await self.store.claim_due_messages(now, free, LEASE_S)
         for record in messages:
-            self._spawn(self._deliver_message(record))
+            self._spawn(self._deliver_message(record), ("message", record.seq))
         free -= len(messages)
         callbacks = await self.store.claim_due_callbacks(now, free, LEASE_S) if free > 0 else []
         for cb in callbacks:
-            self._spawn(self._deliver_callback(cb))
+            self._spawn(self._deliver_callback(cb), ("callback", cb.seq))
         return len(messages) + len(callbacks)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None], lease: tuple[str, int]) -> None:
+        kind, seq = lease
+        self._leased[kind].add(seq)
+
         async def guarded() -> None:
             try:
                 await work
@@ -165,6 +194,7 @@ class Delivery:
 
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
+            self._leased[kind].discard(seq)
             self._event.set()  # a worker slot is free
 
         task.add_done_callback(done)

@@ -30,6 +30,7 @@ Anything that is not a ``GatewayError`` becomes ``internal`` with details only i
     │   └── ResourceUnknown            resource_unknown (admin API)
     ├── MessageIdReused                409 message_id_reused
     ├── ResourceExists                 409 resource_exists (admin API)
+    ├── ResourceChanged                409 resource_changed (admin API: a concurrent write)
     ├── PayloadTooLarge                413 payload_too_large
     ├── UnsupportedMediaType           415 unsupported_media_type
     ├── SchemaInvalid                  422 schema_invalid (with field errors)
@@ -73,6 +74,7 @@ __all__ = [
     "PayloadTooLarge",
     "RateLimited",
     "RequestTimeout",
+    "ResourceChanged",
     "ResourceExists",
     "ResourceUnknown",
     "SchemaInvalid",
@@ -247,6 +249,12 @@ class ResourceExists(GatewayError):
     status = 409
     code = "resource_exists"
     title = "The resource exists already"
+
+
+class ResourceChanged(GatewayError):
+    status = 409
+    code = "resource_changed"
+    title = "The resource changed meanwhile"
 
 
 class MessageIdReused(GatewayError):

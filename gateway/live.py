@@ -14,6 +14,17 @@ A write builds the complete new configuration beside the running one (validated 
 whole, schemas compiled, new adapters constructed), persists it with its audit record,
 then swaps the runtime in one assignment. In-flight exchanges keep the runtime they
 started with; a replaced adapter is closed only after the longest service timeout.
+
+Several processes (workers of ``gateway serve --workers N``, instances on one
+PostgreSQL database) share the store, so each write also bumps the store's
+configuration version in its own transaction. Every process watches that version
+(``Store.wait_for_config_change``: a notification where the store has them, otherwise a
+poll every ``POLL_S``) and, when it moved, rebuilds from the file and the stored overlay
+and swaps the same way: a write is in force everywhere within a second. A write is
+based on the version this process last applied; when another process wrote meanwhile
+(``ConfigConflict``) it reads the new configuration and tries again, unless that
+changed the very resource being written: then the admin gets 409 ``resource_changed``
+rather than a silent overwrite of the other write.
 """
 
 from __future__ import annotations
@@ -21,16 +32,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from adapters.base import Adapter, AdapterContext
 from gateway.config import Config, parse_config
-from gateway.errors import ConfigError
-from gateway.registry import AdapterSlot, build_adapter, build_runtime
-from gateway.store import ResourceChange, Store
+from gateway.errors import ConfigError, ResourceChanged
+from gateway.registry import AdapterSlot, Runtime, build_adapter, build_runtime
+from gateway.store import ConfigConflict, ResourceChange, Store
 
 __all__ = ["KINDS", "Layer", "LiveConfig", "merge", "resource_id"]
+
+log = logging.getLogger("gateway.live")
 
 # Resource kinds an admin may write, and the field that names each resource.
 KINDS: Mapping[str, str] = {
@@ -65,6 +80,9 @@ def merge(doc: Mapping[str, Any], changes: Iterable[tuple[str, str, Any]]) -> di
 
 
 class LiveConfig:
+    POLL_S = 0.2  # between version checks; a change is in force everywhere within ~this
+    WRITE_ATTEMPTS = 5  # a write that keeps meeting others' writes gives up with 409
+
     def __init__(
         self,
         *,
@@ -78,13 +96,37 @@ class LiveConfig:
         self._path = config.path
         self._store = store
         self._apply = apply  # installs a new Runtime (one assignment)
+        self._runtime: Runtime | None = None  # the last one installed; its schemas are reused
         self._context = context
         self._lock = asyncio.Lock()
         self._slots: dict[str, AdapterSlot] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._watcher: asyncio.Task[None] | None = None
         self.doc: dict[str, Any] = dict(config.raw)
         self.config = config
+        self.version = 0  # the store's configuration version this process runs
         self._layer: Layer | None = None
+
+    async def load(self) -> None:
+        """Start-up: the file plus the stored overlay; adapters built once each."""
+        # The version first: an overlay read after it is at least as new (a change in
+        # between is applied now and once more at the next check, harmlessly).
+        version = await self._store.config_version()
+        doc, config = await self._stored()
+        self._slots = self._build_slots(config, {})[0]
+        self._install(doc, config)
+        self.version = version
+
+    async def _stored(self) -> tuple[dict[str, Any], Config]:
+        """The file with the stored overlay applied, parsed."""
+        doc = self._compose(await self._store.load_overlay())
+        try:
+            config = parse_config(copy.deepcopy(doc), base=self._base, path=self._path)
+        except ConfigError as exc:
+            raise ConfigError(
+                [f"the file with the stored admin changes is invalid: {p}" for p in exc.problems]
+            ) from exc
+        return doc, config
 
     def _compose(self, overlay: Sequence[tuple[str, str, Any]]) -> dict[str, Any]:
         """file < layer < overlay."""
@@ -94,42 +136,68 @@ class LiveConfig:
         return merge(layered, overlay)
 
     async def set_layer(self, layer: Layer | None) -> None:
-        """Install a new layer and rebuild; a layer whose result does not validate raises
-        ``ConfigError`` and leaves everything as it was."""
+        """Install a new layer and rebuild as a refresh does; a layer whose result does
+        not validate raises ``ConfigError`` and leaves everything as it was."""
         async with self._lock:
             previous = self._layer
             self._layer = layer
             try:
-                doc = self._compose(await self._store.load_overlay())
-                config = parse_config(copy.deepcopy(doc), base=self._base, path=self._path)
+                doc, config = await self._stored()
                 slots, retired = self._build_slots(config, self._slots)
             except Exception:
                 self._layer = previous
                 raise
-            runtime = build_runtime(config, slots, previous=None)
+            runtime = build_runtime(config, slots, previous=self._runtime)
             self._slots = slots
             self.doc, self.config = doc, config
-            self._apply(runtime)
-            grace = max((s.timeout_s for s in config.services), default=10.0)
-            for adapter in retired:
-                self._retire(adapter, grace)
+            self._set(runtime)
+            self._retire_all(retired, config)
 
-    async def load(self) -> None:
-        """Start-up: the file plus the stored overlay; adapters built once each."""
-        overlay = await self._store.load_overlay()
-        doc = self._compose(overlay)
-        try:
-            config = parse_config(copy.deepcopy(doc), base=self._base, path=self._path)
-        except ConfigError as exc:
-            raise ConfigError(
-                [f"the file with the stored admin changes is invalid: {p}" for p in exc.problems]
-            ) from exc
-        self._slots = self._build_slots(config, {})[0]
-        self._install(doc, config)
+    def watch(self) -> None:
+        """Follow admin writes made by other processes, until ``aclose``."""
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch(), name="live-config")
+
+    async def _watch(self) -> None:
+        while True:
+            await self._store.wait_for_config_change(self.POLL_S)
+            try:
+                await self.refresh()
+            except Exception:  # the store down, a config this process cannot build …
+                log.exception("could not apply the stored configuration; will retry")
+                await asyncio.sleep(self.POLL_S)
+
+    async def refresh(self) -> bool:
+        """Apply what other processes wrote, if anything; whether the version moved."""
+        if await self._store.config_version() == self.version:
+            return False
+        async with self._lock:
+            return await self._refresh_locked()
+
+    async def _refresh_locked(self) -> bool:
+        version = await self._store.config_version()
+        if version == self.version:
+            return False
+        started = time.perf_counter()
+        doc, config = await self._stored()
+        slots, retired = self._build_slots(config, self._slots)
+        runtime = build_runtime(config, slots, previous=self._runtime)
+        self._slots = slots
+        self.doc, self.config = doc, config
+        self._set(runtime)
+        self.version = version
+        self._retire_all(retired, config)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        log.info("configuration version %d applied in %.0f ms", version, elapsed_ms)
+        return True
 
     def _install(self, doc: dict[str, Any], config: Config) -> None:
         self.doc, self.config = doc, config
-        self._apply(build_runtime(config, self._slots))
+        self._set(build_runtime(config, self._slots))
+
+    def _set(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._apply(runtime)
 
     def _build_slots(
         self, config: Config, old: Mapping[str, AdapterSlot]
@@ -189,32 +257,49 @@ class LiveConfig:
         actor: str,
         role: str,
     ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-        """Validate, persist (with audit) and apply one change; return (before, after)."""
+        """Validate, persist (with audit) and apply one change; return (before, after).
+
+        ``body`` was derived from the resource as this process showed it at the call:
+        if, once other processes' writes are in, the resource is no longer that, the
+        write is refused with ``ResourceChanged`` instead of undoing theirs."""
+        seen = self.get(kind, rid)
+        after = copy.deepcopy(dict(body)) if body is not None else None
         async with self._lock:
-            before = self.get(kind, rid)
-            after = copy.deepcopy(dict(body)) if body is not None else None
-            doc = merge(self.doc, [(kind, rid, after)])
-            config = parse_config(copy.deepcopy(doc), base=self._base, path=self._path)
-            slots, retired = self._build_slots(config, self._slots)
-            runtime = build_runtime(config, slots, previous=None)
-            await self._store.put_resource(
-                ResourceChange(
-                    kind=kind,
-                    id=rid,
-                    action=action,
-                    actor=actor,
-                    role=role,
-                    before=before,
-                    after=after,
-                )
-            )
-            self._slots = slots
-            self.doc, self.config = doc, config
-            self._apply(runtime)
-            grace = max((s.timeout_s for s in config.services), default=10.0)
-            for adapter in retired:
-                self._retire(adapter, grace)
-            return before, after
+            for _ in range(self.WRITE_ATTEMPTS):
+                before = self.get(kind, rid)
+                if before != seen:
+                    raise ResourceChanged(f"{kind[:-1]} {rid} was changed meanwhile; read it again")
+                doc = merge(self.doc, [(kind, rid, after)])
+                config = parse_config(copy.deepcopy(doc), base=self._base, path=self._path)
+                slots, retired = self._build_slots(config, self._slots)
+                runtime = build_runtime(config, slots, previous=self._runtime)
+                change = ResourceChange(
+                    kind=kind, id=rid, action=action, actor=actor, role=role,
+                    before=before, after=after,
+                )  # fmt: skip
+                try:
+                    version = await self._store.put_resource(change, expected_version=self.version)
+                except ConfigConflict:
+                    # Another process wrote first: the new adapters built for this attempt
+                    # were never installed, so they close now; then take the others' writes.
+                    running = {id(s.adapter) for s in self._slots.values()}
+                    for slot in slots.values():
+                        if id(slot.adapter) not in running:
+                            await slot.adapter.aclose()
+                    await self._refresh_locked()
+                    continue
+                self._slots = slots
+                self.doc, self.config = doc, config
+                self._set(runtime)
+                self.version = version
+                self._retire_all(retired, config)
+                return before, after
+        raise ResourceChanged("the configuration kept changing under this write; try again")
+
+    def _retire_all(self, retired: Iterable[Adapter], config: Config) -> None:
+        grace = max((s.timeout_s for s in config.services), default=10.0)
+        for adapter in retired:
+            self._retire(adapter, grace)
 
     def _retire(self, adapter: Adapter, grace_s: float) -> None:
         async def close_later() -> None:
@@ -226,6 +311,11 @@ class LiveConfig:
         task.add_done_callback(self._closing.discard)
 
     async def aclose(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
         for task in list(self._closing):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -13,12 +13,13 @@ in transit are never changed; only views are.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from gateway.logs import mask_personal
-from gateway.store import MessageRecord
+from gateway.store import DeadLetter, MessageRecord
 
 __all__ = [
     "MASK",
@@ -138,6 +139,6 @@ def message_view(record: MessageRecord, sensitive: Sequence[str] = ()) -> dict[s
     }
 
 
-def dead_letter_view(row: Mapping[str, Any]) -> dict[str, Any]:
+def dead_letter_view(letter: DeadLetter) -> dict[str, Any]:
     """A dead letter (message or callback) for an operator: its last ``error`` masked."""
-    return {**row, "error": _masked_error(row.get("error"))}
+    return {**dataclasses.asdict(letter), "error": _masked_error(letter.error)}

@@ -20,20 +20,21 @@ import os
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from gateway.config import Config
-from gateway.store.sqlite import SQLiteStore
+from gateway.store import INSTANCE_ENV, create_store
 
 __all__ = ["prepare_store", "supervise"]
 
 RESTART_DELAY_S = 1.0
 
 
-async def _release(config: Config, owner: int | None) -> int:
-    store = SQLiteStore(config.store.path, synchronous=config.store.synchronous)
+async def _release(config: Config, owner: str | None) -> int:
+    store = create_store(config.store)
     await store.open()
     try:
         return await store.release_leases(owner)
@@ -61,10 +62,17 @@ def supervise(config: Config, workers: int, run_worker: Callable[[int], None]) -
     ctx = multiprocessing.get_context("fork")
     stopping = False
     procs: dict[int, BaseProcess] = {}
+    owners: dict[int, str] = {}  # worker → the instance id its leases carry
+    base = uuid.uuid4().hex[:12]
 
     def start(i: int) -> None:
-        proc = ctx.Process(target=run_worker, args=(i,), name=f"gateway-worker-{i}")
-        proc.start()
+        owners[i] = f"{base}-{i}-{uuid.uuid4().hex[:6]}"
+        os.environ[INSTANCE_ENV] = owners[i]  # the forked worker's store reads it
+        try:
+            proc = ctx.Process(target=run_worker, args=(i,), name=f"gateway-worker-{i}")
+            proc.start()
+        finally:
+            del os.environ[INSTANCE_ENV]
         procs[i] = proc
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -89,7 +97,7 @@ def supervise(config: Config, workers: int, run_worker: Callable[[int], None]) -
             _forget_metrics(proc.pid)
             if not stopping and proc.pid is not None:
                 # What it was delivering is due again at once, not when its lease ends.
-                asyncio.run(_release(config, proc.pid))
+                asyncio.run(_release(config, owners[i]))
             if stopping:
                 # The exit status tells whether the shutdown itself was clean.
                 failed = failed or proc.exitcode not in (0, None)

@@ -1,10 +1,14 @@
-"""Shared fixtures: keys generated per session, real servers on loopback, real SQLite files."""
+"""Shared fixtures: keys generated per session, real servers on loopback, real SQLite files,
+a real PostgreSQL the suite starts itself (tests/pg.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import copy
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,15 +20,19 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.admin import create_admin_app, create_token
 from gateway.app import DELIVERY, PIPELINE, STORE, create_app
+from gateway.audit import Report, verify_store
 from gateway.client import ExchangeClient
-from gateway.config import Config, jwk_path_for, parse_config
+from gateway.config import Config, StoreConfig, jwk_path_for, parse_config
 from gateway.keys import KeyPair, KeyType, VerificationKey, generate, write_keypair
 from gateway.limits import GatewayRunner
 from gateway.ports import free_port
 from gateway.signing import Signer
+from gateway.store import Store, create_store
+from gateway.store.sqlite import SQLiteStore
 from gateway.tracing import Tracing
 from simulators.national import NationalPlatform, create_national_app
 from simulators.portal import Portal, create_portal_app
+from tests.pg import PostgresServer, unavailable_reason
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / "schemas" / "services"
@@ -103,6 +111,67 @@ class GatewayTestServer(TestServer):
 
     async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
         return GatewayRunner(self.app, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """The suite's own PostgreSQL (tests/pg.py), started once, on first use.
+
+    Under ``CI=true`` a PostgreSQL that cannot be started fails the tests: they never skip
+    there."""
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        server = PostgresServer.start()
+    except RuntimeError as exc:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer) -> Iterator[str]:
+    """A ``postgresql://`` URL of a fresh database for this test alone."""
+    with pg_server.database() as url:
+        yield url
+
+
+def store_at(url: str, *, instance: str | None = None) -> Store:
+    """A store (not yet opened) at ``url``: a SQLite file path or a postgresql:// URL."""
+    if url.startswith("postgresql://"):
+        return create_store(StoreConfig(path=Path("unused.db"), url=url), instance=instance)
+    return create_store(StoreConfig(path=Path(url)), instance=instance)
+
+
+def verify_file(path: Path, jwks: dict[str, Any], gateway: str = GATEWAY_ID) -> Report:
+    """``gateway audit verify`` on a SQLite file, through a read-only store; callable from a
+    running test loop (it runs its own, in a thread)."""
+
+    async def run() -> Report:
+        store = SQLiteStore(path, readonly=True)
+        await store.open()
+        try:
+            return await verify_store(store, jwks, gateway=gateway)
+        finally:
+            await store.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a store lives, once per backend: a SQLite file, then a PostgreSQL database
+    (``gateway.store.connect`` opens either)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "db" / "gateway.db")
+    url: str = request.getfixturevalue("pg_url")
+    return url
 
 
 @dataclass(frozen=True)
@@ -292,7 +361,25 @@ HarnessFactory = Callable[..., Awaitable[Harness]]
 
 
 @pytest.fixture
-async def make_harness(keys: Keys, tmp_path: Path) -> AsyncIterator[HarnessFactory]:
+def harness_store_url() -> str | None:
+    """Where harnesses keep their store: None is a SQLite file in the test's tmp dir. A test
+    module overrides this fixture to run its harness tests on PostgreSQL too."""
+    return None
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def both_backends(request: pytest.FixtureRequest) -> str | None:
+    """``harness_store_url`` once per backend (a module sets ``harness_store_url`` to it)."""
+    if request.param == "sqlite":
+        return None
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+@pytest.fixture
+async def make_harness(
+    keys: Keys, tmp_path: Path, harness_store_url: str | None
+) -> AsyncIterator[HarnessFactory]:
     """Build a harness; ``edit`` may change the config document before it is parsed."""
     started: list[tuple[TestServer, TestServer, TestClient[web.Request, web.Application]]] = []
     admins: list[TestClient[web.Request, web.Application]] = []
@@ -311,6 +398,8 @@ async def make_harness(keys: Keys, tmp_path: Path) -> AsyncIterator[HarnessFacto
             keys, store=store or tmp_path / "gateway.db", national_url=national_url
         )
         doc["members"][0]["callback_url"] = f"{portal_url}/callbacks"
+        if harness_store_url is not None:
+            doc["store"]["url"] = harness_store_url
         if edit is not None:
             edit(doc)
         config = parse_config(copy.deepcopy(doc), base=tmp_path)

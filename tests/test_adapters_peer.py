@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import STORE, create_app
 from gateway.config import parse_config
-from gateway.store.sqlite import SQLiteStore
+from gateway.store import Store
 from tests.conftest import (
     CREDIT_EXAMPLE,
     GATEWAY_ID,
@@ -32,7 +32,7 @@ RECORD = {
     "updated_at": "2026-11-26T00:00:00Z",
 }
 
-StartB = Callable[[list[str]], Awaitable[tuple[str, SQLiteStore]]]
+StartB = Callable[[list[str]], Awaitable[tuple[str, Store]]]
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ async def start_b(keys: Keys, tmp_path: Path) -> AsyncIterator[StartB]:
     """Province B's gateway (440000), which knows A's gateway as a peer for some regions."""
     servers: list[TestServer] = []
 
-    async def start(regions: list[str]) -> tuple[str, SQLiteStore]:
+    async def start(regions: list[str]) -> tuple[str, Store]:
         doc = {
             "gateway": {"member_id": PEER_ID, "key": str(keys.directory / "peer.pem")},
             "store": {"path": str(tmp_path / "b.db")},
@@ -128,7 +128,7 @@ async def test_peer_vouching_outside_its_regions_is_refused(
     assert reply.json()["code"] == "upstream_error"
     assert "403" in reply.json()["detail"]
     rejected = await b_store.rejections()
-    assert [(r["status"], r["code"]) for r in rejected] == [(403, "forbidden")]
+    assert [(r.status, r.code) for r in rejected] == [(403, "forbidden")]
     assert await b_store.count_messages() == 0
 
 

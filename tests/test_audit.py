@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import copy
 import hashlib
@@ -26,11 +27,12 @@ import yaml
 from gateway.audit import (
     CheckpointSigner,
     JwsInvalid,
+    Report,
     check_bundle,
     make_checkpoint,
     sign_jws,
-    verify_chain,
     verify_jws,
+    verify_store,
 )
 from gateway.cli import main
 from gateway.client import ExchangeClient
@@ -38,7 +40,7 @@ from gateway.config import parse_config
 from gateway.errors import ConfigError, StoreError
 from gateway.keys import KeyPair, KeyType, generate, private_to_jwk
 from gateway.signing import Signer
-from gateway.store import DuplicateMessage, NewCallback, NewMessage, Rejection, chain
+from gateway.store import DuplicateMessage, NewCallback, NewMessage, Rejection, Store, chain
 from gateway.store.sqlite import MIGRATIONS, SQLiteStore
 from tests.conftest import (
     APPLY_EXAMPLE,
@@ -50,6 +52,8 @@ from tests.conftest import (
     HarnessFactory,
     Keys,
     config_document,
+    store_at,
+    verify_file,
 )
 from tests.test_crash import Deployment, _send_until_accepted, deployed
 
@@ -103,14 +107,32 @@ def _connect(path: Path) -> Iterator[sqlite3.Connection]:
         db.close()
 
 
-def _verify(path: Path, keys: Keys) -> Any:
-    with _connect(path) as db:
-        return verify_chain(db, _jwks(keys), gateway=GATEWAY_ID)
+def _verify(path: Path, keys: Keys) -> Report:
+    """Verify through a read-only store, as ``gateway audit verify`` does."""
+    return verify_file(path, _jwks(keys))
 
 
 def _kinds(path: Path) -> list[str]:
     with _connect(path) as db:
         return [r[0] for r in db.execute("SELECT kind FROM log_chain ORDER BY seq")]
+
+
+@pytest.fixture
+async def any_store(store_url: str) -> AsyncIterator[Store]:
+    """A store on each backend: the chain is the same on SQLite and PostgreSQL."""
+    s = store_at(store_url)
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def _rows_of(store: Store) -> list[chain.ChainRow]:
+    async with store.snapshot() as snap:
+        return [row async for row in snap.chain_rows()]
+
+
+async def _verified(store: Store, keys: Keys) -> Report:
+    return await verify_store(store, _jwks(keys), gateway=GATEWAY_ID)
 
 
 @pytest.fixture
@@ -122,7 +144,9 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    code = main(list(argv))
+    """``gateway …`` in-process, in a thread of its own: the command runs its own loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        code = pool.submit(main, list(argv)).result()
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
@@ -131,9 +155,10 @@ def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
 
 
 async def test_every_evidential_event_appends_one_linked_record(
-    store: SQLiteStore, keys: Keys
+    any_store: Store, keys: Keys
 ) -> None:
     """Accept, finish, state, callback in and out, redelivery, rejection: each one record."""
+    store = any_store
     sync = await store.insert_message(_new(mode="sync", state="delivering", next_attempt_at=None))
     await store.finish_message(
         sync.seq,
@@ -163,7 +188,8 @@ async def test_every_evidential_event_appends_one_linked_record(
             headers={},
         )
     )
-    assert _kinds(store.path) == [
+    rows = await _rows_of(store)
+    assert [r.kind for r in rows] == [
         "genesis",
         "message.accepted",
         "message.finished",
@@ -175,8 +201,6 @@ async def test_every_evidential_event_appends_one_linked_record(
         "callback.finished",
         "rejection",
     ]
-    with _connect(store.path) as db:
-        rows = list(chain.chain_rows(db))
     previous = chain.GENESIS
     for row in rows:
         assert row.content_digest == hashlib.sha256(row.facts.encode()).hexdigest()
@@ -184,35 +208,37 @@ async def test_every_evidential_event_appends_one_linked_record(
         assert json.loads(row.facts)["seq"] == row.seq
         previous = row.hash
     assert "decision" not in "".join(r.facts for r in rows)  # digests, never bodies
-    assert store.chain.head == chain.Head(rows[-1].seq, rows[-1].hash)
-    report = _verify(store.path, keys)
+    assert await store.chain_head() == chain.Head(rows[-1].seq, rows[-1].hash)
+    report = await _verified(store, keys)
     assert report.ok, report.findings
     assert report.records == len(rows)
 
 
 async def test_a_rolled_back_write_leaves_no_record_and_the_head_unmoved(
-    store: SQLiteStore, keys: Keys
+    any_store: Store, keys: Keys
 ) -> None:
     """A duplicate message id rolls back its chain record too; the next one links fine."""
+    store = any_store
     first = await store.insert_message(_new())
-    head = store.chain.head
+    head = await store.chain_head()
     with pytest.raises(DuplicateMessage):
         await store.insert_message(_new(message_id=first.message_id))
-    assert store.chain.head == head
+    assert await store.chain_head() == head
     await store.insert_message(_new())
-    assert store.chain.head.seq == head.seq + 1
-    assert _verify(store.path, keys).ok
+    assert (await store.chain_head()).seq == head.seq + 1
+    assert (await _verified(store, keys)).ok
 
 
 async def test_a_late_acknowledgement_that_changes_nothing_is_not_chained(
-    store: SQLiteStore,
+    any_store: Store,
 ) -> None:
     """A state change the store refuses (answered → delivered) writes no chain record."""
+    store = any_store
     queued = await store.insert_message(_new())
     await store.insert_callback(_answer(queued.seq, queued.message_id))
-    before = store.chain.head
+    before = await store.chain_head()
     await store.set_message_state(queued.seq, "delivered", attempts=1)
-    assert store.chain.head == before
+    assert await store.chain_head() == before
 
 
 async def test_the_head_is_read_at_open_and_the_chain_continues_across_restarts(
@@ -285,7 +311,7 @@ async def test_redelivery_and_purge_keep_the_chain_valid_but_a_quiet_nulling_doe
     callback = await store.insert_callback(_answer(answered.seq, answered.message_id))
     await store.finish_callback(callback.seq, state="delivered", attempts=1, error=None)
     assert _verify(store.path, keys).ok
-    purged = chain.purge_bodies(store.db, store.chain, time.time() + 1, time.time())
+    purged = await store.purge_bodies(time.time() + 1, time.time())
     assert purged == (2, 1)
     with _connect(store.path) as db:
         assert (
@@ -334,9 +360,10 @@ def _algorithm(kind: KeyType) -> str:
 
 
 async def test_checkpoints_sign_only_a_moved_head_and_once_more_at_shutdown(
-    store: SQLiteStore, keys: Keys
+    any_store: Store, keys: Keys
 ) -> None:
     """The signer skips an unchanged head; ``stop`` signs what came since the last tick."""
+    store = any_store
     signer = CheckpointSigner(
         store=store, keypair=keys.pairs["gateway"], gateway=GATEWAY_ID, interval_s=3600
     )
@@ -346,15 +373,17 @@ async def test_checkpoints_sign_only_a_moved_head_and_once_more_at_shutdown(
     assert await signer.checkpoint() is None  # nothing new to sign
     await store.insert_message(_new())
     await signer.stop()
-    with _connect(store.path) as db:
-        last = chain.latest_checkpoint(db)
-    assert last is not None
-    assert (last.seq, last.hash) == (store.chain.head.seq, store.chain.head.hash)
+    async with store.snapshot() as snap:
+        cps = await snap.checkpoints()
+    last = cps[-1]
+    head = await store.chain_head()
+    assert [cp.id for cp in cps] == [1, 2]
+    assert (last.seq, last.hash) == (head.seq, head.hash)
     _, payload = verify_jws(last.jws, _jwks(keys))
     assert payload == {"gateway": GATEWAY_ID, "seq": last.seq, "hash": last.hash, "at": last.at}
-    report = _verify(store.path, keys)
+    report = await _verified(store, keys)
     assert report.ok
-    assert (report.checkpoints, report.sealed) == (2, store.chain.head.seq)
+    assert (report.checkpoints, report.sealed) == (2, head.seq)
 
 
 async def test_the_gateway_refuses_to_sign_over_a_changed_signed_record(
@@ -362,13 +391,13 @@ async def test_the_gateway_refuses_to_sign_over_a_changed_signed_record(
 ) -> None:
     """If the record a checkpoint signed changed, no later checkpoint blesses the change."""
     await store.insert_message(_new())
-    signed = make_checkpoint(store.db, keys.pairs["gateway"], GATEWAY_ID)
+    signed = await make_checkpoint(store, keys.pairs["gateway"], GATEWAY_ID)
     assert signed is not None
     with _connect(store.path) as db:
         db.execute("UPDATE log_chain SET hash = ? WHERE seq = ?", ("0" * 64, signed.seq))
     await store.insert_message(_new())
     with pytest.raises(StoreError, match=f"no longer matches checkpoint {signed.id}"):
-        make_checkpoint(store.db, keys.pairs["gateway"], GATEWAY_ID)
+        await make_checkpoint(store, keys.pairs["gateway"], GATEWAY_ID)
 
 
 def test_checkpoint_interval_is_configured_under_store(keys: Keys, tmp_path: Path) -> None:
@@ -792,7 +821,7 @@ async def test_export_signs_a_checkpoint_when_none_covers_the_message_yet(
 ) -> None:
     """A message newer than the last checkpoint: export signs one, and the bundle checks."""
     await store.insert_message(_new())
-    assert make_checkpoint(store.db, keys.pairs["gateway"], GATEWAY_ID) is not None
+    assert await make_checkpoint(store, keys.pairs["gateway"], GATEWAY_ID) is not None
     later = await store.insert_message(_new())
     doc = config_document(keys, store=store.path, national_url="http://127.0.0.1:1")
     config = tmp_path / "config.yaml"

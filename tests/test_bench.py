@@ -16,6 +16,7 @@ from pytest_aiohttp import AiohttpServer
 
 from bench.load import Member, PassResult, presign
 from bench.run import Round, Settings, combine, gateway_pool_size, max_throughput, report
+from bench.scaleout import layouts
 from bench.servers import create_floor_app, create_upstream_app
 from gateway.client import Reply, verify_reply
 from gateway.signing import (
@@ -26,6 +27,7 @@ from gateway.signing import (
     parse_signature_input,
 )
 from tests.conftest import CREDIT_EXAMPLE, PORTAL_ID, Keys, unused_port
+from tests.pg import PostgresServer
 
 pytestmark = pytest.mark.integration  # starts gateway processes
 
@@ -221,3 +223,39 @@ def test_the_gateway_pool_is_sized_from_the_fastest_floor_of_the_run() -> None:
     gateway = [size for name, size in sizes if name == "gateway"]
     assert gateway == [gateway_pool_size(2000.0, 10)] * 3
     assert gateway[0] == 30_100
+
+
+def test_layouts_put_postgresql_instances_beside_sqlite_workers() -> None:
+    """--store postgres --instances 3: SQLite 1..3 workers, then PostgreSQL 1..3 instances."""
+    assert [(x.store, x.processes) for x in layouts("postgres", 3)] == [
+        ("sqlite", 1), ("sqlite", 2), ("sqlite", 3),
+        ("postgres", 1), ("postgres", 2), ("postgres", 3),
+    ]  # fmt: skip
+    assert [(x.store, x.processes) for x in layouts("sqlite", 2)] == [("sqlite", 1), ("sqlite", 2)]
+
+
+def test_scale_out_smoke_run_measures_every_layout(
+    tmp_path: Path, pg_server: PostgresServer
+) -> None:
+    """`bench.run --store postgres --instances 2 --smoke --async` exits 0: req/s and async
+    msg/s for 1 and 2 processes of each store, every async message delivered."""
+    out = tmp_path / "scaleout.json"
+    command = [sys.executable, "-m", "bench.run", "--store=postgres", "--instances=2"]
+    done = subprocess.run(
+        [*command, "--smoke", "--async", f"--store-url={pg_server.url}", f"--out={out}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    rows = [(r["store"], r["processes"]) for r in doc["layouts"]]
+    assert rows == [("sqlite", 1), ("sqlite", 2), ("postgres", 1), ("postgres", 2)]
+    for row in doc["layouts"]:
+        assert row["rps"] > 0
+        assert row["errors"] == 0
+        assert row["async_complete"] is True
+        assert row["async_msgs_per_s"] > 0
+    assert set(doc["two_over_one"]) == {"sqlite", "postgres"}
+    assert all(ratio > 0 for ratio in doc["two_over_one"].values())

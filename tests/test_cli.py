@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from gateway.cli import main
 from gateway.store import NewMessage
 from gateway.store.sqlite import SQLiteStore
-from tests.conftest import ROOT
+from tests.conftest import ROOT, Keys
 
 GATEWAY_BIN = Path(sys.executable).parent / "gateway"
 PORTAL = "330000:one-stop-portal"
@@ -347,3 +347,38 @@ def test_installed_script_runs_help_and_check(deployment: Path) -> None:
     assert broken.returncode == 1
     assert broken.stdout.startswith("config.yaml:/members/1/keys/0: cannot read")
     assert broken.stdout.splitlines()[-1] == "1 problem(s)"
+
+
+async def test_serve_listen_flags_override_the_config_s_listeners(
+    keys: Keys, tmp_path: Path
+) -> None:
+    """`serve --listen/--admin-listen`: both listeners where the flags say, none where the
+    file says (so several instances can share one config file)."""
+    import aiohttp
+
+    from tests.conftest import unused_port
+    from tests.test_observability import _serve_config, until_healthy
+
+    file_port = _serve_config(keys, tmp_path / "serve", {"level": "warning"})
+    ingress, admin = unused_port(), unused_port()
+    config = tmp_path / "serve" / "config.yaml"
+    log_path = tmp_path / "serve.log"
+    flags = ["--listen", f"127.0.0.1:{ingress}", "--admin-listen", f"127.0.0.1:{admin}"]
+    with log_path.open("wb") as out:
+        process = subprocess.Popen(
+            [str(GATEWAY_BIN), "serve", "--config", str(config), *flags],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        async with aiohttp.ClientSession() as session:
+            await until_healthy(session, process, ingress, log_path)
+            async with session.get(f"http://127.0.0.1:{admin}/openapi.json") as resp:
+                assert resp.status == 200
+                assert "/admin/v1/members" in (await resp.json())["paths"]
+            with pytest.raises(aiohttp.ClientConnectionError):
+                async with session.get(f"http://127.0.0.1:{file_port}/healthz"):
+                    pass
+    finally:
+        process.terminate()
+        assert process.wait(10) == 0

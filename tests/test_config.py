@@ -11,7 +11,15 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.config import Config, jwk_path_for, load_config, parse_config, warnings_of
+from gateway.config import (
+    Config,
+    jwk_path_for,
+    listen_address,
+    load_config,
+    parse_config,
+    warnings_of,
+    with_listeners,
+)
 from gateway.errors import ConfigError
 from tests.conftest import GATEWAY_ID, PEER_ID, PORTAL_ID, ROOT, SCHEMAS, Keys, config_document
 
@@ -308,3 +316,33 @@ def test_jwk_path_sits_beside_the_pem() -> None:
     """keys/x.pem maps to keys/x.jwk.json."""
     assert jwk_path_for(Path("keys/gateway.pem")) == Path("keys/gateway.jwk.json")
     assert jwk_path_for(Path("/a/b/member")) == Path("/a/b/member.jwk.json")
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [("0.0.0.0:8080", ("0.0.0.0", 8080)), ("[::1]:81", ("::1", 81)), ("gw-2:0", ("gw-2", 0))],
+)
+def test_listen_address_reads_host_and_port(text: str, address: tuple[str, int]) -> None:
+    """HOST:PORT, IPv6 in brackets, as --listen takes them."""
+    assert listen_address(text) == address
+
+
+@pytest.mark.parametrize("text", ["8080", ":8080", "host:", "host:http", "host:65536"])
+def test_listen_address_refuses_what_is_not_host_and_port(text: str) -> None:
+    """Anything else is refused with a message naming the value."""
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        listen_address(text)
+
+
+def test_with_listeners_overrides_the_listeners_and_the_document_alike(
+    keys: Keys, tmp_path: Path
+) -> None:
+    """The override survives a re-parse of the raw document (each admin write does one);
+    a listener not given keeps the file's, TLS included."""
+    doc = config_document(keys, store=tmp_path / "gw.db", national_url="http://127.0.0.1:1")
+    doc["listen"] = {"admin": {"host": "127.0.0.1", "port": 9999}}
+    config = with_listeners(parse_config(doc, base=tmp_path), ingress=("0.0.0.0", 8181))
+    assert (config.ingress.host, config.ingress.port) == ("0.0.0.0", 8181)
+    assert (config.admin.host, config.admin.port) == ("127.0.0.1", 9999)
+    again = parse_config(dict(config.raw), base=tmp_path)
+    assert (again.ingress.host, again.ingress.port, again.admin.port) == ("0.0.0.0", 8181, 9999)

@@ -1,4 +1,5 @@
-"""Asynchronous exchange: outbox, retries, dead letters, breaker, callbacks, at least once."""
+"""Asynchronous exchange: outbox, retries, dead letters, breaker, callbacks, at least once;
+on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -7,12 +8,20 @@ import random
 import uuid
 from typing import Any
 
+import pytest
 from multidict import CIMultiDict
 
 from gateway.app import STORE
 from gateway.delivery import backoff_delay
 from gateway.signing import Signer
 from tests.conftest import APPLY_EXAMPLE, NATIONAL_ID, PORTAL_ID, Harness, HarnessFactory
+
+
+@pytest.fixture
+def harness_store_url(both_backends: str | None) -> str | None:
+    """Every delivery test runs on SQLite and on PostgreSQL."""
+    return both_backends
+
 
 DECISION = {
     "decision": "approved",
@@ -136,7 +145,7 @@ async def test_upstream_5xx_retries_then_dead_then_redeliver(make_harness: Harne
     assert record.attempts == 3
     assert "500" in (record.error or "")
     dead = await h.app[STORE].dead_letters()
-    assert [(d["kind"], d["message_id"]) for d in dead] == [("message", message_id)]
+    assert [(d.kind, d.message_id) for d in dead] == [("message", message_id)]
     h.national.mode = "ok"
     assert await h.app[STORE].redeliver("message", record.seq, 0.0)
     await _until_state(h, message_id, "callback_delivered")
@@ -234,7 +243,7 @@ async def test_unreachable_member_dead_letters_the_callback(make_harness: Harnes
     message_id = await _apply(h)
 
     async def dead() -> bool:
-        return any(d["kind"] == "callback" for d in await h.app[STORE].dead_letters())
+        return any(d.kind == "callback" for d in await h.app[STORE].dead_letters())
 
     await h.wait_for(dead)
     assert await h.state_of(message_id) == "answered"

@@ -343,9 +343,9 @@ async def test_rejections_are_recorded_without_bodies(harness: Harness) -> None:
     reply = await client.exchange("credit.query", CREDIT_EXAMPLE)
     assert reply.status == 403
     rows = await harness.app[STORE].rejections()
-    assert rows[0]["code"] == "client_disabled"
-    assert rows[0]["size"] > 0
-    assert "body" not in rows[0]
+    assert rows[0].code == "client_disabled"
+    assert rows[0].size > 0
+    assert not hasattr(rows[0], "body")
 
 
 def test_every_error_class_has_a_protocol_code() -> None:

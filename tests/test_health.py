@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import asyncpg
+
 from gateway.app import READINESS, STORE
+from gateway.store.sqlite import SQLiteStore
 from tests.conftest import Harness, HarnessFactory
 
 
@@ -26,7 +29,9 @@ async def test_healthz_and_readyz_answer_when_all_is_well(harness: Harness) -> N
 
 async def test_readyz_503_while_the_store_refuses_writes(harness: Harness) -> None:
     """SQLite refusing writes on the live connection makes the gateway unready, then ready."""
-    db = harness.app[STORE].writer
+    store = harness.app[STORE]
+    assert isinstance(store, SQLiteStore)
+    db = store.writer
     db.execute("PRAGMA query_only = ON")  # SQLite itself now refuses every write
     status, reasons = await _ready(harness)
     assert status == 503
@@ -117,3 +122,54 @@ async def test_a_silent_health_endpoint_times_out(make_harness: HarnessFactory) 
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def _on_database(url: str, sql: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("SET default_transaction_read_only = off")  # this session may write
+        await conn.execute(sql)
+        # Sessions take the database's defaults when they start: end the gateway's.
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await conn.close()
+
+
+def _read_only(reason: str) -> bool:
+    # SQLSTATE 25006, as asyncpg names it or as PostgreSQL words it
+    return "ReadOnlySQLTransaction" in reason or "read-only transaction" in reason
+
+
+async def test_readyz_503_while_postgresql_is_read_only_then_ready_again(
+    make_harness: HarnessFactory, pg_url: str
+) -> None:
+    """A read-only PostgreSQL (a replica, a server in recovery: every transaction read-only)
+    takes the instance out of rotation; once writable again, it is ready again."""
+
+    def on_postgres(doc: dict[str, Any]) -> None:
+        doc["store"]["url"] = pg_url
+
+    h = await make_harness(on_postgres)
+    assert await _ready(h) == (200, [])
+    database = pg_url.rsplit("/", 1)[1]
+    await _on_database(
+        pg_url, f'ALTER DATABASE "{database}" SET default_transaction_read_only = on'
+    )
+    reasons: list[str] = []
+    for _ in range(50):  # the first probe may meet a connection that was just ended
+        status, reasons = await _ready(h)
+        if status == 503 and any(_read_only(r) for r in reasons):
+            break
+        await asyncio.sleep(0.1)
+    assert any(r.startswith("store: ") and _read_only(r) for r in reasons), reasons
+    await _on_database(
+        pg_url, f'ALTER DATABASE "{database}" SET default_transaction_read_only = off'
+    )
+    for _ in range(50):
+        if await _ready(h) == (200, []):
+            break
+        await asyncio.sleep(0.1)
+    assert await _ready(h) == (200, [])

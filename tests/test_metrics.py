@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import METRICS, STORE
 from gateway.metrics import BUCKETS, STAGES, Metrics
+from gateway.store.sqlite import SQLiteStore
 from tests.conftest import (
     APPLY_EXAMPLE,
     CREDIT_EXAMPLE,
@@ -138,7 +139,9 @@ async def test_mixed_exchanges_move_counters_and_histograms(harness: Harness) ->
 
     # Group commit: every store batch is counted, with the writes it carried (the outbox
     # may commit one more between two reads: the scrape lies between the store's counts).
-    batch = h.app[STORE].batch
+    store = h.app[STORE]
+    assert isinstance(store, SQLiteStore)
+    batch = store.batch
     before = (batch.batches, batch.units)
     m = await scrape(h)
     after = (batch.batches, batch.units)

@@ -1,24 +1,27 @@
 """Single-use nonces (gateway/nonces.py and the pipeline's freshness stage): held
-in memory and in the store, message-id dedupe across a restart, and the
-created/expires window."""
+in memory and in the store, message-id dedupe across a restart and across two instances
+on one store, and the created/expires window; on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from multidict import CIMultiDict
 
 from gateway.app import STORE
 from gateway.errors import SignatureInvalid
 from gateway.nonces import NonceGuard
-from gateway.store.sqlite import SQLiteStore
-from tests.conftest import CREDIT_EXAMPLE, Harness, HarnessFactory
+from gateway.store import Store
+from tests.conftest import CREDIT_EXAMPLE, Harness, HarnessFactory, store_at
 
 SKEW = 300
 
@@ -54,15 +57,21 @@ async def send(
 
 
 @pytest.fixture
-async def closing(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    """A real SQLite store, closed after the test."""
-    store = SQLiteStore(tmp_path / "nonces.db")
+def harness_store_url(both_backends: str | None) -> str | None:
+    """Every harness test here runs on SQLite and on PostgreSQL."""
+    return both_backends
+
+
+@pytest.fixture
+async def closing(store_url: str) -> AsyncIterator[Store]:
+    """A real store on each backend, closed after the test."""
+    store = store_at(store_url)
     await store.open()
     yield store
     await store.close()
 
 
-async def test_a_nonce_is_accepted_once_per_key(closing: SQLiteStore) -> None:
+async def test_a_nonce_is_accepted_once_per_key(closing: Store) -> None:
     """Same signer, key and nonce twice: the second is a replay; other keys are unaffected."""
     guard = NonceGuard(closing, skew_s=SKEW, clock=lambda: 1000.0)
     await guard.claim("330000:a", "k1", "n-1", created=1000)
@@ -73,7 +82,7 @@ async def test_a_nonce_is_accepted_once_per_key(closing: SQLiteStore) -> None:
     await guard.claim("330000:b", "k1", "n-1", created=1000)
 
 
-async def test_a_nonce_is_remembered_by_the_store_across_a_restart(closing: SQLiteStore) -> None:
+async def test_a_nonce_is_remembered_by_the_store_across_a_restart(closing: Store) -> None:
     """A new guard (a restarted gateway) on the same store still refuses the nonce."""
     await NonceGuard(closing, skew_s=SKEW, clock=lambda: 1000.0).claim("m", "k", "n", 1000)
     restarted = NonceGuard(closing, skew_s=SKEW, clock=lambda: 1100.0)
@@ -82,18 +91,20 @@ async def test_a_nonce_is_remembered_by_the_store_across_a_restart(closing: SQLi
         await restarted.claim("m", "k", "n", created=1000)
 
 
-async def test_the_memory_layer_refuses_a_replay_without_the_store(closing: SQLiteStore) -> None:
+async def test_the_memory_layer_refuses_a_replay_without_the_store(
+    closing: Store, store_url: str
+) -> None:
     """A cached nonce is refused even when its stored row is gone (no store round trip)."""
     guard = NonceGuard(closing, skew_s=SKEW, clock=lambda: 1000.0)
     await guard.claim("m", "k", "n", created=1000)
     assert guard.cached("m", "k", "n")
-    closing.db.execute("DELETE FROM nonces")
+    await _sql(store_url, "DELETE FROM nonces")
     with pytest.raises(SignatureInvalid):
         await guard.claim("m", "k", "n", created=1000)
 
 
 async def test_a_nonce_may_come_back_once_its_signature_could_not_be_fresh(
-    closing: SQLiteStore,
+    closing: Store,
 ) -> None:
     """After created + skew the nonce is forgotten (the signature would be stale anyway)."""
     now = [1000.0]
@@ -103,7 +114,23 @@ async def test_a_nonce_may_come_back_once_its_signature_could_not_be_fresh(
     await guard.claim("m", "k", "n", created=int(now[0]))
 
 
-async def test_expired_nonces_are_pruned_from_memory_and_store(closing: SQLiteStore) -> None:
+async def _sql(store_url: str, sql: str) -> list[tuple[Any, ...]]:
+    """A statement behind the store's back, on either backend."""
+    if store_url.startswith("postgresql://"):
+        conn = await asyncpg.connect(store_url)
+        try:
+            return [tuple(r) for r in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+    with contextlib.closing(sqlite3.connect(store_url)) as db:
+        rows = db.execute(sql).fetchall()
+        db.commit()
+        return rows
+
+
+async def test_expired_nonces_are_pruned_from_memory_and_store(
+    closing: Store, store_url: str
+) -> None:
     """Once a prune interval has passed, expired nonces leave the dict and the table."""
     now = [1000.0]
     guard = NonceGuard(closing, skew_s=10, clock=lambda: now[0])
@@ -111,12 +138,12 @@ async def test_expired_nonces_are_pruned_from_memory_and_store(closing: SQLiteSt
         await guard.claim("m", "k", f"old-{i}", created=1000)
     now[0] += guard.PRUNE_EVERY_S + 1
     await guard.claim("m", "k", "new", created=int(now[0]))
-    rows = closing.db.execute("SELECT nonce FROM nonces").fetchall()
+    rows = await _sql(store_url, "SELECT nonce FROM nonces")
     assert [r[0] for r in rows] == ["new"]
     assert not guard.cached("m", "k", "old-0")
 
 
-async def test_the_memory_layer_is_bounded(closing: SQLiteStore) -> None:
+async def test_the_memory_layer_is_bounded(closing: Store) -> None:
     """Past MAX_CACHED the dict keeps the newest half; the store keeps refusing the rest."""
     guard = NonceGuard(closing, skew_s=SKEW, clock=lambda: 1000.0)
     guard.MAX_CACHED = 10
@@ -128,7 +155,7 @@ async def test_the_memory_layer_is_bounded(closing: SQLiteStore) -> None:
         await guard.claim("m", "k", "n0", created=1000)
 
 
-async def test_an_overlong_nonce_is_refused(closing: SQLiteStore) -> None:
+async def test_an_overlong_nonce_is_refused(closing: Store) -> None:
     """A nonce longer than 256 characters is not stored: signature_invalid."""
     guard = NonceGuard(closing, skew_s=SKEW)
     with pytest.raises(SignatureInvalid, match="longer than 256"):
@@ -136,7 +163,7 @@ async def test_an_overlong_nonce_is_refused(closing: SQLiteStore) -> None:
 
 
 async def test_claim_nonce_in_sql_inserts_once_and_renews_only_when_expired(
-    closing: SQLiteStore,
+    closing: Store,
 ) -> None:
     """The store's upsert: True on first use, False while live, True again once expired."""
     assert await closing.claim_nonce("m", "k", "n", 100.0, 50.0)
@@ -216,3 +243,27 @@ async def test_created_and_expires_bound_a_signatures_life(
     assert got == status
     if code is not None:
         assert body["code"] == code
+
+
+async def test_one_message_id_sent_to_two_instances_at_once_is_one_row(
+    make_harness: HarnessFactory,
+) -> None:
+    """Two gateways on one store, the same message ids sent to both at once: one row
+    each; the twin gets the stored outcome (``Gw-Replayed: true``) or the in-flight 409,
+    never a 500."""
+    one = await make_harness()
+    other = await make_harness()
+    ids = [str(uuid.uuid4()) for _ in range(10)]
+    answers = await asyncio.gather(*(send(h, message_id=mid) for mid in ids for h in (one, other)))
+    for first, second in zip(answers[::2], answers[1::2], strict=True):
+        statuses = sorted((first[0], second[0]))
+        assert statuses in ([200, 200], [200, 409]), (first, second)
+        if statuses == [200, 200]:
+            replayed = sorted(a[2].get("Gw-Replayed", "false") for a in (first, second))
+            assert replayed == ["false", "true"]
+            assert first[1] == second[1]
+        else:
+            conflict = first if first[0] == 409 else second
+            assert conflict[1]["code"] == "message_id_reused"
+    for mid in ids:
+        assert len(await one.app[STORE].find_by_message_id(mid)) == 1

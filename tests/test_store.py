@@ -1,7 +1,9 @@
-"""The SQLite store on real files: migrations, outbox leases, callbacks, dead letters."""
+"""The store on both backends (a real SQLite file, a real PostgreSQL database): records,
+outbox leases, callbacks, dead letters; SQLite's migrations and files at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 import uuid
@@ -9,11 +11,22 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from gateway.errors import StoreError
-from gateway.store import DuplicateMessage, MessageRecord, NewCallback, NewMessage, Rejection
+from gateway.store import (
+    ConfigConflict,
+    DuplicateMessage,
+    MessageRecord,
+    NewCallback,
+    NewMessage,
+    Rejection,
+    ResourceChange,
+    Store,
+)
 from gateway.store.sqlite import MIGRATIONS, SQLiteStore
+from tests.conftest import store_at
 
 PORTAL = "330000:one-stop-portal"
 NATIONAL = "100000:national-platform"
@@ -49,20 +62,20 @@ def _callback(original: MessageRecord, message_id: str = "cb-1") -> NewCallback:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    s = SQLiteStore(tmp_path / "db" / "gateway.db")
+async def store(store_url: str) -> AsyncIterator[Store]:
+    s = store_at(store_url)
     await s.open()
     yield s
     await s.close()
 
 
-async def _queued(store: SQLiteStore, at: float, **changes: Any) -> MessageRecord:
+async def _queued(store: Store, at: float, **changes: Any) -> MessageRecord:
     return await store.insert_message(
         _new(mode="async", state="accepted", next_attempt_at=at, **changes)
     )
 
 
-async def _dead_message(store: SQLiteStore) -> MessageRecord:
+async def _dead_message(store: Store) -> MessageRecord:
     record = await _queued(store, time.time())
     await store.set_message_state(record.seq, "dead", error="gave up", attempts=10)
     return record
@@ -87,10 +100,9 @@ def test_migrations_set_user_version(tmp_path: Path) -> None:
     assert {"messages", "callbacks", "rejections"} <= tables
 
 
-async def test_reopening_does_not_migrate_again_and_keeps_data(tmp_path: Path) -> None:
-    """Data written, closed and reopened from the same file is still there."""
-    path = tmp_path / "durable.db"
-    first = SQLiteStore(path, synchronous="full")
+async def test_reopening_does_not_migrate_again_and_keeps_data(store_url: str) -> None:
+    """Data written, closed and reopened from the same file or database is still there."""
+    first = store_at(store_url)
     await first.open()
     record = await first.insert_message(_new("11111111-1111-4111-8111-111111111111"))
     await first.record_rejection(
@@ -107,7 +119,7 @@ async def test_reopening_does_not_migrate_again_and_keeps_data(tmp_path: Path) -
         )
     )
     await first.close()
-    second = SQLiteStore(path)
+    second = store_at(store_url)
     await second.open()
     try:
         again = await second.get_message(PORTAL, record.message_id)
@@ -118,7 +130,7 @@ async def test_reopening_does_not_migrate_again_and_keeps_data(tmp_path: Path) -
         await second.close()
 
 
-async def test_insert_then_get_round_trips_every_field(store: SQLiteStore) -> None:
+async def test_insert_then_get_round_trips_every_field(store: Store) -> None:
     """A recorded message reads back with its headers, body, digest and trace id."""
     new = _new(target="440000:gateway", adapter="peer")
     record = await store.insert_message(new)
@@ -138,7 +150,7 @@ async def test_insert_then_get_round_trips_every_field(store: SQLiteStore) -> No
     assert await store.get_message_by_seq(record.seq + 1000) is None
 
 
-async def test_same_client_and_message_id_is_a_duplicate(store: SQLiteStore) -> None:
+async def test_same_client_and_message_id_is_a_duplicate(store: Store) -> None:
     """A second insert of the same (client, message id) raises DuplicateMessage."""
     new = _new()
     await store.insert_message(new)
@@ -147,7 +159,7 @@ async def test_same_client_and_message_id_is_a_duplicate(store: SQLiteStore) -> 
     assert await store.count_messages() == 1
 
 
-async def test_same_message_id_from_another_client_is_separate(store: SQLiteStore) -> None:
+async def test_same_message_id_from_another_client_is_separate(store: Store) -> None:
     """Message ids are per client: another client may reuse one; find_by_message_id sees both."""
     new = _new()
     await store.insert_message(new)
@@ -156,7 +168,7 @@ async def test_same_message_id_from_another_client_is_separate(store: SQLiteStor
     assert sorted(r.client for r in found) == [PORTAL, "330000:tax-system"]
 
 
-async def test_finish_message_records_the_answer(store: SQLiteStore) -> None:
+async def test_finish_message_records_the_answer(store: Store) -> None:
     """finish_message stores status, code, adapter, answer and timings; it is then finished."""
     record = await store.insert_message(_new())
     await store.finish_message(
@@ -179,7 +191,7 @@ async def test_finish_message_records_the_answer(store: SQLiteStore) -> None:
     assert done.updated_at >= record.updated_at
 
 
-async def test_finish_message_keeps_the_adapter_when_none_is_given(store: SQLiteStore) -> None:
+async def test_finish_message_keeps_the_adapter_when_none_is_given(store: Store) -> None:
     """A failure finished without an adapter name keeps the one recorded before."""
     record = await store.insert_message(_new(adapter="national"))
     await store.finish_message(
@@ -197,7 +209,7 @@ async def test_finish_message_keeps_the_adapter_when_none_is_given(store: SQLite
     assert (done.adapter, done.code, done.error) == ("national", "upstream_error", "boom")
 
 
-async def test_claim_leases_due_messages_until_the_lease_expires(store: SQLiteStore) -> None:
+async def test_claim_leases_due_messages_until_the_lease_expires(store: Store) -> None:
     """A claimed message is not claimed again until its lease has run out."""
     now = time.time()
     due = await _queued(store, now - 1)
@@ -210,7 +222,7 @@ async def test_claim_leases_due_messages_until_the_lease_expires(store: SQLiteSt
     assert [m.seq for m in again] == [due.seq]
 
 
-async def test_claim_respects_the_limit_and_due_order(store: SQLiteStore) -> None:
+async def test_claim_respects_the_limit_and_due_order(store: Store) -> None:
     """At most `limit` messages are claimed, the longest-due first."""
     now = time.time()
     late = await _queued(store, now - 1)
@@ -224,7 +236,7 @@ async def test_claim_respects_the_limit_and_due_order(store: SQLiteStore) -> Non
     assert await store.outbox_depth() == 3
 
 
-async def test_release_leases_makes_claimed_work_claimable(store: SQLiteStore) -> None:
+async def test_release_leases_makes_claimed_work_claimable(store: Store) -> None:
     """After a restart release_leases voids every lease, so the work is claimed again."""
     now = time.time()
     record = await _queued(store, now)
@@ -235,7 +247,7 @@ async def test_release_leases_makes_claimed_work_claimable(store: SQLiteStore) -
     assert await store.release_leases() == 0
 
 
-async def test_reschedule_moves_the_next_attempt(store: SQLiteStore) -> None:
+async def test_reschedule_moves_the_next_attempt(store: Store) -> None:
     """A rescheduled message keeps its error and attempts and is due only at the new time."""
     now = time.time()
     record = await _queued(store, now)
@@ -246,7 +258,7 @@ async def test_reschedule_moves_the_next_attempt(store: SQLiteStore) -> None:
     assert (again.attempts, again.error, again.next_attempt_at) == (1, "503", now + 60)
 
 
-async def test_set_message_state_takes_it_out_of_the_outbox(store: SQLiteStore) -> None:
+async def test_set_message_state_takes_it_out_of_the_outbox(store: Store) -> None:
     """set_message_state moves a message on and it is no longer due."""
     now = time.time()
     record = await _queued(store, now)
@@ -258,7 +270,7 @@ async def test_set_message_state_takes_it_out_of_the_outbox(store: SQLiteStore) 
     assert (moved.state, moved.adapter, moved.attempts) == ("delivered", "national", 1)
 
 
-async def test_late_acknowledgement_does_not_demote_an_answer(store: SQLiteStore) -> None:
+async def test_late_acknowledgement_does_not_demote_an_answer(store: Store) -> None:
     """A message already answered by its callback stays answered when a late ack arrives."""
     original = await _queued(store, time.time())
     await store.insert_callback(_callback(original))
@@ -269,7 +281,7 @@ async def test_late_acknowledgement_does_not_demote_an_answer(store: SQLiteStore
     assert after.result == b'{"decision": "approved"}'
 
 
-async def test_callback_marks_its_message_answered(store: SQLiteStore) -> None:
+async def test_callback_marks_its_message_answered(store: Store) -> None:
     """insert_callback stores the callback pending and the message answered with its result."""
     original = await _queued(store, time.time())
     cb = await store.insert_callback(_callback(original))
@@ -286,7 +298,7 @@ async def test_callback_marks_its_message_answered(store: SQLiteStore) -> None:
     assert await store.get_callback(PORTAL, "cb-1") is None
 
 
-async def test_duplicate_callback_raises_and_changes_nothing(store: SQLiteStore) -> None:
+async def test_duplicate_callback_raises_and_changes_nothing(store: Store) -> None:
     """The same callback id from the same client twice raises DuplicateMessage."""
     original = await _queued(store, time.time())
     first = await store.insert_callback(_callback(original))
@@ -296,7 +308,7 @@ async def test_duplicate_callback_raises_and_changes_nothing(store: SQLiteStore)
     assert len(await store.claim_due_callbacks(time.time() + 1, limit=10, lease_s=30)) == 1
 
 
-async def test_callback_for_a_missing_message_is_not_a_duplicate(store: SQLiteStore) -> None:
+async def test_callback_for_a_missing_message_is_not_a_duplicate(store: Store) -> None:
     """A callback referring to no recorded message is a store error, not a duplicate."""
     original = await store.insert_message(_new())
     orphan = NewCallback(
@@ -313,7 +325,7 @@ async def test_callback_for_a_missing_message_is_not_a_duplicate(store: SQLiteSt
         await store.insert_callback(orphan)
 
 
-async def test_callback_claim_lease_and_delivery(store: SQLiteStore) -> None:
+async def test_callback_claim_lease_and_delivery(store: Store) -> None:
     """A claimed callback is leased; delivered moves its message to callback_delivered."""
     original = await _queued(store, time.time())
     cb = await store.insert_callback(_callback(original))
@@ -331,7 +343,7 @@ async def test_callback_claim_lease_and_delivery(store: SQLiteStore) -> None:
     assert await store.claim_due_callbacks(now + 100, limit=10, lease_s=30) == []
 
 
-async def test_reschedule_callback_delays_it(store: SQLiteStore) -> None:
+async def test_reschedule_callback_delays_it(store: Store) -> None:
     """A rescheduled callback is due only at its new time, with the error kept."""
     original = await _queued(store, time.time())
     cb = await store.insert_callback(_callback(original))
@@ -343,7 +355,7 @@ async def test_reschedule_callback_delays_it(store: SQLiteStore) -> None:
     assert (again.attempts, again.error) == (1, "refused")
 
 
-async def test_dead_callback_does_not_mark_the_message_delivered(store: SQLiteStore) -> None:
+async def test_dead_callback_does_not_mark_the_message_delivered(store: Store) -> None:
     """A callback finished dead leaves its message answered and is listed as a dead letter."""
     original = await _queued(store, time.time())
     cb = await store.insert_callback(_callback(original))
@@ -352,18 +364,18 @@ async def test_dead_callback_does_not_mark_the_message_delivered(store: SQLiteSt
     assert message is not None
     assert message.state == "answered"
     (letter,) = await store.dead_letters()
-    assert letter["kind"] == "callback"
-    assert letter["seq"] == cb.seq
-    assert letter["client"] == PORTAL
-    assert (letter["attempts"], letter["error"]) == (7, "portal down")
+    assert letter.kind == "callback"
+    assert letter.seq == cb.seq
+    assert letter.client == PORTAL
+    assert (letter.attempts, letter.error) == (7, "portal down")
 
 
-async def test_dead_letters_and_redeliver_a_message(store: SQLiteStore) -> None:
+async def test_dead_letters_and_redeliver_a_message(store: Store) -> None:
     """A dead message is listed; redeliver requeues it once with a fresh attempt budget."""
     dead = await _dead_message(store)
     await _queued(store, time.time())  # alive, not a dead letter
     letters = await store.dead_letters()
-    assert [(x["kind"], x["seq"], x["message_id"]) for x in letters] == [
+    assert [(x.kind, x.seq, x.message_id) for x in letters] == [
         ("message", dead.seq, dead.message_id)
     ]
     now = time.time() + 5
@@ -377,7 +389,7 @@ async def test_dead_letters_and_redeliver_a_message(store: SQLiteStore) -> None:
     assert dead.seq in {m.seq for m in claimed}
 
 
-async def test_redeliver_a_dead_callback(store: SQLiteStore) -> None:
+async def test_redeliver_a_dead_callback(store: Store) -> None:
     """A dead callback goes back to pending and is due again."""
     original = await _queued(store, time.time())
     cb = await store.insert_callback(_callback(original))
@@ -390,7 +402,7 @@ async def test_redeliver_a_dead_callback(store: SQLiteStore) -> None:
     assert [c.seq for c in await store.claim_due_callbacks(now, 10, 30)] == [cb.seq]
 
 
-async def test_redeliver_refuses_what_is_not_dead(store: SQLiteStore) -> None:
+async def test_redeliver_refuses_what_is_not_dead(store: Store) -> None:
     """Redelivering a live message or an unknown seq changes nothing and returns False."""
     live = await _queued(store, time.time())
     assert await store.redeliver("message", live.seq, time.time()) is False
@@ -400,7 +412,7 @@ async def test_redeliver_refuses_what_is_not_dead(store: SQLiteStore) -> None:
     assert again.state == "accepted"
 
 
-async def test_search_messages_filters_and_orders_newest_first(store: SQLiteStore) -> None:
+async def test_search_messages_filters_and_orders_newest_first(store: Store) -> None:
     """search_messages filters by client, service, state and since, newest first, limited."""
     a = await store.insert_message(_new())
     b = await store.insert_message(_new(service="crossregion.apply", state="accepted"))
@@ -415,7 +427,7 @@ async def test_search_messages_filters_and_orders_newest_first(store: SQLiteStor
     assert await store.count_messages("received") == 2
 
 
-async def test_rejections_are_recorded_newest_first(store: SQLiteStore) -> None:
+async def test_rejections_are_recorded_newest_first(store: Store) -> None:
     """record_rejection keeps what was refused, with its headers, newest first."""
     for status, code in ((401, "signature_invalid"), (413, "payload_too_large")):
         await store.record_rejection(
@@ -432,36 +444,47 @@ async def test_rejections_are_recorded_newest_first(store: SQLiteStore) -> None:
             )
         )
     rows = await store.rejections()
-    assert [(r["status"], r["code"]) for r in rows] == [
+    assert [(r.status, r.code) for r in rows] == [
         (413, "payload_too_large"),
         (401, "signature_invalid"),
     ]
-    assert rows[0]["headers"] == '{"Gw-Client": "330000:one-stop-portal"}'
+    assert rows[0].headers == {"Gw-Client": "330000:one-stop-portal"}
     assert len(await store.rejections(limit=1)) == 1
 
 
-async def test_ping_succeeds_on_an_open_store(store: SQLiteStore) -> None:
+async def test_ping_succeeds_on_an_open_store(store: Store, store_url: str) -> None:
     """ping proves the store writable and leaves no transaction open."""
 
-    def another_writer_can_begin() -> None:
-        # A second connection takes the write lock at once (timeout 0): none is held.
-        other = sqlite3.connect(store.path, timeout=0, isolation_level=None)
+    async def no_transaction_is_left_open() -> None:
+        if isinstance(store, SQLiteStore):
+            # A second connection takes the write lock at once (timeout 0): none is held.
+            other = sqlite3.connect(store.path, timeout=0, isolation_level=None)
+            try:
+                other.execute("BEGIN IMMEDIATE")
+                other.execute("ROLLBACK")
+            finally:
+                other.close()
+            return
+        conn = await asyncpg.connect(store_url)
         try:
-            other.execute("BEGIN IMMEDIATE")
-            other.execute("ROLLBACK")
+            idle = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state LIKE 'idle in transaction%'"
+            )
         finally:
-            other.close()
+            await conn.close()
+        assert idle == 0
 
     await store.ping()
-    another_writer_can_begin()
+    await no_transaction_is_left_open()
     await store.insert_message(_new())
     await store.ping()
-    another_writer_can_begin()
+    await no_transaction_is_left_open()
 
 
-async def test_closed_store_raises_store_error(tmp_path: Path) -> None:
+async def test_closed_store_raises_store_error(store_url: str) -> None:
     """Using a store that is not open is a StoreError, not an AttributeError."""
-    s = SQLiteStore(tmp_path / "never.db")
+    s = store_at(store_url)
     with pytest.raises(StoreError):
         await s.get_message(PORTAL, "x")
     await s.open()
@@ -480,3 +503,72 @@ async def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path: Path) ->
     await store.close()
     assert caught.value.detail == f"cannot open the store at {junk}: file is not a database"
     assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+
+
+def _change(rid: str, body: Any) -> ResourceChange:
+    return ResourceChange(
+        kind="routes", id=rid, action="create", actor="a", role="admin", after=body
+    )
+
+
+async def test_each_admin_write_bumps_the_configuration_version(store: Store) -> None:
+    """Versions count up from 0, one per write, and the write returns the new one."""
+    assert await store.config_version() == 0
+    assert await store.put_resource(_change("a|*", {"x": 1})) == 1
+    assert await store.put_resource(_change("b|*", {"x": 2}), expected_version=1) == 2
+    assert await store.config_version() == 2
+
+
+async def test_a_write_based_on_an_old_version_writes_nothing(store: Store) -> None:
+    """Compare-and-set: a write expecting version 0 after another write is a conflict and
+    leaves neither resource, change record nor version behind."""
+    await store.put_resource(_change("a|*", {"x": 1}))
+    with pytest.raises(ConfigConflict):
+        await store.put_resource(_change("b|*", {"x": 2}), expected_version=0)
+    assert await store.config_version() == 1
+    assert [rid for _, rid, _ in await store.load_overlay()] == ["a|*"]
+    assert len(await store.changes()) == 1
+
+
+async def test_the_overlay_is_ordered_by_version_not_by_clock(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writers' clocks may disagree: the order is the order the writes committed in."""
+    real = time.time
+    with monkeypatch.context() as m:  # the first writer's clock runs an hour ahead
+        m.setattr(time, "time", lambda: real() + 3600)
+        await store.put_resource(_change("c|*", {"id": "c|*"}))
+    for rid in ("a|*", "b|*"):
+        await store.put_resource(_change(rid, {"id": rid}))
+    assert [(rid, body) for _, rid, body in await store.load_overlay()] == [
+        ("c|*", {"id": "c|*"}),
+        ("a|*", {"id": "a|*"}),
+        ("b|*", {"id": "b|*"}),
+    ]
+
+
+def test_the_version_migration_numbers_existing_writes_in_time_order(tmp_path: Path) -> None:
+    """A store from before versions gets them in the order of its old timestamps."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path, isolation_level=None) as db:
+        for number, script in enumerate(MIGRATIONS[:6], start=1):
+            db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
+        db.executemany(
+            "INSERT INTO resources (kind, id, body, updated_at, updated_by) VALUES (?,?,?,?,?)",
+            [("routes", "late", "{}", 20.0, "a"), ("routes", "early", "{}", 10.0, "a")],
+        )
+        db.executescript(f"BEGIN;\n{MIGRATIONS[6]}\nPRAGMA user_version=7;\nCOMMIT;")
+        rows = db.execute("SELECT id, version FROM resources ORDER BY version").fetchall()
+        assert rows == [("early", 1), ("late", 2)]
+        assert db.execute("SELECT version FROM config_version").fetchall() == [(2,)]
+
+
+async def test_a_file_migrated_by_newer_code_is_refused(tmp_path: Path) -> None:
+    """A schema version this code does not know: newer code wrote it; refuse to open."""
+    path = tmp_path / "newer.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    store = SQLiteStore(path)
+    with pytest.raises(StoreError, match="newer than this gateway knows"):
+        await store.open()
+    await store.close()

@@ -5,6 +5,7 @@ dead letters, audit trail and tokens. Every write is validated, takes effect at 
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import json
 import logging
 import time
@@ -243,8 +244,8 @@ async def adapter_health(request: web.Request) -> web.Response:
 async def add_key(request: web.Request) -> web.Response:
     principal = _principal(request, "write")
     member_id = request.match_info["id"]
+    jwk = await _body(request)  # first: the member read below must not go stale
     member = _item_or_404(_live(request), "members", member_id)
-    jwk = await _body(request)
     member["keys"] = [*member.get("keys", []), jwk]
     try:
         await _write(request, "members", member_id, member, "add_key", principal)
@@ -378,24 +379,22 @@ async def redeliver(request: web.Request) -> web.Response:
     ingress = request.app[INGRESS]
     message_id = request.match_info["id"].lower()
     rows = [
-        r for r in await ingress[STORE].dead_letters(limit=100_000) if r["message_id"] == message_id
+        r for r in await ingress[STORE].dead_letters(limit=100_000) if r.message_id == message_id
     ]
     if not rows:
         raise ResourceUnknown(f"no dead letter {message_id}")
     row = rows[0]
-    await ingress[STORE].redeliver(row["kind"], row["seq"], time.time())
-    await ingress[STORE].audit(
+    await ingress[STORE].redeliver(row.kind, row.seq, time.time())
+    await ingress[STORE].record_change(
         ResourceChange(
             kind="dead-letters",
             id=message_id,
             action="redeliver",
             actor=principal.name,
             role=principal.role,
-            before={"state": "dead", "attempts": row["attempts"], "error": row["error"]},
+            before={"state": "dead", "attempts": row.attempts, "error": row.error},
             after={
-                "state": MessageState.ACCEPTED
-                if row["kind"] == "message"
-                else CallbackState.PENDING
+                "state": MessageState.ACCEPTED if row.kind == "message" else CallbackState.PENDING
             },
         )
     )
@@ -403,18 +402,18 @@ async def redeliver(request: web.Request) -> web.Response:
     if delivery is not None:
         delivery.wake()
     return web.json_response(
-        {"message_id": message_id, "kind": row["kind"], "state": "queued"}, status=202
+        {"message_id": message_id, "kind": row.kind, "state": "queued"}, status=202
     )
 
 
 async def audit_trail(request: web.Request) -> web.Response:
     _principal(request, "read")
-    entries = await request.app[INGRESS][STORE].audit_trail(
+    entries = await request.app[INGRESS][STORE].changes(
         kind=request.query.get("kind"),
         since=_since(request.query.get("since")),
         limit=_limit(request),
     )
-    return web.json_response({"audit": entries})
+    return web.json_response({"audit": [dataclasses.asdict(e) for e in entries]})
 
 
 # Tokens ------------------------------------------------------------------------------
@@ -422,7 +421,8 @@ async def audit_trail(request: web.Request) -> web.Response:
 
 async def list_tokens(request: web.Request) -> web.Response:
     _principal(request, "read")
-    return web.json_response({"tokens": await request.app[INGRESS][STORE].list_tokens()})
+    tokens = await request.app[INGRESS][STORE].list_tokens()
+    return web.json_response({"tokens": [dataclasses.asdict(t) for t in tokens]})
 
 
 async def new_token(request: web.Request) -> web.Response:
@@ -432,7 +432,7 @@ async def new_token(request: web.Request) -> web.Response:
         raise MalformedRequest("expected {name, role}")
     store = request.app[INGRESS][STORE]
     token = await create_token(store, str(body.get("name", "")), str(body.get("role", "")))
-    await store.audit(
+    await store.record_change(
         ResourceChange(
             kind="tokens", id=str(body["name"]), action="create", actor=principal.name,
             role=principal.role, after={"name": body["name"], "role": body["role"]},
@@ -449,7 +449,7 @@ async def revoke_token(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if not await store.revoke_token(name):
         raise ResourceUnknown(f"no active token {name}")
-    await store.audit(
+    await store.record_change(
         ResourceChange(
             kind="tokens", id=name, action="revoke", actor=principal.name, role=principal.role,
             before={"name": name}, after=None,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gateway.errors import CredentialsInvalid, CredentialsMissing, MalformedRequest, NotPermitted
-from gateway.store import DuplicateMessage, Store
+from gateway.store import Store, TokenNameTaken
 
 __all__ = ["ROLES", "Permission", "Principal", "authenticate", "create_token", "token_hash"]
 
@@ -50,7 +50,7 @@ async def create_token(store: Store, name: str, role: str) -> str:
     token = _PREFIX + secrets.token_urlsafe(32)
     try:
         await store.add_token(name, role, token_hash(token))
-    except DuplicateMessage as exc:
+    except TokenNameTaken as exc:
         raise MalformedRequest(f"a token named {name} exists; revoke it first") from exc
     return token
 
@@ -64,6 +64,6 @@ async def authenticate(store: Store, authorization: str | None) -> Principal:
     digest = token_hash(token.strip())
     row = await store.token_by_hash(digest)
     # The lookup is by hash; the comparison that decides is constant time.
-    if row is None or not hmac.compare_digest(str(row["hash"]), digest):
+    if row is None or not hmac.compare_digest(row.hash, digest):
         raise CredentialsInvalid("the token is unknown or revoked")
-    return Principal(name=str(row["name"]), role=str(row["role"]))
+    return Principal(name=row.name, role=row.role)

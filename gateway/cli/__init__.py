@@ -35,6 +35,7 @@ from gateway.cli import (
     keys,
     log,
     serve,
+    store,
     tokens,
 )
 from gateway.errors import ConfigError, GatewayError
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin.register(adm_sub)
     audit.register(sub)
     directory.register(sub)
+    store.register(sub)
     return parser
 
 

@@ -9,7 +9,7 @@ import unicodedata
 from collections.abc import AsyncIterator, Collection, Sequence
 
 from gateway.config import Config, load_config
-from gateway.store import Store
+from gateway.store import Store, create_store
 
 __all__ = ["load", "open_store", "plural", "table", "width", "with_config"]
 
@@ -29,11 +29,10 @@ def load(args: argparse.Namespace) -> Config:
 
 
 @contextlib.asynccontextmanager
-async def open_store(config: Config) -> AsyncIterator[Store]:
-    """The configured store, open for one command and closed after it."""
-    from gateway.store.sqlite import SQLiteStore
-
-    store = SQLiteStore(config.store.path, synchronous=config.store.synchronous)
+async def open_store(config: Config, *, readonly: bool = False) -> AsyncIterator[Store]:
+    """The configured store (SQLite or PostgreSQL), open for one command and closed after
+    it; ``readonly`` (reports): never migrated or created."""
+    store = create_store(config.store, readonly=readonly)
     await store.open()
     try:
         yield store

@@ -4,31 +4,26 @@ export and check evidence bundles, purge old bodies (docs/audit.md)."""
 from __future__ import annotations
 
 import argparse
-import contextlib
+import asyncio
 import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gateway.audit import (
+    Report,
     canonical_bundle,
     check_bundle,
     export_bundle,
     jwks_from,
     make_checkpoint,
-    open_store,
-    verify_chain,
+    verify_store,
 )
-from gateway.cli._common import load, with_config
+from gateway.cli._common import load, open_store, with_config
 from gateway.config import Config
-from gateway.encoding import iso_utc
 from gateway.errors import StoreError
 from gateway.keys import load_keypair
-from gateway.store import chain
-
-if TYPE_CHECKING:
-    import sqlite3
 
 __all__ = ["EXIT_UNTRUSTED", "register"]
 
@@ -80,12 +75,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     purge.set_defaults(func=cmd_purge)
 
 
-def _message_log(config: Config, *, readonly: bool) -> contextlib.closing[sqlite3.Connection]:
-    """The store's file for one command, closed after it. The audit code reads SQLite
-    directly (not through the ``Store``) until it reads through the store."""
-    return contextlib.closing(open_store(config.store.path, readonly=readonly))
-
-
 def _read_json(path: str) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -104,8 +93,12 @@ def gateway_jwks(config: Config) -> dict[str, Any]:
 def cmd_verify(args: argparse.Namespace) -> int:
     config = load(args)
     jwks = _read_json(args.jwks) if args.jwks else gateway_jwks(config)
-    with _message_log(config, readonly=True) as db:
-        report = verify_chain(db, jwks, gateway=config.gateway.member_id)
+
+    async def run() -> Report:
+        async with open_store(config, readonly=True) as store:
+            return await verify_store(store, jwks, gateway=config.gateway.member_id)
+
+    report = asyncio.run(run())
     if args.json:
         out = {
             "ok": report.ok,
@@ -140,33 +133,32 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     config = load(args)
     jwks = gateway_jwks(config)
-    with _message_log(config, readonly=False) as db:
-        if not chain.schema_has_chain(db):
-            raise StoreError("this store has no message log chain yet (start the gateway once)")
-        found = [
-            m
-            for m in chain.messages_by_id(db, args.message_id.lower())
-            if args.client is None or m["client"] == args.client
-        ]
-        if not found:
-            print(f"no message {args.message_id}", file=sys.stderr)
-            return 1
-        if len(found) > 1:
-            clients = ", ".join(m["client"] for m in found)
-            print(
-                f"several senders used {args.message_id} ({clients}): pass --client",
-                file=sys.stderr,
-            )
-            return 1
-        message = found[0]
-        span = chain.own_events(
-            db, message["seq"], [c["seq"] for c in chain.callbacks_of(db, message["seq"])]
-        )
-        if span is not None and chain.checkpoint_covering(db, span[1]) is None:
-            # Sign now rather than wait for the gateway's next checkpoint.
-            keypair = load_keypair(config.gateway.key_path, config.gateway.jwk_path)
-            make_checkpoint(db, keypair, config.gateway.member_id)
-        bundle = export_bundle(db, message, jwks)
+
+    async def run() -> dict[str, Any] | None:
+        async with open_store(config, readonly=False) as store:
+            async with store.snapshot() as snap:
+                found = [
+                    m
+                    for m in await snap.messages_by_id(args.message_id.lower())
+                    if args.client is None or m["client"] == args.client
+                ]
+                if len(found) != 1:
+                    _not_one(args, found)
+                    return None
+                message = found[0]
+                callbacks = await snap.callbacks_of(message["seq"])
+                span = await snap.own_events(message["seq"], [c["seq"] for c in callbacks])
+                covered = span is None or await snap.checkpoint_covering(span[1]) is not None
+            if not covered:
+                # Sign now rather than wait for the gateway's next checkpoint.
+                keypair = load_keypair(config.gateway.key_path, config.gateway.jwk_path)
+                await make_checkpoint(store, keypair, config.gateway.member_id)
+            async with store.snapshot() as snap:
+                return await export_bundle(snap, message, jwks)
+
+    bundle = asyncio.run(run())
+    if bundle is None:
+        return 1
     raw = canonical_bundle(bundle)
     report = check_bundle(raw, jwks)
     if not report.ok:
@@ -180,6 +172,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(line)
     print(f"wrote {args.out} ({len(raw)} bytes)")
     return 0
+
+
+def _not_one(args: argparse.Namespace, found: list[dict[str, Any]]) -> None:
+    if not found:
+        print(f"no message {args.message_id}", file=sys.stderr)
+    else:
+        clients = ", ".join(m["client"] for m in found)
+        print(f"several senders used {args.message_id} ({clients}): pass --client", file=sys.stderr)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -212,11 +212,13 @@ def cmd_purge(args: argparse.Namespace) -> int:
     config = load(args)
     now = time.time()
     cutoff = now - args.older_than * 86400
-    with _message_log(config, readonly=False) as db:
-        if not chain.schema_has_chain(db):
-            raise StoreError("this store has no message log chain yet (start the gateway once)")
-        messages, callbacks = chain.purge_bodies(db, chain.HashChain(), cutoff, now)
-    since = iso_utc(cutoff)
+
+    async def run() -> tuple[int, int]:
+        async with open_store(config, readonly=False) as store:
+            return await store.purge_bodies(cutoff, now)
+
+    messages, callbacks = asyncio.run(run())
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(cutoff))
     print(
         f"purged the bodies of {messages} message(s) and {callbacks} callback(s) created "
         f"before {since}; their digests stay in the chain"

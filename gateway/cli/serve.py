@@ -21,7 +21,7 @@ from gateway import eventloop
 from gateway.admin import create_admin_app
 from gateway.app import create_app
 from gateway.cli._common import load, with_config
-from gateway.config import Config, jwk_path_for, load_config
+from gateway.config import Config, jwk_path_for, listen_address, load_config, with_listeners
 from gateway.errors import ConfigError
 from gateway.keys import VerificationKey, ensure_keypair, read_passphrase
 from gateway.limits import GatewayRunner
@@ -34,11 +34,25 @@ __all__ = ["load_raw", "register"]
 # that is still importing when SIGTERM comes runs the supervisor's inherited handler.
 
 
+def _address(text: str) -> tuple[str, int]:
+    try:
+        return listen_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = with_config(sub.add_parser("serve", help="run the gateway"))
     serve.add_argument(
         "--workers", type=int, default=1, help="worker processes sharing the port (default 1)"
     )
+    for flag, what in (("--listen", "ingress"), ("--admin-listen", "admin API")):
+        serve.add_argument(
+            flag,
+            type=_address,
+            metavar="HOST:PORT",
+            help=f"the {what} listener (default: the config's)",
+        )
     serve.add_argument(
         "--loop",
         choices=eventloop.LOOPS,
@@ -117,7 +131,7 @@ def _configure_logging(args: argparse.Namespace, config: Config) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = load(args)
+    config = with_listeners(load(args), ingress=args.listen, admin=args.admin_listen)
     _configure_logging(args, config)
     try:
         loop = eventloop.resolve(args.loop)

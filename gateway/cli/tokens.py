@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 
@@ -45,7 +46,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         async with open_store(config) as store:
             if args.action == "create":
                 token = await create_token(store, args.name, args.role)
-                await store.audit(
+                await store.record_change(
                     _change("create", args.name, after={"name": args.name, "role": args.role})
                 )
                 print(token)
@@ -58,16 +59,16 @@ def cmd_token(args: argparse.Namespace) -> int:
                 if not await store.revoke_token(args.name):
                     print(f"no active token {args.name}", file=sys.stderr)
                     return 1
-                await store.audit(_change("revoke", args.name, before={"name": args.name}))
+                await store.record_change(_change("revoke", args.name, before={"name": args.name}))
                 print(f"token {args.name!r} revoked")
                 return 0
             rows = await store.list_tokens()
             if args.json:
-                print(json.dumps(rows, indent=2))
+                print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
                 return 0
             cells = [
-                [r["name"], r["role"], iso_utc(r["created_at"]),
-                 iso_utc(r["revoked_at"]) if r["revoked_at"] else "-"]
+                [r.name, r.role, iso_utc(r.created_at),
+                 iso_utc(r.revoked_at) if r.revoked_at else "-"]
                 for r in rows
             ]  # fmt: skip
             print(table(("NAME", "ROLE", "CREATED", "REVOKED"), cells))

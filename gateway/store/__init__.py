@@ -1,29 +1,86 @@
 """The message store: one interface, SQL only below this package.
 
-``SQLiteStore`` (aiosqlite, WAL) is the embedded backend; a PostgreSQL backend
-implements the same ``Store`` protocol.
+``SQLiteStore`` (sqlite.py, WAL) is the embedded default; ``PostgresStore`` (postgres.py,
+asyncpg) lets several instances share one database. Both implement ``Store`` and hand
+back the typed records below; ``create_store`` opens whichever the configuration names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from gateway.errors import ConfigError
+from gateway.states import MessageState
+from gateway.store.batch import BatchObserver
+from gateway.store.chain import ChainRow, CheckpointRow, Head
+
+if TYPE_CHECKING:
+    from gateway.config import StoreConfig
 
 __all__ = [
+    "FORWARD",
+    "INSTANCE_ENV",
+    "IN_OUTBOX",
+    "STORE_URL_ENV",
     "CallbackRecord",
+    "ChainSnapshot",
+    "ChangeRecord",
+    "ConfigConflict",
+    "Credential",
+    "DeadLetter",
     "DuplicateMessage",
     "MessageRecord",
     "NewCallback",
     "NewMessage",
     "Rejection",
+    "RejectionRecord",
     "ResourceChange",
+    "Signer",
     "Store",
+    "TokenNameTaken",
+    "TokenRecord",
+    "create_store",
+    "instance_id",
+    "sql_states",
+    "store_url",
 ]
+
+STORE_URL_ENV = "GATEWAY_STORE_URL"
+
+
+def sql_states(*states: MessageState) -> str:
+    """An SQL list of states, ``('accepted', 'delivering')``, for ``state IN …``."""
+    return "(" + ", ".join(f"'{s.value}'" for s in states) + ")"
+
+
+_OUTBOX = (MessageState.ACCEPTED, MessageState.DELIVERING)
+# Message states move forward only: each state set this way, and the states it may follow.
+FORWARD: dict[str, str] = {
+    MessageState.DELIVERED: sql_states(*_OUTBOX),
+    MessageState.ANSWERED: sql_states(*_OUTBOX, MessageState.DELIVERED),
+    MessageState.DEAD: sql_states(*_OUTBOX),
+    MessageState.FAILED: sql_states(*_OUTBOX),
+}
+IN_OUTBOX = sql_states(*_OUTBOX)
+INSTANCE_ENV = "GATEWAY_INSTANCE_ID"
 
 
 class DuplicateMessage(Exception):
     """A (client, message id) pair is already recorded."""
+
+
+class ConfigConflict(Exception):
+    """The configuration version moved past the one an admin write was based on (another
+    process wrote meanwhile): nothing was written."""
+
+
+class TokenNameTaken(Exception):
+    """An admin token of that name exists already."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -133,10 +190,93 @@ class ResourceChange:
     after: Any = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RejectionRecord:
+    seq: int
+    at: float
+    client: str | None
+    message_id: str | None
+    service: str | None
+    status: int
+    code: str
+    detail: str
+    digest: str | None
+    size: int
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChangeRecord:
+    """One entry of the admin change trail (``GET /admin/v1/audit``)."""
+
+    seq: int
+    at: float
+    actor: str
+    role: str
+    action: str
+    kind: str
+    resource_id: str
+    before: Any
+    after: Any
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenRecord:
+    name: str
+    role: str
+    created_at: float
+    revoked_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Credential:
+    """An active admin token as authentication sees it: its stored hash, who, which role."""
+
+    name: str
+    role: str
+    hash: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeadLetter:
+    kind: str  # "message" or "callback"
+    seq: int
+    message_id: str
+    client: str
+    service: str
+    attempts: int
+    error: str | None
+    updated_at: float
+
+
+# Signs a chain head: (head, at) → (kid, compact JWS). The store calls it under its lock.
+Signer = Callable[[Head, float], tuple[str, str]]
+
+
+class ChainSnapshot(Protocol):
+    """One consistent read of the message log and the rows it describes (audit verify,
+    audit export): nothing committed after it began is seen."""
+
+    def chain_rows(self, first: int = 1, last: int | None = None) -> AsyncIterator[ChainRow]: ...
+    async def checkpoints(self) -> list[CheckpointRow]: ...
+    async def checkpoint_high_water(self) -> int: ...
+    async def checkpoint_covering(self, seq: int) -> CheckpointRow | None: ...
+    async def find_hash(self, value: str) -> int | None: ...
+    def data_rows(self, table: str) -> AsyncIterator[dict[str, Any]]: ...
+    async def messages_by_id(self, message_id: str) -> list[dict[str, Any]]: ...
+    async def callbacks_of(self, message_seq: int) -> list[dict[str, Any]]: ...
+    async def own_events(
+        self, message_seq: int, callback_seqs: list[int]
+    ) -> tuple[int, int] | None: ...
+
+
 class Store(Protocol):
+    instance_id: str  # who holds this store's outbox leases (opaque; unique per process)
+
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def ping(self) -> None: ...
+    def observe(self, observer: BatchObserver) -> None: ...
 
     # Exchanges
     async def insert_message(self, msg: NewMessage) -> MessageRecord: ...
@@ -186,8 +326,12 @@ class Store(Protocol):
         result: bytes | None = None,
         attempts: int | None = None,
     ) -> None: ...
-    async def release_leases(self, owner: int | None = None) -> int: ...
+    async def release_leases(self, owner: str | None = None) -> int: ...
+    async def renew_leases(
+        self, messages: Sequence[int], callbacks: Sequence[int], until: float
+    ) -> int: ...
     async def note_attempt(self, seq: int, *, attempts: int, adapter: str | None) -> None: ...
+    async def watch_outbox(self, wake: Callable[[], None]) -> None: ...
 
     # Callbacks
     async def insert_callback(self, cb: NewCallback) -> CallbackRecord: ...
@@ -201,22 +345,32 @@ class Store(Protocol):
     async def reschedule_callback(
         self, seq: int, *, attempts: int, next_attempt_at: float, error: str
     ) -> None: ...
-    async def dead_letters(self, limit: int = 100) -> Sequence[Mapping[str, Any]]: ...
+    async def dead_letters(self, limit: int = 100) -> Sequence[DeadLetter]: ...
     async def redeliver(self, kind: str, seq: int, now: float) -> bool: ...
 
-    # Live configuration and administration
+    # Live configuration and administration. Every admin write bumps one configuration
+    # version in its own transaction; put_resource returns the new version and, given
+    # expected_version, writes only while the version is still that (else
+    # ConfigConflict); load_overlay lists changes in version order.
+    # wait_for_config_change returns when the version may have moved (a notification)
+    # or after timeout_s, whichever comes first; the caller then reads config_version().
     async def load_overlay(self) -> list[tuple[str, str, Any]]: ...
-    async def put_resource(self, change: ResourceChange) -> int: ...
-    # the last accepted federation directory (gateway/federation.py)
+    async def put_resource(
+        self, change: ResourceChange, *, expected_version: int | None = None
+    ) -> int: ...
+    async def config_version(self) -> int: ...
+    async def wait_for_config_change(self, timeout_s: float) -> None: ...
+    # The last accepted federation directory (gateway/federation.py): kept unless one of
+    # a higher version already is; True when this one is now kept.
     async def save_directory(self, version: int, jws: str) -> bool: ...
     async def load_directory(self) -> str | None: ...
-    async def audit(self, change: ResourceChange) -> int: ...
-    async def audit_trail(
+    async def record_change(self, change: ResourceChange) -> int: ...
+    async def changes(
         self, *, kind: str | None = None, since: float | None = None, limit: int = 100
-    ) -> list[dict[str, Any]]: ...
+    ) -> list[ChangeRecord]: ...
     async def add_token(self, name: str, role: str, token_hash: str) -> None: ...
-    async def token_by_hash(self, token_hash: str) -> dict[str, Any] | None: ...
-    async def list_tokens(self) -> list[dict[str, Any]]: ...
+    async def token_by_hash(self, token_hash: str) -> Credential | None: ...
+    async def list_tokens(self) -> list[TokenRecord]: ...
     async def revoke_token(self, name: str) -> bool: ...
 
     # Signature nonces (gateway/replay.py)
@@ -224,3 +378,49 @@ class Store(Protocol):
         self, signer: str, keyid: str, nonce: str, expires_at: float, now: float
     ) -> bool: ...
     async def prune_nonces(self, now: float) -> int: ...
+
+    # Reports
+    async def rejections(self, limit: int = 100) -> list[RejectionRecord]: ...
+    async def count_messages(self, state: str | None = None) -> int: ...
+
+    # The tamper-evident message log (gateway/audit)
+    async def sign_checkpoint(self, sign: Signer) -> CheckpointRow | None: ...
+    def snapshot(self) -> AbstractAsyncContextManager[ChainSnapshot]: ...
+    async def purge_bodies(self, cutoff: float, now: float) -> tuple[int, int]: ...
+    async def chain_head(self) -> Head: ...
+
+
+def instance_id() -> str:
+    """This process's lease owner: ``GATEWAY_INSTANCE_ID`` (set by the supervisor for its
+    workers), else a fresh random id; never a pid (pids repeat, and across machines)."""
+    return os.environ.get(INSTANCE_ENV) or uuid.uuid4().hex
+
+
+def store_url(config: StoreConfig) -> str | None:
+    """The PostgreSQL URL the store lives at, or None for the SQLite file."""
+    url = os.environ.get(STORE_URL_ENV) or config.url
+    if not url:
+        return None
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError([f"/store/url: {url!r} is not a postgresql:// URL"])
+    return url
+
+
+def create_store(
+    config: StoreConfig, *, instance: str | None = None, readonly: bool = False
+) -> Store:
+    """The configured store, not yet opened: PostgreSQL when a URL is configured
+    (``store.url`` or ``GATEWAY_STORE_URL``), else SQLite at ``store.path``.
+
+    ``readonly``: for reports (``audit verify``): opening neither migrates nor creates."""
+    owner = instance or instance_id()
+    url = store_url(config)
+    if url is not None:
+        from gateway.store.postgres import PostgresStore
+
+        return PostgresStore(url, instance=owner, migrate=not readonly)
+    from gateway.store.sqlite import SQLiteStore
+
+    return SQLiteStore(
+        config.path, synchronous=config.synchronous, instance=owner, readonly=readonly
+    )

@@ -6,10 +6,9 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,17 +16,29 @@ import aiosqlite
 
 from gateway.errors import StoreError
 from gateway.store import (
+    FORWARD,
+    IN_OUTBOX,
     CallbackRecord,
+    ChangeRecord,
+    ConfigConflict,
+    Credential,
+    DeadLetter,
     DuplicateMessage,
     MessageRecord,
     NewCallback,
     NewMessage,
     Rejection,
+    RejectionRecord,
     ResourceChange,
+    Signer,
+    TokenNameTaken,
+    TokenRecord,
+    instance_id,
 )
-from gateway.store.batch import GroupCommit, Unit
+from gateway.store import chain as log_chain
+from gateway.store.batch import BatchObserver, GroupCommit, Unit
 from gateway.store.chain import MIGRATION as CHAIN_MIGRATION
-from gateway.store.chain import HashChain, body_digest
+from gateway.store.chain import ChainRow, CheckpointRow, HashChain, Head, body_digest
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
@@ -150,6 +161,26 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE callbacks ADD COLUMN lease_owner INTEGER;
     """,
     """
+    -- "audit" is the tamper-evident message log; the admin change trail gets its own name.
+    -- Lease owners are opaque instance ids now (text; SQLite keeps the column's affinity).
+    ALTER TABLE audit RENAME TO admin_changes;
+    """,
+    """
+    -- The configuration version, bumped in the transaction of every admin write: each
+    -- process notices a change by reading one row, and the overlay applies in version
+    -- order (wall clocks of several writers need not agree).
+    ALTER TABLE resources ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
+    UPDATE resources SET version = (
+        SELECT COUNT(*) FROM resources r
+        WHERE (r.updated_at, r.kind, r.id) <= (resources.updated_at, resources.kind, resources.id)
+    );
+    CREATE TABLE config_version (
+        id      INTEGER PRIMARY KEY CHECK (id = 1),
+        version INTEGER NOT NULL
+    );
+    INSERT INTO config_version (id, version) SELECT 1, COUNT(*) FROM resources;
+    """,
+    """
     -- The last federation directory this gateway accepted (a JWS), for a restart while
     -- the national platform is down. One row; a lower version never replaces it.
     CREATE TABLE directory (
@@ -162,13 +193,8 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 # Message states move forward only; each target state lists the states it may follow.
-_IN_OUTBOX = "('accepted', 'delivering')"
-_FROM = {
-    "delivered": _IN_OUTBOX,
-    "answered": "('accepted', 'delivering', 'delivered')",
-    "dead": _IN_OUTBOX,
-    "failed": _IN_OUTBOX,
-}
+_IN_OUTBOX = IN_OUTBOX
+_FROM = FORWARD  # state → the states it may follow (gateway.states)
 
 _MESSAGE_COLUMNS = (
     "seq, message_id, client, service, mode, state, target, adapter, request_headers, "
@@ -240,6 +266,41 @@ def _callback(row: sqlite3.Row) -> CallbackRecord:
     )
 
 
+def _change(row: sqlite3.Row) -> ChangeRecord:
+    return ChangeRecord(
+        seq=row["seq"],
+        at=row["at"],
+        actor=row["actor"],
+        role=row["role"],
+        action=row["action"],
+        kind=row["kind"],
+        resource_id=row["resource_id"],
+        before=json.loads(row["before"]) if row["before"] else None,
+        after=json.loads(row["after"]) if row["after"] else None,
+    )
+
+
+def _rejection(row: sqlite3.Row) -> RejectionRecord:
+    return RejectionRecord(
+        seq=row["seq"],
+        at=row["at"],
+        client=row["client"],
+        message_id=row["message_id"],
+        service=row["service"],
+        status=row["status"],
+        code=row["code"],
+        detail=row["detail"],
+        digest=row["digest"],
+        size=row["size"],
+        headers=json.loads(row["headers"]),
+    )
+
+
+# A delivery-side update lands only while this process holds the row's lease (or nobody
+# does: a message never claimed, a lease voided).
+_FENCE = "(lease_owner IS NULL OR lease_owner = ?)"
+
+
 def _count(cursor: sqlite3.Cursor) -> int:
     count = cursor.rowcount
     cursor.close()
@@ -274,8 +335,17 @@ class SQLiteStore:
     CHECKPOINT_EVERY_S = 1.0
     WAL_RESTART_PAGES = 4096  # 16 MiB of 4 KiB pages
 
-    def __init__(self, path: Path | str, *, synchronous: str = "normal") -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        synchronous: str = "normal",
+        instance: str | None = None,
+        readonly: bool = False,
+    ) -> None:
         self.path = Path(path)
+        self.readonly = readonly  # only snapshots (audit verify): nothing opened, nothing made
+        self.instance_id = instance or instance_id()
         self._synchronous = synchronous.upper()
         self._db: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
@@ -304,6 +374,12 @@ class SQLiteStore:
             raise StoreError("the store is not open")
         return self._batch
 
+    def observe(self, observer: BatchObserver) -> None:
+        self.batch.observer = observer
+
+    async def watch_outbox(self, wake: Callable[[], None]) -> None:
+        """Nothing to listen to: workers on one file find new work by polling."""
+
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, timeout=10)
         db.row_factory = sqlite3.Row
@@ -317,6 +393,10 @@ class SQLiteStore:
         return db
 
     async def open(self) -> None:
+        if self.readonly:
+            if not self.path.exists():
+                raise StoreError(f"no store at {self.path}")
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         opened: list[sqlite3.Connection] = []
         try:
@@ -331,9 +411,11 @@ class SQLiteStore:
             db = self._connect()
             opened.append(db)
             self._maintenance = await aiosqlite.connect(self.path, isolation_level=None)
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, StoreError) as exc:
             for connection in opened:
                 connection.close()
+            if isinstance(exc, StoreError):
+                raise
             raise StoreError(f"cannot open the store at {self.path}: {exc}") from exc
         self._db, self._writer = db, writer
         self._batch = GroupCommit(writer, self.chain)
@@ -342,6 +424,11 @@ class SQLiteStore:
     @staticmethod
     def _migrate(db: sqlite3.Connection) -> None:
         version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"the store is at schema version {version}, newer than this gateway knows "
+                f"({len(MIGRATIONS)}): upgrade the gateway"
+            )
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
 
@@ -445,27 +532,54 @@ class SQLiteStore:
 
     async def load_overlay(self) -> list[tuple[str, str, Any]]:
         """Admin changes to apply over the file: (kind, id, body or None for deleted)."""
-        rows = self._rows("SELECT kind, id, body FROM resources ORDER BY updated_at, kind, id")
+        rows = self._rows("SELECT kind, id, body FROM resources ORDER BY version, kind, id")
         return [(r["kind"], r["id"], json.loads(r["body"]) if r["body"] else None) for r in rows]
 
-    async def put_resource(self, change: ResourceChange) -> int:
-        """Persist one admin write and its audit record together; return the audit seq."""
+    async def config_version(self) -> int:
+        """The configuration version: one row, read on every poll of every worker."""
+        rows = self._rows("SELECT version FROM config_version")
+        return int(rows[0][0]) if rows else 0
+
+    async def wait_for_config_change(self, timeout_s: float) -> None:
+        """SQLite notifies no one: the caller polls ``config_version`` after the timeout."""
+        await asyncio.sleep(timeout_s)
+
+    async def put_resource(
+        self, change: ResourceChange, *, expected_version: int | None = None
+    ) -> int:
+        """Persist one admin write and its audit record together, bumping the configuration
+        version; return the new version. With ``expected_version``, write only if the
+        version is still that one, else raise ``ConfigConflict`` having written nothing."""
         now = time.time()
         after = json.dumps(change.after, ensure_ascii=False) if change.after is not None else None
 
-        def unit(db: sqlite3.Connection) -> int:
+        def unit(db: sqlite3.Connection) -> int | None:
+            bumped = _fetch(
+                db,
+                "UPDATE config_version SET version = version + 1 "
+                "WHERE ?1 IS NULL OR version = ?1 RETURNING version",
+                (expected_version,),
+            )
+            if not bumped:
+                return None  # no exception: that would roll the whole batch back
+            version = int(bumped[0][0])
             db.execute(
-                "INSERT INTO resources (kind, id, body, updated_at, updated_by) "
-                "VALUES (?,?,?,?,?) ON CONFLICT (kind, id) DO UPDATE SET body=excluded.body, "
-                "updated_at=excluded.updated_at, updated_by=excluded.updated_by",
-                (change.kind, change.id, after, now, change.actor),
+                "INSERT INTO resources (kind, id, body, updated_at, updated_by, version) "
+                "VALUES (?,?,?,?,?,?) ON CONFLICT (kind, id) DO UPDATE SET body=excluded.body, "
+                "updated_at=excluded.updated_at, updated_by=excluded.updated_by, "
+                "version=excluded.version",
+                (change.kind, change.id, after, now, change.actor, version),
             ).close()
-            return self._insert_audit(db, change, now)
+            self._insert_change(db, change, now)
+            return version
 
         try:
-            return await self.write(unit)
+            version = await self.write(unit)
         except sqlite3.Error as exc:
             raise StoreError(f"store write failed: {exc}") from exc
+        if version is None:
+            raise ConfigConflict(f"the configuration is past version {expected_version}")
+        return version
 
     async def save_directory(self, version: int, jws: str) -> bool:
         """Keep an accepted directory unless one of a higher version is already kept
@@ -493,21 +607,21 @@ class SQLiteStore:
         rows = self._rows("SELECT jws FROM directory WHERE id = 1")
         return str(rows[0]["jws"]) if rows else None
 
-    async def audit(self, change: ResourceChange) -> int:
-        """An audited action that changes no configuration (a redelivery, a token)."""
+    async def record_change(self, change: ResourceChange) -> int:
+        """A recorded admin action that changes no configuration (a redelivery, a token)."""
         now = time.time()
         try:
-            return await self.write(lambda db: self._insert_audit(db, change, now))
+            return await self.write(lambda db: self._insert_change(db, change, now))
         except sqlite3.Error as exc:
             raise StoreError(f"store write failed: {exc}") from exc
 
     @staticmethod
-    def _insert_audit(db: sqlite3.Connection, change: ResourceChange, now: float) -> int:
+    def _insert_change(db: sqlite3.Connection, change: ResourceChange, now: float) -> int:
         def encoded(value: Any) -> str | None:
             return json.dumps(value, ensure_ascii=False) if value is not None else None
 
         cur = db.execute(
-            "INSERT INTO audit (at, actor, role, action, kind, resource_id, before, after) "
+            "INSERT INTO admin_changes (at, actor, role, action, kind, resource_id, before, after) "
             "VALUES (?,?,?,?,?,?,?,?)",
             (
                 now,
@@ -524,9 +638,9 @@ class SQLiteStore:
         cur.close()
         return seq
 
-    async def audit_trail(
+    async def changes(
         self, *, kind: str | None = None, since: float | None = None, limit: int = 100
-    ) -> list[dict[str, Any]]:
+    ) -> list[ChangeRecord]:
         clauses: list[str] = []
         params: list[Any] = []
         if kind is not None:
@@ -537,15 +651,9 @@ class SQLiteStore:
             params.append(since)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._rows(
-            f"SELECT * FROM audit {where} ORDER BY seq DESC LIMIT ?", (*params, limit)
+            f"SELECT * FROM admin_changes {where} ORDER BY seq DESC LIMIT ?", (*params, limit)
         )
-        out = []
-        for r in rows:
-            item = dict(r)
-            item["before"] = json.loads(item["before"]) if item["before"] else None
-            item["after"] = json.loads(item["after"]) if item["after"] else None
-            out.append(item)
-        return out
+        return [_change(r) for r in rows]
 
     async def add_token(self, name: str, role: str, token_hash: str) -> None:
         try:
@@ -554,23 +662,22 @@ class SQLiteStore:
                 (name, role, token_hash, time.time()),
             )
         except sqlite3.IntegrityError as exc:
-            raise DuplicateMessage(name) from exc
+            raise TokenNameTaken(name) from exc
         except sqlite3.Error as exc:
             raise StoreError(f"store write failed: {exc}") from exc
 
-    async def token_by_hash(self, token_hash: str) -> dict[str, Any] | None:
+    async def token_by_hash(self, token_hash: str) -> Credential | None:
         rows = self._rows(
-            "SELECT name, role, hash, created_at FROM admin_tokens "
-            "WHERE hash = ? AND revoked_at IS NULL",
+            "SELECT name, role, hash FROM admin_tokens WHERE hash = ? AND revoked_at IS NULL",
             (token_hash,),
         )
-        return dict(rows[0]) if rows else None
+        return Credential(**dict(rows[0])) if rows else None
 
-    async def list_tokens(self) -> list[dict[str, Any]]:
+    async def list_tokens(self) -> list[TokenRecord]:
         rows = self._rows(
             "SELECT name, role, created_at, revoked_at FROM admin_tokens ORDER BY created_at"
         )
-        return [dict(r) for r in rows]
+        return [TokenRecord(**dict(r)) for r in rows]
 
     async def revoke_token(self, name: str) -> bool:
         count = await self._write(
@@ -775,9 +882,9 @@ class SQLiteStore:
 
         await self.write(unit)
 
-    async def rejections(self, limit: int = 100) -> list[dict[str, Any]]:
+    async def rejections(self, limit: int = 100) -> list[RejectionRecord]:
         rows = self._rows("SELECT * FROM rejections ORDER BY seq DESC LIMIT ?", (limit,))
-        return [dict(r) for r in rows]
+        return [_rejection(r) for r in rows]
 
     async def search_messages(
         self,
@@ -846,7 +953,7 @@ class SQLiteStore:
             "SELECT seq FROM messages WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= ? "
             "AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_attempt_at LIMIT ?) "
             f"RETURNING {_MESSAGE_COLUMNS}",
-            (now + lease_s, os.getpid(), now, now, now, limit),
+            (now + lease_s, self.instance_id, now, now, now, limit),
         )
         return sorted((_message(r) for r in rows), key=lambda m: m.seq)
 
@@ -855,8 +962,8 @@ class SQLiteStore:
     ) -> None:
         await self._write(
             "UPDATE messages SET attempts=?, next_attempt_at=?, lease_until=NULL, error=?, "
-            f"updated_at=? WHERE seq=? AND state IN {_IN_OUTBOX}",
-            (attempts, next_attempt_at, error, time.time(), seq),
+            f"updated_at=? WHERE seq=? AND state IN {_IN_OUTBOX} AND {_FENCE}",
+            (attempts, next_attempt_at, error, time.time(), seq, self.instance_id),
         )
 
     async def set_message_state(
@@ -880,8 +987,8 @@ class SQLiteStore:
                 "UPDATE messages SET state=?, adapter=COALESCE(?, adapter), error=?, "
                 "result=COALESCE(?, result), attempts=COALESCE(?, attempts), "
                 f"next_attempt_at=NULL, lease_until=NULL, updated_at=? WHERE seq=? AND state IN "
-                f"{allowed}",
-                (state, adapter, error, result, attempts, now, seq),
+                f"{allowed} AND {_FENCE}",
+                (state, adapter, error, result, attempts, now, seq, self.instance_id),
             )
             if count == 1:
                 facts = {} if result is None else {"result_digest": body_digest(result)}
@@ -893,8 +1000,8 @@ class SQLiteStore:
         """Count a delivery attempt without moving the message's state."""
         await self._write(
             "UPDATE messages SET attempts=?, adapter=COALESCE(?, adapter), updated_at=? "
-            "WHERE seq=?",
-            (attempts, adapter, time.time(), seq),
+            f"WHERE seq=? AND {_FENCE}",
+            (attempts, adapter, time.time(), seq, self.instance_id),
         )
 
     @staticmethod
@@ -903,9 +1010,10 @@ class SQLiteStore:
             raise StoreError(f"no message moves to state {state!r} this way")
         return _FROM[state]
 
-    async def release_leases(self, owner: int | None = None) -> int:
-        """Void leases: every one after a restart (nothing is in flight), or those of one
-        process that died while others go on (``owner``, its process id)."""
+    async def release_leases(self, owner: str | None = None) -> int:
+        """Void leases: every one after a restart (nothing is in flight: one file has one
+        supervisor), or those of one worker that died while others go on (``owner``, its
+        instance id)."""
         where, params = ("lease_owner=? AND ", (owner,)) if owner is not None else ("", ())
 
         def unit(db: sqlite3.Connection) -> int:
@@ -917,6 +1025,26 @@ class SQLiteStore:
                 )
                 for table in ("messages", "callbacks")
             )
+
+        return await self.write(unit)
+
+    async def renew_leases(
+        self, messages: Sequence[int], callbacks: Sequence[int], until: float
+    ) -> int:
+        """Extend this process's leases on rows it is still delivering."""
+
+        def unit(db: sqlite3.Connection) -> int:
+            total = 0
+            for table, seqs in (("messages", messages), ("callbacks", callbacks)):
+                if seqs:
+                    total += _run(
+                        db,
+                        f"UPDATE {table} SET lease_until=? WHERE seq IN "
+                        f"({','.join('?' * len(seqs))}) AND lease_owner=? "
+                        "AND lease_until IS NOT NULL",
+                        (until, *seqs, self.instance_id),
+                    )
+            return total
 
         return await self.write(unit)
 
@@ -1003,7 +1131,7 @@ class SQLiteStore:
             "SELECT seq FROM callbacks WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= ? "
             "AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_attempt_at LIMIT ?) "
             "RETURNING seq",
-            (now + lease_s, os.getpid(), now, now, now, limit),
+            (now + lease_s, self.instance_id, now, now, now, limit),
         )
         if not rows:
             return []
@@ -1027,11 +1155,11 @@ class SQLiteStore:
             count = _run(
                 db,
                 "UPDATE callbacks SET state=?, attempts=?, error=?, next_attempt_at=NULL, "
-                "lease_until=NULL, updated_at=? WHERE seq=?",
-                (state, attempts, error, now, seq),
+                f"lease_until=NULL, updated_at=? WHERE seq=? AND {_FENCE}",
+                (state, attempts, error, now, seq, self.instance_id),
             )
             moved = 0
-            if state == "delivered":
+            if count == 1 and state == "delivered":
                 moved = _run(
                     db,
                     "UPDATE messages SET state='callback_delivered', updated_at=? WHERE seq = "
@@ -1058,11 +1186,11 @@ class SQLiteStore:
     ) -> None:
         await self._write(
             "UPDATE callbacks SET attempts=?, next_attempt_at=?, lease_until=NULL, error=?, "
-            "updated_at=? WHERE seq=?",
-            (attempts, next_attempt_at, error, time.time(), seq),
+            f"updated_at=? WHERE seq=? AND {_FENCE}",
+            (attempts, next_attempt_at, error, time.time(), seq, self.instance_id),
         )
 
-    async def dead_letters(self, limit: int = 100) -> Sequence[Mapping[str, Any]]:
+    async def dead_letters(self, limit: int = 100) -> Sequence[DeadLetter]:
         rows = self._rows(
             "SELECT 'message' AS kind, seq, message_id, client, service, attempts, error, "
             "updated_at FROM messages WHERE state='dead' UNION ALL "
@@ -1071,7 +1199,7 @@ class SQLiteStore:
             "WHERE c.state='dead' ORDER BY updated_at DESC LIMIT ?",
             (limit,),
         )
-        return [dict(r) for r in rows]
+        return [DeadLetter(**dict(r)) for r in rows]
 
     async def redeliver(self, kind: str, seq: int, now: float) -> bool:
         """Put one dead letter back in the outbox with a fresh attempt budget."""
@@ -1098,3 +1226,99 @@ class SQLiteStore:
             return count == 1
 
         return await self.write(unit)
+
+    # The message log -----------------------------------------------------------------
+
+    async def chain_head(self) -> Head:
+        return self.chain.head
+
+    async def sign_checkpoint(self, sign: Signer) -> CheckpointRow | None:
+        """Sign the head under the write lock (two workers never sign one head twice)
+        and store the checkpoint; None when the head is signed already."""
+
+        def unit(db: sqlite3.Connection) -> CheckpointRow | None:
+            head = log_chain.read_head(db)
+            last = log_chain.latest_checkpoint(db)
+            if head.seq == 0 or (last is not None and last.seq >= head.seq):
+                return None
+            if last is not None and log_chain.hash_at(db, last.seq) != last.hash:
+                # Never bless a chain whose signed part changed: `audit verify` names it.
+                raise StoreError(
+                    f"the chain no longer matches checkpoint {last.id} at seq {last.seq}; not "
+                    "signing (run gateway audit verify)"
+                )
+            at = time.time()
+            kid, jws = sign(head, at)
+            log_chain.add_checkpoint(db, seq=head.seq, hash=head.hash, at=at, kid=kid, jws=jws)
+            return log_chain.latest_checkpoint(db)
+
+        return await self.write(unit)
+
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[_Snapshot]:
+        """A read transaction on a connection of its own: one WAL snapshot throughout."""
+        db = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, timeout=10)
+        try:
+            db.execute("BEGIN")
+            if not log_chain.schema_has_chain(db):
+                raise StoreError("this store has no message log chain yet (start the gateway once)")
+            yield _Snapshot(db)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the message log: {exc}") from exc
+        finally:
+            db.close()
+
+    async def purge_bodies(self, cutoff: float, now: float) -> tuple[int, int]:
+        """Drop old bodies, keep digests (chain.py); on a connection of its own, so the
+        purge's short transactions queue behind group commit like any other process."""
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=10)
+        try:
+            return log_chain.purge_bodies(db, HashChain(), cutoff, now)
+        finally:
+            db.close()
+
+
+class _Snapshot:
+    """``ChainSnapshot`` on a plain connection inside one read transaction. SQLite reads
+    take microseconds, so these run on the loop, a chunk of rows at a time."""
+
+    CHUNK = 2000
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    @staticmethod
+    async def _iterate(rows: Iterator[T]) -> AsyncIterator[T]:
+        for n, row in enumerate(rows, 1):
+            yield row
+            if n % _Snapshot.CHUNK == 0:
+                await asyncio.sleep(0)  # let the loop breathe during a long walk
+
+    def chain_rows(self, first: int = 1, last: int | None = None) -> AsyncIterator[ChainRow]:
+        return self._iterate(log_chain.chain_rows(self.db, first, last))
+
+    async def checkpoints(self) -> list[CheckpointRow]:
+        return log_chain.checkpoints(self.db)
+
+    async def checkpoint_high_water(self) -> int:
+        return log_chain.checkpoint_high_water(self.db)
+
+    async def checkpoint_covering(self, seq: int) -> CheckpointRow | None:
+        return log_chain.checkpoint_covering(self.db, seq)
+
+    async def find_hash(self, value: str) -> int | None:
+        return log_chain.find_hash(self.db, value)
+
+    def data_rows(self, table: str) -> AsyncIterator[dict[str, Any]]:
+        return self._iterate(log_chain.data_rows(self.db, table))
+
+    async def messages_by_id(self, message_id: str) -> list[dict[str, Any]]:
+        return log_chain.messages_by_id(self.db, message_id)
+
+    async def callbacks_of(self, message_seq: int) -> list[dict[str, Any]]:
+        return log_chain.callbacks_of(self.db, message_seq)
+
+    async def own_events(
+        self, message_seq: int, callback_seqs: list[int]
+    ) -> tuple[int, int] | None:
+        return log_chain.own_events(self.db, message_seq, callback_seqs)

@@ -1,0 +1,113 @@
+"""The live configuration across processes: two gateways on one store (a SQLite file, as
+two workers share it; a PostgreSQL database, as two instances do), each with its own
+store connections and runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.app import LIVE
+from tests.conftest import CREDIT_EXAMPLE, PORTAL_ID, TAX_ID, Harness, HarnessFactory
+from tests.test_admin import _new_member
+
+
+async def _call(h: Harness, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    async with h.admin.request(method, path, data=data, headers=h.auth()) as resp:
+        raw = await resp.read()
+        return resp.status, json.loads(raw) if raw else None
+
+
+async def _on(make_harness: HarnessFactory, store_url: str) -> Harness:
+    if store_url.startswith("postgresql://"):
+
+        def on_postgres(doc: dict[str, Any]) -> None:
+            doc["store"]["url"] = store_url
+
+        return await make_harness(on_postgres)
+    return await make_harness(store=Path(store_url))
+
+
+async def _pair(make_harness: HarnessFactory, store_url: str) -> tuple[Harness, Harness]:
+    return await _on(make_harness, store_url), await _on(make_harness, store_url)
+
+
+async def test_a_revocation_on_one_gateway_is_refused_by_the_other_within_a_second(
+    make_harness: HarnessFactory, store_url: str
+) -> None:
+    """The other gateway, which took no admin request, refuses the revoked key in < 1 s."""
+    one, other = await _pair(make_harness, store_url)
+    client = other.client("portal")
+    assert (await client.exchange("credit.query", CREDIT_EXAMPLE)).status == 200
+    kid = other.keys.pairs["portal"].kid
+    assert (await _call(one, "DELETE", f"/admin/v1/members/{PORTAL_ID}/keys/{kid}"))[0] == 204
+    revoked_at = time.monotonic()
+    while (reply := await client.exchange("credit.query", CREDIT_EXAMPLE)).status == 200:
+        assert time.monotonic() - revoked_at < 1.0, "still authenticated after 1 s"
+        await asyncio.sleep(0.02)
+    assert (reply.status, reply.json()["code"]) == (401, "key_unknown")
+    assert other.app[LIVE].version == one.app[LIVE].version
+
+
+async def test_writes_to_different_resources_at_once_on_two_gateways_both_stay(
+    make_harness: HarnessFactory, store_url: str
+) -> None:
+    """Compare-and-set on the version: the write that loses the race is retried on top of
+    the other, so neither is lost, on either gateway, nor after a restart."""
+    one, other = await _pair(make_harness, store_url)
+    first, second = await asyncio.gather(
+        _call(one, "PATCH", "/admin/v1/adapters/national", {"concurrency": 7}),
+        _call(other, "PATCH", f"/admin/v1/members/{TAX_ID}", {"enabled": False}),
+    )
+    assert (first[0], second[0]) == (200, 200), (first, second)
+    for h in (one, other):
+        await h.wait_for(functools.partial(_both_applied, h), within_s=1.0)
+    third = await _on(make_harness, store_url)  # a restart reads the same
+    assert await _both_applied(third)
+
+
+async def _both_applied(h: Harness) -> bool:
+    live = h.app[LIVE]
+    adapter, member = live.get("adapters", "national"), live.get("members", TAX_ID)
+    assert adapter is not None
+    assert member is not None
+    return adapter.get("concurrency") == 7 and member.get("enabled") is False
+
+
+async def test_writes_to_one_resource_at_once_on_two_gateways_lose_nothing_silently(
+    make_harness: HarnessFactory, store_url: str, tmp_path: Path
+) -> None:
+    """Two keys added to one member at once: each answered 201 is stored; a write that
+    would have overwritten the other's is refused with 409 resource_changed."""
+    one, other = await _pair(make_harness, store_url)
+    jwks = [_new_member(tmp_path, f"330000:k{i}")[0]["keys"][0] for i in range(2)]
+    answers = await asyncio.gather(
+        *(
+            _call(h, "POST", f"/admin/v1/members/{TAX_ID}/keys", jwk)
+            for h, jwk in zip((one, other), jwks, strict=True)
+        )
+    )
+    statuses = sorted(status for status, _ in answers)
+    assert statuses in ([201, 201], [201, 409]), answers
+    for status, body in answers:
+        if status == 409:
+            assert body["code"] == "resource_changed"
+    added = {jwk["kid"] for (status, _), jwk in zip(answers, jwks, strict=True) if status == 201}
+    for h in (one, other):
+        await h.wait_for(functools.partial(_kids, h, added), within_s=1.0)
+
+
+async def _kids(h: Harness, expected: set[str]) -> bool:
+    member = h.app[LIVE].get("members", TAX_ID)
+    assert member is not None
+    kids = {k["kid"] for k in member["keys"]}
+    return expected <= kids and not ({k for k in kids if k not in expected} - _file_kids(h))
+
+
+def _file_kids(h: Harness) -> set[str]:
+    return {h.keys.pairs["tax"].kid}
