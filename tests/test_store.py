@@ -572,3 +572,14 @@ async def test_a_file_migrated_by_newer_code_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="newer than this gateway knows"):
         await store.open()
     await store.close()
+
+
+async def test_the_kept_directory_never_goes_back_a_version(store: Store) -> None:
+    """The last accepted federation directory: replaced by higher versions only."""
+    assert await store.load_directory() is None
+    assert await store.save_directory(3, "jws-3")
+    assert await store.save_directory(3, "jws-3")  # the same again (another worker)
+    assert not await store.save_directory(2, "jws-2")
+    assert await store.load_directory() == "jws-3"
+    assert await store.save_directory(4, "jws-4")
+    assert await store.load_directory() == "jws-4"
