@@ -18,16 +18,17 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.app import DIRECTORY, RUNTIME, create_app
+from gateway.cli import main
 from gateway.client import ExchangeClient
 from gateway.config import Config, jwk_path_for, parse_config
 from gateway.directory import Publisher, sign_directory
 from gateway.encoding import iso_utc
-from gateway.federation import announce, announcement_of
-from gateway.keys import KeyPair, generate, rotate_keypair, write_keypair
+from gateway.keys import KeyPair, generate, load_keypair, write_keypair
 from gateway.signing import Signer
 from simulators.national import NationalPlatform, create_national_app
 from tests.conftest import CREDIT_EXAMPLE, SCHEMAS, unused_port
@@ -239,22 +240,23 @@ async def test_b_rotates_mid_flow_and_a_follows_within_refresh_s(fed: Federation
     assert ready["directory"]["stale"] is False
     assert "gateway_directory_version" in await fed.metrics("a")
 
-    # B rotates: `gateway keys rotate` announces the new key, signed with the old one.
+    # B rotates with `gateway keys rotate`, which announces the new key signed with the
+    # old one (the command runs its own event loop, so in a thread here).
     b_cfg = fed.b_config()
-    gw = b_cfg.gateway
+    config_file = fed.tmp / "b.yaml"
+    config_file.write_text(yaml.safe_dump(dict(b_cfg.raw)), encoding="utf-8")
     rotated_at = time.monotonic()
-    old, new, _ = rotate_keypair(gw.key_path, gw.jwk_path, gw.rotated_keys_path, grace_s=3600)
-    assert await announce(
-        fed.session, f"{fed.url('national')}/v1/directory/announce", old, B_ID,
-        announcement_of(b_cfg, new),
-    ) == 200  # fmt: skip
+    assert await asyncio.to_thread(main, ["keys", "rotate", "--config", str(config_file)]) == 0
+    new = load_keypair(b_cfg.gateway.key_path, b_cfg.gateway.jwk_path)
+    old = fed.pairs["b"]
+    assert fed.sim is not None
+    assert fed.sim.announcements[-1] == old.kid  # the rotation was announced by the old key
     # A accepts B's new key within one refresh (plus a scheduling margin on a busy VM),
     # and B's previous key stays valid for the overlap the directory states.
     followed = await _until(lambda: new.kid in _member_kids(a, B_ID), REFRESH_S + 2.0)
     assert _member_kids(a, B_ID) == {new.kid, old.kid}
     await fed.stop("b")
     await fed.serve("b", create_app(b_cfg))  # B now signs with the new key
-    assert fed.sim is not None
     assert fed.sim.announcements[-1] == new.kid  # B's start-up announcement, new key
     first_ok = await _until(lambda: _ok(fed), 10.0)
     propagation = time.monotonic() - rotated_at
