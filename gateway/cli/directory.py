@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 
+from gateway.config import jwk_path_for
 from gateway.directory import check_succession, read_directory, sign_directory
 from gateway.encoding import iso_utc
 from gateway.errors import DirectoryRefused
@@ -59,7 +60,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
         payload["version"] = args.version
     payload["issued_at"] = iso_utc(now)
     payload["expires_at"] = iso_utc(now + args.validity_hours * 3600)
-    keypair = load_keypair(Path(args.key), Path(args.key).with_suffix("").with_suffix(".jwk.json"))
+    keypair = load_keypair(Path(args.key), jwk_path_for(Path(args.key)))
     jws = sign_directory(keypair, payload)
     if args.out:
         Path(args.out).write_text(jws + "\n", encoding="ascii")
@@ -74,10 +75,11 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    jws = _read_source(args.source)
+    parts = _read_source(args.source).split(".")
     try:
-        header, payload, _ = (json.loads(base64.urlsafe_b64decode(p + "==")) if i < 2 else p
-                              for i, p in enumerate(jws.split(".")))  # fmt: skip
+        if len(parts) != 3:
+            raise ValueError("not three parts")
+        header, payload = (json.loads(base64.urlsafe_b64decode(p + "==")) for p in parts[:2])
     except (ValueError, UnicodeDecodeError):
         print("directory: not a compact JWS", file=sys.stderr)
         return 1
