@@ -286,6 +286,11 @@ async def test_a_starts_with_the_national_platform_down_and_serves_from_the_stor
     await fed.serve("b", create_app(fed.b_config()))
     await fed.serve("a", create_app(fed.a_config()))
     assert await fed.ask_b() == 200
+    # An auditor checks the published directory against the pinned key, by its URL.
+    url = f"{fed.url('national')}/v1/directory"
+    verify = ["directory", "verify", url, "--keys", fed.jwk("directory")]
+    assert await asyncio.to_thread(main, verify) == 0
+    assert await asyncio.to_thread(main, [*verify[:3], "--keys", fed.jwk("stranger")]) == 1
     await fed.stop("a")
     await fed.stop("national")
     a = await fed.serve("a", create_app(fed.a_config()))  # the national platform is down
