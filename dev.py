@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -38,6 +39,41 @@ def ensure_venv() -> None:
     STAMP.write_text(wanted)
 
 
+_apt_updated = False
+
+
+def _apt_install(package: str) -> None:
+    """``apt-get install -y PACKAGE``, with one ``apt-get update`` per run first."""
+    global _apt_updated
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    steps = [["apt-get", "install", "-y", "-q", package]]
+    if not _apt_updated:
+        steps.insert(0, ["apt-get", "update", "-q"])
+    for args in steps:
+        print("+", " ".join(args), flush=True)
+        subprocess.run(args, check=True, env=env)
+    _apt_updated = True
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def ensure_chromium() -> None:
+    """The console's browser tests drive Debian's chromium (tests/test_console_browser.py;
+    Playwright's own browser download cannot work here): install it when missing and we
+    may (root, Debian), else say how."""
+    if Path(CHROMIUM).exists():
+        return
+    if os.name == "posix" and os.geteuid() == 0 and shutil.which("apt-get"):
+        _apt_install("chromium")
+        return
+    print(
+        f"chromium is not installed at {CHROMIUM}, so the console's browser tests will skip "
+        "(under CI=true they fail): install it with `sudo apt-get install chromium`.",
+        flush=True,
+    )
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"run", "test"}:
         print(__doc__)
@@ -49,6 +85,7 @@ def main(argv: list[str]) -> int:
             return subprocess.call(cmd, cwd=ROOT)
         except KeyboardInterrupt:
             return 0
+    ensure_chromium()
     steps = [
         [BIN / "ruff", "check", "."],
         [BIN / "ruff", "format", "--check", "."],
