@@ -636,4 +636,7 @@ def create_admin_app(ingress: web.Application) -> web.Application:
         return web.json_response(admin_document())
 
     r.add_get("/openapi.json", openapi)
+    from gateway.console import mount_console
+
+    mount_console(app)  # the web console at / (gateway/console/)
     return app
