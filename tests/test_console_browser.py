@@ -68,7 +68,9 @@ class Chromium:
 
         def go() -> T:
             assert self._browser is not None
-            context = self._browser.new_context(base_url=base_url, viewport={"width": 1280, "height": 900})
+            context = self._browser.new_context(
+                base_url=base_url, viewport={"width": 1280, "height": 900}
+            )
             visit = Visit(context, base_url)
             try:
                 return script(visit)
@@ -287,7 +289,7 @@ async def test_register_an_adapter_invalid_then_valid_from_the_keyboard(
     assert adapter["config"]["url"] == "http://127.0.0.1:9/api/{service}"
     assert adapter["config"]["forward_user"] is True
     trail = await harness.app[STORE].audit_trail(kind="adapters")
-    assert [(e["id"], e["action"], e["actor"]) for e in trail] == [
+    assert [(e["resource_id"], e["action"], e["actor"]) for e in trail] == [
         ("regional", "create", "test-admin")
     ]
 
@@ -353,7 +355,7 @@ async def test_an_operator_redelivers_a_dead_letter(
 
     await harness.wait_for(delivered)
     trail = await harness.app[STORE].audit_trail(kind="dead-letters")
-    assert [(e["id"], e["actor"], e["role"]) for e in trail] == [
+    assert [(e["resource_id"], e["actor"], e["role"]) for e in trail] == [
         (message_id, "test-operator", "operator")
     ]
 
@@ -445,8 +447,9 @@ async def test_find_a_message_by_id_and_see_its_timeline(
         v.check()
         v.shot(tmp_path, "message")
         timeline = page.get_by_role("list", name="Timeline")
-        for step in ("message.accepted", "delivered", "answered", "callback_delivered"):
+        for step in ("message.accepted", "delivered", "callback.accepted", "callback.finished"):
             expect(timeline).to_contain_text(step)
+        expect(page.get_by_role("heading", level=2)).to_contain_text("callback_delivered")
         expect(page.get_by_text(record.trace_id or "-")).to_be_visible()
         return page.locator("figure").first.inner_text()
 

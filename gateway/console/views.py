@@ -367,7 +367,7 @@ async def member_create(request: web.Request, viewer: Viewer, form: Form) -> web
             errors = {"member": [exc.detail]}
         else:
             raise _done(viewer, f"Member {rid} added.", f"/members/{rid}")
-    return _members_page(request, viewer, form.get("member", ""), errors, status=422)
+    return _members_page(request, viewer, form.get("member", ""), errors)
 
 
 def _member_or_404(request: web.Request) -> dict[str, Any]:
@@ -435,7 +435,7 @@ async def member_add_key(request: web.Request, viewer: Viewer, form: Form) -> we
             errors = errors_by_field(exc.errors, [], default="jwk")
         else:
             raise _done(viewer, "Key added.", f"/members/{member_id}")
-    return _member_page(request, viewer, errors=errors, values=form, status=422)
+    return _member_page(request, viewer, errors=errors, values=form)
 
 
 @page
@@ -485,7 +485,7 @@ async def member_services(request: web.Request, viewer: Viewer, form: Form) -> w
         await set_member_services(_live(request), viewer.principal, member_id, {"services": chosen})
     except SchemaInvalid as exc:
         errors = errors_by_field(exc.errors, [], default="services")
-        return _member_page(request, viewer, errors=errors, status=422)
+        return _member_page(request, viewer, errors=errors)
     raise _done(viewer, "Services saved.", f"/members/{member_id}")
 
 
@@ -499,7 +499,7 @@ async def member_callback(request: web.Request, viewer: Viewer, form: Form) -> w
         )
     except SchemaInvalid as exc:
         errors = errors_by_field(exc.errors, ["callback_url"], default="callback_url")
-        return _member_page(request, viewer, errors=errors, values=form, status=422)
+        return _member_page(request, viewer, errors=errors, values=form)
     raise _done(viewer, "Callback URL saved.", f"/members/{member_id}")
 
 
@@ -514,7 +514,7 @@ async def member_replace(request: web.Request, viewer: Viewer, form: Form) -> we
             errors = errors_by_field(exc.errors, [], default="document")
         else:
             raise _done(viewer, f"Member {member_id} replaced.", f"/members/{member_id}")
-    return _member_page(request, viewer, errors=errors, values=form, status=422)
+    return _member_page(request, viewer, errors=errors, values=form)
 
 
 def _delete_confirm(request: web.Request, viewer: Viewer, what: str, back: str) -> web.Response:
@@ -726,7 +726,7 @@ async def _save_adapter(
         errors=errors,
         editing=editing,
         submitted=form,
-        status=422,
+        status=200,
     )
 
 
@@ -808,7 +808,7 @@ async def service_create(request: web.Request, viewer: Viewer, form: Form) -> we
             errors = {"service": [exc.detail]}
         else:
             raise _done(viewer, f"Service {rid} created.", f"/services/{rid}")
-    return _services_page(request, viewer, form.get("service", ""), errors, status=422)
+    return _services_page(request, viewer, form.get("service", ""), errors)
 
 
 def _service_page(
@@ -852,7 +852,7 @@ async def service_replace(request: web.Request, viewer: Viewer, form: Form) -> w
             errors = errors_by_field(exc.errors, [], default="service")
         else:
             raise _done(viewer, f"Service {code} replaced.", f"/services/{code}")
-    return _service_page(request, viewer, form.get("service", ""), errors, status=422)
+    return _service_page(request, viewer, form.get("service", ""), errors)
 
 
 @page
@@ -905,7 +905,7 @@ async def route_put(request: web.Request, viewer: Viewer, form: Form) -> web.Str
         await put_route(_live(request), viewer.principal, body)
     except SchemaInvalid as exc:
         errors = errors_by_field(exc.errors, ["service", "adapter", "target"])
-        return _routes_page(request, viewer, form, errors, status=422)
+        return _routes_page(request, viewer, form, errors)
     raise _done(viewer, f"Route for {body['service']} saved.", "/routes")
 
 
@@ -967,7 +967,7 @@ async def messages(request: web.Request, viewer: Viewer) -> web.StreamResponse:
         "services": [s.code for s in live.config.services],
         "members": [m.id for m in live.config.members],
     }
-    return render(request, viewer, "messages.html", context, status=422 if errors else 200)
+    return render(request, viewer, "messages.html", context, status=200)
 
 
 @page
@@ -1072,9 +1072,7 @@ async def token_create(request: web.Request, viewer: Viewer, form: Form) -> web.
     except MalformedRequest as exc:
         field = "role" if "role" in exc.detail else "name"
         errors = {field: [exc.detail]}
-        return _tokens_page(
-            request, viewer, await store.list_tokens(), errors=errors, values=form, status=422
-        )
+        return _tokens_page(request, viewer, await store.list_tokens(), errors=errors, values=form)
     created = {"name": name, "role": role, "token": token}
     return _tokens_page(request, viewer, await store.list_tokens(), created=created)
 
