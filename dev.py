@@ -86,7 +86,7 @@ def main(argv: list[str]) -> int:
         except KeyboardInterrupt:
             return 0
     ensure_chromium()
-    steps = [
+    steps: list[list[str | Path]] = [
         [BIN / "ruff", "check", "."],
         [BIN / "ruff", "format", "--check", "."],
         [BIN / "mypy"],

@@ -53,7 +53,8 @@ def mount_console(
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    sampler = Sampler(app[INGRESS][METRICS], every_s=sample_every_s)
+    metrics = app[INGRESS][METRICS]
+    sampler = Sampler(lambda: metrics.render().decode(), every_s=sample_every_s)
     app[CONSOLE] = Console(sessions=Sessions(ttl_s), sampler=sampler)
     app.router.add_routes(routes())
     app.router.add_static("/static/", STATIC)

@@ -1,7 +1,7 @@
 """The overview's figures and its chart, from the gateway's own Prometheus metrics.
 
-A sampler reads ``gateway_exchanges_total`` from the metrics exposition (so that with
-``--workers`` the figures are merged as a scrape sees them) every ``every_s`` seconds
+A sampler reads ``gateway_exchanges_total`` from the metrics exposition (what a scrape
+gets, so that with ``--workers`` the figures are merged) every ``every_s`` seconds
 and keeps the last ``keep`` samples: enough for exchanges per minute, the error rate and
 a bar chart of the last half hour, drawn server-side as inline SVG (no script).
 """
@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
-
-from gateway.metrics import Metrics
 
 __all__ = ["OK_CODES", "Bar", "Chart", "Sample", "Sampler", "exchange_totals"]
 
@@ -71,19 +69,19 @@ class Chart:
 class Sampler:
     def __init__(
         self,
-        metrics: Metrics,
+        exposition: Callable[[], str],
         *,
         every_s: float = 10.0,
         keep: int = 180,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.metrics = metrics
+        self.exposition = exposition  # the metrics text a scrape would get
         self.every_s = every_s
         self._clock = clock
         self.samples: deque[Sample] = deque(maxlen=keep)
 
     def current(self) -> Sample:
-        total, errors = exchange_totals(self.metrics.render().decode())
+        total, errors = exchange_totals(self.exposition())
         return Sample(self._clock(), total, errors)
 
     def sample(self) -> Sample:

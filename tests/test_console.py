@@ -1,0 +1,179 @@
+"""The console over HTTP, without a browser: sessions, CSRF, origin, roles, revocation.
+
+Browser flows are in tests/test_console_browser.py; these pin the security properties
+at the HTTP level, where each header and status can be read.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.app import LIVE, STORE
+from gateway.console import CONSOLE, CSP
+from tests.conftest import PORTAL_ID, Harness
+
+Client = TestClient[web.Request, web.Application]
+
+
+async def _sign_in(admin: Client, token: str) -> str:
+    """Sign in; the CSRF token of the session (from a form on the overview)."""
+    async with admin.post("/signin", data={"token": token}, allow_redirects=False) as resp:
+        assert resp.status == 303, await resp.text()
+        assert resp.headers["Location"] == "/"
+    async with admin.get(f"/members/{PORTAL_ID}") as resp:
+        assert resp.status == 200
+        match = re.search(r'name="csrf" value="([^"]+)"', await resp.text())
+    assert match is not None
+    return match.group(1)
+
+
+async def test_sign_in_sets_a_strict_http_only_session_cookie(harness: Harness) -> None:
+    """HttpOnly, SameSite=Strict, Path=/, Max-Age; not Secure over plain HTTP; the cookie
+    is not the token; the sessions keep only the token's hash."""
+    token = harness.tokens["admin"]
+    async with harness.admin.post("/signin", data={"token": token}, allow_redirects=False) as resp:
+        assert resp.status == 303
+        cookie = resp.cookies["gw_console"]
+    assert cookie["httponly"] is True
+    assert cookie["samesite"] == "Strict"
+    assert cookie["path"] == "/"
+    assert int(cookie["max-age"]) == 8 * 3600
+    assert not cookie["secure"]
+    assert token not in cookie.value
+    sessions = harness.admin.app[CONSOLE].sessions if harness.admin.app else None
+    assert sessions is not None
+    assert len(sessions) == 1
+    assert token not in repr(list(sessions._open.values()))
+
+
+async def test_a_wrong_or_missing_token_is_refused_on_the_field(harness: Harness) -> None:
+    """No session; the Token field says why, aria-invalid."""
+    for token, status in (("gwa_wrong", 401), ("", 401)):
+        async with harness.admin.post("/signin", data={"token": token}) as resp:
+            assert resp.status == status
+            page = await resp.text()
+        assert 'aria-invalid="true"' in page
+        assert "gw_console" not in resp.cookies
+    assert await _status(harness.admin, "/") == 303
+
+
+async def _status(admin: Client, path: str) -> int:
+    async with admin.get(path, allow_redirects=False) as resp:
+        return resp.status
+
+
+async def test_every_page_needs_a_session_and_carries_the_csp(harness: Harness) -> None:
+    """Signed out, pages redirect to the sign-in page; every answer has the CSP."""
+    for path in ("/", "/members", "/adapters", "/messages", "/audit", "/tokens"):
+        async with harness.admin.get(path, allow_redirects=False) as resp:
+            assert resp.status == 303
+            assert resp.headers["Location"] == "/signin"
+            assert resp.headers["Content-Security-Policy"] == CSP
+    async with harness.admin.get("/static/console.css") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Security-Policy"].startswith("default-src 'self'")
+    async with harness.admin.get("/signin") as resp:
+        page = await resp.text()
+    assert "<script" not in page
+    assert "style=" not in page
+
+
+async def test_a_write_without_the_csrf_token_or_from_elsewhere_changes_nothing(
+    harness: Harness,
+) -> None:
+    """Missing CSRF token, another session's, or a foreign Origin: refused, not written."""
+    csrf = await _sign_in(harness.admin, harness.tokens["admin"])
+    url = f"/members/{PORTAL_ID}/enabled"
+    attempts = [
+        ({"enabled": "false"}, {}),
+        ({"enabled": "false", "csrf": "forged"}, {}),
+        ({"enabled": "false", "csrf": csrf}, {"Origin": "http://evil.example"}),
+    ]
+    for data, headers in attempts:
+        async with harness.admin.post(url, data=data, headers=headers) as resp:
+            assert resp.status == 400
+            assert "stale or came from elsewhere" in await resp.text()
+    member = harness.app[LIVE].get("members", PORTAL_ID)
+    assert member is not None
+    assert member.get("enabled", True) is True
+    async with harness.admin.post(
+        url, data={"enabled": "false", "csrf": csrf}, allow_redirects=False
+    ) as resp:
+        assert resp.status == 303
+    member = harness.app[LIVE].get("members", PORTAL_ID)
+    assert member is not None
+    assert member["enabled"] is False
+    trail = await harness.app[STORE].audit_trail(kind="members")
+    assert [(e["action"], e["actor"]) for e in trail] == [("update", "test-admin")]
+
+
+async def test_revoking_the_token_ends_its_sessions(harness: Harness) -> None:
+    """Revoked through the admin API, the token's console session is refused at once."""
+    await _sign_in(harness.admin, harness.tokens["operator"])
+    assert await _status(harness.admin, "/members") == 200
+    async with harness.admin.delete(
+        "/admin/v1/tokens/test-operator", headers=harness.auth("admin")
+    ) as resp:
+        assert resp.status == 204
+    assert await _status(harness.admin, "/members") == 303
+    sessions = harness.admin.app[CONSOLE].sessions if harness.admin.app else None
+    assert sessions is not None
+    assert len(sessions) == 0
+
+
+async def test_sign_out_ends_the_session_and_needs_its_csrf_token(harness: Harness) -> None:
+    """A forged sign-out does not end the session (no logout CSRF); the real one does."""
+    csrf = await _sign_in(harness.admin, harness.tokens["auditor"])
+    cookie = harness.admin.session.cookie_jar.filter_cookies(harness.admin.make_url("/"))
+    value = cookie["gw_console"].value
+    sessions = harness.admin.app[CONSOLE].sessions if harness.admin.app else None
+    assert sessions is not None
+    async with harness.admin.post("/signout", data={}, allow_redirects=False) as resp:
+        assert resp.status == 303
+    assert sessions.get(value) is not None  # the browser forgot it; the server did not
+    harness.admin.session.cookie_jar.update_cookies({"gw_console": value})
+    async with harness.admin.post("/signout", data={"csrf": csrf}, allow_redirects=False) as resp:
+        assert resp.status == 303
+        assert resp.headers["Location"] == "/signin"
+    assert sessions.get(value) is None
+
+
+@pytest.mark.parametrize(("role", "status"), [("auditor", 403), ("operator", 403), ("admin", 303)])
+async def test_roles_decide_as_in_the_api(harness: Harness, role: str, status: int) -> None:
+    """Deleting a route needs an admin: the console asks the API's own permission check."""
+    csrf = await _sign_in(harness.admin, harness.tokens[role])
+    async with harness.admin.post(
+        "/routes/delete",
+        data={"csrf": csrf, "service": "crossregion.apply", "target": ""},
+        allow_redirects=False,
+    ) as resp:
+        assert resp.status == status
+    routes = [r["service"] for r in harness.app[LIVE].items("routes")]
+    assert ("crossregion.apply" in routes) is (role != "admin")
+
+
+def test_dev_py_installs_chromium_as_root_and_otherwise_says_how(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python3 dev.py test``'s chromium step: apt-get as root, else a hint, never both."""
+    import os
+    import shutil
+
+    import dev
+
+    installs: list[str] = []
+    monkeypatch.setattr(dev, "CHROMIUM", "/nonexistent/chromium")
+    monkeypatch.setattr(dev, "_apt_install", installs.append)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    dev.ensure_chromium()
+    assert installs == ["chromium"]
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    dev.ensure_chromium()
+    assert installs == ["chromium"]
+    assert "sudo apt-get install chromium" in capsys.readouterr().out
