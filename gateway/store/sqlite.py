@@ -748,9 +748,7 @@ class SQLiteStore:
             "WHERE original_seq = ?)) ORDER BY seq",
             (seq, seq),
         )
-        return [
-            MessageEvent(at=r[0], kind=r[1], state=json.loads(r[2]).get("state")) for r in rows
-        ]
+        return [MessageEvent(at=r[0], kind=r[1], state=json.loads(r[2]).get("state")) for r in rows]
 
     async def rejections(self, limit: int = 100) -> list[dict[str, Any]]:
         rows = self._rows("SELECT * FROM rejections ORDER BY seq DESC LIMIT ?", (limit,))
