@@ -330,7 +330,7 @@ async def overview(request: web.Request, viewer: Viewer) -> web.StreamResponse:
 
 # Members -----------------------------------------------------------------------------
 
-MEMBER_TEMPLATE = {"id": "", "kind": "system", "keys": [], "services": [], "callback_url": ""}
+MEMBER_TEMPLATE = {"id": "", "kind": "system", "keys": [], "services": []}
 
 
 @page
