@@ -6,6 +6,7 @@ at the HTTP level, where each header and status can be read.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -177,3 +178,20 @@ def test_dev_py_installs_chromium_as_root_and_otherwise_says_how(
     dev.ensure_chromium()
     assert installs == ["chromium"]
     assert "sudo apt-get install chromium" in capsys.readouterr().out
+
+
+async def test_an_invalid_document_is_shown_on_its_field_and_nothing_is_written(
+    harness: Harness,
+) -> None:
+    """A service with an invalid schema: the API's pointer and message on the text area."""
+    csrf = await _sign_in(harness.admin, harness.tokens["admin"])
+    body = json.dumps(
+        {"code": "tax.query", "mode": "sync", "request_schema": {"type": 7}, "response_schema": {}}
+    )
+    async with harness.admin.post("/services", data={"csrf": csrf, "service": body}) as resp:
+        assert resp.status == 200
+        page = await resp.text()
+    assert re.search(r'<textarea id="f-service"[^>]*aria-invalid="true"', page)
+    assert "/request_schema/type: not a valid Draft 2020-12 schema" in page
+    assert harness.app[LIVE].get("services", "tax.query") is None
+    assert await harness.app[STORE].audit_trail() == []
