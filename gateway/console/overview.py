@@ -64,6 +64,12 @@ class Chart:
     peak: float  # exchanges per minute at the top of the scale
     bars: tuple[Bar, ...]
     minutes: float  # the time the chart spans
+    start: str = ""  # HH:MM:SS UTC of its first and last sample
+    end: str = ""
+
+
+def _hms(at: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(at))
 
 
 class Sampler:
@@ -126,7 +132,7 @@ class Sampler:
         for i, (at, rate, failed) in enumerate(rates):
             h = rate / peak * height
             eh = failed / peak * height
-            stamp = time.strftime("%H:%M:%S", time.gmtime(at))
+            stamp = _hms(at)
             bars.append(
                 Bar(
                     x=round(i * slot + slot * 0.1, 1),
@@ -139,7 +145,16 @@ class Sampler:
                 )
             )
         span = (points[-1].at - points[0].at) / 60 if len(points) > 1 else 0.0
-        return Chart(width=width, height=height, peak=peak, bars=tuple(bars), minutes=span)
+        start, end = (_hms(points[0].at), _hms(points[-1].at)) if points else ("", "")
+        return Chart(
+            width=width,
+            height=height,
+            peak=peak,
+            bars=tuple(bars),
+            minutes=span,
+            start=start,
+            end=end,
+        )
 
     def context(self) -> Callable[[web.Application], AsyncIterator[None]]:
         """A cleanup context that samples in the background while the app runs."""
