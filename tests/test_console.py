@@ -195,3 +195,20 @@ async def test_an_invalid_document_is_shown_on_its_field_and_nothing_is_written(
     assert "/request_schema/type: not a valid Draft 2020-12 schema" in page
     assert harness.app[LIVE].get("services", "tax.query") is None
     assert await harness.app[STORE].audit_trail() == []
+
+
+@pytest.mark.parametrize(("role", "status"), [("auditor", 403), ("operator", 303)])
+async def test_an_operator_may_disable_a_member_and_an_auditor_may_not(
+    harness: Harness, role: str, status: int
+) -> None:
+    """Enable/disable is an operator's job, as in the API (PATCH of only ``enabled``)."""
+    csrf = await _sign_in(harness.admin, harness.tokens[role])
+    async with harness.admin.post(
+        f"/members/{PORTAL_ID}/enabled",
+        data={"csrf": csrf, "enabled": "false"},
+        allow_redirects=False,
+    ) as resp:
+        assert resp.status == status
+    member = harness.app[LIVE].get("members", PORTAL_ID)
+    assert member is not None
+    assert member.get("enabled", True) is (role == "auditor")

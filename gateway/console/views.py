@@ -35,7 +35,7 @@ from gateway.admin.app import (
     set_member_services,
     withdraw_token,
 )
-from gateway.admin.auth import ROLES, Principal, authenticate
+from gateway.admin.auth import ROLES, Principal, authenticate, token_hash
 from gateway.admin.resources import resource_schema
 from gateway.app import LIVE, READINESS, RUNTIME, STORE
 from gateway.console.forms import (
@@ -266,8 +266,6 @@ async def signin(request: web.Request) -> web.StreamResponse:
         return render(
             request, None, "signin.html", {"errors": {"token": [message]}}, status=exc.status
         )
-    from gateway.admin.auth import token_hash
-
     cookie, _ = request.app[CONSOLE].sessions.open(token_hash(token))
     response = web.HTTPSeeOther("/")
     response.set_cookie(
