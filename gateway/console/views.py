@@ -54,6 +54,7 @@ from gateway.errors import (
     SchemaInvalid,
 )
 from gateway.live import LiveConfig
+from gateway.logs import mask_personal
 from gateway.registry import adapter_types
 
 __all__ = ["CONSOLE", "Console", "Viewer", "routes"]
@@ -1001,7 +1002,10 @@ async def message_detail(request: web.Request, viewer: Viewer) -> web.StreamResp
 @page
 async def dead_letters(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     rows = await request.app[INGRESS][STORE].dead_letters(limit=200)
-    shown = [{**r, "updated": _utc(r["updated_at"])} for r in rows]
+    shown = [
+        {**r, "error": mask_personal(r["error"] or ""), "updated": _utc(r["updated_at"])}
+        for r in rows
+    ]
     return render(request, viewer, "dead_letters.html", {"dead_letters": shown})
 
 
