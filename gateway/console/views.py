@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import dataclasses
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -119,8 +120,9 @@ async def _viewer(request: web.Request) -> Viewer | None:
     if row is None:
         console.sessions.close_token(session.token_hash)
         return None
+    token = _fields(row)
     return Viewer(
-        principal=Principal(name=str(row["name"]), role=str(row["role"])), session=session
+        principal=Principal(name=str(token["name"]), role=str(token["role"])), session=session
     )
 
 
@@ -234,6 +236,13 @@ def _redacted(value: Any) -> Any:
     if isinstance(value, list):
         return [_redacted(v) for v in value]
     return value
+
+
+def _fields(record: Any) -> dict[str, Any]:
+    """A store record (a typed record or a mapping) as a dict for a template."""
+    if dataclasses.is_dataclass(record) and not isinstance(record, type):
+        return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+    return dict(record)
 
 
 def _utc(ts: float | None) -> str:
@@ -1003,8 +1012,8 @@ async def message_detail(request: web.Request, viewer: Viewer) -> web.StreamResp
 async def dead_letters(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     rows = await request.app[INGRESS][STORE].dead_letters(limit=200)
     shown = [
-        {**r, "error": mask_personal(r["error"] or ""), "updated": _utc(r["updated_at"])}
-        for r in rows
+        {**d, "error": mask_personal(d["error"] or ""), "updated": _utc(d["updated_at"])}
+        for d in map(_fields, rows)
     ]
     return render(request, viewer, "dead_letters.html", {"dead_letters": shown})
 
@@ -1025,11 +1034,11 @@ async def audit(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     shown = [
         {
             **e,
-            "when": _utc(e.get("at")),
+            "when": _utc(e["at"]),
             "before_text": _pretty(_redacted(e["before"])) if e["before"] is not None else "",
             "after_text": _pretty(_redacted(e["after"])) if e["after"] is not None else "",
         }
-        for e in entries
+        for e in map(_fields, entries)
     ]
     kinds = ("adapters", "members", "services", "routes", "tokens", "dead-letters")
     return render(request, viewer, "audit.html", {"entries": shown, "kind": kind, "kinds": kinds})
@@ -1041,14 +1050,14 @@ async def audit(request: web.Request, viewer: Viewer) -> web.StreamResponse:
 def _tokens_page(
     request: web.Request,
     viewer: Viewer,
-    tokens: Sequence[Mapping[str, Any]],
+    tokens: Sequence[Any],
     *,
     created: Mapping[str, str] | None = None,
     errors: FormErrors | None = None,
     values: Mapping[str, str] | None = None,
     status: int = 200,
 ) -> web.Response:
-    shown = [{**t, "created": _utc(t.get("created_at"))} for t in tokens]
+    shown = [{**t, "created": _utc(t["created_at"])} for t in map(_fields, tokens)]
     context = {
         "tokens": shown,
         "roles": ROLES,
