@@ -212,3 +212,36 @@ async def test_an_operator_may_disable_a_member_and_an_auditor_may_not(
     member = harness.app[LIVE].get("members", PORTAL_ID)
     assert member is not None
     assert member.get("enabled", True) is (role == "auditor")
+
+
+async def test_an_adapter_is_edited_through_its_generated_form(harness: Harness) -> None:
+    """The edit form shows the current config; saving replaces it, live and audited. A
+    delete the configuration cannot take (routes use it) shows why and deletes nothing."""
+    csrf = await _sign_in(harness.admin, harness.tokens["admin"])
+    async with harness.admin.get("/adapters/national/edit") as resp:
+        page = await resp.text()
+    url = re.search(r'id="f-config-url" name="config.url" type="text" value="([^"]+)"', page)
+    assert url is not None
+    form = {
+        "csrf": csrf,
+        "name": "national",
+        "type": "http",
+        "shown_type": "http",
+        "config.url": url.group(1),
+        "config.timeout_s": "7.5",
+        "config.forward_user": "true",
+        "adapter.concurrency": "3",
+    }
+    async with harness.admin.post("/adapters/national", data=form, allow_redirects=False) as resp:
+        assert resp.status == 303
+    adapter = harness.app[LIVE].get("adapters", "national")
+    assert adapter is not None
+    assert adapter["config"]["timeout_s"] == 7.5
+    assert adapter["concurrency"] == 3
+    assert "health_url" not in adapter["config"]  # left blank: removed
+    trail = await harness.app[STORE].audit_trail(kind="adapters")
+    assert [(e["resource_id"], e["action"]) for e in trail] == [("national", "replace")]
+    async with harness.admin.post("/adapters/national/delete", data={"csrf": csrf}) as resp:
+        assert resp.status == 422
+        assert "would make the configuration invalid" in await resp.text()
+    assert harness.app[LIVE].get("adapters", "national") is not None
