@@ -27,6 +27,8 @@ from gateway.signing import (
 )
 from tests.conftest import CREDIT_EXAMPLE, PORTAL_ID, Keys, unused_port
 
+pytestmark = pytest.mark.integration  # starts gateway processes
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -26,7 +26,6 @@ from gateway.admin.app import (
     create_resource,
     delete_resource,
     issue_token,
-    message_view,
     patch_resource,
     put_route,
     redeliver_dead_letter,
@@ -55,21 +54,13 @@ from gateway.errors import (
     SchemaInvalid,
 )
 from gateway.live import LiveConfig
-from gateway.logs import mask_personal
+from gateway.masking import dead_letter_view, message_view
 from gateway.registry import adapter_types
+from gateway.states import MessageState
 
 __all__ = ["CONSOLE", "Console", "Viewer", "routes"]
 
-STATES = (
-    "accepted",
-    "delivering",
-    "delivered",
-    "answered",
-    "callback_delivered",
-    "failed",
-    "dead",
-)
-KINDS = ("system", "gateway", "platform")
+STATES = tuple(MessageState)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -966,7 +957,11 @@ async def messages(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     live = _live(request)
     context = {
         "messages": [
-            {**message_view(r), "created": _utc(r.created_at), "updated": _utc(r.updated_at)}
+            {
+                **message_view(r, _sensitive(request).get(r.service, ())),
+                "created": _utc(r.created_at),
+                "updated": _utc(r.updated_at),
+            }
             for r in records
         ],
         "query": dict(q),
@@ -1011,10 +1006,7 @@ async def message_detail(request: web.Request, viewer: Viewer) -> web.StreamResp
 @page
 async def dead_letters(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     rows = await request.app[INGRESS][STORE].dead_letters(limit=200)
-    shown = [
-        {**d, "error": mask_personal(d["error"] or ""), "updated": _utc(d["updated_at"])}
-        for d in map(_fields, rows)
-    ]
+    shown = [{**dead_letter_view(d), "updated": _utc(d["updated_at"])} for d in map(_fields, rows)]
     return render(request, viewer, "dead_letters.html", {"dead_letters": shown})
 
 
