@@ -6,13 +6,22 @@ at the HTTP level, where each header and status can be read.
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
+import ssl
+from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
+from gateway.admin import create_admin_app
 from gateway.app import LIVE, STORE
 from gateway.console import CONSOLE, CSP
 from tests.conftest import PORTAL_ID, Harness
@@ -245,3 +254,56 @@ async def test_an_adapter_is_edited_through_its_generated_form(harness: Harness)
         assert resp.status == 422
         assert "would make the configuration invalid" in await resp.text()
     assert harness.app[LIVE].get("adapters", "national") is not None
+
+
+def _self_signed(directory: Path) -> ssl.SSLContext:
+    """A server context with a throwaway certificate for 127.0.0.1."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "console.crt", directory / "console.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_path, key_path)
+    return context
+
+
+async def test_under_tls_the_session_cookie_is_secure(harness: Harness, tmp_path: Path) -> None:
+    """The admin app served over HTTPS sets the cookie Secure (browsers then never send
+    it over plain HTTP)."""
+    server = TestServer(create_admin_app(harness.app))
+    await server.start_server(ssl=_self_signed(tmp_path))
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                server.make_url("/signin"),
+                data={"token": harness.tokens["admin"]},
+                allow_redirects=False,
+                ssl=False,  # a throwaway certificate; what is checked is the cookie
+            ) as resp,
+        ):
+            assert resp.status == 303
+            cookie = resp.cookies["gw_console"]
+        assert cookie["secure"] is True
+        assert cookie["httponly"] is True
+        assert cookie["samesite"] == "Strict"
+    finally:
+        await server.close()
