@@ -4,7 +4,7 @@ One chromium for the whole session, driven from one thread of its own (Playwrigh
 API), while each test's gateway runs on the test's event loop: a test hands the browser
 a function and awaits its result. On every page visited: no request leaves the admin
 listener, no console error, every input has a label. Each test saves screenshots under
-its tmp_path.
+its tmp_path; ``GATEWAY_CONSOLE_SCREENSHOT=PATH`` also saves the overview there.
 """
 
 from __future__ import annotations
