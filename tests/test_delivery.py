@@ -109,12 +109,12 @@ async def test_upstream_down_then_back_breaker_opens_and_queue_drains(
     ids = [await _apply(h) for _ in range(6)]
 
     async def breaker_open() -> bool:
+        # Judged on one answer: a loaded machine may see the breaker half-open by the next.
         ready = await h.gateway.get("/readyz")
-        return ready.status == 503
+        reasons = (await ready.json()).get("reasons", []) if ready.status == 503 else []
+        return any("circuit open" in reason for reason in reasons)
 
     await h.wait_for(breaker_open)
-    body = await (await h.gateway.get("/readyz")).json()
-    assert any("circuit open" in reason for reason in body["reasons"])
     states = {await h.state_of(i) for i in ids}
     assert states <= {"accepted", "delivering"}
     h.national.mode = "ok"

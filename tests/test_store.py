@@ -574,6 +574,27 @@ async def test_a_file_migrated_by_newer_code_is_refused(tmp_path: Path) -> None:
     await store.close()
 
 
+async def test_message_events_are_one_messages_chained_timeline(store: Store) -> None:
+    """Acceptance, state changes and its callbacks, oldest first; no other message's."""
+    record = await _queued(store, time.time())
+    other = await _queued(store, time.time())
+    await store.set_message_state(record.seq, "delivered", adapter="national", attempts=1)
+    await store.set_message_state(other.seq, "dead", error="x", attempts=3)
+    await store.insert_callback(_callback(record))
+    events = await store.message_events(record.seq)
+    assert [(e.kind, e.state) for e in events] == [
+        ("message.accepted", "accepted"),
+        ("message.state", "delivered"),
+        ("callback.accepted", "pending"),
+    ]
+    assert [e.at for e in events] == sorted(e.at for e in events)
+    assert [e.kind for e in await store.message_events(other.seq)] == [
+        "message.accepted",
+        "message.state",
+    ]
+    assert await store.message_events(10_000) == []
+
+
 async def test_the_kept_directory_never_goes_back_a_version(store: Store) -> None:
     """The last accepted federation directory: replaced by higher versions only."""
     assert await store.load_directory() is None

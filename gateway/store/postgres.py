@@ -39,6 +39,7 @@ from gateway.store import (
     Credential,
     DeadLetter,
     DuplicateMessage,
+    MessageEvent,
     MessageRecord,
     NewCallback,
     NewMessage,
@@ -571,6 +572,19 @@ class PostgresStore:
             )
 
         await self.write(unit)
+
+    async def message_events(self, seq: int) -> Sequence[MessageEvent]:
+        """The chained events of one message and its callbacks, oldest first."""
+        rows = await self._rows(
+            "SELECT at, kind, facts FROM log_chain WHERE (kind LIKE 'message.%' AND ref = $1) "
+            "OR (kind LIKE 'callback.%' AND ref IN (SELECT seq FROM callbacks "
+            "WHERE original_seq = $1)) ORDER BY seq",
+            seq,
+        )
+        return [
+            MessageEvent(at=r["at"], kind=r["kind"], state=json.loads(r["facts"]).get("state"))
+            for r in rows
+        ]
 
     async def rejections(self, limit: int = 100) -> list[RejectionRecord]:
         rows = await self._rows("SELECT * FROM rejections ORDER BY seq DESC LIMIT $1", limit)
