@@ -4,7 +4,7 @@ No structured-field parser and no signature library: the covered components are 
 in advance, so the signature base (RFC 9421 §2.5) is joined from strings and signed or
 verified with one Ed25519 call. ``tests/test_bench.py`` checks the output against the
 gateway's own verifier, so the floor does exactly the cryptography the gateway must do,
-with the same implementation: libsodium through PyNaCl, as gateway/signing.py.
+with the same implementation: libsodium through PyNaCl, as gateway/signing/algorithms.py.
 """
 
 from __future__ import annotations
