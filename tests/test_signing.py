@@ -59,6 +59,7 @@ from gateway.signing import (
     content_digest,
     parse_signature_input,
 )
+from gateway.sm2 import Sm2PublicKey
 
 VECTORS = Path(__file__).parent / "vectors" / "rfc9421-appendix-b.json"
 # The workspace's shared vector when present (CI lays shared/ beside the clone), else our copy.
@@ -1027,7 +1028,7 @@ def test_jwk_thumbprint_matches_rfc7638_example() -> None:
 
 
 def _public_bytes(key: PublicKey | bytes) -> bytes:
-    assert not isinstance(key, bytes)
+    assert not isinstance(key, bytes | Sm2PublicKey)
     return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )

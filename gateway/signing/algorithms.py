@@ -16,13 +16,39 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
 from gateway.keys import PublicKey, VerificationKey
+from gateway.sm2 import Sm2PrivateKey, Sm2PublicKey
 
-__all__ = ["ALGORITHM_CLASSES", "OneKey", "verify_raw"]
+__all__ = ["ALGORITHM_CLASSES", "SM2_SM3", "OneKey", "verify_raw"]
+
+
+class SM2_SM3(HTTPSignatureAlgorithm):
+    """``sm2-sm3`` (PROTOCOL.md): SM2 with SM3 and signer ID 1234567812345678, ``r‖s``."""
+
+    algorithm_id = "sm2-sm3"
+
+    def __init__(self, public_key: Any = None, private_key: Any = None) -> None:
+        if public_key is not None and not isinstance(public_key, Sm2PublicKey):
+            raise TypeError("sm2-sm3 needs an SM2 public key")
+        if private_key is not None and not isinstance(private_key, Sm2PrivateKey):
+            raise TypeError("sm2-sm3 needs an SM2 private key")
+        self.public_key = public_key
+        self.private_key = private_key
+
+    def sign(self, message: bytes) -> bytes:
+        assert self.private_key is not None  # a signer is always built with its key
+        return self.private_key.sign(message)
+
+    def verify(self, signature: bytes, message: bytes) -> None:
+        if self.public_key is None:
+            raise CryptoInvalidSignature("no SM2 public key")
+        self.public_key.verify(signature, message)
+
 
 ALGORITHM_CLASSES: dict[str, type[HTTPSignatureAlgorithm]] = {
     "ed25519": algorithms.ED25519,
     "ecdsa-p256-sha256": algorithms.ECDSA_P256_SHA256,
     "rsa-pss-sha512": algorithms.RSA_PSS_SHA512,
+    "sm2-sm3": SM2_SM3,
     "hmac-sha256": algorithms.HMAC_SHA256,
 }
 
@@ -42,6 +68,9 @@ def verify_raw(key: VerificationKey, signature: bytes, base: bytes) -> None:
             _sodium_verify_key(key.key.public_bytes_raw()).verify(base, signature)
         except (BadSignatureError, ValueError, TypeError) as exc:
             raise CryptoInvalidSignature from exc
+        return
+    if isinstance(key.key, Sm2PublicKey):
+        key.key.verify(signature, base)
         return
     ALGORITHM_CLASSES[key.algorithm](public_key=key.key).verify(signature, base)
 

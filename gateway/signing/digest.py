@@ -1,4 +1,9 @@
-"""Content digests (RFC 9530): the ``Content-Digest`` field, written and checked."""
+"""Content digests (RFC 9530): the ``Content-Digest`` field, written and checked.
+
+Algorithms: ``sha-256`` and ``sha-512`` (IANA), and ``sm3`` (GB/T 32905, national
+commercial cryptography; PROTOCOL.md accepts it). Whatever a sender used, the message is
+recorded under its sha-256, so idempotency and the audit chain see one digest.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,34 @@ import hashlib
 import hmac
 import re
 from collections.abc import Callable
-from typing import Any
+
+from cryptography.hazmat.primitives import hashes
 
 from gateway.errors import DigestMismatch
 from gateway.signing.fields import parse_dictionary
 
 __all__ = ["DIGESTS", "check_content_digest", "content_digest"]
 
-DIGESTS: dict[str, Callable[[bytes], Any]] = {"sha-256": hashlib.sha256, "sha-512": hashlib.sha512}
-_SHA256_RE = re.compile(r"sha-256=:([A-Za-z0-9+/]{43}=):")
+
+def _sm3(body: bytes) -> bytes:
+    # cryptography's SM3 (its wheels always have it; hashlib's depends on the system).
+    h = hashes.Hash(hashes.SM3())
+    h.update(body)
+    return h.finalize()
+
+
+DIGESTS: dict[str, Callable[[bytes], bytes]] = {
+    "sha-256": lambda body: hashlib.sha256(body).digest(),
+    "sha-512": lambda body: hashlib.sha512(body).digest(),
+    "sm3": _sm3,
+}
+# The usual field: one 32-byte digest, canonical base64.
+_SINGLE_RE = re.compile(r"(sha-256|sm3)=:([A-Za-z0-9+/]{43}=):")
 
 
 def content_digest(body: bytes, algorithm: str = "sha-256") -> str:
     """The RFC 9530 ``Content-Digest`` field value for ``body``."""
-    digest = DIGESTS[algorithm](body).digest()
+    digest = DIGESTS[algorithm](body)
     return f"{algorithm}=:{base64.b64encode(digest).decode('ascii')}:"
 
 
@@ -30,12 +49,13 @@ def check_content_digest(value: str, body: bytes) -> str:
     Raises ``DigestMismatch`` for a malformed field, an unsupported algorithm, or a
     digest that does not match.
     """
-    m = _SHA256_RE.fullmatch(value)
-    if m is not None:  # the usual field: one sha-256 member
-        actual = hashlib.sha256(body).digest()
-        if not hmac.compare_digest(base64.b64decode(m.group(1)), actual):
-            raise DigestMismatch("the sha-256 Content-Digest does not match the body")
-        return actual.hex()
+    m = _SINGLE_RE.fullmatch(value)
+    if m is not None:
+        name = m.group(1)
+        actual = DIGESTS[name](body)
+        if not hmac.compare_digest(base64.b64decode(m.group(2)), actual):
+            raise DigestMismatch(f"the {name} Content-Digest does not match the body")
+        return actual.hex() if name == "sha-256" else hashlib.sha256(body).hexdigest()
     try:
         parsed = parse_dictionary(value)
     except (ValueError, TypeError, UnicodeEncodeError) as exc:
@@ -45,13 +65,13 @@ def check_content_digest(value: str, body: bytes) -> str:
     supported = [name for name in parsed if name in DIGESTS]
     if not supported:
         raise DigestMismatch(
-            f"Content-Digest uses no supported algorithm (sha-256, sha-512): {sorted(parsed)}"
+            f"Content-Digest uses no supported algorithm (sha-256, sha-512, sm3): {sorted(parsed)}"
         )
     for name in supported:
         member = parsed[name]
         expected = member[0] if isinstance(member, tuple) else None
         if not isinstance(expected, bytes):
             raise DigestMismatch(f"Content-Digest member {name} is not a byte sequence")
-        if not hmac.compare_digest(expected, DIGESTS[name](body).digest()):
+        if not hmac.compare_digest(expected, DIGESTS[name](body)):
             raise DigestMismatch(f"the {name} Content-Digest does not match the body")
     return hashlib.sha256(body).hexdigest()

@@ -27,13 +27,17 @@ from gateway.signing.base import (
     fast_base,
     request_components,
 )
-from gateway.signing.digest import content_digest
+from gateway.signing.digest import DIGESTS, content_digest
 
 __all__ = ["Signer"]
 
 
 class Signer:
-    """Signs requests and responses with one key pair."""
+    """Signs requests and responses with one key pair.
+
+    ``digest`` names the Content-Digest algorithm written when a message has none; by
+    default ``sm3`` for an SM2 key (national cryptography on every hop), else ``sha-256``.
+    """
 
     def __init__(
         self,
@@ -41,6 +45,7 @@ class Signer:
         *,
         label: str = "gw",
         include_alg: bool = True,
+        digest: str | None = None,
         **hmac: Any,
     ) -> None:
         if keypair is None:
@@ -54,6 +59,9 @@ class Signer:
             private = keypair.private
         self.label = label
         self.include_alg = include_alg
+        if digest is not None and digest not in DIGESTS:
+            raise ValueError(f"unsupported Content-Digest algorithm {digest!r}")
+        self.digest = digest or ("sm3" if self.algorithm == "sm2-sm3" else "sha-256")
         self._algorithm = ALGORITHM_CLASSES[self.algorithm](private_key=private)
         self._sodium = (
             SigningKey(private.private_bytes_raw())
@@ -79,7 +87,7 @@ class Signer:
     ) -> None:
         """Add Content-Digest (if absent), Signature-Input and Signature to ``headers``."""
         if "Content-Digest" not in headers:
-            headers["Content-Digest"] = content_digest(body)
+            headers["Content-Digest"] = content_digest(body, self.digest)
         self._sign(
             RequestView(method, url, headers),
             components if components is not None else request_components(headers),
@@ -98,7 +106,7 @@ class Signer:
     ) -> None:
         """Sign an answer, bound to the request's signature with ``"signature";req``."""
         if "Content-Digest" not in headers:
-            headers["Content-Digest"] = content_digest(body)
+            headers["Content-Digest"] = content_digest(body, self.digest)
         components = [name for name in RESPONSE_COMPONENTS if name in headers or name == "@status"]
         if request_label is not None:
             components.append(f'"signature";req;key="{request_label}"')

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature as CryptoInvalidSignature
@@ -67,13 +67,22 @@ class Verifier:
         required: Iterable[str] = (),
         fresh: bool = True,
         extra_required: Sequence[str] = (),
+        allowed_algs: Collection[str] = (),
     ) -> VerifiedSignature:
-        """Verify ``sig`` on ``message`` with ``key``; raise the protocol's 401 errors."""
+        """Verify ``sig`` on ``message`` with ``key``; raise the protocol's 401 errors.
+
+        ``allowed_algs``, when not empty, is the signer's algorithm policy (a member's
+        ``allowed_algs``): a key of any other algorithm is refused before any crypto."""
         if sig.keyid != key.kid:
             raise SignatureInvalid(f"the signature names key {sig.keyid!r}, not {key.kid!r}")
         if "alg" in sig.params and sig.params["alg"] != key.algorithm:
             raise SignatureInvalid(
                 f"alg {sig.params['alg']!r} does not match the key's algorithm {key.algorithm!r}"
+            )
+        if allowed_algs and key.algorithm not in allowed_algs:
+            raise SignatureInvalid(
+                f"algorithm {key.algorithm} is not allowed for this member "
+                f"(allowed_algs: {', '.join(allowed_algs)})"
             )
         missing = [name for name in required if name not in sig.components]
         if missing:
