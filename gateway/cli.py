@@ -24,6 +24,7 @@ from gateway.audit_cli import register_audit_commands
 from gateway.config import Config, jwk_path_for, load_config, warnings_of
 from gateway.errors import ConfigError, GatewayError
 from gateway.keys import (
+    KEY_TYPES,
     KeyType,
     VerificationKey,
     ensure_keypair,
@@ -217,7 +218,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Province A, the national platform and province B on loopback, end to end."""
     from gateway.demo import main as demo
 
-    return demo()
+    return demo(args.crypto)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -488,11 +489,20 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("check", help="validate the configuration")).set_defaults(
         func=cmd_check
     )
-    sub.add_parser(
+    demo = sub.add_parser(
         "demo", help="a cross-province application end to end: A, national platform, B"
-    ).set_defaults(func=cmd_demo)
+    )
+    demo.add_argument(
+        "--crypto",
+        choices=["ed25519", "sm2"],
+        default="ed25519",
+        help="every party's keys: Ed25519, or SM2 with SM3 digests on every hop",
+    )
+    demo.set_defaults(func=cmd_demo)
     kg = sub.add_parser("keygen", help="generate a key pair (PKCS#8 PEM 0600 + public JWK)")
-    kg.add_argument("--type", choices=["ed25519", "ecdsa-p256", "rsa-pss"], default="ed25519")
+    kg.add_argument(
+        "--alg", "--type", dest="type", choices=KEY_TYPES, default="ed25519", help="key type"
+    )
     kg.add_argument("--out", required=True, help="private key path, e.g. keys/member.pem")
     kg.add_argument("--kid", help="key id (default: RFC 7638 thumbprint)")
     kg.add_argument("--force", action="store_true", help="replace an existing key")

@@ -10,6 +10,10 @@ then queries public credit information and submits a review (好差评). Every p
 real aiohttp server with its own freshly generated key; every hop is signed and
 checked. The demo prints each hop with its time and the signature checked there, then
 reads each gateway's message log, and exits 0 only if every hop is on record.
+
+With ``crypto="sm2"`` (``gateway demo --crypto sm2``) every party's key is SM2, every
+member's ``allowed_algs`` is ``["sm2-sm3"]``, every signature is ``sm2-sm3`` and every
+Content-Digest ``sm3``; the demo checks each recorded request for both.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from aiohttp import web
@@ -31,7 +35,7 @@ from gateway.admin import create_admin_app
 from gateway.app import STORE, create_app
 from gateway.client import ExchangeClient, Reply, verify_reply
 from gateway.config import SCHEMA_DIR, jwk_path_for, parse_config
-from gateway.keys import KeyPair, VerificationKey, generate, write_keypair
+from gateway.keys import KeyPair, KeyType, VerificationKey, generate, write_keypair
 from gateway.ports import free_port
 from gateway.signing import Signer, parse_signature_input
 from gateway.store import MessageRecord
@@ -45,6 +49,7 @@ A_GATEWAY, B_GATEWAY = "330000:gateway", "440000:gateway"
 PORTAL, BACK_OFFICE = "330000:one-stop-portal", "440000:back-office"
 PLATFORM = "100000:national-platform"
 SERVICES = SCHEMA_DIR / "services"
+Crypto = Literal["ed25519", "sm2"]
 
 
 def _example(service: str) -> Any:
@@ -85,6 +90,7 @@ class _Topology:
     workdir: Path
     keys: dict[str, KeyPair]
     ports: dict[str, int]
+    crypto: Crypto = "ed25519"
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
@@ -93,74 +99,88 @@ class _Topology:
         return str(jwk_path_for(self.workdir / f"{name}.pem"))
 
 
+def _policy(config: dict[str, Any], t: _Topology) -> dict[str, Any]:
+    """With SM2, every member must sign with SM2 (the province's algorithm policy)."""
+    if t.crypto == "sm2":
+        for member in config["members"]:
+            member["allowed_algs"] = ["sm2-sm3"]
+    return config
+
+
 def _a_config(t: _Topology) -> dict[str, Any]:
-    return {
-        "gateway": {"member_id": A_GATEWAY, "key": str(t.workdir / "a-gateway.pem")},
-        "store": {"path": str(t.workdir / "a-gateway.db")},
-        "delivery": {"poll_interval_s": 0.05, "base_delay_s": 0.1, "max_delay_s": 1},
-        "members": [
-            {
-                "id": PORTAL,
-                "kind": "system",
-                "name": "浙江政务服务网一网通办门户",
-                "keys": [t.jwk("a-portal")],
-                "services": ["crossregion.apply", "credit.query", "evaluation.submit"],
-                "callback_url": f"{t.url('a-portal')}/callbacks",
-            },
-            {
-                "id": PLATFORM,
-                "kind": "platform",
-                "keys": [t.jwk("national")],
-                "regions": ["100000"],
-            },
-        ],
-        "services": [
-            _service("crossregion.apply", "async", 30),
-            _service("credit.query", "sync"),
-            _service("evaluation.submit", "sync"),
-        ],
-        "adapters": [
-            {
-                "name": "national",
-                "type": "national_platform",
-                "config": {"base_url": t.url("national"), "platform_keys": [t.jwk("national")]},
-            }
-        ],
-        "routes": [
-            {"service": code, "adapter": "national"}
-            for code in ("crossregion.apply", "credit.query", "evaluation.submit")
-        ],
-    }
+    return _policy(
+        {
+            "gateway": {"member_id": A_GATEWAY, "key": str(t.workdir / "a-gateway.pem")},
+            "store": {"path": str(t.workdir / "a-gateway.db")},
+            "delivery": {"poll_interval_s": 0.05, "base_delay_s": 0.1, "max_delay_s": 1},
+            "members": [
+                {
+                    "id": PORTAL,
+                    "kind": "system",
+                    "name": "浙江政务服务网一网通办门户",
+                    "keys": [t.jwk("a-portal")],
+                    "services": ["crossregion.apply", "credit.query", "evaluation.submit"],
+                    "callback_url": f"{t.url('a-portal')}/callbacks",
+                },
+                {
+                    "id": PLATFORM,
+                    "kind": "platform",
+                    "keys": [t.jwk("national")],
+                    "regions": ["100000"],
+                },
+            ],
+            "services": [
+                _service("crossregion.apply", "async", 30),
+                _service("credit.query", "sync"),
+                _service("evaluation.submit", "sync"),
+            ],
+            "adapters": [
+                {
+                    "name": "national",
+                    "type": "national_platform",
+                    "config": {"base_url": t.url("national"), "platform_keys": [t.jwk("national")]},
+                }
+            ],
+            "routes": [
+                {"service": code, "adapter": "national"}
+                for code in ("crossregion.apply", "credit.query", "evaluation.submit")
+            ],
+        },
+        t,
+    )
 
 
 def _b_config(t: _Topology) -> dict[str, Any]:
-    return {
-        "gateway": {"member_id": B_GATEWAY, "key": str(t.workdir / "b-gateway.pem")},
-        "store": {"path": str(t.workdir / "b-gateway.db")},
-        "delivery": {"poll_interval_s": 0.05, "base_delay_s": 0.1, "max_delay_s": 1},
-        "members": [
-            {
-                "id": PLATFORM,
-                "kind": "platform",
-                "keys": [t.jwk("national")],
-                "regions": ["100000"],
-                "services": ["crossregion.apply"],
-                "callback_url": f"{t.url('national')}/api/v1/callbacks/{{service}}",
-            }
-        ],
-        "services": [_service("crossregion.apply", "async", 30)],
-        "adapters": [
-            {
-                "name": "back-office",
-                "type": "http",
-                "config": {
-                    "url": f"{t.url('b-office')}/applications/{{service}}",
-                    "verify_response": {"keys": [t.jwk("b-office")]},
-                },
-            }
-        ],
-        "routes": [{"service": "crossregion.apply", "adapter": "back-office"}],
-    }
+    return _policy(
+        {
+            "gateway": {"member_id": B_GATEWAY, "key": str(t.workdir / "b-gateway.pem")},
+            "store": {"path": str(t.workdir / "b-gateway.db")},
+            "delivery": {"poll_interval_s": 0.05, "base_delay_s": 0.1, "max_delay_s": 1},
+            "members": [
+                {
+                    "id": PLATFORM,
+                    "kind": "platform",
+                    "keys": [t.jwk("national")],
+                    "regions": ["100000"],
+                    "services": ["crossregion.apply"],
+                    "callback_url": f"{t.url('national')}/api/v1/callbacks/{{service}}",
+                }
+            ],
+            "services": [_service("crossregion.apply", "async", 30)],
+            "adapters": [
+                {
+                    "name": "back-office",
+                    "type": "http",
+                    "config": {
+                        "url": f"{t.url('b-office')}/applications/{{service}}",
+                        "verify_response": {"keys": [t.jwk("b-office")]},
+                    },
+                }
+            ],
+            "routes": [{"service": "crossregion.apply", "adapter": "back-office"}],
+        },
+        t,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -190,23 +210,26 @@ def _signing_kid(record: MessageRecord) -> str:
         return "?"
 
 
-async def run_demo(workdir: Path | None = None, *, verbose: bool = True) -> DemoReport:
+async def run_demo(
+    workdir: Path | None = None, *, verbose: bool = True, crypto: Crypto = "ed25519"
+) -> DemoReport:
     """Run the three-party scenario; the report says what happened and what is missing."""
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gw-demo-")))
-        return await _run(workdir, verbose)
+        return await _run(workdir, verbose, crypto)
 
 
-async def _run(workdir: Path, verbose: bool) -> DemoReport:
+async def _run(workdir: Path, verbose: bool, crypto: Crypto) -> DemoReport:
     names = ("a-gateway", "a-admin", "a-portal", "national", "b-gateway", "b-admin", "b-office")
+    kind: KeyType = "sm2" if crypto == "sm2" else "ed25519"
     keys = {
         name: write_keypair(
-            generate(), workdir / f"{name}.pem", jwk_path_for(workdir / f"{name}.pem")
+            generate(kind), workdir / f"{name}.pem", jwk_path_for(workdir / f"{name}.pem")
         )
         for name in ("a-gateway", "a-portal", "national", "b-gateway", "b-office")
     }
-    t = _Topology(workdir, keys, {name: free_port() for name in names})
+    t = _Topology(workdir, keys, {name: free_port() for name in names}, crypto)
     a_conf = parse_config(_a_config(t), base=workdir)
     b_conf = parse_config(_b_config(t), base=workdir)
 
@@ -291,6 +314,8 @@ async def _run(workdir: Path, verbose: bool) -> DemoReport:
             B_GATEWAY: list(await b_app[STORE].search_messages(limit=50)),
         }
         _check(report, message_id)
+        if crypto == "sm2":
+            _check_sm2(report)
     if verbose:
         _print(report, started)
     return report
@@ -318,6 +343,21 @@ def _check(report: DemoReport, message_id: str) -> None:
         report.problems.append("B recorded the application under another message id")
 
 
+def _check_sm2(report: DemoReport) -> None:
+    """Each request a gateway recorded was signed with sm2-sm3 over an sm3 digest."""
+    from multidict import CIMultiDict
+
+    for gateway, records in report.logs.items():
+        for r in records:
+            headers = CIMultiDict({k.lower(): v for k, v in r.request_headers.items()})
+            alg = parse_signature_input(headers).params.get("alg")
+            digest = headers.get("content-digest", "")
+            if alg != "sm2-sm3" or not digest.startswith("sm3=:"):
+                report.problems.append(
+                    f"{gateway}: {r.service} from {r.client} signed {alg}, digest {digest[:8]}"
+                )
+
+
 def _print(report: DemoReport, started: float) -> None:
     print("跨省通办 demo: a Zhejiang enterprise applies for a service handled in Guangdong\n")
     print(f"{'#':>2} {'t (ms)':>8}  {'hop':<58} signature checked")
@@ -339,6 +379,6 @@ def _print(report: DemoReport, started: float) -> None:
     print("\nOK: every hop signed, checked and on record" if report.ok else "\nFAILED")
 
 
-def main() -> int:
-    report = asyncio.run(run_demo())
+def main(crypto: Crypto = "ed25519") -> int:
+    report = asyncio.run(run_demo(crypto=crypto))
     return 0 if report.ok else 1

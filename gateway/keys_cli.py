@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import load_config
-from gateway.keys import read_passphrase, rotate_keypair
+from gateway.keys import KEY_TYPES, read_passphrase, rotate_keypair
 
 __all__ = ["add_passphrase_options", "passphrase_from_args", "register_keys_commands"]
 
@@ -93,8 +93,10 @@ def register_keys_commands(sub: Any) -> None:
         help="days the old key stays published in the JWKS (default 7)",
     )
     rotate.add_argument(
+        "--alg",
         "--type",
-        choices=["ed25519", "ecdsa-p256", "rsa-pss"],
+        dest="type",
+        choices=KEY_TYPES,
         help="key type of the new key (default: the old key's)",
     )
     rotate.add_argument("--kid", help="key id of the new key (default: RFC 7638 thumbprint)")
