@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -38,6 +39,13 @@ def ensure_venv() -> None:
     STAMP.write_text(wanted)
 
 
+def ensure_openssl() -> None:
+    """The SM2 tests use the OpenSSL command line as an independent peer."""
+    missing = shutil.which("openssl") is None and shutil.which("apt-get") is not None
+    if missing and os.name == "posix" and os.geteuid() == 0:
+        _sh("apt-get", "install", "-y", "-q", "openssl")
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"run", "test"}:
         print(__doc__)
@@ -49,6 +57,7 @@ def main(argv: list[str]) -> int:
             return subprocess.call(cmd, cwd=ROOT)
         except KeyboardInterrupt:
             return 0
+    ensure_openssl()
     steps = [
         [BIN / "ruff", "check", "."],
         [BIN / "ruff", "format", "--check", "."],

@@ -48,6 +48,7 @@ _size = ctypes.c_size_t
 _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "OpenSSL_version_num": (ctypes.c_ulong, []),
     "ERR_clear_error": (None, []),
+    "ERR_peek_error": (ctypes.c_ulong, []),
     "BIO_new_mem_buf": (_vp, [ctypes.c_char_p, ctypes.c_int]),
     "BIO_new": (_vp, [_vp]),
     "BIO_s_mem": (_vp, []),
