@@ -263,3 +263,27 @@ async def test_the_jwks_publishes_the_sm2_gateway_key(harness: Harness, keys: Ke
     current = jwks["keys"][0]
     assert current == dict(keys.pairs["gateway"].jwk)
     assert (current["kty"], current["crv"], current["alg"]) == ("EC", "SM2", "SM2-SM3")
+
+
+async def test_an_adapters_content_digest_option_overrides_the_keys_default(
+    make_harness: HarnessFactory,
+) -> None:
+    """The SM2 gateway writes sm3 by default; `content_digest: sha-512` on the adapter wins."""
+
+    def sha512(doc: dict[str, Any]) -> None:
+        doc["adapters"][0]["config"]["content_digest"] = "sha-512"
+
+    h = await make_harness(sha512)
+    reply = await h.client("portal").exchange("credit.query", CREDIT_EXAMPLE)
+    assert reply.status == 200, reply.body
+    assert h.national.digests == ["sha-512"]
+
+
+async def test_admin_api_refuses_an_unknown_algorithm_in_allowed_algs(harness: Harness) -> None:
+    """allowed_algs holds only the protocol's algorithm names: anything else is a 422."""
+    response = await harness.admin.patch(
+        f"/admin/v1/members/{TAX_ID}", json={"allowed_algs": ["sm9"]}, headers=harness.auth()
+    )
+    assert response.status == 422, await response.text()
+    problem = await response.json(content_type=None)
+    assert any("allowed_algs" in e["pointer"] for e in problem["errors"]), problem
