@@ -60,7 +60,7 @@ class NationalPlatform:
     received: list[str] = field(default_factory=list)
     callbacks_sent: list[str] = field(default_factory=list)
     traceparents: list[str] = field(default_factory=list)
-    digests: list[str] = field(default_factory=list)  # each request's (first) Content-Digest algorithm
+    digests: list[str] = field(default_factory=list)  # first Content-Digest algorithm of each
     # message id → (service, ingress of the gateway it came from), for relayed answers
     relays: dict[str, tuple[str, str]] = field(default_factory=dict)
     # What happened, hop by hop (the demo prints it)
