@@ -140,6 +140,10 @@ class _Pkey:
             lib.EVP_PKEY_free(pkey)
             lib.ERR_clear_error()
             raise ValueError("not an SM2 key")
+        if lib.i2d_PUBKEY(pkey, None) != len(_SPKI_PREFIX) + 64:
+            lib.EVP_PKEY_free(pkey)
+            lib.ERR_clear_error()
+            raise ValueError("an SM2 key must name its curve (explicit parameters are refused)")
         self._pkey = pkey
 
     def __del__(self) -> None:
@@ -148,11 +152,16 @@ class _Pkey:
             _lib().EVP_PKEY_free(pkey)
 
     def _point(self) -> tuple[int, int]:
-        buffer = ctypes.create_string_buffer(len(_SPKI_PREFIX) + 64)
+        lib = _lib()
+        size = lib.i2d_PUBKEY(self._pkey, None)  # asked first: i2d writes unchecked
+        if size != len(_SPKI_PREFIX) + 64:
+            lib.ERR_clear_error()
+            raise ValueError("unexpected SM2 public key encoding")
+        buffer = ctypes.create_string_buffer(size)
         cursor = ctypes.c_char_p(ctypes.addressof(buffer))
-        written = _lib().i2d_PUBKEY(self._pkey, ctypes.byref(cursor))
+        written = lib.i2d_PUBKEY(self._pkey, ctypes.byref(cursor))
         der = buffer.raw[:written]
-        if written != len(buffer) or not der.startswith(_SPKI_PREFIX):
+        if written != size or not der.startswith(_SPKI_PREFIX):
             raise ValueError("unexpected SM2 public key encoding")
         point = der[len(_SPKI_PREFIX) :]
         return int.from_bytes(point[:32], "big"), int.from_bytes(point[32:], "big")

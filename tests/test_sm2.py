@@ -233,7 +233,8 @@ def test_non_canonical_or_altered_signatures_fail_without_noise(
 
 
 def test_points_off_the_curve_and_p256_keys_are_not_sm2(tmp_path: Path) -> None:
-    """A JWK whose point is not on sm2p256v1 is refused; a P-256 PEM is not taken as SM2."""
+    """A JWK whose point is not on sm2p256v1 is refused; a P-256 PEM is not taken as SM2;
+    an SM2 PEM with explicit curve parameters is refused (no odd encodings reach the codec)."""
     p256 = private_to_jwk(generate("ecdsa-p256"))
     with pytest.raises(ValueError, match="SM2"):
         public_from_jwk({**p256, "crv": "SM2"})
@@ -244,6 +245,11 @@ def test_points_off_the_curve_and_p256_keys_are_not_sm2(tmp_path: Path) -> None:
                    "-out", str(pem)).returncode == 0  # fmt: skip
     with pytest.raises(ValueError, match="not an SM2 key"):
         Sm2PrivateKey.from_pem(pem.read_bytes())
+    explicit = tmp_path / "explicit.pem"
+    assert openssl("ecparam", "-name", "SM2", "-genkey", "-param_enc", "explicit", "-noout",
+                   "-out", str(explicit)).returncode == 0  # fmt: skip
+    with pytest.raises(ValueError, match="explicit parameters are refused"):
+        Sm2PrivateKey.from_pem(explicit.read_bytes())
 
 
 # Properties ---------------------------------------------------------------------------
