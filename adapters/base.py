@@ -11,6 +11,10 @@ An adapter type is a class with:
 
 Adapters raise the gateway's errors: ``UpstreamError`` (502), ``UpstreamTimeout`` (504),
 ``AdapterUnavailable`` (503). Anything else is reported as ``upstream_error``.
+
+This module is the stable surface for plugin authors: everything an adapter needs is
+importable from here (its ``__all__``), the errors included, so that a plugin does not
+depend on how the core is laid out. README.md, "Writing an adapter", shows a whole one.
 """
 
 from __future__ import annotations
@@ -22,7 +26,24 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import aiohttp
 from multidict import CIMultiDict
 
-__all__ = ["Adapter", "AdapterContext", "AdapterType", "Answer", "Exchange", "Health", "Signer"]
+from gateway.errors import AdapterUnavailable, UpstreamError, UpstreamTimeout
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Adapter",
+    "AdapterContext",
+    "AdapterType",
+    "AdapterUnavailable",
+    "Answer",
+    "Exchange",
+    "Health",
+    "Signer",
+    "UpstreamError",
+    "UpstreamTimeout",
+]
+
+# The entry-point group a plugin's package registers its adapter types in.
+ENTRY_POINT_GROUP = "gateway.adapters"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 
 from adapters.base import AdapterContext
 from adapters.http import HttpAdapter
+from gateway.config import MEMBER_ID_PATTERN
 from gateway.errors import UpstreamError
 from gateway.signing import RequestView
 from gateway.signing import parse_signature_input as parse_sig
@@ -32,7 +33,7 @@ class PeerGatewayAdapter(HttpAdapter):
         "required": ["url", "peer_id", "peer_keys"],
         "properties": {
             "url": {"type": "string", "pattern": "^https?://", "description": "the peer's ingress"},
-            "peer_id": {"type": "string", "pattern": "^[0-9]{6}:[a-z0-9][a-z0-9-]{0,62}$"},
+            "peer_id": {"type": "string", "pattern": MEMBER_ID_PATTERN},
             "peer_keys": {
                 "type": "array",
                 "minItems": 1,

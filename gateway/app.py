@@ -27,14 +27,14 @@ from gateway.limits import IN_FLIGHT, InFlight, handler_args, limits_middleware
 from gateway.live import LiveConfig
 from gateway.metrics import Metrics
 from gateway.openapi import ingress_document
-from gateway.pipeline import CTX_KEY, Pipeline, RequestContext, RuntimeHolder
+from gateway.pipeline import CTX_KEY, Pipeline, RequestContext
 from gateway.problem import problem_response
-from gateway.registry import Runtime, build_runtime
+from gateway.registry import Runtime, RuntimeHolder, build_runtime
 from gateway.signing import Signer, Verifier
 from gateway.store import Rejection
 from gateway.store.sqlite import SQLiteStore
 from gateway.tls import TLS_CONTEXT, server_context
-from gateway.trace import ensure_traceparent
+from gateway.traceparent import ensure_traceparent
 from gateway.tracing import Span, Tracing, create_tracing
 
 __all__ = [
@@ -329,7 +329,6 @@ def create_app(
             identity=config.gateway,
             store=store,
             runtime=holder,
-            pipeline=app[PIPELINE],
             signer=signer,
             session=app[SESSION],
             metrics=metrics,

@@ -73,13 +73,16 @@ class ExchangeClient:
         url = self.base_url + path
         h: CIMultiDict[str] = CIMultiDict(headers or {})
         h.setdefault("Gw-Client", self.member_id)
-        h.setdefault("Gw-Message-Id", message_id or str(uuid.uuid4()))
         if method == "GET":
-            self.signer.sign_request(
-                method, url, h, b"", components=("@method", "@target-uri", "gw-client")
-            )
+            # A read needs no message id; one that is sent is covered (PROTOCOL.md).
+            if message_id is not None:
+                h.setdefault("Gw-Message-Id", message_id)
+            components = ["@method", "@target-uri", "gw-client"]
+            components += [n for n in ("gw-message-id",) if n in h]
+            self.signer.sign_request(method, url, h, b"", components=components)
             h.popall("Content-Digest", None)
             return url, h, b""
+        h.setdefault("Gw-Message-Id", message_id or str(uuid.uuid4()))
         data = body if body is not None else json.dumps(document, ensure_ascii=False).encode()
         h.setdefault("Content-Type", "application/json")
         self.signer.sign_request(method, url, h, data)

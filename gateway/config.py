@@ -19,6 +19,7 @@ import yaml
 from gateway.errors import ConfigError
 
 __all__ = [
+    "MEMBER_ID_PATTERN",
     "SCHEMA_DIR",
     "AdapterConfig",
     "Config",
@@ -42,6 +43,9 @@ __all__ = [
 ]
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+# <region>:<system>; written once, in the config schema, which every other use reads.
+with (SCHEMA_DIR / "config.schema.json").open(encoding="utf-8") as _fh:
+    MEMBER_ID_PATTERN: str = json.load(_fh)["$defs"]["member_id"]["pattern"]
 MemberKind = Literal["system", "gateway", "platform"]
 Mode = Literal["sync", "async"]
 

@@ -23,15 +23,17 @@ import aiohttp
 from multidict import CIMultiDict
 
 from gateway.config import DeliveryConfig, GatewayIdentity
+from gateway.dispatch import call_adapter, exchange_of
 from gateway.errors import AdapterUnavailable, GatewayError, UpstreamError
 from gateway.metrics import Metrics
 from gateway.signing import Signer
+from gateway.states import CallbackState, MessageState
 from gateway.store import CallbackRecord, DuplicateMessage, MessageRecord, NewCallback, Store
-from gateway.trace import child_traceparent, ensure_traceparent
+from gateway.traceparent import child_traceparent, ensure_traceparent
 from gateway.tracing import NO_TRACING, Span, Tracing
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Pipeline, RuntimeHolder
+    from gateway.registry import RuntimeHolder
 
 __all__ = ["Delivery", "DeliveryState", "backoff_delay"]
 
@@ -59,7 +61,6 @@ class Delivery:
         identity: GatewayIdentity,
         store: Store,
         runtime: RuntimeHolder,
-        pipeline: Pipeline,
         signer: Signer,
         session: aiohttp.ClientSession,
         clock: Callable[[], float] = time.time,
@@ -71,7 +72,6 @@ class Delivery:
         self.identity = identity
         self.store = store
         self.runtime = runtime
-        self.pipeline = pipeline
         self.signer = signer
         self.session = session
         self._clock = clock
@@ -186,7 +186,7 @@ class Delivery:
         attempts = record.attempts + 1
         if service is None:
             error = f"service {record.service} no longer exists"
-            await self.store.set_message_state(record.seq, "dead", error=error)
+            await self.store.set_message_state(record.seq, MessageState.DEAD, error=error)
             self._account("message", "dead", record, None, attempts, started, None, error=error)
             return
         max_attempts = service.config.max_attempts or self.config.max_attempts
@@ -197,14 +197,14 @@ class Delivery:
         span = self._span(f"deliver {record.service}", traceparent)
         if span is not None:
             traceparent = span.traceparent
-        exchange = self.pipeline.exchange_of(record, service, traceparent)
+        exchange = exchange_of(record, service, traceparent)
         name = runtime.routes.lookup(record.service, record.target) or ""
         slot = runtime.adapters.get(name)
         called = started
         try:
             async with self._limit(name, slot.config.concurrency if slot else 1):
                 called = time.perf_counter()  # the wait for a slot is not the upstream's
-                adapter, answer = await self.pipeline.call_adapter(runtime, service, exchange)
+                adapter, answer = await call_adapter(runtime, service, exchange)
         except AdapterUnavailable as exc:
             # The breaker is open or the adapter is off: wait in the outbox, spend no attempt.
             self.metrics.observe_upstream(name or "none", 0.0, exc.code)
@@ -231,7 +231,7 @@ class Delivery:
         if answer.status == 202:
             # Acknowledged: the decision comes later by callback.
             await self.store.set_message_state(
-                record.seq, "delivered", adapter=adapter, attempts=attempts, error=None
+                record.seq, MessageState.DELIVERED, adapter=adapter, attempts=attempts, error=None
             )
             self._account("message", "delivered", record, adapter, attempts, started, span)
             return
@@ -251,7 +251,7 @@ class Delivery:
                 )
             )
         await self.store.set_message_state(
-            record.seq, "answered", adapter=adapter, attempts=attempts, error=None
+            record.seq, MessageState.ANSWERED, adapter=adapter, attempts=attempts, error=None
         )
         self._account("message", "delivered", record, adapter, attempts, started, span)
         self._event.set()
@@ -261,7 +261,9 @@ class Delivery:
     ) -> str:
         """Reschedule with backoff, or dead-letter past the limits; the outcome."""
         if self._give_up(attempts, record.created_at, max_attempts, max_age):
-            await self.store.set_message_state(record.seq, "dead", error=error, attempts=attempts)
+            await self.store.set_message_state(
+                record.seq, MessageState.DEAD, error=error, attempts=attempts
+            )
             return "dead"
         delay = backoff_delay(
             attempts, self.config.base_delay_s, self.config.max_delay_s, self._rng
@@ -289,7 +291,9 @@ class Delivery:
         started = time.perf_counter()
         if not url:
             error = "the member has no callback_url"
-            await self.store.finish_callback(cb.seq, state="dead", attempts=attempts, error=error)
+            await self.store.finish_callback(
+                cb.seq, state=CallbackState.DEAD, attempts=attempts, error=error
+            )
             self._account("callback", "dead", cb, None, attempts, started, None, error=error)
             return
         # Same trace as the original message, a fresh span id for this hop (W3C).
@@ -302,7 +306,7 @@ class Delivery:
         except GatewayError as exc:
             if self._give_up(attempts, cb.created_at, max_attempts, max_age):
                 await self.store.finish_callback(
-                    cb.seq, state="dead", attempts=attempts, error=exc.detail
+                    cb.seq, state=CallbackState.DEAD, attempts=attempts, error=exc.detail
                 )
                 self._account(
                     "callback", "dead", cb, None, attempts, started, span, exc.code, exc.detail
@@ -318,7 +322,9 @@ class Delivery:
                 "callback", "retry", cb, None, attempts, started, span, exc.code, exc.detail
             )
             return
-        await self.store.finish_callback(cb.seq, state="delivered", attempts=attempts, error=None)
+        await self.store.finish_callback(
+            cb.seq, state=CallbackState.DELIVERED, attempts=attempts, error=None
+        )
         self.delivered += 1
         self._account("callback", "delivered", cb, None, attempts, started, span)
 

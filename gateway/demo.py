@@ -38,6 +38,7 @@ from gateway.config import SCHEMA_DIR, jwk_path_for, parse_config
 from gateway.keys import KeyPair, KeyType, VerificationKey, generate, write_keypair
 from gateway.ports import free_port
 from gateway.signing import Signer, parse_signature_input
+from gateway.states import MessageState
 from gateway.store import MessageRecord
 from simulators.backoffice import BackOffice, create_backoffice_app
 from simulators.national import NationalPlatform, create_national_app
@@ -327,11 +328,11 @@ def _check(report: DemoReport, message_id: str) -> None:
     b = {(r.service, r.client): r for r in report.logs[B_GATEWAY]}
     expected: Mapping[str, tuple[dict[Any, MessageRecord], tuple[str, str], str]] = {
         "A: the application, answered and called back": (
-            a, ("crossregion.apply", PORTAL), "callback_delivered"),
+            a, ("crossregion.apply", PORTAL), MessageState.CALLBACK_DELIVERED),
         "B: the relayed application, decided and called back": (
-            b, ("crossregion.apply", PORTAL), "callback_delivered"),
-        "A: the credit query": (a, ("credit.query", PORTAL), "answered"),
-        "A: the evaluation": (a, ("evaluation.submit", PORTAL), "answered"),
+            b, ("crossregion.apply", PORTAL), MessageState.CALLBACK_DELIVERED),
+        "A: the credit query": (a, ("credit.query", PORTAL), MessageState.ANSWERED),
+        "A: the evaluation": (a, ("evaluation.submit", PORTAL), MessageState.ANSWERED),
     }  # fmt: skip
     for what, (log, key, state) in expected.items():
         record = log.get(key)

@@ -36,7 +36,7 @@ from gateway.store import Store
 
 if TYPE_CHECKING:
     from gateway.delivery import Delivery
-    from gateway.pipeline import RuntimeHolder
+    from gateway.registry import RuntimeHolder
 
 __all__ = ["Readiness"]
 

@@ -8,7 +8,6 @@ A key's RFC 9421 algorithm follows from its type (no algorithm confusion): Ed255
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import math
@@ -24,6 +23,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from gateway.encoding import b64u, unb64u
 from gateway.errors import ConfigError
 from gateway.sm2 import Sm2PrivateKey, Sm2PublicKey, Sm2Unavailable
 
@@ -69,14 +69,6 @@ _JWK_ALG = {
     "sm2-sm3": "SM2-SM3",
     "hmac-sha256": "HS256",
 }
-
-
-def _b64u(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _unb64u(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def _int_bytes(value: int) -> bytes:
@@ -131,29 +123,29 @@ def _required_members(jwk: Mapping[str, Any]) -> dict[str, str]:
 def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
     """RFC 7638 SHA-256 thumbprint (base64url), the default ``kid``."""
     canonical = json.dumps(_required_members(jwk), separators=(",", ":"), sort_keys=True)
-    return _b64u(hashlib.sha256(canonical.encode()).digest())
+    return b64u(hashlib.sha256(canonical.encode()).digest())
 
 
 def public_to_jwk(key: PublicKey, kid: str | None = None) -> dict[str, str]:
     jwk: dict[str, str]
     if isinstance(key, ed25519.Ed25519PublicKey):
         raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        jwk = {"kty": "OKP", "crv": "Ed25519", "x": _b64u(raw)}
+        jwk = {"kty": "OKP", "crv": "Ed25519", "x": b64u(raw)}
     elif isinstance(key, Sm2PublicKey):
         x, y = key.point()
-        jwk = {"kty": "EC", "crv": "SM2", "x": _b64u(x.to_bytes(32, "big"))}
-        jwk["y"] = _b64u(y.to_bytes(32, "big"))
+        jwk = {"kty": "EC", "crv": "SM2", "x": b64u(x.to_bytes(32, "big"))}
+        jwk["y"] = b64u(y.to_bytes(32, "big"))
     elif isinstance(key, ec.EllipticCurvePublicKey):
         nums = key.public_numbers()
         jwk = {
             "kty": "EC",
             "crv": "P-256",
-            "x": _b64u(nums.x.to_bytes(32, "big")),
-            "y": _b64u(nums.y.to_bytes(32, "big")),
+            "x": b64u(nums.x.to_bytes(32, "big")),
+            "y": b64u(nums.y.to_bytes(32, "big")),
         }
     else:
         rnums = key.public_numbers()
-        jwk = {"kty": "RSA", "n": _b64u(_int_bytes(rnums.n)), "e": _b64u(_int_bytes(rnums.e))}
+        jwk = {"kty": "RSA", "n": b64u(_int_bytes(rnums.n)), "e": b64u(_int_bytes(rnums.e))}
     jwk["alg"] = _JWK_ALG[algorithm_for(key)]
     jwk["use"] = "sig"
     jwk["kid"] = kid or jwk_thumbprint(jwk)
@@ -175,9 +167,9 @@ def public_from_jwk(jwk: Mapping[str, Any]) -> PublicKey | bytes:
         if kty == "OKP":
             if members["crv"] != "Ed25519":
                 raise ValueError(f"unsupported OKP curve {members['crv']!r}")
-            return ed25519.Ed25519PublicKey.from_public_bytes(_unb64u(members["x"]))
+            return ed25519.Ed25519PublicKey.from_public_bytes(unb64u(members["x"]))
         if kty == "EC" and members["crv"] == "SM2":
-            x, y = _unb64u(members["x"]), _unb64u(members["y"])
+            x, y = unb64u(members["x"]), unb64u(members["y"])
             if len(x) != 32 or len(y) != 32:
                 raise ValueError("SM2 coordinates are 32 bytes each")
             return Sm2PublicKey.from_point(int.from_bytes(x, "big"), int.from_bytes(y, "big"))
@@ -185,16 +177,16 @@ def public_from_jwk(jwk: Mapping[str, Any]) -> PublicKey | bytes:
             if members["crv"] != "P-256":
                 raise ValueError(f"unsupported EC curve {members['crv']!r}")
             return ec.EllipticCurvePublicNumbers(
-                int.from_bytes(_unb64u(members["x"]), "big"),
-                int.from_bytes(_unb64u(members["y"]), "big"),
+                int.from_bytes(unb64u(members["x"]), "big"),
+                int.from_bytes(unb64u(members["y"]), "big"),
                 ec.SECP256R1(),
             ).public_key()
         if kty == "RSA":
             return rsa.RSAPublicNumbers(
-                int.from_bytes(_unb64u(members["e"]), "big"),
-                int.from_bytes(_unb64u(members["n"]), "big"),
+                int.from_bytes(unb64u(members["e"]), "big"),
+                int.from_bytes(unb64u(members["n"]), "big"),
             ).public_key()
-        return _unb64u(members["k"])
+        return unb64u(members["k"])
     except Sm2Unavailable as exc:
         raise ValueError(f"SM2 keys cannot be used here: {exc}") from exc
     except (ValueError, TypeError) as exc:

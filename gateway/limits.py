@@ -232,6 +232,10 @@ class RateLimiter:
                 retry_after=max(1, math.ceil(wait)),
             )
 
+    def tracked(self) -> int:
+        """How many members have a bucket (for tests and diagnostics)."""
+        return len(self._buckets)
+
 
 # JSON shape ----------------------------------------------------------------------------
 

@@ -142,9 +142,6 @@ class LiveConfig:
                     out[part] = copy.deepcopy(getattr(service, part))
         return out
 
-    def adapter_slots(self) -> Mapping[str, AdapterSlot]:
-        return self._slots
-
     async def write(
         self,
         kind: str,

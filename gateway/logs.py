@@ -13,11 +13,17 @@ __all__ = ["JsonFormatter", "configure_logging", "mask_personal"]
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
 # Resident identity numbers (GB 11643): 17 digits and a check character.
 _RESIDENT_ID = re.compile(r"(?<![0-9])([0-9]{6})[0-9]{8}([0-9]{3}[0-9Xx])(?![0-9])")
+# Mainland mobile numbers, 11 digits (an optional +86 kept). Not next to a letter or digit,
+# so hex ids (a UUID's last group may be a letter and 11 digits) are never touched.
+_MOBILE = re.compile(r"(?<![0-9A-Za-z])((?:\+?86)?1[3-9][0-9])[0-9]{4}([0-9]{4})(?![0-9A-Za-z])")
+# The shortest value either pattern can match (a mobile number).
+MIN_PERSONAL = 11
 
 
 def mask_personal(text: str) -> str:
-    """Mask resident IDs wherever they appear: region code kept, birth date hidden."""
-    return _RESIDENT_ID.sub(r"\1********\2", text)
+    """Mask resident IDs (region code kept, birth date hidden) and mobile numbers (first
+    three and last four digits kept) wherever they appear."""
+    return _MOBILE.sub(r"\1****\2", _RESIDENT_ID.sub(r"\1********\2", text))
 
 
 _SCALARS = (int, float, bool, type(None))
@@ -46,10 +52,10 @@ class JsonFormatter(logging.Formatter):
             if key in _STANDARD:
                 continue
             if isinstance(value, str):
-                # Masked value by value (a resident ID has 18 characters): cheaper than
-                # scanning the whole line, which was a third of a log line's cost.
-                data[key] = mask_personal(value) if len(value) >= 18 else value
-            elif type(value) is int and abs(value) >= 10**16:  # an ID held as a number
+                # Masked value by value (shorter ones cannot hold personal data): cheaper
+                # than scanning the whole line, which was a third of a log line's cost.
+                data[key] = mask_personal(value) if len(value) >= MIN_PERSONAL else value
+            elif type(value) is int and abs(value) >= 10**10:  # an ID or phone as a number
                 data[key] = mask_personal(str(value))
             else:
                 data[key] = value

@@ -1,11 +1,14 @@
-"""Personal data out of sight: stored documents and headers as operators see them.
+"""Personal data out of sight: stored exchanges as operators see them.
 
-Three rules, applied wherever a stored exchange is shown (admin API, ``gateway log
-show``): ``Gw-User`` (and any credential header) is replaced by ``***``; every
-resident identity number keeps only its region code and check digits
-(``mask_personal``); and each field a service lists under ``sensitive`` (JSON
-Pointers, RFC 6901, where a ``*`` segment stands for every member or item) is
-replaced by ``***``. Messages in transit are never changed; only views are.
+The operator's view of a stored message is built here once (``message_view``, and
+``dead_letter_view`` for a dead letter) and shown as it is by the admin API, ``gateway
+log show`` and ``gateway dead-letters list``. Three rules apply to it: ``Gw-User`` (and
+any credential header) is replaced by ``***``; every resident identity number keeps
+only its region code and check digits and every mobile number its first three and last
+four digits (``mask_personal``), in bodies and in the ``error`` an upstream may have
+written; and each field a service lists under ``sensitive`` (JSON Pointers, RFC 6901,
+where a ``*`` segment stands for every member or item) is replaced by ``***``. Messages
+in transit are never changed; only views are.
 """
 
 from __future__ import annotations
@@ -15,8 +18,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from gateway.logs import mask_personal
+from gateway.store import MessageRecord
 
-__all__ = ["MASK", "mask_document", "mask_headers", "mask_pointers", "masked_body", "masked_text"]
+__all__ = [
+    "MASK",
+    "dead_letter_view",
+    "mask_document",
+    "mask_headers",
+    "mask_pointers",
+    "masked_body",
+    "message_view",
+]
 
 MASK = "***"
 _SECRET_HEADERS = frozenset({"gw-user", "authorization", "cookie", "proxy-authorization"})
@@ -86,19 +98,46 @@ def masked_body(data: bytes | None, pointers: Sequence[str] = ()) -> Any:
     return mask_document(document, pointers)
 
 
-def masked_text(data: bytes | None, pointers: Sequence[str] = ()) -> str:
-    """Like ``masked_body``, as text; a JSON body is re-serialised only when it has
-    sensitive fields to hide (else its bytes are shown as stored, IDs masked)."""
-    text = (data or b"").decode("utf-8", "replace")
-    if pointers:
-        masked = masked_body(data, pointers)
-        if not isinstance(masked, str) and masked is not None:
-            return json.dumps(masked, ensure_ascii=False)
-    return mask_personal(text)
-
-
 def mask_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """Headers for display: ``Gw-User`` and credentials hidden, resident IDs masked."""
     return {
         k: MASK if k.lower() in _SECRET_HEADERS else mask_personal(v) for k, v in headers.items()
     }
+
+
+def _masked_error(error: str | None) -> str | None:
+    # Free text, often an upstream's own words about the applicant.
+    return mask_personal(error) if error else error
+
+
+def message_view(record: MessageRecord, sensitive: Sequence[str] = ()) -> dict[str, Any]:
+    """A stored exchange for an operator (the admin API's JSON): Gw-User, resident IDs
+    and mobile numbers (also in ``error``) and the service's ``sensitive`` fields masked."""
+    return {
+        "seq": record.seq,
+        "message_id": record.message_id,
+        "client": record.client,
+        "service": record.service,
+        "mode": record.mode,
+        "state": record.state,
+        "target": record.target,
+        "adapter": record.adapter,
+        "status": record.status,
+        "code": record.code,
+        "error": _masked_error(record.error),
+        "attempts": record.attempts,
+        "request_digest": record.request_digest,
+        "request_headers": mask_headers(record.request_headers),
+        "request": masked_body(record.request_body, sensitive),
+        "response": masked_body(record.response_body, sensitive),
+        "result": masked_body(record.result, sensitive),
+        "timings_ms": dict(record.timings),
+        "trace_id": record.trace_id,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+    }
+
+
+def dead_letter_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A dead letter (message or callback) for an operator: its last ``error`` masked."""
+    return {**row, "error": _masked_error(row.get("error"))}

@@ -63,8 +63,8 @@ from gateway.errors import GatewayError
 from gateway.store import Store
 
 if TYPE_CHECKING:
-    from gateway.pipeline import RequestContext, RuntimeHolder
-    from gateway.registry import Runtime
+    from gateway.pipeline import RequestContext
+    from gateway.registry import Runtime, RuntimeHolder
 
 __all__ = [
     "CONTENT_TYPE",

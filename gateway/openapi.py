@@ -11,12 +11,12 @@ from functools import cache
 from typing import Any
 
 from gateway import __version__
-from gateway.config import SCHEMA_DIR
+from gateway.config import MEMBER_ID_PATTERN, SCHEMA_DIR
+from gateway.states import MessageState
 
 __all__ = ["admin_document", "ingress_document"]
 
 _PROBLEM = {"$ref": "#/components/schemas/Problem"}
-_MEMBER_ID = "^[0-9]{6}:[a-z0-9][a-z0-9-]{0,62}$"
 _UUID = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 
 
@@ -99,17 +99,7 @@ _COMMON_SCHEMAS: dict[str, Any] = {
             "service": {"type": "string"},
             "client": {"type": "string"},
             "target": {"type": ["string", "null"]},
-            "state": {
-                "enum": [
-                    "accepted",
-                    "delivering",
-                    "delivered",
-                    "answered",
-                    "callback_delivered",
-                    "failed",
-                    "dead",
-                ]
-            },
+            "state": {"enum": [str(state) for state in MessageState]},
             "attempts": {"type": "integer"},
             "created_at": {"type": "string"},
             "updated_at": {"type": "string"},
@@ -126,7 +116,7 @@ _COMMON_SCHEMAS: dict[str, Any] = {
 }
 
 _SIGNED = [
-    _header("Gw-Client", "the sender's member id", required=True, pattern=_MEMBER_ID),
+    _header("Gw-Client", "the sender's member id", required=True, pattern=MEMBER_ID_PATTERN),
     _header("Gw-Message-Id", "UUID, the idempotency key", required=True, pattern=_UUID),
     _header("Signature-Input", "RFC 9421", required=True),
     _header("Signature", "RFC 9421", required=True),
@@ -144,7 +134,7 @@ def ingress_document() -> dict[str, Any]:
     post_headers = [
         *_SIGNED,
         _header("Content-Digest", "RFC 9530 sha-256 or sha-512", required=True),
-        _header("Gw-Target", "the intended receiver", pattern=_MEMBER_ID),
+        _header("Gw-Target", "the intended receiver", pattern=MEMBER_ID_PATTERN),
         _header("Gw-User", "end user or official acting (masked in logs)"),
         _header("Gw-Issue", "case number (办件编号)"),
         _header("Prefer", "respond-async (RFC 7240)"),

@@ -6,7 +6,9 @@
     → validate answer → sign → record.
 
 ``GET /v1/messages/{id}`` and ``POST /v1/callbacks/{service}`` reuse the same stages.
-Each stage is one small method; none reaches into another's storage.
+Each stage is one small method; none reaches into another's storage. Where a stage's
+work is shared with the outbox it lives in its own module: route → adapter → validate
+answer is ``gateway/dispatch.py``, the nonce part of freshness ``gateway/nonces.py``.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from typing import Any, Protocol
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from adapters.base import Answer, Exchange
-from gateway.config import GatewayIdentity, SecurityConfig
+from gateway.config import MEMBER_ID_PATTERN, GatewayIdentity, SecurityConfig
+from gateway.dispatch import call_adapter, exchange_of, validate_answer
+from gateway.encoding import iso_utc
 from gateway.errors import (
-    AdapterUnavailable,
     ClientDisabled,
     ClientUnknown,
     GatewayError,
@@ -42,13 +44,11 @@ from gateway.errors import (
     RequestTimeout,
     ServiceUnknown,
     UnsupportedMediaType,
-    UpstreamError,
-    UpstreamTimeout,
 )
 from gateway.limits import RateLimiter, check_json_shape
+from gateway.nonces import NonceGuard
 from gateway.problem import problem_body
-from gateway.registry import Member, Runtime, Service
-from gateway.replay import NonceGuard
+from gateway.registry import Member, Runtime, RuntimeHolder, Service
 from gateway.signing import (
     REQUEST_COMPONENTS,
     RequestView,
@@ -59,14 +59,16 @@ from gateway.signing import (
     check_content_digest,
     parse_signature_input,
 )
+from gateway.states import MessageState
 from gateway.store import DuplicateMessage, MessageRecord, NewCallback, NewMessage, Store
-from gateway.trace import trace_id_of
+from gateway.traceparent import trace_id_of
 
-__all__ = ["Authenticated", "Pipeline", "RuntimeHolder"]
+__all__ = ["Authenticated", "Pipeline"]
 
 log = logging.getLogger("gateway.exchange")
 
-MEMBER_ID = re.compile(r"^[0-9]{6}:[a-z0-9][a-z0-9-]{0,62}$")
+READ_COMPONENTS = ("@method", "@target-uri", "gw-client")
+MEMBER_ID = re.compile(MEMBER_ID_PATTERN)
 _SINGLE_HEADERS = (
     "Content-Type",
     "Content-Digest",
@@ -78,16 +80,18 @@ _SINGLE_HEADERS = (
     "Gw-Via",
     "Gw-Correlation-Id",
 )
+# Optional headers a signature must cover whenever they are sent.
+_COVERED_WHEN_SENT = (
+    "gw-message-id",
+    "gw-target",
+    "gw-user",
+    "gw-issue",
+    "gw-via",
+    "gw-correlation-id",
+)
 # Never stored: signatures are verifiable only with the rest of the request anyway,
 # and Authorization would be a secret.
 _NOT_RECORDED = frozenset({"authorization", "cookie", "proxy-authorization"})
-
-
-class RuntimeHolder:
-    """Holds the current ``Runtime``; a swap is one assignment (atomic for readers)."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        self.current = runtime
 
 
 class Wakeable(Protocol):
@@ -119,7 +123,7 @@ class Authenticated:
     """A request whose signature verified: who sent it, and who vouched for it."""
 
     client: str
-    message_id: str
+    message_id: str  # "" only on a read that named none
     signer: Member  # the member whose key signed (the client, or the vouching peer)
     signature: VerifiedSignature
     digest: str  # sha-256 of the body, hex ("" when the request has no body)
@@ -225,8 +229,11 @@ class Pipeline:
         ctx: RequestContext,
         *,
         required: tuple[str, ...] = REQUEST_COMPONENTS,
+        read: bool = False,
     ) -> Authenticated:
-        """Who sent this, proven by an RFC 9421 signature and an RFC 9530 digest."""
+        """Who sent this, proven by an RFC 9421 signature and an RFC 9530 digest.
+
+        A ``read`` needs no ``Gw-Message-Id``; one that is sent must be covered anyway."""
         headers = request.headers
         started = time.perf_counter()
         sig: SignatureInput = parse_signature_input(headers)
@@ -235,7 +242,9 @@ class Pipeline:
             _single(headers, name)
         client = _require(headers, "Gw-Client")
         ctx.client = client
-        raw_message_id = _require(headers, "Gw-Message-Id")
+        raw_message_id = (
+            _require(headers, "Gw-Message-Id") if not read or "Gw-Message-Id" in headers else None
+        )
         if body is not None:
             _require(headers, "Content-Digest")
             _require(headers, "Content-Type")
@@ -249,9 +258,7 @@ class Pipeline:
         if key is None:
             raise KeyUnknown(f"key {sig.keyid!r} is not a key of {signer.id}")
         present = tuple(
-            name
-            for name in ("gw-target", "gw-user", "gw-issue", "gw-via", "gw-correlation-id")
-            if name in headers
+            name for name in _COVERED_WHEN_SENT if name in headers and name not in required
         )
         verified = self.verifier.verify(
             RequestView(request.method, self.target_uri(request), headers),
@@ -268,7 +275,9 @@ class Pipeline:
             if ctype != "application/json":
                 raise UnsupportedMediaType("the body must be application/json")
         # Only a well-formed id is repeated in answers and logs.
-        message_id = ctx.message_id = _message_id(raw_message_id)
+        message_id = ""
+        if raw_message_id is not None:
+            message_id = ctx.message_id = _message_id(raw_message_id)
         ctx.timings["verify"] = (time.perf_counter() - started) * 1000
         return Authenticated(
             client=client,
@@ -279,7 +288,7 @@ class Pipeline:
         )
 
     async def admit(self, auth: Authenticated) -> None:
-        """Freshness and replay, once the signer is proven: its rate limit, then its
+        """Freshness and single use, once the signer is proven: its rate limit, then its
         signature's nonce (single use while the signature could be fresh)."""
         self.rate_limiter.admit(auth.signer.config)
         sig = auth.signature
@@ -371,7 +380,7 @@ class Pipeline:
                 client=auth.client,
                 service=service.code,
                 mode="async" if asynchronous else "sync",
-                state="accepted" if asynchronous else "delivering",
+                state=MessageState.ACCEPTED if asynchronous else MessageState.DELIVERING,
                 request_headers=_recordable(request.headers),
                 request_body=body,
                 request_digest=auth.digest,
@@ -384,67 +393,9 @@ class Pipeline:
         ctx.timings["record"] = (time.perf_counter() - started) * 1000
         return record
 
-    def exchange_of(self, record: MessageRecord, service: Service, traceparent: str) -> Exchange:
-        h = record.request_headers
-        lowered = {k.lower(): v for k, v in h.items()}
-        return Exchange(
-            service=record.service,
-            client=record.client,
-            message_id=record.message_id,
-            body=record.request_body or b"",
-            target=record.target,
-            user=lowered.get("gw-user"),
-            issue=lowered.get("gw-issue"),
-            traceparent=traceparent,
-            timeout_s=service.config.timeout_s,
-            asynchronous=record.mode == "async",
-        )
-
-    async def call_adapter(
-        self, runtime: Runtime, service: Service, exchange: Exchange
-    ) -> tuple[str, Answer]:
-        """Route and send; the breaker and the adapter's concurrency limit apply."""
-        name = runtime.routes.lookup(service.code, exchange.target)
-        if name is None or name not in runtime.adapters:
-            raise AdapterUnavailable(f"no route for {service.code}", retry_after=30)
-        slot = runtime.adapters[name]
-        if not slot.config.enabled:
-            raise AdapterUnavailable(f"adapter {name} is disabled", retry_after=30)
-        slot.breaker.before_call(name)
-        try:
-            async with asyncio.timeout(service.config.timeout_s):
-                answer = await slot.adapter.send(exchange)
-        except TimeoutError as exc:
-            slot.breaker.record_failure()
-            if isinstance(exc, UpstreamTimeout):
-                raise
-            raise UpstreamTimeout(f"{name}: no answer within {service.config.timeout_s} s") from exc
-        except (UpstreamError, AdapterUnavailable):
-            slot.breaker.record_failure()
-            raise
-        except GatewayError:
-            raise
-        except Exception as exc:
-            slot.breaker.record_failure()
-            log.exception("adapter %s failed", name)
-            raise UpstreamError(f"{name}: the adapter failed") from exc
-        slot.breaker.record_success()
-        return name, answer
-
     def check_shape(self, body: bytes) -> None:
         limits = self.security
         check_json_shape(body, max_depth=limits.max_json_depth, max_items=limits.max_json_items)
-
-    @staticmethod
-    def validate_answer(service: Service, answer: Answer) -> None:
-        try:
-            document = json.loads(answer.body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UpstreamError("the upstream's answer is not JSON") from exc
-        errors = service.response.errors(document)
-        if errors:
-            where = ", ".join(e.pointer or "/" for e in errors[:5])
-            raise UpstreamError(f"the upstream's answer violates the response schema at {where}")
 
     def sign(self, request: web.Request, response: web.Response, ctx: RequestContext) -> None:
         """Sign any answer; bind it to the request's signature when there is one."""
@@ -512,17 +463,17 @@ class Pipeline:
         adapter_name: str | None = None
         upstream_started = time.perf_counter()
         try:
-            adapter_name, answer = await self.call_adapter(
-                runtime, service, self.exchange_of(record, service, ctx.traceparent)
+            adapter_name, answer = await call_adapter(
+                runtime, service, exchange_of(record, service, ctx.traceparent)
             )
             ctx.timings["upstream"] = (time.perf_counter() - upstream_started) * 1000
-            self.validate_answer(service, answer)
+            validate_answer(service, answer)
         except GatewayError as exc:
             ctx.timings["upstream"] = (time.perf_counter() - upstream_started) * 1000
             ctx.timings["total"] = (time.perf_counter() - started) * 1000
             await self.store.finish_message(
                 record.seq,
-                state="failed",
+                state=MessageState.FAILED,
                 status=exc.status,
                 code=exc.code,
                 adapter=adapter_name,
@@ -541,7 +492,7 @@ class Pipeline:
         ctx.timings["total"] = (time.perf_counter() - started) * 1000
         await self.store.finish_message(
             record.seq,
-            state="answered",
+            state=MessageState.ANSWERED,
             status=200,
             code=None,
             adapter=adapter_name,
@@ -569,9 +520,7 @@ class Pipeline:
         """``GET /v1/messages/{id}``, readable only by the member that sent it."""
         ctx: RequestContext = request[CTX_KEY]
         runtime = self.runtime.current
-        auth = self.authenticate(
-            request, None, runtime, ctx, required=("@method", "@target-uri", "gw-client")
-        )
+        auth = self.authenticate(request, None, runtime, ctx, required=READ_COMPONENTS, read=True)
         await self.admit(auth)
         message_id = request.match_info["id"].lower()
         record = await self.store.get_message(auth.client, message_id)
@@ -584,8 +533,8 @@ class Pipeline:
             "target": record.target,
             "state": record.state,
             "attempts": record.attempts,
-            "created_at": _iso(record.created_at),
-            "updated_at": _iso(record.updated_at),
+            "created_at": iso_utc(record.created_at, millis=True),
+            "updated_at": iso_utc(record.updated_at, millis=True),
         }
         if record.result is not None:
             view["result"] = _json_or_text(record.result)
@@ -661,10 +610,6 @@ class Pipeline:
             {"message_id": message_id, "correlation_id": correlation, "state": state},
             headers={"Gw-Message-Id": message_id},
         )
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
 def _json_or_text(data: bytes) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 
 import jsonschema
 
-from adapters.base import Adapter, AdapterContext, AdapterType
+from adapters.base import ENTRY_POINT_GROUP, Adapter, AdapterContext, AdapterType
 from gateway.breaker import CircuitBreaker
 from gateway.config import AdapterConfig, Config, MemberConfig, ServiceConfig
 from gateway.errors import ConfigError
@@ -28,6 +28,7 @@ __all__ = [
     "AdapterSlot",
     "Member",
     "Runtime",
+    "RuntimeHolder",
     "Service",
     "adapter_types",
     "build_adapter",
@@ -35,7 +36,6 @@ __all__ = [
     "check_adapter_config",
 ]
 
-ENTRY_POINT_GROUP = "gateway.adapters"
 log = logging.getLogger(__name__)
 
 
@@ -114,6 +114,13 @@ class Runtime:
     services: Mapping[str, Service]
     routes: RouteTable
     adapters: Mapping[str, AdapterSlot]
+
+
+class RuntimeHolder:
+    """Holds the current ``Runtime``; a swap is one assignment (atomic for readers)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.current = runtime
 
 
 def _service(cfg: ServiceConfig, max_errors: int) -> Service:

@@ -1,4 +1,4 @@
-"""Optional OpenTelemetry spans; W3C trace context itself is ``gateway/trace.py``'s job.
+"""Optional OpenTelemetry spans; W3C trace context itself is ``gateway/traceparent.py``'s job.
 
 Off (``NO_TRACING``, which does nothing) unless ``opentelemetry-sdk`` is installed and an
 OTLP endpoint is configured: ``tracing.otlp_endpoint`` in the config, or the standard

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,55 @@ DISABLED_ID = "330000:retired-system"
 NATIONAL_ID = "100000:national-platform"
 PEER_ID = "440000:gateway"
 GATEWAY_ID = "330000:gateway"
+
+
+# The fast loop (`pytest --fast`, `python3 dev.py test --fast`): unit-level tests only.
+# A test using one of these fixtures starts a gateway or a peer of it, so it is marked
+# `integration` here; a test that starts a subprocess itself carries the marker.
+INTEGRATION_FIXTURES = frozenset({"harness", "make_harness", "serve_tls", "start_b"})
+FAST = False  # set from --fast before any test module is imported
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fast",
+        action="store_true",
+        help="unit-level tests only (not `integration`); property tests run a tenth of "
+        "their examples",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global FAST
+    FAST = bool(config.getoption("--fast"))
+
+
+def examples(count: int) -> int:
+    """A property test's example count: all of them, or a tenth in the fast loop."""
+    return max(10, count // 10) if FAST else count
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark integration tests by their fixtures (new ones need no marker); --fast drops them."""
+    for item in items:
+        if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+    if config.getoption("--fast"):
+        dropped = [item for item in items if item.get_closest_marker("integration")]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = [item for item in items if not item.get_closest_marker("integration")]
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """The command line configures the root logger: give pytest its handlers back after."""
+    root, access = logging.getLogger(), logging.getLogger("aiohttp.access")
+    handlers, level, access_level = root.handlers[:], root.level, access.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    access.setLevel(access_level)
 
 
 def unused_port() -> int:

@@ -234,8 +234,11 @@ async def test_plugin_adapter_registered_at_runtime_while_traffic_flows(
         while not stop.is_set():
             statuses.append((await client.exchange("credit.query", CREDIT_EXAMPLE)).status)
 
+    async def answered_since(count: int) -> bool:
+        return len(statuses) >= count
+
     workers = [asyncio.create_task(stream()) for _ in range(4)]
-    await asyncio.sleep(0.2)
+    await harness.wait_for(lambda: answered_since(5))  # traffic flows before the change
     types = (await _call(harness, "GET", "/admin/v1/adapter-types"))[1]["adapter_types"]
     assert "echo" in {t["type"] for t in types}
     adapter = {"name": "echoes", "type": "echo", "config": {"greeting": "你好"}}
@@ -263,7 +266,8 @@ async def test_plugin_adapter_registered_at_runtime_while_traffic_flows(
     assert reply.json() == {
         "greeting": "你好", "adapter": "echoes", "echo": {"q": "跨省通办"}, "client": PORTAL_ID,
     }  # fmt: skip
-    await asyncio.sleep(0.2)
+    after = len(statuses)
+    await harness.wait_for(lambda: answered_since(after + 5))  # ... and goes on after it
     stop.set()
     await asyncio.gather(*workers)
     assert len(statuses) > 10

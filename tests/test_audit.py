@@ -650,6 +650,7 @@ async def test_verify_names_the_first_break_behind_the_gateways_back(
     assert phrase in first, out
 
 
+@pytest.mark.integration
 async def test_verify_runs_as_a_real_process_and_reports_json(
     make_harness: HarnessFactory, tmp_path: Path
 ) -> None:
@@ -690,6 +691,7 @@ async def deployment(keys: Keys, tmp_path: Path) -> AsyncIterator[Deployment]:
         yield dep
 
 
+@pytest.mark.integration
 async def test_sigkills_under_load_leave_a_chain_that_verifies(
     deployment: Deployment, keys: Keys, capsys: pytest.CaptureFixture[str]
 ) -> None:

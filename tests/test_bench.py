@@ -29,6 +29,8 @@ from gateway.signing import (
 from gateway.sm2 import Sm2PrivateKey
 from tests.conftest import CREDIT_EXAMPLE, PORTAL_ID, Keys, unused_port
 
+pytestmark = pytest.mark.integration  # starts gateway processes
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import hashlib
 import json
-import logging
 import os
 import shutil
 import stat
@@ -14,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +31,6 @@ GATEWAY_BIN = Path(sys.executable).parent / "gateway"
 PORTAL = "330000:one-stop-portal"
 # config.yaml names these keys; a fresh deployment creates them with `gateway keygen`.
 DEPLOYMENT_KEYS = ("gateway", "one-stop-portal", "national-platform")
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """`main` configures the root logger; give pytest its own handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture
@@ -260,7 +249,7 @@ def test_log_show_prints_the_exchange_with_the_user_masked(
     assert shown["client"] == PORTAL
     assert shown["state"] == "accepted"
     assert shown["request_headers"] == {"Gw-Client": PORTAL, "Gw-User": "***", "Gw-Issue": "ZJ-1"}
-    assert shown["request_body"] == '{"applicant": "张三"}'
+    assert shown["request"] == {"applicant": "张三"}
     assert shown["result"] is None
 
 
@@ -341,6 +330,7 @@ def _gateway(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.integration
 def test_installed_script_runs_help_and_check(deployment: Path) -> None:
     """The installed `gateway` script runs as a real process: --help, then check OK and broken."""
     helped = _gateway("--help", cwd=deployment.parent)

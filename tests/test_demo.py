@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gateway.demo import A_GATEWAY, B_GATEWAY, PORTAL, run_demo
+
+pytestmark = pytest.mark.integration  # starts gateway processes
 
 
 async def test_scenario_records_each_hop_in_each_gateway(tmp_path: Path) -> None:

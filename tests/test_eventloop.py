@@ -15,6 +15,8 @@ from gateway import eventloop
 from tests.conftest import Keys
 from tests.test_observability import _serve_config, until_healthy
 
+pytestmark = pytest.mark.integration  # starts gateway processes
+
 
 def test_auto_picks_uvloop_when_it_is_installed() -> None:
     """uvloop is a dependency on Linux: ``auto`` resolves to it; explicit names stay."""

@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 from gateway.errors import GatewayError, MalformedRequest
 from gateway.limits import check_json_shape
 from gateway.signing import check_content_digest, content_digest, parse_signature_input
-from tests.conftest import CREDIT_EXAMPLE, Harness
+from tests.conftest import CREDIT_EXAMPLE, Harness, examples
 
 # Structured-field-ish alphabet: what a parser's edge cases are made of.
 SF_TEXT = st.text(
@@ -26,7 +26,7 @@ ANY_TEXT = st.text(max_size=80)
 HEADER_TEXT = SF_TEXT | ANY_TEXT | st.binary(max_size=60).map(lambda b: b.decode("latin-1"))
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(sig_input=HEADER_TEXT, signature=HEADER_TEXT | st.none(), twice=st.booleans())
 def test_parse_signature_input_raises_only_gateway_errors(
     sig_input: str, signature: str | None, twice: bool
@@ -48,7 +48,7 @@ def test_parse_signature_input_raises_only_gateway_errors(
     assert status in (0, 401)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     components=st.lists(
         st.sampled_from(['"@method"', '"gw-client"', "tok", "1", "?1", '"a";x']), max_size=5
@@ -71,7 +71,7 @@ def test_near_valid_signature_inputs_raise_only_gateway_errors(
     assert code in ("", "signature_invalid", "signature_missing")
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(value=HEADER_TEXT, body=st.binary(max_size=64))
 def test_check_content_digest_raises_only_gateway_errors(value: str, body: bytes) -> None:
     """Arbitrary Content-Digest values either match the body or raise a GatewayError."""
@@ -82,7 +82,7 @@ def test_check_content_digest_raises_only_gateway_errors(value: str, body: bytes
     assert digest == "digest_mismatch" or len(digest) == 64
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     body=st.binary(max_size=64),
     algorithm=st.sampled_from(["sha-256", "sha-512"]),
@@ -91,13 +91,18 @@ def test_check_content_digest_raises_only_gateway_errors(value: str, body: bytes
 def test_a_right_digest_passes_and_a_changed_body_fails(
     body: bytes, algorithm: str, flip: int
 ) -> None:
-    """The digest of a body verifies it; one changed byte is a digest_mismatch."""
+    """The digest of a body verifies it; any one flipped bit is a digest_mismatch."""
     value = content_digest(body, algorithm)
     check_content_digest(value, body)
-    changed = body + b"x" if not body else body.replace(body[:1], bytes([body[0] ^ 1]), 1)
-    with pytest.raises(GatewayError, match="does not match"):
+    if body:
+        at = flip % len(body)
+        changed = body[:at] + bytes([body[at] ^ (1 << flip % 8)]) + body[at + 1 :]
+    else:
+        changed = b"x"
+    assert changed != body
+    with pytest.raises(GatewayError, match="does not match") as caught:
         check_content_digest(value, changed)
-    assert flip >= 0
+    assert caught.value.code == "digest_mismatch"
 
 
 JSON_VALUES = st.recursive(
@@ -118,7 +123,7 @@ def depth_of(value: Any) -> int:
     return 0
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(value=JSON_VALUES, limit=st.integers(min_value=1, max_value=12), ascii_only=st.booleans())
 def test_json_depth_scan_agrees_with_json_loads(value: Any, limit: int, ascii_only: bool) -> None:
     """The depth scan refuses a document exactly when json.loads finds it deeper than the limit."""
@@ -162,7 +167,7 @@ async def test_mutated_signed_requests_never_get_a_server_error(harness: Harness
         async with harness.gateway.session.post(url, data=data, headers=headers) as resp:
             return resp.status, resp.headers.get("Content-Type", ""), await resp.read()
 
-    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=examples(40), deadline=None, suppress_health_check=list(HealthCheck))
     @given(mutation=mutations())
     def check(mutation: tuple[str, str, int]) -> None:
         target, text, where = mutation

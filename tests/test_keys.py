@@ -4,13 +4,11 @@ JWKS, member key revocation that sticks, and refusing unsafe key files at startu
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +41,6 @@ from tests.conftest import (
 
 PASSPHRASE = "correct horse battery staple"
 ENV = "TEST_GATEWAY_PASSPHRASE"
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """`main` configures the root logger; give pytest its own handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def gateway_copy(keys: Keys, directory: Path, *, passphrase: bytes | None = None) -> Path:
@@ -177,6 +165,7 @@ def serve(config: Path, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o660])
 def test_serve_refuses_a_private_key_readable_by_group_or_others(
     keys: Keys, tmp_path: Path, mode: int
@@ -192,6 +181,7 @@ def test_serve_refuses_a_private_key_readable_by_group_or_others(
     assert "Ready" not in ran.stdout
 
 
+@pytest.mark.integration
 def test_serve_refuses_an_encrypted_key_without_its_passphrase(keys: Keys, tmp_path: Path) -> None:
     """An encrypted key and no (or a wrong) passphrase: serve exits 2 with the reason."""
     pem = gateway_copy(keys, tmp_path, passphrase=PASSPHRASE.encode())

@@ -1,4 +1,5 @@
-"""Logging: one JSON object per line, resident IDs masked wherever they appear."""
+"""Logging: one JSON object per line, resident IDs and mobile numbers masked wherever they
+appear."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import io
 import json
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +16,6 @@ from gateway.logs import JsonFormatter, TextFormatter, configure_logging, mask_p
 
 RESIDENT_ID = "11010519491231002X"
 MASKED = "110105********002X"
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """configure_logging changes the root logger; put pytest's handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    access = logging.getLogger("aiohttp.access").level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.getLogger("aiohttp.access").setLevel(access)
 
 
 def _logger(formatter: logging.Formatter, name: str) -> tuple[logging.Logger, io.StringIO]:
@@ -115,8 +103,33 @@ def test_mask_personal_hides_the_birth_date(text: str, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("13800138000", "138****8000"),
+        ("手机13800138000。", "手机138****8000。"),
+        ("+8613800138000", "+86138****8000"),
+        ("tel:19912345678;", "tel:199****5678;"),
+    ],
+)
+def test_mask_personal_hides_the_middle_of_a_mobile_number(text: str, expected: str) -> None:
+    """The first three and last four digits (and a +86) remain; the middle four go."""
+    assert mask_personal(text) == expected
+
+
+def test_short_values_holding_a_phone_are_masked_in_json_lines() -> None:
+    """A field as short as a mobile number, or a number as large, is masked too."""
+    logger, stream = _logger(JsonFormatter(), "test.logs.phone")
+    logger.info("x", extra={"phone": "13800138000", "as_number": 13800138000})
+    (line,) = _lines(stream)
+    assert (line["phone"], line["as_number"]) == ("138****8000", "138****8000")
+
+
+@pytest.mark.parametrize(
     "text",
     [
+        "12800138000",  # no mobile prefix 12
+        "138001380001",  # 12 digits
+        "f47ac10b-58cc-4372-a567-a13812345678",  # a UUID's hex group
         "11010519491231002",  # 17 digits
         "1101051949123100234",  # 19 digits: part of a longer number
         "91350100M000100Y43",  # a USCC
@@ -124,7 +137,7 @@ def test_mask_personal_hides_the_birth_date(text: str, expected: str) -> None:
     ],
 )
 def test_mask_personal_leaves_other_numbers(text: str) -> None:
-    """Numbers that are not 18-character resident IDs are left alone."""
+    """Numbers that are neither resident IDs nor mobile numbers are left alone."""
     assert mask_personal(text) == text
 
 

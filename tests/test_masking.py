@@ -1,6 +1,7 @@
-"""Personal data masking (gateway/masking.py): Gw-User, resident IDs and each service's
-sensitive fields (JSON Pointers) hidden in admin views, `gateway log show`, errors and
-logs, while the exchange itself carries them unchanged."""
+"""Personal data masking (gateway/masking.py): Gw-User, resident IDs, mobile numbers and
+each service's sensitive fields (JSON Pointers) hidden in the one operator view of a
+message (admin API, `gateway log show`), errors and logs, while the exchange itself
+carries them unchanged."""
 
 from __future__ import annotations
 
@@ -8,19 +9,31 @@ import asyncio
 import copy
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from gateway.app import STORE
 from gateway.cli import main
 from gateway.errors import MalformedRequest
-from gateway.masking import MASK, mask_headers, mask_pointers, masked_body, masked_text
+from gateway.logs import JsonFormatter, TextFormatter
+from gateway.masking import MASK, mask_headers, mask_pointers, masked_body
 from gateway.problem import problem_body
-from tests.conftest import APPLY_EXAMPLE, Harness, HarnessFactory, Keys, config_document
+from gateway.signing import Signer
+from simulators.common import signed_json
+from tests.conftest import (
+    APPLY_EXAMPLE,
+    Harness,
+    HarnessFactory,
+    Keys,
+    config_document,
+    unused_port,
+)
 
 RESIDENT_ID = "11010519491231002X"
 MASKED_ID = "110105********002X"
@@ -38,16 +51,6 @@ PERSON = {
     ],
 }
 SENSITIVE = ["/applicant/name", "/applicant/phone", "/materials/*/ref"]
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """`main` configures the root logger; give pytest its own handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 # Pointers ------------------------------------------------------------------------------
@@ -91,14 +94,6 @@ def test_masked_body_masks_ids_everywhere_and_fields_by_pointer() -> None:
     assert masked_body(None) is None
 
 
-def test_masked_text_keeps_stored_bytes_unless_fields_must_go() -> None:
-    """Without pointers the stored text is shown as stored (IDs masked); with, re-serialised."""
-    body = b'{"name":  "\xe6\x9d\x8e\xe5\x9b\x9b", "id": "' + RESIDENT_ID.encode() + b'"}'
-    assert masked_text(body) == '{"name":  "李四", "id": "' + MASKED_ID + '"}'
-    assert json.loads(masked_text(body, ["/name"])) == {"name": MASK, "id": MASKED_ID}
-    assert masked_text(None) == ""
-
-
 def test_mask_headers_hides_the_user_and_credentials() -> None:
     """Gw-User, Authorization and Cookie become ***; resident IDs in other headers are masked."""
     headers = {
@@ -137,6 +132,21 @@ async def _send_person(h: Harness) -> str:
     assert reply.status == 202, reply.body
     message_id: str = reply.json()["message_id"]
     return message_id
+
+
+def _config_file(keys: Keys, tmp_path: Path, edit: Callable[[dict[str, Any]], None]) -> str:
+    """The harness's config as a file, for the command line (same store, same edits)."""
+    doc = config_document(keys, store=tmp_path / "gateway.db", national_url="http://127.0.0.1:9")
+    edit(doc)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+    return str(config)
+
+
+async def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Run a command as `gateway` does; its own event loop runs in a thread beside this one."""
+    assert await asyncio.to_thread(main, list(argv)) == 0
+    return capsys.readouterr().out
 
 
 def _assert_masked(view: Any) -> None:
@@ -187,14 +197,9 @@ async def test_log_show_masks_sensitive_fields(
     """`gateway log show` prints the exchange with the service's sensitive fields masked."""
     h = await make_harness(_sensitive)
     message_id = await _send_person(h)
-    doc = config_document(keys, store=tmp_path / "gateway.db", national_url="http://127.0.0.1:9")
-    _sensitive(doc)
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
-    # log show runs its own event loop, as the CLI does: in a thread beside this one.
-    assert await asyncio.to_thread(main, ["log", "show", message_id, "--config", str(config)]) == 0
-    shown = json.loads(capsys.readouterr().out)
-    request = json.loads(shown["request_body"])
+    config = _config_file(keys, tmp_path, _sensitive)
+    shown = json.loads(await _cli(capsys, "log", "show", message_id, "--config", config))
+    request = shown["request"]
     assert request["applicant"]["name"] == MASK
     assert request["applicant"]["resident_id"] == MASKED_ID
     assert shown["request_headers"]["Gw-User"] == MASK
@@ -218,3 +223,101 @@ async def test_schema_errors_and_logs_never_echo_personal_data(
     assert "99-张三丰" not in reply.body.decode()
     assert any(r.name == "gateway.exchange" for r in caplog.records)
     _assert_masked(caplog.text)
+
+
+# An upstream's own words -----------------------------------------------------------
+
+PHONE = "13800138000"
+MASKED_PHONE = "138****8000"
+REFUSAL = f"申请人 {RESIDENT_ID}（手机 {PHONE}）已有在办申请"
+
+
+async def _refusing_platform(keys: Keys) -> TestServer:
+    """A national platform on loopback that refuses every exchange, in a signed answer
+    whose free-text message names the applicant."""
+    signer = Signer(keys.pairs["national"], label="sig1")
+
+    async def exchange(request: web.Request) -> web.Response:
+        await request.read()
+        return signed_json(request, signer, 200, {"code": "E409", "message": REFUSAL})
+
+    app = web.Application()
+    app.router.add_post("/api/v1/exchange", exchange)
+    server = TestServer(app, port=unused_port())
+    await server.start_server()
+    return server
+
+
+def _via_platform(url: str, keys: Keys) -> Callable[[dict[str, Any]], None]:
+    def edit(doc: dict[str, Any]) -> None:
+        doc["adapters"].append(
+            {
+                "name": "platform",
+                "type": "national_platform",
+                "config": {"base_url": url, "platform_keys": [keys.jwk_file("national")]},
+            }
+        )
+        doc["routes"] = [{"service": "crossregion.apply", "adapter": "platform"}]
+        _sensitive(doc)
+
+    return edit
+
+
+async def test_an_upstream_error_naming_a_person_is_masked_in_every_view(
+    make_harness: HarnessFactory,
+    keys: Keys,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A real platform refuses with the applicant's resident ID and phone in its message:
+    the admin API, `log show`, `dead-letters list` and the log lines show them masked,
+    and `log show` prints the admin API's view (same fields, same values)."""
+    platform = await _refusing_platform(keys)
+    try:
+        edit = _via_platform(str(platform.make_url("")).rstrip("/"), keys)
+        h = await make_harness(edit)
+        with caplog.at_level(logging.INFO):
+            message_id = await _send_person(h)
+
+            async def dead() -> bool:
+                return await h.state_of(message_id) == "dead"
+
+            await h.wait_for(dead)
+    finally:
+        await platform.close()
+    record = await h.app[STORE].get_message("330000:one-stop-portal", message_id)
+    assert record is not None
+    assert record.error is not None
+    assert RESIDENT_ID in record.error
+    assert PHONE in record.error
+    masked = f"申请人 {MASKED_ID}（手机 {MASKED_PHONE}）已有在办申请"
+
+    async with h.admin.get(f"/admin/v1/messages/{message_id}", headers=h.auth()) as resp:
+        view = await resp.json()
+    assert view["error"].endswith(masked)
+    _assert_masked(view)
+    async with h.admin.get("/admin/v1/dead-letters", headers=h.auth()) as resp:
+        (letter,) = (await resp.json())["dead_letters"]
+    assert letter["error"].endswith(masked)
+
+    config = _config_file(keys, tmp_path, edit)
+    shown = json.loads(await _cli(capsys, "log", "show", message_id, "--config", config))
+    assert shown["error"] == view["error"]
+    _assert_masked(shown)
+    times = ("created_at", "updated_at")
+    assert {k: v for k, v in shown.items() if k not in times} == {
+        k: v for k, v in view.items() if k not in times
+    }
+    table = await _cli(capsys, "dead-letters", "list", "--config", config)
+    assert MASKED_PHONE in table
+    assert MASKED_ID in table
+    _assert_masked(table)
+
+    delivery = [r for r in caplog.records if getattr(r, "event", None) == "delivery"]
+    assert delivery
+    assert all(PHONE in str(getattr(r, "error", "")) for r in delivery)
+    for formatter in (JsonFormatter(), TextFormatter("%(message)s")):
+        lines = [formatter.format(r) for r in delivery]
+        assert all(MASKED_PHONE in line and MASKED_ID in line for line in lines)
+        _assert_masked("\n".join(lines))

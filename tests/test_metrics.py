@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import METRICS, STORE
@@ -266,6 +267,7 @@ if sys.argv[2] == "render":
 """
 
 
+@pytest.mark.integration
 def test_multiprocess_mode_merges_every_worker(tmp_path: Path) -> None:
     """With PROMETHEUS_MULTIPROC_DIR, a scrape sums counters and shows the worst breaker."""
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}

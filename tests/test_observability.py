@@ -30,6 +30,8 @@ from tests.conftest import (
     unused_port,
 )
 
+pytestmark = pytest.mark.integration  # starts gateway processes
+
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 TRACEPARENT = f"00-{TRACE_ID}-b7ad6b7169203331-01"
 W3C = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")

@@ -177,6 +177,62 @@ async def test_message_status_is_private_to_its_sender(harness: Harness) -> None
     assert other.json()["code"] == "message_unknown"
 
 
+def _hand_signed_get(
+    harness: Harness, path: str, message_id: str | None, covered: bool
+) -> dict[str, str]:
+    """Headers of a GET signed by the portal's key with `cryptography` alone."""
+    key = harness.keys.pairs["portal"]
+    assert isinstance(key.private, ed25519.Ed25519PrivateKey)
+    components = ['"@method"', '"@target-uri"', '"gw-client"']
+    lines = ['"@method": GET', f'"@target-uri": {harness.url}{path}', f'"gw-client": {PORTAL_ID}']
+    if message_id is not None and covered:
+        components.append('"gw-message-id"')
+        lines.append(f'"gw-message-id": {message_id}')
+    params = f'({" ".join(components)});created={int(time.time())};keyid="{key.kid}"'
+    lines.append(f'"@signature-params": {params}')
+    signature = _b64(key.private.sign("\n".join(lines).encode()))
+    headers = {
+        "Gw-Client": PORTAL_ID,
+        "Signature-Input": f"req={params}",
+        "Signature": f"req=:{signature}:",
+    }
+    if message_id is not None:
+        headers["Gw-Message-Id"] = message_id
+    return headers
+
+
+async def test_a_read_signed_as_the_protocol_says_needs_no_message_id(harness: Harness) -> None:
+    """GET /v1/messages/{id} signed over @method, @target-uri, gw-client alone is answered 200."""
+    reply = await harness.client("portal").exchange("crossregion.apply", APPLY_EXAMPLE)
+    message_id = reply.json()["message_id"]
+    path = f"/v1/messages/{message_id}"
+    headers = _hand_signed_get(harness, path, None, covered=False)
+    async with harness.gateway.session.get(harness.url + path, headers=headers) as resp:
+        body = await resp.json()
+        assert resp.status == 200, body
+    assert body["message_id"] == message_id
+    assert body["service"] == "crossregion.apply"
+
+
+async def test_a_read_may_send_a_message_id_only_if_its_signature_covers_it(
+    harness: Harness,
+) -> None:
+    """A covered Gw-Message-Id on a read is accepted; an uncovered one is 401 signature_invalid."""
+    reply = await harness.client("portal").exchange("crossregion.apply", APPLY_EXAMPLE)
+    message_id = reply.json()["message_id"]
+    path = f"/v1/messages/{message_id}"
+    url = harness.url + path
+    covered = _hand_signed_get(harness, path, str(uuid.uuid4()), covered=True)
+    async with harness.gateway.session.get(url, headers=covered) as resp:
+        assert resp.status == 200, await resp.text()
+    uncovered = _hand_signed_get(harness, path, str(uuid.uuid4()), covered=False)
+    async with harness.gateway.session.get(url, headers=uncovered) as resp:
+        problem = await resp.json()
+        assert resp.status == 401, problem
+    assert problem["code"] == "signature_invalid"
+    assert "gw-message-id" in problem["detail"]
+
+
 async def test_peer_gateway_may_vouch_for_its_own_region(harness: Harness) -> None:
     """440000:gateway relaying for a 440000 member is accepted (signed by the peer's key)."""
     peer = harness.client("peer", member_id="440000:back-office")

@@ -10,7 +10,11 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Harness
+
+pytestmark = pytest.mark.integration  # starts gateway processes
 
 ST = Path(sys.executable).with_name("st")
 ALL_PASSED = re.compile(r"(\d+) generated, \1 passed")

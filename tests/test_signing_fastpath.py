@@ -29,6 +29,7 @@ from gateway.signing import (
 from gateway.signing.algorithms import verify_raw
 from gateway.signing.base import fast_base  # the unit under test
 from gateway.signing.fields import fast_bytes_member, fast_signature_input  # units under test
+from tests.conftest import examples
 
 KEY = generate("ed25519")
 PAIR = KeyPair(kid="k1", algorithm="ed25519", private=KEY, jwk=private_to_jwk(KEY, "k1"))
@@ -60,7 +61,7 @@ def _library_base(message: Any, components: list[str], created: int) -> tuple[by
     return prepared.signature_base, prepared.signature_params
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(
     method=st.sampled_from(["POST", "GET", "PUT"]),
     target=url,
@@ -84,7 +85,7 @@ def test_request_base_matches_the_library(
     assert ours == lib
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(status=st.integers(min_value=200, max_value=599), text=value)
 def test_response_binding_matches_the_library(status: int, text: str) -> None:
     """A response bound to its request's signature gets the library's exact base."""
@@ -151,7 +152,7 @@ def _sf_text(draw_params: list[tuple[str, Any]]) -> str:
     )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     label=sf_key,
     names=st.lists(sf_string, max_size=6),
@@ -184,7 +185,7 @@ def test_fast_signature_input_agrees_with_http_sf(
     assert text == member, text
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     label=sf_key,
     raw=st.binary(max_size=70),
@@ -211,7 +212,7 @@ def test_fast_byte_sequence_agrees_with_http_sf(label: str, raw: bytes, mangle: 
     assert fast[2] == http_sf.ser({"m": parsed[fast[0]]})[2:]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(body=st.binary(max_size=64), other=st.binary(max_size=64))
 def test_fast_content_digest_agrees_with_the_general_check(body: bytes, other: bytes) -> None:
     """The one-member sha-256 shortcut accepts and refuses exactly as the general path."""
@@ -226,7 +227,7 @@ def test_fast_content_digest_agrees_with_the_general_check(body: bytes, other: b
     assert (outcomes[0] != "mismatch") == (body == other)
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(message=st.binary(max_size=300), flip=st.integers(min_value=0, max_value=511))
 def test_libsodium_and_openssl_agree_on_ed25519(message: bytes, flip: int) -> None:
     """Ed25519 runs through libsodium: OpenSSL's signatures verify there and ours verify in

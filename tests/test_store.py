@@ -442,9 +442,21 @@ async def test_rejections_are_recorded_newest_first(store: SQLiteStore) -> None:
 
 async def test_ping_succeeds_on_an_open_store(store: SQLiteStore) -> None:
     """ping proves the store writable and leaves no transaction open."""
+
+    def another_writer_can_begin() -> None:
+        # A second connection takes the write lock at once (timeout 0): none is held.
+        other = sqlite3.connect(store.path, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+
     await store.ping()
+    another_writer_can_begin()
     await store.insert_message(_new())
     await store.ping()
+    another_writer_can_begin()
 
 
 async def test_closed_store_raises_store_error(tmp_path: Path) -> None:

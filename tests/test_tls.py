@@ -278,6 +278,7 @@ def test_tls_configuration_problems_are_reported(keys: Keys, pki: Pki, tmp_path:
         create_app(loose, start_delivery=False)
 
 
+@pytest.mark.integration
 def test_gateway_serve_listens_with_mutual_tls(keys: Keys, pki: Pki, tmp_path: Path) -> None:
     """`gateway serve` (a real process) announces https, admits the CA's client, refuses
     a client without a certificate, and stops cleanly on SIGTERM."""

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from gateway.formats import make_format_checker
 from gateway.validation import DocumentValidator
+from tests.conftest import examples
 
 SCHEMAS = sorted((Path(__file__).parent.parent / "schemas" / "services").glob("*/*.json"))
 BAD_VALUES: list[Any] = [None, 0, -1, 1.5, "", "x" * 300, [], {}, True, "91350100M000100Y44"]
@@ -71,7 +72,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(doc=json_values, index=st.integers(min_value=0, max_value=len(SCHEMAS) - 1))
 def test_engines_agree_on_arbitrary_json(doc: Any, index: int) -> None:
     """Random JSON values (almost all invalid) get the same verdict from both engines."""

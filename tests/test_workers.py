@@ -10,12 +10,15 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from gateway.client import ExchangeClient
 from gateway.signing import Signer
 from tests.conftest import APPLY_EXAMPLE, CREDIT_EXAMPLE, PORTAL_ID, Keys
 from tests.test_crash import Deployment
 from tests.test_crash import deployment as deployment
+
+pytestmark = pytest.mark.integration  # starts gateway processes
 
 
 def _children(pid: int) -> list[int]:

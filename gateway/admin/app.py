@@ -8,7 +8,7 @@ import calendar
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -27,11 +27,11 @@ from gateway.errors import (
     SchemaInvalid,
 )
 from gateway.live import LiveConfig, resource_id
-from gateway.logs import mask_personal
-from gateway.masking import mask_headers, masked_body
+from gateway.masking import dead_letter_view, message_view
 from gateway.problem import problem_response
 from gateway.registry import adapter_types
-from gateway.store import MessageRecord, ResourceChange
+from gateway.states import CallbackState, MessageState
+from gateway.store import ResourceChange
 
 __all__ = ["create_admin_app"]
 
@@ -319,34 +319,6 @@ async def delete_route(request: web.Request) -> web.Response:
 # Messages, dead letters, audit -------------------------------------------------------
 
 
-def message_view(record: MessageRecord, sensitive: Sequence[str] = ()) -> dict[str, Any]:
-    """A stored exchange for an operator: Gw-User, resident IDs and the service's
-    ``sensitive`` fields masked."""
-    return {
-        "seq": record.seq,
-        "message_id": record.message_id,
-        "client": record.client,
-        "service": record.service,
-        "mode": record.mode,
-        "state": record.state,
-        "target": record.target,
-        "adapter": record.adapter,
-        "status": record.status,
-        "code": record.code,
-        "error": mask_personal(record.error) if record.error else record.error,
-        "attempts": record.attempts,
-        "request_digest": record.request_digest,
-        "request_headers": mask_headers(record.request_headers),
-        "request": masked_body(record.request_body, sensitive),
-        "response": masked_body(record.response_body, sensitive),
-        "result": masked_body(record.result, sensitive),
-        "timings_ms": dict(record.timings),
-        "trace_id": record.trace_id,
-        "created_at": record.created_at,
-        "updated_at": record.updated_at,
-    }
-
-
 def _since(value: str | None) -> float | None:
     if value is None:
         return None
@@ -398,7 +370,7 @@ def _sensitive(request: web.Request) -> dict[str, tuple[str, ...]]:
 async def list_dead_letters(request: web.Request) -> web.Response:
     _principal(request, "read")
     rows = await request.app[INGRESS][STORE].dead_letters(limit=_limit(request))
-    return web.json_response({"dead_letters": list(rows)})
+    return web.json_response({"dead_letters": [dead_letter_view(r) for r in rows]})
 
 
 async def redeliver(request: web.Request) -> web.Response:
@@ -420,7 +392,11 @@ async def redeliver(request: web.Request) -> web.Response:
             actor=principal.name,
             role=principal.role,
             before={"state": "dead", "attempts": row["attempts"], "error": row["error"]},
-            after={"state": "accepted" if row["kind"] == "message" else "pending"},
+            after={
+                "state": MessageState.ACCEPTED
+                if row["kind"] == "message"
+                else CallbackState.PENDING
+            },
         )
     )
     delivery = ingress.get(DELIVERY)

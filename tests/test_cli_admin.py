@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 import os
 import re
 import sys
@@ -23,8 +22,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from gateway.admin.cli import TOKEN_ENV, default_url
 from gateway.cli import main
+from gateway.cli.admin import TOKEN_ENV, default_url
 from gateway.client import ExchangeClient
 from gateway.config import jwk_path_for
 from gateway.keys import generate, private_to_jwk, write_keypair
@@ -44,16 +43,6 @@ from tests.conftest import (
 
 GATEWAY_BIN = Path(sys.executable).parent / "gateway"
 BUREAU = "330000:tax-bureau"
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """`main` configures the root logger; give pytest its own handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture(autouse=True)
@@ -535,6 +524,7 @@ def test_every_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
         assert "--token" in out
 
 
+@pytest.mark.integration
 async def test_installed_script_against_the_live_admin_listener(
     harness: Harness, tmp_path: Path
 ) -> None:

@@ -3,7 +3,7 @@ scripts.
 
 Each command is one or a few calls through :class:`AdminClient`. A problem+json answer
 becomes :class:`AdminError`, printed as its ``detail`` and each ``errors[]`` pointer and
-message on stderr, with exit status 1. ``gateway admin token …`` (in :mod:`gateway.cli`)
+message on stderr, with exit status 1. ``gateway admin token …`` (:mod:`gateway.cli.tokens`)
 stays store-direct: the first token cannot come from an API that needs one.
 
 Connection: ``--url``, else ``http://{listen.admin.host}:{listen.admin.port}`` from
@@ -19,8 +19,6 @@ import asyncio
 import json
 import os
 import sys
-import time
-import unicodedata
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,10 @@ from urllib.parse import quote, urlencode
 import aiohttp
 from yarl import URL
 
-__all__ = ["TOKEN_ENV", "AdminClient", "AdminError", "Output", "register_admin_commands"]
+from gateway.cli._common import plural, table, width
+from gateway.encoding import iso_utc
+
+__all__ = ["TOKEN_ENV", "AdminClient", "AdminError", "Output", "register"]
 
 TOKEN_ENV = "GATEWAY_ADMIN_TOKEN"  # noqa: S105 -- the name of a variable, not a secret
 DEFAULT_CONFIG = "config.yaml"
@@ -153,29 +154,9 @@ Command = Callable[[AdminClient, argparse.Namespace], Awaitable[Output]]
 # Rendering ---------------------------------------------------------------------------
 
 
-def _width(text: str) -> int:
-    """Columns on a terminal: CJK wide and full-width characters take two."""
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
-
-
-def _plural(n: int, noun: tuple[str, str]) -> str:
-    return f"{n} {noun[0] if n == 1 else noun[1]}"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]], noun: tuple[str, str]) -> str:
-    """Left-aligned columns two spaces apart, then a count line."""
-    cells = [[" ".join(c.split()) for c in row] for row in (headers, *rows)]
-    widths = [max(_width(row[i]) for row in cells) for i in range(len(headers))]
-    lines = [
-        "  ".join(c + " " * (w - _width(c)) for c, w in zip(row, widths, strict=True)).rstrip()
-        for row in cells
-    ]
-    return "\n".join([*lines, _plural(len(rows), noun)])
-
-
 def _when(value: Any) -> str:
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+        return iso_utc(value)
     return "-" if value is None else str(value)
 
 
@@ -208,8 +189,8 @@ def _shown(value: Any) -> tuple[str, bool]:
 def fields(item: Mapping[str, Any], *, times: Sequence[str] = ()) -> str:
     """One resource as aligned ``key  value`` lines."""
     shown = {key: (_when(v), False) if key in times else _shown(v) for key, v in item.items()}
-    width = max(map(_width, shown), default=0)
-    lines = [f"{k}{' ' * (width - _width(k))}  {text}" for k, (text, _) in shown.items()]
+    widest = max(map(width, shown), default=0)
+    lines = [f"{k}{' ' * (widest - width(k))}  {text}" for k, (text, _) in shown.items()]
     if any(cut for _, cut in shown.values()):
         lines.append("(… shortened; --json shows everything)")
     return "\n".join(lines)
@@ -363,7 +344,7 @@ async def members_add(api: AdminClient, args: argparse.Namespace) -> Output:
     keys = len(data.get("keys", []))
     return Output(
         data=data,
-        text=f"created member {data['id']} ({_plural(keys, ('key', 'keys'))}; "
+        text=f"created member {data['id']} ({plural(keys, ('key', 'keys'))}; "
         f"services: {_cell(data.get('services', []))})",
     )
 
@@ -633,9 +614,7 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-def register_admin_commands(
-    admin: argparse._SubParsersAction[argparse.ArgumentParser],
-) -> None:
+def register(admin: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the API-backed areas (adapters, members, keys, …) beside ``gateway admin token``."""
     common = _common()
 

@@ -1,5 +1,5 @@
-"""Replay protection (gateway/replay.py and the pipeline's freshness stage): single-use
-nonces in memory and in the store, message-id dedupe across a restart, and the
+"""Single-use nonces (gateway/nonces.py and the pipeline's freshness stage): held
+in memory and in the store, message-id dedupe across a restart, and the
 created/expires window."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 
 from gateway.app import STORE
 from gateway.errors import SignatureInvalid
-from gateway.replay import NonceGuard
+from gateway.nonces import NonceGuard
 from gateway.store.sqlite import SQLiteStore
 from tests.conftest import CREDIT_EXAMPLE, Harness, HarnessFactory
 

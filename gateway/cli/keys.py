@@ -1,4 +1,5 @@
-"""``gateway keys rotate``, and the passphrase options ``gateway keygen`` shares with it.
+"""``gateway keygen`` (a new key pair) and ``gateway keys rotate`` (the gateway's signing
+key), with the passphrase options they share.
 
 A passphrase never comes from the command line (other users can read it in ``ps``):
 only from an environment variable or a file of mode 0600.
@@ -9,14 +10,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from gateway.config import load_config
-from gateway.keys import KEY_TYPES, read_passphrase, rotate_keypair
+from gateway.cli._common import load, with_config
+from gateway.config import jwk_path_for
+from gateway.encoding import iso_utc
+from gateway.keys import (
+    KEY_TYPES,
+    KeyType,
+    generate,
+    read_passphrase,
+    rotate_keypair,
+    write_keypair,
+)
 
-__all__ = ["add_passphrase_options", "passphrase_from_args", "register_keys_commands"]
+__all__ = ["register"]
 
 DEFAULT_PASSPHRASE_ENV = "GATEWAY_KEY_PASSPHRASE"  # noqa: S105 - a variable's name, not a secret
 
@@ -47,8 +56,28 @@ def passphrase_from_args(args: argparse.Namespace) -> bytes | None:
     return read_passphrase(args.passphrase_env, None)
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    pem = Path(args.out)
+    if pem.exists() and not args.force:
+        print(f"{pem} exists; --force replaces it", file=sys.stderr)
+        return 1
+    kind: KeyType = args.type
+    passphrase = passphrase_from_args(args)
+    pair = write_keypair(
+        generate(kind), pem, jwk_path_for(pem), kid=args.kid, passphrase=passphrase
+    )
+    report = {
+        "kid": pair.kid,
+        "alg": pair.algorithm,
+        "private": str(pem),
+        "public_jwk": str(jwk_path_for(pem)),
+    }
+    print(json.dumps(report | ({"encrypted": True} if passphrase is not None else {})))
+    return 0
+
+
 def cmd_rotate(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load(args)
     gw = config.gateway
     passphrase = read_passphrase(gw.key_passphrase_env, gw.key_passphrase_file)
     old, new, expiry = rotate_keypair(
@@ -64,7 +93,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         "old_kid": old.kid,
         "new_kid": new.kid,
         "alg": new.algorithm,
-        "old_published_until": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiry)),
+        "old_published_until": iso_utc(expiry),
         "previous_keys": str(gw.rotated_keys_path),
         "encrypted": passphrase is not None,
     }
@@ -77,15 +106,24 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_keys_commands(sub: Any) -> None:
-    """``gateway keys rotate`` (``sub`` is the top-level subparsers action)."""
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    kg = sub.add_parser("keygen", help="generate a key pair (PKCS#8 PEM 0600 + public JWK)")
+    kg.add_argument(
+        "--alg", "--type", dest="type", choices=KEY_TYPES, default="ed25519", help="key type"
+    )
+    kg.add_argument("--out", required=True, help="private key path, e.g. keys/member.pem")
+    kg.add_argument("--kid", help="key id (default: RFC 7638 thumbprint)")
+    kg.add_argument("--force", action="store_true", help="replace an existing key")
+    add_passphrase_options(kg)
+    kg.set_defaults(func=cmd_keygen)
     keys = sub.add_parser("keys", help="the gateway's signing key: rotation")
     keys_sub = keys.add_subparsers(dest="action", required=True)
-    rotate = keys_sub.add_parser(
-        "rotate",
-        help="new signing key; the old public key stays in the JWKS for a grace period",
+    rotate = with_config(
+        keys_sub.add_parser(
+            "rotate",
+            help="new signing key; the old public key stays in the JWKS for a grace period",
+        )
     )
-    rotate.add_argument("--config", default="config.yaml", help="config file (default config.yaml)")
     rotate.add_argument(
         "--grace-days",
         type=float,

@@ -1,4 +1,5 @@
-"""``gateway audit …``: verify the message log, export and check evidence, purge bodies."""
+"""``gateway audit verify|export|check|purge``: verify the tamper-evident message log,
+export and check evidence bundles, purge old bodies (docs/audit.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.audit import (
     canonical_bundle,
@@ -19,25 +20,26 @@ from gateway.audit import (
     open_store,
     verify_chain,
 )
-from gateway.config import Config, load_config
+from gateway.cli._common import load, with_config
+from gateway.config import Config
+from gateway.encoding import iso_utc
 from gateway.errors import StoreError
 from gateway.keys import load_keypair
 from gateway.store import chain
 
-__all__ = ["EXIT_UNTRUSTED", "register_audit_commands"]
+if TYPE_CHECKING:
+    import sqlite3
+
+__all__ = ["EXIT_UNTRUSTED", "register"]
 
 # ``audit check``: consistent, but only with the bundle's own key (no trusted JWKS given).
 EXIT_UNTRUSTED = 3
 
 
-def register_audit_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``audit verify|export|check|purge`` to the ``gateway`` parser."""
     audit = sub.add_parser("audit", help="the tamper-evident message log (docs/audit.md)")
     actions = audit.add_subparsers(dest="action", required=True)
-
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", default="config.yaml", help="config file (default config.yaml)")
-        return p
 
     verify = with_config(
         actions.add_parser(
@@ -78,6 +80,12 @@ def register_audit_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
     purge.set_defaults(func=cmd_purge)
 
 
+def _message_log(config: Config, *, readonly: bool) -> contextlib.closing[sqlite3.Connection]:
+    """The store's file for one command, closed after it. The audit code reads SQLite
+    directly (not through the ``Store``) until it reads through the store."""
+    return contextlib.closing(open_store(config.store.path, readonly=readonly))
+
+
 def _read_json(path: str) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -94,9 +102,9 @@ def gateway_jwks(config: Config) -> dict[str, Any]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load(args)
     jwks = _read_json(args.jwks) if args.jwks else gateway_jwks(config)
-    with contextlib.closing(open_store(config.store.path, readonly=True)) as db:
+    with _message_log(config, readonly=True) as db:
         report = verify_chain(db, jwks, gateway=config.gateway.member_id)
     if args.json:
         out = {
@@ -130,9 +138,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load(args)
     jwks = gateway_jwks(config)
-    with contextlib.closing(open_store(config.store.path, readonly=False)) as db:
+    with _message_log(config, readonly=False) as db:
         if not chain.schema_has_chain(db):
             raise StoreError("this store has no message log chain yet (start the gateway once)")
         found = [
@@ -201,14 +209,14 @@ def cmd_purge(args: argparse.Namespace) -> int:
     if args.older_than < 0:
         print("--older-than must not be negative", file=sys.stderr)
         return 2
-    config = load_config(args.config)
+    config = load(args)
     now = time.time()
     cutoff = now - args.older_than * 86400
-    with contextlib.closing(open_store(config.store.path, readonly=False)) as db:
+    with _message_log(config, readonly=False) as db:
         if not chain.schema_has_chain(db):
             raise StoreError("this store has no message log chain yet (start the gateway once)")
         messages, callbacks = chain.purge_bodies(db, chain.HashChain(), cutoff, now)
-    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(cutoff))
+    since = iso_utc(cutoff)
     print(
         f"purged the bodies of {messages} message(s) and {callbacks} callback(s) created "
         f"before {since}; their digests stay in the chain"

@@ -1,0 +1,74 @@
+"""What every command group shares: the ``--config`` option, the store a command opens
+and closes, and the one table renderer (wide CJK characters counted as two columns)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import unicodedata
+from collections.abc import AsyncIterator, Collection, Sequence
+
+from gateway.config import Config, load_config
+from gateway.store import Store
+
+__all__ = ["load", "open_store", "plural", "table", "width", "with_config"]
+
+DEFAULT_CONFIG = "config.yaml"
+
+
+def with_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--config`` (default ``config.yaml``) to a command."""
+    parser.add_argument(
+        "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})"
+    )
+    return parser
+
+
+def load(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+@contextlib.asynccontextmanager
+async def open_store(config: Config) -> AsyncIterator[Store]:
+    """The configured store, open for one command and closed after it."""
+    from gateway.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(config.store.path, synchronous=config.store.synchronous)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def width(text: str) -> int:
+    """Columns on a terminal: CJK wide and full-width characters take two."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def plural(n: int, noun: tuple[str, str]) -> str:
+    return f"{n} {noun[0] if n == 1 else noun[1]}"
+
+
+def table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    noun: tuple[str, str] | None = None,
+    *,
+    right: Collection[str] = (),
+) -> str:
+    """Columns two spaces apart (left-aligned; those named in ``right`` right-aligned),
+    then a count line when ``noun`` (singular, plural) is given."""
+    cells = [[" ".join(c.split()) for c in row] for row in (headers, *rows)]
+    widths = [max(width(row[i]) for row in cells) for i in range(len(headers))]
+    flush = [h in right for h in headers]
+
+    def pad(cell: str, w: int, to_right: bool) -> str:
+        fill = " " * (w - width(cell))
+        return fill + cell if to_right else cell + fill
+
+    lines = [
+        "  ".join(pad(c, w, r) for c, w, r in zip(row, widths, flush, strict=True)).rstrip()
+        for row in cells
+    ]
+    return "\n".join([*lines, plural(len(rows), noun)] if noun else lines)

@@ -1,0 +1,78 @@
+"""``gateway check`` (validate a configuration) and ``gateway config export`` (the live
+configuration: the file with the admin API's changes, as YAML)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from gateway.cli._common import load, open_store, with_config
+from gateway.config import warnings_of
+from gateway.errors import ConfigError
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    with_config(sub.add_parser("check", help="validate the configuration")).set_defaults(
+        func=cmd_check
+    )
+    cfg = sub.add_parser("config", help="the live configuration")
+    cfg_sub = cfg.add_subparsers(dest="action", required=True)
+    ex = with_config(cfg_sub.add_parser("export", help="print file + admin changes as YAML"))
+    ex.add_argument("--out", help="write to this file instead of stdout")
+    ex.set_defaults(func=cmd_config_export)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from gateway.registry import check_adapter_config
+
+    try:
+        config = load(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{args.config}:{problem}")
+        print(f"{len(exc.problems)} problem(s)")
+        return 1
+    problems: list[str] = []
+    for i, adapter in enumerate(config.adapters):
+        problems += check_adapter_config(adapter.type, adapter.config, f"/adapters/{i}")
+    if not config.gateway.key_path.exists():
+        problems.append(f"/gateway/key: {config.gateway.key_path} does not exist (gateway keygen)")
+    for problem in problems:
+        print(f"{args.config}:{problem}")
+    for warning in warnings_of(config):
+        print(f"{args.config}:{warning} [warning]")
+    if problems:
+        print(f"{len(problems)} problem(s)")
+        return 1
+    print(
+        f"{args.config}: OK ({len(config.members)} members, {len(config.services)} services, "
+        f"{len(config.adapters)} adapters, {len(config.routes)} routes)"
+    )
+    return 0
+
+
+def cmd_config_export(args: argparse.Namespace) -> int:
+    """The live configuration (file + admin changes) as YAML that `gateway serve` accepts."""
+    import yaml
+
+    from gateway.config import parse_config
+    from gateway.live import merge
+
+    config = load(args)
+
+    async def run() -> dict[str, Any]:
+        async with open_store(config) as store:
+            return merge(config.raw, await store.load_overlay())
+
+    doc = asyncio.run(run())
+    parse_config(doc, base=config.base, path=config.path)  # what we print must load
+    text = yaml.safe_dump(doc, allow_unicode=True, sort_keys=False)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    else:
+        print(text, end="")
+    return 0
