@@ -4,8 +4,10 @@ libsodium (PyNaCl) and SM2 with SM3 through the system's libcrypto (gateway/sm2.
     .venv/bin/python -m bench.crypto [--n 2000] [--size 400]
 
 Each figure is the median of five timed runs of ``n`` operations over a ``size``-byte
-message (about a signature base's size). Where gmssl-pyx is installed (it is not a
-dependency), its SM2 is measured too, for docs/decisions.md's comparison.
+message (about a signature base's size), in CPU time of the measuring thread: on a
+shared machine wall time says more about the neighbours than about the operation.
+Where gmssl-pyx is installed (it is not a dependency), its SM2 is measured too, for
+docs/decisions.md's comparison.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ __all__ = ["main", "per_op_us"]
 
 
 def per_op_us(operation: Callable[[], object], n: int) -> float:
-    """The median over five runs of the time one call of ``operation`` takes, in µs."""
+    """The median over five runs of the CPU time one call of ``operation`` takes, in µs."""
     runs = []
     for _ in range(5):
-        started = time.perf_counter()
+        started = time.thread_time()
         for _ in range(n):
             operation()
-        runs.append((time.perf_counter() - started) / n * 1e6)
+        runs.append((time.thread_time() - started) / n * 1e6)
     return statistics.median(runs)
 
 
