@@ -109,79 +109,73 @@ def _policy(config: dict[str, Any], t: _Topology) -> dict[str, Any]:
 
 
 def _a_config(t: _Topology) -> dict[str, Any]:
-    return _policy(
-        {
-            "gateway": {"member_id": A_GATEWAY, "key": str(t.workdir / "a-gateway.pem")},
-            "store": {"path": str(t.workdir / "a-gateway.db")},
-            "delivery": {"poll_interval_s": 0.05, "base_delay_s": 0.1, "max_delay_s": 1},
-            "members": [
-                {
-                    "id": PORTAL,
-                    "kind": "system",
-                    "name": "浙江政务服务网一网通办门户",
-                    "keys": [t.jwk("a-portal")],
-                    "services": ["crossregion.apply", "credit.query", "evaluation.submit"],
-                    "callback_url": f"{t.url('a-portal')}/callbacks",
-                },
-                {
-                    "id": PLATFORM,
-                    "kind": "platform",
-                    "keys": [t.jwk("national")],
-                    "regions": ["100000"],
-                },
-            ],
-            "services": [
-                _service("crossregion.apply", "async", 30),
-                _service("credit.query", "sync"),
-                _service("evaluation.submit", "sync"),
-            ],
-            "adapters": [
-                {
-                    "name": "national",
-                    "type": "national_platform",
-                    "config": {"base_url": t.url("national"), "platform_keys": [t.jwk("national")]},
-                }
-            ],
-            "routes": [
-                {"service": code, "adapter": "national"}
-                for code in ("crossregion.apply", "credit.query", "evaluation.submit")
-            ],
-        },
-        t,
-    )
+    return {
+        "gateway": {"member_id": A_GATEWAY, "key": str(t.workdir / "a-gateway.pem")},
+        "store": {"path": str(t.workdir / "a-gateway.db")},
+        "delivery": {"poll_interval_s": 0.05, "base_delay_s": 0.1, "max_delay_s": 1},
+        "members": [
+            {
+                "id": PORTAL,
+                "kind": "system",
+                "name": "浙江政务服务网一网通办门户",
+                "keys": [t.jwk("a-portal")],
+                "services": ["crossregion.apply", "credit.query", "evaluation.submit"],
+                "callback_url": f"{t.url('a-portal')}/callbacks",
+            },
+            {
+                "id": PLATFORM,
+                "kind": "platform",
+                "keys": [t.jwk("national")],
+                "regions": ["100000"],
+            },
+        ],
+        "services": [
+            _service("crossregion.apply", "async", 30),
+            _service("credit.query", "sync"),
+            _service("evaluation.submit", "sync"),
+        ],
+        "adapters": [
+            {
+                "name": "national",
+                "type": "national_platform",
+                "config": {"base_url": t.url("national"), "platform_keys": [t.jwk("national")]},
+            }
+        ],
+        "routes": [
+            {"service": code, "adapter": "national"}
+            for code in ("crossregion.apply", "credit.query", "evaluation.submit")
+        ],
+    }
 
 
 def _b_config(t: _Topology) -> dict[str, Any]:
-    return _policy(
-        {
-            "gateway": {"member_id": B_GATEWAY, "key": str(t.workdir / "b-gateway.pem")},
-            "store": {"path": str(t.workdir / "b-gateway.db")},
-            "delivery": {"poll_interval_s": 0.05, "base_delay_s": 0.1, "max_delay_s": 1},
-            "members": [
-                {
-                    "id": PLATFORM,
-                    "kind": "platform",
-                    "keys": [t.jwk("national")],
-                    "regions": ["100000"],
-                    "services": ["crossregion.apply"],
-                    "callback_url": f"{t.url('national')}/api/v1/callbacks/{{service}}",
-                }
-            ],
-            "services": [_service("crossregion.apply", "async", 30)],
-            "adapters": [
-                {
-                    "name": "back-office",
-                    "type": "http",
-                    "config": {
-                        "url": f"{t.url('b-office')}/applications/{{service}}",
-                        "verify_response": {"keys": [t.jwk("b-office")]},
-                    },
-                }
-            ],
-            "routes": [{"service": "crossregion.apply", "adapter": "back-office"}],
-        },
-        t,
-    )
+    return {
+        "gateway": {"member_id": B_GATEWAY, "key": str(t.workdir / "b-gateway.pem")},
+        "store": {"path": str(t.workdir / "b-gateway.db")},
+        "delivery": {"poll_interval_s": 0.05, "base_delay_s": 0.1, "max_delay_s": 1},
+        "members": [
+            {
+                "id": PLATFORM,
+                "kind": "platform",
+                "keys": [t.jwk("national")],
+                "regions": ["100000"],
+                "services": ["crossregion.apply"],
+                "callback_url": f"{t.url('national')}/api/v1/callbacks/{{service}}",
+            }
+        ],
+        "services": [_service("crossregion.apply", "async", 30)],
+        "adapters": [
+            {
+                "name": "back-office",
+                "type": "http",
+                "config": {
+                    "url": f"{t.url('b-office')}/applications/{{service}}",
+                    "verify_response": {"keys": [t.jwk("b-office")]},
+                },
+            }
+        ],
+        "routes": [{"service": "crossregion.apply", "adapter": "back-office"}],
+    }
 
 
 @contextlib.asynccontextmanager
@@ -231,8 +225,8 @@ async def _run(workdir: Path, verbose: bool, crypto: Crypto) -> DemoReport:
         for name in ("a-gateway", "a-portal", "national", "b-gateway", "b-office")
     }
     t = _Topology(workdir, keys, {name: free_port() for name in names}, crypto)
-    a_conf = parse_config(_a_config(t), base=workdir)
-    b_conf = parse_config(_b_config(t), base=workdir)
+    a_conf = parse_config(_policy(_a_config(t), t), base=workdir)
+    b_conf = parse_config(_policy(_b_config(t), t), base=workdir)
 
     def trusted(*who: str) -> dict[str, VerificationKey]:
         found = (VerificationKey.from_jwk(keys[w].jwk) for w in who)
