@@ -40,11 +40,47 @@ def ensure_venv() -> None:
     STAMP.write_text(wanted)
 
 
+_apt_updated = False
+
+
+def _apt_install(package: str) -> None:
+    """``apt-get install -y PACKAGE``, with one ``apt-get update`` per run first."""
+    global _apt_updated
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    steps = [["apt-get", "install", "-y", "-q", package]]
+    if not _apt_updated:
+        steps.insert(0, ["apt-get", "update", "-q"])
+    for args in steps:
+        print("+", " ".join(args), flush=True)
+        subprocess.run(args, check=True, env=env)
+    _apt_updated = True
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def ensure_chromium() -> None:
+    """The console's browser tests drive Debian's chromium (tests/test_console_browser.py;
+    Playwright's own browser download cannot work here): install it when missing and we
+    may (root, Debian), else say how."""
+    if Path(CHROMIUM).exists():
+        return
+    if os.name == "posix" and os.geteuid() == 0 and shutil.which("apt-get"):
+        _apt_install("chromium")
+        return
+    print(
+        f"chromium is not installed at {CHROMIUM}, so the console's browser tests will skip "
+        "(under CI=true they fail): install it with `sudo apt-get install chromium`.",
+        flush=True,
+    )
+
+
 def ensure_openssl() -> None:
-    """The SM2 tests use the OpenSSL command line as an independent peer."""
+    """The SM2 tests use the OpenSSL command line as an independent peer (tests/test_sm2.py):
+    install it when missing and we may (root, Debian)."""
     missing = shutil.which("openssl") is None and shutil.which("apt-get") is not None
     if missing and os.name == "posix" and os.geteuid() == 0:
-        _sh("apt-get", "install", "-y", "-q", "openssl")
+        _apt_install("openssl")
 
 
 def main(argv: list[str]) -> int:
@@ -59,10 +95,12 @@ def main(argv: list[str]) -> int:
         except KeyboardInterrupt:
             return 0
     ensure_openssl()
+    steps: list[list[str | Path]]
     if "--fast" in argv[1:]:
         # No mypy and no coverage: the whole `test` stays the gate (tests/conftest.py).
         steps = [[BIN / "ruff", "check", "."], [BIN / "python", "-m", "pytest", *argv[1:]]]
     else:
+        ensure_chromium()
         steps = [
             [BIN / "ruff", "check", "."],
             [BIN / "ruff", "format", "--check", "."],

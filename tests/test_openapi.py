@@ -32,12 +32,17 @@ async def served(client: Client) -> dict[str, Any]:
 
 
 def registered(app: web.Application) -> set[tuple[str, str]]:
-    """(path template, method) of every route in an app's router; HEAD is aiohttp's echo."""
+    """(path template, method) of every route in an app's router; HEAD is aiohttp's echo.
+    The web console's pages and stylesheet (gateway/console/) are HTML, not API."""
     operations = set()
     for route in app.router.routes():
         if route.method == "HEAD":
             continue
         assert route.resource is not None
+        if isinstance(route.resource, web.StaticResource) or getattr(
+            route.handler, "__module__", ""
+        ).startswith("gateway.console"):
+            continue
         # `canonical` is the path with each `{name:regex}` written `{name}`, as OpenAPI does.
         operations.add((route.resource.canonical, route.method.lower()))
     return operations

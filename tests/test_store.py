@@ -480,3 +480,24 @@ async def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path: Path) ->
     await store.close()
     assert caught.value.detail == f"cannot open the store at {junk}: file is not a database"
     assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+
+
+async def test_message_events_are_one_messages_chained_timeline(store: SQLiteStore) -> None:
+    """Acceptance, state changes and its callbacks, oldest first; no other message's."""
+    record = await _queued(store, time.time())
+    other = await _queued(store, time.time())
+    await store.set_message_state(record.seq, "delivered", adapter="national", attempts=1)
+    await store.set_message_state(other.seq, "dead", error="x", attempts=3)
+    await store.insert_callback(_callback(record))
+    events = await store.message_events(record.seq)
+    assert [(e.kind, e.state) for e in events] == [
+        ("message.accepted", "accepted"),
+        ("message.state", "delivered"),
+        ("callback.accepted", "pending"),
+    ]
+    assert [e.at for e in events] == sorted(e.at for e in events)
+    assert [e.kind for e in await store.message_events(other.seq)] == [
+        "message.accepted",
+        "message.state",
+    ]
+    assert await store.message_events(10_000) == []

@@ -31,7 +31,7 @@ from gateway.masking import dead_letter_view, message_view
 from gateway.problem import problem_response
 from gateway.registry import adapter_types
 from gateway.states import CallbackState, MessageState
-from gateway.store import ResourceChange
+from gateway.store import ResourceChange, Store
 
 __all__ = ["create_admin_app"]
 
@@ -101,21 +101,22 @@ def _merge_patch(target: Any, patch: Any) -> Any:
 
 
 async def _write(
-    request: web.Request,
+    live: LiveConfig,
     kind: str,
     rid: str,
     body: Mapping[str, Any] | None,
     action: str,
     principal: Principal,
+    *,
+    reinstate: bool = False,
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     if kind == "members" and body is not None:
         # A revoked kid stays revoked unless the request says ?reinstate=true.
-        reinstate = request.query.get("reinstate") == "true"
-        body = carry_revocations(body, _live(request).get(kind, rid), reinstate=reinstate)
+        body = carry_revocations(body, live.get(kind, rid), reinstate=reinstate)
     if body is not None:
-        check_resource(kind, body, _live(request))
+        check_resource(kind, body, live)
     try:
-        return await _live(request).write(
+        return await live.write(
             kind, rid, body, action=action, actor=principal.name, role=principal.role
         )
     except ConfigError as exc:
@@ -130,6 +131,68 @@ def _item_or_404(live: LiveConfig, kind: str, rid: str) -> dict[str, Any]:
     if item is None:
         raise ResourceUnknown(f"no {kind[:-1]} {rid}")
     return item
+
+
+# Operations: each write as a function of the live config and the principal, so that the
+# web console (gateway/console/) runs the very same checks, audit and live swap.
+
+
+async def create_resource(
+    live: LiveConfig, principal: Principal, kind: str, body: Any, *, reinstate: bool = False
+) -> tuple[str, dict[str, Any] | None]:
+    """Create an adapter, member or service; its id and its state after."""
+    principal.require("write")
+    check_resource(kind, body, live)
+    rid = resource_id(kind, body)
+    if live.get(kind, rid) is not None:
+        raise ResourceExists(f"{kind[:-1]} {rid} exists; PUT or PATCH it instead")
+    _, after = await _write(live, kind, rid, body, "create", principal, reinstate=reinstate)
+    return rid, after
+
+
+async def replace_resource(
+    live: LiveConfig,
+    principal: Principal,
+    kind: str,
+    rid: str,
+    body: Any,
+    *,
+    reinstate: bool = False,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    principal.require("write")
+    check_resource(kind, body, live)
+    if resource_id(kind, body) != rid:
+        raise SchemaInvalid(
+            "the body names another resource", [FieldError(f"/{KEY[kind]}", f"must be {rid}")]
+        )
+    return await _write(live, kind, rid, body, "replace", principal, reinstate=reinstate)
+
+
+async def patch_resource(
+    live: LiveConfig,
+    principal: Principal,
+    kind: str,
+    rid: str,
+    changes: Any,
+    *,
+    reinstate: bool = False,
+) -> dict[str, Any] | None:
+    """RFC 7396 merge patch; enabling or disabling is an operator's job, the rest an admin's."""
+    if not isinstance(changes, Mapping):
+        raise MalformedRequest("a merge patch is a JSON object")
+    principal.require("operate" if set(changes) <= {"enabled"} else "write")
+    current = _item_or_404(live, kind, rid)
+    merged = _merge_patch(current, changes)
+    if resource_id(kind, merged) != rid:
+        raise SchemaInvalid("a patch cannot rename", [FieldError(f"/{KEY[kind]}", "fixed")])
+    _, after = await _write(live, kind, rid, merged, "update", principal, reinstate=reinstate)
+    return after
+
+
+async def delete_resource(live: LiveConfig, principal: Principal, kind: str, rid: str) -> None:
+    principal.require("write")
+    _item_or_404(live, kind, rid)
+    await _write(live, kind, rid, None, "delete", principal)
 
 
 # Generic resources: adapters, members, services -------------------------------------
@@ -147,48 +210,38 @@ def _collection(kind: str) -> dict[str, Handler]:
     async def create(request: web.Request) -> web.Response:
         principal = _principal(request, "write")
         body = await _body(request)
-        check_resource(kind, body, _live(request))
-        rid = resource_id(kind, body)
-        if _live(request).get(kind, rid) is not None:
-            raise ResourceExists(f"{kind[:-1]} {rid} exists; PUT or PATCH it instead")
-        _, after = await _write(request, kind, rid, body, "create", principal)
+        rid, after = await create_resource(
+            _live(request), principal, kind, body, reinstate=_reinstate(request)
+        )
         return web.json_response(after, status=201, headers={"Location": f"/admin/v1/{kind}/{rid}"})
 
     async def replace(request: web.Request) -> web.Response:
         principal = _principal(request, "write")
         rid = request.match_info["id"]
         body = await _body(request)
-        check_resource(kind, body, _live(request))
-        if resource_id(kind, body) != rid:
-            raise SchemaInvalid(
-                "the body names another resource", [FieldError(f"/{KEY[kind]}", f"must be {rid}")]
-            )
-        before, after = await _write(request, kind, rid, body, "replace", principal)
+        before, after = await replace_resource(
+            _live(request), principal, kind, rid, body, reinstate=_reinstate(request)
+        )
         return web.json_response(after, status=200 if before else 201)
 
     async def patch(request: web.Request) -> web.Response:
         rid = request.match_info["id"]
         changes = await _body(request)
-        if not isinstance(changes, Mapping):
-            raise MalformedRequest("a merge patch is a JSON object")
-        # Enabling or disabling is an operator's job; anything else needs an admin.
-        principal = _principal(request, "operate" if set(changes) <= {"enabled"} else "write")
-        current = _item_or_404(_live(request), kind, rid)
-        merged = _merge_patch(current, changes)
-        if resource_id(kind, merged) != rid:
-            raise SchemaInvalid("a patch cannot rename", [FieldError(f"/{KEY[kind]}", "fixed")])
-        _, after = await _write(request, kind, rid, merged, "update", principal)
+        after = await patch_resource(
+            _live(request), request[PRINCIPAL], kind, rid, changes, reinstate=_reinstate(request)
+        )
         return web.json_response(after)
 
     async def delete(request: web.Request) -> web.Response:
-        principal = _principal(request, "write")
-        rid = request.match_info["id"]
-        _item_or_404(_live(request), kind, rid)
-        await _write(request, kind, rid, None, "delete", principal)
+        await delete_resource(_live(request), request[PRINCIPAL], kind, request.match_info["id"])
         return web.Response(status=204)
 
     return {"list": list_items, "get": get_item, "create": create, "replace": replace,
             "patch": patch, "delete": delete}  # fmt: skip
+
+
+def _reinstate(request: web.Request) -> bool:
+    return request.query.get("reinstate") == "true"
 
 
 KEY = {"adapters": "name", "members": "id", "services": "code"}
@@ -240,34 +293,65 @@ async def adapter_health(request: web.Request) -> web.Response:
 # Member keys and ACL -----------------------------------------------------------------
 
 
-async def add_key(request: web.Request) -> web.Response:
-    principal = _principal(request, "write")
-    member_id = request.match_info["id"]
-    member = _item_or_404(_live(request), "members", member_id)
-    jwk = await _body(request)
+async def add_member_key(
+    live: LiveConfig, principal: Principal, member_id: str, jwk: Any, *, reinstate: bool = False
+) -> None:
+    """Add a public JWK to a member; errors point into the JWK itself."""
+    principal.require("write")
+    member = _item_or_404(live, "members", member_id)
     member["keys"] = [*member.get("keys", []), jwk]
     try:
-        await _write(request, "members", member_id, member, "add_key", principal)
+        await _write(live, "members", member_id, member, "add_key", principal, reinstate=reinstate)
     except SchemaInvalid as exc:
         n = len(member["keys"]) - 1
         raise SchemaInvalid(
             exc.detail,
             [FieldError(e.pointer.removeprefix(f"/keys/{n}"), e.message) for e in exc.errors],
         ) from exc
-    return web.json_response(jwk, status=201)
 
 
-async def revoke_key(request: web.Request) -> web.Response:
-    principal = _principal(request, "write")
-    member_id, kid = request.match_info["id"], request.match_info["kid"]
-    member = _item_or_404(_live(request), "members", member_id)
+async def revoke_member_key(
+    live: LiveConfig, principal: Principal, member_id: str, kid: str
+) -> None:
+    principal.require("write")
+    member = _item_or_404(live, "members", member_id)
     keys = member.get("keys", [])
     kept = [k for k in keys if not (isinstance(k, Mapping) and k.get("kid") == kid)]
     if len(kept) == len(keys):
         raise ResourceUnknown(f"{member_id} has no key {kid}")
     member["keys"] = kept
     member["revoked_keys"] = [*member.get("revoked_keys", []), kid]
-    await _write(request, "members", member_id, member, "revoke_key", principal)
+    await _write(live, "members", member_id, member, "revoke_key", principal)
+
+
+async def set_member_services(
+    live: LiveConfig, principal: Principal, member_id: str, body: Any
+) -> list[Any]:
+    """A member's ACL: ``{services: [...]}``."""
+    principal.require("write")
+    member = _item_or_404(live, "members", member_id)
+    if not isinstance(body, Mapping) or not isinstance(body.get("services"), list):
+        raise SchemaInvalid("expected {services: [...]}", [FieldError("/services", "required")])
+    member["services"] = body["services"]
+    await _write(live, "members", member_id, member, "update_acl", principal)
+    return list(member["services"])
+
+
+async def add_key(request: web.Request) -> web.Response:
+    jwk = await _body(request)
+    await add_member_key(
+        _live(request),
+        request[PRINCIPAL],
+        request.match_info["id"],
+        jwk,
+        reinstate=_reinstate(request),
+    )
+    return web.json_response(jwk, status=201)
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    member_id, kid = request.match_info["id"], request.match_info["kid"]
+    await revoke_member_key(_live(request), request[PRINCIPAL], member_id, kid)
     return web.Response(status=204)
 
 
@@ -282,13 +366,9 @@ async def list_acl(request: web.Request) -> web.Response:
 async def put_acl(request: web.Request) -> web.Response:
     principal = _principal(request, "write")
     member_id = request.match_info["member"]
-    member = _item_or_404(_live(request), "members", member_id)
     body = await _body(request)
-    if not isinstance(body, Mapping) or not isinstance(body.get("services"), list):
-        raise SchemaInvalid("expected {services: [...]}", [FieldError("/services", "required")])
-    member["services"] = body["services"]
-    await _write(request, "members", member_id, member, "update_acl", principal)
-    return web.json_response({"member": member_id, "services": member["services"]})
+    services = await set_member_services(_live(request), principal, member_id, body)
+    return web.json_response({"member": member_id, "services": services})
 
 
 # Routes ------------------------------------------------------------------------------
@@ -299,20 +379,35 @@ async def list_routes(request: web.Request) -> web.Response:
     return web.json_response({"routes": _live(request).items("routes")})
 
 
+async def put_route(
+    live: LiveConfig, principal: Principal, body: Any
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Create or replace the route for (service, target)."""
+    principal.require("write")
+    check_resource("routes", body, live)
+    rid = resource_id("routes", body)
+    return await _write(live, "routes", rid, body, "create", principal)
+
+
+async def remove_route(
+    live: LiveConfig, principal: Principal, service: str, target: str | None
+) -> None:
+    principal.require("write")
+    rid = f"{service}|{target or '*'}"
+    _item_or_404(live, "routes", rid)
+    await _write(live, "routes", rid, None, "delete", principal)
+
+
 async def create_route(request: web.Request) -> web.Response:
     principal = _principal(request, "write")
     body = await _body(request)
-    check_resource("routes", body, _live(request))
-    rid = resource_id("routes", body)
-    before, after = await _write(request, "routes", rid, body, "create", principal)
+    before, after = await put_route(_live(request), principal, body)
     return web.json_response(after, status=200 if before else 201)
 
 
 async def delete_route(request: web.Request) -> web.Response:
-    principal = _principal(request, "write")
-    rid = f"{request.match_info['service']}|{request.match_info.get('target') or '*'}"
-    _item_or_404(_live(request), "routes", rid)
-    await _write(request, "routes", rid, None, "delete", principal)
+    service, target = request.match_info["service"], request.match_info.get("target")
+    await remove_route(_live(request), request[PRINCIPAL], service, target)
     return web.Response(status=204)
 
 
@@ -373,10 +468,12 @@ async def list_dead_letters(request: web.Request) -> web.Response:
     return web.json_response({"dead_letters": [dead_letter_view(r) for r in rows]})
 
 
-async def redeliver(request: web.Request) -> web.Response:
-    principal = _principal(request, "operate")
-    ingress = request.app[INGRESS]
-    message_id = request.match_info["id"].lower()
+async def redeliver_dead_letter(
+    ingress: web.Application, principal: Principal, message_id: str
+) -> str:
+    """Queue a dead message or callback again (an operator's job); its kind."""
+    principal.require("operate")
+    message_id = message_id.lower()
     rows = [
         r for r in await ingress[STORE].dead_letters(limit=100_000) if r["message_id"] == message_id
     ]
@@ -402,8 +499,14 @@ async def redeliver(request: web.Request) -> web.Response:
     delivery = ingress.get(DELIVERY)
     if delivery is not None:
         delivery.wake()
+    return str(row["kind"])
+
+
+async def redeliver(request: web.Request) -> web.Response:
+    message_id = request.match_info["id"].lower()
+    kind = await redeliver_dead_letter(request.app[INGRESS], request[PRINCIPAL], message_id)
     return web.json_response(
-        {"message_id": message_id, "kind": row["kind"], "state": "queued"}, status=202
+        {"message_id": message_id, "kind": kind, "state": "queued"}, status=202
     )
 
 
@@ -425,28 +528,23 @@ async def list_tokens(request: web.Request) -> web.Response:
     return web.json_response({"tokens": await request.app[INGRESS][STORE].list_tokens()})
 
 
-async def new_token(request: web.Request) -> web.Response:
-    principal = _principal(request, "write")
-    body = await _body(request)
-    if not isinstance(body, Mapping):
-        raise MalformedRequest("expected {name, role}")
-    store = request.app[INGRESS][STORE]
-    token = await create_token(store, str(body.get("name", "")), str(body.get("role", "")))
+async def issue_token(store: Store, principal: Principal, name: str, role: str) -> str:
+    """A new admin token (shown once), audited."""
+    principal.require("write")
+    token = await create_token(store, name, role)
     await store.audit(
         ResourceChange(
-            kind="tokens", id=str(body["name"]), action="create", actor=principal.name,
-            role=principal.role, after={"name": body["name"], "role": body["role"]},
+            kind="tokens", id=name, action="create", actor=principal.name,
+            role=principal.role, after={"name": name, "role": role},
         )
     )  # fmt: skip
-    return web.json_response(
-        {"name": body["name"], "role": body["role"], "token": token}, status=201
-    )
+    return token
 
 
-async def revoke_token(request: web.Request) -> web.Response:
-    principal = _principal(request, "write")
-    store = request.app[INGRESS][STORE]
-    name = request.match_info["name"]
+async def withdraw_token(store: Store, principal: Principal, name: str) -> None:
+    """Revoke an admin token: its bearer, and every console session signed in with it, is
+    refused from the next request on."""
+    principal.require("write")
     if not await store.revoke_token(name):
         raise ResourceUnknown(f"no active token {name}")
     await store.audit(
@@ -455,6 +553,22 @@ async def revoke_token(request: web.Request) -> web.Response:
             before={"name": name}, after=None,
         )
     )  # fmt: skip
+
+
+async def new_token(request: web.Request) -> web.Response:
+    principal = _principal(request, "write")
+    body = await _body(request)
+    if not isinstance(body, Mapping):
+        raise MalformedRequest("expected {name, role}")
+    name, role = str(body.get("name", "")), str(body.get("role", ""))
+    token = await issue_token(request.app[INGRESS][STORE], principal, name, role)
+    return web.json_response({"name": name, "role": role, "token": token}, status=201)
+
+
+async def revoke_token(request: web.Request) -> web.Response:
+    await withdraw_token(
+        request.app[INGRESS][STORE], request[PRINCIPAL], request.match_info["name"]
+    )
     return web.Response(status=204)
 
 
@@ -498,4 +612,7 @@ def create_admin_app(ingress: web.Application) -> web.Application:
         return web.json_response(admin_document())
 
     r.add_get("/openapi.json", openapi)
+    from gateway.console import mount_console
+
+    mount_console(app)  # the web console at / (gateway/console/)
     return app

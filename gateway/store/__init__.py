@@ -13,6 +13,7 @@ from typing import Any, Protocol
 __all__ = [
     "CallbackRecord",
     "DuplicateMessage",
+    "MessageEvent",
     "MessageRecord",
     "NewCallback",
     "NewMessage",
@@ -71,6 +72,15 @@ class MessageRecord:
     @property
     def finished(self) -> bool:
         return self.status is not None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MessageEvent:
+    """One step of a message's life as the message log chained it (its timeline)."""
+
+    at: float
+    kind: str  # message.accepted, message.state, message.finished, callback.accepted …
+    state: str | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -157,6 +167,7 @@ class Store(Protocol):
         timings: Mapping[str, float] | None = None,
     ) -> None: ...
     async def record_rejection(self, rejection: Rejection) -> None: ...
+    async def message_events(self, seq: int) -> Sequence[MessageEvent]: ...
     async def search_messages(
         self,
         *,

@@ -19,6 +19,7 @@ from gateway.errors import StoreError
 from gateway.store import (
     CallbackRecord,
     DuplicateMessage,
+    MessageEvent,
     MessageRecord,
     NewCallback,
     NewMessage,
@@ -738,6 +739,16 @@ class SQLiteStore:
             )
 
         await self.write(unit)
+
+    async def message_events(self, seq: int) -> Sequence[MessageEvent]:
+        """The chained events of one message and its callbacks, oldest first."""
+        rows = self._rows(
+            "SELECT at, kind, facts FROM log_chain WHERE (kind LIKE 'message.%' AND ref = ?) "
+            "OR (kind LIKE 'callback.%' AND ref IN (SELECT seq FROM callbacks "
+            "WHERE original_seq = ?)) ORDER BY seq",
+            (seq, seq),
+        )
+        return [MessageEvent(at=r[0], kind=r[1], state=json.loads(r[2]).get("state")) for r in rows]
 
     async def rejections(self, limit: int = 100) -> list[dict[str, Any]]:
         rows = self._rows("SELECT * FROM rejections ORDER BY seq DESC LIMIT ?", (limit,))
