@@ -101,6 +101,14 @@ def ensure_postgres() -> None:
     )
 
 
+def ensure_openssl() -> None:
+    """The SM2 tests use the OpenSSL command line as an independent peer (tests/test_sm2.py):
+    install it when missing and we may (root, Debian)."""
+    missing = shutil.which("openssl") is None and shutil.which("apt-get") is not None
+    if missing and os.name == "posix" and os.geteuid() == 0:
+        _apt_install("openssl")
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"run", "test"}:
         print(__doc__)
@@ -113,6 +121,7 @@ def main(argv: list[str]) -> int:
         except KeyboardInterrupt:
             return 0
     ensure_postgres()
+    ensure_openssl()
     steps: list[list[str | Path]]
     if "--fast" in argv[1:]:
         # No mypy and no coverage: the whole `test` stays the gate (tests/conftest.py).

@@ -20,7 +20,13 @@ from multidict import CIMultiDict
 from adapters.base import AdapterContext, Answer, Exchange, Health
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
 from gateway.keys import VerificationKey
-from gateway.signing import RequestView, ResponseView, Verifier, check_content_digest
+from gateway.signing import (
+    RequestView,
+    ResponseView,
+    Verifier,
+    check_content_digest,
+    content_digest,
+)
 from gateway.signing import parse_signature_input as parse_sig
 
 __all__ = ["HttpAdapter"]
@@ -43,6 +49,11 @@ class HttpAdapter:
             "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
             "health_url": {"type": "string", "pattern": "^https?://"},
             "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+            "content_digest": {
+                "enum": ["sha-256", "sha-512", "sm3"],
+                "description": "Content-Digest algorithm of outbound requests (default: sm3 "
+                "when the gateway's key is SM2, else sha-256).",
+            },
             "forward_user": {"type": "boolean", "default": True},
             "verify_response": {
                 "type": "object",
@@ -66,6 +77,7 @@ class HttpAdapter:
         self._health_url = config.get("health_url")
         self._headers = dict(config.get("headers", {}))
         self._forward_user = bool(config.get("forward_user", True))
+        self._digest: str | None = config.get("content_digest")
         self._ctx = context
         self._verifier = Verifier()
         self._response_keys: dict[str, VerificationKey] = {}
@@ -89,7 +101,7 @@ class HttpAdapter:
             "timeout_s": config.get("timeout_s", 30.0),
             "forward_user": config.get("forward_user", True),
             "verify_response": {"keys": keys},
-        }
+        } | ({"content_digest": config["content_digest"]} if "content_digest" in config else {})
 
     def url_for(self, service: str) -> str:
         return self._url.replace("{service}", service)
@@ -134,6 +146,8 @@ class HttpAdapter:
         url = self.url_for(exchange.service)
         headers = self.build_headers(exchange)
         data = self.encode(exchange)
+        if self._digest is not None:  # else the signer's own (sm3 for an SM2 key)
+            headers["Content-Digest"] = content_digest(data, self._digest)
         self._ctx.signer.sign_request("POST", url, headers, data)
         timeout = aiohttp.ClientTimeout(total=min(self._timeout, exchange.timeout_s))
         try:

@@ -40,6 +40,11 @@ class PeerGatewayAdapter(HttpAdapter):
                 "items": {"oneOf": [{"type": "string"}, {"type": "object"}]},
             },
             "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+            "content_digest": {
+                "enum": ["sha-256", "sha-512", "sm3"],
+                "description": "Content-Digest algorithm of outbound requests (default: sm3 "
+                "when the gateway's key is SM2, else sha-256).",
+            },
             "forward_user": {"type": "boolean"},
         },
     }

@@ -28,6 +28,7 @@ import aiohttp
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from bench import sig
+from gateway.sm2 import Sm2PrivateKey
 
 __all__ = ["Member", "PassResult", "SignedRequest", "presign", "run_python", "run_wrk"]
 
@@ -38,10 +39,10 @@ WRK_THREADS = 1
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Member:
-    """Who signs the load: a member id and its Ed25519 key."""
+    """Who signs the load: a member id and its Ed25519 (or SM2) key."""
 
     member_id: str
-    key: ed25519.Ed25519PrivateKey
+    key: ed25519.Ed25519PrivateKey | Sm2PrivateKey
     kid: str
 
 
@@ -65,7 +66,7 @@ def presign(
     """``count`` requests for ``service`` at ``base_url``, each with its own message id."""
     path = f"/v1/exchange/{service}"
     body = json.dumps(document, ensure_ascii=False).encode()
-    digest = sig.content_digest(body)
+    digest = sig.content_digest(body, "sm3" if isinstance(member.key, Sm2PrivateKey) else "sha-256")
     created = int(time.time())
     pool = []
     for _ in range(count):

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.run [--rounds 3] [--duration 8] [--connections 64] [--async] [--smoke]
     .venv/bin/python -m bench.run --store postgres --instances 3 [--async]   # scale-out
+    .venv/bin/python -m bench.run --alg sm2   # adds an SM2 gateway beside the Ed25519 one
 
 See bench/README.md for what the contenders are and how to read the output.
 """
@@ -40,6 +41,9 @@ from gateway import eventloop
 __all__ = ["Figures", "Round", "combine", "main", "median_pass"]
 
 CONTENDERS = ("bare", "floor", "gateway")
+# With --alg sm2: the same gateway on SM2 keys (sm2-sm3 signatures, sm3 digests), its own
+# stack, measured in every round right after the Ed25519 one.
+SM2 = "gateway-sm2"
 # Issue 7's targets, shown beside the figures (the benchmark itself enforces none).
 TARGETS = {
     "ratio_floor_min": 0.7,
@@ -68,6 +72,7 @@ class Settings:
     smoke: bool
     gateway_workers: int = 1
     loop: str = "asyncio"  # every process's event loop (gateway, contenders, upstream)
+    alg: str = "ed25519"  # "sm2": also the SM2 gateway, in every round
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -91,6 +96,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             smoke=True,
             gateway_workers=args.gateway_workers,
             loop=eventloop.resolve(args.loop),
+            alg=args.alg,
         )
     return Settings(
         rounds=args.rounds,
@@ -106,6 +112,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         smoke=False,
         gateway_workers=args.gateway_workers,
         loop=eventloop.resolve(args.loop),
+        alg=args.alg,
     )
 
 
@@ -127,6 +134,11 @@ def _drive(
     )
 
 
+def contenders(s: Settings) -> tuple[str, ...]:
+    """The passes of one round, in order."""
+    return (*CONTENDERS, SM2) if s.alg == "sm2" else CONTENDERS
+
+
 def _presign(stack: Stack, url: str, count: int) -> list[SignedRequest]:
     return presign(stack.member, url, "credit.query", example("credit.query"), count)
 
@@ -138,7 +150,7 @@ def _row(name: str, r: PassResult, prefix: str = "") -> str:
             f"  FLAGGED: {r.non2xx} non-2xx, {r.socket_errors} socket errors, {r.replayed} replays"
         )
     return (
-        f"  {prefix}{name:<8} {r.rps:>9.1f} req/s   p50 {r.p50_ms:>7.2f} ms"
+        f"  {prefix}{name:<11} {r.rps:>9.1f} req/s   p50 {r.p50_ms:>7.2f} ms"
         f"   p99 {r.p99_ms:>7.2f} ms   errors {r.errors}{flag}"
     )
 
@@ -211,30 +223,39 @@ def max_throughput(s: Settings, drive: Drive) -> list[Round]:
     """``s.rounds`` rounds of bare, floor and gateway, each on a freshly pre-signed pool."""
     rounds: list[Round] = []
     floor_max = 0.0  # over every round so far: one slow floor round must not shrink the pool
+    gateway_max = 0.0  # bounds the SM2 gateway's rate as the floor bounds the gateway's
     for number in range(1, s.rounds + 1):
         passes: dict[str, PassResult] = {}
-        for name in CONTENDERS:
+        for name in contenders(s):
             size = s.stateless_pool
-            if name == "gateway":
-                size = gateway_pool_size(floor_max, s.warmup_s + s.duration_s)
+            if name in ("gateway", SM2):
+                bound = floor_max if name == "gateway" else gateway_max
+                size = gateway_pool_size(bound, s.warmup_s + s.duration_s)
             passes[name] = drive(name, size)
             if name == "floor":
                 floor_max = max(floor_max, passes[name].rps)
+            if name == "gateway":
+                gateway_max = max(gateway_max, passes[name].rps)
             print(_row(name, passes[name], prefix=f"{number:>2}  "), flush=True)
         rounds.append(Round(passes=passes))
     return rounds
 
 
-def measure(stack: Stack, s: Settings) -> tuple[list[Round], dict[str, PassResult]]:
+def measure(
+    stack: Stack, s: Settings, sm2: Stack | None = None
+) -> tuple[list[Round], dict[str, PassResult]]:
     """Max throughput in rounds, then bare and gateway at half the gateway's median round."""
     urls = {"bare": stack.bare, "floor": stack.floor, "gateway": stack.gateway}
+    stacks = dict.fromkeys(urls, stack)
+    if sm2 is not None:
+        urls[SM2], stacks[SM2] = sm2.gateway, sm2
     seconds = s.warmup_s + s.duration_s
     print(
         f"max throughput ({s.loader}, {s.connections} connections, {s.duration_s} s each;"
-        f" {s.rounds} round{'s' if s.rounds != 1 else ''} of {', '.join(CONTENDERS)}):"
+        f" {s.rounds} round{'s' if s.rounds != 1 else ''} of {', '.join(contenders(s))}):"
     )
     rounds = max_throughput(
-        s, lambda name, size: _drive(s, urls[name], _presign(stack, urls[name], size))
+        s, lambda name, size: _drive(s, urls[name], _presign(stacks[name], urls[name], size))
     )
     half: dict[str, PassResult] = {}
     rate = median_pass([r.passes["gateway"] for r in rounds]).rps / 2
@@ -326,10 +347,27 @@ def report(
             if async_result
             else None
         ),
+        "sm2": _sm2_figures(rounds),
         "targets": TARGETS,
         "machine": machine,
         "settings": asdict(s),
         "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _sm2_figures(rounds: Sequence[Round]) -> dict[str, Any] | None:
+    """The SM2 gateway beside the Ed25519 one: each one's median round, the median ratio."""
+    if not rounds or SM2 not in rounds[0].passes:
+        return None
+    ratios = sorted(
+        r.passes[SM2].rps / r.passes["gateway"].rps if r.passes["gateway"].rps else 0.0
+        for r in rounds
+    )
+    return {
+        "ed25519": _stats(median_pass([r.passes["gateway"] for r in rounds])),
+        "sm2_sm3": _stats(median_pass([r.passes[SM2] for r in rounds])),
+        "ratio_sm2_ed25519": round(_lower_median(ratios), 3),
+        "rounds": [_stats(r.passes[SM2]) for r in rounds],
     }
 
 
@@ -366,6 +404,14 @@ def _summary(doc: dict[str, Any]) -> list[str]:
         lines.append(
             f"gateway peak RSS = {rss:.1f} MiB per process"
             f"   (target < {t['rss_mib_max']:.0f}: {met(ok)})"
+        )
+    sm2 = doc.get("sm2")
+    if sm2 is not None:
+        ed, sm = sm2["ed25519"], sm2["sm2_sm3"]
+        lines.append(
+            f"sm2-sm3 gateway = {sm['rps']:.1f} req/s (p99 {sm['p99_ms']:.2f} ms) beside"
+            f" ed25519 = {ed['rps']:.1f} req/s (p99 {ed['p99_ms']:.2f} ms):"
+            f" sm2/ed25519 = {sm2['ratio_sm2_ed25519']:.3f}"
         )
     a = doc["async"]
     if a is not None:
@@ -415,6 +461,12 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=eventloop.LOOPS,
         default="auto",
         help="event loop of every process (auto: uvloop when installed)",
+    )
+    p.add_argument(
+        "--alg",
+        choices=["ed25519", "sm2"],
+        default="ed25519",
+        help="sm2: also an SM2 gateway (sm2-sm3, sm3 digests) in every round",
     )
     p.add_argument(
         "--store",
@@ -505,9 +557,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     with (
         tempfile.TemporaryDirectory(prefix="bench-") as tmp,
         running(Path(tmp), gateway_workers=s.gateway_workers, loop=s.loop) as stack,
+        contextlib.ExitStack() as more,
     ):
+        sm2 = None
+        if s.alg == "sm2":
+            (Path(tmp) / "sm2").mkdir()
+            sm2 = more.enter_context(
+                running(
+                    Path(tmp) / "sm2", gateway_workers=s.gateway_workers, loop=s.loop, alg="sm2"
+                )
+            )
         with RssSampler(stack.gateway_pid) as rss:
-            rounds, half = measure(stack, s)
+            rounds, half = measure(stack, s, sm2)
             async_result = None
             if s.async_messages:
                 print(f"async: {s.async_messages} crossregion.apply messages ...", flush=True)

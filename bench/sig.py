@@ -4,7 +4,8 @@ No structured-field parser and no signature library: the covered components are 
 in advance, so the signature base (RFC 9421 §2.5) is joined from strings and signed or
 verified with one Ed25519 call. ``tests/test_bench.py`` checks the output against the
 gateway's own verifier, so the floor does exactly the cryptography the gateway must do,
-with the same implementation: libsodium through PyNaCl, as gateway/signing.py.
+with the same implementation: libsodium through PyNaCl, as gateway/signing/algorithms.py.
+The pre-signer also signs ``sm2-sm3`` (over an ``sm3`` digest) for ``bench.run --alg sm2``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import hashlib
 import time
 from collections.abc import Mapping, Sequence
 
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
+
+from gateway.sm2 import Sm2PrivateKey
 
 __all__ = [
     "REQUEST_HEADERS",
@@ -33,8 +37,12 @@ REQUEST_HEADERS = ("content-digest", "content-type", "gw-client", "gw-message-id
 Line = tuple[str, str]  # (serialised component identifier, value)
 
 
-def content_digest(body: bytes) -> str:
-    """The RFC 9530 ``Content-Digest`` value (sha-256) of ``body``."""
+def content_digest(body: bytes, algorithm: str = "sha-256") -> str:
+    """The RFC 9530 ``Content-Digest`` value (sha-256, or sm3) of ``body``."""
+    if algorithm == "sm3":
+        h = hashes.Hash(hashes.SM3())
+        h.update(body)
+        return f"sm3=:{base64.b64encode(h.finalize()).decode()}:"
     return f"sha-256=:{base64.b64encode(hashlib.sha256(body).digest()).decode()}:"
 
 
@@ -76,7 +84,7 @@ def _base(lines: Sequence[Line], params: str) -> bytes:
 
 
 def sign(
-    key: ed25519.Ed25519PrivateKey,
+    key: ed25519.Ed25519PrivateKey | Sm2PrivateKey,
     kid: str,
     label: str,
     lines: Sequence[Line],
@@ -85,8 +93,11 @@ def sign(
     """``(Signature-Input, Signature)`` values for ``lines`` signed with ``key``."""
     covered = " ".join(name for name, _ in lines)
     when = int(time.time()) if created is None else created
-    params = f'({covered});created={when};keyid="{kid}";alg="ed25519"'
-    value = base64.b64encode(_signing(key).sign(_base(lines, params)).signature).decode()
+    alg = "sm2-sm3" if isinstance(key, Sm2PrivateKey) else "ed25519"
+    params = f'({covered});created={when};keyid="{kid}";alg="{alg}"'
+    base = _base(lines, params)
+    raw = key.sign(base) if isinstance(key, Sm2PrivateKey) else _signing(key).sign(base).signature
+    value = base64.b64encode(raw).decode()
     return f"{label}={params}", f"{label}=:{value}:"
 
 

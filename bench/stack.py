@@ -27,8 +27,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from bench.load import Member
 from gateway.config import jwk_path_for
-from gateway.keys import generate, write_keypair
+from gateway.keys import KeyType, generate, write_keypair
 from gateway.ports import free_port
+from gateway.sm2 import Sm2PrivateKey
 
 __all__ = ["PORTAL_ID", "ROOT", "Stack", "example", "running"]
 
@@ -60,14 +61,16 @@ def example(service: str) -> Any:
     return schema["examples"][0]
 
 
-def _write_keys(directory: Path) -> Member:
-    """Fresh Ed25519 key pairs (PEM 0600 + JWK) for gateway, platform and member."""
+def _write_keys(directory: Path, alg: KeyType = "ed25519") -> Member:
+    """Fresh key pairs (PEM 0600 + JWK) for gateway, platform and member: Ed25519, or with
+    ``alg="sm2"`` SM2 for the gateway and the member (the upstream signs only callbacks)."""
     pairs = {}
     for name in ("gateway", "national", "portal"):
         pem = directory / f"{name}.pem"
-        pairs[name] = write_keypair(generate("ed25519"), pem, jwk_path_for(pem))
+        kind: KeyType = "ed25519" if name == "national" else alg
+        pairs[name] = write_keypair(generate(kind), pem, jwk_path_for(pem))
     portal = pairs["portal"].private
-    assert isinstance(portal, ed25519.Ed25519PrivateKey)  # generate("ed25519") made it
+    assert isinstance(portal, ed25519.Ed25519PrivateKey | Sm2PrivateKey)  # as generated
     return Member(member_id=PORTAL_ID, key=portal, kid=pairs["portal"].kid)
 
 
@@ -183,11 +186,15 @@ def running(
     instances: int = 1,
     store_url: str | None = None,
     contenders: bool = True,
+    alg: KeyType = "ed25519",
 ) -> Iterator[Stack]:
     """Start the upstream and the contenders (only the gateway without ``contenders``);
-    stop them all when the block ends."""
+    stop them all when the block ends.
+
+    With another ``alg`` than Ed25519 only the upstream and the gateway start (bare and
+    floor are Ed25519's reference points; ``bare`` and ``floor`` are then empty)."""
     keys = workdir / "keys"
-    member = _write_keys(keys)
+    member = _write_keys(keys, alg)
     logs = workdir / "logs"
     logs.mkdir()
     ports = {name: free_port() for name in ("upstream", "bare", "floor", "gateway")}
@@ -210,6 +217,9 @@ def running(
             f"--key={keys / 'national.pem'}",
         ],
     }
+    if alg != "ed25519":
+        contenders = False
+        url["bare"] = url["floor"] = ""
     if contenders:
         commands["bare"] = [*servers, "bare", f"--port={ports['bare']}", f"--upstream={exchange}"]
         commands["floor"] = [

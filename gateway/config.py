@@ -168,6 +168,8 @@ class MemberConfig:
     regions: tuple[str, ...] = ()
     rate_limit: RateLimit | None = None
     revoked_keys: tuple[str, ...] = ()  # kids that may not come back without ?reinstate=true
+    # Signature algorithms this member may use (empty: any its keys have), e.g. ("sm2-sm3",).
+    allowed_algs: tuple[str, ...] = ()
 
     @property
     def region(self) -> str:
@@ -373,6 +375,7 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
             regions=tuple(m.get("regions", [])),
             rate_limit=_rate_limit(m.get("rate_limit")),
             revoked_keys=tuple(m.get("revoked_keys", [])),
+            allowed_algs=tuple(m.get("allowed_algs", [])),
         )
         for i, m in enumerate(data["members"])
     )

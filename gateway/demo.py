@@ -17,6 +17,11 @@ configs hold only the directory's URL and its pinned key). Mid-demo, B rotates i
 (``gateway keys rotate`` announces it, signed with the old key), restarts on the new
 one, and a second application goes through with B signing with the new key while A
 lists both of B's keys for the overlap.
+
+With ``crypto="sm2"`` (``gateway demo --crypto sm2``) every party's key is SM2 (the
+directory's too), every configured member's ``allowed_algs`` is ``["sm2-sm3"]``, every
+signature is ``sm2-sm3`` and every Content-Digest ``sm3``; the demo checks each recorded
+request for both.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from aiohttp import web
@@ -39,7 +44,14 @@ from gateway.client import ExchangeClient, Reply, verify_reply
 from gateway.config import SCHEMA_DIR, jwk_path_for, parse_config
 from gateway.directory import Publisher
 from gateway.federation import announce, announcement_of
-from gateway.keys import KeyPair, VerificationKey, generate, rotate_keypair, write_keypair
+from gateway.keys import (
+    KeyPair,
+    KeyType,
+    VerificationKey,
+    generate,
+    rotate_keypair,
+    write_keypair,
+)
 from gateway.ports import free_port
 from gateway.signing import Signer, parse_signature_input
 from gateway.states import MessageState
@@ -55,6 +67,7 @@ PORTAL, BACK_OFFICE = "330000:one-stop-portal", "440000:back-office"
 PLATFORM = "100000:national-platform"
 SERVICES = SCHEMA_DIR / "services"
 REFRESH_S = 0.5  # how often each gateway asks for the directory
+Crypto = Literal["ed25519", "sm2"]
 
 
 def _example(service: str) -> Any:
@@ -97,12 +110,21 @@ class _Topology:
     workdir: Path
     keys: dict[str, KeyPair]
     ports: dict[str, int]
+    crypto: Crypto = "ed25519"
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
 
     def jwk(self, name: str) -> str:
         return str(jwk_path_for(self.workdir / f"{name}.pem"))
+
+
+def _policy(config: dict[str, Any], t: _Topology) -> dict[str, Any]:
+    """With SM2, every member must sign with SM2 (the province's algorithm policy)."""
+    if t.crypto == "sm2":
+        for member in config["members"]:
+            member["allowed_algs"] = ["sm2-sm3"]
+    return config
 
 
 def _directory(t: _Topology, offers: list[str]) -> dict[str, Any]:
@@ -234,24 +256,27 @@ def _signing_kid(record: MessageRecord) -> str:
         return "?"
 
 
-async def run_demo(workdir: Path | None = None, *, verbose: bool = True) -> DemoReport:
+async def run_demo(
+    workdir: Path | None = None, *, verbose: bool = True, crypto: Crypto = "ed25519"
+) -> DemoReport:
     """Run the three-party scenario; the report says what happened and what is missing."""
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gw-demo-")))
-        return await _run(workdir, verbose)
+        return await _run(workdir, verbose, crypto)
 
 
-async def _run(workdir: Path, verbose: bool) -> DemoReport:
+async def _run(workdir: Path, verbose: bool, crypto: Crypto) -> DemoReport:
     names = ("a-gateway", "a-admin", "a-portal", "national", "b-gateway", "b-admin", "b-office")
+    kind: KeyType = "sm2" if crypto == "sm2" else "ed25519"
     keys = {
         name: write_keypair(
-            generate(), workdir / f"{name}.pem", jwk_path_for(workdir / f"{name}.pem")
+            generate(kind), workdir / f"{name}.pem", jwk_path_for(workdir / f"{name}.pem")
         )
         for name in ("a-gateway", "a-portal", "national", "directory", "b-gateway", "b-office")
     }
-    t = _Topology(workdir, keys, {name: free_port() for name in names})
-    a_conf = parse_config(_a_config(t), base=workdir)
+    t = _Topology(workdir, keys, {name: free_port() for name in names}, crypto)
+    a_conf = parse_config(_policy(_a_config(t), t), base=workdir)
 
     def trusted(*who: str) -> dict[str, VerificationKey]:
         found = (VerificationKey.from_jwk(keys[w].jwk) for w in who)
@@ -285,7 +310,7 @@ async def _run(workdir: Path, verbose: bool) -> DemoReport:
         await servers.start("national", create_national_app(national), t.ports["national"])
         await servers.start("a-portal", create_portal_app(portal), t.ports["a-portal"])
         await servers.start("b-office", create_backoffice_app(office), t.ports["b-office"])
-        b_app = create_app(parse_config(_b_config(t), base=workdir))
+        b_app = create_app(parse_config(_policy(_b_config(t), t), base=workdir))
         await servers.start("b-gateway", b_app, t.ports["b-gateway"])
         await servers.start("b-admin", create_admin_app(b_app), t.ports["b-admin"])
         a_app = create_app(a_conf)
@@ -335,7 +360,7 @@ async def _run(workdir: Path, verbose: bool) -> DemoReport:
             await send("credit.query")
             await send("evaluation.submit")
             # B rotates its key mid-demo, as `gateway keys rotate` does, and restarts on it.
-            b_conf = parse_config(_b_config(t), base=workdir)
+            b_conf = parse_config(_policy(_b_config(t), t), base=workdir)
             gw = b_conf.gateway
             rotated_at = time.monotonic()
             old, new, _ = rotate_keypair(
@@ -377,6 +402,8 @@ async def _run(workdir: Path, verbose: bool) -> DemoReport:
                 B_GATEWAY: list(await b_app[STORE].search_messages(limit=50)),
             }
             _check(report, message_ids)
+            if crypto == "sm2":
+                _check_sm2(report)
     finally:
         await servers.aclose()
     if verbose:
@@ -400,6 +427,21 @@ async def _follow(
             }
         await asyncio.sleep(0.02)
     return None
+
+
+def _check_sm2(report: DemoReport) -> None:
+    """Each request a gateway recorded was signed with sm2-sm3 over an sm3 digest."""
+    from multidict import CIMultiDict
+
+    for gateway, records in report.logs.items():
+        for r in records:
+            headers = CIMultiDict({k.lower(): v for k, v in r.request_headers.items()})
+            alg = parse_signature_input(headers).params.get("alg")
+            digest = headers.get("content-digest", "")
+            if alg != "sm2-sm3" or not digest.startswith("sm3=:"):
+                report.problems.append(
+                    f"{gateway}: {r.service} from {r.client} signed {alg}, digest {digest[:8]}"
+                )
 
 
 def _check(report: DemoReport, message_ids: list[str]) -> None:
@@ -453,6 +495,6 @@ def _print(report: DemoReport, started: float) -> None:
     print("\nOK: every hop signed, checked and on record" if report.ok else "\nFAILED")
 
 
-def main() -> int:
-    report = asyncio.run(run_demo())
+def main(crypto: Crypto = "ed25519") -> int:
+    report = asyncio.run(run_demo(crypto=crypto))
     return 0 if report.ok else 1

@@ -1,8 +1,9 @@
 """Key material: generation, PKCS#8 PEM files, public JWKs (RFC 7517) and RFC 7638 kids.
 
 A key's RFC 9421 algorithm follows from its type (no algorithm confusion): Ed25519 →
-``ed25519``, EC P-256 → ``ecdsa-p256-sha256``, RSA → ``rsa-pss-sha512``, a shared secret
-(JWK ``oct``) → ``hmac-sha256``.
+``ed25519``, EC P-256 → ``ecdsa-p256-sha256``, RSA → ``rsa-pss-sha512``, SM2 →
+``sm2-sm3``, a shared secret (JWK ``oct``) → ``hmac-sha256``. SM2 keys are
+``gateway.sm2`` objects (``cryptography`` has no SM2); the others are ``cryptography``'s.
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from gateway.encoding import b64u, unb64u
 from gateway.errors import ConfigError
+from gateway.sm2 import Sm2PrivateKey, Sm2PublicKey, Sm2Unavailable
 
 __all__ = [
     "ALGORITHMS",
+    "KEY_TYPES",
     "KeyPair",
     "PrivateKey",
     "PublicKey",
@@ -34,11 +38,13 @@ __all__ = [
     "check_private_file",
     "ensure_keypair",
     "generate",
+    "jose_alg",
     "jwk_thumbprint",
     "jwks_keys",
     "kind_of",
     "load_keypair",
     "load_rotated_keys",
+    "private_pem",
     "private_to_jwk",
     "public_from_jwk",
     "public_to_jwk",
@@ -47,14 +53,20 @@ __all__ = [
     "write_keypair",
 ]
 
-KeyType = Literal["ed25519", "ecdsa-p256", "rsa-pss"]
-PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
-ALGORITHMS = ("ed25519", "ecdsa-p256-sha256", "rsa-pss-sha512", "hmac-sha256")
+KeyType = Literal["ed25519", "ecdsa-p256", "rsa-pss", "sm2"]
+KEY_TYPES: tuple[KeyType, ...] = ("ed25519", "ecdsa-p256", "rsa-pss", "sm2")
+PrivateKey = (
+    ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | Sm2PrivateKey
+)
+PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey | Sm2PublicKey
+ALGORITHMS = ("ed25519", "ecdsa-p256-sha256", "rsa-pss-sha512", "sm2-sm3", "hmac-sha256")
+# JOSE names (JWK ``alg``, the checkpoints' JWS). SM2 has none registered: "SM2-SM3" is
+# ours, as "sm2-sm3" is for RFC 9421 (docs/decisions.md, National cryptography).
 _JWK_ALG = {
     "ed25519": "EdDSA",
     "ecdsa-p256-sha256": "ES256",
     "rsa-pss-sha512": "PS512",
+    "sm2-sm3": "SM2-SM3",
     "hmac-sha256": "HS256",
 }
 
@@ -67,6 +79,8 @@ def algorithm_for(key: PublicKey | PrivateKey | bytes) -> str:
     """The RFC 9421 algorithm a key must be used with."""
     if isinstance(key, bytes):
         return "hmac-sha256"
+    if isinstance(key, Sm2PrivateKey | Sm2PublicKey):
+        return "sm2-sm3"
     if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
         return "ed25519"
     if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
@@ -76,7 +90,17 @@ def algorithm_for(key: PublicKey | PrivateKey | bytes) -> str:
     return "rsa-pss-sha512"
 
 
+def jose_alg(algorithm: str) -> str:
+    """The JOSE ``alg`` name of an RFC 9421 algorithm (JWK ``alg``, JWS headers)."""
+    return _JWK_ALG[algorithm]
+
+
 def generate(kind: KeyType = "ed25519") -> PrivateKey:
+    if kind == "sm2":
+        try:
+            return Sm2PrivateKey.generate()
+        except Sm2Unavailable as exc:
+            raise ConfigError([f"cannot make an SM2 key: {exc}"]) from exc
     if kind == "ed25519":
         return ed25519.Ed25519PrivateKey.generate()
     if kind == "ecdsa-p256":
@@ -107,6 +131,10 @@ def public_to_jwk(key: PublicKey, kid: str | None = None) -> dict[str, str]:
     if isinstance(key, ed25519.Ed25519PublicKey):
         raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         jwk = {"kty": "OKP", "crv": "Ed25519", "x": b64u(raw)}
+    elif isinstance(key, Sm2PublicKey):
+        x, y = key.point()
+        jwk = {"kty": "EC", "crv": "SM2", "x": b64u(x.to_bytes(32, "big"))}
+        jwk["y"] = b64u(y.to_bytes(32, "big"))
     elif isinstance(key, ec.EllipticCurvePublicKey):
         nums = key.public_numbers()
         jwk = {
@@ -140,6 +168,11 @@ def public_from_jwk(jwk: Mapping[str, Any]) -> PublicKey | bytes:
             if members["crv"] != "Ed25519":
                 raise ValueError(f"unsupported OKP curve {members['crv']!r}")
             return ed25519.Ed25519PublicKey.from_public_bytes(unb64u(members["x"]))
+        if kty == "EC" and members["crv"] == "SM2":
+            x, y = unb64u(members["x"]), unb64u(members["y"])
+            if len(x) != 32 or len(y) != 32:
+                raise ValueError("SM2 coordinates are 32 bytes each")
+            return Sm2PublicKey.from_point(int.from_bytes(x, "big"), int.from_bytes(y, "big"))
         if kty == "EC":
             if members["crv"] != "P-256":
                 raise ValueError(f"unsupported EC curve {members['crv']!r}")
@@ -154,6 +187,8 @@ def public_from_jwk(jwk: Mapping[str, Any]) -> PublicKey | bytes:
                 int.from_bytes(unb64u(members["n"]), "big"),
             ).public_key()
         return unb64u(members["k"])
+    except Sm2Unavailable as exc:
+        raise ValueError(f"SM2 keys cannot be used here: {exc}") from exc
     except (ValueError, TypeError) as exc:
         raise ValueError(f"invalid {kty} JWK: {exc}") from exc
 
@@ -187,6 +222,37 @@ class KeyPair:
     jwk: Mapping[str, str]
 
 
+def private_pem(key: PrivateKey, passphrase: bytes | None = None) -> bytes:
+    """PKCS#8 PEM, encrypted with ``passphrase`` when given (SM2: as OpenSSL writes it)."""
+    if isinstance(key, Sm2PrivateKey):
+        return key.private_pem(passphrase)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption(),
+    )
+
+
+def _load_private_pem(data: bytes, passphrase: bytes | None) -> PrivateKey:
+    """A PEM private key of any supported type; ``ValueError`` when it is none of them."""
+    try:
+        key = serialization.load_pem_private_key(data, password=passphrase)
+    except UnsupportedAlgorithm as exc:  # an SM2 key (curve 1.2.156.10197.1.301) lands here
+        try:
+            return Sm2PrivateKey.from_pem(data, passphrase)
+        except (ValueError, Sm2Unavailable) as sm2_exc:
+            raise ValueError(f"unsupported key ({exc}; {sm2_exc})") from sm2_exc
+    except TypeError as exc:
+        raise ValueError(str(exc)) from exc
+    if not isinstance(
+        key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+    ):
+        raise ValueError(f"unsupported key type {type(key).__name__}")
+    return key
+
+
 def write_keypair(
     key: PrivateKey,
     pem_path: Path,
@@ -197,13 +263,7 @@ def write_keypair(
 ) -> KeyPair:
     """Write a PKCS#8 PEM (mode 0600, created so; encrypted with ``passphrase`` if given)
     and its public JWK."""
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(passphrase)
-        if passphrase
-        else serialization.NoEncryption(),
-    )
+    pem = private_pem(key, passphrase)
     pem_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(pem_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
@@ -244,18 +304,14 @@ def load_keypair(
             ]
         )
     try:
-        key = serialization.load_pem_private_key(data, password=passphrase if encrypted else None)
-    except (ValueError, TypeError) as exc:
+        key = _load_private_pem(data, passphrase if encrypted else None)
+    except ValueError as exc:
         problem = (
             "cannot decrypt the private key (wrong passphrase?)"
             if encrypted
-            else "not a usable PKCS#8 PEM private key"
+            else f"not a usable PKCS#8 PEM private key ({exc})"
         )
         raise ConfigError([f"{pem_path}: {problem}"]) from exc
-    if not isinstance(
-        key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-    ):
-        raise ConfigError([f"{pem_path}: unsupported key type {type(key).__name__}"])
     kid = None
     if jwk_path is not None and jwk_path.exists():
         beside = json.loads(jwk_path.read_text(encoding="utf-8"))
@@ -300,7 +356,11 @@ def read_passphrase(env: str | None, file: Path | None) -> bytes | None:
 
 def kind_of(key: PrivateKey) -> KeyType:
     """The ``generate`` kind that makes a key like this one."""
-    kinds: dict[str, KeyType] = {"ed25519": "ed25519", "ecdsa-p256-sha256": "ecdsa-p256"}
+    kinds: dict[str, KeyType] = {
+        "ed25519": "ed25519",
+        "ecdsa-p256-sha256": "ecdsa-p256",
+        "sm2-sm3": "sm2",
+    }
     return kinds.get(algorithm_for(key), "rsa-pss")
 
 
@@ -381,13 +441,7 @@ def rotate_keypair(
     retired = [*kept, {**old.jwk, "exp": math.ceil(expiry)}]
     _replace_file(rotated_path, (json.dumps({"keys": retired}, indent=2) + "\n").encode(), 0o644)
     key = generate(kind or kind_of(old.private))
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(passphrase)
-        if passphrase
-        else serialization.NoEncryption(),
-    )
+    pem = private_pem(key, passphrase)
     jwk = private_to_jwk(key, kid)
     if jwk["kid"] == old.kid:
         raise ConfigError([f"the new key's kid {old.kid} is the old one's; choose another"])

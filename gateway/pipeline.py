@@ -265,6 +265,7 @@ class Pipeline:
             sig,
             key,
             required=required + present,
+            allowed_algs=signer.config.allowed_algs,
         )
         digest = ""
         if body is not None:

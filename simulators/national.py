@@ -66,6 +66,7 @@ class NationalPlatform:
     received: list[str] = field(default_factory=list)
     callbacks_sent: list[str] = field(default_factory=list)
     traceparents: list[str] = field(default_factory=list)
+    digests: list[str] = field(default_factory=list)  # first Content-Digest algorithm of each
     # message id → (service, ingress of the gateway it came from), for relayed answers
     relays: dict[str, tuple[str, str]] = field(default_factory=dict)
     # What happened, hop by hop (the demo prints it)
@@ -182,6 +183,7 @@ async def _verified(
         return problem(500, "internal", "simulated failure")
     sim.received.append(request.headers["Gw-Message-Id"])
     sim.traceparents.append(request.headers.get("traceparent", ""))
+    sim.digests.append(request.headers["Content-Digest"].split("=", 1)[0])
     via = request.headers.get("Gw-Via", request.headers.get("Gw-Client", "?"))
     note(sim.trail, f"{via} → national platform", f"gateway signature, kid {kid}")
     return body, kid

@@ -15,10 +15,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from pytest_aiohttp import AiohttpServer
 
 from bench.load import Member, PassResult, presign
-from bench.run import Round, Settings, combine, gateway_pool_size, max_throughput, report
+from bench.run import SM2, Round, Settings, combine, gateway_pool_size, max_throughput, report
 from bench.scaleout import layouts
 from bench.servers import create_floor_app, create_upstream_app
 from gateway.client import Reply, verify_reply
+from gateway.keys import VerificationKey, private_to_jwk
 from gateway.signing import (
     REQUEST_COMPONENTS,
     RequestView,
@@ -26,6 +27,7 @@ from gateway.signing import (
     check_content_digest,
     parse_signature_input,
 )
+from gateway.sm2 import Sm2PrivateKey
 from tests.conftest import CREDIT_EXAMPLE, PORTAL_ID, Keys, unused_port
 from tests.pg import PostgresServer
 
@@ -259,3 +261,34 @@ def test_scale_out_smoke_run_measures_every_layout(
         assert row["async_msgs_per_s"] > 0
     assert set(doc["two_over_one"]) == {"sqlite", "postgres"}
     assert all(ratio > 0 for ratio in doc["two_over_one"].values())
+
+
+def test_sm2_presigned_requests_verify_with_the_gateway_verifier() -> None:
+    """`--alg sm2`'s pre-signer: sm2-sm3 over an sm3 digest, accepted by the gateway's verifier."""
+    private = Sm2PrivateKey.generate()
+    jwk = private_to_jwk(private)
+    url = "http://127.0.0.1:8080"
+    member = Member(member_id=PORTAL_ID, key=private, kid=jwk["kid"])
+    [request] = presign(member, url, "credit.query", CREDIT_EXAMPLE, 1)
+    headers = CIMultiDictProxy(CIMultiDict(request.headers))
+    assert headers["Content-Digest"].startswith("sm3=:")
+    parsed = parse_signature_input(headers)
+    assert parsed.params["alg"] == "sm2-sm3"
+    view = RequestView("POST", url + request.path, headers)
+    key = VerificationKey.from_jwk(jwk)
+    assert Verifier().verify(view, parsed, key, required=REQUEST_COMPONENTS).keyid == key.kid
+    check_content_digest(headers["Content-Digest"], request.body)
+
+
+def test_the_report_puts_the_sm2_gateway_beside_the_ed25519_one() -> None:
+    """With SM2 passes in each round: both gateways' median rounds and the median ratio."""
+    rounds = [
+        Round(passes={**r.passes, SM2: _pass(sm2, 80.0)})
+        for r, sm2 in zip(ROUNDS, (100.0, 300.0, 240.0), strict=True)
+    ]  # sm2/ed25519 per round: 0.2, 0.5, 0.5
+    doc = report(_settings(3), {}, rounds, {}, None)
+    assert doc["sm2"]["ratio_sm2_ed25519"] == 0.5
+    assert doc["sm2"]["sm2_sm3"]["rps"] == 240.0
+    assert doc["sm2"]["ed25519"]["rps"] == 500.0
+    assert [r["rps"] for r in doc["sm2"]["rounds"]] == [100.0, 300.0, 240.0]
+    assert report(_settings(3), {}, ROUNDS, {}, None)["sm2"] is None

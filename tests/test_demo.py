@@ -64,6 +64,21 @@ async def test_scenario_records_each_hop_in_each_gateway(tmp_path: Path) -> None
     assert "evaluation_id" in report.replies["evaluation.submit"].json()
 
 
+async def test_the_demo_runs_on_sm2_with_sm3_digests_on_every_hop(tmp_path: Path) -> None:
+    """--crypto sm2: the same scenario with every key SM2; each recorded request is sm2-sm3
+    over an sm3 digest, under every member's allowed_algs ["sm2-sm3"]."""
+    report = await run_demo(tmp_path, verbose=False, crypto="sm2")
+    assert report.problems == []
+    assert report.decision is not None
+    records = [r for log in report.logs.values() for r in log]
+    assert len(records) == 4
+    for record in records:
+        headers = {k.lower(): v for k, v in record.request_headers.items()}
+        assert headers["content-digest"].startswith("sm3=:")
+        assert 'alg="sm2-sm3"' in headers["signature-input"]
+    assert report.replies["credit.query"].headers["Content-Digest"].startswith("sm3=:")
+
+
 def test_gateway_demo_command_exits_zero() -> None:
     """`gateway demo` runs the scenario as a user would and exits 0."""
     done = subprocess.run(
@@ -76,3 +91,16 @@ def test_gateway_demo_command_exits_zero() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "OK: every hop signed, checked and on record" in done.stdout
     assert "national platform → 440000:gateway" in done.stdout
+
+
+def test_gateway_demo_crypto_sm2_command_exits_zero() -> None:
+    """`gateway demo --crypto sm2` runs the whole three-party flow on SM2 and exits 0."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "--log-level", "WARNING", "demo", "--crypto", "sm2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK: every hop signed, checked and on record" in done.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -342,3 +343,43 @@ def test_a_config_file_may_not_list_a_revoked_kid_as_a_key(keys: Keys, tmp_path:
     assert caught.value.problems == (
         f"/members/0/keys: kid {keys.pairs['portal'].kid} is revoked for this member",
     )
+
+
+# SM2 keys through the command line ------------------------------------------------------
+
+
+def test_keygen_alg_sm2_writes_what_openssl_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """keygen --alg sm2 [--encrypt]: PKCS#8 PEM 0600 that `openssl pkey` opens, SM2 JWK."""
+    monkeypatch.setenv("GATEWAY_KEY_PASSPHRASE", PASSPHRASE)
+    openssl = shutil.which("openssl") or "/usr/bin/openssl"
+    for encrypt in ([], ["--encrypt"]):
+        pem = tmp_path / f"sm2{len(encrypt)}.pem"
+        assert main(["keygen", "--alg", "sm2", "--out", str(pem), *encrypt]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["alg"] == "sm2-sm3"
+        assert pem.stat().st_mode & 0o777 == 0o600
+        jwk = json.loads(jwk_path_for(pem).read_text())
+        assert (jwk["kty"], jwk["crv"], jwk["kid"]) == ("EC", "SM2", printed["kid"])
+        ran = subprocess.run(
+            [openssl, "pkey", "-in", str(pem), "-passin", f"pass:{PASSPHRASE}", "-noout", "-text"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert ran.returncode == 0, ran.stderr
+        assert "ASN1 OID: SM2" in ran.stdout
+
+
+def test_keys_rotate_keeps_an_sm2_gateway_key_sm2(
+    keys: Keys, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """keys rotate on an SM2 gateway key: the new key is SM2; --alg ed25519 switches it."""
+    pem = tmp_path / "gateway.pem"
+    old = write_keypair(generate("sm2"), pem, jwk_path_for(pem))
+    config = config_file(keys, tmp_path, key=str(pem))
+    assert main(["keys", "rotate", "--config", str(config)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["old_kid"], report["alg"]) == (old.kid, "sm2-sm3")
+    assert load_keypair(pem, jwk_path_for(pem)).algorithm == "sm2-sm3"
+    assert main(["keys", "rotate", "--config", str(config), "--alg", "ed25519"]) == 0
+    assert json.loads(capsys.readouterr().out)["alg"] == "ed25519"

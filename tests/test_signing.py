@@ -59,6 +59,8 @@ from gateway.signing import (
     content_digest,
     parse_signature_input,
 )
+from gateway.signing.algorithms import SM2_SM3
+from gateway.sm2 import Sm2PublicKey
 
 VECTORS = Path(__file__).parent / "vectors" / "rfc9421-appendix-b.json"
 # The workspace's shared vector when present (CI lays shared/ beside the clone), else our copy.
@@ -79,6 +81,7 @@ LIBRARY_ALGORITHMS: dict[str, type[HTTPSignatureAlgorithm]] = {
     "ed25519": algorithms.ED25519,
     "ecdsa-p256-sha256": algorithms.ECDSA_P256_SHA256,
     "rsa-pss-sha512": algorithms.RSA_PSS_SHA512,
+    "sm2-sm3": SM2_SM3,  # ours (the library has no SM2), driven by the library's signer
     "hmac-sha256": algorithms.HMAC_SHA256,
 }
 ALGORITHMS = tuple(LIBRARY_ALGORITHMS)
@@ -126,6 +129,7 @@ def _fresh_members(rsa_bits: int) -> dict[str, Member]:
             "rsa-pss-sha512",
             rsa.generate_private_key(public_exponent=65537, key_size=rsa_bits),
         ),
+        "sm2-sm3": _member("sm2-sm3", generate("sm2")),
         "hmac-sha256": _member("hmac-sha256", os.urandom(32)),
     }
 
@@ -289,9 +293,10 @@ def example_id(example: Mapping[str, Any]) -> str:
 
 
 def test_vector_file_holds_every_b2_example() -> None:
-    """The captured vectors are B.2.1 to B.2.6 and span all four gateway algorithms."""
+    """The captured vectors are B.2.1 to B.2.6 and span the four IANA algorithms (sm2-sm3
+    has its own vector, tests/test_sm2.py)."""
     assert [example["section"] for example in RFC_EXAMPLES] == [f"B.2.{n}" for n in range(1, 7)]
-    assert {example["algorithm"] for example in RFC_EXAMPLES} == set(ALGORITHMS)
+    assert {example["algorithm"] for example in RFC_EXAMPLES} == set(ALGORITHMS) - {"sm2-sm3"}
     assert set(RFC_KEYS) == {
         "test-key-rsa",
         "test-key-rsa-pss",
@@ -932,16 +937,16 @@ def test_signer_response_round_trip_binds_request(
 # Content-Digest (RFC 9530)
 
 
-@pytest.mark.parametrize("algorithm", ["sha-256", "sha-512"])
+@pytest.mark.parametrize("algorithm", ["sha-256", "sha-512", "sm3"])
 def test_content_digest_is_accepted(algorithm: str) -> None:
-    """A sha-256 or sha-512 Content-Digest of the body is accepted; its sha-256 is returned."""
+    """A sha-256, sha-512 or sm3 Content-Digest of the body is accepted; its sha-256 is returned."""
     value = content_digest(BODY, algorithm)
 
     assert value.startswith(f"{algorithm}=:")
     assert check_content_digest(value, BODY) == hashlib.sha256(BODY).hexdigest()
 
 
-@pytest.mark.parametrize("algorithm", ["sha-256", "sha-512"])
+@pytest.mark.parametrize("algorithm", ["sha-256", "sha-512", "sm3"])
 def test_content_digest_mismatch_is_rejected(algorithm: str) -> None:
     """A digest of another body is DigestMismatch."""
     with pytest.raises(DigestMismatch, match="does not match"):
@@ -1028,6 +1033,9 @@ def test_jwk_thumbprint_matches_rfc7638_example() -> None:
 
 def _public_bytes(key: PublicKey | bytes) -> bytes:
     assert not isinstance(key, bytes)
+    if isinstance(key, Sm2PublicKey):
+        x, y = key.point()
+        return x.to_bytes(32, "big") + y.to_bytes(32, "big")
     return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -1039,6 +1047,7 @@ def _public_bytes(key: PublicKey | bytes) -> bytes:
         ("ed25519", "ed25519", "EdDSA"),
         ("ecdsa-p256", "ecdsa-p256-sha256", "ES256"),
         ("rsa-pss", "rsa-pss-sha512", "PS512"),
+        ("sm2", "sm2-sm3", "SM2-SM3"),
     ],
 )
 def test_public_jwk_round_trip(kind: str, algorithm: str, jwk_alg: str) -> None:
@@ -1048,6 +1057,8 @@ def test_public_jwk_round_trip(kind: str, algorithm: str, jwk_alg: str) -> None:
         private = generate("ecdsa-p256")
     if kind == "rsa-pss":
         private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if kind == "sm2":
+        private = generate("sm2")
     assert private is not None
 
     jwk = private_to_jwk(private)

@@ -17,19 +17,18 @@ from multidict import CIMultiDict
 
 from gateway.errors import DigestMismatch
 from gateway.keys import KeyPair, VerificationKey, generate, private_to_jwk
-from gateway.signing import (  # units under test
+from gateway.signing import (
     RequestView,
     ResponseView,
     Signer,
     Verifier,
-    _fast_bytes_member,
-    _fast_signature_input,
-    _verify_raw,
     check_content_digest,
     content_digest,
     parse_signature_input,
 )
-from gateway.signing import _fast_base as fast_base  # the unit under test
+from gateway.signing.algorithms import verify_raw
+from gateway.signing.base import fast_base  # the unit under test
+from gateway.signing.fields import fast_bytes_member, fast_signature_input  # units under test
 from tests.conftest import examples
 
 KEY = generate("ed25519")
@@ -169,7 +168,7 @@ def test_fast_signature_input_agrees_with_http_sf(
     text = f"{label}=({members}){_sf_text(params)}"
     cut = where % (len(text) + 1)
     text = text[:cut] + noise + text[cut:]
-    fast = _fast_signature_input(text)
+    fast = fast_signature_input(text)
     parsed: Any
     try:
         parsed = http_sf.parse(text.encode("ascii"), tltype="dictionary")
@@ -204,7 +203,7 @@ def test_fast_byte_sequence_agrees_with_http_sf(label: str, raw: bytes, mangle: 
     elif mangle == "bad-bits" and b64.endswith("=") and len(b64) >= 2:
         b64 = b64[:-3] + "B" + b64[-2:] if b64.endswith("==") else b64[:-2] + "B="
     text = f"{label}=:{b64}:"
-    fast = _fast_bytes_member(text)
+    fast = fast_bytes_member(text)
     if fast is None:
         return
     parsed: Any = http_sf.parse(text.encode("ascii"), tltype="dictionary")
@@ -236,13 +235,13 @@ def test_libsodium_and_openssl_agree_on_ed25519(message: bytes, flip: int) -> No
     assert isinstance(KEY, ed25519.Ed25519PrivateKey)
     public = VerificationKey(kid="k1", algorithm="ed25519", key=KEY.public_key())
     openssl = KEY.sign(message)
-    _verify_raw(public, openssl, message)
+    verify_raw(public, openssl, message)
     signer = Signer(PAIR)
     assert signer._sodium is not None
     assert signer._sodium.sign(message).signature == openssl
     damaged = bytearray(openssl)
     damaged[flip // 8] ^= 1 << (flip % 8)
     with pytest.raises(CryptoInvalidSignature):
-        _verify_raw(public, bytes(damaged), message)
+        verify_raw(public, bytes(damaged), message)
     with pytest.raises(CryptoInvalidSignature):
         KEY.public_key().verify(bytes(damaged), message)

@@ -24,14 +24,21 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 
 from gateway.errors import StoreError
 from gateway.keys import KeyPair, public_from_jwk
+from gateway.sm2 import Sm2PrivateKey, Sm2PublicKey
 from gateway.store.chain import canonical
 
 __all__ = ["CHECKPOINT_TYPE", "JwsInvalid", "jwks_from", "sign_jws", "verify_jws"]
 
 CHECKPOINT_TYPE = "gw-checkpoint"
 
-# JWS (RFC 7515/7518/8037) names of the gateway's key algorithms.
-_JWS_ALG = {"ed25519": "EdDSA", "ecdsa-p256-sha256": "ES256", "rsa-pss-sha512": "PS512"}
+# JWS (RFC 7515/7518/8037) names of the gateway's key algorithms; SM2-SM3 is ours, with an
+# r‖s signature as ES256 (docs/decisions.md, National cryptography).
+_JWS_ALG = {
+    "ed25519": "EdDSA",
+    "ecdsa-p256-sha256": "ES256",
+    "rsa-pss-sha512": "PS512",
+    "sm2-sm3": "SM2-SM3",
+}
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA512()), salt_length=64)
 _B64U = re.compile(r"^[A-Za-z0-9_-]*$")
 
@@ -63,7 +70,7 @@ def sign_jws(keypair: KeyPair, payload: Mapping[str, Any], *, typ: str = CHECKPO
     signing_input = f"{_b64u(canonical(header).encode())}.{_b64u(canonical(payload).encode())}"
     data = signing_input.encode("ascii")
     key = keypair.private
-    if isinstance(key, ed25519.Ed25519PrivateKey):
+    if isinstance(key, Sm2PrivateKey | ed25519.Ed25519PrivateKey):
         signature = key.sign(data)
     elif isinstance(key, ec.EllipticCurvePrivateKey):
         r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
@@ -101,7 +108,9 @@ def verify_jws(
     data = f"{parts[0]}.{parts[1]}".encode("ascii")
     alg = header.get("alg")
     try:
-        if isinstance(key, ed25519.Ed25519PublicKey) and alg == "EdDSA":
+        if (isinstance(key, ed25519.Ed25519PublicKey) and alg == "EdDSA") or (
+            isinstance(key, Sm2PublicKey) and alg == "SM2-SM3"
+        ):
             key.verify(signature, data)
         elif isinstance(key, ec.EllipticCurvePublicKey) and alg == "ES256":
             if len(signature) != 64:

@@ -20,7 +20,15 @@ from gateway.cli._common import load, with_config
 from gateway.config import Config, jwk_path_for
 from gateway.encoding import iso_utc
 from gateway.errors import GatewayError
-from gateway.keys import KeyPair, KeyType, generate, read_passphrase, rotate_keypair, write_keypair
+from gateway.keys import (
+    KEY_TYPES,
+    KeyPair,
+    KeyType,
+    generate,
+    read_passphrase,
+    rotate_keypair,
+    write_keypair,
+)
 
 __all__ = ["register"]
 
@@ -127,7 +135,9 @@ async def _announce(config: Config, url: str, old: KeyPair, new: KeyPair) -> int
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     kg = sub.add_parser("keygen", help="generate a key pair (PKCS#8 PEM 0600 + public JWK)")
-    kg.add_argument("--type", choices=["ed25519", "ecdsa-p256", "rsa-pss"], default="ed25519")
+    kg.add_argument(
+        "--alg", "--type", dest="type", choices=KEY_TYPES, default="ed25519", help="key type"
+    )
     kg.add_argument("--out", required=True, help="private key path, e.g. keys/member.pem")
     kg.add_argument("--kid", help="key id (default: RFC 7638 thumbprint)")
     kg.add_argument("--force", action="store_true", help="replace an existing key")
@@ -148,8 +158,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="days the old key stays published in the JWKS (default 7)",
     )
     rotate.add_argument(
+        "--alg",
         "--type",
-        choices=["ed25519", "ecdsa-p256", "rsa-pss"],
+        dest="type",
+        choices=KEY_TYPES,
         help="key type of the new key (default: the old key's)",
     )
     rotate.add_argument("--kid", help="key id of the new key (default: RFC 7638 thumbprint)")

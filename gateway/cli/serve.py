@@ -63,9 +63,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     with_config(
         sub.add_parser("up", help="create missing keys; run gateway, simulator and demo system")
     ).set_defaults(func=cmd_up)
-    sub.add_parser(
+    demo = sub.add_parser(
         "demo", help="a cross-province application end to end: A, national platform, B"
-    ).set_defaults(func=cmd_demo)
+    )
+    demo.add_argument(
+        "--crypto",
+        choices=["ed25519", "sm2"],
+        default="ed25519",
+        help="every party's keys: Ed25519, or SM2 with SM3 digests on every hop",
+    )
+    demo.set_defaults(func=cmd_demo)
 
 
 async def _run_sites(
@@ -236,4 +243,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Province A, the national platform and province B on loopback, end to end."""
     from gateway.demo import main as demo
 
-    return demo()
+    return demo(args.crypto)
