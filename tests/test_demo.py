@@ -70,8 +70,12 @@ async def test_the_demo_runs_on_sm2_with_sm3_digests_on_every_hop(tmp_path: Path
     report = await run_demo(tmp_path, verbose=False, crypto="sm2")
     assert report.problems == []
     assert report.decision is not None
+    # A: two applications (one on each side of B's rotation), a query, an evaluation; B: the
+    # two applications it handled — each signed with SM2, B's before and after its rotation.
     records = [r for log in report.logs.values() for r in log]
-    assert len(records) == 4
+    assert len(records) == 6
+    assert report.rotation is not None
+    assert report.rotation["old_kept"] is True
     for record in records:
         headers = {k.lower(): v for k, v in record.request_headers.items()}
         assert headers["content-digest"].startswith("sm3=:")
