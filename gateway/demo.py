@@ -172,9 +172,9 @@ async def _running(
     try:
         for app, port in apps:
             runner = web.AppRunner(app, access_log=None)
+            runners.append(runner)  # cleaned up even if set-up or the bind fails
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", port).start()
-            runners.append(runner)
         yield
     finally:
         for runner in reversed(runners):
