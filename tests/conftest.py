@@ -109,7 +109,7 @@ def reserve_port(stack: AsyncExitStack) -> tuple[int, SocketFactory]:
             continue
         sock.listen()
         stack.callback(sock.close)
-        return sock.getsockname()[1], lambda host, port, family: sock
+        return sock.getsockname()[1], lambda host, port, family, sock=sock: sock
     raise RuntimeError("no free port to reserve")
 
 

@@ -26,7 +26,7 @@ async def test_an_ingress_refused_its_port_closes_what_its_start_up_opened(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         site = (app, "127.0.0.1", taken.getsockname()[1], "gateway ingress")
-        with pytest.raises(OSError) as refused:
+        with pytest.raises(OSError, match="in use") as refused:
             await _run_sites([site], shutdown_timeout=1, quiet=True)
     assert refused.value.errno == errno.EADDRINUSE
     assert app[SESSION].closed

@@ -51,7 +51,7 @@ async def test_a_start_refused_its_port_closes_its_app_and_those_before_it(keys:
         taken.listen()
         async with AsyncExitStack() as stack:
             await start_on(stack, TestServer(nat_app))
-            with pytest.raises(OSError) as refused:
+            with pytest.raises(OSError, match="in use") as refused:
                 await start_on(
                     stack, TestServer(portal_app, port=taken.getsockname()[1], socket_factory=_bind)
                 )
@@ -66,7 +66,7 @@ async def test_a_reserved_port_is_held_until_its_server_takes_it() -> None:
     """Nobody else can bind a reserved port; the server given its socket listens on it."""
     async with AsyncExitStack() as stack:
         port, factory = reserve_port(stack)
-        with socket.socket() as other, pytest.raises(OSError) as refused:
+        with socket.socket() as other, pytest.raises(OSError, match="in use") as refused:
             other.bind(("127.0.0.1", port))
         assert refused.value.errno == errno.EADDRINUSE
         server = TestServer(web.Application(), port=port, socket_factory=factory)
