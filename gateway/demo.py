@@ -233,10 +233,10 @@ class _Servers:
         self.runners: dict[str, web.AppRunner] = {}
 
     async def start(self, name: str, app: web.Application, port: int) -> None:
-        runner = web.AppRunner(app, access_log=None)
+        runner = self.runners[name] = web.AppRunner(app, access_log=None)
+        # Registered first: cleaned up by aclose even if set-up or the bind fails.
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
-        self.runners[name] = runner
 
     async def stop(self, name: str) -> None:
         await self.runners.pop(name).cleanup()

@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import errno
 import json
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +100,36 @@ def restore_logging() -> Iterator[None]:
 def unused_port() -> int:
     """A free loopback port outside the ephemeral range (gateway/ports.py says why)."""
     return free_port()
+
+
+def reserve_port(stack: AsyncExitStack) -> tuple[int, SocketFactory]:
+    """A free loopback port, bound and listening now, and the socket factory that hands it
+    to a TestServer: between choosing the port and the server's start nothing (another
+    process binding loopback ports) can take it. Closed by ``stack`` if never handed over."""
+    for _ in range(20):
+        sock = socket.socket()
+        try:
+            sock.bind(("127.0.0.1", free_port()))
+        except OSError as exc:  # taken since free_port looked; nothing knows the port yet
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            continue
+        sock.listen()
+        stack.callback(sock.close)
+        return sock.getsockname()[1], lambda host, port, family, sock=sock: sock
+    raise RuntimeError("no free port to reserve")
+
+
+SocketFactory = Callable[[str, int, socket.AddressFamily], socket.socket]
+Startable = TestServer | TestClient[web.Request, web.Application]
+
+
+async def start_on(stack: AsyncExitStack, server: Startable) -> None:
+    """Start ``server``, closed by ``stack`` even if the start fails half-way (its app's
+    cleanup contexts entered, the bind refused): one failure stays one failure."""
+    stack.push_async_callback(server.close)
+    await server.start_server()
 
 
 CREDIT_EXAMPLE = json.loads((SCHEMAS / "credit.query" / "request.json").read_text())["examples"][0]
@@ -381,8 +414,8 @@ async def make_harness(
     keys: Keys, tmp_path: Path, harness_store_url: str | None
 ) -> AsyncIterator[HarnessFactory]:
     """Build a harness; ``edit`` may change the config document before it is parsed."""
-    started: list[tuple[TestServer, TestServer, TestClient[web.Request, web.Application]]] = []
-    admins: list[TestClient[web.Request, web.Application]] = []
+    stack = AsyncExitStack()
+    harnesses = 0
 
     async def factory(
         edit: Callable[[dict[str, Any]], None] | None = None,
@@ -391,7 +424,12 @@ async def make_harness(
         store: Path | None = None,
         tracing: Tracing | None = None,
     ) -> Harness:
-        gw_port, nat_port, portal_port = unused_port(), unused_port(), unused_port()
+        nonlocal harnesses
+        (gw_port, gw_socket), (nat_port, nat_socket), (portal_port, portal_socket) = (
+            reserve_port(stack),
+            reserve_port(stack),
+            reserve_port(stack),
+        )
         national_url = f"http://127.0.0.1:{nat_port}"
         portal_url = f"http://127.0.0.1:{portal_port}"
         doc = config_document(
@@ -417,37 +455,32 @@ async def make_harness(
             gateway_keys=gateway_keys,
             gateway_url=f"http://127.0.0.1:{gw_port}",
         )
-        nat_server = TestServer(create_national_app(national), port=nat_port)
-        portal_server = TestServer(create_portal_app(portal), port=portal_port)
-        await nat_server.start_server()
-        await portal_server.start_server()
+        nat_app, portal_app = create_national_app(national), create_portal_app(portal)
+        await start_on(stack, TestServer(nat_app, port=nat_port, socket_factory=nat_socket))
+        await start_on(
+            stack, TestServer(portal_app, port=portal_port, socket_factory=portal_socket)
+        )
         app = create_app(config, start_delivery=start_delivery, tracing=tracing)
         client: TestClient[web.Request, web.Application] = TestClient(
-            GatewayTestServer(app, port=gw_port)
+            GatewayTestServer(app, port=gw_port, socket_factory=gw_socket)
         )
-        started.append((nat_server, portal_server, client))
-        # A gateway that fails to bind has opened its store: close() still releases it
+        # A gateway that fails to start has opened its store: close() still releases it
         # (an open aiosqlite thread would keep pytest from exiting).
-        await client.start_server()
+        await start_on(stack, client)
         admin: TestClient[web.Request, web.Application] = TestClient(
             TestServer(create_admin_app(app))
         )
-        await admin.start_server()
-        admins.append(admin)
-        suffix = f"-{len(admins)}" if len(admins) > 1 else ""  # names stay unique per store
+        await start_on(stack, admin)
+        harnesses += 1
+        suffix = f"-{harnesses}" if harnesses > 1 else ""  # names stay unique per store
         tokens = {
             role: await create_token(app[STORE], f"test-{role}{suffix}", role)
             for role in ("admin", "operator", "auditor")
         }
         return Harness(config, keys, client, national, portal, portal_url, admin, tokens)
 
-    yield factory
-    for admin in admins:
-        await admin.close()
-    for nat_server, portal_server, client in reversed(started):
-        await client.close()
-        await portal_server.close()
-        await nat_server.close()
+    async with stack:  # closes in reverse: admin, gateway, portal, national
+        yield factory
 
 
 @pytest.fixture
@@ -464,4 +497,6 @@ __all__ = [
     "Harness",
     "HarnessFactory",
     "Keys",
+    "reserve_port",
+    "start_on",
 ]

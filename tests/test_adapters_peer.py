@@ -71,8 +71,8 @@ async def start_b(keys: Keys, tmp_path: Path) -> AsyncIterator[StartB]:
         }
         app = create_app(parse_config(copy.deepcopy(doc), base=tmp_path))
         server = TestServer(app, port=unused_port())
+        servers.append(server)  # closed even if the start fails half-way
         await server.start_server()
-        servers.append(server)
         return str(server.make_url("")).rstrip("/"), app[STORE]
 
     yield start

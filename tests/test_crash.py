@@ -123,13 +123,17 @@ async def deployed(
         TestServer(create_national_app(national), port=nat_port),
         TestServer(create_portal_app(portal), port=portal_port),
     ]
-    for server in servers:
-        await server.start_server()
-    dep = Deployment(config_path, tmp_path / "gw.db", url, national, portal, tmp_path / "gw.log")
     try:
-        yield dep
+        for server in servers:  # all closed below, even if one fails to start
+            await server.start_server()
+        dep = Deployment(
+            config_path, tmp_path / "gw.db", url, national, portal, tmp_path / "gw.log"
+        )
+        try:
+            yield dep
+        finally:
+            dep.stop()
     finally:
-        dep.stop()
         for server in servers:
             await server.close()
 

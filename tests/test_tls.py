@@ -182,8 +182,8 @@ async def serve_tls(keys: Keys, pki: Pki, tmp_path: Path) -> AsyncIterator[Serve
         config = parse_config(copy.deepcopy(doc), base=tmp_path)
         app = create_app(config, start_delivery=False)
         runner = GatewayRunner(app)
+        runners.append(runner)  # cleaned up even if set-up or bind fails half-way
         await runner.setup()
-        runners.append(runner)
         site = web.TCPSite(runner, "127.0.0.1", config.ingress.port, ssl_context=app[TLS_CONTEXT])
         await site.start()
         return f"https://127.0.0.1:{config.ingress.port}"

@@ -94,12 +94,14 @@ async def _run_sites(
             runner: web.AppRunner = GatewayRunner(
                 app, shutdown_timeout=shutdown_timeout, access_log=None
             )
+            # Cleaned up below even if set-up (a cleanup context) or the bind fails: the
+            # contexts already entered (store, session, delivery) are closed.
+            runners.append(runner)
             await runner.setup()
             tls = app.get(TLS_CONTEXT)
             await web.TCPSite(
                 runner, host, port, reuse_address=True, reuse_port=reuse_port, ssl_context=tls
             ).start()
-            runners.append(runner)
             scheme = "https" if tls is not None else "http"
             if not quiet:
                 print(f"  {label:<34} {scheme}://{host}:{port}", flush=True)
