@@ -397,6 +397,9 @@ async def _run(workdir: Path, verbose: bool, crypto: Crypto) -> DemoReport:
             for trail in (national.trail, office.trail, portal.trail):
                 hops.extend(trail)
             hops.sort(key=lambda h: float(h["at"]))
+            # The portal has the decision; A records callback_delivered once the portal's
+            # 2xx is back, a moment later: wait for that (bounded) before reading the logs.
+            await _settled(a_app, message_ids)
             report.logs = {
                 A_GATEWAY: list(await a_app[STORE].search_messages(limit=50)),
                 B_GATEWAY: list(await b_app[STORE].search_messages(limit=50)),
@@ -409,6 +412,16 @@ async def _run(workdir: Path, verbose: bool, crypto: Crypto) -> DemoReport:
     if verbose:
         _print(report, started)
     return report
+
+
+async def _settled(app: web.Application, message_ids: list[str], wait_s: float = 10) -> None:
+    """Until each application's record at A says callback_delivered, or ``wait_s`` passed."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        records = [await app[STORE].get_message(PORTAL, m) for m in message_ids]
+        if all(r is not None and r.state == MessageState.CALLBACK_DELIVERED for r in records):
+            return
+        await asyncio.sleep(0.02)
 
 
 async def _follow(

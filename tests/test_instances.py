@@ -307,15 +307,20 @@ async def test_an_instance_killed_mid_delivery_loses_nothing(
     platform at least once; the message log verifies."""
     trio = doomed_trio
     trio.national.mode = "slow"
-    trio.national.delay_s = 0.4
+    trio.national.delay_s = 1.0
     accepted: set[str] = set()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         clients = [trio.client(i, session, keys) for i in range(3)]
         await asyncio.gather(*(_accept(clients[k % 3], accepted) for k in range(45)))
-        await asyncio.sleep(0.2)  # deliveries are in flight at the slow platform
-        owners = await trio.fetch(
-            "SELECT DISTINCT lease_owner FROM messages WHERE state = 'delivering'"
-        )
+        # Deliveries are in flight at the slow platform: wait (bounded) until each instance
+        # holds leases, as a loaded machine may start one instance's outbox later.
+        deadline = time.monotonic() + 10
+        owners: list[asyncpg.Record] = []
+        while len(owners) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            owners = await trio.fetch(
+                "SELECT DISTINCT lease_owner FROM messages WHERE state = 'delivering'"
+            )
         # Every instance holds leases, the one about to die included.
         assert len(owners) == 3, "not every instance was delivering: the kill proves little"
         trio.kill(2)

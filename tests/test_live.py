@@ -38,7 +38,7 @@ async def _pair(make_harness: HarnessFactory, store_url: str) -> tuple[Harness, 
 
 
 async def test_a_revocation_on_one_gateway_is_refused_by_the_other_within_a_second(
-    make_harness: HarnessFactory, store_url: str
+    store_url: str, make_harness: HarnessFactory
 ) -> None:
     """The other gateway, which took no admin request, refuses the revoked key in < 1 s."""
     one, other = await _pair(make_harness, store_url)
@@ -55,7 +55,7 @@ async def test_a_revocation_on_one_gateway_is_refused_by_the_other_within_a_seco
 
 
 async def test_writes_to_different_resources_at_once_on_two_gateways_both_stay(
-    make_harness: HarnessFactory, store_url: str
+    store_url: str, make_harness: HarnessFactory
 ) -> None:
     """Compare-and-set on the version: the write that loses the race is retried on top of
     the other, so neither is lost, on either gateway, nor after a restart."""
@@ -80,7 +80,7 @@ async def _both_applied(h: Harness) -> bool:
 
 
 async def test_writes_to_one_resource_at_once_on_two_gateways_lose_nothing_silently(
-    make_harness: HarnessFactory, store_url: str, tmp_path: Path
+    store_url: str, make_harness: HarnessFactory, tmp_path: Path
 ) -> None:
     """Two keys added to one member at once: each answered 201 is stored; a write that
     would have overwritten the other's is refused with 409 resource_changed."""
