@@ -53,6 +53,7 @@ from gateway.store import (
 from gateway.store.batch import BatchObserver
 from gateway.store.chain import GENESIS, ChainRow, CheckpointRow, Head, body_digest
 from gateway.store.pgcommit import OUTBOX_CHANNEL, Conn, PgGroupCommit, PgUnit, Tx, append_events
+from gateway.store.rows import callback_record, message_record
 
 __all__ = ["MIGRATION_LOCK", "Migration", "PostgresStore", "SchemaTooNew", "migrations"]
 
@@ -113,63 +114,6 @@ def migrations() -> list[Migration]:
     if [m.version for m in found] != list(range(1, len(found) + 1)):
         raise StoreError("the PostgreSQL migrations are not numbered 1, 2, 3 … without gaps")
     return found
-
-
-def _message(row: asyncpg.Record) -> MessageRecord:
-    return MessageRecord(
-        seq=row["seq"],
-        message_id=row["message_id"],
-        client=row["client"],
-        service=row["service"],
-        mode=row["mode"],
-        state=row["state"],
-        target=row["target"],
-        adapter=row["adapter"],
-        request_headers=json.loads(row["request_headers"]),
-        request_body=row["request_body"],
-        request_digest=row["request_digest"],
-        status=row["status"],
-        code=row["code"],
-        response_headers=json.loads(row["response_headers"]),
-        response_body=row["response_body"],
-        result=row["result"],
-        error=row["error"],
-        attempts=row["attempts"],
-        next_attempt_at=row["next_attempt_at"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        timings=json.loads(row["timings"]),
-        trace_id=row["trace_id"],
-    )
-
-
-def _header(headers_json: str, name: str) -> str | None:
-    for key, value in json.loads(headers_json).items():
-        if key.lower() == name:
-            return str(value)
-    return None
-
-
-def _callback(row: asyncpg.Record) -> CallbackRecord:
-    return CallbackRecord(
-        seq=row["seq"],
-        message_id=row["message_id"],
-        client=row["client"],
-        correlation_id=row["correlation_id"],
-        original_seq=row["original_seq"],
-        original_client=row["original_client"],
-        original_via=_header(row["original_headers"], "gw-via"),
-        service=row["service"],
-        body=row["body"],
-        digest=row["digest"],
-        state=row["state"],
-        attempts=row["attempts"],
-        next_attempt_at=row["next_attempt_at"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        error=row["error"],
-        trace_id=row["trace_id"],
-    )
 
 
 def _count(status: str) -> int:
@@ -478,18 +422,18 @@ class PostgresStore:
             client,
             message_id,
         )
-        return _message(rows[0]) if rows else None
+        return message_record(rows[0]) if rows else None
 
     async def get_message_by_seq(self, seq: int) -> MessageRecord | None:
         rows = await self._rows(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE seq = $1", seq)
-        return _message(rows[0]) if rows else None
+        return message_record(rows[0]) if rows else None
 
     async def find_by_message_id(self, message_id: str) -> Sequence[MessageRecord]:
         rows = await self._rows(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE message_id = $1 ORDER BY seq",
             message_id,
         )
-        return [_message(r) for r in rows]
+        return [message_record(r) for r in rows]
 
     async def finish_message(
         self,
@@ -630,7 +574,7 @@ class PostgresStore:
             f"LIMIT ${len(params)}",
             *params,
         )
-        return [_message(r) for r in rows]
+        return [message_record(r) for r in rows]
 
     async def count_messages(self, state: str | None = None) -> int:
         if state:
@@ -677,7 +621,7 @@ class PostgresStore:
             )
 
         rows = await self.write(unit)
-        return sorted((_message(r) for r in rows), key=lambda m: m.seq)
+        return sorted((message_record(r) for r in rows), key=lambda m: m.seq)
 
     async def reschedule_message(
         self, seq: int, *, attempts: int, next_attempt_at: float, error: str
@@ -849,7 +793,7 @@ class PostgresStore:
         rows = await self._rows(
             f"SELECT {_CALLBACK_COLUMNS} FROM {_CALLBACK_JOIN} WHERE c.seq = $1", seq
         )
-        return _callback(rows[0])
+        return callback_record(rows[0])
 
     async def get_callback(self, client: str, message_id: str) -> CallbackRecord | None:
         rows = await self._rows(
@@ -858,7 +802,7 @@ class PostgresStore:
             client,
             message_id,
         )
-        return _callback(rows[0]) if rows else None
+        return callback_record(rows[0]) if rows else None
 
     async def claim_due_callbacks(
         self, now: float, limit: int, lease_s: float
@@ -880,7 +824,7 @@ class PostgresStore:
                 )
             )
 
-        return [_callback(r) for r in await self.write(unit)]
+        return [callback_record(r) for r in await self.write(unit)]
 
     async def finish_callback(
         self, seq: int, *, state: str, attempts: int, error: str | None

@@ -40,6 +40,7 @@ from gateway.store import chain as log_chain
 from gateway.store.batch import BatchObserver, GroupCommit, Unit
 from gateway.store.chain import MIGRATION as CHAIN_MIGRATION
 from gateway.store.chain import ChainRow, CheckpointRow, HashChain, Head, body_digest
+from gateway.store.rows import callback_record, message_record
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
@@ -208,63 +209,6 @@ _CALLBACK_COLUMNS = (
     "c.service, c.body, c.digest, c.state, c.attempts, c.next_attempt_at, c.created_at, "
     "c.updated_at, c.error, m.trace_id, m.request_headers AS original_headers"
 )
-
-
-def _message(row: sqlite3.Row) -> MessageRecord:
-    return MessageRecord(
-        seq=row["seq"],
-        message_id=row["message_id"],
-        client=row["client"],
-        service=row["service"],
-        mode=row["mode"],
-        state=row["state"],
-        target=row["target"],
-        adapter=row["adapter"],
-        request_headers=json.loads(row["request_headers"]),
-        request_body=row["request_body"],
-        request_digest=row["request_digest"],
-        status=row["status"],
-        code=row["code"],
-        response_headers=json.loads(row["response_headers"]),
-        response_body=row["response_body"],
-        result=row["result"],
-        error=row["error"],
-        attempts=row["attempts"],
-        next_attempt_at=row["next_attempt_at"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        timings=json.loads(row["timings"]),
-        trace_id=row["trace_id"],
-    )
-
-
-def _header(headers_json: str, name: str) -> str | None:
-    for key, value in json.loads(headers_json).items():
-        if key.lower() == name:
-            return str(value)
-    return None
-
-
-def _callback(row: sqlite3.Row) -> CallbackRecord:
-    return CallbackRecord(
-        seq=row["seq"],
-        message_id=row["message_id"],
-        client=row["client"],
-        correlation_id=row["correlation_id"],
-        original_seq=row["original_seq"],
-        original_client=row["original_client"],
-        original_via=_header(row["original_headers"], "gw-via"),
-        service=row["service"],
-        body=row["body"],
-        digest=row["digest"],
-        state=row["state"],
-        attempts=row["attempts"],
-        next_attempt_at=row["next_attempt_at"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        error=row["error"],
-        trace_id=row["trace_id"],
-    )
 
 
 def _change(row: sqlite3.Row) -> ChangeRecord:
@@ -785,17 +729,17 @@ class SQLiteStore:
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE client = ? AND message_id = ?",
             (client, message_id),
         )
-        return _message(rows[0]) if rows else None
+        return message_record(rows[0]) if rows else None
 
     async def get_message_by_seq(self, seq: int) -> MessageRecord | None:
         rows = self._rows(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE seq = ?", (seq,))
-        return _message(rows[0]) if rows else None
+        return message_record(rows[0]) if rows else None
 
     async def find_by_message_id(self, message_id: str) -> Sequence[MessageRecord]:
         rows = self._rows(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE message_id = ?", (message_id,)
         )
-        return [_message(r) for r in rows]
+        return [message_record(r) for r in rows]
 
     async def finish_message(
         self,
@@ -920,7 +864,7 @@ class SQLiteStore:
             f"SELECT {_MESSAGE_COLUMNS} FROM messages {where} ORDER BY seq DESC LIMIT ?",
             (*params, limit),
         )
-        return [_message(r) for r in rows]
+        return [message_record(r) for r in rows]
 
     async def count_messages(self, state: str | None = None) -> int:
         sql = "SELECT COUNT(*) FROM messages" + (" WHERE state = ?" if state else "")
@@ -966,7 +910,7 @@ class SQLiteStore:
             f"RETURNING {_MESSAGE_COLUMNS}",
             (now + lease_s, self.instance_id, now, now, now, limit),
         )
-        return sorted((_message(r) for r in rows), key=lambda m: m.seq)
+        return sorted((message_record(r) for r in rows), key=lambda m: m.seq)
 
     async def reschedule_message(
         self, seq: int, *, attempts: int, next_attempt_at: float, error: str
@@ -1124,7 +1068,7 @@ class SQLiteStore:
         rows = self._rows(
             f"SELECT {_CALLBACK_COLUMNS} FROM {_CALLBACK_JOIN} WHERE c.seq = ?", (seq,)
         )
-        return _callback(rows[0])
+        return callback_record(rows[0])
 
     async def get_callback(self, client: str, message_id: str) -> CallbackRecord | None:
         rows = self._rows(
@@ -1132,7 +1076,7 @@ class SQLiteStore:
             "WHERE c.client = ? AND c.message_id = ?",
             (client, message_id),
         )
-        return _callback(rows[0]) if rows else None
+        return callback_record(rows[0]) if rows else None
 
     async def claim_due_callbacks(
         self, now: float, limit: int, lease_s: float
@@ -1152,7 +1096,7 @@ class SQLiteStore:
             f"WHERE c.seq IN ({','.join('?' * len(seqs))}) ORDER BY c.seq",
             seqs,
         )
-        return [_callback(r) for r in found]
+        return [callback_record(r) for r in found]
 
     async def finish_callback(
         self, seq: int, *, state: str, attempts: int, error: str | None
