@@ -53,7 +53,7 @@ from gateway.store import (
 from gateway.store.batch import BatchObserver
 from gateway.store.chain import GENESIS, ChainRow, CheckpointRow, Head, body_digest
 from gateway.store.pgcommit import OUTBOX_CHANNEL, Conn, PgGroupCommit, PgUnit, Tx, append_events
-from gateway.store.rows import callback_record, message_record
+from gateway.store.rows import accepted_record, callback_record, message_record
 
 __all__ = ["MIGRATION_LOCK", "Migration", "PostgresStore", "SchemaTooNew", "migrations"]
 
@@ -391,30 +391,7 @@ class PostgresStore:
         seq = await self.write(_InsertMessage(msg, headers, now))
         if seq is None:
             raise DuplicateMessage(msg.message_id)
-        return MessageRecord(
-            seq=seq,
-            message_id=msg.message_id,
-            client=msg.client,
-            service=msg.service,
-            mode=msg.mode,
-            state=msg.state,
-            request_headers=msg.request_headers,
-            request_body=msg.request_body,
-            request_digest=msg.request_digest,
-            target=msg.target,
-            adapter=msg.adapter,
-            status=None,
-            code=None,
-            response_headers={},
-            response_body=None,
-            result=None,
-            error=None,
-            attempts=0,
-            next_attempt_at=msg.next_attempt_at,
-            created_at=now,
-            updated_at=now,
-            trace_id=msg.trace_id,
-        )
+        return accepted_record(msg, seq, now)
 
     async def get_message(self, client: str, message_id: str) -> MessageRecord | None:
         rows = await self._rows(

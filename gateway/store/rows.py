@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
-from gateway.store import CallbackRecord, MessageRecord
+from gateway.store import CallbackRecord, MessageRecord, NewMessage
 
-__all__ = ["Row", "callback_record", "message_record"]
+__all__ = ["Row", "accepted_record", "callback_record", "message_record"]
 
 
 class Row(Protocol):
@@ -71,4 +71,32 @@ def callback_record(row: Row) -> CallbackRecord:
         updated_at=row["updated_at"],
         error=row["error"],
         trace_id=row["trace_id"],
+    )
+
+
+def accepted_record(msg: NewMessage, seq: int, now: float) -> MessageRecord:
+    """The record of a message just inserted, without reading it back."""
+    return MessageRecord(
+        seq=seq,
+        message_id=msg.message_id,
+        client=msg.client,
+        service=msg.service,
+        mode=msg.mode,
+        state=msg.state,
+        request_headers=msg.request_headers,
+        request_body=msg.request_body,
+        request_digest=msg.request_digest,
+        target=msg.target,
+        adapter=msg.adapter,
+        status=None,
+        code=None,
+        response_headers={},
+        response_body=None,
+        result=None,
+        error=None,
+        attempts=0,
+        next_attempt_at=msg.next_attempt_at,
+        created_at=now,
+        updated_at=now,
+        trace_id=msg.trace_id,
     )

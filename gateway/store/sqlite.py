@@ -40,7 +40,7 @@ from gateway.store import chain as log_chain
 from gateway.store.batch import BatchObserver, GroupCommit, Unit
 from gateway.store.chain import MIGRATION as CHAIN_MIGRATION
 from gateway.store.chain import ChainRow, CheckpointRow, HashChain, Head, body_digest
-from gateway.store.rows import callback_record, message_record
+from gateway.store.rows import accepted_record, callback_record, message_record
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
@@ -699,30 +699,7 @@ class SQLiteStore:
         except sqlite3.IntegrityError as exc:
             raise DuplicateMessage(msg.message_id) from exc
         # The row is what we just wrote: no need to read it back.
-        return MessageRecord(
-            seq=seq,
-            message_id=msg.message_id,
-            client=msg.client,
-            service=msg.service,
-            mode=msg.mode,
-            state=msg.state,
-            request_headers=msg.request_headers,
-            request_body=msg.request_body,
-            request_digest=msg.request_digest,
-            target=msg.target,
-            adapter=msg.adapter,
-            status=None,
-            code=None,
-            response_headers={},
-            response_body=None,
-            result=None,
-            error=None,
-            attempts=0,
-            next_attempt_at=msg.next_attempt_at,
-            created_at=now,
-            updated_at=now,
-            trace_id=msg.trace_id,
-        )
+        return accepted_record(msg, seq, now)
 
     async def get_message(self, client: str, message_id: str) -> MessageRecord | None:
         rows = self._rows(
