@@ -95,12 +95,18 @@ class Signer(Protocol):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AdapterContext:
-    """What the core lends an adapter: identity, signer, the shared HTTP pool."""
+    """What the core lends an adapter: identity, signer, the shared HTTP pool.
+
+    ``session`` is the one to use. For an adapter whose URLs were learnt from the
+    federation directory the core passes its guarded session there instead (addresses
+    checked against the outbound policy at connect time, ``gateway/outbound.py``);
+    ``learnt_session`` is that guarded session, which the core swaps in."""
 
     member_id: str
     signer: Signer
     session: aiohttp.ClientSession
     base_dir: str = "."
+    learnt_session: aiohttp.ClientSession | None = None
 
 
 @runtime_checkable

@@ -3,7 +3,11 @@
 The request body is forwarded byte for byte; the protocol headers travel with it
 (``Gw-Client``, ``Gw-Message-Id``, ``Gw-Issue``, ``traceparent`` …) plus ``Gw-Via``.
 When ``verify_response`` names the upstream's keys, its answer must carry an RFC 9421
-signature over ``@status``, ``content-digest`` and ``content-type`` by one of them.
+signature over ``@status``, ``content-digest`` and ``content-type`` by one of them, bound
+to our request: it covers the request's own signature (``"signature";req``) or its
+message id (``gw-message-id``, equal to ours, or ``"gw-message-id";req``). An answer
+that is not bound could be any other request's answer, replayed: ``upstream_unbound``.
+Redirects are never followed (a 3xx is an upstream error naming its ``Location``).
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from typing import Any, ClassVar
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from adapters.base import AdapterContext, Answer, Exchange, Health
-from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
+from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnbound
 from gateway.keys import VerificationKey
+from gateway.outbound import location_of
 from gateway.signing import (
     RequestView,
     ResponseView,
@@ -28,9 +34,12 @@ from gateway.signing import (
     content_digest,
 )
 from gateway.signing import parse_signature_input as parse_sig
+from gateway.signing.fields import SignatureInput
 
-__all__ = ["HttpAdapter"]
+__all__ = ["BASE_URL_PATTERN", "HttpAdapter", "bound_to"]
 
+# A base URL that paths are joined onto: no query, no fragment (a "?" would move them).
+BASE_URL_PATTERN = r"^https?://[^?#]+$"
 _FORWARDED = ("Gw-Target", "Gw-User", "Gw-Issue", "Gw-Correlation-Id", "traceparent", "tracestate")
 
 
@@ -72,7 +81,7 @@ class HttpAdapter:
 
     def __init__(self, name: str, config: Mapping[str, Any], context: AdapterContext) -> None:
         self.name = name
-        self._url = str(config["url"])
+        self._url = URL(str(config["url"]))
         self._timeout = float(config.get("timeout_s", 30.0))
         self._health_url = config.get("health_url")
         self._headers = dict(config.get("headers", {}))
@@ -104,7 +113,9 @@ class HttpAdapter:
         } | ({"content_digest": config["content_digest"]} if "content_digest" in config else {})
 
     def url_for(self, service: str) -> str:
-        return self._url.replace("{service}", service)
+        # {service} stands for one path segment; the query, if configured, stays as it is.
+        path = self._url.path.replace("{service}", service)
+        return str(self._url.with_path(path).with_query(self._url.query))
 
     def build_headers(self, exchange: Exchange) -> CIMultiDict[str]:
         headers: CIMultiDict[str] = CIMultiDict(self._headers)
@@ -163,6 +174,11 @@ class HttpAdapter:
             raise UpstreamTimeout(f"{self.name}: no answer within {timeout.total} s") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"{self.name}: {type(exc).__name__}") from exc
+        if 300 <= status < 400:
+            raise UpstreamError(
+                f"{self.name}: upstream answered {status} (redirect to "
+                f"{location_of(resp_headers)}, not followed)"
+            )
         if status >= 300:
             raise UpstreamError(f"{self.name}: upstream answered {status}")
         if self._response_keys:
@@ -188,13 +204,18 @@ class HttpAdapter:
             raise
         except GatewayError as exc:
             raise UpstreamError(f"{self.name}: the answer's signature: {exc.detail}") from exc
+        if not bound_to(sig, headers, request):
+            raise UpstreamUnbound(
+                f"{self.name}: the answer is not bound to our request (it covers neither "
+                '"signature";req nor our gw-message-id)'
+            )
 
     async def health(self) -> Health:
         if not self._health_url:
             return Health(healthy=True, detail="no health_url configured")
         try:
             async with self._ctx.session.get(
-                self._health_url, timeout=aiohttp.ClientTimeout(total=2)
+                self._health_url, timeout=aiohttp.ClientTimeout(total=2), allow_redirects=False
             ) as resp:
                 return Health(healthy=resp.status < 300, detail=f"HTTP {resp.status}")
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -203,3 +224,24 @@ class HttpAdapter:
     async def aclose(self) -> None:
         # The session belongs to the core; nothing of our own to release.
         await asyncio.sleep(0)
+
+
+def bound_to(sig: SignatureInput, headers: CIMultiDict[str], request: RequestView) -> bool:
+    """Whether a verified answer's signature binds it to ``request``: it covers the
+    request's signature by its label (``"signature";req;key=…``), or the request's
+    message id (``"gw-message-id";req``, or the answer's ``gw-message-id`` when it
+    equals the request's)."""
+    try:
+        label = parse_sig(request.headers).label
+    except GatewayError:
+        label = None
+    ours = request.headers.get("Gw-Message-Id")
+    for name, params in sig.items:
+        if name == "signature" and params.get("req") is True and params.get("key") == label:
+            return label is not None
+        if name == "gw-message-id" and ours:
+            if params.get("req") is True:
+                return True
+            if not params and headers.get("Gw-Message-Id") == ours:
+                return True
+    return False

@@ -18,8 +18,9 @@ from typing import Any, ClassVar
 from multidict import CIMultiDict
 
 from adapters.base import AdapterContext, Answer, Exchange
-from adapters.http import HttpAdapter
+from adapters.http import BASE_URL_PATTERN, HttpAdapter
 from gateway.errors import UpstreamError
+from gateway.outbound import join
 
 __all__ = ["NationalPlatformAdapter"]
 
@@ -31,7 +32,7 @@ class NationalPlatformAdapter(HttpAdapter):
         "additionalProperties": False,
         "required": ["base_url", "platform_keys"],
         "properties": {
-            "base_url": {"type": "string", "pattern": "^https?://"},
+            "base_url": {"type": "string", "pattern": BASE_URL_PATTERN},
             "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
             "platform_keys": {
                 "type": "array",
@@ -50,11 +51,11 @@ class NationalPlatformAdapter(HttpAdapter):
     }
 
     def __init__(self, name: str, config: Mapping[str, Any], context: AdapterContext) -> None:
-        base = str(config["base_url"]).rstrip("/")
+        base = str(config["base_url"])
         http_config = self.derived_config(
             config,
-            url=f"{base}/api/v1/exchange",
-            health_url=f"{base}/health",
+            url=join(base, "api", "v1", "exchange"),
+            health_url=join(base, "health"),
             keys=list(config["platform_keys"]),
         )
         super().__init__(name, http_config, context)

@@ -3,8 +3,9 @@
 The peer's ingress takes our request as a member's (``POST /v1/exchange/{service}``),
 signed by this gateway's key, with the original ``Gw-Client`` and ``Gw-Via`` naming us;
 the peer accepts it only for members of the regions it registered us for. Its answer
-must be signed by the peer and bound to our request's signature (``"signature";req``),
-which proves the answer belongs to this question. A ``202`` means the peer will call
+must be signed by the peer and bound to our request (``"signature";req`` or our
+``gw-message-id``, as every signed answer: ``adapters/http.py``), which proves the
+answer belongs to this question. A ``202`` means the peer will call
 back on our ``/v1/callbacks/{service}``.
 """
 
@@ -13,14 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from multidict import CIMultiDict
-
 from adapters.base import AdapterContext
-from adapters.http import HttpAdapter
+from adapters.http import BASE_URL_PATTERN, HttpAdapter
 from gateway.config import MEMBER_ID_PATTERN
-from gateway.errors import UpstreamError
-from gateway.signing import RequestView
-from gateway.signing import parse_signature_input as parse_sig
+from gateway.outbound import join
 
 __all__ = ["PeerGatewayAdapter"]
 
@@ -32,7 +29,11 @@ class PeerGatewayAdapter(HttpAdapter):
         "additionalProperties": False,
         "required": ["url", "peer_id", "peer_keys"],
         "properties": {
-            "url": {"type": "string", "pattern": "^https?://", "description": "the peer's ingress"},
+            "url": {
+                "type": "string",
+                "pattern": BASE_URL_PATTERN,
+                "description": "the peer's ingress (no query or fragment: paths are joined on)",
+            },
             "peer_id": {"type": "string", "pattern": MEMBER_ID_PATTERN},
             "peer_keys": {
                 "type": "array",
@@ -50,21 +51,12 @@ class PeerGatewayAdapter(HttpAdapter):
     }
 
     def __init__(self, name: str, config: Mapping[str, Any], context: AdapterContext) -> None:
-        base = str(config["url"]).rstrip("/")
+        base = str(config["url"])
         http_config = self.derived_config(
             config,
-            url=f"{base}/v1/exchange/{{service}}",
-            health_url=f"{base}/healthz",
+            url=join(base, "v1", "exchange") + "/{service}",
+            health_url=join(base, "healthz"),
             keys=list(config["peer_keys"]),
         )
         super().__init__(name, http_config, context)
         self.peer_id = str(config["peer_id"])
-        self._label = getattr(context.signer, "label", "gw")
-
-    def _verify(
-        self, status: int, headers: CIMultiDict[str], body: bytes, request: RequestView
-    ) -> None:
-        super()._verify(status, headers, body, request)
-        bound = ("signature", {"req": True, "key": self._label})
-        if bound not in parse_sig(headers).items:
-            raise UpstreamError(f"{self.name}: the peer's answer is not bound to our request")

@@ -28,6 +28,7 @@ from gateway.limits import IN_FLIGHT, InFlight, handler_args, limits_middleware
 from gateway.live import LiveConfig
 from gateway.metrics import Metrics
 from gateway.openapi import ingress_document
+from gateway.outbound import configured_session, learnt_session
 from gateway.pipeline import CTX_KEY, Pipeline, RequestContext
 from gateway.problem import problem_response
 from gateway.registry import Runtime, RuntimeHolder, build_runtime
@@ -61,6 +62,7 @@ RUNTIME = web.AppKey("runtime", RuntimeHolder)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 DELIVERY = web.AppKey("delivery", Delivery)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+LEARNT_SESSION = web.AppKey("learnt_session", aiohttp.ClientSession)
 LIVE = web.AppKey("live", LiveConfig)
 METRICS = web.AppKey("metrics", Metrics)
 READINESS = web.AppKey("readiness", Readiness)
@@ -302,13 +304,13 @@ def create_app(
         await checkpoints.stop()
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(limit=256, limit_per_host=128, ttl_dns_cache=300)
-        session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=60, connect=5)
-        )
-        app[SESSION] = session
+        # Configured URLs go through one pool, learnt ones (the directory's) through a
+        # guarded one: addresses checked against config.outbound at connect time.
+        app[SESSION] = configured_session()
+        app[LEARNT_SESSION] = learnt_session(config.outbound)
         yield
-        await session.close()
+        await app[SESSION].close()
+        await app[LEARNT_SESSION].close()
 
     def install(runtime: Runtime) -> None:
         holder.current = runtime
@@ -319,6 +321,7 @@ def create_app(
             signer=signer,
             session=app[SESSION],
             base_dir=str(config.base),
+            learnt_session=app[LEARNT_SESSION],
         )
 
     live = LiveConfig(config=config, store=store, apply=install, context=adapter_context)
@@ -370,6 +373,7 @@ def create_app(
             runtime=holder,
             signer=signer,
             session=app[SESSION],
+            learnt_session=app[LEARNT_SESSION],
             metrics=metrics,
             tracing=app[TRACING],
         )

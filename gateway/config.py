@@ -19,6 +19,7 @@ import jsonschema
 import yaml
 
 from gateway.errors import ConfigError
+from gateway.outbound import OutboundPolicy, networks
 
 __all__ = [
     "MEMBER_ID_PATTERN",
@@ -170,6 +171,8 @@ class MemberConfig:
     revoked_keys: tuple[str, ...] = ()  # kids that may not come back without ?reinstate=true
     # Signature algorithms this member may use (empty: any its keys have), e.g. ("sm2-sm3",).
     allowed_algs: tuple[str, ...] = ()
+    # Its callback URL came from the federation directory: the outbound policy applies.
+    learnt: bool = False
 
     @property
     def region(self) -> str:
@@ -202,6 +205,8 @@ class AdapterConfig:
     reset_timeout_s: float = 5.0
     # Whether its health() counts for /readyz (see gateway/health.py).
     readiness: bool = True
+    # Its URLs came from the federation directory: the outbound policy applies.
+    learnt: bool = False
     config: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -251,6 +256,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     directory: DirectoryConfig | None = None
+    outbound: OutboundPolicy = field(default_factory=OutboundPolicy)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -376,6 +382,7 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
             rate_limit=_rate_limit(m.get("rate_limit")),
             revoked_keys=tuple(m.get("revoked_keys", [])),
             allowed_algs=tuple(m.get("allowed_algs", [])),
+            learnt=m.get("learnt", False),
         )
         for i, m in enumerate(data["members"])
     )
@@ -458,6 +465,7 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
                 failure_threshold=a.get("breaker", {}).get("failure_threshold", 5),
                 reset_timeout_s=a.get("breaker", {}).get("reset_timeout_s", 5.0),
                 readiness=a.get("readiness", True),
+                learnt=a.get("learnt", False),
                 config=a.get("config", {}),
             )
             for a in data["adapters"]
@@ -473,8 +481,18 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
         ),
         tracing=TracingConfig(**data.get("tracing", {})),
         directory=_directory(data.get("directory"), r),
+        outbound=_outbound(data.get("outbound", {}), r),
         raw=data,
     )
+
+
+def _outbound(data: Mapping[str, Any], r: _Reader) -> OutboundPolicy:
+    try:
+        allowed = networks(data.get("allow_networks", []))
+    except ValueError as exc:
+        r.problems.append(f"/outbound/allow_networks: {exc}")
+        allowed = ()
+    return OutboundPolicy(allow_http=data.get("allow_http", False), allow_networks=allowed)
 
 
 def _directory(data: Mapping[str, Any] | None, r: _Reader) -> DirectoryConfig | None:

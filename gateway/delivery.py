@@ -26,8 +26,9 @@ from multidict import CIMultiDict
 
 from gateway.config import DeliveryConfig, GatewayIdentity
 from gateway.dispatch import call_adapter, exchange_of
-from gateway.errors import AdapterUnavailable, GatewayError, UpstreamError
+from gateway.errors import AdapterUnavailable, GatewayError, OutboundRefused, UpstreamError
 from gateway.metrics import Metrics
+from gateway.outbound import location_of
 from gateway.signing import Signer
 from gateway.states import CallbackState, MessageState
 from gateway.store import CallbackRecord, DuplicateMessage, MessageRecord, NewCallback, Store
@@ -66,6 +67,7 @@ class Delivery:
         runtime: RuntimeHolder,
         signer: Signer,
         session: aiohttp.ClientSession,
+        learnt_session: aiohttp.ClientSession | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
@@ -77,6 +79,8 @@ class Delivery:
         self.runtime = runtime
         self.signer = signer
         self.session = session
+        # Callback URLs learnt from the directory go through the guarded session.
+        self.learnt_session = learnt_session
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrecy
         self.metrics = metrics if metrics is not None else Metrics()
@@ -332,7 +336,9 @@ class Delivery:
         if span is not None:
             traceparent = span.traceparent
         try:
-            await self._post_callback(url, cb, traceparent)
+            await self._post_callback(
+                url, cb, traceparent, learnt=member is not None and member.config.learnt
+            )
         except GatewayError as exc:
             if self._give_up(attempts, cb.created_at, max_attempts, max_age):
                 await self.store.finish_callback(
@@ -358,7 +364,16 @@ class Delivery:
         self.delivered += 1
         self._account("callback", "delivered", cb, None, attempts, started, span)
 
-    async def _post_callback(self, url: str, cb: CallbackRecord, traceparent: str | None) -> None:
+    async def _post_callback(
+        self, url: str, cb: CallbackRecord, traceparent: str | None, *, learnt: bool = False
+    ) -> None:
+        """POST one callback; anything but a 2xx (a redirect included: never followed, it
+        would re-post the signed body where nobody configured) is a failed attempt."""
+        session = self.session
+        if learnt:
+            if self.learnt_session is None:
+                raise OutboundRefused(f"callback to {url}: a learnt URL needs the guarded session")
+            session = self.learnt_session
         headers: CIMultiDict[str] = CIMultiDict()
         headers["Content-Type"] = "application/json"
         headers["Gw-Client"] = self.identity.member_id
@@ -368,15 +383,24 @@ class Delivery:
             headers["traceparent"] = traceparent
         self.signer.sign_request("POST", url, headers, cb.body)
         try:
-            async with self.session.post(
-                url, data=cb.body, headers=headers, timeout=aiohttp.ClientTimeout(total=30)
+            async with session.post(
+                url,
+                data=cb.body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=30),
+                allow_redirects=False,
             ) as resp:
                 await resp.read()
                 status = resp.status
+                location = location_of(resp.headers)
         except TimeoutError as exc:
             raise UpstreamError(f"callback to {url} timed out") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"callback to {url} failed: {type(exc).__name__}") from exc
+        if 300 <= status < 400:
+            raise UpstreamError(
+                f"callback to {url} answered {status} (redirect to {location}, not followed)"
+            )
         if not 200 <= status < 300:
             raise UpstreamError(f"callback to {url} answered {status}")
 

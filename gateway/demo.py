@@ -138,6 +138,11 @@ def _directory(t: _Topology, offers: list[str]) -> dict[str, Any]:
     }
 
 
+# Everything runs on loopback over http: the URLs the directory hands out are allowed
+# explicitly (gateway/outbound.py refuses them by default).
+OUTBOUND = {"allow_http": True, "allow_networks": ["127.0.0.0/8", "::1/128"]}
+
+
 def _a_config(t: _Topology) -> dict[str, Any]:
     return {
         "gateway": {
@@ -148,6 +153,7 @@ def _a_config(t: _Topology) -> dict[str, Any]:
         "store": {"path": str(t.workdir / "a-gateway.db")},
         "delivery": {"poll_interval_s": 0.05, "base_delay_s": 0.1, "max_delay_s": 1},
         "directory": _directory(t, []),
+        "outbound": OUTBOUND,
         "members": [
             {
                 "id": PORTAL,
@@ -179,6 +185,7 @@ def _b_config(t: _Topology) -> dict[str, Any]:
         "store": {"path": str(t.workdir / "b-gateway.db")},
         "delivery": {"poll_interval_s": 0.05, "base_delay_s": 0.1, "max_delay_s": 1},
         "directory": _directory(t, ["crossregion.apply"]),
+        "outbound": OUTBOUND,
         "members": [],  # the platform, and A, come from the directory
         "services": [_service("crossregion.apply", "async", 30)],
         "adapters": [

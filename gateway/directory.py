@@ -24,6 +24,7 @@ import calendar
 import copy
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,8 +35,9 @@ import jsonschema
 from gateway.audit import JwsInvalid, sign_jws, verify_jws
 from gateway.config import SCHEMA_DIR
 from gateway.encoding import iso_utc
-from gateway.errors import DirectoryRefused
+from gateway.errors import DirectoryRefused, OutboundRefused
 from gateway.keys import KeyPair
+from gateway.outbound import OutboundPolicy
 
 __all__ = [
     "FORMAT",
@@ -62,6 +64,8 @@ JWS_TYPE = "gw-directory"
 NATIONAL_REGION = "100000"
 NATIONAL_ADAPTER = "directory-national"
 Via = Literal["direct", "national"]
+log = logging.getLogger("gateway.directory")
+_STRICT = OutboundPolicy()  # the default: https only, public addresses only
 
 with (SCHEMA_DIR / "directory.schema.json").open(encoding="utf-8") as _fh:
     _VALIDATOR = jsonschema.Draft202012Validator(
@@ -262,6 +266,21 @@ def _adapter_name(region: str) -> str:
     return f"directory-{region}"
 
 
+def _reachable(party: Party, outbound: OutboundPolicy) -> bool:
+    """Whether the outbound policy lets us call this party's URLs; logged when not."""
+    try:
+        outbound.check_url(party.url, what=f"{party.member_id}'s url")
+        outbound.check_url(party.callbacks, what=f"{party.member_id}'s callback_url")
+    except OutboundRefused as exc:
+        log.warning(
+            "directory entry %s left out: %s", party.member_id, exc.detail,
+            extra={"event": "directory_entry_refused", "member": party.member_id,
+                   "reason": "outbound"},
+        )  # fmt: skip
+        return False
+    return True
+
+
 def directory_layer(
     directory: Directory,
     *,
@@ -269,6 +288,7 @@ def directory_layer(
     services: Iterable[str],
     now: float,
     routed: Iterable[str] = (),
+    outbound: OutboundPolicy = _STRICT,
 ) -> list[tuple[str, str, dict[str, Any] | None]]:
     """Changes over the file for gateway ``own``: peer members with the keys valid at
     ``now``, one adapter per peer that is called directly (and one for the national
@@ -277,7 +297,10 @@ def directory_layer(
     ``services`` are the codes this gateway has configured: a peer may call the ones
     this gateway's own entry offers; routes are made only for configured services.
     ``routed`` are services that already have a catch-all route here: the national
-    platform's offer does not take them over (a province serves its own first)."""
+    platform's offer does not take them over (a province serves its own first).
+    ``outbound`` is the policy for the URLs learnt here (``gateway/outbound.py``): a
+    party whose URL or callback URL it refuses is left out, as if absent; what is added
+    is marked ``learnt``, so its addresses are checked again at connect time."""
     known = set(services)
     local = set(routed)
     own_region = own.split(":", 1)[0]
@@ -287,7 +310,8 @@ def directory_layer(
     )
     changes: list[tuple[str, str, dict[str, Any] | None]] = []
     national = directory.national
-    if national.member_id != own:
+    national_ok = national.member_id != own and _reachable(national, outbound)
+    if national_ok:
         changes.append(
             (
                 "members",
@@ -300,6 +324,7 @@ def directory_layer(
                     "regions": list(national.vouches_for or (NATIONAL_REGION,)),
                     "services": offered_here,
                     "callback_url": national.callbacks,
+                    "learnt": True,
                 },
             )
         )
@@ -311,6 +336,7 @@ def directory_layer(
                     "name": NATIONAL_ADAPTER,
                     "type": "national_platform",
                     "readiness": False,
+                    "learnt": True,
                     "config": {"base_url": national.url, "platform_keys": national.jwks_at(now)},
                 },
             )
@@ -322,6 +348,8 @@ def directory_layer(
     for entry in directory.regions:
         gw = entry.gateway
         if entry.region == own_region or gw.member_id == own:
+            continue
+        if not _reachable(gw, outbound):
             continue
         keys = gw.jwks_at(now)
         changes.append(
@@ -336,6 +364,7 @@ def directory_layer(
                     "regions": list(gw.vouches_for or (entry.region,)),
                     "services": offered_here,
                     "callback_url": gw.callbacks,
+                    "learnt": True,
                     **({} if keys else {"enabled": False}),
                 },
             )
@@ -350,6 +379,7 @@ def directory_layer(
                         "name": _adapter_name(entry.region),
                         "type": "peer_gateway",
                         "readiness": False,
+                        "learnt": True,
                         "config": {"url": gw.url, "peer_id": gw.member_id, "peer_keys": keys},
                     },
                 )
@@ -360,7 +390,7 @@ def directory_layer(
             adapter = (
                 _adapter_name(entry.region) if offer.via == "direct" and keys else NATIONAL_ADAPTER
             )
-            if adapter == NATIONAL_ADAPTER and national.member_id == own:
+            if adapter == NATIONAL_ADAPTER and not national_ok:
                 continue
             target = f"{entry.region}:*"
             changes.append(

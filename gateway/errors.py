@@ -36,6 +36,8 @@ Anything that is not a ``GatewayError`` becomes ``internal`` with details only i
     ├── SchemaInvalid                  422 schema_invalid (with field errors)
     ├── RateLimited                    429 rate_limited (Retry-After)
     ├── UpstreamError                  502 upstream_error
+    │   ├── OutboundRefused            upstream_error (a learnt URL the outbound policy refuses)
+    │   └── UpstreamUnbound            upstream_unbound (a signed answer not bound to our request)
     ├── Unavailable                    503
     │   ├── AdapterUnavailable         adapter_unavailable (Retry-After)
     │   └── Overloaded                 overloaded
@@ -70,6 +72,7 @@ __all__ = [
     "MissingHeader",
     "NotFound",
     "NotPermitted",
+    "OutboundRefused",
     "Overloaded",
     "PayloadTooLarge",
     "RateLimited",
@@ -88,6 +91,7 @@ __all__ = [
     "UnsupportedMediaType",
     "UpstreamError",
     "UpstreamTimeout",
+    "UpstreamUnbound",
 ]
 
 
@@ -299,6 +303,19 @@ class UpstreamError(GatewayError):
     status = 502
     code = "upstream_error"
     title = "The upstream failed"
+
+
+class OutboundRefused(UpstreamError):
+    """A learnt URL (or the address it resolves to) that the outbound policy refuses."""
+
+    title = "The destination is not allowed"
+
+
+class UpstreamUnbound(UpstreamError):
+    """A signed answer that covers neither our request's signature nor its message id."""
+
+    code = "upstream_unbound"
+    title = "The answer is not bound to the request"
 
 
 class Unavailable(GatewayError):

@@ -198,7 +198,12 @@ class DirectoryFollower:
             services = [str(s["code"]) for s in doc.get("services", [])]
             routed = [str(r["service"]) for r in doc.get("routes", []) if not r.get("target")]
             return directory_layer(
-                directory, own=self.own, services=services, now=self._clock(), routed=routed
+                directory,
+                own=self.own,
+                services=services,
+                now=self._clock(),
+                routed=routed,
+                outbound=self.live.config.outbound,
             )
 
         await self.live.set_layer(layer)

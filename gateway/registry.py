@@ -7,6 +7,7 @@ finish on the state they started with.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 from collections.abc import Mapping
@@ -65,9 +66,14 @@ def check_adapter_config(type_name: str, config: Mapping[str, Any], where: str) 
 
 
 def build_adapter(cfg: AdapterConfig, context: AdapterContext) -> Adapter:
+    """Construct one adapter; a ``learnt`` one talks only through the guarded session."""
     problems = check_adapter_config(cfg.type, cfg.config, f"/adapters/{cfg.name}")
     if problems:
         raise ConfigError(problems)
+    if cfg.learnt:
+        if context.learnt_session is None:
+            raise ConfigError([f"/adapters/{cfg.name}: learnt URLs need the guarded session"])
+        context = dataclasses.replace(context, session=context.learnt_session)
     return adapter_types()[cfg.type](cfg.name, cfg.config, context)
 
 

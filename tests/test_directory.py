@@ -21,9 +21,11 @@ from gateway.directory import (
 from gateway.encoding import iso_utc
 from gateway.errors import DirectoryRefused
 from gateway.keys import KeyPair, KeyType, generate, write_keypair
+from gateway.outbound import OutboundPolicy
 from gateway.routing import RouteTable
 
 NOW = 1_800_000_000.0
+LOOPBACK = OutboundPolicy.loopback()  # the documents below name http://127.0.0.1 URLs
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +192,9 @@ def _layer(d: Directory, now: float = NOW) -> dict[tuple[str, str], Any]:
     services = ["credit.query", "crossregion.apply", "evaluation.submit"]
     return {
         (k, i): b
-        for k, i, b in directory_layer(d, own="330000:gateway", services=services, now=now)
+        for k, i, b in directory_layer(
+            d, own="330000:gateway", services=services, now=now, outbound=LOOPBACK
+        )
     }
 
 

@@ -356,7 +356,8 @@ def test_every_error_class_has_a_protocol_code() -> None:
         "key_unknown": 401, "client_unknown": 403, "client_disabled": 403, "forbidden": 403,
         "service_unknown": 404, "message_unknown": 404, "message_id_reused": 409,
         "payload_too_large": 413, "unsupported_media_type": 415, "schema_invalid": 422,
-        "rate_limited": 429, "upstream_error": 502, "adapter_unavailable": 503,
+        "rate_limited": 429, "upstream_error": 502, "upstream_unbound": 502,
+        "adapter_unavailable": 503,
         "overloaded": 503, "upstream_timeout": 504, "internal": 500,
         # The admin API's own (docs/decisions.md, docs/deployment.md).
         "resource_unknown": 404, "resource_exists": 409, "resource_changed": 409,

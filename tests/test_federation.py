@@ -38,6 +38,8 @@ pytestmark = pytest.mark.integration
 A_ID, B_ID, PORTAL_ID = "330000:gateway", "440000:gateway", "330000:one-stop-portal"
 PLATFORM_ID = "100000:national-platform"
 REFRESH_S = 0.3
+# Every party runs on loopback over http: allowed explicitly (gateway/outbound.py).
+LOOPBACK = {"allow_http": True, "allow_networks": ["127.0.0.0/8", "::1/128"]}
 RECORD = {
     "uscc": "91350100M000100Y43",
     "name": "广东模拟企业",
@@ -91,6 +93,7 @@ class Federation:
             },
             "store": {"path": str(self.tmp / "a.db")},
             "directory": block,
+            "outbound": LOOPBACK,
             "members": [
                 {
                     "id": PORTAL_ID,
@@ -114,6 +117,7 @@ class Federation:
             },
             "store": {"path": str(self.tmp / "b.db")},
             "directory": self.directory_block(["credit.query"]),
+            "outbound": LOOPBACK,
             "members": [],
             "services": [CREDIT],
             "adapters": [
