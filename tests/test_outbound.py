@@ -8,6 +8,8 @@ answer), a peer URL with a ``?`` in it, names that resolve to loopback. The URL 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -26,9 +28,18 @@ from multidict import CIMultiDict
 from adapters.base import AdapterContext, Exchange
 from adapters.peer import PeerGatewayAdapter
 from gateway.app import STORE
-from gateway.config import AdapterConfig
+from gateway.config import AdapterConfig, parse_config
+from gateway.directory import (
+    NATIONAL_ADAPTER,
+    Directory,
+    DirectoryKey,
+    Party,
+    Region,
+    ServiceOffer,
+    directory_layer,
+)
 from gateway.errors import ConfigError, OutboundRefused, UpstreamError
-from gateway.outbound import join
+from gateway.outbound import GuardedResolver, OutboundPolicy, join, learnt_session
 from gateway.registry import build_adapter
 from gateway.signing import RequestView, Signer
 from tests.conftest import (
@@ -40,6 +51,7 @@ from tests.conftest import (
     Harness,
     HarnessFactory,
     Keys,
+    config_document,
 )
 
 RECORD = {
@@ -336,5 +348,292 @@ async def test_a_peer_url_with_a_path_keeps_it(
     assert [p for _, p, _ in peer.hits] == ["/province/b/v1/exchange/credit.query"]
 
 
-# Placeholders used below ------------------------------------------------------------
-_ = (ipaddress, logging, socket, AbstractResolver, ResolveResult, OutboundRefused)
+# Learnt URLs: checked when learnt and at connect time -----------------------------------
+
+
+class FixedResolver(AbstractResolver):
+    """DNS as a test needs it: every name resolves to ``address`` (a rebinding server)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.asked: list[str] = []
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        self.asked.append(host)
+        return [
+            ResolveResult(
+                hostname=host, host=self.address, port=port, family=socket.AF_INET,
+                proto=0, flags=socket.AI_NUMERICHOST,
+            )
+        ]  # fmt: skip
+
+    async def close(self) -> None:
+        return None
+
+
+async def _send_learnt(
+    keys: Keys, policy: OutboundPolicy, url: str, resolver: AbstractResolver
+) -> None:
+    guarded_session = learnt_session(policy, resolver=resolver)
+    async with guarded_session as guarded, aiohttp.ClientSession() as plain:
+        context = AdapterContext(
+            member_id=GATEWAY_ID,
+            signer=Signer(keys.pairs["gateway"]),
+            session=plain,
+            learnt_session=guarded,
+        )
+        cfg = dataclasses.replace(_peer_config(url, keys), learnt=True)
+        await build_adapter(cfg, context).send(_exchange())
+
+
+async def test_a_learnt_name_that_resolves_to_loopback_is_never_connected_to(
+    keys: Keys, spies: Callable[[Handler | None], Awaitable[Spy]]
+) -> None:
+    """DNS rebinding: a learnt peer whose name resolves to 127.0.0.1 is refused at connect
+    time, although the name itself passed the policy; nothing reaches the server."""
+    peer = await spies(None)
+    port = peer.server.port
+    resolver = FixedResolver("127.0.0.1")
+    with pytest.raises(OutboundRefused, match=r"127\.0\.0\.1"):
+        await _send_learnt(
+            keys, OutboundPolicy(allow_http=True), f"http://peer.example:{port}", resolver
+        )
+    assert resolver.asked == ["peer.example"]
+    assert peer.hits == []
+
+
+async def test_a_learnt_name_in_an_allowed_network_is_connected_to(
+    keys: Keys, spies: Callable[[Handler | None], Awaitable[Spy]]
+) -> None:
+    """With loopback allowed by config, the same learnt name reaches the server."""
+    peer = await spies(None)
+    url = f"http://peer.example:{peer.server.port}"
+    with pytest.raises(UpstreamError, match="signature"):  # the spy signs nothing
+        await _send_learnt(keys, OutboundPolicy.loopback(), url, FixedResolver("127.0.0.1"))
+    assert [p for _, p, _ in peer.hits] == ["/v1/exchange/credit.query"]
+
+
+async def test_the_guarded_session_checks_literal_addresses_too(
+    keys: Keys, spies: Callable[[Handler | None], Awaitable[Spy]]
+) -> None:
+    """A literal 127.0.0.1 skips DNS; the guarded session's own check still refuses it."""
+    peer = await spies(None)
+    with pytest.raises(OutboundRefused, match="not a public address"):
+        await _send_learnt(
+            keys,
+            OutboundPolicy(allow_http=True),
+            peer.url("").rstrip("/"),
+            FixedResolver("8.8.8.8"),
+        )
+    assert peer.hits == []
+
+
+async def test_a_learnt_adapter_without_the_guarded_session_is_not_built(keys: Keys) -> None:
+    """A learnt adapter is never built on the unguarded session."""
+    async with aiohttp.ClientSession() as plain:
+        context = AdapterContext(
+            member_id=GATEWAY_ID, signer=Signer(keys.pairs["gateway"]), session=plain
+        )
+        cfg = dataclasses.replace(_peer_config("https://peer.example", keys), learnt=True)
+        with pytest.raises(ConfigError, match="guarded session"):
+            build_adapter(cfg, context)
+
+
+@pytest.mark.integration
+async def test_a_learnt_callback_url_on_loopback_is_refused_by_delivery(
+    make_harness: HarnessFactory, spies: Callable[[Handler | None], Awaitable[Spy]]
+) -> None:
+    """A member whose callback URL was learnt (no outbound allowance) never gets a
+    callback posted to loopback: the attempts fail with the policy's reason."""
+    member = await spies(None)
+
+    def edit(doc: dict[str, Any]) -> None:
+        doc["delivery"]["max_attempts"] = 2
+        doc["members"][0]["callback_url"] = member.url("/callbacks")
+        doc["members"][0]["learnt"] = True
+
+    h = await make_harness(edit)
+    await _apply(h)
+
+    async def dead() -> bool:
+        return any(d.kind == "callback" for d in await h.app[STORE].dead_letters())
+
+    await h.wait_for(dead)
+    assert member.hits == []
+    assert "is refused: only https" in await _dead_callback_error(h)
+
+
+def _party(member_id: str, url: str, keys: Keys, name: str) -> Party:
+    return Party(
+        member_id=member_id,
+        url=url,
+        keys=(DirectoryKey(jwk=keys.pairs[name].jwk),),
+        services=(ServiceOffer(code="credit.query"),),
+    )
+
+
+def _directory(keys: Keys, national_url: str, peer_url: str) -> Directory:
+    return Directory(
+        issuer="100000:national-platform",
+        version=1,
+        issued_at=0.0,
+        expires_at=1e12,
+        national=_party("100000:national-platform", national_url, keys, "national"),
+        regions=(Region(region="440000", gateway=_party(PEER_ID, peer_url, keys, "peer")),),
+        jws="",
+        kid="k",
+    )
+
+
+def _layer(d: Directory, policy: OutboundPolicy) -> dict[tuple[str, str], Any]:
+    changes = directory_layer(
+        d, own=GATEWAY_ID, services=["credit.query"], now=1.0, outbound=policy
+    )
+    return {(kind, rid): body for kind, rid, body in changes}
+
+
+def test_the_directory_layer_leaves_out_parties_the_policy_refuses(
+    keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """By default, http and loopback URLs from the directory make no member, adapter or
+    route; each refused entry is logged with its reason."""
+    d = _directory(keys, "http://127.0.0.1:9000", "https://10.1.2.3")
+    with caplog.at_level(logging.WARNING, logger="gateway.directory"):
+        layer = _layer(d, OutboundPolicy())
+    assert layer == {}
+    refused = [r for r in caplog.records if getattr(r, "event", "") == "directory_entry_refused"]
+    assert sorted(getattr(r, "member", "") for r in refused) == [
+        "100000:national-platform",
+        PEER_ID,
+    ]
+
+
+def test_the_directory_layer_marks_what_it_learnt(keys: Keys) -> None:
+    """Parties whose URLs pass the policy come in marked ``learnt``, with their routes."""
+    d = _directory(keys, "https://np.example.cn", "https://gd.example.cn/gateway")
+    layer = _layer(d, OutboundPolicy())
+    assert layer[("members", PEER_ID)]["learnt"] is True
+    assert layer[("members", "100000:national-platform")]["learnt"] is True
+    assert layer[("adapters", "directory-440000")]["learnt"] is True
+    assert layer[("adapters", NATIONAL_ADAPTER)]["learnt"] is True
+    assert layer[("routes", "credit.query|440000:*")]["adapter"] == "directory-440000"
+
+
+def test_a_refused_national_platform_takes_its_routes_along(keys: Keys) -> None:
+    """A national URL the policy refuses leaves no route pointing at a missing adapter."""
+    d = _directory(keys, "http://np.example.cn", "https://gd.example.cn")
+    layer = _layer(d, OutboundPolicy())
+    assert ("adapters", NATIONAL_ADAPTER) not in layer
+    assert all(b["adapter"] != NATIONAL_ADAPTER for (k, _), b in layer.items() if k == "routes")
+    assert ("members", PEER_ID) in layer
+
+
+# The policy itself -----------------------------------------------------------------------
+
+REFUSED_HOSTS = [
+    "127.0.0.1",  # loopback
+    "127.8.9.10",
+    "[::1]",
+    "10.0.0.1",  # private
+    "172.16.5.4",
+    "192.168.1.1",
+    "[fc00::1]",
+    "[fd12:3456::1]",
+    "169.254.169.254",  # link-local (cloud metadata)
+    "[fe80::1]",
+    "100.64.0.1",  # shared (carrier-grade NAT)
+    "0.0.0.0",  # unspecified
+    "[::]",
+    "224.0.0.1",  # multicast
+    "[ff02::1]",
+    "192.0.2.1",  # documentation
+    "255.255.255.255",
+    "[::ffff:127.0.0.1]",  # IPv4-mapped IPv6
+    "[::ffff:10.0.0.1]",
+    "[::ffff:169.254.169.254]",
+    "[2002:7f00:1::]",  # 6to4 around 127.0.0.1
+    "[64:ff9b::a00:1]",  # NAT64 around 10.0.0.1
+]
+
+
+@pytest.mark.parametrize("host", REFUSED_HOSTS)
+def test_non_public_addresses_are_refused(host: str) -> None:
+    """Loopback, private, link-local, shared, reserved, multicast (v4, v6, mapped) are refused."""
+    with pytest.raises(OutboundRefused, match="not a public address"):
+        OutboundPolicy().check_url(f"https://{host}/v1")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://8.8.8.8/", "https://[2001:4860:4860::8888]/", "https://[::ffff:8.8.8.8]/",
+     "https://gateway.gd.gov.cn/v1", "https://gateway.gd.gov.cn:8443"],
+)  # fmt: skip
+def test_public_https_urls_pass(url: str) -> None:
+    """Public addresses and names over https pass the default policy."""
+    assert str(OutboundPolicy().check_url(url)).startswith("https://")
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://gateway.gd.gov.cn", "only https"),
+        ("ftp://gateway.gd.gov.cn", "only https"),
+        ("https://user:pw@gateway.gd.gov.cn", "user information"),
+        ("https://gateway.gd.gov.cn/gw?x=", "query or a fragment"),
+        ("https://gateway.gd.gov.cn/gw?", "query or a fragment"),
+        ("https://gateway.gd.gov.cn/gw#", "query or a fragment"),
+        ("https:///nohost", "no host"),
+    ],
+)
+def test_urls_breaking_the_rules_are_refused(url: str, reason: str) -> None:
+    """Scheme, user info, query, fragment, host: each rule refuses with its reason."""
+    with pytest.raises(OutboundRefused, match=reason):
+        OutboundPolicy().check_url(url)
+
+
+def test_allowed_networks_and_http_are_explicit() -> None:
+    """``allow_http`` and ``allow_networks`` allow exactly what they name."""
+    policy = OutboundPolicy(allow_http=True, allow_networks=(ipaddress.ip_network("127.0.0.0/8"),))
+    assert policy.check_url("http://127.0.0.1:8080/v1").port == 8080
+    assert policy.check_url("http://[::ffff:127.0.0.1]/").host == "::ffff:7f00:1"
+    with pytest.raises(OutboundRefused):
+        policy.check_url("http://[::1]/")  # only the network named
+    with pytest.raises(OutboundRefused):
+        policy.check_url("http://10.0.0.1/")
+    assert OutboundPolicy.loopback().check_url("http://[::1]:1/").port == 1
+
+
+async def test_the_resolver_keeps_only_allowed_addresses() -> None:
+    """A name resolving to a private and a public address connects only to the public one;
+    one resolving only to private addresses is refused."""
+
+    class Two(AbstractResolver):
+        async def resolve(
+            self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+        ) -> list[ResolveResult]:
+            return [
+                ResolveResult(hostname=host, host=a, port=port, family=socket.AF_INET,
+                              proto=0, flags=0)
+                for a in ("10.0.0.7", "93.184.216.34")
+            ]  # fmt: skip
+
+        async def close(self) -> None:
+            return None
+
+    guarded = GuardedResolver(OutboundPolicy(), Two())
+    assert [r["host"] for r in await guarded.resolve("mixed.example", 443)] == ["93.184.216.34"]
+    with pytest.raises(OutboundRefused, match=r"10\.0\.0\.1"):
+        await GuardedResolver(OutboundPolicy(), FixedResolver("10.0.0.1")).resolve("x.example")
+
+
+def test_outbound_config_is_parsed_and_validated(keys: Keys, tmp_path: Any) -> None:
+    """The ``outbound`` block becomes the policy; a bad network is a config problem."""
+    doc = config_document(keys, store=tmp_path / "g.db", national_url="http://127.0.0.1:9")
+    assert parse_config(copy.deepcopy(doc), base=tmp_path).outbound == OutboundPolicy()
+    doc["outbound"] = {"allow_http": True, "allow_networks": ["127.0.0.0/8", "::1/128"]}
+    assert parse_config(copy.deepcopy(doc), base=tmp_path).outbound == OutboundPolicy.loopback()
+    doc["outbound"] = {"allow_networks": ["not-a-net"]}
+    with pytest.raises(ConfigError, match="/outbound/allow_networks"):
+        parse_config(copy.deepcopy(doc), base=tmp_path)
