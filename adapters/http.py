@@ -25,7 +25,7 @@ from yarl import URL
 from adapters.base import AdapterContext, Answer, Exchange, Health
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnbound
 from gateway.keys import VerificationKey
-from gateway.outbound import location_of
+from gateway.outbound import bound_to, location_of
 from gateway.signing import (
     RequestView,
     ResponseView,
@@ -34,9 +34,8 @@ from gateway.signing import (
     content_digest,
 )
 from gateway.signing import parse_signature_input as parse_sig
-from gateway.signing.fields import SignatureInput
 
-__all__ = ["BASE_URL_PATTERN", "HttpAdapter", "bound_to"]
+__all__ = ["BASE_URL_PATTERN", "HttpAdapter"]
 
 # A base URL that paths are joined onto: no query, no fragment (a "?" would move them).
 BASE_URL_PATTERN = r"^https?://[^?#]+$"
@@ -224,24 +223,3 @@ class HttpAdapter:
     async def aclose(self) -> None:
         # The session belongs to the core; nothing of our own to release.
         await asyncio.sleep(0)
-
-
-def bound_to(sig: SignatureInput, headers: CIMultiDict[str], request: RequestView) -> bool:
-    """Whether a verified answer's signature binds it to ``request``: it covers the
-    request's signature by its label (``"signature";req;key=…``), or the request's
-    message id (``"gw-message-id";req``, or the answer's ``gw-message-id`` when it
-    equals the request's)."""
-    try:
-        label = parse_sig(request.headers).label
-    except GatewayError:
-        label = None
-    ours = request.headers.get("Gw-Message-Id")
-    for name, params in sig.items:
-        if name == "signature" and params.get("req") is True and params.get("key") == label:
-            return label is not None
-        if name == "gw-message-id" and ours:
-            if params.get("req") is True:
-                return True
-            if not params and headers.get("Gw-Message-Id") == ours:
-                return True
-    return False

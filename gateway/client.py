@@ -10,8 +10,11 @@ from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
+from gateway.errors import UpstreamUnbound
 from gateway.keys import VerificationKey
+from gateway.outbound import bound_to
 from gateway.signing import (
     RequestView,
     ResponseView,
@@ -36,7 +39,7 @@ class Reply:
 
 
 def verify_reply(reply: Reply, keys: Mapping[str, VerificationKey]) -> str:
-    """Check the gateway's signature on a reply (bound to our request); return its kid."""
+    """Check the gateway's signature on a reply, bound to our request; return its kid."""
     sig = parse_signature_input(reply.headers)
     key = keys[sig.keyid]
     Verifier().verify(
@@ -46,6 +49,8 @@ def verify_reply(reply: Reply, keys: Mapping[str, VerificationKey]) -> str:
         required=("@status", "content-digest", "content-type"),
     )
     check_content_digest(reply.headers["Content-Digest"], reply.body)
+    if not bound_to(sig, reply.headers, reply.request):
+        raise UpstreamUnbound("the reply is not bound to our request")
     return key.kid
 
 
@@ -58,7 +63,20 @@ class ExchangeClient:
         self.member_id = member_id
         self.signer = signer
         self.base_url = base_url.rstrip("/")
+        self._base = URL(self.base_url)
         self.session = session
+
+    def url_for(self, path: str) -> str:
+        """``path`` (with its query, if any) joined onto the base URL by yarl: a ``?`` or
+        ``#`` in a path never moves what follows into the query."""
+        relative = URL(path)
+        if relative.is_absolute():
+            raise ValueError(f"{path} is not a path")
+        url = self._base
+        for segment in relative.path.strip("/").split("/"):
+            if segment:
+                url = url / segment
+        return str(url.with_query(relative.query) if relative.query_string else url)
 
     def prepare(
         self,
@@ -70,7 +88,7 @@ class ExchangeClient:
         headers: Mapping[str, str] | None = None,
         body: bytes | None = None,
     ) -> tuple[str, CIMultiDict[str], bytes]:
-        url = self.base_url + path
+        url = self.url_for(path)
         h: CIMultiDict[str] = CIMultiDict(headers or {})
         h.setdefault("Gw-Client", self.member_id)
         if method == "GET":
@@ -96,8 +114,14 @@ class ExchangeClient:
         **kwargs: Any,
     ) -> Reply:
         url, headers, data = self.prepare(method, path, document, **kwargs)
+        # A redirect is answered as it came: following it would re-send a signed request
+        # to a place nobody chose.
         async with self.session.request(
-            method, url, data=data if method != "GET" else None, headers=headers
+            method,
+            url,
+            data=data if method != "GET" else None,
+            headers=headers,
+            allow_redirects=False,
         ) as resp:
             body = await resp.read()
             return Reply(resp.status, resp.headers, body, RequestView(method, url, headers))

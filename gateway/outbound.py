@@ -16,6 +16,10 @@ twice:
   (or later rebinds) to ``127.0.0.1`` is never connected to, and a client middleware
   checks each request's URL again.
 
+What comes back is bound to what we sent (``bound_to``): a signed answer covers the
+request's signature (``"signature";req``) or its message id, else it could be any
+other request's answer, replayed (``upstream_unbound``).
+
 Redirects are never followed by the gateway's own requests (every call passes
 ``allow_redirects=False``; a 3xx is a failed attempt, logged with its ``Location``).
 URLs are joined with yarl (``join``), never by string concatenation.
@@ -34,7 +38,9 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
-from gateway.errors import OutboundRefused
+from gateway.errors import GatewayError, OutboundRefused
+from gateway.signing import RequestView, SignatureInput, parse_signature_input
+from gateway.signing.fields import Headers
 
 __all__ = [
     "LOOPBACK_NETWORKS",
@@ -43,6 +49,7 @@ __all__ = [
     "IPNetwork",
     "OutboundPolicy",
     "OutboundRefused",
+    "bound_to",
     "configured_session",
     "join",
     "learnt_session",
@@ -219,3 +226,24 @@ def location_of(headers: Any, limit: int = 200) -> str:
 def networks(values: Iterable[str] | Sequence[str]) -> tuple[IPNetwork, ...]:
     """Parse CIDR strings (``ValueError`` names the bad one)."""
     return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+
+
+def bound_to(sig: SignatureInput, headers: Headers, request: RequestView) -> bool:
+    """Whether a verified answer's signature binds it to ``request``: it covers the
+    request's signature by its label (``"signature";req;key=…``), or the request's
+    message id (``"gw-message-id";req``, or the answer's ``gw-message-id`` when it
+    equals the request's)."""
+    try:
+        label: str | None = parse_signature_input(request.headers).label
+    except GatewayError:
+        label = None
+    ours = request.headers.get("Gw-Message-Id")
+    for name, params in sig.items:
+        if name == "signature" and params.get("req") is True and params.get("key") == label:
+            return label is not None
+        if name == "gw-message-id" and ours:
+            if params.get("req") is True:
+                return True
+            if not params and headers.get("Gw-Message-Id") == ours:
+                return True
+    return False

@@ -43,6 +43,7 @@ from multidict import CIMultiDict
 from gateway.directory import Publisher, etag_of
 from gateway.errors import DirectoryRefused, GatewayError
 from gateway.keys import KeyPair, VerificationKey
+from gateway.outbound import join, location_of
 from gateway.signing import Signer, Verifier
 from simulators.common import note, problem, signed_json, verify_request
 
@@ -324,11 +325,16 @@ async def _post_until_taken(
     for attempt in range(30):
         headers = _signed_headers(sim, url, body, extra)
         try:
-            async with app[SESSION].post(url, data=body, headers=headers) as resp:
+            # Never follow a redirect: it would re-post the signed body where nobody
+            # registered (a 3xx is a refusal, as a real platform would take it).
+            async with app[SESSION].post(
+                url, data=body, headers=headers, allow_redirects=False
+            ) as resp:
                 await resp.read()
                 if resp.status < 500:
                     if resp.status >= 300:
-                        log.warning("%s refused: %s", what, resp.status)
+                        log.warning("%s refused: %s (Location %s)", what, resp.status,
+                                    location_of(resp.headers))  # fmt: skip
                     return resp.status
         except (aiohttp.ClientError, TimeoutError):
             pass
@@ -366,7 +372,7 @@ async def _call_back(
     sim = app[NATIONAL]
     await asyncio.sleep(sim.callback_delay_s if delay is None else delay)
     body = json.dumps(decision, ensure_ascii=False).encode()
-    url = f"{target.rstrip('/')}/v1/callbacks/{service}"
+    url = join(target, "v1", "callbacks", service)
     extra = {
         "Gw-Client": sim.member_id,
         "Gw-Message-Id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"decision:{message_id}")),

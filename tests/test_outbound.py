@@ -8,6 +8,7 @@ answer), a peer URL with a ``?`` in it, names that resolve to loopback. The URL 
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import ipaddress
@@ -28,6 +29,7 @@ from multidict import CIMultiDict
 from adapters.base import AdapterContext, Exchange
 from adapters.peer import PeerGatewayAdapter
 from gateway.app import STORE
+from gateway.client import ExchangeClient, Reply, verify_reply
 from gateway.config import AdapterConfig, parse_config
 from gateway.directory import (
     NATIONAL_ADAPTER,
@@ -38,14 +40,16 @@ from gateway.directory import (
     ServiceOffer,
     directory_layer,
 )
-from gateway.errors import ConfigError, OutboundRefused, UpstreamError
+from gateway.errors import ConfigError, GatewayError, OutboundRefused, UpstreamError
 from gateway.outbound import GuardedResolver, OutboundPolicy, join, learnt_session
 from gateway.registry import build_adapter
 from gateway.signing import RequestView, Signer
+from simulators.national import NationalPlatform, create_national_app
 from tests.conftest import (
     APPLY_EXAMPLE,
     CREDIT_EXAMPLE,
     GATEWAY_ID,
+    NATIONAL_ID,
     PEER_ID,
     PORTAL_ID,
     Harness,
@@ -637,3 +641,98 @@ def test_outbound_config_is_parsed_and_validated(keys: Keys, tmp_path: Any) -> N
     doc["outbound"] = {"allow_networks": ["not-a-net"]}
     with pytest.raises(ConfigError, match="/outbound/allow_networks"):
         parse_config(copy.deepcopy(doc), base=tmp_path)
+
+
+# The member-side client (gateway/client.py) ----------------------------------------------
+
+
+async def test_the_exchange_client_joins_paths_and_keeps_queries(
+    keys: Keys, spies: Callable[[Handler | None], Awaitable[Spy]]
+) -> None:
+    """A base URL's path stays in front; a query in the path stays a query."""
+    server = await spies(None)
+    async with aiohttp.ClientSession() as session:
+        client = ExchangeClient(
+            member_id=PORTAL_ID,
+            signer=Signer(keys.pairs["portal"]),
+            base_url=server.url("/gw/"),
+            session=session,
+        )
+        assert client.url_for("/v1/messages/abc") == server.url("/gw/v1/messages/abc")
+        await client.request("GET", "/v1/monitoring/records?service=credit.query")
+    assert [p for _, p, _ in server.hits] == ["/gw/v1/monitoring/records?service=credit.query"]
+
+
+async def test_the_exchange_client_does_not_follow_redirects(
+    keys: Keys, spies: Callable[[Handler | None], Awaitable[Spy]]
+) -> None:
+    """A gateway answering 307 gets the 307 back; the signed request goes nowhere else."""
+    elsewhere = await spies(None)
+
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPTemporaryRedirect(elsewhere.url("/steal"))
+
+    gateway = await spies(redirect)
+    async with aiohttp.ClientSession() as session:
+        client = ExchangeClient(
+            member_id=PORTAL_ID,
+            signer=Signer(keys.pairs["portal"]),
+            base_url=gateway.url(""),
+            session=session,
+        )
+        reply = await client.exchange("credit.query", CREDIT_EXAMPLE)
+    assert reply.status == 307
+    assert elsewhere.hits == []
+
+
+async def test_verify_reply_requires_the_binding(harness: Harness) -> None:
+    """The gateway's replies pass verify_reply; the same reply taken for another request
+    (a replay) does not."""
+    gateway_keys = harness.keys.verification("gateway")
+    client = harness.client("portal")
+    first = await client.exchange("credit.query", CREDIT_EXAMPLE)
+    second = await client.exchange("credit.query", CREDIT_EXAMPLE)
+    assert verify_reply(first, gateway_keys) == harness.keys.pairs["gateway"].kid
+    swapped = Reply(first.status, first.headers, first.body, second.request)
+    with pytest.raises(GatewayError):
+        verify_reply(swapped, gateway_keys)
+
+
+async def test_the_simulator_does_not_follow_a_redirecting_gateway(
+    keys: Keys, spies: Callable[[Handler | None], Awaitable[Spy]]
+) -> None:
+    """The national simulator's callback to a gateway answering 307 is not re-posted."""
+    elsewhere = await spies(None)
+
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPTemporaryRedirect(elsewhere.url("/steal"))
+
+    gateway = await spies(redirect)
+    sim = NationalPlatform(
+        member_id=NATIONAL_ID,
+        keypair=keys.pairs["national"],
+        trusted=keys.verification("gateway"),
+        callback_base=gateway.url("/gw"),
+        callback_delay_s=0,
+    )
+    server = TestServer(create_national_app(sim))
+    await server.start_server()
+    try:
+        client = ExchangeClient(
+            member_id=PORTAL_ID,
+            signer=Signer(keys.pairs["gateway"]),
+            base_url=str(server.make_url("")),
+            session=aiohttp.ClientSession(),
+        )
+        async with client.session:
+            reply = await client.request("POST", "/api/exchange/supervision.report", {"r": 1})
+            assert reply.status == 202, reply.body
+
+            for _ in range(100):
+                if gateway.hits:
+                    break
+                await asyncio.sleep(0.02)
+    finally:
+        await server.close()
+    assert [p for _, p, _ in gateway.hits][:1] == ["/gw/v1/callbacks/supervision.report"]
+    assert elsewhere.hits == []
