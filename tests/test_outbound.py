@@ -207,6 +207,26 @@ async def test_a_redirecting_upstream_is_an_upstream_error_with_its_location(
     assert elsewhere.hits == []
 
 
+async def test_a_redirecting_health_check_is_unhealthy(
+    keys: Keys, spies: Callable[[Handler | None], Awaitable[Spy]]
+) -> None:
+    """A health URL answering 302 reports the 302 and is not followed."""
+    elsewhere = await spies(None)
+
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound(elsewhere.url("/health"))
+
+    upstream = await spies(redirect)
+    async with aiohttp.ClientSession() as session:
+        context = AdapterContext(
+            member_id=GATEWAY_ID, signer=Signer(keys.pairs["gateway"]), session=session
+        )
+        cfg = _peer_config(upstream.url("/b"), keys)
+        health = await build_adapter(cfg, context).health()
+    assert (health.healthy, health.detail) == (False, "HTTP 302")
+    assert elsewhere.hits == []
+
+
 # Answers are bound to their request ------------------------------------------------
 
 
