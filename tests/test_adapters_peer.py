@@ -160,6 +160,7 @@ async def test_unbound_answer_from_a_peer_is_refused(
             "credit.query", CREDIT_EXAMPLE, headers={"Gw-Target": PEER_ID}
         )
         assert reply.status == 502
+        assert reply.json()["code"] == "upstream_unbound"
         assert "not bound" in reply.json()["detail"]
     finally:
         await server.close()
