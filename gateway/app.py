@@ -269,6 +269,7 @@ def create_app(
         runtime=holder,
     )
     metrics = app[METRICS] = Metrics()
+    metrics.set_signing_key(keypair.kid, keypair.expires_at)
     app[TRACING] = tracing if tracing is not None else create_tracing(config.tracing)
     readiness = app[READINESS] = Readiness(
         store=store,

@@ -227,8 +227,8 @@ class HardwareKey:
     def sign(self, data: bytes) -> bytes:
         """The signature over ``data``, as RFC 9421 and JWS carry it."""
 
-        # One operation at a time per session (PKCS#11); the checkpoint signer and the
-        # request path may sign from different threads.
+        # python-pkcs11 runs one operation at a time per session; this lock guards the
+        # session itself, reopened after a failure, as threads may sign at once.
         with self._lock:
             try:
                 key = self._private()
