@@ -166,7 +166,7 @@ def token_keys(token: Token, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     """One key of each kind made in the token by `gateway keygen --pkcs11`; their JWKs."""
     directory = tmp_path_factory.mktemp("token-jwks")
     made = {}
-    for kind in ("ed25519", "ecdsa-p256"):
+    for kind in ("ed25519", "ecdsa-p256", "rsa-pss"):
         jwk = directory / f"{kind}.jwk.json"
         args = ["keygen", "--pkcs11", token.uri(f"gw-{kind}"), "--alg", kind, "--jwk", str(jwk)]
         assert main(args) == 0
@@ -331,11 +331,11 @@ def test_a_wrong_pin_is_refused_without_showing_it(token: Token, tmp_path: Path)
 # The token signs what independent verifiers accept --------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["ed25519", "ecdsa-p256"])
+@pytest.mark.parametrize("kind", ["ed25519", "ecdsa-p256", "rsa-pss"])
 def test_a_token_key_signs_requests_the_reference_library_verifies(
     token: Token, token_keys: dict[str, Path], kind: str
 ) -> None:
-    """Ed25519 and P-256 in the token: our signer's signatures verify under the
+    """Ed25519, P-256 and RSA-PSS in the token: our signer's signatures verify under the
     reference library with the public key pkcs11-tool read."""
     pair = load_key(token.uri(f"gw-{kind}"), token_keys[kind])
     headers: CIMultiDict[str] = CIMultiDict(
@@ -344,7 +344,9 @@ def test_a_token_key_signs_requests_the_reference_library_verifies(
     url = "http://127.0.0.1/v1/exchange/credit.query"
     Signer(pair).sign_request("POST", url, headers, b"{}")
     public = token.public_key(f"gw-{kind}")
-    algorithm = "ed25519" if kind == "ed25519" else "ecdsa-p256-sha256"
+    algorithm = {"ed25519": "ed25519", "ecdsa-p256": "ecdsa-p256-sha256"}.get(
+        kind, "rsa-pss-sha512"
+    )
 
     @dataclass
     class Request:
@@ -393,6 +395,18 @@ async def test_several_threads_sign_with_one_token_key_at_once(
     public = token.public_key("gw-ed25519")
     for signature in (s for batch in results for s in batch):
         public.verify(signature, b"x")
+
+
+def test_keys_rotate_refuses_a_token_key(
+    token: Token, token_keys: dict[str, Path], keys: Keys, tmp_path: Path
+) -> None:
+    """Rotation writes PEMs: with the key in a token it refuses and says what to do."""
+    doc = config_document(keys, store=tmp_path / "gw.db", national_url="http://127.0.0.1:9")
+    doc["gateway"]["key"] = token.uri("gw-ed25519")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    assert main(["keys", "rotate", "--config", str(config)]) == 1
+    assert not list(tmp_path.glob("*.pem"))
 
 
 # A real `gateway serve` whose key is in SoftHSM2 -----------------------------------------

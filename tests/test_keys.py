@@ -411,6 +411,15 @@ def test_a_jwk_exp_is_the_keys_expiry_and_the_config_overrides_it(
         parse_config(doc, base=tmp_path)
 
 
+def test_keygen_expires_days_writes_the_jwk_exp_the_gateway_reads(tmp_path: Path) -> None:
+    """keygen --expires-days N: the public JWK carries exp, and the loaded key expires then."""
+    pem = tmp_path / "k.pem"
+    assert main(["keygen", "--out", str(pem), "--expires-days", "10"]) == 0
+    pair = load_keypair(pem, jwk_path_for(pem))
+    assert pair.expires_at is not None
+    assert abs(pair.expires_at - (time.time() + 10 * 86400)) < 60
+
+
 def test_the_expiry_warning_starts_fourteen_days_before(keys: Keys) -> None:
     """No word 15 days out; days left inside 14; 'expired' after; none without an expiry."""
     now = 1_800_000_000.0
