@@ -36,7 +36,7 @@ from pkcs11.util.ec import encode_named_curve_parameters
 from gateway.cli import main
 from gateway.client import ExchangeClient, Reply, verify_reply
 from gateway.config import parse_config
-from gateway.directory import read_directory, sign_directory
+from gateway.directory import Publisher, read_directory, sign_directory
 from gateway.errors import ConfigError
 from gateway.hsm import HardwareKey, Pkcs11Uri
 from gateway.keys import KeyPair, VerificationKey, load_key, private_pem, public_to_jwk
@@ -363,14 +363,17 @@ def test_a_token_key_signs_requests_the_reference_library_verifies(
 def test_a_directory_signed_with_a_token_key_verifies(
     token: Token, token_keys: dict[str, Path], tmp_path: Path
 ) -> None:
-    """`gateway directory sign --key pkcs11:…` and the Publisher's sign_directory: both
-    verify against the token key's public JWK."""
+    """sign_directory, the national Publisher and `gateway directory sign --key pkcs11:…`
+    with a token key: each directory verifies against that key's public JWK."""
     from tests.test_directory import payload
 
     pair = load_key(token.uri("gw-ecdsa-p256"), token_keys["ecdsa-p256"])
     pairs = dict.fromkeys(("a", "b", "b2", "other"), pair)
     doc = payload(pairs)
     assert read_directory(sign_directory(pair, doc), [dict(pair.jwk)]).version == doc["version"]
+    publisher = Publisher(keypair=pair, national=doc["national"], validity_s=600)
+    publisher.register("440000", doc["regions"][1]["gateway"])
+    assert read_directory(publisher.current(), [dict(pair.jwk)]).kid == pair.kid
     source, out = tmp_path / "payload.json", tmp_path / "directory.jws"
     source.write_text(json.dumps(doc), encoding="utf-8")
     key_uri = token.uri("gw-ed25519")
