@@ -167,7 +167,6 @@ def _library(module_path: str) -> Any:
 
 
 def _token(uri: Pkcs11Uri) -> Any:
-
     lib = _library(uri.module_path)
     try:
         tokens = [
@@ -176,7 +175,7 @@ def _token(uri: Pkcs11Uri) -> Any:
             if uri.slot_id is None or slot.slot_id == uri.slot_id
         ]
     except pkcs11.PKCS11Error as exc:
-        raise ConfigError([f"{uri.text}: cannot list the module's tokens ({exc!r})"]) from exc
+        raise ConfigError([f"{_shown(uri)}: cannot list the module's tokens ({exc!r})"]) from exc
     found = [
         t
         for t in tokens
@@ -226,7 +225,6 @@ class HardwareKey:
 
     def sign(self, data: bytes) -> bytes:
         """The signature over ``data``, as RFC 9421 and JWS carry it."""
-
         # python-pkcs11 runs one operation at a time per session; this lock guards the
         # session itself, reopened after a failure, as threads may sign at once.
         with self._lock:
@@ -244,9 +242,8 @@ class HardwareKey:
                         mechanism_param=(Mechanism.SHA512, MGF.SHA512, 64),
                     )
                 )
-            except pkcs11.PKCS11Error as exc:
+            except (pkcs11.PKCS11Error, ConfigError) as exc:
                 self._session = None  # a lost session is opened again on the next call
-
                 raise InternalError(f"the token did not sign ({type(exc).__name__})") from exc
 
     def _private(self) -> Any:

@@ -37,7 +37,7 @@ from gateway.cli import main
 from gateway.client import ExchangeClient, Reply, verify_reply
 from gateway.config import parse_config
 from gateway.directory import Publisher, read_directory, sign_directory
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, InternalError
 from gateway.hsm import HardwareKey, Pkcs11Uri
 from gateway.keys import KeyPair, VerificationKey, load_key, private_pem, public_to_jwk
 from gateway.signing import Signer
@@ -514,3 +514,20 @@ async def test_a_gateway_serve_with_its_key_in_softhsm_signs_what_others_verify(
             ready = await resp.json()
         assert resp.status == 200, ready
     assert isinstance(served.public, ec.EllipticCurvePublicKey)
+
+
+def test_a_lost_token_session_fails_one_signature_and_is_opened_again(
+    token: Token, token_keys: dict[str, Path]
+) -> None:
+    """The token dropped our session (a restarted HSM): that signature is an `internal`
+    GatewayError, never a crash, and the next one opens a new session and signs."""
+    pair = load_key(token.uri("gw-ed25519"), token_keys["ed25519"])
+    key = pair.private
+    assert isinstance(key, HardwareKey)
+    key.sign(b"before")
+    held = key._session
+    assert held is not None
+    held[1].close()  # the handle the key holds is gone, as after an HSM restart
+    with pytest.raises(InternalError, match="the token did not sign"):
+        key.sign(b"lost")
+    token.public_key("gw-ed25519").verify(key.sign(b"after"), b"after")
