@@ -109,6 +109,34 @@ def ensure_openssl() -> None:
         _apt_install("openssl")
 
 
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+def ensure_softhsm() -> None:
+    """The PKCS#11 tests make a SoftHSM2 token of their own (tests/test_hsm.py) and read it
+    with OpenSC's pkcs11-tool as an independent party: install both when missing and we
+    may (root, Debian), else say how."""
+    wanted = [
+        package
+        for package, present in (
+            ("softhsm2", Path(SOFTHSM_MODULE).exists() and shutil.which("softhsm2-util")),
+            ("opensc", shutil.which("pkcs11-tool")),
+        )
+        if not present
+    ]
+    if not wanted:
+        return
+    if os.name == "posix" and os.geteuid() == 0 and shutil.which("apt-get"):
+        for package in wanted:
+            _apt_install(package)
+        return
+    print(
+        f"{' and '.join(wanted)} not installed, so the PKCS#11 tests will skip (under CI=true "
+        f"they fail): install with `sudo apt-get install {' '.join(wanted)}`.",
+        flush=True,
+    )
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"run", "test"}:
         print(__doc__)
@@ -122,6 +150,7 @@ def main(argv: list[str]) -> int:
             return 0
     ensure_postgres()
     ensure_openssl()
+    ensure_softhsm()
     steps: list[list[str | Path]]
     if "--fast" in argv[1:]:
         # No mypy and no coverage: the whole `test` stays the gate (tests/conftest.py).

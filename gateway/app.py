@@ -23,7 +23,7 @@ from gateway.errors import (
 )
 from gateway.federation import DirectoryFollower, announce, announcement_of
 from gateway.health import Readiness
-from gateway.keys import KeyPair, jwks_keys, load_keypair, load_rotated_keys, read_passphrase
+from gateway.keys import KeyPair, jwks_keys, load_gateway_keypair, load_rotated_keys
 from gateway.limits import IN_FLIGHT, InFlight, handler_args, limits_middleware
 from gateway.live import LiveConfig
 from gateway.metrics import Metrics
@@ -253,8 +253,7 @@ def create_app(
     app[CONFIG] = config
     app[IN_FLIGHT] = in_flight
     gw = config.gateway
-    passphrase = read_passphrase(gw.key_passphrase_env, gw.key_passphrase_file)
-    keypair = load_keypair(gw.key_path, gw.jwk_path, passphrase=passphrase)
+    keypair = load_gateway_keypair(gw)
     app[KEYPAIR] = keypair
     if config.ingress.tls is not None:
         app[TLS_CONTEXT] = server_context(config.ingress.tls)
@@ -272,6 +271,7 @@ def create_app(
         runtime=holder,
     )
     metrics = app[METRICS] = Metrics()
+    metrics.set_signing_key(keypair.kid, keypair.expires_at)
     app[TRACING] = tracing if tracing is not None else create_tracing(config.tracing)
     readiness = app[READINESS] = Readiness(
         store=store,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import jsonschema
 import yaml
 
 from gateway.errors import ConfigError
+from gateway.hsm import Pkcs11Uri, is_pkcs11_uri
 from gateway.outbound import OutboundPolicy, networks
 
 __all__ = [
@@ -76,13 +78,16 @@ class Listen:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GatewayIdentity:
     member_id: str
-    key_path: Path
+    # ``gateway.key`` is a PEM path (key_path) or a PKCS#11 URI (key_uri), never both.
+    key_path: Path | None
     jwk_path: Path
     public_url: str | None = None
     previous_keys: tuple[Mapping[str, Any], ...] = ()
     # Where the private key's passphrase comes from when the PEM is encrypted.
     key_passphrase_env: str | None = None
     key_passphrase_file: Path | None = None
+    key_uri: Pkcs11Uri | None = None
+    key_expires_at: float | None = None  # Unix time; else the public JWK's ``exp``, if any
 
     @property
     def region(self) -> str:
@@ -90,10 +95,10 @@ class GatewayIdentity:
 
     @property
     def rotated_keys_path(self) -> Path:
-        """Public JWKs retired by ``gateway keys rotate``, each with its ``exp``."""
-        return self.key_path.with_name(
-            self.key_path.name.removesuffix(".pem") + ".previous.jwks.json"
-        )
+        """Public JWKs retired by ``gateway keys rotate``, each with its ``exp``
+        (``keys/gateway.jwk.json`` → ``keys/gateway.previous.jwks.json``)."""
+        name = self.jwk_path.name.removesuffix(".json").removesuffix(".jwk")
+        return self.jwk_path.with_name(name + ".previous.jwks.json")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -289,6 +294,20 @@ def with_listeners(
     return dataclasses.replace(config, raw=raw, **changes) if changes else config
 
 
+def _instant(value: str | None, where: str, r: _Reader) -> float | None:
+    """An RFC 3339 date-time with its offset, as Unix time."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        r.problems.append(f"{where}: {value!r} is not an RFC 3339 date-time with an offset")
+        return None
+    return parsed.timestamp()
+
+
 def jwk_path_for(pem_path: Path) -> Path:
     """``keys/gateway.pem`` → ``keys/gateway.jwk.json``."""
     return pem_path.with_name(pem_path.name.removesuffix(".pem") + ".jwk.json")
@@ -363,7 +382,17 @@ def parse_config(data: Any, *, base: Path, path: Path | None = None) -> Config:
 
 def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
     gw = data["gateway"]
-    key_path = r.path(gw["key"])
+    key_uri, key_path = None, None
+    if is_pkcs11_uri(gw["key"]):
+        try:
+            key_uri = Pkcs11Uri.parse(gw["key"], r.base)
+        except ConfigError as exc:
+            r.problems.extend(f"/gateway/key: {problem}" for problem in exc.problems)
+        name = key_uri.object if key_uri is not None and key_uri.object else "gateway"
+        jwk_path = r.path(gw.get("public_jwk", f"keys/{name}.jwk.json"))
+    else:
+        key_path = r.path(gw["key"])
+        jwk_path = r.path(gw["public_jwk"]) if "public_jwk" in gw else jwk_path_for(key_path)
     listen = data.get("listen", {})
     members = tuple(
         MemberConfig(
@@ -427,7 +456,9 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
         gateway=GatewayIdentity(
             member_id=gw["member_id"],
             key_path=key_path,
-            jwk_path=jwk_path_for(key_path),
+            jwk_path=jwk_path,
+            key_uri=key_uri,
+            key_expires_at=_instant(gw.get("key_expires_at"), "/gateway/key_expires_at", r),
             public_url=gw.get("public_url"),
             previous_keys=tuple(
                 k

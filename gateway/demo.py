@@ -369,6 +369,7 @@ async def _run(workdir: Path, verbose: bool, crypto: Crypto) -> DemoReport:
             # B rotates its key mid-demo, as `gateway keys rotate` does, and restarts on it.
             b_conf = parse_config(_policy(_b_config(t), t), base=workdir)
             gw = b_conf.gateway
+            assert gw.key_path is not None  # the demo's keys are PEM files
             rotated_at = time.monotonic()
             old, new, _ = rotate_keypair(
                 gw.key_path, gw.jwk_path, gw.rotated_keys_path, grace_s=3600

@@ -18,7 +18,9 @@ reasons when any of these fails:
 The answer also carries ``directory`` (version, issued/expiry times, age, ``stale``, the
 last refusal) and ``warnings``: a directory past its ``expires_at`` is served from, and
 said to be stale here, but does not make the process unready (the national platform
-being down must not take every province's gateway out of rotation).
+being down must not take every province's gateway out of rotation). A signing key that
+expires within 14 days (or has expired) is a warning too, never a reason: a province
+must not drop out of rotation because its operator is late with a rotation.
 
 An adapter whose outage should not take the gateway out of rotation (asynchronous
 services queue in the outbox meanwhile) is configured with ``readiness: false``.
@@ -37,7 +39,7 @@ from multidict import CIMultiDict
 
 from adapters.base import Adapter, Health
 from gateway.errors import GatewayError
-from gateway.keys import KeyPair, VerificationKey
+from gateway.keys import KeyPair, VerificationKey, expiry_warning
 from gateway.signing import RequestView, Signer, Verifier, parse_signature_input
 from gateway.store import Store
 
@@ -155,11 +157,18 @@ class Readiness:
             "status": "not ready" if reasons else "ready",
             "reasons": reasons,
         }
+        warnings = self.warnings()
         follower = self.directory()
         if follower is not None:
             body["directory"] = follower.status()
-            body["warnings"] = follower.warnings()
+            warnings += follower.warnings()
+        body["warnings"] = warnings
         return web.json_response(body, status=503 if reasons else 200)
+
+    def warnings(self) -> list[str]:
+        """What an operator should act on that does not make the process unready."""
+        key = expiry_warning(self.keypair, time.time())
+        return [key] if key is not None else []
 
 
 def _check_keypair(keypair: KeyPair) -> str | None:

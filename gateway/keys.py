@@ -3,11 +3,18 @@
 A key's RFC 9421 algorithm follows from its type (no algorithm confusion): Ed25519 →
 ``ed25519``, EC P-256 → ``ecdsa-p256-sha256``, RSA → ``rsa-pss-sha512``, SM2 →
 ``sm2-sm3``, a shared secret (JWK ``oct``) → ``hmac-sha256``. SM2 keys are
-``gateway.sm2`` objects (``cryptography`` has no SM2); the others are ``cryptography``'s.
+``gateway.sm2`` objects (``cryptography`` has no SM2); a key in a PKCS#11 token is a
+``gateway.hsm.HardwareKey`` (named by a ``pkcs11:`` URI where a PEM path would be); the
+others are ``cryptography``'s.
+
+A signing key may carry an expiry (``KeyPair.expires_at``: the config's
+``gateway.key_expires_at``, else the ``exp`` of its public JWK file): ``expiry_warning``
+words what ``/readyz`` and the console say inside ``EXPIRY_WARNING_S`` of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -17,7 +24,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -25,10 +32,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from gateway.encoding import b64u, unb64u
 from gateway.errors import ConfigError
+from gateway.hsm import HardwareKey, Pkcs11Uri, is_pkcs11_uri, open_key
 from gateway.sm2 import Sm2PrivateKey, Sm2PublicKey, Sm2Unavailable
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayIdentity
 
 __all__ = [
     "ALGORITHMS",
+    "EXPIRY_WARNING_S",
     "KEY_TYPES",
     "KeyPair",
     "PrivateKey",
@@ -37,11 +49,14 @@ __all__ = [
     "algorithm_for",
     "check_private_file",
     "ensure_keypair",
+    "expiry_warning",
     "generate",
     "jose_alg",
     "jwk_thumbprint",
     "jwks_keys",
     "kind_of",
+    "load_gateway_keypair",
+    "load_key",
     "load_keypair",
     "load_rotated_keys",
     "private_pem",
@@ -56,7 +71,11 @@ __all__ = [
 KeyType = Literal["ed25519", "ecdsa-p256", "rsa-pss", "sm2"]
 KEY_TYPES: tuple[KeyType, ...] = ("ed25519", "ecdsa-p256", "rsa-pss", "sm2")
 PrivateKey = (
-    ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | Sm2PrivateKey
+    ed25519.Ed25519PrivateKey
+    | ec.EllipticCurvePrivateKey
+    | rsa.RSAPrivateKey
+    | Sm2PrivateKey
+    | HardwareKey
 )
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey | Sm2PublicKey
 ALGORITHMS = ("ed25519", "ecdsa-p256-sha256", "rsa-pss-sha512", "sm2-sm3", "hmac-sha256")
@@ -79,6 +98,8 @@ def algorithm_for(key: PublicKey | PrivateKey | bytes) -> str:
     """The RFC 9421 algorithm a key must be used with."""
     if isinstance(key, bytes):
         return "hmac-sha256"
+    if isinstance(key, HardwareKey):
+        return key.algorithm
     if isinstance(key, Sm2PrivateKey | Sm2PublicKey):
         return "sm2-sm3"
     if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
@@ -214,16 +235,19 @@ class VerificationKey:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KeyPair:
-    """A signing key with its public JWK."""
+    """A signing key with its public JWK (and, when it has one, its expiry)."""
 
     kid: str
     algorithm: str
     private: PrivateKey
-    jwk: Mapping[str, str]
+    jwk: Mapping[str, Any]
+    expires_at: float | None = None  # Unix time
 
 
 def private_pem(key: PrivateKey, passphrase: bytes | None = None) -> bytes:
     """PKCS#8 PEM, encrypted with ``passphrase`` when given (SM2: as OpenSSL writes it)."""
+    if isinstance(key, HardwareKey):
+        raise ConfigError([f"{key.uri.text.split('?')[0]}: a token's key never leaves it"])
     if isinstance(key, Sm2PrivateKey):
         return key.private_pem(passphrase)
     return key.private_bytes(
@@ -312,14 +336,79 @@ def load_keypair(
             else f"not a usable PKCS#8 PEM private key ({exc})"
         )
         raise ConfigError([f"{pem_path}: {problem}"]) from exc
-    kid = None
+    return _pair(key, jwk_path, str(pem_path))
+
+
+def _pair(key: PrivateKey, jwk_path: Path | None, where: str) -> KeyPair:
+    """The key pair, its kid and expiry (``exp``) from the public JWK file when there is
+    one, which must hold the same key."""
+    kid, expires_at = None, None
     if jwk_path is not None and jwk_path.exists():
-        beside = json.loads(jwk_path.read_text(encoding="utf-8"))
+        try:
+            beside = json.loads(jwk_path.read_text(encoding="utf-8"))
+            same = _required_members(beside) == _required_members(private_to_jwk(key))
+        except (OSError, ValueError) as exc:
+            raise ConfigError([f"{jwk_path}: not a readable public JWK ({exc})"]) from exc
+        if not same:
+            raise ConfigError([f"{jwk_path}: this public JWK is not the key in {where}"])
         kid = beside.get("kid")
-        if _required_members(beside) != _required_members(private_to_jwk(key)):
-            raise ConfigError([f"{jwk_path}: this public JWK is not the key in {pem_path}"])
-    jwk = private_to_jwk(key, kid)
-    return KeyPair(kid=jwk["kid"], algorithm=algorithm_for(key), private=key, jwk=jwk)
+        exp = beside.get("exp")
+        if exp is not None and (isinstance(exp, bool) or not isinstance(exp, int | float)):
+            raise ConfigError([f"{jwk_path}: exp is a Unix time (a number)"])
+        expires_at = float(exp) if exp is not None else None
+    jwk: dict[str, Any] = private_to_jwk(key, kid)
+    if expires_at is not None:
+        jwk["exp"] = math.ceil(expires_at)
+    return KeyPair(
+        kid=jwk["kid"], algorithm=algorithm_for(key), private=key, jwk=jwk, expires_at=expires_at
+    )
+
+
+def load_key(
+    source: str | Path,
+    jwk_path: Path | None = None,
+    *,
+    passphrase: bytes | None = None,
+    base: Path | None = None,
+) -> KeyPair:
+    """A signing key from a PEM path or from a token (a ``pkcs11:`` URI, RFC 7512)."""
+    if isinstance(source, str) and is_pkcs11_uri(source):
+        uri = Pkcs11Uri.parse(source, base)
+        return _pair(open_key(uri), jwk_path, uri.text.split("?")[0])
+    return load_keypair(Path(source), jwk_path, passphrase=passphrase)
+
+
+def load_gateway_keypair(gw: GatewayIdentity) -> KeyPair:
+    """The gateway's signing key as configured: its PEM or its token, its expiry from the
+    config (``gateway.key_expires_at``) or else from its public JWK's ``exp``."""
+    if gw.key_uri is not None:
+        pair = _pair(open_key(gw.key_uri), gw.jwk_path, gw.key_uri.text.split("?")[0])
+    else:
+        assert gw.key_path is not None  # the config holds one or the other
+        passphrase = read_passphrase(gw.key_passphrase_env, gw.key_passphrase_file)
+        pair = load_keypair(gw.key_path, gw.jwk_path, passphrase=passphrase)
+    if gw.key_expires_at is None:
+        return pair
+    jwk = {**pair.jwk, "exp": math.ceil(gw.key_expires_at)}
+    return dataclasses.replace(pair, jwk=jwk, expires_at=gw.key_expires_at)
+
+
+EXPIRY_WARNING_S = 14 * 86400  # /readyz and the console warn this long before a key expires
+
+
+def expiry_warning(pair: KeyPair, now: float) -> str | None:
+    """What operators are told about a signing key that expires soon (or did); else None."""
+    if pair.expires_at is None or pair.expires_at - now > EXPIRY_WARNING_S:
+        return None
+    left = pair.expires_at - now
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(pair.expires_at))
+    if left <= 0:
+        return f"keys: the signing key {pair.kid} expired at {when}; make a new one and rotate"
+    days = left / 86400
+    return (
+        f"keys: the signing key {pair.kid} expires in {days:.1f} days ({when}); "
+        "make a new one and rotate"
+    )
 
 
 def ensure_keypair(

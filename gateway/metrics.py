@@ -28,6 +28,8 @@ gateway_directory_age_seconds          gauge      (since its issued_at, at scrap
 gateway_directory_expires_in_seconds   gauge      (negative: expired, served stale)
 gateway_directory_updates_total        counter    outcome (applied, unreachable,
                                                   refused_<reason>)
+gateway_signing_key_expires_in_seconds gauge      kid (the gateway's signing key, when it
+                                                  has an expiry; negative: expired)
 =====================================  =========  ==========================================
 
 ``code`` on ``gateway_exchanges_total`` is ``ok`` (200), ``accepted`` (202), ``replayed``
@@ -168,6 +170,25 @@ class _Directory(Collector):
         )
 
 
+class _SigningKey(Collector):
+    """Seconds left before the signing key expires, computed when scraped."""
+
+    def __init__(self) -> None:
+        self.kid: str | None = None
+        self.expires_at: float | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        if self.kid is None or self.expires_at is None:
+            return
+        family = GaugeMetricFamily(
+            "gateway_signing_key_expires_in_seconds",
+            "Seconds until the gateway's signing key expires (negative: expired).",
+            labels=("kid",),
+        )
+        family.add_metric((self.kid,), self.expires_at - time.time())
+        yield family
+
+
 class Metrics:
     """The gateway's metrics in their own registry (one ``Metrics`` per gateway app).
 
@@ -234,6 +255,8 @@ class Metrics:
         r.register(self._outbox)
         self._directory = _Directory()
         r.register(self._directory)
+        self._signing_key = _SigningKey()
+        r.register(self._signing_key)
         self._directory_updates = Counter(
             "gateway_directory_updates_total",
             "Federation directory fetches by outcome (applied, unreachable, refused_<reason>).",
@@ -280,6 +303,7 @@ class Metrics:
             MultiProcessCollector(self._exposed)  # type: ignore[no-untyped-call]
             self._exposed.register(self._outbox)
             self._exposed.register(self._directory)
+            self._exposed.register(self._signing_key)
         else:
             self._exposed = r
 
@@ -381,6 +405,11 @@ class Metrics:
         self._directory.version = version
         self._directory.issued_at = issued_at
         self._directory.expires_at = expires_at
+
+    def set_signing_key(self, kid: str, expires_at: float | None) -> None:
+        """The signing key whose expiry the gauge counts down to (None: it has none)."""
+        self._signing_key.kid = kid
+        self._signing_key.expires_at = expires_at
 
     def directory_outcome(self, outcome: str) -> None:
         self._directory_updates.labels(outcome).inc()

@@ -251,6 +251,7 @@ async def test_b_rotates_mid_flow_and_a_follows_within_refresh_s(fed: Federation
     config_file.write_text(yaml.safe_dump(dict(b_cfg.raw)), encoding="utf-8")
     rotated_at = time.monotonic()
     assert await asyncio.to_thread(main, ["keys", "rotate", "--config", str(config_file)]) == 0
+    assert b_cfg.gateway.key_path is not None
     new = load_keypair(b_cfg.gateway.key_path, b_cfg.gateway.jwk_path)
     old = fed.pairs["b"]
     assert fed.sim is not None

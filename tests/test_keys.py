@@ -3,6 +3,7 @@ JWKS, member key revocation that sticks, and refusing unsafe key files at startu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,8 +22,10 @@ from gateway.config import jwk_path_for, parse_config
 from gateway.errors import ConfigError
 from gateway.keys import (
     VerificationKey,
+    expiry_warning,
     generate,
     jwks_keys,
+    load_gateway_keypair,
     load_keypair,
     load_rotated_keys,
     read_passphrase,
@@ -383,3 +386,88 @@ def test_keys_rotate_keeps_an_sm2_gateway_key_sm2(
     assert load_keypair(pem, jwk_path_for(pem)).algorithm == "sm2-sm3"
     assert main(["keys", "rotate", "--config", str(config), "--alg", "ed25519"]) == 0
     assert json.loads(capsys.readouterr().out)["alg"] == "ed25519"
+
+
+# Expiry --------------------------------------------------------------------------------
+
+
+def test_a_jwk_exp_is_the_keys_expiry_and_the_config_overrides_it(
+    keys: Keys, tmp_path: Path
+) -> None:
+    """The public JWK's exp is the key's expiry (and is published); gateway.key_expires_at
+    (RFC 3339) overrides it; a date without an offset is refused."""
+    pem = gateway_copy(keys, tmp_path)
+    jwk_file = jwk_path_for(pem)
+    jwk_file.write_text(json.dumps({**keys.pairs["gateway"].jwk, "exp": 1900000000}))
+    pair = load_keypair(pem, jwk_file)
+    assert (pair.expires_at, pair.jwk["exp"]) == (1900000000.0, 1900000000)
+    doc = config_document(keys, store=tmp_path / "gw.db", national_url="http://127.0.0.1:9")
+    doc["gateway"].update(key=str(pem), key_expires_at="2030-01-01T00:00:00+08:00")
+    configured = load_gateway_keypair(parse_config(doc, base=tmp_path).gateway)
+    assert configured.expires_at == 1893427200.0
+    assert configured.jwk["exp"] == 1893427200
+    doc["gateway"]["key_expires_at"] = "2030-01-01T00:00:00"
+    with pytest.raises(ConfigError, match=r"/gateway/key_expires_at: .* with an offset"):
+        parse_config(doc, base=tmp_path)
+
+
+def test_keygen_expires_days_writes_the_jwk_exp_the_gateway_reads(tmp_path: Path) -> None:
+    """keygen --expires-days N: the public JWK carries exp, and the loaded key expires then."""
+    pem = tmp_path / "k.pem"
+    assert main(["keygen", "--out", str(pem), "--expires-days", "10"]) == 0
+    pair = load_keypair(pem, jwk_path_for(pem))
+    assert pair.expires_at is not None
+    assert abs(pair.expires_at - (time.time() + 10 * 86400)) < 60
+
+
+def test_the_expiry_warning_starts_fourteen_days_before(keys: Keys) -> None:
+    """No word 15 days out; days left inside 14; 'expired' after; none without an expiry."""
+    now = 1_800_000_000.0
+    base = keys.pairs["gateway"]
+    assert expiry_warning(base, now) is None
+    assert expiry_warning(dataclasses.replace(base, expires_at=now + 15 * 86400), now) is None
+    soon = expiry_warning(dataclasses.replace(base, expires_at=now + 3 * 86400), now)
+    assert soon is not None
+    assert f"{base.kid} expires in 3.0 days" in soon
+    gone = expiry_warning(dataclasses.replace(base, expires_at=now - 1), now)
+    assert gone is not None
+    assert "expired at" in gone
+
+
+async def _console_overview(h: Harness) -> str:
+    async with h.admin.post(
+        "/signin", data={"token": h.tokens["auditor"]}, allow_redirects=False
+    ) as resp:
+        assert resp.status == 303
+    async with h.admin.get("/") as resp:
+        assert resp.status == 200
+        return await resp.text()
+
+
+@pytest.mark.parametrize("days", [5, 30])
+async def test_a_key_near_its_expiry_warns_in_readyz_metrics_and_console(
+    make_harness: HarnessFactory, days: int
+) -> None:
+    """Inside 14 days: /readyz stays 200 with a warning, the gauge counts the seconds
+    left, the console shows a banner on every page; 30 days out: the gauge only."""
+    expires = time.time() + days * 86400
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires))
+
+    def edit(doc: dict[str, Any]) -> None:
+        doc["gateway"]["key_expires_at"] = stamp
+
+    h = await make_harness(edit)
+    kid = h.keys.pairs["gateway"].kid
+    resp = await h.gateway.get("/readyz")
+    ready = await resp.json()
+    assert resp.status == 200, ready
+    warned = [w for w in ready["warnings"] if "expires in" in w]
+    assert len(warned) == (1 if days < 14 else 0)
+    resp = await h.gateway.get("/metrics")
+    text = await resp.text()
+    line = next(x for x in text.splitlines() if x.startswith("gateway_signing_key_expires_in"))
+    assert f'kid="{kid}"' in line
+    assert abs(float(line.split()[-1]) - days * 86400) < 120
+    page = await _console_overview(h)
+    assert ("banner-key" in page) == (days < 14)
+    assert (f"the signing key {kid} expires in" in page) == (days < 14)

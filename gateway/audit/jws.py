@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from gateway.errors import StoreError
+from gateway.hsm import HardwareKey
 from gateway.keys import KeyPair, public_from_jwk
 from gateway.sm2 import Sm2PrivateKey, Sm2PublicKey
 from gateway.store.chain import canonical
@@ -70,8 +71,8 @@ def sign_jws(keypair: KeyPair, payload: Mapping[str, Any], *, typ: str = CHECKPO
     signing_input = f"{_b64u(canonical(header).encode())}.{_b64u(canonical(payload).encode())}"
     data = signing_input.encode("ascii")
     key = keypair.private
-    if isinstance(key, Sm2PrivateKey | ed25519.Ed25519PrivateKey):
-        signature = key.sign(data)
+    if isinstance(key, HardwareKey | Sm2PrivateKey | ed25519.Ed25519PrivateKey):
+        signature = key.sign(data)  # a token's key signs in JWS form (ES256: r‖s) already
     elif isinstance(key, ec.EllipticCurvePrivateKey):
         r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
         signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")

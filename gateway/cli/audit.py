@@ -23,7 +23,7 @@ from gateway.audit import (
 from gateway.cli._common import load, open_store, with_config
 from gateway.config import Config
 from gateway.errors import StoreError
-from gateway.keys import load_keypair
+from gateway.keys import load_gateway_keypair
 
 __all__ = ["EXIT_UNTRUSTED", "register"]
 
@@ -86,7 +86,7 @@ def gateway_jwks(config: Config) -> dict[str, Any]:
     """The gateway's public keys (current and previous), as ``/.well-known/jwks.json``."""
     if config.gateway.jwk_path.exists():
         return jwks_from(config.gateway.jwk_path, config.gateway.previous_keys)
-    pair = load_keypair(config.gateway.key_path, None)
+    pair = load_gateway_keypair(config.gateway)
     return {"keys": [dict(pair.jwk), *(dict(k) for k in config.gateway.previous_keys)]}
 
 
@@ -151,7 +151,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 covered = span is None or await snap.checkpoint_covering(span[1]) is not None
             if not covered:
                 # Sign now rather than wait for the gateway's next checkpoint.
-                keypair = load_keypair(config.gateway.key_path, config.gateway.jwk_path)
+                keypair = load_gateway_keypair(config.gateway)
                 await make_checkpoint(store, keypair, config.gateway.member_id)
             async with store.snapshot() as snap:
                 return await export_bundle(snap, message, jwks)

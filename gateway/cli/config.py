@@ -39,8 +39,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     problems: list[str] = []
     for i, adapter in enumerate(config.adapters):
         problems += check_adapter_config(adapter.type, adapter.config, f"/adapters/{i}")
-    if not config.gateway.key_path.exists():
-        problems.append(f"/gateway/key: {config.gateway.key_path} does not exist (gateway keygen)")
+    key_path = config.gateway.key_path
+    if key_path is not None and not key_path.exists():
+        problems.append(f"/gateway/key: {key_path} does not exist (gateway keygen)")
     for problem in problems:
         print(f"{args.config}:{problem}")
     for warning in warnings_of(config):

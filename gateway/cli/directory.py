@@ -22,7 +22,8 @@ from gateway.config import jwk_path_for
 from gateway.directory import check_succession, read_directory, sign_directory
 from gateway.encoding import iso_utc
 from gateway.errors import DirectoryRefused
-from gateway.keys import load_keypair
+from gateway.hsm import is_pkcs11_uri
+from gateway.keys import load_key
 
 __all__ = ["register"]
 
@@ -60,7 +61,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
         payload["version"] = args.version
     payload["issued_at"] = iso_utc(now)
     payload["expires_at"] = iso_utc(now + args.validity_hours * 3600)
-    keypair = load_keypair(Path(args.key), jwk_path_for(Path(args.key)))
+    key = args.key
+    keypair = load_key(key, None if is_pkcs11_uri(key) else jwk_path_for(Path(key)))
     jws = sign_directory(keypair, payload)
     if args.out:
         Path(args.out).write_text(jws + "\n", encoding="ascii")
@@ -120,7 +122,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = sub.add_parser("directory", help="the federation directory: sign, show, verify")
     d_sub = d.add_subparsers(dest="action", required=True)
     sign = d_sub.add_parser("sign", help="sign a directory payload (national operator)")
-    sign.add_argument("--key", required=True, help="the directory key's PKCS#8 PEM")
+    sign.add_argument(
+        "--key", required=True, help="the directory key: a PKCS#8 PEM, or a pkcs11: URI"
+    )
     sign.add_argument("--in", dest="input", required=True, help="payload JSON")
     sign.add_argument("--version", type=int, help="version (default: the payload's)")
     sign.add_argument("--validity-hours", type=float, default=24.0, help="default 24")

@@ -1,5 +1,6 @@
-"""``gateway keygen`` (a new key pair) and ``gateway keys rotate`` (the gateway's signing
-key), with the passphrase options they share.
+"""``gateway keygen`` (a new key pair: a PEM, or made inside a PKCS#11 token with
+``--pkcs11 URI``) and ``gateway keys rotate`` (the gateway's signing key), with the
+passphrase options they share.
 
 A passphrase never comes from the command line (other users can read it in ``ps``):
 only from an environment variable or a file of mode 0600.
@@ -10,7 +11,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +24,13 @@ from gateway.cli._common import load, with_config
 from gateway.config import Config, jwk_path_for
 from gateway.encoding import iso_utc
 from gateway.errors import GatewayError
+from gateway.hsm import Pkcs11Uri, generate_key
 from gateway.keys import (
     KEY_TYPES,
     KeyPair,
     KeyType,
     generate,
+    public_to_jwk,
     read_passphrase,
     rotate_keypair,
     write_keypair,
@@ -61,7 +67,41 @@ def passphrase_from_args(args: argparse.Namespace) -> bytes | None:
     return read_passphrase(args.passphrase_env, None)
 
 
+def _expiry(args: argparse.Namespace) -> dict[str, int]:
+    if args.expires_days is None:
+        return {}
+    return {"exp": math.ceil(time.time() + args.expires_days * 86400)}
+
+
+def cmd_keygen_pkcs11(args: argparse.Namespace) -> int:
+    """The key pair is made in the token (never extractable); only its public JWK is
+    written, to ``--jwk`` when given, and printed."""
+    uri = Pkcs11Uri.parse(args.pkcs11)
+    key = generate_key(uri, args.type, key_id=os.urandom(16))
+    jwk: dict[str, Any] = {**public_to_jwk(key.public_key(), args.kid), **_expiry(args)}
+    if args.jwk:
+        Path(args.jwk).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.jwk).write_text(json.dumps(jwk, indent=2) + "\n", encoding="utf-8")
+    report = {
+        "kid": jwk["kid"],
+        "alg": key.algorithm,
+        "pkcs11": uri.text.split("?")[0],
+        "token_id": key.key_id.hex(),
+        "public_jwk": args.jwk or jwk,
+    }
+    print(json.dumps(report))
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
+    if args.pkcs11:
+        if args.out or args.encrypt:
+            print("--pkcs11 makes the key in the token: no --out or --encrypt", file=sys.stderr)
+            return 2
+        return cmd_keygen_pkcs11(args)
+    if not args.out:
+        print("give --out PATH (a PEM) or --pkcs11 URI (a key in a token)", file=sys.stderr)
+        return 2
     pem = Path(args.out)
     if pem.exists() and not args.force:
         print(f"{pem} exists; --force replaces it", file=sys.stderr)
@@ -71,6 +111,10 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     pair = write_keypair(
         generate(kind), pem, jwk_path_for(pem), kid=args.kid, passphrase=passphrase
     )
+    if args.expires_days is not None:
+        jwk_path_for(pem).write_text(
+            json.dumps({**pair.jwk, **_expiry(args)}, indent=2) + "\n", encoding="utf-8"
+        )
     report = {
         "kid": pair.kid,
         "alg": pair.algorithm,
@@ -84,6 +128,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_rotate(args: argparse.Namespace) -> int:
     config = load(args)
     gw = config.gateway
+    if gw.key_path is None:
+        print(
+            "the signing key is in a PKCS#11 token: make the new one there "
+            "(gateway keygen --pkcs11 URI), then point gateway.key at it",
+            file=sys.stderr,
+        )
+        return 1
     passphrase = read_passphrase(gw.key_passphrase_env, gw.key_passphrase_file)
     old, new, expiry = rotate_keypair(
         gw.key_path,
@@ -134,11 +185,29 @@ async def _announce(config: Config, url: str, old: KeyPair, new: KeyPair) -> int
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    kg = sub.add_parser("keygen", help="generate a key pair (PKCS#8 PEM 0600 + public JWK)")
+    kg = sub.add_parser(
+        "keygen",
+        help="generate a key pair (PKCS#8 PEM 0600 + public JWK, or in a PKCS#11 token)",
+    )
     kg.add_argument(
         "--alg", "--type", dest="type", choices=KEY_TYPES, default="ed25519", help="key type"
     )
-    kg.add_argument("--out", required=True, help="private key path, e.g. keys/member.pem")
+    kg.add_argument("--out", help="private key path, e.g. keys/member.pem")
+    kg.add_argument(
+        "--pkcs11",
+        metavar="URI",
+        help="make the key inside a PKCS#11 token instead (RFC 7512 URI with object=, "
+        "module-path= and pin-source=file:PATH or env:NAME); it never leaves the token",
+    )
+    kg.add_argument(
+        "--jwk", metavar="PATH", help="with --pkcs11: write the public JWK here (default: print it)"
+    )
+    kg.add_argument(
+        "--expires-days",
+        type=float,
+        metavar="DAYS",
+        help="record an expiry (JWK exp) this many days from now",
+    )
     kg.add_argument("--kid", help="key id (default: RFC 7638 thumbprint)")
     kg.add_argument("--force", action="store_true", help="replace an existing key")
     add_passphrase_options(kg)

@@ -23,7 +23,8 @@ from gateway.app import create_app
 from gateway.cli._common import load, with_config
 from gateway.config import Config, jwk_path_for, listen_address, load_config, with_listeners
 from gateway.errors import ConfigError
-from gateway.keys import VerificationKey, ensure_keypair, read_passphrase
+from gateway.hsm import is_pkcs11_uri
+from gateway.keys import VerificationKey, ensure_keypair, load_gateway_keypair, read_passphrase
 from gateway.limits import GatewayRunner
 from gateway.logs import configure_logging
 from gateway.tls import TLS_CONTEXT
@@ -178,17 +179,22 @@ def cmd_up(args: argparse.Namespace) -> int:
     config_path = Path(args.config).resolve()
     raw = load_raw(config_path)
     base = config_path.parent
-    gw_pem = base / raw["gateway"]["key"]
-    secret = raw["gateway"].get("key_passphrase_file")
-    passphrase = read_passphrase(
-        raw["gateway"].get("key_passphrase_env"), base / secret if secret else None
-    )
-    gateway_pair = ensure_keypair(gw_pem, jwk_path_for(gw_pem), passphrase=passphrase)
+    if is_pkcs11_uri(raw["gateway"]["key"]):
+        gateway_pair = None  # in a token: made there (gateway keygen --pkcs11), loaded below
+    else:
+        gw_pem = base / raw["gateway"]["key"]
+        secret = raw["gateway"].get("key_passphrase_file")
+        passphrase = read_passphrase(
+            raw["gateway"].get("key_passphrase_env"), base / secret if secret else None
+        )
+        gateway_pair = ensure_keypair(gw_pem, jwk_path_for(gw_pem), passphrase=passphrase)
     sim_pairs = {}
     for name, sim in raw.get("simulators", {}).items():
         pem = base / sim["key"]
         sim_pairs[name] = ensure_keypair(pem, jwk_path_for(pem))
     config = load_config(config_path)
+    if gateway_pair is None:
+        gateway_pair = load_gateway_keypair(config.gateway)
     _configure_logging(args, config)
     gateway_keys = {gateway_pair.kid: VerificationKey.from_jwk(gateway_pair.jwk)}
     url = f"http://{config.ingress.host}:{config.ingress.port}"

@@ -13,6 +13,7 @@ admin listener.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import aiohttp_jinja2
@@ -20,10 +21,11 @@ import jinja2
 from aiohttp import web
 
 from gateway.admin.app import INGRESS
-from gateway.app import METRICS
+from gateway.app import KEYPAIR, METRICS
 from gateway.console.overview import Sampler
 from gateway.console.sessions import DEFAULT_TTL_S, Sessions
 from gateway.console.views import CONSOLE, Console, routes
+from gateway.keys import expiry_warning
 
 __all__ = ["CONSOLE", "CSP", "Console", "mount_console"]
 
@@ -53,6 +55,9 @@ def mount_console(
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    # The banner in base.html: the signing key's expiry, worded as /readyz words it.
+    keypair = app[INGRESS][KEYPAIR]
+    aiohttp_jinja2.get_env(app).globals["key_expiry"] = lambda: expiry_warning(keypair, time.time())
     metrics = app[INGRESS][METRICS]
     sampler = Sampler(lambda: metrics.render().decode(), every_s=sample_every_s)
     app[CONSOLE] = Console(sessions=Sessions(ttl_s), sampler=sampler)

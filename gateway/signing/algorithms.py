@@ -18,7 +18,7 @@ from nacl.signing import VerifyKey
 from gateway.keys import PublicKey, VerificationKey
 from gateway.sm2 import Sm2PrivateKey, Sm2PublicKey
 
-__all__ = ["ALGORITHM_CLASSES", "SM2_SM3", "OneKey", "verify_raw"]
+__all__ = ["ALGORITHM_CLASSES", "SM2_SM3", "OneKey", "hardware_class", "verify_raw"]
 
 
 class SM2_SM3(HTTPSignatureAlgorithm):
@@ -51,6 +51,27 @@ ALGORITHM_CLASSES: dict[str, type[HTTPSignatureAlgorithm]] = {
     "sm2-sm3": SM2_SM3,
     "hmac-sha256": algorithms.HMAC_SHA256,
 }
+
+
+@functools.cache
+def hardware_class(algorithm_id: str) -> type[HTTPSignatureAlgorithm]:
+    """The class for a key in a PKCS#11 token (``gateway.hsm.HardwareKey``): the token
+    signs, and gives the signature in RFC 9421's form already (ECDSA ``r‖s``)."""
+
+    class Hardware(HTTPSignatureAlgorithm):
+        def __init__(self, public_key: Any = None, private_key: Any = None) -> None:
+            self.public_key = public_key
+            self.private_key = private_key
+
+        def sign(self, message: bytes) -> bytes:
+            signature: bytes = self.private_key.sign(message)
+            return signature
+
+        def verify(self, signature: bytes, message: bytes) -> None:
+            ALGORITHM_CLASSES[algorithm_id](public_key=self.public_key).verify(signature, message)
+
+    Hardware.algorithm_id = algorithm_id
+    return Hardware
 
 
 # Ed25519 through libsodium (PyNaCl): the same signatures as OpenSSL's, verified in about
