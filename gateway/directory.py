@@ -44,6 +44,7 @@ __all__ = [
     "NATIONAL_REGION",
     "Directory",
     "DirectoryKey",
+    "EntryRefusal",
     "Party",
     "Publisher",
     "Region",
@@ -51,8 +52,11 @@ __all__ = [
     "check_succession",
     "directory_layer",
     "etag_of",
+    "national_refusal",
     "parse_time",
     "read_directory",
+    "region_within",
+    "screen",
     "sign_directory",
     "verify_directory",
 ]
@@ -262,6 +266,98 @@ def _adapter_name(region: str) -> str:
     return f"directory-{region}"
 
 
+def region_within(region: str, parent: str) -> bool:
+    """GB/T 2260 containment: ``330102`` (a district) and ``330100`` (a city) are within
+    ``330000`` (a province), as is ``330000`` itself; ``100000`` (the national level)
+    contains only itself, never every region."""
+    if parent == NATIONAL_REGION:
+        return region == parent
+    if parent.endswith("0000"):
+        return region[:2] == parent[:2]
+    if parent.endswith("00"):
+        return region[:4] == parent[:4]
+    return region == parent
+
+
+def _region_of(member_id: str) -> str:
+    return member_id.split(":", 1)[0]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EntryRefusal:
+    """A directory entry the follower does not apply (the rest of the document does)."""
+
+    region: str  # the entry's region, or ``100000`` for the national party
+    member_id: str
+    reason: str  # stable word: foreign_member, foreign_vouch, local_member, duplicate
+    detail: str
+
+
+def screen(
+    directory: Directory, *, own: str, local: Iterable[str] = ()
+) -> tuple[tuple[Region, ...], tuple[EntryRefusal, ...]]:
+    """The region entries that may add to the follower ``own``'s configuration, and the
+    ones refused, with why. ``local`` are the member ids defined here (file or admin).
+
+    Entries for the follower's own region or its sub-regions are left out without a
+    refusal (a city gateway 330100 may well be listed; a 330000 follower routes its own
+    region itself). Refused: an entry whose gateway id or vouched-for regions are not
+    within its own region, one whose gateway id is a member defined here, and a second
+    entry for a region or gateway already listed."""
+    own_region = _region_of(own)
+    defined = set(local) | {own}
+    kept: list[Region] = []
+    refused: list[EntryRefusal] = []
+    seen_regions: set[str] = set()
+    seen_members = {directory.national.member_id}
+
+    def refuse(entry: Region, reason: str, detail: str) -> None:
+        refused.append(
+            EntryRefusal(
+                region=entry.region, member_id=entry.gateway.member_id, reason=reason,
+                detail=f"directory entry {entry.region} ({entry.gateway.member_id}) "
+                f"refused: {detail}",
+            )
+        )  # fmt: skip
+
+    for entry in directory.regions:
+        gw = entry.gateway
+        if not region_within(_region_of(gw.member_id), entry.region):
+            refuse(entry, "foreign_member", f"{gw.member_id} is not in region {entry.region}")
+            continue
+        if region_within(entry.region, own_region):
+            continue  # our own region: never the directory's to define or route
+        foreign = [r for r in gw.vouches_for if not region_within(r, entry.region)]
+        if foreign:
+            refuse(
+                entry, "foreign_vouch",
+                f"vouches for {', '.join(foreign)}, outside region {entry.region}",
+            )  # fmt: skip
+            continue
+        if gw.member_id in defined:
+            refuse(entry, "local_member", f"{gw.member_id} is defined locally")
+            continue
+        if entry.region in seen_regions or gw.member_id in seen_members:
+            refuse(entry, "duplicate", "its region or gateway is listed twice")
+            continue
+        seen_regions.add(entry.region)
+        seen_members.add(gw.member_id)
+        kept.append(entry)
+    return tuple(kept), tuple(refused)
+
+
+def national_refusal(directory: Directory, *, own: str, local: Iterable[str] = ()) -> str | None:
+    """Why the document's national party may not be applied here, or None."""
+    national = directory.national
+    if national.member_id == own:
+        return None  # the national platform following its own directory
+    if _region_of(national.member_id) != NATIONAL_REGION:
+        return f"the national party {national.member_id} is not in region {NATIONAL_REGION}"
+    if national.member_id in set(local):
+        return f"the national party {national.member_id} is defined locally"
+    return None
+
+
 def directory_layer(
     directory: Directory,
     *,
@@ -269,6 +365,7 @@ def directory_layer(
     services: Iterable[str],
     now: float,
     routed: Iterable[str] = (),
+    defined: Mapping[str, Iterable[str]] | None = None,
 ) -> list[tuple[str, str, dict[str, Any] | None]]:
     """Changes over the file for gateway ``own``: peer members with the keys valid at
     ``now``, one adapter per peer that is called directly (and one for the national
@@ -277,9 +374,14 @@ def directory_layer(
     ``services`` are the codes this gateway has configured: a peer may call the ones
     this gateway's own entry offers; routes are made only for configured services.
     ``routed`` are services that already have a catch-all route here: the national
-    platform's offer does not take them over (a province serves its own first)."""
+    platform's offer does not take them over (a province serves its own first).
+    ``defined`` are the resource ids, by kind, defined here (the file and the admin
+    overlay): the layer only adds, it never replaces or shadows one of them, and never
+    defines or routes the follower's own region or its sub-regions (``screen``)."""
     known = set(services)
     local = set(routed)
+    mine_ids = {kind: set(ids) for kind, ids in (defined or {}).items()}
+    local_members = mine_ids.get("members", set())
     own_region = own.split(":", 1)[0]
     mine = directory.region(own_region)
     offered_here = sorted(
@@ -287,7 +389,10 @@ def directory_layer(
     )
     changes: list[tuple[str, str, dict[str, Any] | None]] = []
     national = directory.national
-    if national.member_id != own:
+    if (
+        national.member_id != own
+        and national_refusal(directory, own=own, local=local_members) is None
+    ):
         changes.append(
             (
                 "members",
@@ -297,7 +402,7 @@ def directory_layer(
                     "kind": "platform",
                     "name": "national platform (directory)",
                     "keys": national.jwks_at(now),
-                    "regions": list(national.vouches_for or (NATIONAL_REGION,)),
+                    "regions": _vouched(national.vouches_for or (NATIONAL_REGION,), own_region),
                     "services": offered_here,
                     "callback_url": national.callbacks,
                 },
@@ -319,10 +424,12 @@ def directory_layer(
             if offer.code in known and offer.code not in local:
                 route = {"service": offer.code, "adapter": NATIONAL_ADAPTER}
                 changes.append(("routes", f"{offer.code}|*", route))
-    for entry in directory.regions:
+    national_usable = national.member_id != own and any(
+        kind == "adapters" and rid == NATIONAL_ADAPTER for kind, rid, _ in changes
+    )
+    entries, _ = screen(directory, own=own, local=local_members)
+    for entry in entries:
         gw = entry.gateway
-        if entry.region == own_region or gw.member_id == own:
-            continue
         keys = gw.jwks_at(now)
         changes.append(
             (
@@ -333,7 +440,7 @@ def directory_layer(
                     "kind": "gateway",
                     "name": entry.name or f"gateway of {entry.region} (directory)",
                     "keys": keys,
-                    "regions": list(gw.vouches_for or (entry.region,)),
+                    "regions": _vouched(gw.vouches_for or (entry.region,), own_region),
                     "services": offered_here,
                     "callback_url": gw.callbacks,
                     **({} if keys else {"enabled": False}),
@@ -360,7 +467,7 @@ def directory_layer(
             adapter = (
                 _adapter_name(entry.region) if offer.via == "direct" and keys else NATIONAL_ADAPTER
             )
-            if adapter == NATIONAL_ADAPTER and national.member_id == own:
+            if adapter == NATIONAL_ADAPTER and not national_usable:
                 continue
             target = f"{entry.region}:*"
             changes.append(
@@ -370,7 +477,14 @@ def directory_layer(
                     {"service": offer.code, "adapter": adapter, "target": target},
                 )
             )
-    return changes
+    # Only adds: nothing defined here is replaced (a route, an adapter of the same name).
+    return [c for c in changes if c[1] not in mine_ids.get(c[0], set())]
+
+
+def _vouched(regions: Iterable[str], own_region: str) -> list[str]:
+    """A relay never vouches for the follower's own region or its sub-regions."""
+    kept = [r for r in regions if not region_within(r, own_region)]
+    return kept or [NATIONAL_REGION]
 
 
 # Publishing (the national side) --------------------------------------------------------

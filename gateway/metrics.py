@@ -28,6 +28,8 @@ gateway_directory_age_seconds          gauge      (since its issued_at, at scrap
 gateway_directory_expires_in_seconds   gauge      (negative: expired, served stale)
 gateway_directory_updates_total        counter    outcome (applied, unreachable,
                                                   refused_<reason>)
+gateway_directory_entries_refused_total counter   reason (foreign_member, foreign_vouch,
+                                                  local_member, duplicate, national)
 =====================================  =========  ==========================================
 
 ``code`` on ``gateway_exchanges_total`` is ``ok`` (200), ``accepted`` (202), ``replayed``
@@ -240,6 +242,12 @@ class Metrics:
             ("outcome",),
             registry=r,
         )
+        self._directory_entries = Counter(
+            "gateway_directory_entries_refused_total",
+            "Directory entries not applied here, by reason (once per directory version).",
+            ("reason",),
+            registry=r,
+        )
         self._batch_units = Histogram(
             "gateway_store_batch_units",
             "Writes committed together in one store transaction (group commit).",
@@ -384,6 +392,9 @@ class Metrics:
 
     def directory_outcome(self, outcome: str) -> None:
         self._directory_updates.labels(outcome).inc()
+
+    def directory_entry_refused(self, reason: str) -> None:
+        self._directory_entries.labels(reason).inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition (merged across workers in multiprocess mode)."""
