@@ -24,9 +24,11 @@ import calendar
 import copy
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import jsonschema
@@ -38,6 +40,7 @@ from gateway.errors import DirectoryRefused
 from gateway.keys import KeyPair
 
 __all__ = [
+    "ANNOUNCE_SKEW_S",
     "FORMAT",
     "JWS_TYPE",
     "NATIONAL_ADAPTER",
@@ -53,6 +56,7 @@ __all__ = [
     "directory_layer",
     "etag_of",
     "national_refusal",
+    "parse_instant",
     "parse_time",
     "read_directory",
     "region_within",
@@ -490,13 +494,42 @@ def _vouched(regions: Iterable[str], own_region: str) -> list[str]:
 # Publishing (the national side) --------------------------------------------------------
 
 
+ANNOUNCE_SKEW_S = 300.0  # an announcement's issued_at must be this close to now
+
+
+def parse_instant(text: str) -> float:
+    """RFC 3339 UTC with optional milliseconds (``…T20:00:00.123Z``) → Unix time."""
+    whole, _, fraction = text.removesuffix("Z").partition(".")
+    if not text.endswith("Z") or (fraction and not (fraction.isdigit() and len(fraction) <= 6)):
+        raise ValueError(f"not an RFC 3339 UTC time: {text!r}")
+    return parse_time(whole + "Z") + (float("0." + fraction) if fraction else 0.0)
+
+
+@dataclass(slots=True, kw_only=True)
+class _Announced:
+    """What the publisher remembers of one gateway's announcements (persisted)."""
+
+    last_issued_at: float = 0.0
+    ids_at_last: list[str] = field(default_factory=list)  # ids issued at last_issued_at
+    retired: dict[str, float] = field(default_factory=dict)  # kid → end of its overlap
+
+
 class Publisher:
     """The national registry and its signed publication.
 
     The national operator registers each region's gateway (member id, URL, first key,
     the regions it may vouch for); a registered gateway then announces its own keys,
-    URL and offered services, signed with a key the directory already lists for it, so
-    a rotation publishes itself. Every change is a new version, signed at once."""
+    URL and offered services, signed with a key the directory lists for it as current
+    (never a retired one within its overlap), so a rotation publishes itself. Every
+    change is a new version, signed at once.
+
+    An announcement carries a unique ``id`` and its ``issued_at``: one seen before, one
+    older than the last accepted from that gateway, or one not within
+    ``ANNOUNCE_SKEW_S`` of now is refused, and a key once retired (listed with a
+    ``valid_until``, or dropped) never comes back as current nor gets a longer overlap.
+    With a ``state_path`` the registry, the version and this memory survive a restart
+    (written atomically at each change); the operator's ``register`` of a region the
+    state already holds keeps the state's (the announced keys are newer)."""
 
     def __init__(
         self,
@@ -507,6 +540,7 @@ class Publisher:
         refresh_s: float | None = None,
         clock: Callable[[], float] = time.time,
         version: int = 0,
+        state_path: Path | None = None,
     ) -> None:
         self.keypair = keypair
         self.national = copy.deepcopy(dict(national))
@@ -516,14 +550,61 @@ class Publisher:
         self.version = version
         self.regions: dict[str, dict[str, Any]] = {}
         self._signed: tuple[str, float] | None = None  # (jws, issued_at)
+        self._announced: dict[str, _Announced] = {}
+        self.state_path = state_path
+        self._restored: set[str] = set()
+        if state_path is not None and state_path.exists():
+            self._load(state_path)
+
+    # State across restarts ---------------------------------------------------------
+
+    def _load(self, path: Path) -> None:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        self.version = max(self.version, int(state.get("version", 0)))
+        self.regions = {str(k): v for k, v in state.get("regions", {}).items()}
+        self._restored = set(self.regions)
+        self._announced = {
+            member: _Announced(
+                last_issued_at=float(a.get("last_issued_at", 0.0)),
+                ids_at_last=[str(i) for i in a.get("ids_at_last", [])],
+                retired={str(k): float(v) for k, v in a.get("retired", {}).items()},
+            )
+            for member, a in state.get("announced", {}).items()
+        }
+
+    def _save(self) -> None:
+        if self.state_path is None:
+            return
+        state = {
+            "version": self.version,
+            "regions": self.regions,
+            "announced": {
+                m: {"last_issued_at": a.last_issued_at, "ids_at_last": a.ids_at_last,
+                    "retired": a.retired}
+                for m, a in self._announced.items()
+            },
+        }  # fmt: skip
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        tmp.write_text(json.dumps(state, ensure_ascii=False, indent=1), encoding="utf-8")
+        os.replace(tmp, self.state_path)
+
+    # The registry --------------------------------------------------------------------
 
     def register(self, region: str, gateway: Mapping[str, Any], *, name: str = "") -> None:
+        held = self.regions.get(region)
+        if (
+            region in self._restored
+            and held is not None
+            and held["gateway"]["member_id"] == gateway.get("member_id")
+        ):
+            return  # the state file's entry is newer than the operator's bootstrap
         self.regions[region] = {
             "region": region,
             **({"name": name} if name else {}),
             "gateway": copy.deepcopy(dict(gateway)),
         }
         self._signed = None
+        self._save()
 
     def gateway_of(self, member_id: str) -> dict[str, Any] | None:
         for entry in self.regions.values():
@@ -533,7 +614,8 @@ class Publisher:
         return None
 
     def keys_of(self, member_id: str) -> list[dict[str, Any]]:
-        """The keys a member may sign with now (current, and retired within overlap)."""
+        """The keys a member may sign exchanges with now (current, and retired within
+        their overlap)."""
         gw = self.gateway_of(member_id)
         if gw is None:
             return []
@@ -544,19 +626,97 @@ class Publisher:
             if "valid_until" not in k or now < parse_time(k["valid_until"])
         ]
 
+    def announcing_keys_of(self, member_id: str) -> list[dict[str, Any]]:
+        """The keys that may sign an announcement: the current ones only. A retired key
+        within its overlap still signs exchanges, but may not re-key the gateway."""
+        gw = self.gateway_of(member_id)
+        if gw is None:
+            return []
+        return [dict(k["jwk"]) for k in gw["keys"] if "valid_until" not in k]
+
     def announce(self, member_id: str, announcement: Mapping[str, Any]) -> bool:
-        """Apply a verified announcement (``keys``, optional ``url``, ``services``);
-        True when it changed the directory. Registration fields stay the operator's."""
+        """Apply a gateway's verified announcement (``id``, ``issued_at``, ``keys``,
+        optional ``url``, ``services``); True when it changed the directory. Refused
+        (``DirectoryRefused``): a replay, an older one, a retired key brought back."""
         gw = self.gateway_of(member_id)
         if gw is None:
             raise DirectoryRefused("issuer", f"{member_id} is not registered in the directory")
-        before = copy.deepcopy(gw)
-        if "url" in announcement:
-            gw["url"] = str(announcement["url"])
+        ident, issued_at = announcement.get("id"), announcement.get("issued_at")
+        if not isinstance(ident, str) or not ident or not isinstance(issued_at, str):
+            raise DirectoryRefused(
+                "malformed", "announcement refused: an id and an issued_at are required"
+            )
+        try:
+            at = parse_instant(issued_at)
+        except ValueError as exc:
+            raise DirectoryRefused("malformed", f"announcement refused: {exc}") from exc
+        now = self._clock()
+        memory = self._announced.setdefault(member_id, _Announced())
+        if ident in memory.ids_at_last:
+            raise DirectoryRefused("replayed", f"announcement refused: {ident} was seen before")
+        if at < memory.last_issued_at:
+            raise DirectoryRefused(
+                "older", f"announcement refused: issued {issued_at}, before the last one "
+                f"accepted from {member_id} ({iso_utc(memory.last_issued_at, millis=True)})"
+            )  # fmt: skip
+        if abs(now - at) > ANNOUNCE_SKEW_S:
+            raise DirectoryRefused(
+                "stale", f"announcement refused: issued {issued_at}, not within "
+                f"{ANNOUNCE_SKEW_S:g} s of now"
+            )  # fmt: skip
         if "keys" in announcement:
-            gw["keys"] = copy.deepcopy(list(announcement["keys"]))
-        if "services" in announcement:
-            gw["services"] = copy.deepcopy(list(announcement["services"]))
+            self._check_no_comeback(memory, announcement["keys"])
+        changed = self._change(gw, announcement, memory)
+        memory.ids_at_last = (
+            [*memory.ids_at_last, ident] if at == memory.last_issued_at else [ident]
+        )
+        memory.last_issued_at = at
+        self._save()
+        return changed
+
+    def update(self, member_id: str, changes: Mapping[str, Any]) -> bool:
+        """The national operator's own change of a registered gateway (``keys``, ``url``,
+        ``services``): a revocation is dropping a key. No announcement rules: the
+        operator may reinstate a key explicitly."""
+        gw = self.gateway_of(member_id)
+        if gw is None:
+            raise DirectoryRefused("issuer", f"{member_id} is not registered in the directory")
+        memory = self._announced.setdefault(member_id, _Announced())
+        for kid in _kids_of(changes.get("keys", [])):
+            memory.retired.pop(kid, None)
+        changed = self._change(gw, changes, memory)
+        self._save()
+        return changed
+
+    @staticmethod
+    def _check_no_comeback(memory: _Announced, keys: Any) -> None:
+        if not isinstance(keys, list):
+            return  # the schema check names the problem
+        for key in keys:
+            if not isinstance(key, Mapping) or not isinstance(key.get("jwk"), Mapping):
+                continue
+            kid = str(key["jwk"].get("kid"))
+            if kid not in memory.retired:
+                continue
+            until = key.get("valid_until")
+            try:
+                later = until is None or parse_time(str(until)) > memory.retired[kid]
+            except ValueError:
+                later = True
+            if later:
+                raise DirectoryRefused(
+                    "retired_key", f"announcement refused: key {kid} was retired (until "
+                    f"{iso_utc(memory.retired[kid])}); a rotation never brings it back"
+                )  # fmt: skip
+
+    def _change(self, gw: dict[str, Any], changes: Mapping[str, Any], memory: _Announced) -> bool:
+        before = copy.deepcopy(gw)
+        if "url" in changes:
+            gw["url"] = str(changes["url"])
+        if "keys" in changes:
+            gw["keys"] = copy.deepcopy(list(changes["keys"]))
+        if "services" in changes:
+            gw["services"] = copy.deepcopy(list(changes["services"]))
         payload_check = self._payload(self._clock())
         problems = _schema_problems(payload_check)
         if problems:
@@ -565,6 +725,16 @@ class Publisher:
             raise DirectoryRefused("malformed", "announcement refused: " + "; ".join(problems[:3]))
         if gw == before:
             return False
+        # Remember what this change retired: listed with an end, or dropped (ended now).
+        now = self._clock()
+        for key in gw["keys"]:
+            if "valid_until" in key:
+                kid = str(key["jwk"]["kid"])
+                end = parse_time(key["valid_until"])
+                memory.retired[kid] = min(end, memory.retired.get(kid, end))
+        listed = _kids_of(gw["keys"])
+        for kid in _kids_of(before.get("keys", [])) - listed:
+            memory.retired[kid] = min(now, memory.retired.get(kid, now))
         self._signed = None
         return True
 
@@ -587,4 +757,15 @@ class Publisher:
         if self._signed is None or now - self._signed[1] >= self.validity_s / 2:
             self.version += 1
             self._signed = (sign_directory(self.keypair, self._payload(now)), now)
+            self._save()  # a restarted publisher never signs a lower version
         return self._signed[0]
+
+
+def _kids_of(keys: Any) -> set[str]:
+    if not isinstance(keys, list):
+        return set()
+    return {
+        str(k["jwk"].get("kid"))
+        for k in keys
+        if isinstance(k, Mapping) and isinstance(k.get("jwk"), Mapping)
+    }

@@ -407,7 +407,14 @@ def announcement_of(
         if exp > now and jwk.get("kid") != keypair.kid:
             public = {k: v for k, v in jwk.items() if k != "exp"}
             keys.append({"jwk": public, "valid_until": iso_utc(exp)})
-    body: dict[str, Any] = {"member_id": gw.member_id, "keys": keys}
+    # Single use: a unique id and the issue time (the publisher refuses a replay and
+    # anything older than the last one it took from us).
+    body: dict[str, Any] = {
+        "member_id": gw.member_id,
+        "id": str(uuid.uuid4()),
+        "issued_at": iso_utc(now, millis=True),
+        "keys": keys,
+    }
     if gw.public_url:
         body["url"] = gw.public_url
     directory = config.directory

@@ -240,18 +240,18 @@ def test_the_publisher_signs_a_new_version_per_change(pairs: dict[str, KeyPair])
     first = pub.current()
     assert pub.current() == first  # nothing changed: same document, same version
     v1 = read_directory(first, pinned(pairs)).version
-    assert pub.announce("440000:gateway", {"keys": [{"jwk": pairs["b2"].jwk}]})
-    assert not pub.announce("440000:gateway", {"keys": [{"jwk": pairs["b2"].jwk}]})
+    assert pub.update("440000:gateway", {"keys": [{"jwk": pairs["b2"].jwk}]})
+    assert not pub.update("440000:gateway", {"keys": [{"jwk": pairs["b2"].jwk}]})
     second = read_directory(pub.current(), pinned(pairs))
     assert second.version == v1 + 1
     assert [k.kid for k in second.regions[0].gateway.keys] == [pairs["b2"].kid]
     clock[0] += 301  # half the validity: re-signed, so a follower never sees it expire
     assert read_directory(pub.current(), pinned(pairs)).version == v1 + 2
     with pytest.raises(DirectoryRefused):
-        pub.announce("440000:gateway", {"keys": []})  # keeps the last valid registration
+        pub.update("440000:gateway", {"keys": []})  # keeps the last valid registration
     assert pub.keys_of("440000:gateway") == [pairs["b2"].jwk]
     with pytest.raises(DirectoryRefused):
-        pub.announce("510000:gateway", {"keys": [{"jwk": pairs["b2"].jwk}]})
+        pub.update("510000:gateway", {"keys": [{"jwk": pairs["b2"].jwk}]})
 
 
 def test_the_cli_signs_and_verifies(

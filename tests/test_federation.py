@@ -264,7 +264,7 @@ async def test_b_rotates_mid_flow_and_a_follows_within_refresh_s(fed: Federation
     assert first_ok <= propagation
 
     # The national operator revokes B's old key: gone from A within one refresh.
-    fed.publisher.announce(B_ID, {"keys": [{"jwk": new.jwk}]})
+    fed.publisher.update(B_ID, {"keys": [{"jwk": new.jwk}]})
     gone = await _until(lambda: old.kid not in _member_kids(a, B_ID), REFRESH_S + 2.0)
     as_b_old = ExchangeClient(
         member_id=B_ID, signer=Signer(old), base_url=fed.url("a"), session=fed.session
