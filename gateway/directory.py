@@ -495,6 +495,7 @@ def _vouched(regions: Iterable[str], own_region: str) -> list[str]:
 
 
 ANNOUNCE_SKEW_S = 300.0  # an announcement's issued_at must be this close to now
+SEEN_IDS = 256  # ids remembered per gateway (older ones are refused by issued_at anyway)
 
 
 def parse_instant(text: str) -> float:
@@ -510,7 +511,7 @@ class _Announced:
     """What the publisher remembers of one gateway's announcements (persisted)."""
 
     last_issued_at: float = 0.0
-    ids_at_last: list[str] = field(default_factory=list)  # ids issued at last_issued_at
+    seen: list[str] = field(default_factory=list)  # the last SEEN_IDS ids accepted
     retired: dict[str, float] = field(default_factory=dict)  # kid → end of its overlap
 
 
@@ -566,7 +567,7 @@ class Publisher:
         self._announced = {
             member: _Announced(
                 last_issued_at=float(a.get("last_issued_at", 0.0)),
-                ids_at_last=[str(i) for i in a.get("ids_at_last", [])],
+                seen=[str(i) for i in a.get("seen", [])],
                 retired={str(k): float(v) for k, v in a.get("retired", {}).items()},
             )
             for member, a in state.get("announced", {}).items()
@@ -579,7 +580,7 @@ class Publisher:
             "version": self.version,
             "regions": self.regions,
             "announced": {
-                m: {"last_issued_at": a.last_issued_at, "ids_at_last": a.ids_at_last,
+                m: {"last_issued_at": a.last_issued_at, "seen": a.seen,
                     "retired": a.retired}
                 for m, a in self._announced.items()
             },
@@ -652,7 +653,7 @@ class Publisher:
             raise DirectoryRefused("malformed", f"announcement refused: {exc}") from exc
         now = self._clock()
         memory = self._announced.setdefault(member_id, _Announced())
-        if ident in memory.ids_at_last:
+        if ident in memory.seen:
             raise DirectoryRefused("replayed", f"announcement refused: {ident} was seen before")
         if at < memory.last_issued_at:
             raise DirectoryRefused(
@@ -667,9 +668,7 @@ class Publisher:
         if "keys" in announcement:
             self._check_no_comeback(memory, announcement["keys"])
         changed = self._change(gw, announcement, memory)
-        memory.ids_at_last = (
-            [*memory.ids_at_last, ident] if at == memory.last_issued_at else [ident]
-        )
+        memory.seen = [*memory.seen, ident][-SEEN_IDS:]
         memory.last_issued_at = at
         self._save()
         return changed
