@@ -443,7 +443,7 @@ def _publisher(pairs: dict[str, KeyPair], clock: list[float], **kw: Any) -> Publ
     return pub
 
 
-def _said(clock: list[float], keys: list[dict[str, Any]], ident: str) -> dict[str, Any]:
+def _said(clock: list[float], keys: list[Any], ident: str) -> dict[str, Any]:
     return {"member_id": "440000:gateway", "id": ident,
             "issued_at": iso_utc(clock[0], millis=True), "keys": keys}  # fmt: skip
 

@@ -415,7 +415,7 @@ async def _serve_directory(fed: Federation, served: Served) -> None:
 
 
 def _document(
-    fed: Federation, version: int, *, expires_in: float, b_keys: list[dict[str, Any]]
+    fed: Federation, version: int, *, expires_in: float, b_keys: list[Any]
 ) -> dict[str, Any]:
     """A directory for A and B as the national platform would sign it."""
     now = time.time()

@@ -287,9 +287,7 @@ async def test_an_operator_patch_does_not_freeze_a_directory_member(world: World
 # Part 4: announcements --------------------------------------------------------------------
 
 
-def _signed_announcement(
-    w: World, key: str, keys: list[dict[str, Any]]
-) -> tuple[bytes, CIMultiDict[str]]:
+def _signed_announcement(w: World, key: str, keys: list[Any]) -> tuple[bytes, CIMultiDict[str]]:
     """An announcement for B as ``gateway serve`` would post it, signed with ``key``."""
     url = f"{w.url('national')}/v1/directory/announce"
     body = {"member_id": B_ID, "id": str(uuid.uuid4()),
@@ -325,7 +323,10 @@ async def test_announcements_are_single_use_and_never_re_key_with_a_retired_key(
     first = _signed_announcement(w, "b", [{"jwk": w.pairs["b"].jwk}])
     assert await _post(w, first) == 200
     grace = iso_utc(time.time() + 7 * 86400)
-    rotation_keys = [{"jwk": w.pairs["b2"].jwk}, {"jwk": w.pairs["b"].jwk, "valid_until": grace}]
+    rotation_keys: list[Any] = [
+        {"jwk": w.pairs["b2"].jwk},
+        {"jwk": w.pairs["b"].jwk, "valid_until": grace},
+    ]
     rotation = _signed_announcement(w, "b", rotation_keys)
     assert await _post(w, rotation) == 200
     await _until(lambda: _b_accepted(w, "b2"), 5.0, "A takes b2")
