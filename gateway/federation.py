@@ -7,14 +7,19 @@ restart works while the national platform is down, then fetches a fresh one; eve
 signature holds against the pinned keys, its shape is valid, its version does not go
 back and it has not expired; anything else is refused with the reason in the log and
 the metrics, and the last good one stays in force. Applying it is a configuration
-layer (``LiveConfig.set_layer``) between the file and the admin overlay. Past
+layer (``LiveConfig.set_layer``) between the file and the admin overlay, which only
+adds what is remote (``gateway.directory.screen``: entries that would define a local
+member or this region are not applied, logged and counted once per version). Past
 ``expires_at`` the kept one still serves, reported stale on ``/readyz`` and in the
-metrics, never as fresh.
+metrics, never as fresh; past ``max_stale_s`` more, every member and adapter it defined
+is refused (``DirectoryStale``, via ``LiveConfig.set_refused``) until a fresh one comes.
+The follower wakes at each retired key's ``valid_until`` and at that moment too.
 
 ``announce`` posts this gateway's keys (the current one, and retired ones within their
 overlap) and offered services to the national platform, signed (RFC 9421) with a key
-the directory lists for us: at start with the current key, and by ``gateway keys
-rotate`` with the old key, so a rotation publishes itself.
+the directory lists for us as current: at start with the current key, and by ``gateway
+keys rotate`` with the old key, so a rotation publishes itself. Each announcement has a
+unique ``id`` and its ``issued_at``: the publisher takes it once.
 """
 
 from __future__ import annotations
