@@ -76,10 +76,10 @@ Layer = Callable[[Mapping[str, Any]], Sequence[tuple[str, str, Any]]]
 
 # What an admin may change of a resource only the layer defines, stored as a patch.
 PATCHABLE: Mapping[str, frozenset[str]] = {
-    "members": frozenset({"enabled", "name", "services", "rate_limit", "revoked_keys"}),
-    "adapters": frozenset({"enabled", "readiness"}),
-    "routes": frozenset({"enabled"}),
-    "services": frozenset(),
+    "members": frozenset(
+        {"enabled", "name", "services", "rate_limit", "revoked_keys", "allowed_algs"}
+    ),
+    "adapters": frozenset({"enabled", "readiness", "concurrency", "breaker"}),
 }
 PATCH = "$patch"
 
@@ -281,8 +281,10 @@ class LiveConfig:
         return [rid for k, rid in self._layered if k == kind]
 
     def from_layer(self, kind: str, rid: str) -> bool:
-        """Whether only the layer (the directory) defines this resource."""
-        return (kind, rid) in self._layered
+        """Whether only the layer (the directory) defines this member or adapter, so
+        that a write is kept as a patch. A route holds nothing the directory could
+        revoke: an admin's route replaces the directory's, as a local decision."""
+        return kind in PATCHABLE and (kind, rid) in self._layered
 
     def _layer_write(
         self, kind: str, rid: str, after: Mapping[str, Any] | None
@@ -317,7 +319,7 @@ class LiveConfig:
                 )  # fmt: skip
         if errors:
             raise SchemaInvalid(f"{kind[:-1]} {rid} comes from the federation directory", errors)
-        stored = {KINDS[kind] or "id": rid, PATCH: patch} if kind != "routes" else {PATCH: patch}
+        stored = {KINDS[kind]: rid, PATCH: patch}
         overlay = [c for c in self._overlay if (c[0], c[1]) != (kind, rid)]
         return stored, [*overlay, (kind, rid, stored)]
 
