@@ -265,10 +265,14 @@ class DirectoryFollower:
             raise DirectoryRefused(
                 "too_large", f"directory refused: {resp.content_length} bytes, over {limit}"
             )
-        data = await resp.content.read(limit + 1)
-        if len(data) > limit:
-            raise DirectoryRefused("too_large", f"directory refused: over {limit} bytes")
-        return data.decode("utf-8")
+        chunks: list[bytes] = []
+        total = 0
+        async for chunk in resp.content.iter_chunked(65536):
+            total += len(chunk)
+            if total > limit:  # a chunked body says no length up front
+                raise DirectoryRefused("too_large", f"directory refused: over {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks).decode("utf-8")
 
     async def _apply(self, directory: Directory) -> None:
         def layer(doc: Mapping[str, Any]) -> Sequence[tuple[str, str, Any]]:

@@ -400,10 +400,16 @@ class Served:
 
 
 async def _serve_directory(fed: Federation, served: Served) -> None:
-    async def serve(request: web.Request) -> web.Response:
+    async def serve(request: web.Request) -> web.StreamResponse:
         served.hits += 1
-        if served.raw is not None:
-            return web.Response(body=served.raw, content_type="application/jose")
+        if served.raw is not None:  # streamed: no Content-Length to refuse it by
+            resp = web.StreamResponse(headers={"Content-Type": "application/jose"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for start in range(0, len(served.raw), 1000):
+                await resp.write(served.raw[start : start + 1000])
+            await resp.write_eof()
+            return resp
         headers = {"ETag": served.etag}
         if request.headers.get("If-None-Match") == served.etag:
             return web.Response(status=304, headers=headers)
