@@ -231,6 +231,11 @@ class DirectoryConfig:
     refresh_s: float = 30.0
     announce_url: str | None = None
     offers: tuple[str, ...] = ()
+    # Past expires_at by more than this, cross-region traffic is refused (directory_stale).
+    max_stale_s: float = 86400.0
+    # Without a stored copy, a fetched directory below this version is refused.
+    min_version: int = 1
+    max_bytes: int = 1048576  # the most of a directory body that is read
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -539,6 +544,9 @@ def _directory(data: Mapping[str, Any] | None, r: _Reader) -> DirectoryConfig | 
         refresh_s=data.get("refresh_s", 30.0),
         announce_url=data.get("announce_url"),
         offers=tuple(data.get("offers", [])),
+        max_stale_s=data.get("max_stale_s", 86400.0),
+        min_version=data.get("min_version", 1),
+        max_bytes=data.get("max_bytes", 1048576),
     )
 
 

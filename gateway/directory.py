@@ -25,9 +25,11 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import jsonschema
@@ -40,12 +42,14 @@ from gateway.keys import KeyPair
 from gateway.outbound import OutboundPolicy
 
 __all__ = [
+    "ANNOUNCE_SKEW_S",
     "FORMAT",
     "JWS_TYPE",
     "NATIONAL_ADAPTER",
     "NATIONAL_REGION",
     "Directory",
     "DirectoryKey",
+    "EntryRefusal",
     "Party",
     "Publisher",
     "Region",
@@ -53,8 +57,12 @@ __all__ = [
     "check_succession",
     "directory_layer",
     "etag_of",
+    "national_refusal",
+    "parse_instant",
     "parse_time",
     "read_directory",
+    "region_within",
+    "screen",
     "sign_directory",
     "verify_directory",
 ]
@@ -281,6 +289,98 @@ def _reachable(party: Party, outbound: OutboundPolicy) -> bool:
     return True
 
 
+def region_within(region: str, parent: str) -> bool:
+    """GB/T 2260 containment: ``330102`` (a district) and ``330100`` (a city) are within
+    ``330000`` (a province), as is ``330000`` itself; ``100000`` (the national level)
+    contains only itself, never every region."""
+    if parent == NATIONAL_REGION:
+        return region == parent
+    if parent.endswith("0000"):
+        return region[:2] == parent[:2]
+    if parent.endswith("00"):
+        return region[:4] == parent[:4]
+    return region == parent
+
+
+def _region_of(member_id: str) -> str:
+    return member_id.split(":", 1)[0]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EntryRefusal:
+    """A directory entry the follower does not apply (the rest of the document does)."""
+
+    region: str  # the entry's region, or ``100000`` for the national party
+    member_id: str
+    reason: str  # stable word: foreign_member, foreign_vouch, local_member, duplicate
+    detail: str
+
+
+def screen(
+    directory: Directory, *, own: str, local: Iterable[str] = ()
+) -> tuple[tuple[Region, ...], tuple[EntryRefusal, ...]]:
+    """The region entries that may add to the follower ``own``'s configuration, and the
+    ones refused, with why. ``local`` are the member ids defined here (file or admin).
+
+    Entries for the follower's own region or its sub-regions are left out without a
+    refusal (a city gateway 330100 may well be listed; a 330000 follower routes its own
+    region itself). Refused: an entry whose gateway id or vouched-for regions are not
+    within its own region, one whose gateway id is a member defined here, and a second
+    entry for a region or gateway already listed."""
+    own_region = _region_of(own)
+    defined = set(local) | {own}
+    kept: list[Region] = []
+    refused: list[EntryRefusal] = []
+    seen_regions: set[str] = set()
+    seen_members = {directory.national.member_id}
+
+    def refuse(entry: Region, reason: str, detail: str) -> None:
+        refused.append(
+            EntryRefusal(
+                region=entry.region, member_id=entry.gateway.member_id, reason=reason,
+                detail=f"directory entry {entry.region} ({entry.gateway.member_id}) "
+                f"refused: {detail}",
+            )
+        )  # fmt: skip
+
+    for entry in directory.regions:
+        gw = entry.gateway
+        if not region_within(_region_of(gw.member_id), entry.region):
+            refuse(entry, "foreign_member", f"{gw.member_id} is not in region {entry.region}")
+            continue
+        if region_within(entry.region, own_region):
+            continue  # our own region: never the directory's to define or route
+        foreign = [r for r in gw.vouches_for if not region_within(r, entry.region)]
+        if foreign:
+            refuse(
+                entry, "foreign_vouch",
+                f"vouches for {', '.join(foreign)}, outside region {entry.region}",
+            )  # fmt: skip
+            continue
+        if gw.member_id in defined:
+            refuse(entry, "local_member", f"{gw.member_id} is defined locally")
+            continue
+        if entry.region in seen_regions or gw.member_id in seen_members:
+            refuse(entry, "duplicate", "its region or gateway is listed twice")
+            continue
+        seen_regions.add(entry.region)
+        seen_members.add(gw.member_id)
+        kept.append(entry)
+    return tuple(kept), tuple(refused)
+
+
+def national_refusal(directory: Directory, *, own: str, local: Iterable[str] = ()) -> str | None:
+    """Why the document's national party may not be applied here, or None."""
+    national = directory.national
+    if national.member_id == own:
+        return None  # the national platform following its own directory
+    if _region_of(national.member_id) != NATIONAL_REGION:
+        return f"the national party {national.member_id} is not in region {NATIONAL_REGION}"
+    if national.member_id in set(local):
+        return f"the national party {national.member_id} is defined locally"
+    return None
+
+
 def directory_layer(
     directory: Directory,
     *,
@@ -289,6 +389,7 @@ def directory_layer(
     now: float,
     routed: Iterable[str] = (),
     outbound: OutboundPolicy = _STRICT,
+    defined: Mapping[str, Iterable[str]] | None = None,
 ) -> list[tuple[str, str, dict[str, Any] | None]]:
     """Changes over the file for gateway ``own``: peer members with the keys valid at
     ``now``, one adapter per peer that is called directly (and one for the national
@@ -300,9 +401,14 @@ def directory_layer(
     platform's offer does not take them over (a province serves its own first).
     ``outbound`` is the policy for the URLs learnt here (``gateway/outbound.py``): a
     party whose URL or callback URL it refuses is left out, as if absent; what is added
-    is marked ``learnt``, so its addresses are checked again at connect time."""
+    is marked ``learnt``, so its addresses are checked again at connect time.
+    ``defined`` are the resource ids, by kind, defined here (the file and the admin
+    overlay): the layer only adds, it never replaces or shadows one of them, and never
+    defines or routes the follower's own region or its sub-regions (``screen``)."""
     known = set(services)
     local = set(routed)
+    mine_ids = {kind: set(ids) for kind, ids in (defined or {}).items()}
+    local_members = mine_ids.get("members", set())
     own_region = own.split(":", 1)[0]
     mine = directory.region(own_region)
     offered_here = sorted(
@@ -310,7 +416,11 @@ def directory_layer(
     )
     changes: list[tuple[str, str, dict[str, Any] | None]] = []
     national = directory.national
-    national_ok = national.member_id != own and _reachable(national, outbound)
+    national_ok = (
+        national.member_id != own
+        and national_refusal(directory, own=own, local=local_members) is None
+        and _reachable(national, outbound)
+    )
     if national_ok:
         changes.append(
             (
@@ -321,7 +431,7 @@ def directory_layer(
                     "kind": "platform",
                     "name": "national platform (directory)",
                     "keys": national.jwks_at(now),
-                    "regions": list(national.vouches_for or (NATIONAL_REGION,)),
+                    "regions": _vouched(national.vouches_for or (NATIONAL_REGION,), own_region),
                     "services": offered_here,
                     "callback_url": national.callbacks,
                     "learnt": True,
@@ -345,7 +455,11 @@ def directory_layer(
             if offer.code in known and offer.code not in local:
                 route = {"service": offer.code, "adapter": NATIONAL_ADAPTER}
                 changes.append(("routes", f"{offer.code}|*", route))
-    for entry in directory.regions:
+    national_usable = national.member_id != own and any(
+        kind == "adapters" and rid == NATIONAL_ADAPTER for kind, rid, _ in changes
+    )
+    entries, _ = screen(directory, own=own, local=local_members)
+    for entry in entries:
         gw = entry.gateway
         if entry.region == own_region or gw.member_id == own:
             continue
@@ -361,7 +475,7 @@ def directory_layer(
                     "kind": "gateway",
                     "name": entry.name or f"gateway of {entry.region} (directory)",
                     "keys": keys,
-                    "regions": list(gw.vouches_for or (entry.region,)),
+                    "regions": _vouched(gw.vouches_for or (entry.region,), own_region),
                     "services": offered_here,
                     "callback_url": gw.callbacks,
                     "learnt": True,
@@ -390,7 +504,7 @@ def directory_layer(
             adapter = (
                 _adapter_name(entry.region) if offer.via == "direct" and keys else NATIONAL_ADAPTER
             )
-            if adapter == NATIONAL_ADAPTER and not national_ok:
+            if adapter == NATIONAL_ADAPTER and not national_usable:
                 continue
             target = f"{entry.region}:*"
             changes.append(
@@ -400,10 +514,38 @@ def directory_layer(
                     {"service": offer.code, "adapter": adapter, "target": target},
                 )
             )
-    return changes
+    # Only adds: nothing defined here is replaced (a route, an adapter of the same name).
+    return [c for c in changes if c[1] not in mine_ids.get(c[0], set())]
+
+
+def _vouched(regions: Iterable[str], own_region: str) -> list[str]:
+    """A relay never vouches for the follower's own region or its sub-regions."""
+    kept = [r for r in regions if not region_within(r, own_region)]
+    return kept or [NATIONAL_REGION]
 
 
 # Publishing (the national side) --------------------------------------------------------
+
+
+ANNOUNCE_SKEW_S = 300.0  # an announcement's issued_at must be this close to now
+SEEN_IDS = 256  # ids remembered per gateway (older ones are refused by issued_at anyway)
+
+
+def parse_instant(text: str) -> float:
+    """RFC 3339 UTC with optional milliseconds (``…T20:00:00.123Z``) → Unix time."""
+    whole, _, fraction = text.removesuffix("Z").partition(".")
+    if not text.endswith("Z") or (fraction and not (fraction.isdigit() and len(fraction) <= 6)):
+        raise ValueError(f"not an RFC 3339 UTC time: {text!r}")
+    return parse_time(whole + "Z") + (float("0." + fraction) if fraction else 0.0)
+
+
+@dataclass(slots=True, kw_only=True)
+class _Announced:
+    """What the publisher remembers of one gateway's announcements (persisted)."""
+
+    last_issued_at: float = 0.0
+    seen: list[str] = field(default_factory=list)  # the last SEEN_IDS ids accepted
+    retired: dict[str, float] = field(default_factory=dict)  # kid → end of its overlap
 
 
 class Publisher:
@@ -411,8 +553,17 @@ class Publisher:
 
     The national operator registers each region's gateway (member id, URL, first key,
     the regions it may vouch for); a registered gateway then announces its own keys,
-    URL and offered services, signed with a key the directory already lists for it, so
-    a rotation publishes itself. Every change is a new version, signed at once."""
+    URL and offered services, signed with a key the directory lists for it as current
+    (never a retired one within its overlap), so a rotation publishes itself. Every
+    change is a new version, signed at once.
+
+    An announcement carries a unique ``id`` and its ``issued_at``: one seen before, one
+    older than the last accepted from that gateway, or one not within
+    ``ANNOUNCE_SKEW_S`` of now is refused, and a key once retired (listed with a
+    ``valid_until``, or dropped) never comes back as current nor gets a longer overlap.
+    With a ``state_path`` the registry, the version and this memory survive a restart
+    (written atomically at each change); the operator's ``register`` of a region the
+    state already holds keeps the state's (the announced keys are newer)."""
 
     def __init__(
         self,
@@ -423,6 +574,7 @@ class Publisher:
         refresh_s: float | None = None,
         clock: Callable[[], float] = time.time,
         version: int = 0,
+        state_path: Path | None = None,
     ) -> None:
         self.keypair = keypair
         self.national = copy.deepcopy(dict(national))
@@ -432,14 +584,61 @@ class Publisher:
         self.version = version
         self.regions: dict[str, dict[str, Any]] = {}
         self._signed: tuple[str, float] | None = None  # (jws, issued_at)
+        self._announced: dict[str, _Announced] = {}
+        self.state_path = state_path
+        self._restored: set[str] = set()
+        if state_path is not None and state_path.exists():
+            self._load(state_path)
+
+    # State across restarts ---------------------------------------------------------
+
+    def _load(self, path: Path) -> None:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        self.version = max(self.version, int(state.get("version", 0)))
+        self.regions = {str(k): v for k, v in state.get("regions", {}).items()}
+        self._restored = set(self.regions)
+        self._announced = {
+            member: _Announced(
+                last_issued_at=float(a.get("last_issued_at", 0.0)),
+                seen=[str(i) for i in a.get("seen", [])],
+                retired={str(k): float(v) for k, v in a.get("retired", {}).items()},
+            )
+            for member, a in state.get("announced", {}).items()
+        }
+
+    def _save(self) -> None:
+        if self.state_path is None:
+            return
+        state = {
+            "version": self.version,
+            "regions": self.regions,
+            "announced": {
+                m: {"last_issued_at": a.last_issued_at, "seen": a.seen,
+                    "retired": a.retired}
+                for m, a in self._announced.items()
+            },
+        }  # fmt: skip
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        tmp.write_text(json.dumps(state, ensure_ascii=False, indent=1), encoding="utf-8")
+        os.replace(tmp, self.state_path)
+
+    # The registry --------------------------------------------------------------------
 
     def register(self, region: str, gateway: Mapping[str, Any], *, name: str = "") -> None:
+        held = self.regions.get(region)
+        if (
+            region in self._restored
+            and held is not None
+            and held["gateway"]["member_id"] == gateway.get("member_id")
+        ):
+            return  # the state file's entry is newer than the operator's bootstrap
         self.regions[region] = {
             "region": region,
             **({"name": name} if name else {}),
             "gateway": copy.deepcopy(dict(gateway)),
         }
         self._signed = None
+        self._save()
 
     def gateway_of(self, member_id: str) -> dict[str, Any] | None:
         for entry in self.regions.values():
@@ -449,7 +648,8 @@ class Publisher:
         return None
 
     def keys_of(self, member_id: str) -> list[dict[str, Any]]:
-        """The keys a member may sign with now (current, and retired within overlap)."""
+        """The keys a member may sign exchanges with now (current, and retired within
+        their overlap)."""
         gw = self.gateway_of(member_id)
         if gw is None:
             return []
@@ -460,19 +660,95 @@ class Publisher:
             if "valid_until" not in k or now < parse_time(k["valid_until"])
         ]
 
+    def announcing_keys_of(self, member_id: str) -> list[dict[str, Any]]:
+        """The keys that may sign an announcement: the current ones only. A retired key
+        within its overlap still signs exchanges, but may not re-key the gateway."""
+        gw = self.gateway_of(member_id)
+        if gw is None:
+            return []
+        return [dict(k["jwk"]) for k in gw["keys"] if "valid_until" not in k]
+
     def announce(self, member_id: str, announcement: Mapping[str, Any]) -> bool:
-        """Apply a verified announcement (``keys``, optional ``url``, ``services``);
-        True when it changed the directory. Registration fields stay the operator's."""
+        """Apply a gateway's verified announcement (``id``, ``issued_at``, ``keys``,
+        optional ``url``, ``services``); True when it changed the directory. Refused
+        (``DirectoryRefused``): a replay, an older one, a retired key brought back."""
         gw = self.gateway_of(member_id)
         if gw is None:
             raise DirectoryRefused("issuer", f"{member_id} is not registered in the directory")
-        before = copy.deepcopy(gw)
-        if "url" in announcement:
-            gw["url"] = str(announcement["url"])
+        ident, issued_at = announcement.get("id"), announcement.get("issued_at")
+        if not isinstance(ident, str) or not ident or not isinstance(issued_at, str):
+            raise DirectoryRefused(
+                "malformed", "announcement refused: an id and an issued_at are required"
+            )
+        try:
+            at = parse_instant(issued_at)
+        except ValueError as exc:
+            raise DirectoryRefused("malformed", f"announcement refused: {exc}") from exc
+        now = self._clock()
+        memory = self._announced.setdefault(member_id, _Announced())
+        if ident in memory.seen:
+            raise DirectoryRefused("replayed", f"announcement refused: {ident} was seen before")
+        if at < memory.last_issued_at:
+            raise DirectoryRefused(
+                "older", f"announcement refused: issued {issued_at}, before the last one "
+                f"accepted from {member_id} ({iso_utc(memory.last_issued_at, millis=True)})"
+            )  # fmt: skip
+        if abs(now - at) > ANNOUNCE_SKEW_S:
+            raise DirectoryRefused(
+                "stale", f"announcement refused: issued {issued_at}, not within "
+                f"{ANNOUNCE_SKEW_S:g} s of now"
+            )  # fmt: skip
         if "keys" in announcement:
-            gw["keys"] = copy.deepcopy(list(announcement["keys"]))
-        if "services" in announcement:
-            gw["services"] = copy.deepcopy(list(announcement["services"]))
+            self._check_no_comeback(memory, announcement["keys"])
+        changed = self._change(gw, announcement, memory)
+        memory.seen = [*memory.seen, ident][-SEEN_IDS:]
+        memory.last_issued_at = at
+        self._save()
+        return changed
+
+    def update(self, member_id: str, changes: Mapping[str, Any]) -> bool:
+        """The national operator's own change of a registered gateway (``keys``, ``url``,
+        ``services``): a revocation is dropping a key. No announcement rules: the
+        operator may reinstate a key explicitly."""
+        gw = self.gateway_of(member_id)
+        if gw is None:
+            raise DirectoryRefused("issuer", f"{member_id} is not registered in the directory")
+        memory = self._announced.setdefault(member_id, _Announced())
+        for kid in _kids_of(changes.get("keys", [])):
+            memory.retired.pop(kid, None)
+        changed = self._change(gw, changes, memory)
+        self._save()
+        return changed
+
+    @staticmethod
+    def _check_no_comeback(memory: _Announced, keys: Any) -> None:
+        if not isinstance(keys, list):
+            return  # the schema check names the problem
+        for key in keys:
+            if not isinstance(key, Mapping) or not isinstance(key.get("jwk"), Mapping):
+                continue
+            kid = str(key["jwk"].get("kid"))
+            if kid not in memory.retired:
+                continue
+            until = key.get("valid_until")
+            try:
+                later = until is None or parse_time(str(until)) > memory.retired[kid]
+            except ValueError:
+                later = True
+            if later:
+                raise DirectoryRefused(
+                    "retired_key", f"announcement refused: key {kid} was retired (until "
+                    f"{iso_utc(memory.retired[kid])}); a rotation never brings it back"
+                )  # fmt: skip
+
+    def _change(self, gw: dict[str, Any], changes: Mapping[str, Any], memory: _Announced) -> bool:
+        before = copy.deepcopy(gw)
+        if "url" in changes:
+            gw["url"] = str(changes["url"])
+        if "keys" in changes:
+            gw["keys"] = copy.deepcopy(list(changes["keys"]))
+        if "services" in changes:
+            gw["services"] = copy.deepcopy(list(changes["services"]))
         payload_check = self._payload(self._clock())
         problems = _schema_problems(payload_check)
         if problems:
@@ -481,6 +757,16 @@ class Publisher:
             raise DirectoryRefused("malformed", "announcement refused: " + "; ".join(problems[:3]))
         if gw == before:
             return False
+        # Remember what this change retired: listed with an end, or dropped (ended now).
+        now = self._clock()
+        for key in gw["keys"]:
+            if "valid_until" in key:
+                kid = str(key["jwk"]["kid"])
+                end = parse_time(key["valid_until"])
+                memory.retired[kid] = min(end, memory.retired.get(kid, end))
+        listed = _kids_of(gw["keys"])
+        for kid in _kids_of(before.get("keys", [])) - listed:
+            memory.retired[kid] = min(now, memory.retired.get(kid, now))
         self._signed = None
         return True
 
@@ -503,4 +789,15 @@ class Publisher:
         if self._signed is None or now - self._signed[1] >= self.validity_s / 2:
             self.version += 1
             self._signed = (sign_directory(self.keypair, self._payload(now)), now)
+            self._save()  # a restarted publisher never signs a lower version
         return self._signed[0]
+
+
+def _kids_of(keys: Any) -> set[str]:
+    if not isinstance(keys, list):
+        return set()
+    return {
+        str(k["jwk"].get("kid"))
+        for k in keys
+        if isinstance(k, Mapping) and isinstance(k.get("jwk"), Mapping)
+    }

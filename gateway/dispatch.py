@@ -13,7 +13,13 @@ import json
 import logging
 
 from adapters.base import Answer, Exchange
-from gateway.errors import AdapterUnavailable, GatewayError, UpstreamError, UpstreamTimeout
+from gateway.errors import (
+    AdapterUnavailable,
+    DirectoryStale,
+    GatewayError,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from gateway.registry import Runtime, Service
 from gateway.store import MessageRecord
 
@@ -49,6 +55,8 @@ async def call_adapter(
     slot = runtime.adapters[name]
     if not slot.config.enabled:
         raise AdapterUnavailable(f"adapter {name} is disabled", retry_after=30)
+    if name in runtime.refused:
+        raise DirectoryStale(runtime.refused[name], retry_after=60)
     slot.breaker.before_call(name)
     try:
         async with asyncio.timeout(service.config.timeout_s):

@@ -40,6 +40,7 @@ Anything that is not a ``GatewayError`` becomes ``internal`` with details only i
     │   └── UpstreamUnbound            upstream_unbound (a signed answer not bound to our request)
     ├── Unavailable                    503
     │   ├── AdapterUnavailable         adapter_unavailable (Retry-After)
+    │   │   └── DirectoryStale         directory_stale (cross-region refused: directory too old)
     │   └── Overloaded                 overloaded
     ├── UpstreamTimeout                504 upstream_timeout (also a TimeoutError)
     └── InternalError                  500 internal
@@ -61,6 +62,7 @@ __all__ = [
     "CredentialsMissing",
     "DigestMismatch",
     "DirectoryRefused",
+    "DirectoryStale",
     "FieldError",
     "Forbidden",
     "GatewayError",
@@ -327,6 +329,16 @@ class Unavailable(GatewayError):
 class AdapterUnavailable(Unavailable):
     code = "adapter_unavailable"
     title = "The adapter is unavailable"
+
+
+class DirectoryStale(AdapterUnavailable):
+    """Cross-region traffic refused: the federation directory in force is past its
+    ``expires_at`` by more than ``directory.max_stale_s``, so its keys and URLs are not
+    trusted any longer (local traffic goes on). An ``AdapterUnavailable``: the outbox
+    keeps an asynchronous message waiting without spending an attempt."""
+
+    code = "directory_stale"
+    title = "The federation directory is too old for cross-region traffic"
 
 
 class Overloaded(Unavailable):

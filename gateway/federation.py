@@ -7,14 +7,19 @@ restart works while the national platform is down, then fetches a fresh one; eve
 signature holds against the pinned keys, its shape is valid, its version does not go
 back and it has not expired; anything else is refused with the reason in the log and
 the metrics, and the last good one stays in force. Applying it is a configuration
-layer (``LiveConfig.set_layer``) between the file and the admin overlay. Past
+layer (``LiveConfig.set_layer``) between the file and the admin overlay, which only
+adds what is remote (``gateway.directory.screen``: entries that would define a local
+member or this region are not applied, logged and counted once per version). Past
 ``expires_at`` the kept one still serves, reported stale on ``/readyz`` and in the
-metrics, never as fresh.
+metrics, never as fresh; past ``max_stale_s`` more, every member and adapter it defined
+is refused (``DirectoryStale``, via ``LiveConfig.set_refused``) until a fresh one comes.
+The follower wakes at each retired key's ``valid_until`` and at that moment too.
 
 ``announce`` posts this gateway's keys (the current one, and retired ones within their
 overlap) and offered services to the national platform, signed (RFC 9421) with a key
-the directory lists for us: at start with the current key, and by ``gateway keys
-rotate`` with the old key, so a rotation publishes itself.
+the directory lists for us as current: at start with the current key, and by ``gateway
+keys rotate`` with the old key, so a rotation publishes itself. Each announcement has a
+unique ``id`` and its ``issued_at``: the publisher takes it once.
 """
 
 from __future__ import annotations
@@ -33,11 +38,18 @@ import aiohttp
 from multidict import CIMultiDict
 
 from gateway.config import Config, DirectoryConfig
-from gateway.directory import Directory, directory_layer, read_directory, verify_directory
+from gateway.directory import (
+    Directory,
+    directory_layer,
+    national_refusal,
+    read_directory,
+    screen,
+    verify_directory,
+)
 from gateway.encoding import iso_utc
 from gateway.errors import ConfigError, DirectoryRefused, GatewayError
 from gateway.keys import KeyPair, load_rotated_keys
-from gateway.live import LiveConfig
+from gateway.live import LiveConfig, resource_id
 from gateway.metrics import Metrics
 from gateway.signing import Signer
 from gateway.store import Store
@@ -88,6 +100,10 @@ class DirectoryFollower:
         self.unreachable: str | None = None
         self._applied_keys: object = None  # what the layer's key overlap looked like
         self._task: asyncio.Task[None] | None = None
+        self.refused_entries: tuple[str, ...] = ()  # entries of the one in force not applied
+        self._screened: tuple[int, str] | None = None  # (version, jws digest) counted once
+        self.too_stale: str | None = None  # why cross-region traffic is refused, if it is
+        self._refused_map: dict[str, str] = {}
 
     # Start and stop ---------------------------------------------------------------
 
@@ -119,7 +135,7 @@ class DirectoryFollower:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.refresh_s)
+            await asyncio.sleep(self._next_wait())
             try:
                 await self.refresh()
             except Exception:  # the loop must outlive any one bad round
@@ -127,20 +143,60 @@ class DirectoryFollower:
 
     # One round --------------------------------------------------------------------
 
+    def _next_wait(self) -> float:
+        """Until the next refresh, or sooner: the moment a retired key's overlap ends or
+        the copy passes ``max_stale_s`` takes effect then, not a refresh later."""
+        wait = self.config.refresh_s
+        d = self.current
+        if d is not None:
+            now = self._clock()
+            moments = [d.expires_at + self.config.max_stale_s]
+            parties = [d.national, *(r.gateway for r in d.regions)]
+            moments += [k.valid_until for p in parties for k in p.keys if k.valid_until]
+            ahead = [m - now for m in moments if m > now]
+            if ahead:
+                wait = min(wait, max(0.01, min(ahead) + 0.001))
+        return wait
+
     async def refresh(self) -> str:
         """Fetch and apply once: ``applied``, ``unchanged``, ``refused`` or ``unreachable``."""
         outcome = await self._fetch_and_apply()
-        # A retired key's overlap may have ended since the layer was built.
-        current = self.current
-        if (
-            outcome != "applied"
-            and current is not None
-            and self._overlap_state(current) != self._applied_keys
-        ):
-            with contextlib.suppress(ConfigError):
-                await self._apply(current)
+        await self.enforce()
         self._gauges()
         return outcome
+
+    async def enforce(self) -> None:
+        """What time alone changes: a retired key whose overlap ended leaves the layer, and
+        past ``max_stale_s`` every member and adapter the directory defines is refused."""
+        current = self.current
+        if current is not None and self._overlap_state(current) != self._applied_keys:
+            with contextlib.suppress(ConfigError):
+                await self._apply(current)
+        self._stale_check()
+
+    def _stale_check(self) -> None:
+        d = self.current
+        now = self._clock()
+        why: str | None = None
+        if d is not None and now >= d.expires_at + self.config.max_stale_s:
+            why = (
+                f"cross-region traffic refused: the federation directory in force (version "
+                f"{d.version}) expired at {iso_utc(d.expires_at)}, more than "
+                f"{self.config.max_stale_s:g} s ago (directory.max_stale_s); a fresh one "
+                "is needed"
+            )
+        refused: dict[str, str] = {}
+        if why is not None:
+            refused = {r: why for kind in ("members", "adapters") for r in self.live.layered(kind)}
+        if why != self.too_stale:
+            if why is not None:
+                log.warning("%s", why, extra={"event": "directory_too_stale"})
+            else:
+                log.info("directory fresh again: cross-region traffic resumes")
+        if why != self.too_stale or (why is not None and refused != self._refused_map):
+            self.live.set_refused(refused)
+        self.too_stale = why
+        self._refused_map = refused
 
     async def _fetch_and_apply(self) -> str:
         headers = {"Accept": "application/jose"}
@@ -151,8 +207,11 @@ class DirectoryFollower:
                 self.config.url, headers=headers, timeout=aiohttp.ClientTimeout(total=5)
             ) as resp:
                 status = resp.status
-                text = await resp.text() if status == 200 else ""
                 etag = resp.headers.get("ETag")
+                text = await self._bounded_text(resp) if status == 200 else ""
+        except DirectoryRefused as exc:
+            self._refuse(exc.reason, exc.detail)
+            return "refused"
         except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError) as exc:
             detail = f"{type(exc).__name__}: {exc}".rstrip(": ")
             if self.unreachable is None:
@@ -171,6 +230,12 @@ class DirectoryFollower:
             return "refused"
         try:
             directory = verify_directory(text, self.config.keys, current=self.current, now=now)
+            if self.current is None and directory.version < self.config.min_version:
+                raise DirectoryRefused(
+                    "floor",
+                    f"directory refused: version {directory.version} is below "
+                    f"directory.min_version {self.config.min_version} (no copy kept here)",
+                )
         except DirectoryRefused as exc:
             self._refuse(exc.reason, exc.detail)
             return "refused"
@@ -193,10 +258,32 @@ class DirectoryFollower:
         self._count("applied")
         return "applied"
 
+    async def _bounded_text(self, resp: aiohttp.ClientResponse) -> str:
+        """The body, read up to ``max_bytes``: a larger one is refused unread."""
+        limit = self.config.max_bytes
+        if resp.content_length is not None and resp.content_length > limit:
+            raise DirectoryRefused(
+                "too_large", f"directory refused: {resp.content_length} bytes, over {limit}"
+            )
+        chunks: list[bytes] = []
+        total = 0
+        async for chunk in resp.content.iter_chunked(65536):
+            total += len(chunk)
+            if total > limit:  # a chunked body says no length up front
+                raise DirectoryRefused("too_large", f"directory refused: over {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks).decode("utf-8")
+
     async def _apply(self, directory: Directory) -> None:
         def layer(doc: Mapping[str, Any]) -> Sequence[tuple[str, str, Any]]:
             services = [str(s["code"]) for s in doc.get("services", [])]
             routed = [str(r["service"]) for r in doc.get("routes", []) if not r.get("target")]
+            defined = {
+                "members": [str(m["id"]) for m in doc.get("members", [])],
+                "adapters": [str(a["name"]) for a in doc.get("adapters", [])],
+                "routes": [resource_id("routes", r) for r in doc.get("routes", [])],
+            }
+            self._screen(directory, defined["members"])
             return directory_layer(
                 directory,
                 own=self.own,
@@ -204,11 +291,34 @@ class DirectoryFollower:
                 now=self._clock(),
                 routed=routed,
                 outbound=self.live.config.outbound,
+                defined=defined,
             )
 
         await self.live.set_layer(layer)
         self.current = directory
         self._applied_keys = self._overlap_state(directory)
+        self._stale_check()
+
+    def _screen(self, directory: Directory, local: Sequence[str]) -> None:
+        """Log and count, once per document, the entries that are not applied here."""
+        _, refused = screen(directory, own=self.own, local=local)
+        details = [r.detail for r in refused]
+        reasons = [r.reason for r in refused]
+        national = national_refusal(directory, own=self.own, local=local)
+        if national is not None:
+            details.append(f"directory national entry refused: {national}")
+            reasons.append("national")
+        self.refused_entries = tuple(details)
+        seen = (directory.version, directory.digest)
+        if self._screened == seen:
+            return
+        self._screened = seen
+        for detail, reason in zip(details, reasons, strict=True):
+            log.warning("%s (reason %s; the rest of version %d applies)", detail, reason,
+                        directory.version,
+                        extra={"event": "directory_entry_refused", "reason": reason})  # fmt: skip
+            if self.metrics is not None:
+                self.metrics.directory_entry_refused(reason)
 
     def _overlap_state(self, directory: Directory) -> object:
         now = self._clock()
@@ -253,6 +363,10 @@ class DirectoryFollower:
             out["checked_s_ago"] = round(now - self.checked_at, 3)
         if self.unreachable is not None:
             out["unreachable"] = self.unreachable
+        if self.refused_entries:
+            out["refused_entries"] = list(self.refused_entries)
+        if self.too_stale is not None:
+            out["cross_region"] = self.too_stale
         if self.refusal is not None:
             out["last_refusal"] = {
                 "reason": self.refusal.reason,
@@ -266,6 +380,8 @@ class DirectoryFollower:
         d = self.current
         if d is None:
             return []
+        if self.too_stale is not None:
+            return [f"directory: {self.too_stale}"]
         if d.expired(now):
             return [
                 f"directory: version {d.version} expired at {iso_utc(d.expires_at)}; "
@@ -301,7 +417,14 @@ def announcement_of(
         if exp > now and jwk.get("kid") != keypair.kid:
             public = {k: v for k, v in jwk.items() if k != "exp"}
             keys.append({"jwk": public, "valid_until": iso_utc(exp)})
-    body: dict[str, Any] = {"member_id": gw.member_id, "keys": keys}
+    # Single use: a unique id and the issue time (the publisher refuses a replay and
+    # anything older than the last one it took from us).
+    body: dict[str, Any] = {
+        "member_id": gw.member_id,
+        "id": str(uuid.uuid4()),
+        "issued_at": iso_utc(now, millis=True),
+        "keys": keys,
+    }
     if gw.public_url:
         body["url"] = gw.public_url
     directory = config.directory

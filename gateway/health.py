@@ -16,11 +16,15 @@ reasons when any of these fails:
 - with a federation directory configured, one is in force (from the store or fetched).
 
 The answer also carries ``directory`` (version, issued/expiry times, age, ``stale``, the
-last refusal) and ``warnings``: a directory past its ``expires_at`` is served from, and
-said to be stale here, but does not make the process unready (the national platform
-being down must not take every province's gateway out of rotation). A signing key that
-expires within 14 days (or has expired) is a warning too, never a reason: a province
-must not drop out of rotation because its operator is late with a rotation.
+last refusal, the entries not applied, and ``cross_region`` when cross-region traffic is
+refused) and ``warnings``: a directory past its ``expires_at`` is served from, and said to
+be stale here, but does not make the process unready (the national platform being down
+must not take every province's gateway out of rotation); past ``max_stale_s`` more,
+cross-region traffic is refused (``directory_stale``) and this says why, still ready,
+as local traffic goes on.
+A signing key that expires within 14 days (or has expired) is a warning too, never a
+reason: a province must not drop out of rotation because its operator is late with a
+rotation.
 
 An adapter whose outage should not take the gateway out of rotation (asynchronous
 services queue in the outbox meanwhile) is configured with ``readiness: false``.

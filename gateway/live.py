@@ -9,6 +9,14 @@ restarting still works. ``gateway config export`` prints the merged result.
 Between the two sits an optional *layer* (the federation directory, ``gateway/federation
 .py``): changes computed from the file and overlay, over the file, under the overlay, so an
 admin's write still wins over what the directory says. ``set_layer`` rebuilds with it.
+The layer only adds: it is given the file with the overlay and must leave what they
+define alone. An admin write on a resource that only the layer defines (a peer gateway
+learnt from the directory) is stored as a *patch*, ``{"$patch": {field: value}}``, of
+the fields it changed (``PATCHABLE``), applied over whatever the layer says at each
+rebuild: the operator's ``enabled: false`` survives a new directory version, and so
+does the directory's revocation of a key survive the operator's write. A write that
+would change anything else of such a resource (its keys, URL, regions) is refused, as
+is deleting it: those belong to the national platform.
 
 A write builds the complete new configuration beside the running one (validated as a
 whole, schemas compiled, new adapters constructed), persists it with its audit record,
@@ -32,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,11 +48,11 @@ from typing import Any
 
 from adapters.base import Adapter, AdapterContext
 from gateway.config import Config, parse_config
-from gateway.errors import ConfigError, ResourceChanged
+from gateway.errors import ConfigError, FieldError, ResourceChanged, SchemaInvalid
 from gateway.registry import AdapterSlot, Runtime, build_adapter, build_runtime
 from gateway.store import ConfigConflict, ResourceChange, Store
 
-__all__ = ["KINDS", "Layer", "LiveConfig", "merge", "resource_id"]
+__all__ = ["KINDS", "PATCHABLE", "Layer", "LiveConfig", "is_patch", "merge", "resource_id"]
 
 log = logging.getLogger("gateway.live")
 
@@ -65,11 +74,52 @@ def resource_id(kind: str, body: Mapping[str, Any]) -> str:
 # A layer: given the file with the overlay applied, the changes it makes over the file.
 Layer = Callable[[Mapping[str, Any]], Sequence[tuple[str, str, Any]]]
 
+# What an admin may change of a resource only the layer defines, stored as a patch.
+PATCHABLE: Mapping[str, frozenset[str]] = {
+    "members": frozenset(
+        {"enabled", "name", "services", "rate_limit", "revoked_keys", "allowed_algs"}
+    ),
+    "adapters": frozenset({"enabled", "readiness", "concurrency", "breaker"}),
+}
+PATCH = "$patch"
+
+
+def is_patch(body: Any) -> bool:
+    """An overlay entry that patches a layer resource rather than replacing it."""
+    return isinstance(body, Mapping) and PATCH in body
+
+
+def _patched(item: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: copy.deepcopy(v) for k, v in item.items()}
+    for field, value in patch.items():
+        if value is None:
+            out.pop(field, None)
+        else:
+            out[field] = copy.deepcopy(value)
+    revoked = set(out.get("revoked_keys", ()))
+    if revoked and isinstance(out.get("keys"), list):
+        # A kid revoked here stays out, whatever the layer lists.
+        out["keys"] = [k for k in out["keys"] if not _kid_in(k, revoked)]
+    return out
+
+
+def _kid_in(jwk: Any, kids: set[str]) -> bool:
+    return isinstance(jwk, Mapping) and jwk.get("kid") in kids
+
+
+def _kids(keys: Any) -> set[str]:
+    if not isinstance(keys, list):
+        return set()
+    return {str(k.get("kid")) for k in keys if isinstance(k, Mapping)}
+
 
 def merge(doc: Mapping[str, Any], changes: Iterable[tuple[str, str, Any]]) -> dict[str, Any]:
-    """``doc`` with each (kind, id, body-or-None) applied: replace, append or delete."""
+    """``doc`` with each (kind, id, body-or-None) applied: replace, append or delete.
+    A patch of a layer resource (``is_patch``) is not a body: ``LiveConfig`` applies it."""
     merged = copy.deepcopy(dict(doc))
     for kind, rid, body in changes:
+        if is_patch(body):
+            continue
         items = [i for i in merged.get(kind, []) if resource_id(kind, i) != rid]
         if body is not None:
             existing = [resource_id(kind, i) for i in merged.get(kind, [])]
@@ -106,6 +156,9 @@ class LiveConfig:
         self.config = config
         self.version = 0  # the store's configuration version this process runs
         self._layer: Layer | None = None
+        self._overlay: list[tuple[str, str, Any]] = []  # as last read from the store
+        self._layered: dict[tuple[str, str], dict[str, Any]] = {}  # what only the layer defines
+        self._refused: Mapping[str, str] = {}  # member id or adapter name → why refused
 
     async def load(self) -> None:
         """Start-up: the file plus the stored overlay; adapters built once each."""
@@ -119,7 +172,8 @@ class LiveConfig:
 
     async def _stored(self) -> tuple[dict[str, Any], Config]:
         """The file with the stored overlay applied, parsed."""
-        doc = self._compose(await self._store.load_overlay())
+        self._overlay = list(await self._store.load_overlay())
+        doc = self._compose(self._overlay)
         try:
             config = parse_config(copy.deepcopy(doc), base=self._base, path=self._path)
         except ConfigError as exc:
@@ -129,11 +183,26 @@ class LiveConfig:
         return doc, config
 
     def _compose(self, overlay: Sequence[tuple[str, str, Any]]) -> dict[str, Any]:
-        """file < layer < overlay."""
+        """file < layer < overlay; patches apply to what only the layer defines."""
+        full = [c for c in overlay if not is_patch(c[2])]
+        patches = {(k, r): b[PATCH] for k, r, b in overlay if is_patch(b)}
+        local = merge(self._file_doc, full)
         if self._layer is None:
-            return merge(self._file_doc, overlay)
-        layered = merge(self._file_doc, self._layer(merge(self._file_doc, overlay)))
-        return merge(layered, overlay)
+            self._layered = {}
+            return local
+        changes = self._layer(local)
+        defined = {(kind, resource_id(kind, i)) for kind in KINDS for i in local.get(kind, [])}
+        self._layered = {
+            (kind, rid): copy.deepcopy(dict(body))
+            for kind, rid, body in changes
+            if body is not None and (kind, rid) not in defined
+        }
+        patched = [
+            (kind, rid, _patched(body, patches[(kind, rid)]))
+            for (kind, rid), body in self._layered.items()
+            if (kind, rid) in patches
+        ]
+        return merge(merge(merge(self._file_doc, changes), full), patched)
 
     async def set_layer(self, layer: Layer | None) -> None:
         """Install a new layer and rebuild as a refresh does; a layer whose result does
@@ -196,8 +265,63 @@ class LiveConfig:
         self._set(build_runtime(config, self._slots))
 
     def _set(self, runtime: Runtime) -> None:
+        runtime = dataclasses.replace(runtime, refused=dict(self._refused))
         self._runtime = runtime
         self._apply(runtime)
+
+    def set_refused(self, refused: Mapping[str, str]) -> None:
+        """Members (by id) and adapters (by name) to refuse, with the detail the client
+        gets (``DirectoryStale``): no rebuild, the running runtime with a new list."""
+        self._refused = dict(refused)
+        if self._runtime is not None:
+            self._set(self._runtime)
+
+    def layered(self, kind: str) -> list[str]:
+        """The ids of the resources of ``kind`` that only the layer defines."""
+        return [rid for k, rid in self._layered if k == kind]
+
+    def from_layer(self, kind: str, rid: str) -> bool:
+        """Whether only the layer (the directory) defines this member or adapter, so
+        that a write is kept as a patch. A route holds nothing the directory could
+        revoke: an admin's route replaces the directory's, as a local decision."""
+        return kind in PATCHABLE and (kind, rid) in self._layered
+
+    def _layer_write(
+        self, kind: str, rid: str, after: Mapping[str, Any] | None
+    ) -> tuple[dict[str, Any], list[tuple[str, str, Any]]]:
+        """The patch an admin write on a layer resource stores, and the overlay with it;
+        ``SchemaInvalid`` when it changes what only the directory may change."""
+        base = self._layered[(kind, rid)]
+        if after is None:
+            raise SchemaInvalid(
+                f"{kind[:-1]} {rid} comes from the federation directory",
+                [FieldError("", 'it cannot be deleted here: disable it ({"enabled": false})')],
+            )
+        allowed = PATCHABLE.get(kind, frozenset())
+        patch: dict[str, Any] = {}
+        errors: list[FieldError] = []
+        revoked = set(after.get("revoked_keys", ()) or ())
+        for field in sorted(set(base) | set(after)):
+            if after.get(field) == base.get(field):
+                continue
+            if field in allowed:
+                patch[field] = copy.deepcopy(after.get(field))
+            elif (
+                field == "keys"
+                and _kids(after.get(field)) <= _kids(base.get(field))
+                and (_kids(base.get(field)) - _kids(after.get(field)) <= revoked)
+            ):
+                continue  # keys left out by a revocation: the revoked list says it
+            else:
+                errors.append(
+                    FieldError(f"/{field}", "comes from the federation directory; "
+                               "only the national platform changes it")
+                )  # fmt: skip
+        if errors:
+            raise SchemaInvalid(f"{kind[:-1]} {rid} comes from the federation directory", errors)
+        stored = {KINDS[kind]: rid, PATCH: patch}
+        overlay = [c for c in self._overlay if (c[0], c[1]) != (kind, rid)]
+        return stored, [*overlay, (kind, rid, stored)]
 
     def _build_slots(
         self, config: Config, old: Mapping[str, AdapterSlot]
@@ -269,13 +393,19 @@ class LiveConfig:
                 before = self.get(kind, rid)
                 if before != seen:
                     raise ResourceChanged(f"{kind[:-1]} {rid} was changed meanwhile; read it again")
-                doc = merge(self.doc, [(kind, rid, after)])
+                overlay: list[tuple[str, str, Any]] | None = None
+                stored = after
+                if self.from_layer(kind, rid):
+                    stored, overlay = self._layer_write(kind, rid, after)
+                    doc = self._compose(overlay)
+                else:
+                    doc = merge(self.doc, [(kind, rid, after)])
                 config = parse_config(copy.deepcopy(doc), base=self._base, path=self._path)
                 slots, retired = self._build_slots(config, self._slots)
                 runtime = build_runtime(config, slots, previous=self._runtime)
                 change = ResourceChange(
                     kind=kind, id=rid, action=action, actor=actor, role=role,
-                    before=before, after=after,
+                    before=before, after=stored,
                 )  # fmt: skip
                 try:
                     version = await self._store.put_resource(change, expected_version=self.version)
@@ -293,6 +423,11 @@ class LiveConfig:
                 self._set(runtime)
                 self.version = version
                 self._retire_all(retired, config)
+                if overlay is not None:
+                    self._overlay = overlay
+                    return before, self.get(kind, rid)  # the patch over the directory's
+                self._overlay = [c for c in self._overlay if (c[0], c[1]) != (kind, rid)]
+                self._overlay.append((kind, rid, stored))
                 return before, after
         raise ResourceChanged("the configuration kept changing under this write; try again")
 

@@ -5,32 +5,34 @@ registered or not yet authenticated), services are configured services (``unknow
 otherwise), adapters are configured adapter names (``none`` when no adapter was
 involved), codes are the protocol's stable error codes. No message id is ever a label.
 
-=====================================  =========  ==========================================
-name                                   type       labels
-=====================================  =========  ==========================================
-gateway_exchanges_total                counter    client, service, adapter, code
-gateway_stage_seconds                  histogram  stage (verify, validate, record, upstream,
-                                                  total)
-gateway_upstream_seconds               histogram  adapter
-gateway_upstream_errors_total          counter    adapter, code
-gateway_signature_failures_total       counter    code
-gateway_rate_limited_total             counter    client
-gateway_deliveries_total               counter    kind (message, callback), outcome
-                                                  (delivered, retry, dead, deferred)
-gateway_circuit_breaker_state          gauge      adapter (0 closed, 1 half-open, 2 open)
-gateway_outbox_depth                   gauge      (read from the store at scrape time)
-gateway_outbox_oldest_age_seconds      gauge      (read from the store at scrape time)
-gateway_store_batch_units              histogram  (writes per group commit)
-gateway_store_commit_seconds           histogram  (BEGIN to COMMIT of a batch, on the loop)
-gateway_store_busy_total               counter    (batches that waited for another worker)
-gateway_directory_version              gauge      (the federation directory in force)
-gateway_directory_age_seconds          gauge      (since its issued_at, at scrape time)
-gateway_directory_expires_in_seconds   gauge      (negative: expired, served stale)
-gateway_directory_updates_total        counter    outcome (applied, unreachable,
-                                                  refused_<reason>)
-gateway_signing_key_expires_in_seconds gauge      kid (the gateway's signing key, when it
-                                                  has an expiry; negative: expired)
-=====================================  =========  ==========================================
+=======================================  =========  ==========================================
+name                                     type       labels
+=======================================  =========  ==========================================
+gateway_exchanges_total                  counter    client, service, adapter, code
+gateway_stage_seconds                    histogram  stage (verify, validate, record, upstream,
+                                                    total)
+gateway_upstream_seconds                 histogram  adapter
+gateway_upstream_errors_total            counter    adapter, code
+gateway_signature_failures_total         counter    code
+gateway_rate_limited_total               counter    client
+gateway_deliveries_total                 counter    kind (message, callback), outcome
+                                                    (delivered, retry, dead, deferred)
+gateway_circuit_breaker_state            gauge      adapter (0 closed, 1 half-open, 2 open)
+gateway_outbox_depth                     gauge      (read from the store at scrape time)
+gateway_outbox_oldest_age_seconds        gauge      (read from the store at scrape time)
+gateway_store_batch_units                histogram  (writes per group commit)
+gateway_store_commit_seconds             histogram  (BEGIN to COMMIT of a batch, on the loop)
+gateway_store_busy_total                 counter    (batches that waited for another worker)
+gateway_directory_version                gauge      (the federation directory in force)
+gateway_directory_age_seconds            gauge      (since its issued_at, at scrape time)
+gateway_directory_expires_in_seconds     gauge      (negative: expired, served stale)
+gateway_directory_updates_total          counter    outcome (applied, unreachable,
+                                                    refused_<reason>)
+gateway_signing_key_expires_in_seconds   gauge      kid (the gateway's signing key, when it
+                                                    has an expiry; negative: expired)
+gateway_directory_entries_refused_total  counter    reason (foreign_member, foreign_vouch,
+                                                    local_member, duplicate, national)
+=======================================  =========  ==========================================
 
 ``code`` on ``gateway_exchanges_total`` is ``ok`` (200), ``accepted`` (202), ``replayed``
 (an idempotent repeat answered from the log) or the stable error code.
@@ -263,6 +265,12 @@ class Metrics:
             ("outcome",),
             registry=r,
         )
+        self._directory_entries = Counter(
+            "gateway_directory_entries_refused_total",
+            "Directory entries not applied here, by reason (once per directory version).",
+            ("reason",),
+            registry=r,
+        )
         self._batch_units = Histogram(
             "gateway_store_batch_units",
             "Writes committed together in one store transaction (group commit).",
@@ -413,6 +421,9 @@ class Metrics:
 
     def directory_outcome(self, outcome: str) -> None:
         self._directory_updates.labels(outcome).inc()
+
+    def directory_entry_refused(self, reason: str) -> None:
+        self._directory_entries.labels(reason).inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition (merged across workers in multiprocess mode)."""

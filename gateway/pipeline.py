@@ -32,6 +32,7 @@ from gateway.encoding import iso_utc
 from gateway.errors import (
     ClientDisabled,
     ClientUnknown,
+    DirectoryStale,
     GatewayError,
     KeyUnknown,
     MalformedRequest,
@@ -302,6 +303,8 @@ class Pipeline:
             raise ClientUnknown(f"{member_id} is not a member of this exchange")
         if not member.config.enabled:
             raise ClientDisabled(f"{member_id} is disabled")
+        if member_id in runtime.refused:
+            raise DirectoryStale(runtime.refused[member_id], retry_after=60)
         return member
 
     @staticmethod

@@ -120,6 +120,9 @@ class Runtime:
     services: Mapping[str, Service]
     routes: RouteTable
     adapters: Mapping[str, AdapterSlot]
+    # Members (by id) and adapters (by name) refused for now, with why: the directory
+    # that defines them is past its max_stale_s (gateway/federation.py).
+    refused: Mapping[str, str] = field(default_factory=dict)
 
 
 class RuntimeHolder:

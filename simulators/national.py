@@ -401,12 +401,13 @@ async def _directory(request: web.Request) -> web.Response:
 
 
 async def _announce(request: web.Request) -> web.Response:
-    """A gateway's announcement, signed with a key the directory lists for it now."""
+    """A gateway's announcement, signed with a key the directory lists for it as current
+    (a retired key within its overlap may not re-key it); single use (``Publisher``)."""
     sim = request.app[NATIONAL]
     if sim.publisher is None:
         return problem(404, "service_unknown", "this platform publishes no directory")
     member = request.headers.get("Gw-Client", "")
-    listed = [VerificationKey.from_jwk(j) for j in sim.publisher.keys_of(member)]
+    listed = [VerificationKey.from_jwk(j) for j in sim.publisher.announcing_keys_of(member)]
     if not listed:
         return problem(403, "client_unknown", f"{member or 'no Gw-Client'} is not registered")
     try:
@@ -421,6 +422,9 @@ async def _announce(request: web.Request) -> web.Response:
     except json.JSONDecodeError:
         return problem(400, "malformed_request", "the announcement is not JSON")
     except DirectoryRefused as exc:
+        if exc.reason in ("replayed", "older", "stale", "retired_key"):
+            log.warning("%s (%s)", exc.detail, member)
+            return problem(409, "announcement_refused", exc.detail)
         return problem(422, "schema_invalid", exc.detail)
     sim.announcements.append(kid)
     if "url" in announcement:

@@ -14,7 +14,10 @@ from gateway.directory import (
     Publisher,
     check_succession,
     directory_layer,
+    national_refusal,
     read_directory,
+    region_within,
+    screen,
     sign_directory,
     verify_directory,
 )
@@ -244,18 +247,18 @@ def test_the_publisher_signs_a_new_version_per_change(pairs: dict[str, KeyPair])
     first = pub.current()
     assert pub.current() == first  # nothing changed: same document, same version
     v1 = read_directory(first, pinned(pairs)).version
-    assert pub.announce("440000:gateway", {"keys": [{"jwk": pairs["b2"].jwk}]})
-    assert not pub.announce("440000:gateway", {"keys": [{"jwk": pairs["b2"].jwk}]})
+    assert pub.update("440000:gateway", {"keys": [{"jwk": pairs["b2"].jwk}]})
+    assert not pub.update("440000:gateway", {"keys": [{"jwk": pairs["b2"].jwk}]})
     second = read_directory(pub.current(), pinned(pairs))
     assert second.version == v1 + 1
     assert [k.kid for k in second.regions[0].gateway.keys] == [pairs["b2"].kid]
     clock[0] += 301  # half the validity: re-signed, so a follower never sees it expire
     assert read_directory(pub.current(), pinned(pairs)).version == v1 + 2
     with pytest.raises(DirectoryRefused):
-        pub.announce("440000:gateway", {"keys": []})  # keeps the last valid registration
+        pub.update("440000:gateway", {"keys": []})  # keeps the last valid registration
     assert pub.keys_of("440000:gateway") == [pairs["b2"].jwk]
     with pytest.raises(DirectoryRefused):
-        pub.announce("510000:gateway", {"keys": [{"jwk": pairs["b2"].jwk}]})
+        pub.update("510000:gateway", {"keys": [{"jwk": pairs["b2"].jwk}]})
 
 
 def test_the_cli_signs_and_verifies(
@@ -310,3 +313,212 @@ def test_the_cli_signs_and_verifies(
     assert "refused (key_unknown)" in capsys.readouterr().err
     assert main(["directory", "show", str(out)]) == 0
     assert '"440000:gateway"' in capsys.readouterr().out
+
+
+# Trust rules: the directory only adds what is remote (issue 20, part 2) -----------------
+
+
+def _entry(region: str, member: str, jwk: Any, **over: Any) -> dict[str, Any]:
+    gateway = {
+        "member_id": member,
+        "url": f"http://127.0.0.1:9{region[:3]}",
+        "keys": [{"jwk": jwk}],
+        "vouches_for": [region],
+        "services": [{"code": "credit.query"}],
+    }
+    return {"region": region, "gateway": gateway | over}
+
+
+def _hostile(pairs: dict[str, KeyPair], *entries: dict[str, Any]) -> Directory:
+    doc = payload(pairs)
+    doc["regions"] = [*doc["regions"], *entries]
+    return read_directory(sign_directory(pairs["directory"], doc), pinned(pairs))
+
+
+def test_gb2260_containment_is_by_prefix_and_100000_contains_only_itself() -> None:
+    """330100 and 330102 are within 330000, 440000 is not; 100000 is not every region."""
+    assert region_within("330000", "330000")
+    assert region_within("330100", "330000")
+    assert region_within("330102", "330100")
+    assert not region_within("440000", "330000")
+    assert not region_within("330000", "330100")
+    assert not region_within("330000", "100000")
+    assert not region_within("110000", "100000")
+
+
+def test_an_entry_whose_gateway_is_a_local_id_is_refused_and_adds_nothing(
+    pairs: dict[str, KeyPair],
+) -> None:
+    """A 450000 entry naming 330000:one-stop-portal is refused; the portal is not redefined."""
+    d = _hostile(pairs, _entry("450000", "330000:one-stop-portal", pairs["other"].jwk))
+    kept, refused = screen(d, own="330000:gateway", local=["330000:one-stop-portal"])
+    assert [r.reason for r in refused] == ["foreign_member"]
+    assert "450000" not in {e.region for e in kept}
+    layer = _layer(d)
+    assert ("members", "330000:one-stop-portal") not in layer
+    assert not [k for k in layer if k[1].endswith("450000:*") or k[1] == "directory-450000"]
+
+
+def test_a_sub_region_entry_adds_no_member_and_no_route_for_the_follower(
+    pairs: dict[str, KeyPair],
+) -> None:
+    """A 330100 entry (a city of 330000) routes nothing and defines nothing at 330000."""
+    d = _hostile(pairs, _entry("330100", "330100:gateway", pairs["other"].jwk))
+    _, refused = screen(d, own="330000:gateway")
+    assert refused == ()  # left out, not an error: the city is simply ours to route
+    layer = _layer(d)
+    assert not [k for k in layer if "330100" in k[1]]
+
+
+def test_an_entry_vouching_outside_its_region_or_for_a_local_member_is_refused(
+    pairs: dict[str, KeyPair],
+) -> None:
+    """Vouching for 330000 from a 450000 entry, or a 460000 entry for a member defined in
+    the file, are refused; the document's other entries still apply."""
+    d = _hostile(
+        pairs,
+        _entry("450000", "450000:gateway", pairs["other"].jwk, vouches_for=["450000", "330000"]),
+        _entry("460000", "460000:gateway", pairs["p256"].jwk),
+    )
+    kept, refused = screen(d, own="330000:gateway", local=["460000:gateway"])
+    assert sorted(r.reason for r in refused) == ["foreign_vouch", "local_member"]
+    assert [e.region for e in kept] == ["440000"]
+    services = ["credit.query"]
+    changes = directory_layer(
+        d, own="330000:gateway", services=services, now=NOW, outbound=LOOPBACK,
+        defined={"members": ["460000:gateway"]},
+    )  # fmt: skip
+    ids = {(k, i) for k, i, _ in changes}
+    assert ("members", "440000:gateway") in ids
+    assert ("members", "460000:gateway") not in ids
+    assert ("members", "450000:gateway") not in ids
+
+
+def test_the_layer_never_replaces_a_route_or_adapter_defined_here(
+    pairs: dict[str, KeyPair],
+) -> None:
+    """A file route credit.query|440000:* and an adapter named directory-440000 stay."""
+    d = read_directory(signed(pairs), pinned(pairs))
+    changes = directory_layer(
+        d, own="330000:gateway", services=["credit.query"], now=NOW, outbound=LOOPBACK,
+        defined={"routes": ["credit.query|440000:*"], "adapters": ["directory-440000"]},
+    )  # fmt: skip
+    ids = {(k, i) for k, i, _ in changes}
+    assert ("routes", "credit.query|440000:*") not in ids
+    assert ("adapters", "directory-440000") not in ids
+    assert ("members", "440000:gateway") in ids
+
+
+def test_a_national_party_outside_100000_is_not_applied(pairs: dict[str, KeyPair]) -> None:
+    """A directory whose national party is 330000:one-stop-portal adds no platform."""
+    doc = payload(pairs)
+    doc["national"]["member_id"] = "330000:one-stop-portal"
+    d = read_directory(sign_directory(pairs["directory"], doc), pinned(pairs))
+    assert national_refusal(d, own="330000:gateway") is not None
+    layer = _layer(d)
+    assert ("members", "330000:one-stop-portal") not in layer
+    assert ("adapters", NATIONAL_ADAPTER) not in layer
+    assert all(b is None or b.get("adapter") != NATIONAL_ADAPTER for b in layer.values())
+
+
+def test_a_relay_never_vouches_for_the_followers_region(pairs: dict[str, KeyPair]) -> None:
+    """The national party's vouches_for 330000 is dropped at the 330000 follower."""
+    doc = payload(pairs)
+    doc["national"]["vouches_for"] = ["100000", "330000", "330100"]
+    d = read_directory(sign_directory(pairs["directory"], doc), pinned(pairs))
+    assert _layer(d)[("members", "100000:national-platform")]["regions"] == ["100000"]
+
+
+# Announcements are single use (issue 20, part 4) ------------------------------------------
+
+
+def _publisher(pairs: dict[str, KeyPair], clock: list[float], **kw: Any) -> Publisher:
+    pub = Publisher(
+        keypair=pairs["directory"],
+        national=payload(pairs)["national"],
+        clock=lambda: clock[0],
+        **kw,
+    )
+    pub.register(
+        "440000",
+        {"member_id": "440000:gateway", "url": "http://127.0.0.1:8090",
+         "keys": [{"jwk": pairs["b"].jwk}], "vouches_for": ["440000"]},
+    )  # fmt: skip
+    return pub
+
+
+def _said(clock: list[float], keys: list[Any], ident: str) -> dict[str, Any]:
+    return {"member_id": "440000:gateway", "id": ident,
+            "issued_at": iso_utc(clock[0], millis=True), "keys": keys}  # fmt: skip
+
+
+def test_a_retired_key_may_not_sign_an_announcement(pairs: dict[str, KeyPair]) -> None:
+    """After a rotation the old key still signs exchanges in its overlap, not announcements."""
+    clock = [NOW]
+    pub = _publisher(pairs, clock)
+    rotated = [{"jwk": pairs["b2"].jwk}, {"jwk": pairs["b"].jwk, "valid_until": iso_utc(NOW + 600)}]
+    assert pub.announce("440000:gateway", _said(clock, rotated, "r1"))
+    assert pairs["b"].jwk in pub.keys_of("440000:gateway")
+    assert pub.announcing_keys_of("440000:gateway") == [pairs["b2"].jwk]
+
+
+def test_a_replayed_or_older_announcement_is_refused(pairs: dict[str, KeyPair]) -> None:
+    """The same id again, or an issue time before the last accepted, changes nothing."""
+    clock = [NOW]
+    pub = _publisher(pairs, clock)
+    first = _said(clock, [{"jwk": pairs["b"].jwk}], "one")
+    assert not pub.announce("440000:gateway", first)
+    clock[0] += 1
+    rotated = [{"jwk": pairs["b2"].jwk}, {"jwk": pairs["b"].jwk, "valid_until": iso_utc(NOW + 600)}]
+    assert pub.announce("440000:gateway", _said(clock, rotated, "two"))
+    for replay, reason in ((first, "replayed"), ({**first, "id": "three"}, "older")):
+        with pytest.raises(DirectoryRefused) as err:
+            pub.announce("440000:gateway", replay)
+        assert err.value.reason == reason
+    assert pub.announcing_keys_of("440000:gateway") == [pairs["b2"].jwk]
+    with pytest.raises(DirectoryRefused) as err:
+        pub.announce("440000:gateway", {k: v for k, v in first.items() if k != "id"})
+    assert err.value.reason == "malformed"
+    clock[0] += 1000
+    with pytest.raises(DirectoryRefused) as err:  # captured, never delivered, used late
+        pub.announce("440000:gateway", _said([NOW + 2], rotated, "four"))
+    assert err.value.reason == "stale"
+
+
+def test_a_rotation_never_brings_a_retired_key_back(pairs: dict[str, KeyPair]) -> None:
+    """A retired key listed as current again, or with a longer overlap, is refused."""
+    clock = [NOW]
+    pub = _publisher(pairs, clock)
+    retired = {"jwk": pairs["b"].jwk, "valid_until": iso_utc(NOW + 600)}
+    assert pub.announce("440000:gateway", _said(clock, [{"jwk": pairs["b2"].jwk}, retired], "1"))
+    clock[0] += 1
+    for keys in (
+        [{"jwk": pairs["b2"].jwk}, {"jwk": pairs["b"].jwk}],
+        [{"jwk": pairs["b2"].jwk}, {**retired, "valid_until": iso_utc(NOW + 6000)}],
+    ):
+        with pytest.raises(DirectoryRefused) as err:
+            pub.announce("440000:gateway", _said(clock, keys, f"x{len(str(keys))}"))
+        assert err.value.reason == "retired_key"
+    # The same overlap again is fine (a restart re-announces what the rotation said).
+    assert not pub.announce(
+        "440000:gateway", _said(clock, [{"jwk": pairs["b2"].jwk}, retired], "2")
+    )
+
+
+def test_the_publishers_memory_survives_a_restart(
+    pairs: dict[str, KeyPair], tmp_path: Path
+) -> None:
+    """With a state file, a restarted publisher refuses a replay, keeps the announced keys
+    and signs a higher version than before."""
+    clock = [NOW]
+    state = tmp_path / "publisher.json"
+    pub = _publisher(pairs, clock, state_path=state)
+    said = _said(clock, [{"jwk": pairs["b2"].jwk}], "once")
+    assert pub.announce("440000:gateway", said)
+    before = read_directory(pub.current(), pinned(pairs)).version
+    again = _publisher(pairs, clock, state_path=state)  # registers B's first key again
+    assert again.announcing_keys_of("440000:gateway") == [pairs["b2"].jwk]
+    with pytest.raises(DirectoryRefused) as err:
+        again.announce("440000:gateway", said)
+    assert err.value.reason == "replayed"
+    assert read_directory(again.current(), pinned(pairs)).version > before

@@ -361,6 +361,8 @@ def test_every_error_class_has_a_protocol_code() -> None:
         "overloaded": 503, "upstream_timeout": 504, "internal": 500,
         # The admin API's own (docs/decisions.md, docs/deployment.md).
         "resource_unknown": 404, "resource_exists": 409, "resource_changed": 409,
+        # Cross-region traffic on a directory past max_stale_s (docs/federation.md).
+        "directory_stale": 503,
     }  # fmt: skip
 
     def walk(cls: type[GatewayError]) -> list[type[GatewayError]]:

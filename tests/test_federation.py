@@ -269,7 +269,7 @@ async def test_b_rotates_mid_flow_and_a_follows_within_refresh_s(fed: Federation
     assert first_ok <= propagation
 
     # The national operator revokes B's old key: gone from A within one refresh.
-    fed.publisher.announce(B_ID, {"keys": [{"jwk": new.jwk}]})
+    fed.publisher.update(B_ID, {"keys": [{"jwk": new.jwk}]})
     gone = await _until(lambda: old.kid not in _member_kids(a, B_ID), REFRESH_S + 2.0)
     as_b_old = ExchangeClient(
         member_id=B_ID, signer=Signer(old), base_url=fed.url("a"), session=fed.session
@@ -389,3 +389,174 @@ async def test_bad_directories_are_refused_and_the_last_good_one_kept(
     assert any("stale" in w for w in ready["warnings"])
     text = await fed.metrics("a")
     assert "gateway_directory_expires_in_seconds -" in text
+
+
+# Freshness (issue 20): what time alone changes --------------------------------------------
+
+
+@dataclass
+class Served:
+    """A directory server answering 304 to the ETag it served, as the publisher does."""
+
+    jws: str = ""
+    etag: str = '"0"'
+    raw: bytes | None = None  # served as is when set (a body of any size)
+    hits: int = 0
+
+
+async def _serve_directory(fed: Federation, served: Served) -> None:
+    async def serve(request: web.Request) -> web.StreamResponse:
+        served.hits += 1
+        if served.raw is not None:  # streamed: no Content-Length to refuse it by
+            resp = web.StreamResponse(headers={"Content-Type": "application/jose"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for start in range(0, len(served.raw), 1000):
+                await resp.write(served.raw[start : start + 1000])
+            await resp.write_eof()
+            return resp
+        headers = {"ETag": served.etag}
+        if request.headers.get("If-None-Match") == served.etag:
+            return web.Response(status=304, headers=headers)
+        return web.Response(text=served.jws, content_type="application/jose", headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/v1/directory", serve)
+    await fed.serve("fake", app)
+
+
+def _document(
+    fed: Federation, version: int, *, expires_in: float, b_keys: list[Any]
+) -> dict[str, Any]:
+    """A directory for A and B as the national platform would sign it."""
+    now = time.time()
+    p = fed.pairs
+    gateway = {"vouches_for": [], "services": [{"code": "credit.query"}]}
+    return {
+        "format": "gw-directory/1", "issuer": PLATFORM_ID, "version": version,
+        "issued_at": iso_utc(now - 1), "expires_at": iso_utc(now + expires_in),
+        "national": {"member_id": PLATFORM_ID, "url": fed.url("national"),
+                     "keys": [{"jwk": p["national"].jwk}]},
+        "regions": [
+            {"region": "330000", "gateway": gateway | {
+                "member_id": A_ID, "url": fed.url("a"), "keys": [{"jwk": p["a"].jwk}],
+                "vouches_for": ["330000"]}},
+            {"region": "440000", "gateway": gateway | {
+                "member_id": B_ID, "url": fed.url("b"), "keys": b_keys,
+                "vouches_for": ["440000"]}},
+        ],
+    }  # fmt: skip
+
+
+def _a_following(fed: Federation, **directory: Any) -> Config:
+    doc = dict(fed.a_config(f"{fed.url('fake')}/v1/directory").raw)
+    doc["directory"] = {**doc["directory"], **directory}
+    # A's own registry answers what is not routed to another region (local traffic).
+    doc["adapters"] = [
+        {
+            "name": "registry",
+            "type": "mock",
+            "config": {"responses": {"credit.query": {"body": RECORD}}},
+        }
+    ]
+    doc["routes"] = [{"service": "credit.query", "adapter": "registry"}]
+    return parse_config(copy.deepcopy(doc), base=fed.tmp)
+
+
+async def _as_b(fed: Federation, key: str = "b") -> tuple[int, str]:
+    client = ExchangeClient(
+        member_id=B_ID, signer=Signer(fed.pairs[key]), base_url=fed.url("a"), session=fed.session
+    )
+    reply = await client.exchange("credit.query", CREDIT_EXAMPLE)
+    return reply.status, reply.json().get("code", "") if reply.status != 200 else ""
+
+
+async def test_a_304_never_extends_a_copy_and_past_max_stale_s_cross_region_is_refused(
+    fed: Federation,
+) -> None:
+    """The server answers 304 past expires_at: the copy is stale, and max_stale_s later
+    every cross-region request (in from B, out to B) is 503 directory_stale while the
+    reason is on /readyz (still ready); a fresh document lifts it."""
+    await fed.start_national()
+    await fed.serve("b", create_app(fed.b_config()))
+    served = Served()
+    b_keys = [{"jwk": fed.pairs["b"].jwk}]
+    served.jws = sign_directory(fed.pairs["directory"], _document(fed, 5, expires_in=2.0,
+                                                                  b_keys=b_keys))  # fmt: skip
+    await _serve_directory(fed, served)
+    a = await fed.serve("a", create_app(_a_following(fed, refresh_s=0.2, max_stale_s=1.0)))
+    follower = a[DIRECTORY]
+    assert await fed.ask_b() == 200
+    assert await _as_b(fed) == (200, "")
+    hits = served.hits
+    await _until(lambda: follower.current is not None and follower.current.expired(time.time()),
+                 5.0)  # fmt: skip
+    assert await follower.refresh() == "unchanged"  # a 304 …
+    assert served.hits > hits
+    status, ready = await fed.readyz("a")
+    assert ready["directory"]["stale"] is True  # … does not make it fresh
+    await _until(lambda: follower.too_stale is not None, 3.0)
+    reply = await fed.portal().exchange(
+        "credit.query", CREDIT_EXAMPLE, headers={"Gw-Target": "440000:credit-registry"}
+    )
+    assert (reply.status, reply.json()["code"]) == (503, "directory_stale")
+    assert "max_stale_s" in reply.json()["detail"]
+    assert await _as_b(fed) == (503, "directory_stale")
+    assert (await fed.portal().exchange("credit.query", CREDIT_EXAMPLE)).status == 200  # local
+    status, ready = await fed.readyz("a")
+    assert status == 200, ready  # local traffic goes on: still in the load balancer
+    assert "max_stale_s" in ready["directory"]["cross_region"]
+    assert any("cross-region traffic refused" in w for w in ready["warnings"])
+    served.jws = sign_directory(fed.pairs["directory"], _document(fed, 6, expires_in=600,
+                                                                  b_keys=b_keys))  # fmt: skip
+    served.etag = '"1"'
+    assert await follower.refresh() == "applied"
+    assert await _as_b(fed) == (200, "")
+    assert await fed.ask_b() == 200
+
+
+async def test_a_retired_peer_key_stops_at_valid_until_without_a_refresh(
+    fed: Federation,
+) -> None:
+    """With refresh_s 60, B's retired key is refused from its valid_until on (the
+    follower wakes then), no new directory version needed."""
+    await fed.start_national()
+    served = Served()
+    until = float(int(time.time()) + 2)
+    b_keys = [{"jwk": fed.pairs["stranger"].jwk},
+              {"jwk": fed.pairs["b"].jwk, "valid_until": iso_utc(until)}]  # fmt: skip
+    served.jws = sign_directory(fed.pairs["directory"], _document(fed, 3, expires_in=600,
+                                                                  b_keys=b_keys))  # fmt: skip
+    await _serve_directory(fed, served)
+    a = await fed.serve("a", create_app(_a_following(fed, refresh_s=60)))
+    assert fed.pairs["b"].kid in _member_kids(a, B_ID)
+    await _until(lambda: time.time() >= until + 0.5, 5.0)
+    assert fed.pairs["b"].kid not in _member_kids(a, B_ID)
+    assert await _as_b(fed) == (401, "key_unknown")
+    assert await _as_b(fed, "stranger") != (401, "key_unknown")
+
+
+async def test_a_directory_body_is_read_bounded_and_a_first_copy_has_a_floor(
+    fed: Federation,
+) -> None:
+    """A body over max_bytes is refused (too_large) unread; a follower with no copy
+    refuses a version below min_version (floor) and stays not ready."""
+    served = Served(raw=b"x" * 5000)
+    await _serve_directory(fed, served)
+    a = await fed.serve("a", create_app(_a_following(fed, refresh_s=60, max_bytes=4096)))
+    follower = a[DIRECTORY]
+    assert follower.refusal is not None
+    assert follower.refusal.reason == "too_large"
+    served.raw = None
+    b_keys = [{"jwk": fed.pairs["b"].jwk}]
+    served.jws = sign_directory(fed.pairs["directory"], _document(fed, 3, expires_in=600,
+                                                                  b_keys=b_keys))  # fmt: skip
+    await fed.stop("a")
+    a = await fed.serve("a", create_app(_a_following(fed, refresh_s=60, min_version=4)))
+    follower = a[DIRECTORY]
+    assert follower.current is None
+    assert follower.refusal is not None
+    assert follower.refusal.reason == "floor"
+    status, ready = await fed.readyz("a")
+    assert status == 503
+    assert any("min_version" in r for r in ready["reasons"])

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.app import LIVE
+from gateway.app import LIVE, STORE
 from tests.conftest import CREDIT_EXAMPLE, PORTAL_ID, TAX_ID, Harness, HarnessFactory
 from tests.test_admin import _new_member
 
@@ -111,3 +111,91 @@ async def _kids(h: Harness, expected: set[str]) -> bool:
 
 def _file_kids(h: Harness) -> set[str]:
     return {h.keys.pairs["tax"].kid}
+
+
+# Admin writes on what the directory defines (issue 20, part 8) ---------------------------
+
+DIRECTORY_PEER = "450000:gateway"
+
+
+def _directory_peer(h: Harness, *names: str) -> Any:
+    """A layer as the directory's would be: one peer gateway with the keys ``names``."""
+    body = {
+        "id": DIRECTORY_PEER,
+        "kind": "gateway",
+        "name": "gateway of 450000 (directory)",
+        "keys": [dict(h.keys.pairs[n].jwk) for n in names],
+        "regions": ["450000"],
+        "services": ["credit.query"],
+    }
+    return lambda doc: [("members", DIRECTORY_PEER, body)]
+
+
+async def _as_peer(h: Harness, key: str) -> tuple[int, str]:
+    reply = await h.client(key, DIRECTORY_PEER).exchange("credit.query", CREDIT_EXAMPLE)
+    return reply.status, reply.json().get("code", "") if reply.status != 200 else ""
+
+
+async def test_an_admin_patch_on_a_directory_member_stores_only_what_it_changed(
+    store_url: str, make_harness: HarnessFactory
+) -> None:
+    """PATCH enabled on a peer the directory defines stores {enabled}; a later directory
+    version that revokes one of its keys still applies (the revoked key gets 401)."""
+    h = await _on(make_harness, store_url)
+    live = h.app[LIVE]
+    await live.set_layer(_directory_peer(h, "peer", "stranger"))
+    assert await _as_peer(h, "stranger") == (200, "")
+    status, body = await _call(h, "PATCH", f"/admin/v1/members/{DIRECTORY_PEER}", {"enabled": True})
+    assert status == 200, body
+    assert {k["kid"] for k in body["keys"]} == {h.keys.pairs[n].kid for n in ("peer", "stranger")}
+    stored = [b for _, rid, b in await h.app[STORE].load_overlay() if rid == DIRECTORY_PEER]
+    assert stored == [{"id": DIRECTORY_PEER, "$patch": {"enabled": True}}]
+    await live.set_layer(_directory_peer(h, "peer"))  # the directory revokes "stranger"
+    assert await _as_peer(h, "stranger") == (401, "key_unknown")
+    assert await _as_peer(h, "peer") == (200, "")
+    # The operator's disabling survives the next directory version, on a restart too.
+    status, _ = await _call(h, "PATCH", f"/admin/v1/members/{DIRECTORY_PEER}", {"enabled": False})
+    assert status == 200
+    await live.set_layer(_directory_peer(h, "peer", "tax"))
+    assert await _as_peer(h, "peer") == (403, "client_disabled")
+    again = await _on(make_harness, store_url)
+    await again.app[LIVE].set_layer(_directory_peer(again, "peer"))
+    assert await _as_peer(again, "peer") == (403, "client_disabled")
+
+
+async def test_a_key_revoked_here_stays_revoked_whatever_the_directory_lists(
+    store_url: str, make_harness: HarnessFactory
+) -> None:
+    """DELETE …/keys/{kid} on a directory peer is kept as a revocation over the layer."""
+    h = await _on(make_harness, store_url)
+    live = h.app[LIVE]
+    await live.set_layer(_directory_peer(h, "peer", "stranger"))
+    kid = h.keys.pairs["stranger"].kid
+    status, _ = await _call(h, "DELETE", f"/admin/v1/members/{DIRECTORY_PEER}/keys/{kid}")
+    assert status == 204
+    await live.set_layer(_directory_peer(h, "peer", "stranger", "tax"))  # a new version
+    assert await _as_peer(h, "stranger") == (401, "key_unknown")
+    assert await _as_peer(h, "tax") == (200, "")
+
+
+async def test_what_only_the_directory_may_change_is_refused_with_the_fields(
+    store_url: str, make_harness: HarnessFactory
+) -> None:
+    """Adding a key to, re-pointing or deleting a directory peer is 422 naming the field;
+    nothing is stored."""
+    h = await _on(make_harness, store_url)
+    await h.app[LIVE].set_layer(_directory_peer(h, "peer"))
+    path = f"/admin/v1/members/{DIRECTORY_PEER}"
+    jwk = dict(h.keys.pairs["stranger"].jwk)
+    for method, sub, body, pointer in (
+        ("POST", "/keys", jwk, "/keys"),
+        ("PATCH", "", {"regions": ["330000"]}, "/regions"),
+        ("DELETE", "", None, ""),
+    ):
+        status, problem = await _call(h, method, path + sub, body)
+        assert status == 422, (method, problem)
+        assert problem["code"] == "schema_invalid"
+        assert "federation directory" in problem["title"] + problem["detail"]
+        assert [e["pointer"] for e in problem["errors"]] == [pointer]
+    assert not [rid for _, rid, _ in await h.app[STORE].load_overlay() if rid == DIRECTORY_PEER]
+    assert await _as_peer(h, "stranger") == (401, "key_unknown")
