@@ -41,6 +41,7 @@ from adapters.base import Adapter, AdapterContext
 from gateway.config import Config, parse_config
 from gateway.errors import ConfigError, ResourceChanged
 from gateway.registry import AdapterSlot, Runtime, build_adapter, build_runtime
+from gateway.secrets import redact
 from gateway.store import ConfigConflict, ResourceChange, Store
 
 __all__ = ["KINDS", "Layer", "LiveConfig", "merge", "resource_id"]
@@ -276,6 +277,8 @@ class LiveConfig:
                 change = ResourceChange(
                     kind=kind, id=rid, action=action, actor=actor, role=role,
                     before=before, after=after,
+                    # The trail records that a secret changed, by fingerprint, never it.
+                    recorded=(redact(kind, before), redact(kind, after)),
                 )  # fmt: skip
                 try:
                     version = await self._store.put_resource(change, expected_version=self.version)
