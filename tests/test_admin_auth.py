@@ -26,6 +26,7 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway.app import LIVE
 from gateway.client import ExchangeClient
 from gateway.signing import Signer
 from tests.conftest import CREDIT_EXAMPLE, PORTAL_ID, Harness, HarnessFactory, Keys
@@ -460,3 +461,29 @@ async def test_a_patch_repeating_a_placeholder_keeps_the_header_the_upstream_rec
         assert len(trail) == 3
     finally:
         await server.close()
+
+
+async def test_a_new_key_or_resource_cannot_be_written_as_a_placeholder(harness: Harness) -> None:
+    """A create or a key add whose secret is a placeholder is 422 at its pointer; the real
+    value is taken, and the answer shows it only as its placeholder."""
+    h = harness
+    fake = {"kty": "oct", "kid": "h9", "k": "set · 0123abcd"}
+    async with h.admin.post(
+        f"/admin/v1/members/{PORTAL_ID}/keys", json=fake, headers=h.auth()
+    ) as resp:
+        problem = await resp.json()
+        assert (resp.status, [e["pointer"] for e in problem["errors"]]) == (422, ["/k"])
+    member = {"id": "330000:new-one", "kind": "system", "keys": [fake]}
+    async with h.admin.post("/admin/v1/members", json=member, headers=h.auth()) as resp:
+        problem = await resp.json()
+        assert (resp.status, [e["pointer"] for e in problem["errors"]]) == (422, ["/keys/0/k"])
+    real = {**fake, "k": "cmVhbC1zZWNyZXQ"}
+    async with h.admin.post(
+        f"/admin/v1/members/{PORTAL_ID}/keys", json=real, headers=h.auth()
+    ) as resp:
+        shown = await resp.json()
+        assert resp.status == 201, shown
+    assert shown["k"].startswith("set · ")
+    stored = h.app[LIVE].get("members", PORTAL_ID)
+    assert stored is not None
+    assert any(key.get("k") == "cmVhbC1zZWNyZXQ" for key in stored["keys"])

@@ -330,7 +330,14 @@ async def add_member_key(
     """Add a public JWK to a member; errors point into the JWK itself."""
     principal.require("write")
     member = _item_or_404(live, "members", member_id)
-    member["keys"] = [*member.get("keys", []), restore("members", {"keys": [jwk]}, None)["keys"][0]]
+    try:  # a new key has no stored secret a placeholder could name
+        restore("members", {"keys": [jwk]}, None)
+    except SchemaInvalid as exc:
+        raise SchemaInvalid(
+            exc.detail,
+            [FieldError(e.pointer.removeprefix("/keys/0"), e.message) for e in exc.errors],
+        ) from exc
+    member["keys"] = [*member.get("keys", []), jwk]
     try:
         await _write(live, "members", member_id, member, "add_key", principal, reinstate=reinstate)
     except SchemaInvalid as exc:
