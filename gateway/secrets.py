@@ -28,6 +28,8 @@ The API, for views and for the store:
 - ``restore(kind, body, current)``: a write's body with placeholders replaced by the
   stored secrets they name (``SchemaInvalid`` for one that names none);
 - ``fingerprint(value)``, ``placeholder(value)``, ``is_placeholder(value)``;
+- ``is_reference(value)``: ``{"env": NAME}`` or ``{"file": PATH}``, a secret given by
+  reference (gateway/secretstore.py resolves them), shown as it is;
 - ``schema_secret_pointers(schema)``: the pointer patterns (``*`` for any member or item)
   a JSON Schema marks write-only.
 """
@@ -48,6 +50,7 @@ __all__ = [
     "PLACEHOLDER_PREFIX",
     "fingerprint",
     "is_placeholder",
+    "is_reference",
     "placeholder",
     "redact",
     "redact_document",
@@ -83,6 +86,17 @@ def placeholder(value: Any) -> str:
 
 def is_placeholder(value: Any) -> bool:
     return isinstance(value, str) and _PLACEHOLDER.match(value) is not None
+
+
+def is_reference(value: Any) -> bool:
+    """A secret given by reference, ``{"env": NAME}`` or ``{"file": PATH}``: it names where
+    the secret is, which views show as it is (the reference is not the secret)."""
+    return (
+        isinstance(value, Mapping)
+        and len(value) == 1
+        and next(iter(value)) in ("env", "file")
+        and isinstance(next(iter(value.values())), str)
+    )
 
 
 # Pointers ----------------------------------------------------------------------------
@@ -225,7 +239,7 @@ def redact(kind: str, item: Any) -> Any:
     shown = copy.deepcopy(item)
     for path in paths:
         value = _get(shown, path)
-        if not is_placeholder(value):
+        if not is_placeholder(value) and not is_reference(value):
             _set(shown, path, placeholder(value))
     return shown
 

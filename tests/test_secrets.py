@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -32,7 +33,7 @@ SECRET_TEXT = st.text(min_size=1, max_size=60)
 HEADER_NAME = st.from_regex(r"\A[A-Za-z][A-Za-z0-9-]{0,20}\Z")
 
 
-def _adapter(headers: dict[str, str]) -> dict[str, Any]:
+def _adapter(headers: Mapping[str, Any]) -> dict[str, Any]:
     return {"name": "up", "type": "http", "config": {"url": "http://x/", "headers": headers}}
 
 
@@ -149,3 +150,11 @@ def test_a_whole_document_is_redacted_resource_by_resource() -> None:
     assert "s3" not in text
     assert "t0ken" not in text
     assert "330000:gateway" in text
+
+
+def test_a_secret_given_by_reference_is_shown_as_the_reference() -> None:
+    """{"env": NAME} and {"file": PATH} name where a secret is; views keep them as written."""
+    adapter = _adapter({"Authorization": {"env": "UPSTREAM_TOKEN"}, "X-Key": "raw"})
+    shown = redact("adapters", adapter)
+    assert shown["config"]["headers"]["Authorization"] == {"env": "UPSTREAM_TOKEN"}
+    assert is_placeholder(shown["config"]["headers"]["X-Key"])
