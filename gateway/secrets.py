@@ -182,14 +182,23 @@ def _jwk_paths(node: Any, at: Path = (), depth: int = 0) -> Iterator[Path]:
             yield from _jwk_paths(value, (*at, str(i)), depth + 1)
 
 
-def _adapter_patterns(item: Mapping[str, Any]) -> list[Path]:
-    from gateway.registry import adapter_types  # the installed types, found by entry point
+# Secret patterns by adapter type name. A type's schema is its class's, fixed for the
+# process; scanning entry points costs milliseconds, so it happens again only for a type
+# not seen yet (a plugin installed at runtime).
+_TYPE_PATTERNS: dict[str, list[Path]] = {}
 
+
+def _adapter_patterns(item: Mapping[str, Any]) -> list[Path]:
     kind = item.get("type")
-    types = adapter_types()
-    if not isinstance(kind, str) or kind not in types:
+    if not isinstance(kind, str):
         return []
-    return [("config", *_tokens(p)) for p in schema_secret_pointers(types[kind].config_schema)]
+    if kind not in _TYPE_PATTERNS:
+        from gateway.registry import adapter_types  # the installed types, by entry point
+
+        for name, found in adapter_types().items():
+            pointers = schema_secret_pointers(found.config_schema)
+            _TYPE_PATTERNS[name] = [("config", *_tokens(p)) for p in pointers]
+    return _TYPE_PATTERNS.get(kind, [])
 
 
 def _paths(kind: str, item: Any) -> list[Path]:
