@@ -531,7 +531,12 @@ async def redeliver_dead_letter(
             action="redeliver",
             actor=principal.name,
             role=principal.role,
-            before={"state": "dead", "attempts": row.attempts, "error": row.error},
+            # The error as every view shows it (an upstream's words may name the applicant).
+            before={
+                "state": "dead",
+                "attempts": row.attempts,
+                "error": dead_letter_view(row)["error"],
+            },
             after={
                 "state": MessageState.ACCEPTED if row.kind == "message" else CallbackState.PENDING
             },
