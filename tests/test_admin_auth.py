@@ -261,9 +261,7 @@ async def _run(*args: str, env: Mapping[str, str] | None = None) -> tuple[int, s
 async def test_written_secrets_never_come_back_from_a_real_gateway(
     keys: Keys, tmp_path: Path
 ) -> None:
-    """An HMAC member's key and an http adapter's Authorization and X-Api-Key, written
-    through a real `gateway serve`: the gateway uses them, and no admin API answer (any
-    role), console page, CLI output, metric, log line or audit record holds their bytes."""
+    """A real gateway serve uses written secrets; no API, page, CLI, log or audit shows them."""
     hmac_secret = b"hmac-" + secrets.token_hex(16).encode()
     bearer_1, bearer_2 = (
         "Bearer tok1-" + secrets.token_hex(12),
@@ -410,8 +408,7 @@ def harness_store_url(both_backends: str | None) -> str | None:
 async def test_a_patch_repeating_a_placeholder_keeps_the_header_the_upstream_receives(
     make_harness: HarnessFactory,
 ) -> None:
-    """PATCH with the view's placeholder (or without the field) keeps the stored header:
-    the upstream still receives the real value; the audit trail holds only fingerprints."""
+    """A PATCH repeating or omitting a placeholder keeps the real header the upstream gets."""
     seen: list[str] = []
 
     async def upstream(request: web.Request) -> web.Response:
@@ -464,8 +461,7 @@ async def test_a_patch_repeating_a_placeholder_keeps_the_header_the_upstream_rec
 
 
 async def test_a_new_key_or_resource_cannot_be_written_as_a_placeholder(harness: Harness) -> None:
-    """A create or a key add whose secret is a placeholder is 422 at its pointer; the real
-    value is taken, and the answer shows it only as its placeholder."""
+    """A placeholder is never stored as a secret: 422 at its pointer; a real value is taken."""
     h = harness
     fake = {"kty": "oct", "kid": "h9", "k": "set · 0123abcd"}
     async with h.admin.post(

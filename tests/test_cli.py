@@ -388,8 +388,7 @@ async def test_serve_listen_flags_override_the_config_s_listeners(
 def test_config_export_prints_placeholders_and_writes_secrets_only_to_a_0600_file(
     deployment: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """stdout shows an http adapter's header and an HMAC key as `set · …`; --out writes
-    the loadable document, secrets included, readable by its owner only."""
+    """stdout shows secrets as placeholders; --out writes them into a loadable 0600 file."""
     doc = yaml.safe_load(deployment.read_text(encoding="utf-8"))
     doc["adapters"].append(
         {

@@ -312,8 +312,7 @@ async def test_under_tls_the_session_cookie_is_secure(harness: Harness, tmp_path
 async def test_an_adapters_secret_headers_show_as_placeholders_and_an_unchanged_form_keeps_them(
     harness: Harness,
 ) -> None:
-    """The edit form shows "set · fingerprint" for each header value; saved as shown it keeps
-    the stored secret, a newly typed one replaces it, and a refused form never echoes it."""
+    """Header values show as placeholders, kept when saved as shown, never echoed back."""
     bearer = "Bearer console-secret-1"
     adapter = {
         "name": "up",
@@ -366,8 +365,7 @@ async def test_an_adapters_secret_headers_show_as_placeholders_and_an_unchanged_
 async def test_an_hmac_members_page_shows_its_key_as_a_fingerprint_and_a_replace_keeps_it(
     harness: Harness,
 ) -> None:
-    """The admin's member document holds a placeholder for k; replaced as shown, the member
-    keeps its shared secret. No role's member page carries the secret."""
+    """No role's member page holds k; a replace of the shown document keeps the secret."""
     k = "aG1hYy1jb25zb2xlLXNlY3JldA"  # base64url of b"hmac-console-secret"
     member = {
         "id": "330000:hmac-desk", "kind": "system", "services": [],

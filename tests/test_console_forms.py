@@ -152,8 +152,7 @@ def test_api_errors_land_on_the_field_their_pointer_names() -> None:
 
 
 def test_a_write_only_field_says_so_and_a_refused_form_never_shows_what_was_typed() -> None:
-    """A writeOnly property (or one holding writeOnly values) is marked and explained; a
-    form sent back after a refusal shows placeholders there, not the typed secret."""
+    """A writeOnly field is marked and explained; a refused form never shows a typed secret."""
     schema = {
         "type": "object",
         "properties": {
