@@ -631,7 +631,10 @@ def create_admin_app(ingress: web.Application) -> web.Application:
     base = "/admin/v1"
 
     def add(method: str, path: str, handler: Handler, permission: Permission) -> None:
-        r.add_route(method, base + path, handler)
+        if method == "GET":
+            r.add_get(base + path, handler)  # and HEAD, under the same rule
+        else:
+            r.add_route(method, base + path, handler)
         access[(method, base + path)] = permission
 
     add("GET", "/adapter-types", list_adapter_types, "read")
