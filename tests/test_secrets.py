@@ -158,3 +158,29 @@ def test_a_secret_given_by_reference_is_shown_as_the_reference() -> None:
     shown = redact("adapters", adapter)
     assert shown["config"]["headers"]["Authorization"] == {"env": "UPSTREAM_TOKEN"}
     assert is_placeholder(shown["config"]["headers"]["X-Key"])
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(
+    members=st.lists(st.sampled_from(sorted(JWK_SECRET_MEMBERS)), min_size=1, unique=True),
+    value=SECRET_TEXT,
+    header=HEADER_NAME,
+)
+def test_every_view_the_admin_api_and_console_build_hides_each_written_secret(
+    members: list[str], value: str, header: str
+) -> None:
+    """Property: resource, audit and role views of members and adapters hold no secret text."""
+    from gateway.admin.views import audit_view, resource_view
+    from gateway.store import ChangeRecord
+
+    secret = "s3cret-" + value
+    jwk = {"kty": "RSA", "kid": "r", "n": "n", "e": "AQAB"} | dict.fromkeys(members, secret)
+    member = {"id": "330000:x", "kind": "system", "keys": [jwk]}
+    adapter = _adapter({header: secret})
+    for kind, item in (("members", member), ("adapters", adapter)):
+        entry = ChangeRecord(
+            seq=1, at=0.0, actor="a", role="admin", action="update", kind=kind,
+            resource_id="x", before=item, after=item,
+        )  # fmt: skip
+        for view in (resource_view(kind, item), audit_view(entry)):
+            assert "s3cret-" not in json.dumps(view, ensure_ascii=False)
