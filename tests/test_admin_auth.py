@@ -26,7 +26,7 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import LIVE
 from gateway.cli import main
@@ -501,3 +501,24 @@ async def test_a_new_key_or_resource_cannot_be_written_as_a_placeholder(harness:
     stored = h.app[LIVE].get("members", PORTAL_ID)
     assert stored is not None
     assert any(key.get("k") == "cmVhbC1zZWNyZXQ" for key in stored["keys"])
+
+
+async def test_a_route_added_without_an_access_rule_is_refused_to_every_role(
+    harness: Harness,
+) -> None:
+    """Deny by default: an /admin/v1 route nobody gave a permission answers 403 to all."""
+    from gateway.admin import create_admin_app
+
+    async def leaky(request: web.Request) -> web.Response:
+        return web.json_response({"leaked": True})
+
+    app = create_admin_app(harness.app)
+    app.router.add_get("/admin/v1/unruled", leaky)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        for role in ROLES:
+            async with client.get("/admin/v1/unruled", headers=harness.auth(role)) as resp:
+                assert (resp.status, (await resp.json())["code"]) == (403, "forbidden")
+    finally:
+        await client.close()
