@@ -56,7 +56,12 @@ class HttpAdapter:
             },
             "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
             "health_url": {"type": "string", "pattern": "^https?://"},
-            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+            "headers": {
+                "type": "object",
+                "description": "Extra request headers; their values are secrets (write-only: "
+                "views show that each is set and its fingerprint).",
+                "additionalProperties": {"type": "string", "writeOnly": True},
+            },
             "content_digest": {
                 "enum": ["sha-256", "sha-512", "sm3"],
                 "description": "Content-Digest algorithm of outbound requests (default: sm3 "

@@ -50,6 +50,7 @@ from adapters.base import Adapter, AdapterContext
 from gateway.config import Config, parse_config
 from gateway.errors import ConfigError, FieldError, ResourceChanged, SchemaInvalid
 from gateway.registry import AdapterSlot, Runtime, build_adapter, build_runtime
+from gateway.secrets import redact
 from gateway.store import ConfigConflict, ResourceChange, Store
 
 __all__ = ["KINDS", "PATCHABLE", "Layer", "LiveConfig", "is_patch", "merge", "resource_id"]
@@ -87,6 +88,13 @@ PATCH = "$patch"
 def is_patch(body: Any) -> bool:
     """An overlay entry that patches a layer resource rather than replacing it."""
     return isinstance(body, Mapping) and PATCH in body
+
+
+def _redacted(kind: str, body: Any) -> Any:
+    """``redact`` that also reaches into a patch entry's fields."""
+    if is_patch(body):
+        return {PATCH: redact(kind, body[PATCH])}
+    return redact(kind, body)
 
 
 def _patched(item: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
@@ -406,6 +414,8 @@ class LiveConfig:
                 change = ResourceChange(
                     kind=kind, id=rid, action=action, actor=actor, role=role,
                     before=before, after=stored,
+                    # The trail records that a secret changed, by fingerprint, never it.
+                    recorded=(redact(kind, before), _redacted(kind, stored)),
                 )  # fmt: skip
                 try:
                     version = await self._store.put_resource(change, expected_version=self.version)

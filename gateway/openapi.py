@@ -358,8 +358,12 @@ _ADMIN_SCHEMAS: dict[str, Any] = {
         seq=_INT, message_id=_STR, client=_STR, service=_STR, mode=_STR, state=_STR,
         target=_STR_OR_NULL, adapter=_STR_OR_NULL, status={"type": ["integer", "null"]},
         code=_STR_OR_NULL, error=_STR_OR_NULL, attempts=_INT, request_digest=_STR,
-        request_headers={"type": "object", "additionalProperties": _STR},
+        request_headers={"type": ["object", "null"], "additionalProperties": _STR},
         request={}, response={}, result={},
+        withheld={
+            "type": "array", "items": _STR,
+            "description": "fields left out (null) for a role that may not read bodies",
+        },
         timings_ms={"type": "object", "additionalProperties": {"type": "number"}},
         trace_id=_STR_OR_NULL, created_at=_UNIX, updated_at=_UNIX,
     ),

@@ -301,13 +301,19 @@ async def test_messages_dead_letters_and_redeliver(make_harness: HarnessFactory)
 
     await h.wait_for(dead)
     status, found = await _call(
-        h, "GET", f"/admin/v1/messages?client={PORTAL_ID}&state=dead", role="auditor"
+        h, "GET", f"/admin/v1/messages?client={PORTAL_ID}&state=dead", role="operator"
     )
     assert status == 200
     assert [m["message_id"] for m in found["messages"]] == [message_id]
     view = found["messages"][0]
     assert view["request_headers"]["Gw-User"] == "***"
     assert "11010519491231002X" not in json.dumps(found)
+    # An auditor sees the record without its bodies and headers (docs/security.md).
+    status, audited = await _call(h, "GET", f"/admin/v1/messages/{message_id}", role="auditor")
+    assert status == 200
+    assert audited["state"] == "dead"
+    assert (audited["request"], audited["request_headers"]) == (None, None)
+    assert audited["withheld"] == ["request", "response", "result", "request_headers"]
     letters = (await _call(h, "GET", "/admin/v1/dead-letters", role="operator"))[1]["dead_letters"]
     assert [d["message_id"] for d in letters] == [message_id]
     assert (

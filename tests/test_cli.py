@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -382,3 +383,38 @@ async def test_serve_listen_flags_override_the_config_s_listeners(
     finally:
         process.terminate()
         assert process.wait(10) == 0
+
+
+def test_config_export_prints_placeholders_and_writes_secrets_only_to_a_0600_file(
+    deployment: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """stdout shows secrets as placeholders; --out writes them into a loadable 0600 file."""
+    doc = yaml.safe_load(deployment.read_text(encoding="utf-8"))
+    doc["adapters"].append(
+        {
+            "name": "upstream",
+            "type": "http",
+            "config": {"url": "http://127.0.0.1:9/x", "headers": {"X-Api-Key": "export-s3cret"}},
+        }
+    )
+    doc["members"].append(
+        {
+            "id": "330000:hmac-desk",
+            "kind": "system",
+            "keys": [{"kty": "oct", "kid": "h", "k": "c2VjcmV0LWs"}],
+        }
+    )
+    deployment.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+    assert main(["config", "export", "--config", str(deployment)]) == 0
+    printed = capsys.readouterr().out
+    assert "export-s3cret" not in printed
+    assert "c2VjcmV0LWs" not in printed
+    assert len(re.findall(r"set · [0-9a-f]{8}", printed)) == 2
+    out = deployment.parent / "exported.yaml"
+    assert main(["config", "export", "--config", str(deployment), "--out", str(out)]) == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    written = out.read_text(encoding="utf-8")
+    assert "export-s3cret" in written
+    assert "c2VjcmV0LWs" in written
+    shutil.copy(out, deployment)
+    assert main(["check", "--config", str(deployment)]) == 0

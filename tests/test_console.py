@@ -307,3 +307,88 @@ async def test_under_tls_the_session_cookie_is_secure(harness: Harness, tmp_path
         assert cookie["samesite"] == "Strict"
     finally:
         await server.close()
+
+
+async def test_an_adapters_secret_headers_show_as_placeholders_and_an_unchanged_form_keeps_them(
+    harness: Harness,
+) -> None:
+    """Header values show as placeholders, kept when saved as shown, never echoed back."""
+    bearer = "Bearer console-secret-1"
+    adapter = {
+        "name": "up",
+        "type": "http",
+        "config": {"url": "http://127.0.0.1:9/x", "headers": {"Authorization": bearer}},
+    }
+    async with harness.admin.post(
+        "/admin/v1/adapters", json=adapter, headers=harness.auth()
+    ) as resp:
+        assert resp.status == 201
+    csrf = await _sign_in(harness.admin, harness.tokens["admin"])
+    async with harness.admin.get("/adapters/up/edit") as resp:
+        page = await resp.text()
+    assert "console-secret-1" not in page
+    textarea = re.search(r'name="config.headers"[^>]*>([^<]*)</textarea>', page)
+    assert textarea is not None
+    shown = json.loads(textarea.group(1).replace("&#34;", '"').replace("&quot;", '"'))
+    assert re.fullmatch(r"set · [0-9a-f]{8}", shown["Authorization"])
+    assert "Write-only" in page
+    form = {
+        "csrf": csrf, "name": "up", "type": "http", "shown_type": "http",
+        "config.url": "http://127.0.0.1:9/y", "config.headers": json.dumps(shown),
+    }  # fmt: skip
+    async with harness.admin.post("/adapters/up", data=form, allow_redirects=False) as resp:
+        assert resp.status == 303
+    stored = harness.app[LIVE].get("adapters", "up")
+    assert stored is not None
+    assert stored["config"]["url"] == "http://127.0.0.1:9/y"
+    assert stored["config"]["headers"] == {"Authorization": bearer}
+
+    typed = {**form, "config.headers": json.dumps({"Authorization": "Bearer console-secret-2"})}
+    async with harness.admin.post(
+        "/adapters/up", data={**typed, "config.timeout_s": "soon"}, allow_redirects=False
+    ) as resp:
+        refused = await resp.text()
+        assert resp.status == 200
+    assert "must be a number" in refused
+    assert "console-secret-2" not in refused
+    async with harness.admin.post("/adapters/up", data=typed, allow_redirects=False) as resp:
+        assert resp.status == 303
+    stored = harness.app[LIVE].get("adapters", "up")
+    assert stored is not None
+    assert stored["config"]["headers"] == {"Authorization": "Bearer console-secret-2"}
+    async with harness.admin.get("/audit?kind=adapters") as resp:
+        trail = await resp.text()
+    assert "console-secret" not in trail
+    assert trail.count("set · ") >= 3
+
+
+async def test_an_hmac_members_page_shows_its_key_as_a_fingerprint_and_a_replace_keeps_it(
+    harness: Harness,
+) -> None:
+    """No role's member page holds k; a replace of the shown document keeps the secret."""
+    k = "aG1hYy1jb25zb2xlLXNlY3JldA"  # base64url of b"hmac-console-secret"
+    member = {
+        "id": "330000:hmac-desk", "kind": "system", "services": [],
+        "keys": [{"kty": "oct", "kid": "h1", "k": k}],
+    }  # fmt: skip
+    async with harness.admin.post("/admin/v1/members", json=member, headers=harness.auth()) as resp:
+        assert resp.status == 201
+    for role in ("auditor", "operator", "admin"):
+        harness.admin.session.cookie_jar.clear()
+        csrf = await _sign_in(harness.admin, harness.tokens[role])
+        async with harness.admin.get("/members/330000:hmac-desk") as resp:
+            page = await resp.text()
+        assert k not in page
+        assert "set · " in page
+    document = re.search(r'name="document"[^>]*>([^<]*)</textarea>', page)
+    assert document is not None
+    text = document.group(1).replace("&#34;", '"').replace("&quot;", '"')
+    async with harness.admin.post(
+        "/members/330000:hmac-desk/replace",
+        data={"csrf": csrf, "document": text},
+        allow_redirects=False,
+    ) as resp:
+        assert resp.status == 303, await resp.text()
+    stored = harness.app[LIVE].get("members", "330000:hmac-desk")
+    assert stored is not None
+    assert stored["keys"][0]["k"] == k

@@ -7,7 +7,13 @@ from typing import Any
 import jsonschema
 
 from adapters.http import HttpAdapter
-from gateway.console.forms import config_fields, config_from_form, errors_by_field, field_of
+from gateway.console.forms import (
+    config_fields,
+    config_from_form,
+    errors_by_field,
+    field_of,
+    resubmitted,
+)
 from gateway.errors import FieldError
 
 SCHEMA: dict[str, Any] = {
@@ -143,3 +149,26 @@ def test_api_errors_land_on_the_field_their_pointer_names() -> None:
     assert errors_by_field([FieldError("/kty", "required")], [], default="jwk") == {
         "jwk": ["/kty: required"]
     }
+
+
+def test_a_write_only_field_says_so_and_a_refused_form_never_shows_what_was_typed() -> None:
+    """A writeOnly field is marked and explained; a refused form never shows a typed secret."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "password": {"type": "string", "writeOnly": True},
+            "url": {"type": "string"},
+        },
+    }
+    fields = {f.label: f for f in config_fields(schema, {"password": "set · 1a2b3c4d"})}
+    assert fields["password"].write_only
+    assert fields["password"].value == "set · 1a2b3c4d"
+    assert fields["password"].help is not None
+    assert "Write-only" in fields["password"].help
+    assert not fields["url"].write_only
+    http = {f.label: f for f in config_fields(HttpAdapter.config_schema)}
+    assert http["headers"].write_only
+    form = {"config.password": "hunter2", "config.url": "http://x/"}
+    back = resubmitted(schema, form, {"password": "set · 00000000"})
+    assert back == {"config.password": "set · 00000000", "config.url": "http://x/"}
+    assert resubmitted(schema, form, {})["config.password"] == ""

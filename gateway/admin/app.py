@@ -16,6 +16,7 @@ from aiohttp import web
 
 from gateway.admin.auth import Permission, Principal, authenticate, create_token
 from gateway.admin.resources import carry_revocations, check_resource
+from gateway.admin.views import audit_view, for_role, resource_view
 from gateway.app import DELIVERY, LIVE, RUNTIME, STORE
 from gateway.errors import (
     ConfigError,
@@ -23,6 +24,7 @@ from gateway.errors import (
     GatewayError,
     InternalError,
     MalformedRequest,
+    NotPermitted,
     ResourceExists,
     ResourceUnknown,
     SchemaInvalid,
@@ -31,6 +33,7 @@ from gateway.live import LiveConfig, resource_id
 from gateway.masking import dead_letter_view, message_view
 from gateway.problem import problem_response
 from gateway.registry import adapter_types
+from gateway.secrets import restore
 from gateway.states import CallbackState, MessageState
 from gateway.store import ResourceChange, Store
 
@@ -40,6 +43,9 @@ log = logging.getLogger("gateway.admin")
 PRINCIPAL = web.RequestKey("principal", Principal)
 INGRESS = web.AppKey("ingress", web.Application)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# The permission each /admin/v1 route needs, by (method, route template); a route that
+# has none is refused to every role (a new route cannot be open by omission).
+ACCESS = web.AppKey("access", dict[tuple[str, str], Permission])
 
 
 @web.middleware
@@ -48,9 +54,9 @@ async def admin_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         if request.path.startswith("/admin/v1"):
             ingress = request.app[INGRESS]
-            request[PRINCIPAL] = await authenticate(
-                ingress[STORE], request.headers.get("Authorization")
-            )
+            principal = await authenticate(ingress[STORE], request.headers.get("Authorization"))
+            request[PRINCIPAL] = principal
+            _check_access(request, principal)
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -69,6 +75,18 @@ async def admin_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("admin API error on %s %s", request.method, request.path)
         return problem_response(InternalError("an internal error occurred; it has been logged"))
+
+
+def _check_access(request: web.Request, principal: Principal) -> None:
+    """The route's own rule, before its handler runs (which may ask for more)."""
+    resource = request.match_info.route.resource
+    if resource is None:
+        return  # no route matched: the handler answers 404 or 405
+    method = "GET" if request.method == "HEAD" else request.method
+    permission = request.app[ACCESS].get((method, resource.canonical))
+    if permission is None:
+        raise NotPermitted(f"{method} {resource.canonical} has no access rule")
+    principal.require(permission)
 
 
 def _principal(request: web.Request, permission: Permission) -> Principal:
@@ -143,6 +161,7 @@ async def create_resource(
 ) -> tuple[str, dict[str, Any] | None]:
     """Create an adapter, member or service; its id and its state after."""
     principal.require("write")
+    body = restore(kind, body, None)  # a placeholder in a create names no stored secret
     check_resource(kind, body, live)
     rid = resource_id(kind, body)
     if live.get(kind, rid) is not None:
@@ -161,6 +180,7 @@ async def replace_resource(
     reinstate: bool = False,
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     principal.require("write")
+    body = restore(kind, body, live.get(kind, rid))  # placeholders keep the stored secrets
     check_resource(kind, body, live)
     if resource_id(kind, body) != rid:
         raise SchemaInvalid(
@@ -183,7 +203,8 @@ async def patch_resource(
         raise MalformedRequest("a merge patch is a JSON object")
     principal.require("operate" if set(changes) <= {"enabled"} else "write")
     current = _item_or_404(live, kind, rid)
-    merged = _merge_patch(current, changes)
+    # Omitted secrets stay as merged; a repeated placeholder is the stored secret again.
+    merged = restore(kind, _merge_patch(current, changes), current)
     if resource_id(kind, merged) != rid:
         raise SchemaInvalid("a patch cannot rename", [FieldError(f"/{KEY[kind]}", "fixed")])
     _, after = await _write(live, kind, rid, merged, "update", principal, reinstate=reinstate)
@@ -202,11 +223,14 @@ async def delete_resource(live: LiveConfig, principal: Principal, kind: str, rid
 def _collection(kind: str) -> dict[str, Handler]:
     async def list_items(request: web.Request) -> web.Response:
         _principal(request, "read")
-        return web.json_response({kind: _live(request).items(kind)})
+        return web.json_response(
+            {kind: [resource_view(kind, i) for i in _live(request).items(kind)]}
+        )
 
     async def get_item(request: web.Request) -> web.Response:
         _principal(request, "read")
-        return web.json_response(_item_or_404(_live(request), kind, request.match_info["id"]))
+        item = _item_or_404(_live(request), kind, request.match_info["id"])
+        return web.json_response(resource_view(kind, item))
 
     async def create(request: web.Request) -> web.Response:
         principal = _principal(request, "write")
@@ -214,7 +238,9 @@ def _collection(kind: str) -> dict[str, Handler]:
         rid, after = await create_resource(
             _live(request), principal, kind, body, reinstate=_reinstate(request)
         )
-        return web.json_response(after, status=201, headers={"Location": f"/admin/v1/{kind}/{rid}"})
+        return web.json_response(
+            _shown(kind, after), status=201, headers={"Location": f"/admin/v1/{kind}/{rid}"}
+        )
 
     async def replace(request: web.Request) -> web.Response:
         principal = _principal(request, "write")
@@ -223,7 +249,7 @@ def _collection(kind: str) -> dict[str, Handler]:
         before, after = await replace_resource(
             _live(request), principal, kind, rid, body, reinstate=_reinstate(request)
         )
-        return web.json_response(after, status=200 if before else 201)
+        return web.json_response(_shown(kind, after), status=200 if before else 201)
 
     async def patch(request: web.Request) -> web.Response:
         rid = request.match_info["id"]
@@ -231,7 +257,7 @@ def _collection(kind: str) -> dict[str, Handler]:
         after = await patch_resource(
             _live(request), request[PRINCIPAL], kind, rid, changes, reinstate=_reinstate(request)
         )
-        return web.json_response(after)
+        return web.json_response(_shown(kind, after))
 
     async def delete(request: web.Request) -> web.Response:
         await delete_resource(_live(request), request[PRINCIPAL], kind, request.match_info["id"])
@@ -239,6 +265,10 @@ def _collection(kind: str) -> dict[str, Handler]:
 
     return {"list": list_items, "get": get_item, "create": create, "replace": replace,
             "patch": patch, "delete": delete}  # fmt: skip
+
+
+def _shown(kind: str, item: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return None if item is None else resource_view(kind, item)
 
 
 def _reinstate(request: web.Request) -> bool:
@@ -300,6 +330,13 @@ async def add_member_key(
     """Add a public JWK to a member; errors point into the JWK itself."""
     principal.require("write")
     member = _item_or_404(live, "members", member_id)
+    try:  # a new key has no stored secret a placeholder could name
+        restore("members", {"keys": [jwk]}, None)
+    except SchemaInvalid as exc:
+        raise SchemaInvalid(
+            exc.detail,
+            [FieldError(e.pointer.removeprefix("/keys/0"), e.message) for e in exc.errors],
+        ) from exc
     member["keys"] = [*member.get("keys", []), jwk]
     try:
         await _write(live, "members", member_id, member, "add_key", principal, reinstate=reinstate)
@@ -347,7 +384,7 @@ async def add_key(request: web.Request) -> web.Response:
         jwk,
         reinstate=_reinstate(request),
     )
-    return web.json_response(jwk, status=201)
+    return web.json_response(resource_view("members", {"keys": [jwk]})["keys"][0], status=201)
 
 
 async def revoke_key(request: web.Request) -> web.Response:
@@ -445,8 +482,13 @@ async def search_messages(request: web.Request) -> web.Response:
         limit=_limit(request),
     )
     sensitive = _sensitive(request)
+    principal = request[PRINCIPAL]
     return web.json_response(
-        {"messages": [message_view(r, sensitive.get(r.service, ())) for r in records]}
+        {
+            "messages": [
+                for_role(principal, message_view(r, sensitive.get(r.service, ()))) for r in records
+            ]
+        }
     )
 
 
@@ -456,7 +498,7 @@ async def get_message(request: web.Request) -> web.Response:
     if not records:
         raise ResourceUnknown(f"no message {request.match_info['id']}")
     fields = _sensitive(request).get(records[0].service, ())
-    return web.json_response(message_view(records[0], fields))
+    return web.json_response(for_role(request[PRINCIPAL], message_view(records[0], fields)))
 
 
 def _sensitive(request: web.Request) -> dict[str, tuple[str, ...]]:
@@ -489,7 +531,12 @@ async def redeliver_dead_letter(
             action="redeliver",
             actor=principal.name,
             role=principal.role,
-            before={"state": "dead", "attempts": row.attempts, "error": row.error},
+            # The error as every view shows it (an upstream's words may name the applicant).
+            before={
+                "state": "dead",
+                "attempts": row.attempts,
+                "error": dead_letter_view(row)["error"],
+            },
             after={
                 "state": MessageState.ACCEPTED if row.kind == "message" else CallbackState.PENDING
             },
@@ -516,14 +563,14 @@ async def audit_trail(request: web.Request) -> web.Response:
         since=_since(request.query.get("since")),
         limit=_limit(request),
     )
-    return web.json_response({"audit": [dataclasses.asdict(e) for e in entries]})
+    return web.json_response({"audit": [audit_view(e) for e in entries]})
 
 
 # Tokens ------------------------------------------------------------------------------
 
 
 async def list_tokens(request: web.Request) -> web.Response:
-    _principal(request, "read")
+    _principal(request, "read_tokens")
     tokens = await request.app[INGRESS][STORE].list_tokens()
     return web.json_response({"tokens": [dataclasses.asdict(t) for t in tokens]})
 
@@ -578,35 +625,45 @@ def create_admin_app(ingress: web.Application) -> web.Application:
 
     app = web.Application(middlewares=[admin_middleware], client_max_size=4 * 1024 * 1024)
     app[INGRESS] = ingress
+    access: dict[tuple[str, str], Permission] = {}
+    app[ACCESS] = access
     r = app.router
     base = "/admin/v1"
-    r.add_get(f"{base}/adapter-types", list_adapter_types)
-    r.add_get(f"{base}/adapter-types/{{type}}", get_adapter_type)
+
+    def add(method: str, path: str, handler: Handler, permission: Permission) -> None:
+        if method == "GET":
+            r.add_get(base + path, handler)  # and HEAD, under the same rule
+        else:
+            r.add_route(method, base + path, handler)
+        access[(method, base + path)] = permission
+
+    add("GET", "/adapter-types", list_adapter_types, "read")
+    add("GET", "/adapter-types/{type}", get_adapter_type, "read")
     for kind in ("adapters", "members", "services"):
         h = _collection(kind)
-        r.add_get(f"{base}/{kind}", h["list"])
-        r.add_post(f"{base}/{kind}", h["create"])
-        r.add_get(f"{base}/{kind}/{{id}}", h["get"])
-        r.add_put(f"{base}/{kind}/{{id}}", h["replace"])
-        r.add_patch(f"{base}/{kind}/{{id}}", h["patch"])
-        r.add_delete(f"{base}/{kind}/{{id}}", h["delete"])
-    r.add_get(f"{base}/adapters/{{id}}/health", adapter_health)
-    r.add_post(f"{base}/members/{{id}}/keys", add_key)
-    r.add_delete(f"{base}/members/{{id}}/keys/{{kid}}", revoke_key)
-    r.add_get(f"{base}/acl", list_acl)
-    r.add_put(f"{base}/acl/{{member}}", put_acl)
-    r.add_get(f"{base}/routes", list_routes)
-    r.add_post(f"{base}/routes", create_route)
-    r.add_delete(f"{base}/routes/{{service}}", delete_route)
-    r.add_delete(f"{base}/routes/{{service}}/{{target}}", delete_route)
-    r.add_get(f"{base}/messages", search_messages)
-    r.add_get(f"{base}/messages/{{id}}", get_message)
-    r.add_get(f"{base}/dead-letters", list_dead_letters)
-    r.add_post(f"{base}/dead-letters/{{id}}/redeliver", redeliver)
-    r.add_get(f"{base}/audit", audit_trail)
-    r.add_get(f"{base}/tokens", list_tokens)
-    r.add_post(f"{base}/tokens", new_token)
-    r.add_delete(f"{base}/tokens/{{name}}", revoke_token)
+        add("GET", f"/{kind}", h["list"], "read")
+        add("POST", f"/{kind}", h["create"], "write")
+        add("GET", f"/{kind}/{{id}}", h["get"], "read")
+        add("PUT", f"/{kind}/{{id}}", h["replace"], "write")
+        add("PATCH", f"/{kind}/{{id}}", h["patch"], "operate")  # more than enabled: write
+        add("DELETE", f"/{kind}/{{id}}", h["delete"], "write")
+    add("GET", "/adapters/{id}/health", adapter_health, "read")
+    add("POST", "/members/{id}/keys", add_key, "write")
+    add("DELETE", "/members/{id}/keys/{kid}", revoke_key, "write")
+    add("GET", "/acl", list_acl, "read")
+    add("PUT", "/acl/{member}", put_acl, "write")
+    add("GET", "/routes", list_routes, "read")
+    add("POST", "/routes", create_route, "write")
+    add("DELETE", "/routes/{service}", delete_route, "write")
+    add("DELETE", "/routes/{service}/{target}", delete_route, "write")
+    add("GET", "/messages", search_messages, "read")  # bodies only with read_bodies
+    add("GET", "/messages/{id}", get_message, "read")
+    add("GET", "/dead-letters", list_dead_letters, "read")
+    add("POST", "/dead-letters/{id}/redeliver", redeliver, "operate")
+    add("GET", "/audit", audit_trail, "read")
+    add("GET", "/tokens", list_tokens, "read_tokens")
+    add("POST", "/tokens", new_token, "write")
+    add("DELETE", "/tokens/{name}", revoke_token, "write")
 
     async def openapi(request: web.Request) -> web.Response:
         return web.json_response(admin_document())

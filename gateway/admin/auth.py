@@ -1,7 +1,18 @@
-"""Admin bearer tokens: shown once, stored only as SHA-256 hashes, compared in constant time.
+"""Admin bearer tokens and what each role may do.
 
-Roles: ``admin`` reads and writes; ``operator`` reads, redelivers, enables and disables;
-``auditor`` only reads.
+Tokens are shown once, stored only as SHA-256 hashes, compared in constant time. Roles
+(docs/security.md, "Threat model: admin roles and secrets", is the policy in words):
+
+- ``admin``: every read and every write;
+- ``operator``: reads the configuration, messages with their (masked) bodies, dead
+  letters and the audit trail; redelivers dead letters, enables and disables members and
+  adapters; does not see the token list;
+- ``auditor``: reads the configuration, the audit trail, the token list (who holds
+  access) and messages and dead letters without their bodies or headers; writes nothing.
+
+No role reads a secret: views show write-only values as placeholders (gateway/secrets.py).
+Every admin route names the permission it needs (``gateway/admin/app.py``); a route
+without one is refused to everyone.
 """
 
 from __future__ import annotations
@@ -15,14 +26,27 @@ from typing import Literal
 from gateway.errors import CredentialsInvalid, CredentialsMissing, MalformedRequest, NotPermitted
 from gateway.store import Store, TokenNameTaken
 
-__all__ = ["ROLES", "Permission", "Principal", "authenticate", "create_token", "token_hash"]
+__all__ = [
+    "GRANTS",
+    "PERMISSIONS",
+    "ROLES",
+    "Permission",
+    "Principal",
+    "authenticate",
+    "create_token",
+    "token_hash",
+]
 
 ROLES = ("admin", "operator", "auditor")
-Permission = Literal["read", "operate", "write"]
-_GRANTS: dict[str, frozenset[str]] = {
-    "admin": frozenset({"read", "operate", "write"}),
-    "operator": frozenset({"read", "operate"}),
-    "auditor": frozenset({"read"}),
+# read: configuration, health, message and dead-letter records, the audit trail;
+# read_bodies: messages' (masked) bodies and headers; read_tokens: the token list;
+# operate: redeliver, enable and disable; write: every other change.
+Permission = Literal["read", "read_bodies", "read_tokens", "operate", "write"]
+PERMISSIONS: tuple[Permission, ...] = ("read", "read_bodies", "read_tokens", "operate", "write")
+GRANTS: dict[str, frozenset[Permission]] = {
+    "admin": frozenset(PERMISSIONS),
+    "operator": frozenset({"read", "read_bodies", "operate"}),
+    "auditor": frozenset({"read", "read_tokens"}),
 }
 _PREFIX = "gwa_"
 
@@ -32,9 +56,12 @@ class Principal:
     name: str
     role: str
 
+    def may(self, permission: Permission) -> bool:
+        return permission in GRANTS.get(self.role, frozenset())
+
     def require(self, permission: Permission) -> None:
-        if permission not in _GRANTS.get(self.role, frozenset()):
-            raise NotPermitted(f"role {self.role} may not {permission}")
+        if not self.may(permission):
+            raise NotPermitted(f"role {self.role} may not {permission.replace('_', ' ')}")
 
 
 def token_hash(token: str) -> str:

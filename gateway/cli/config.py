@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
+import os
 from pathlib import Path
 from typing import Any
 
 from gateway.cli._common import load, open_store, with_config
 from gateway.config import warnings_of
 from gateway.errors import ConfigError
+from gateway.secrets import redact_document
 
 __all__ = ["register"]
 
@@ -22,7 +25,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cfg = sub.add_parser("config", help="the live configuration")
     cfg_sub = cfg.add_subparsers(dest="action", required=True)
     ex = with_config(cfg_sub.add_parser("export", help="print file + admin changes as YAML"))
-    ex.add_argument("--out", help="write to this file instead of stdout")
+    ex.add_argument(
+        "--out",
+        help="write to this file (mode 0600, secrets included) instead of stdout (secrets as "
+        "placeholders)",
+    )
     ex.set_defaults(func=cmd_config_export)
 
 
@@ -70,10 +77,19 @@ def cmd_config_export(args: argparse.Namespace) -> int:
             return merge(config.raw, await store.load_overlay())
 
     doc = asyncio.run(run())
-    parse_config(doc, base=config.base, path=config.path)  # what we print must load
-    text = yaml.safe_dump(doc, allow_unicode=True, sort_keys=False)
+    parse_config(copy.deepcopy(doc), base=config.base, path=config.path)  # it must load
     if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
+        # A file the gateway can run from holds the secrets it needs, readable by its owner
+        # only; what goes to a terminal (or a pipe, a CI log) never does.
+        text = yaml.safe_dump(doc, allow_unicode=True, sort_keys=False)
+        out = Path(args.out)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        out.chmod(0o600)
     else:
-        print(text, end="")
+        shown = redact_document(doc)
+        if shown != doc:
+            print("# secrets are shown as placeholders (set · fingerprint); --out writes them")
+        print(yaml.safe_dump(shown, allow_unicode=True, sort_keys=False), end="")
     return 0

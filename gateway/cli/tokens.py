@@ -33,8 +33,16 @@ def register(admin: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     tr.set_defaults(func=cmd_token)
 
 
-def _change(action: str, name: str, **state: dict[str, str]) -> ResourceChange:
-    return ResourceChange(kind="tokens", id=name, action=action, actor="cli", role="local", **state)
+def _change(
+    action: str,
+    name: str,
+    *,
+    before: dict[str, str] | None = None,
+    after: dict[str, str] | None = None,
+) -> ResourceChange:
+    return ResourceChange(
+        kind="tokens", id=name, action=action, actor="cli", role="local", before=before, after=after
+    )
 
 
 def cmd_token(args: argparse.Namespace) -> int:

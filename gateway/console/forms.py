@@ -6,6 +6,11 @@ becomes a select, a boolean a checkbox, a number a number input, and anything st
 (objects, arrays, ``oneOf``) a JSON text area. So a plugin's adapter type gets its form
 for free. The browser is never asked to validate: the admin API's own validation decides,
 and its errors come back onto their fields (``errors_by_field``).
+
+A property the schema marks ``writeOnly`` (or one holding such values, as the ``http``
+adapter's ``headers``) is shown as its placeholder, ``set · <fingerprint>``
+(gateway/secrets.py); left as shown it keeps the stored secret, and a refused form comes
+back with placeholders where secrets were typed (``resubmitted``), never the secrets.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from gateway.errors import FieldError
+from gateway.secrets import schema_secret_pointers
 
 __all__ = [
     "CONFIG_PREFIX",
@@ -26,7 +32,14 @@ __all__ = [
     "config_from_form",
     "errors_by_field",
     "field_of",
+    "holds_secrets",
+    "resubmitted",
 ]
+
+WRITE_ONLY_HELP = (
+    "Write-only: a secret shows as \u201cset \u00b7 fingerprint\u201d; leave it to keep the "
+    "stored value, or type a new one."
+)
 
 CONFIG_PREFIX = "config."
 Control = Literal["text", "number", "integer", "checkbox", "boolean", "select", "json"]
@@ -44,6 +57,7 @@ class Field:
     checked: bool = False
     options: tuple[str, ...] = ()
     errors: tuple[str, ...] = ()
+    write_only: bool = False  # holds secrets: shown as placeholders
 
     @property
     def id(self) -> str:
@@ -110,12 +124,17 @@ def config_fields(
         if submitted is not None:
             shown = "" if control == "checkbox" else submitted.get(name, "")
             checked = control == "checkbox" and submitted.get(name) == "true"
+        secret = holds_secrets(prop)
+        help_text = prop.get("description") or prop.get("title")
+        if secret:
+            help_text = f"{help_text} {WRITE_ONLY_HELP}" if help_text else WRITE_ONLY_HELP
         fields.append(
             Field(
                 label=key,
                 name=name,
                 control=control,
-                help=prop.get("description") or prop.get("title"),
+                help=help_text,
+                write_only=secret,
                 required=key in required,
                 value=shown,
                 checked=checked,
@@ -124,6 +143,28 @@ def config_fields(
             )
         )
     return fields
+
+
+def holds_secrets(prop: Mapping[str, Any]) -> bool:
+    """Whether a property is write-only or holds write-only values."""
+    return bool(schema_secret_pointers(prop))
+
+
+def resubmitted(
+    schema: Mapping[str, Any],
+    form: Mapping[str, str],
+    shown_config: Mapping[str, Any],
+    *,
+    prefix: str = CONFIG_PREFIX,
+) -> dict[str, str]:
+    """A refused form as it goes back onto the page: each field that holds secrets shows
+    ``shown_config``'s value (secrets as placeholders), never what was typed into it."""
+    out = dict(form)
+    for key, prop in schema.get("properties", {}).items():
+        if isinstance(prop, Mapping) and holds_secrets(prop):
+            value = shown_config.get(key)
+            out[prefix + key] = "" if value is None else _shown(_control(prop), value)
+    return out
 
 
 def config_from_form(

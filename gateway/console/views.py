@@ -35,14 +35,16 @@ from gateway.admin.app import (
     set_member_services,
     withdraw_token,
 )
-from gateway.admin.auth import ROLES, Principal, authenticate, token_hash
+from gateway.admin.auth import ROLES, Permission, Principal, authenticate, token_hash
 from gateway.admin.resources import resource_schema
+from gateway.admin.views import WITHHELD, audit_view, for_role, resource_view
 from gateway.app import LIVE, READINESS, RUNTIME, STORE
 from gateway.console.forms import (
     FormErrors,
     config_fields,
     config_from_form,
     errors_by_field,
+    resubmitted,
 )
 from gateway.console.overview import Sampler
 from gateway.console.sessions import COOKIE, Session, Sessions
@@ -56,6 +58,7 @@ from gateway.errors import (
 from gateway.live import LiveConfig
 from gateway.masking import dead_letter_view, message_view
 from gateway.registry import adapter_types
+from gateway.secrets import JWK_SECRET_MEMBERS
 from gateway.states import MessageState
 
 __all__ = ["CONSOLE", "Console", "Viewer", "routes"]
@@ -81,11 +84,15 @@ class Viewer:
 
     @property
     def can_write(self) -> bool:
-        return self.principal.role == "admin"
+        return self.principal.may("write")
 
     @property
     def can_operate(self) -> bool:
-        return self.principal.role in ("admin", "operator")
+        return self.principal.may("operate")
+
+    @property
+    def can_read_tokens(self) -> bool:
+        return self.principal.may("read_tokens")
 
 
 Form = dict[str, str]
@@ -150,20 +157,30 @@ def _see_other(location: str) -> web.HTTPSeeOther:
     return web.HTTPSeeOther(location)
 
 
-def page(handler: PageHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """A page for a signed-in viewer; anyone else goes to the sign-in page."""
+Page = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        viewer = await _viewer(request)
-        if viewer is None:
-            raise _see_other("/signin")
-        try:
-            viewer.principal.require("read")
-            return await handler(request, viewer)
-        except GatewayError as exc:
-            return _error_page(request, viewer, exc)
 
-    return wrapped
+def page_for(permission: Permission) -> Callable[[PageHandler], Page]:
+    """A page for a signed-in viewer whose role has ``permission`` (others get 403);
+    anyone not signed in goes to the sign-in page."""
+
+    def decorate(handler: PageHandler) -> Page:
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            viewer = await _viewer(request)
+            if viewer is None:
+                raise _see_other("/signin")
+            try:
+                viewer.principal.require(permission)
+                return await handler(request, viewer)
+            except GatewayError as exc:
+                return _error_page(request, viewer, exc)
+
+        return wrapped
+
+    return decorate
+
+
+page = page_for("read")
 
 
 def _same_origin(request: web.Request) -> bool:
@@ -214,19 +231,19 @@ def _pretty(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False)
 
 
-_SECRET_MEMBERS = frozenset({"k", "d", "p", "q", "dp", "dq", "qi"})
+def _resubmitted(kind: str, text: str) -> str:
+    """A JSON document sent back onto the page after a refusal, secrets typed into it
+    shown as placeholders (a page never echoes a secret; it is typed again)."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        return "" if _has_jwk_secret(text) else text
+    return _pretty(resource_view(kind, document)) if isinstance(document, dict) else text
 
 
-def _redacted(value: Any) -> Any:
-    """Key material out of what the console shows (a JWK's ``k`` of a shared secret)."""
-    if isinstance(value, Mapping):
-        is_jwk = "kty" in value
-        return {
-            k: "***" if is_jwk and k in _SECRET_MEMBERS else _redacted(v) for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [_redacted(v) for v in value]
-    return value
+def _has_jwk_secret(text: str) -> bool:
+    # Unparsable text cannot be redacted field by field: drop it if it may hold key material.
+    return any(f'"{m}"' in text for m in JWK_SECRET_MEMBERS)
 
 
 def _fields(record: Any) -> dict[str, Any]:
@@ -366,7 +383,7 @@ async def member_create(request: web.Request, viewer: Viewer, form: Form) -> web
             errors = {"member": [exc.detail]}
         else:
             raise _done(viewer, f"Member {rid} added.", f"/members/{rid}")
-    return _members_page(request, viewer, form.get("member", ""), errors)
+    return _members_page(request, viewer, _resubmitted("members", form.get("member", "")), errors)
 
 
 def _member_or_404(request: web.Request) -> dict[str, Any]:
@@ -400,14 +417,17 @@ def _member_page(
 ) -> web.Response:
     member = _member_or_404(request)
     services = [s.code for s in _live(request).config.services]
+    shown = resource_view("members", member)  # secrets as placeholders, for every role
+    if values is not None and "document" in values:
+        values = {**values, "document": _resubmitted("members", values["document"])}
     context = {
-        "member": member,
+        "member": shown,
         "keys": _key_rows(member),
         "all_services": services,
         "errors": errors or {},
         "values": values or {},
-        "document": _pretty(member),
-        "shown": _pretty(_redacted(member)),
+        "document": _pretty(shown),  # a replace that keeps a placeholder keeps the secret
+        "shown": _pretty(shown),
     }
     return render(request, viewer, "member.html", context, status=status)
 
@@ -659,7 +679,7 @@ async def adapter_edit(request: web.Request, viewer: Viewer) -> web.StreamRespon
         viewer,
         name=name,
         kind=str(item["type"]),
-        config=item.get("config", {}),
+        config=resource_view("adapters", item).get("config", {}),  # secrets as placeholders
         options=options,
         errors={},
         editing=True,
@@ -715,6 +735,10 @@ async def _save_adapter(
         else:
             verb = "saved" if editing else "registered"
             raise _done(viewer, f"Adapter {body['name']} {verb}.", "/adapters")
+    types = adapter_types()
+    if body["type"] in types:  # what was typed into secret fields is not sent back
+        shown = resource_view("adapters", body).get("config", {})
+        form = resubmitted(types[body["type"]].config_schema, form, shown)
     return _adapter_form(
         request,
         viewer,
@@ -958,7 +982,9 @@ async def messages(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     context = {
         "messages": [
             {
-                **message_view(r, _sensitive(request).get(r.service, ())),
+                **for_role(
+                    viewer.principal, message_view(r, _sensitive(request).get(r.service, ()))
+                ),
                 "created": _utc(r.created_at),
                 "updated": _utc(r.updated_at),
             }
@@ -982,7 +1008,9 @@ async def message_detail(request: web.Request, viewer: Viewer) -> web.StreamResp
         raise ResourceUnknown(f"no message {message_id}")
     items = []
     for record in records:
-        view = message_view(record, _sensitive(request).get(record.service, ()))
+        view = for_role(
+            viewer.principal, message_view(record, _sensitive(request).get(record.service, ()))
+        )
         events = await store.message_events(record.seq)
         items.append(
             {
@@ -998,6 +1026,7 @@ async def message_detail(request: web.Request, viewer: Viewer) -> web.StreamResp
                     if view[part] is not None
                 },
                 "headers": _pretty(view["request_headers"]),
+                "withheld": bool(view.get(WITHHELD)),
             }
         )
     return render(request, viewer, "message.html", {"message_id": message_id, "items": items})
@@ -1027,10 +1056,10 @@ async def audit(request: web.Request, viewer: Viewer) -> web.StreamResponse:
         {
             **e,
             "when": _utc(e["at"]),
-            "before_text": _pretty(_redacted(e["before"])) if e["before"] is not None else "",
-            "after_text": _pretty(_redacted(e["after"])) if e["after"] is not None else "",
+            "before_text": _pretty(e["before"]) if e["before"] is not None else "",
+            "after_text": _pretty(e["after"]) if e["after"] is not None else "",
         }
-        for e in map(_fields, entries)
+        for e in map(audit_view, entries)
     ]
     kinds = ("adapters", "members", "services", "routes", "tokens", "dead-letters")
     return render(request, viewer, "audit.html", {"entries": shown, "kind": kind, "kinds": kinds})
@@ -1060,7 +1089,7 @@ def _tokens_page(
     return render(request, viewer, "tokens.html", context, status=status)
 
 
-@page
+@page_for("read_tokens")
 async def tokens(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     rows = await request.app[INGRESS][STORE].list_tokens()
     return _tokens_page(request, viewer, rows)

@@ -198,6 +198,14 @@ class ResourceChange:
     role: str
     before: Any = None
     after: Any = None
+    # What the audit trail keeps of (before, after) when it must differ from the states
+    # themselves: write-only secrets as their fingerprints (gateway/secrets.py). ``after``
+    # stays the resource's stored body; None records before and after as they are.
+    recorded: tuple[Any, Any] | None = None
+
+    def trail(self) -> tuple[Any, Any]:
+        """(before, after) as the audit trail records them."""
+        return self.recorded if self.recorded is not None else (self.before, self.after)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -975,6 +975,7 @@ class PostgresStore:
 
     @staticmethod
     async def _insert_change(tx: Tx, change: ResourceChange, now: float) -> int:
+        before, after = change.trail()
         seq = await tx.conn.fetchval(
             "INSERT INTO admin_changes (at, actor, role, action, kind, resource_id, before, "
             "after) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) RETURNING seq",
@@ -984,8 +985,8 @@ class PostgresStore:
             change.action,
             change.kind,
             change.id,
-            _encoded(change.before),
-            _encoded(change.after),
+            _encoded(before),
+            _encoded(after),
         )
         return int(seq)
 

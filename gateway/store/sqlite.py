@@ -565,6 +565,7 @@ class SQLiteStore:
         def encoded(value: Any) -> str | None:
             return json.dumps(value, ensure_ascii=False) if value is not None else None
 
+        before, after = change.trail()
         cur = db.execute(
             "INSERT INTO admin_changes (at, actor, role, action, kind, resource_id, before, after) "
             "VALUES (?,?,?,?,?,?,?,?)",
@@ -575,8 +576,8 @@ class SQLiteStore:
                 change.action,
                 change.kind,
                 change.id,
-                encoded(change.before),
-                encoded(change.after),
+                encoded(before),
+                encoded(after),
             ),
         )
         seq = int(cur.lastrowid or 0)
