@@ -19,6 +19,7 @@ import jsonschema
 import yaml
 
 from gateway.errors import ConfigError
+from gateway.secretstore import resolve_document
 
 __all__ = [
     "MEMBER_ID_PATTERN",
@@ -33,6 +34,7 @@ __all__ = [
     "MemberConfig",
     "RateLimit",
     "RouteConfig",
+    "SecretsConfig",
     "SecurityConfig",
     "ServiceConfig",
     "SimulatorConfig",
@@ -105,6 +107,18 @@ class StoreConfig:
     synchronous: Literal["normal", "full"] = "normal"
     # How often the message log's chain head is signed (a checkpoint); see docs/audit.md.
     checkpoint_interval_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecretsConfig:
+    """Secrets at rest (gateway/secretstore.py): the key-encryption key that wraps the
+    store's data keys, from a file (default ``<gateway key>.kek``, generated on the first
+    start of a store without data keys) or an environment variable; the data keys' AEAD
+    (None: SM4-GCM where ``cryptography`` has it, else AES-256-GCM)."""
+
+    kek_file: Path | None = None
+    kek_env: str | None = None
+    cipher: Literal["sm4-gcm", "aes-256-gcm"] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -251,6 +265,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     directory: DirectoryConfig | None = None
+    secrets: SecretsConfig = field(default_factory=SecretsConfig)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -347,9 +362,12 @@ def parse_config(data: Any, *, base: Path, path: Path | None = None) -> Config:
     ]
     if problems:
         raise ConfigError(problems)
+    # Secret references ({"env": …}, {"file": …}) resolved for the runtime; ``raw`` keeps
+    # them, so the reference is what is stored and shown.
+    resolved, problems = resolve_document(data, base)
     reader = _Reader(base)
-    config = _build(data, reader, path)
-    problems = reader.problems + _cross_check(config)
+    config = dataclasses.replace(_build(resolved, reader, path), raw=data)
+    problems += reader.problems + _cross_check(config)
     if problems:
         raise ConfigError(problems)
     return config
@@ -473,6 +491,7 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
         ),
         tracing=TracingConfig(**data.get("tracing", {})),
         directory=_directory(data.get("directory"), r),
+        secrets=_secrets(data.get("secrets", {}), key_path, r),
         raw=data,
     )
 
@@ -490,6 +509,17 @@ def _directory(data: Mapping[str, Any] | None, r: _Reader) -> DirectoryConfig | 
         refresh_s=data.get("refresh_s", 30.0),
         announce_url=data.get("announce_url"),
         offers=tuple(data.get("offers", [])),
+    )
+
+
+def _secrets(data: Mapping[str, Any], key_path: Path, r: _Reader) -> SecretsConfig:
+    kek = data.get("kek", {})
+    env = kek.get("env")
+    default = key_path.with_name(key_path.name.removesuffix(".pem") + ".kek")
+    return SecretsConfig(
+        kek_env=env,
+        kek_file=None if env is not None else r.path(kek["file"]) if "file" in kek else default,
+        cipher=data.get("cipher"),
     )
 
 

@@ -360,6 +360,7 @@ def test_every_error_class_has_a_protocol_code() -> None:
         "overloaded": 503, "upstream_timeout": 504, "internal": 500,
         # The admin API's own (docs/decisions.md, docs/deployment.md).
         "resource_unknown": 404, "resource_exists": 409, "resource_changed": 409,
+        "secret_unresolved": 422,
     }  # fmt: skip
 
     def walk(cls: type[GatewayError]) -> list[type[GatewayError]]:

@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from gateway.registry import check_adapter_config
+    from gateway.secretstore import KeyEncryptionKey
 
     try:
         config = load(args)
@@ -41,6 +42,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         problems += check_adapter_config(adapter.type, adapter.config, f"/adapters/{i}")
     if not config.gateway.key_path.exists():
         problems.append(f"/gateway/key: {config.gateway.key_path} does not exist (gateway keygen)")
+    # A KEK file not there yet is made by the first start of a fresh store; one that is
+    # there must be usable, and a KEK in the environment must be set.
+    if config.secrets.kek_file is None or config.secrets.kek_file.exists():
+        try:
+            KeyEncryptionKey.load(config.secrets)
+        except ConfigError as exc:
+            problems += exc.problems
     for problem in problems:
         print(f"{args.config}:{problem}")
     for warning in warnings_of(config):

@@ -1,0 +1,379 @@
+"""Secrets by reference and encrypted at rest (gateway/secretstore.py): the AEAD and its
+vector, the key-encryption key, references in config.yaml, sealing in both real stores,
+rekey and KEK rotation, and what ``gateway check`` says."""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import yaml
+from cryptography.exceptions import InvalidTag
+
+from gateway.cli import main
+from gateway.config import SecretsConfig, parse_config
+from gateway.errors import ConfigError, StoreError
+from gateway.secretstore import (
+    AES_256_GCM,
+    SEALED,
+    SM4_GCM,
+    KeyEncryptionKey,
+    SecretBox,
+    decrypt,
+    default_cipher,
+    encrypt,
+    generate_kek_file,
+    resolve_document,
+    secret_pointers,
+    sm4_gcm_available,
+)
+from gateway.store import ResourceChange, Store
+from tests.conftest import Keys, config_document, store_at
+
+SECRET = base64.urlsafe_b64encode(b"hmac shared secret " + secrets.token_bytes(13)).decode()
+HEADER = "Bearer s3cret-" + secrets.token_hex(12)
+
+
+def hmac_member(k: Any = SECRET, rid: str = "330000:hmac-system") -> dict[str, Any]:
+    return {"id": rid, "kind": "system", "keys": [{"kty": "oct", "kid": "hmac-1", "k": k}]}
+
+
+def keyed_adapter(value: Any = HEADER) -> dict[str, Any]:
+    return {
+        "name": "keyed",
+        "type": "http",
+        "config": {"url": "http://127.0.0.1:1/{service}", "headers": {"Authorization": value}},
+    }
+
+
+def kek_config(tmp_path: Path, name: str = "gateway.kek") -> SecretsConfig:
+    return SecretsConfig(kek_file=tmp_path / name)
+
+
+# The AEAD ---------------------------------------------------------------------------------
+
+
+def test_sm4_gcm_matches_the_rfc_8998_vector() -> None:
+    """SM4-GCM as used here opens RFC 8998's A.1 ciphertext and refuses it with other AAD."""
+    key = bytes.fromhex("0123456789ABCDEFFEDCBA9876543210")
+    nonce = bytes.fromhex("00001234567800000000ABCD")
+    aad = bytes.fromhex("FEEDFACEDEADBEEFFEEDFACEDEADBEEFABADDAD2")
+    plain = bytes.fromhex(
+        "AA" * 8 + "BB" * 8 + "CC" * 8 + "DD" * 8 + "EE" * 8 + "FF" * 8 + "EE" * 8 + "AA" * 8
+    )
+    ct = bytes.fromhex(
+        "17F399F08C67D5EE19D0DC9969C4BB7D5FD46FD3756489069157B282BB200735"
+        "D82710CA5C22F0CCFA7CBF93D496AC15A56834CBCF98C397B4024A2691233B8D"
+    )
+    tag = bytes.fromhex("83DE3541E4C2B58177E065A9BF7B62EC")
+    assert decrypt(SM4_GCM, key, nonce + ct + tag, aad) == plain
+    with pytest.raises(InvalidTag):
+        decrypt(SM4_GCM, key, nonce + ct + tag, aad + b"x")
+
+
+def test_sm4_gcm_is_the_default_with_this_cryptography() -> None:
+    """This environment's cryptography has SM4-GCM, so it is the default cipher."""
+    assert sm4_gcm_available()
+    assert default_cipher() == SM4_GCM
+
+
+@pytest.mark.parametrize("alg", [SM4_GCM, AES_256_GCM])
+def test_each_cipher_round_trips_and_binds_its_aad(alg: str) -> None:
+    """Both AEADs open what they sealed, with fresh nonces, and only with the same AAD."""
+    key = os.urandom(16 if alg == SM4_GCM else 32)
+    one, two = encrypt(alg, key, b"secret", b"a"), encrypt(alg, key, b"secret", b"a")
+    assert one != two
+    assert b"secret" not in one
+    assert decrypt(alg, key, one, b"a") == b"secret"
+    with pytest.raises(InvalidTag):
+        decrypt(alg, key, one, b"b")
+
+
+# The key-encryption key --------------------------------------------------------------------
+
+
+def test_a_generated_kek_file_is_private_and_never_replaced(tmp_path: Path) -> None:
+    """The KEK file is made 0600 with 32 random bytes; a second generation keeps the first."""
+    path = tmp_path / "keys" / "gateway.kek"
+    generate_kek_file(path)
+    first = path.read_text()
+    generate_kek_file(path)
+    assert path.read_text() == first
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert len(KeyEncryptionKey.load(SecretsConfig(kek_file=path)).material) == 32
+
+
+def test_a_kek_readable_by_others_is_refused(tmp_path: Path) -> None:
+    """A KEK file group or others can read is a config error naming chmod 600."""
+    path = tmp_path / "gateway.kek"
+    generate_kek_file(path)
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        KeyEncryptionKey.load(SecretsConfig(kek_file=path))
+
+
+def test_a_kek_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``{"env": NAME}``: the KEK is read from the variable; unset or short is a clear error."""
+    config = SecretsConfig(kek_env="TEST_GATEWAY_KEK")
+    with pytest.raises(ConfigError, match=r"TEST_GATEWAY_KEK .* is not set"):
+        KeyEncryptionKey.load(config)
+    monkeypatch.setenv("TEST_GATEWAY_KEK", base64.b64encode(b"short").decode())
+    with pytest.raises(ConfigError, match="must be 32 bytes"):
+        KeyEncryptionKey.load(config)
+    monkeypatch.setenv("TEST_GATEWAY_KEK", base64.b64encode(bytes(range(32))).decode())
+    assert KeyEncryptionKey.load(config).material == bytes(range(32))
+
+
+# What is secret, and references --------------------------------------------------------------
+
+
+def test_the_secrets_of_members_and_http_adapters() -> None:
+    """A JWK's k and the http adapter's header values are the secrets; nothing else is."""
+    assert secret_pointers("members", hmac_member()) == ["/keys/0/k"]
+    assert secret_pointers("adapters", keyed_adapter()) == ["/config/headers/Authorization"]
+    assert secret_pointers("routes", {"service": "a", "adapter": "b"}) == []
+
+
+def _doc(keys: Keys, tmp_path: Path) -> dict[str, Any]:
+    doc = config_document(keys, store=tmp_path / "g.db", national_url="http://127.0.0.1:1")
+    doc["members"].append(hmac_member({"env": "TEST_HMAC_K"}))
+    doc["adapters"].append(keyed_adapter({"file": "secrets/header.txt"}))
+    return doc
+
+
+def test_references_resolve_for_the_runtime_and_stay_in_the_document(
+    keys: Keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """{"env"} and {"file"} (relative to config.yaml) give the runtime their values; the raw
+    document, which is what is stored and shown, keeps the references."""
+    monkeypatch.setenv("TEST_HMAC_K", SECRET)
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "header.txt").write_text(HEADER + "\n")
+    (tmp_path / "secrets" / "header.txt").chmod(0o600)
+    doc = _doc(keys, tmp_path)
+    config = parse_config(doc, base=tmp_path)
+    member = next(m for m in config.members if m.id == "330000:hmac-system")
+    assert member.keys[0]["k"] == SECRET
+    adapter = next(a for a in config.adapters if a.name == "keyed")
+    assert adapter.config["headers"]["Authorization"] == HEADER
+    assert config.raw["members"][-1]["keys"][0]["k"] == {"env": "TEST_HMAC_K"}
+    assert config.raw["adapters"][-1]["config"]["headers"]["Authorization"] == {
+        "file": "secrets/header.txt"
+    }
+
+
+def test_a_missing_reference_is_a_config_error_with_its_pointer(
+    keys: Keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unset variable and an absent file are each a problem at their JSON Pointer."""
+    monkeypatch.delenv("TEST_HMAC_K", raising=False)
+    doc = _doc(keys, tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        parse_config(doc, base=tmp_path)
+    member, adapter = len(doc["members"]) - 1, len(doc["adapters"]) - 1
+    assert f"/members/{member}/keys/0/k/env: environment variable TEST_HMAC_K is not set" in (
+        caught.value.problems
+    )
+    assert any(
+        p.startswith(f"/adapters/{adapter}/config/headers/Authorization/file: cannot read")
+        for p in caught.value.problems
+    )
+
+
+def test_a_secret_file_readable_by_others_is_refused(keys: Keys, tmp_path: Path) -> None:
+    """A referenced secret file with group or other access is refused, not read."""
+    _, problems = resolve_document({"adapters": [keyed_adapter({"file": "header.txt"})]}, tmp_path)
+    assert problems
+    assert "cannot read" in problems[0]
+    (tmp_path / "header.txt").write_text(HEADER)
+    (tmp_path / "header.txt").chmod(0o640)
+    _, problems = resolve_document({"adapters": [keyed_adapter({"file": "header.txt"})]}, tmp_path)
+    assert problems == [
+        f"/adapters/0/config/headers/Authorization/file: {tmp_path / 'header.txt'} (a secret) "
+        "is accessible by group or others (chmod 600)"
+    ]
+
+
+def test_gateway_check_names_the_pointer_of_a_missing_reference(
+    keys: Keys, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gateway check` prints the unresolved reference at its pointer and exits 1."""
+    monkeypatch.delenv("TEST_HMAC_K", raising=False)
+    doc = _doc(keys, tmp_path)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["check", "--config", str(path)]) == 1
+    out = capsys.readouterr().out
+    member = len(doc["members"]) - 1
+    assert (
+        f"{path}:/members/{member}/keys/0/k/env: environment variable TEST_HMAC_K is not set"
+        in (out.splitlines())
+    )
+
+
+# Sealing in the store (both backends) -----------------------------------------------------------
+
+
+@pytest.fixture
+async def store(store_url: str, tmp_path: Path) -> AsyncIterator[Store]:
+    """A real store (SQLite file or PostgreSQL database) with a box and a fresh KEK."""
+    store = store_at(store_url)
+    box = SecretBox(store, kek_config(tmp_path), create=True)
+    store.use_secrets(box)
+    await store.open()
+    await box.load()
+    yield store
+    await store.close()
+
+
+def _change(body: Any, kind: str = "members") -> ResourceChange:
+    return ResourceChange(
+        kind=kind, id=body["id"] if kind == "members" else body["name"], action="create",
+        actor="alice", role="admin", after=body,
+    )  # fmt: skip
+
+
+async def raw_rows(store_url: str) -> str:
+    """Every row of every table as the database holds it, as text (PostgreSQL: each row
+    cast to text; SQLite: the file and its WAL, byte for byte)."""
+    if store_url.startswith("postgresql://"):
+        conn = await asyncpg.connect(store_url)
+        try:
+            tables = [
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+                )
+            ]
+            rows = []
+            for table in tables:  # names from the catalogue, quoted
+                rows += [str(r[0]) for r in await conn.fetch(f'SELECT t::text FROM "{table}" t')]  # noqa: S608
+            return "\n".join(rows)
+        finally:
+            await conn.close()
+    files = [Path(store_url), Path(store_url + "-wal")]
+    return b"".join(f.read_bytes() for f in files if f.exists()).decode("latin-1")
+
+
+async def stored_values(store_url: str) -> str:
+    """The admin tables' current rows as text (no older page versions: SQLite's WAL
+    and free pages keep those, and old ciphertexts are still ciphertexts)."""
+    if store_url.startswith("postgresql://"):
+        return await raw_rows(store_url)
+    import sqlite3
+
+    db = sqlite3.connect(store_url)
+    try:
+        tables = ("resources", "admin_changes")
+        return "\n".join(repr(r) for t in tables for r in db.execute(f"SELECT * FROM {t}"))  # noqa: S608
+    finally:
+        db.close()
+
+
+async def test_stored_secrets_are_sealed_and_read_back_in_clear(
+    store: Store, store_url: str
+) -> None:
+    """A member's k and an adapter's header are sealed in the overlay and the change trail;
+    the store hands them back in clear, references untouched."""
+    await store.put_resource(_change(hmac_member()))
+    await store.put_resource(_change(keyed_adapter(), "adapters"))
+    referenced = hmac_member({"env": "SOME_VAR"}, rid="330000:by-reference")
+    await store.put_resource(_change(referenced))
+    raw = await raw_rows(store_url)
+    assert SECRET not in raw
+    assert HEADER not in raw
+    assert SEALED in raw
+    assert "SOME_VAR" in raw
+    overlay = {rid: body for _, rid, body in await store.load_overlay()}
+    assert overlay["330000:hmac-system"] == hmac_member()
+    assert overlay["keyed"] == keyed_adapter()
+    assert overlay["330000:by-reference"] == referenced
+    assert {c.resource_id: c.after for c in await store.changes()}["keyed"] == keyed_adapter()
+
+
+async def test_a_sealed_value_moved_to_another_resource_does_not_open(
+    store: Store, tmp_path: Path
+) -> None:
+    """The AAD binds a ciphertext to its resource and field: copied onto another member it
+    fails to open with a clear StoreError."""
+    sealed = await store.secrets.seal("members", "330000:a", hmac_member(rid="330000:a"))
+    assert await store.secrets.open("members", "330000:a", sealed) == hmac_member(rid="330000:a")
+    with pytest.raises(StoreError, match="moved from another resource or field"):
+        await store.secrets.open("members", "330000:b", sealed)
+
+
+async def test_a_store_without_the_kek_keeps_no_secret_in_clear(store_url: str) -> None:
+    """A store opened without a box refuses to write a secret at all."""
+    store = store_at(store_url)
+    await store.open()
+    try:
+        with pytest.raises(StoreError, match="without the key-encryption key"):
+            await store.put_resource(_change(hmac_member()))
+        await store.put_resource(_change({"id": "330000:plain", "kind": "system"}))
+    finally:
+        await store.close()
+
+
+async def test_a_wrong_kek_is_a_clear_error(store: Store, store_url: str, tmp_path: Path) -> None:
+    """Reopened with another KEK, or with the KEK file gone, the box says which KEK
+    wrapped the store's keys (and makes no new KEK file over a store that has keys)."""
+    kek_id = KeyEncryptionKey.load(kek_config(tmp_path)).id
+    other = store_at(store_url)
+    await other.open()
+    try:
+        generate_kek_file(tmp_path / "other.kek")
+        with pytest.raises(ConfigError, match=f"wrapped by key-encryption key {kek_id}"):
+            await SecretBox(other, kek_config(tmp_path, "other.kek"), create=True).load()
+        with pytest.raises(ConfigError, match=rf"does not exist; .* key-encryption key {kek_id}"):
+            await SecretBox(other, kek_config(tmp_path, "gone.kek"), create=True).load()
+        assert not (tmp_path / "gone.kek").exists()
+    finally:
+        await other.close()
+
+
+async def test_rekey_reencrypts_and_old_records_stay_readable(store: Store, store_url: str) -> None:
+    """A new data key: until re-encrypted, records under the old key still open; after
+    `reseal` every sealed value names the new key; both keys are kept."""
+    await store.put_resource(_change(hmac_member()))
+    old = store.secrets.current
+    assert old is not None
+    assert old.generation == 1
+    assert old.alg == SM4_GCM
+    new = await store.secrets.rotate(AES_256_GCM)
+    assert (new.generation, new.alg) == (2, AES_256_GCM)
+    assert [b for _, _, b in await store.load_overlay()] == [hmac_member()]
+    assert old.key_id in await stored_values(store_url)
+    assert await store.reseal() == 2  # the resource body and the change record's after
+    raw = await stored_values(store_url)
+    assert f"v1.{old.key_id}." not in raw
+    assert f"v1.{new.key_id}." in raw
+    assert [b for _, _, b in await store.load_overlay()] == [hmac_member()]
+    assert await store.reseal() == 0  # nothing left under another key
+    assert [k.generation for k in await store.data_keys()] == [1, 2]
+
+
+async def test_kek_rotation_rewraps_every_data_key(
+    store: Store, store_url: str, tmp_path: Path
+) -> None:
+    """Re-wrapped with a new KEK, the store's keys open with it and no longer with the old."""
+    await store.put_resource(_change(hmac_member()))
+    await store.secrets.rotate()
+    generate_kek_file(tmp_path / "new.kek")
+    new = KeyEncryptionKey.load(kek_config(tmp_path, "new.kek"))
+    await store.rewrap_data_keys(store.secrets.rewrapped(new))
+    reopened = store_at(store_url)
+    await reopened.open()
+    try:
+        with pytest.raises(ConfigError, match="not by the configured one"):
+            await SecretBox(reopened, kek_config(tmp_path)).load()
+        box = SecretBox(reopened, kek_config(tmp_path, "new.kek"))
+        reopened.use_secrets(box)
+        assert [b for _, _, b in await reopened.load_overlay()] == [hmac_member()]
+    finally:
+        await reopened.close()
