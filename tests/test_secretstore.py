@@ -4,19 +4,33 @@ rekey and KEK rotation, and what ``gateway check`` says."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import json
 import os
 import secrets
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from cryptography.exceptions import InvalidTag
 
+from gateway.admin import create_token
+from gateway.app import STORE
 from gateway.cli import main
+from gateway.client import ExchangeClient
 from gateway.config import SecretsConfig, parse_config
 from gateway.errors import ConfigError, StoreError
 from gateway.secretstore import (
@@ -33,8 +47,20 @@ from gateway.secretstore import (
     secret_pointers,
     sm4_gcm_available,
 )
+from gateway.signing import Signer
 from gateway.store import ResourceChange, Store
-from tests.conftest import Keys, config_document, store_at
+from tests.conftest import (
+    CREDIT_EXAMPLE,
+    SCHEMAS,
+    Harness,
+    HarnessFactory,
+    Keys,
+    config_document,
+    reserve_port,
+    start_on,
+    store_at,
+    unused_port,
+)
 
 SECRET = base64.urlsafe_b64encode(b"hmac shared secret " + secrets.token_bytes(13)).decode()
 HEADER = "Bearer s3cret-" + secrets.token_hex(12)
@@ -377,3 +403,264 @@ async def test_kek_rotation_rewraps_every_data_key(
         assert [b for _, _, b in await reopened.load_overlay()] == [hmac_member()]
     finally:
         await reopened.close()
+
+
+# A real gateway (in process, on loopback), both backends ------------------------------------
+
+HMAC_ID = "330000:hmac-system"
+TARGET = "440000:gateway"  # a route to the keyed adapter: Gw-Target picks it
+CREDIT_ANSWER = json.loads((SCHEMAS / "credit.query" / "response.json").read_text())["examples"][0]
+
+
+@pytest.fixture
+def harness_store_url(both_backends: str | None) -> str | None:
+    return both_backends
+
+
+@dataclass
+class Upstream:
+    """A real HTTP upstream on loopback that records the headers it was sent."""
+
+    url: str
+    seen: list[dict[str, str]] = field(default_factory=list)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    async with AsyncExitStack() as stack:
+        port, sock = reserve_port(stack)
+        up = Upstream(f"http://127.0.0.1:{port}")
+
+        async def answer(request: web.Request) -> web.Response:
+            up.seen.append(dict(request.headers))
+            return web.json_response(CREDIT_ANSWER)
+
+        app = web.Application()
+        app.router.add_post("/x/{service}", answer)
+        await start_on(stack, TestServer(app, port=port, socket_factory=sock))
+        yield up
+
+
+def hmac_client(h: Harness, raw: bytes) -> ExchangeClient:
+    return ExchangeClient(
+        member_id=HMAC_ID,
+        signer=Signer(secret=raw, kid="hmac-1", label="sig1"),
+        base_url=h.url,
+        session=h.gateway.session,
+    )
+
+
+async def write_secrets(h: Harness, up: Upstream, k: Any, header: Any) -> None:
+    """An HMAC member, an http adapter with a secret header and its route, by the admin API."""
+    member = hmac_member(k) | {"services": ["credit.query"]}
+    adapter = keyed_adapter(header)
+    adapter["config"]["url"] = f"{up.url}/x/{{service}}"
+    for kind, body in (
+        ("members", member),
+        ("adapters", adapter),
+        ("routes", {"service": "credit.query", "adapter": "keyed", "target": TARGET}),
+    ):
+        resp = await h.admin.post(f"/admin/v1/{kind}", json=body, headers=h.auth())
+        assert resp.status == 201, await resp.text()
+
+
+async def exchange_through_keyed(h: Harness, raw: bytes) -> None:
+    reply = await hmac_client(h, raw).exchange(
+        "credit.query", CREDIT_EXAMPLE, headers={"Gw-Target": TARGET}
+    )
+    assert reply.status == 200, reply.body
+
+
+def store_location(h: Harness) -> str:
+    return h.config.store.url or str(h.config.store.path)
+
+
+async def test_admin_written_secrets_are_not_in_the_database(
+    make_harness: HarnessFactory, upstream: Upstream
+) -> None:
+    """An HMAC member and an http adapter's secret header written through the admin API:
+    no byte of the database (SQLite file and WAL; every PostgreSQL row as text) holds them;
+    the gateway verifies the member's signatures and the upstream gets the header, also
+    from a second gateway started on the same store."""
+    raw = secrets.token_bytes(32)
+    k = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    h = await make_harness()
+    await write_secrets(h, upstream, k, HEADER)
+    await exchange_through_keyed(h, raw)
+    assert upstream.seen[-1]["Authorization"] == HEADER
+    dump = await raw_rows(store_location(h))
+    for needle in (k, HEADER, HEADER.split()[1]):
+        assert needle not in dump
+    assert raw.decode("latin-1") not in dump
+    restarted = await make_harness(store=h.config.store.path)
+    await exchange_through_keyed(restarted, raw)
+    assert len(upstream.seen) == 2
+    assert upstream.seen[-1]["Authorization"] == HEADER
+
+
+async def test_references_resolve_at_the_admin_write_and_are_what_is_shown(
+    make_harness: HarnessFactory,
+    upstream: Upstream,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """{"env"} for the HMAC k and {"file"} for the header: the gateway uses their values,
+    the API shows and stores the references; a reference that does not resolve is
+    422 secret_unresolved naming its pointer, and nothing is written."""
+    raw = secrets.token_bytes(32)
+    monkeypatch.setenv("TEST_HMAC_K", base64.urlsafe_b64encode(raw).rstrip(b"=").decode())
+    (tmp_path / "header.txt").write_text(HEADER + "\n")
+    (tmp_path / "header.txt").chmod(0o600)
+    h = await make_harness()
+    await write_secrets(h, upstream, {"env": "TEST_HMAC_K"}, {"file": "header.txt"})
+    await exchange_through_keyed(h, raw)
+    assert upstream.seen[-1]["Authorization"] == HEADER
+    shown = await (await h.admin.get(f"/admin/v1/members/{HMAC_ID}", headers=h.auth())).json()
+    assert shown["keys"][0]["k"] == {"env": "TEST_HMAC_K"}
+    patched = await h.admin.patch(
+        f"/admin/v1/members/{HMAC_ID}", json={"name": "renamed"}, headers=h.auth()
+    )
+    assert patched.status == 200, await patched.text()
+    stored = {rid: b for _, rid, b in await h.app[STORE].load_overlay()}
+    assert stored[HMAC_ID]["keys"][0]["k"] == {"env": "TEST_HMAC_K"}
+    assert stored["keyed"]["config"]["headers"]["Authorization"] == {"file": "header.txt"}
+    missing = hmac_member({"env": "TEST_UNSET_K"}, rid="330000:unresolved")
+    resp = await h.admin.post("/admin/v1/members", json=missing, headers=h.auth())
+    assert resp.status == 422
+    problem = await resp.json()
+    assert problem["code"] == "secret_unresolved"
+    assert problem["errors"] == [
+        {"pointer": "/keys/0/k/env", "message": "environment variable TEST_UNSET_K is not set"}
+    ]
+    assert "330000:unresolved" not in {rid for _, rid, _ in await h.app[STORE].load_overlay()}
+
+
+# Real processes: `gateway serve`, restarted, rekeyed, and refused with a wrong KEK ----------
+
+
+def serve(config_path: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config_path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def tail(log: Path) -> str:
+    return log.read_text()[-3000:]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+async def until_up(process: subprocess.Popen[bytes], url: str, log: Path) -> None:
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession() as session:
+        while True:
+            assert process.poll() is None, tail(log)
+            assert time.monotonic() < deadline, "the gateway never answered /healthz"
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"{url}/healthz") as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.05)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.integration
+async def test_real_processes_restart_rekey_and_refuse_a_wrong_kek(
+    keys: Keys, tmp_path: Path, upstream: Upstream, both_backends: str | None
+) -> None:
+    """`gateway serve` with secrets written by the admin API: restarted it still verifies
+    the HMAC member and sends the header; `gateway store rekey` re-encrypts under a new
+    data key and the next process reads it; with another KEK the start fails, exit 2,
+    saying which KEK wrapped the store's keys."""
+    ingress, admin = unused_port(), unused_port()
+    doc = config_document(keys, store=tmp_path / "gw.db", national_url="http://127.0.0.1:1")
+    doc["listen"] = {"ingress": {"port": ingress}, "admin": {"port": admin}}
+    doc["secrets"] = {"kek": {"file": "gw.kek"}}
+    if both_backends is not None:
+        doc["store"]["url"] = both_backends
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(doc))
+    url, admin_url, log = (
+        f"http://127.0.0.1:{ingress}",
+        f"http://127.0.0.1:{admin}",
+        tmp_path / "gw.log",
+    )
+    raw = secrets.token_bytes(32)
+    k = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    async def exchange(session: aiohttp.ClientSession) -> None:
+        client = ExchangeClient(
+            member_id=HMAC_ID,
+            signer=Signer(secret=raw, kid="hmac-1"),
+            base_url=url,
+            session=session,
+        )
+        reply = await client.exchange("credit.query", CREDIT_EXAMPLE, headers={"Gw-Target": TARGET})
+        assert reply.status == 200, reply.body
+        assert upstream.seen[-1]["Authorization"] == HEADER
+
+    process = serve(config_path, log)
+    try:
+        await until_up(process, url, log)
+        assert (tmp_path / "gw.kek").stat().st_mode & 0o777 == 0o600  # made at first start
+        store = store_at(both_backends or str(tmp_path / "gw.db"))
+        await store.open()
+        try:
+            token = await create_token(store, "alice", "admin")
+        finally:
+            await store.close()
+        async with aiohttp.ClientSession() as session:
+            auth = {"Authorization": f"Bearer {token}"}
+            member = hmac_member(k) | {"services": ["credit.query"]}
+            adapter = keyed_adapter()
+            adapter["config"]["url"] = f"{upstream.url}/x/{{service}}"
+            route = {"service": "credit.query", "adapter": "keyed", "target": TARGET}
+            for kind, body in (("members", member), ("adapters", adapter), ("routes", route)):
+                async with session.post(
+                    f"{admin_url}/admin/v1/{kind}", json=body, headers=auth
+                ) as r:
+                    assert r.status == 201, await r.text()
+            await exchange(session)
+    finally:
+        stop(process)
+    location = both_backends or str(tmp_path / "gw.db")
+    assert k not in await raw_rows(location)
+    assert HEADER not in await raw_rows(location)
+
+    rekey = await asyncio.to_thread(run_cli, "store", "rekey", "--config", str(config_path))
+    assert rekey.returncode == 0, rekey.stderr
+    assert "generation 2" in rekey.stdout
+    new_key = rekey.stdout.split()[2]
+    assert f"v1.{new_key}." in await stored_values(location)
+
+    process = serve(config_path, log)
+    try:
+        await until_up(process, url, log)
+        async with aiohttp.ClientSession() as session:
+            await exchange(session)
+    finally:
+        stop(process)
+
+    kek_id = KeyEncryptionKey.load(SecretsConfig(kek_file=tmp_path / "gw.kek")).id
+    (tmp_path / "gw.kek").unlink()
+    generate_kek_file(tmp_path / "gw.kek")  # another KEK where the right one was
+    wrong = await asyncio.to_thread(run_cli, "serve", "--config", str(config_path))
+    assert wrong.returncode == 2
+    assert f"wrapped by key-encryption key {kek_id}" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
