@@ -66,9 +66,11 @@ __all__ = [
     "DataKey",
     "KeyEncryptionKey",
     "KeyStore",
+    "OwnKeys",
     "SecretBox",
     "default_cipher",
     "is_reference",
+    "own_keys",
     "resolve_document",
     "resolve_resource",
     "secret_pointers",
@@ -412,33 +414,79 @@ def is_reference(value: Any) -> bool:
     )
 
 
-def _resolve(ref: Mapping[str, str], base: Path, where: str) -> tuple[Any, str | None]:
+@dataclass(frozen=True, slots=True)
+class OwnKeys:
+    """The gateway's own key material, which no reference may name: otherwise whoever may
+    write an adapter could have the signing key or the KEK sent as a header value."""
+
+    files: frozenset[Path] = frozenset()
+    env: frozenset[str] = frozenset({"GATEWAY_KEY_PASSPHRASE", "GATEWAY_STORE_URL"})
+
+
+def own_keys(doc: Any, base: Path) -> OwnKeys:
+    """The key files and variables a configuration document names for the gateway itself
+    (its signing key, passphrase, TLS key, KEK)."""
+    if not isinstance(doc, Mapping):
+        return OwnKeys()
+    gateway: Mapping[str, Any] = doc.get("gateway") or {}
+    kek = (doc.get("secrets") or {}).get("kek") or {}
+    tls = ((doc.get("listen") or {}).get("ingress") or {}).get("tls") or {}
+    files = [
+        gateway.get("key"),
+        gateway.get("key_passphrase_file"),
+        kek.get("file"),
+        tls.get("key"),
+    ]
+    if isinstance(gateway.get("key"), str):
+        files.append(gateway["key"].removesuffix(".pem") + ".kek")
+    env = {gateway.get("key_passphrase_env"), kek.get("env")}
+    return OwnKeys(
+        files=frozenset(_real(base, f) for f in files if isinstance(f, str)),
+        env=OwnKeys().env | {e for e in env if isinstance(e, str)},
+    )
+
+
+def _real(base: Path, name: str) -> Path:
+    path = Path(name)
+    return (path if path.is_absolute() else base / path).resolve()
+
+
+def _resolve(
+    ref: Mapping[str, str], base: Path, where: str, own: OwnKeys
+) -> tuple[Any, str | None]:
     if "env" in ref:
         name = ref["env"]
         if not _ENV_NAME.match(name):
             return None, f"{where}/env: {name!r} is not an environment variable name"
+        if name in own.env:
+            return None, f"{where}/env: {name} holds the gateway's own key material"
         value = os.environ.get(name)
         if value is None:
             return None, f"{where}/env: environment variable {name} is not set"
         return value, None
-    target = Path(ref["file"])
-    target = target if target.is_absolute() else base / target
+    target = _real(base, ref["file"])
+    if target in own.files:
+        return None, f"{where}/file: {ref['file']} is the gateway's own key material"
     try:
         return _read_private(target, f"{where}/file", "a secret").rstrip("\r\n"), None
     except ConfigError as exc:
         return None, exc.problems[0]
 
 
-def resolve_resource(kind: str, item: Any, base: Path, where: str = "") -> tuple[Any, list[str]]:
+def resolve_resource(
+    kind: str, item: Any, base: Path, where: str = "", *, own: OwnKeys | None = None
+) -> tuple[Any, list[str]]:
     """``item`` with each secret reference replaced by its value (files relative to
-    ``base``), and the problems (JSON Pointers prefixed with ``where``)."""
+    ``base``), and the problems (JSON Pointers prefixed with ``where``). ``own``: the
+    gateway's key material, which a reference may not name."""
     paths = [p for p in _paths(kind, item) if is_reference(_get(item, p))]
     if not paths:
         return item, []
     resolved = copy.deepcopy(item)
     problems: list[str] = []
     for path in paths:
-        value, problem = _resolve(_get(item, path), base, where + _pointer(path))
+        ref = _get(item, path)
+        value, problem = _resolve(ref, base, where + _pointer(path), own or OwnKeys())
         if problem is not None:
             problems.append(problem)
         else:
@@ -451,6 +499,7 @@ def resolve_document(doc: Any, base: Path) -> tuple[Any, list[str]]:
     resolved, for the runtime; the document itself (what is stored and shown) keeps them."""
     if not isinstance(doc, Mapping):
         return doc, []
+    own = own_keys(doc, base)
     out = dict(doc)
     problems: list[str] = []
     for kind in ("members", "adapters"):
@@ -458,7 +507,7 @@ def resolve_document(doc: Any, base: Path) -> tuple[Any, list[str]]:
         if isinstance(items, list):
             resolved = []
             for i, item in enumerate(items):
-                value, found = resolve_resource(kind, item, base, f"/{kind}/{i}")
+                value, found = resolve_resource(kind, item, base, f"/{kind}/{i}", own=own)
                 resolved.append(value)
                 problems += found
             out[kind] = resolved

@@ -226,6 +226,24 @@ def test_a_secret_file_readable_by_others_is_refused(keys: Keys, tmp_path: Path)
     ]
 
 
+def test_a_reference_may_not_name_the_gateways_own_keys(keys: Keys, tmp_path: Path) -> None:
+    """The signing key, its KEK and the passphrase variable cannot be referenced: an
+    adapter's header would otherwise carry them to its upstream."""
+    doc = config_document(keys, store=tmp_path / "g.db", national_url="http://127.0.0.1:1")
+    doc["adapters"] = [
+        keyed_adapter({"file": str(keys.directory / "gateway.pem")}),
+        keyed_adapter({"file": str(keys.directory / "gateway.kek")}) | {"name": "kek"},
+        keyed_adapter({"env": "GATEWAY_KEY_PASSPHRASE"}) | {"name": "phrase"},
+    ]
+    _, problems = resolve_document(doc, tmp_path)
+    where, own = "config/headers/Authorization", "the gateway's own key material"
+    assert problems == [
+        f"/adapters/0/{where}/file: {keys.directory / 'gateway.pem'} is {own}",
+        f"/adapters/1/{where}/file: {keys.directory / 'gateway.kek'} is {own}",
+        f"/adapters/2/{where}/env: GATEWAY_KEY_PASSPHRASE holds {own}",
+    ]
+
+
 def test_gateway_check_names_the_pointer_of_a_missing_reference(
     keys: Keys, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -533,6 +551,10 @@ async def test_references_resolve_at_the_admin_write_and_are_what_is_shown(
         {"pointer": "/keys/0/k/env", "message": "environment variable TEST_UNSET_K is not set"}
     ]
     assert "330000:unresolved" not in {rid for _, rid, _ in await h.app[STORE].load_overlay()}
+    stolen = keyed_adapter({"file": str(h.keys.directory / "gateway.pem")}) | {"name": "thief"}
+    resp = await h.admin.post("/admin/v1/adapters", json=stolen, headers=h.auth())
+    assert resp.status == 422
+    assert (await resp.json())["code"] == "secret_unresolved"
 
 
 # Real processes: `gateway serve`, restarted, rekeyed, and refused with a wrong KEK ----------

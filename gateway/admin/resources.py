@@ -20,7 +20,7 @@ from gateway.errors import FieldError, SchemaInvalid, SecretUnresolved
 from gateway.keys import VerificationKey
 from gateway.live import LiveConfig
 from gateway.registry import adapter_types
-from gateway.secretstore import resolve_resource
+from gateway.secretstore import own_keys, resolve_resource
 from gateway.validation import field_errors, pointer_of
 
 __all__ = ["carry_revocations", "check_resource", "resource_schema"]
@@ -45,7 +45,8 @@ def check_resource(kind: str, body: Any, live: LiveConfig) -> None:
     cannot read (the rest is checked with the values the references resolve to)."""
     errors = field_errors(_validator(kind).iter_errors(body))
     if not errors and isinstance(body, Mapping):
-        resolved, problems = resolve_resource(kind, body, live.config.base)
+        base = live.config.base
+        resolved, problems = resolve_resource(kind, body, base, own=own_keys(live.doc, base))
         if problems:
             raise SecretUnresolved(
                 "a secret reference does not resolve on this gateway",
