@@ -46,7 +46,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -63,12 +63,16 @@ __all__ = [
     "CIPHERS",
     "SEALED",
     "SM4_GCM",
+    "CipherName",
     "DataKey",
     "KeyEncryptionKey",
     "KeyStore",
     "OwnKeys",
     "SecretBox",
+    "decrypt",
     "default_cipher",
+    "encrypt",
+    "generate_kek_file",
     "is_reference",
     "own_keys",
     "resolve_document",
@@ -79,9 +83,10 @@ __all__ = [
 
 log = logging.getLogger("gateway.secretstore")
 
-SM4_GCM = "sm4-gcm"
-AES_256_GCM = "aes-256-gcm"
-CIPHERS = (SM4_GCM, AES_256_GCM)
+CipherName = Literal["sm4-gcm", "aes-256-gcm"]
+SM4_GCM: Final = "sm4-gcm"
+AES_256_GCM: Final = "aes-256-gcm"
+CIPHERS: tuple[CipherName, ...] = (SM4_GCM, AES_256_GCM)
 _KEY_BYTES = {SM4_GCM: 16, AES_256_GCM: 32}
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
