@@ -21,7 +21,9 @@ __all__ = ["register"]
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``store migrate|import`` to the ``gateway`` parser."""
-    store = sub.add_parser("store", help="the PostgreSQL store: migrations, moving in")
+    store = sub.add_parser(
+        "store", help="the store: PostgreSQL migrations and moving in; rekeying its secrets"
+    )
     actions = store.add_subparsers(dest="action", required=True)
 
     with_config(
