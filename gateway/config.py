@@ -365,9 +365,11 @@ def parse_config(data: Any, *, base: Path, path: Path | None = None) -> Config:
     # Secret references ({"env": …}, {"file": …}) resolved for the runtime; ``raw`` keeps
     # them, so the reference is what is stored and shown.
     resolved, problems = resolve_document(data, base)
+    if problems:  # the checks below would only repeat them, in other words
+        raise ConfigError(problems)
     reader = _Reader(base)
     config = dataclasses.replace(_build(resolved, reader, path), raw=data)
-    problems += reader.problems + _cross_check(config)
+    problems = reader.problems + _cross_check(config)
     if problems:
         raise ConfigError(problems)
     return config
