@@ -316,6 +316,24 @@ async def stored_values(store_url: str) -> str:
         db.close()
 
 
+async def stored_body(store_url: str, rid: str) -> Any:
+    """One overlay row's body as stored (sealed values left sealed)."""
+    sql = "SELECT body FROM resources WHERE id = "
+    if store_url.startswith("postgresql://"):
+        conn = await asyncpg.connect(store_url)
+        try:
+            return json.loads(await conn.fetchval(sql + "$1", rid))
+        finally:
+            await conn.close()
+    import sqlite3
+
+    db = sqlite3.connect(store_url)
+    try:
+        return json.loads(db.execute(sql + "?", (rid,)).fetchone()[0])
+    finally:
+        db.close()
+
+
 async def test_stored_secrets_are_sealed_and_read_back_in_clear(
     store: Store, store_url: str
 ) -> None:
@@ -396,6 +414,27 @@ async def test_rekey_reencrypts_and_old_records_stay_readable(store: Store, stor
     assert [b for _, _, b in await store.load_overlay()] == [hmac_member()]
     assert await store.reseal() == 0  # nothing left under another key
     assert [k.generation for k in await store.data_keys()] == [1, 2]
+
+
+async def test_another_process_follows_a_rotation(
+    store: Store, store_url: str, tmp_path: Path
+) -> None:
+    """A second process's box, loaded before a rekey, opens what is sealed under the new
+    key (it reads the keys again) and seals its own writes with the new key."""
+    other = store_at(store_url)
+    box = SecretBox(other, kek_config(tmp_path))
+    other.use_secrets(box)
+    await other.open()
+    try:
+        await box.load()
+        new = await store.secrets.rotate()
+        await store.put_resource(_change(hmac_member()))
+        assert [b for _, _, b in await other.load_overlay()] == [hmac_member()]
+        await other.put_resource(_change(keyed_adapter(), "adapters"))
+        assert SecretBox.sealed_with(await stored_body(store_url, "keyed")) == {new.key_id}
+        assert box.current == new
+    finally:
+        await other.close()
 
 
 async def test_kek_rotation_rewraps_every_data_key(
