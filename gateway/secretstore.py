@@ -44,7 +44,7 @@ import secrets as random
 import stat
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
@@ -174,8 +174,8 @@ class KeyEncryptionKey:
     """32 random bytes (base64 text in a file or an environment variable) and where they
     came from. Only ever used to wrap and unwrap data keys."""
 
-    material: bytes
-    source: str  # "file keys/gateway.kek", "environment variable GATEWAY_KEK"
+    material: bytes = field(repr=False)  # never in a log line or a traceback's locals
+    source: str = ""  # "file keys/gateway.kek", "environment variable GATEWAY_KEK"
 
     @property
     def id(self) -> str:

@@ -125,14 +125,18 @@ def test_each_cipher_round_trips_and_binds_its_aad(alg: str) -> None:
 
 
 def test_a_generated_kek_file_is_private_and_never_replaced(tmp_path: Path) -> None:
-    """The KEK file is made 0600 with 32 random bytes; a second generation keeps the first."""
+    """The KEK file is made 0600 with 32 random bytes; a second generation keeps the first;
+    the KEK's repr does not show it."""
     path = tmp_path / "keys" / "gateway.kek"
     generate_kek_file(path)
     first = path.read_text()
     generate_kek_file(path)
     assert path.read_text() == first
     assert path.stat().st_mode & 0o777 == 0o600
-    assert len(KeyEncryptionKey.load(SecretsConfig(kek_file=path)).material) == 32
+    kek = KeyEncryptionKey.load(SecretsConfig(kek_file=path))
+    assert len(kek.material) == 32
+    assert kek.material.hex() not in repr(kek)
+    assert repr(kek.material) not in repr(kek)
 
 
 def test_a_kek_readable_by_others_is_refused(tmp_path: Path) -> None:
