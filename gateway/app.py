@@ -32,6 +32,7 @@ from gateway.outbound import configured_session, learnt_session
 from gateway.pipeline import CTX_KEY, Pipeline, RequestContext
 from gateway.problem import problem_response
 from gateway.registry import Runtime, RuntimeHolder, build_runtime
+from gateway.secretstore import SecretBox
 from gateway.signing import Signer, Verifier
 from gateway.store import Rejection, Store, create_store
 from gateway.tls import TLS_CONTEXT, server_context
@@ -287,6 +288,14 @@ def create_app(
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.open()
+        # Secrets at rest: a missing or wrong key-encryption key stops the start here.
+        box = SecretBox(store, config.secrets, create=True)
+        try:
+            await box.load()
+        except BaseException:
+            await store.close()
+            raise
+        store.use_secrets(box)
         store.observe(metrics)
         yield
         await store.close()

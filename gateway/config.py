@@ -22,6 +22,7 @@ import yaml
 from gateway.errors import ConfigError
 from gateway.hsm import Pkcs11Uri, is_pkcs11_uri
 from gateway.outbound import OutboundPolicy, networks
+from gateway.secretstore import resolve_document
 
 __all__ = [
     "MEMBER_ID_PATTERN",
@@ -36,6 +37,7 @@ __all__ = [
     "MemberConfig",
     "RateLimit",
     "RouteConfig",
+    "SecretsConfig",
     "SecurityConfig",
     "ServiceConfig",
     "SimulatorConfig",
@@ -111,6 +113,18 @@ class StoreConfig:
     synchronous: Literal["normal", "full"] = "normal"
     # How often the message log's chain head is signed (a checkpoint); see docs/audit.md.
     checkpoint_interval_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecretsConfig:
+    """Secrets at rest (gateway/secretstore.py): the key-encryption key that wraps the
+    store's data keys, from a file (default ``<gateway key>.kek``, generated on the first
+    start of a store without data keys) or an environment variable; the data keys' AEAD
+    (None: SM4-GCM where ``cryptography`` has it, else AES-256-GCM)."""
+
+    kek_file: Path | None = None
+    kek_env: str | None = None
+    cipher: Literal["sm4-gcm", "aes-256-gcm"] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -267,6 +281,7 @@ class Config:
     tracing: TracingConfig = field(default_factory=TracingConfig)
     directory: DirectoryConfig | None = None
     outbound: OutboundPolicy = field(default_factory=OutboundPolicy)
+    secrets: SecretsConfig = field(default_factory=SecretsConfig)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -377,8 +392,13 @@ def parse_config(data: Any, *, base: Path, path: Path | None = None) -> Config:
     ]
     if problems:
         raise ConfigError(problems)
+    # Secret references ({"env": …}, {"file": …}) resolved for the runtime; ``raw`` keeps
+    # them, so the reference is what is stored and shown.
+    resolved, problems = resolve_document(data, base)
+    if problems:  # the checks below would only repeat them, in other words
+        raise ConfigError(problems)
     reader = _Reader(base)
-    config = _build(data, reader, path)
+    config = dataclasses.replace(_build(resolved, reader, path), raw=data)
     problems = reader.problems + _cross_check(config)
     if problems:
         raise ConfigError(problems)
@@ -518,6 +538,7 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
         tracing=TracingConfig(**data.get("tracing", {})),
         directory=_directory(data.get("directory"), r),
         outbound=_outbound(data.get("outbound", {}), r),
+        secrets=_secrets(data.get("secrets", {}), key_path or jwk_path, r),
         raw=data,
     )
 
@@ -547,6 +568,19 @@ def _directory(data: Mapping[str, Any] | None, r: _Reader) -> DirectoryConfig | 
         max_stale_s=data.get("max_stale_s", 86400.0),
         min_version=data.get("min_version", 1),
         max_bytes=data.get("max_bytes", 1048576),
+    )
+
+
+def _secrets(data: Mapping[str, Any], key_path: Path, r: _Reader) -> SecretsConfig:
+    kek = data.get("kek", {})
+    env = kek.get("env")
+    # Beside the signing key (or, for a key in a token, beside its public JWK).
+    stem = key_path.name.removesuffix(".pem").removesuffix(".jwk.json")
+    default = key_path.with_name(stem + ".kek")
+    return SecretsConfig(
+        kek_env=env,
+        kek_file=None if env is not None else r.path(kek["file"]) if "file" in kek else default,
+        cipher=data.get("cipher"),
     )
 
 

@@ -34,6 +34,7 @@ Anything that is not a ``GatewayError`` becomes ``internal`` with details only i
     ├── PayloadTooLarge                413 payload_too_large
     ├── UnsupportedMediaType           415 unsupported_media_type
     ├── SchemaInvalid                  422 schema_invalid (with field errors)
+    │   └── SecretUnresolved           secret_unresolved (admin API: {"env"|"file"} missing)
     ├── RateLimited                    429 rate_limited (Retry-After)
     ├── UpstreamError                  502 upstream_error
     │   ├── OutboundRefused            upstream_error (a learnt URL the outbound policy refuses)
@@ -83,6 +84,7 @@ __all__ = [
     "ResourceExists",
     "ResourceUnknown",
     "SchemaInvalid",
+    "SecretUnresolved",
     "ServiceUnknown",
     "SignatureExpired",
     "SignatureInvalid",
@@ -293,6 +295,14 @@ class SchemaInvalid(GatewayError):
     @property
     def errors(self) -> Sequence[FieldError]:
         return self._errors
+
+
+class SecretUnresolved(SchemaInvalid):
+    """An admin write names a secret by reference (``{"env": …}``, ``{"file": …}``) that
+    this gateway cannot read: nothing is written."""
+
+    code = "secret_unresolved"
+    title = "A secret reference does not resolve"
 
 
 class RateLimited(GatewayError):

@@ -366,12 +366,16 @@ class LiveConfig:
 
     def _resolved(self, kind: str, item: Mapping[str, Any]) -> dict[str, Any]:
         """A resource as the API shows it: key files and schema files read in, so that a
-        write based on it is self-contained in the store."""
+        write based on it is self-contained in the store. Inline keys stay as written: a
+        secret reference ({"env": …}) is shown and kept, never its value."""
         out = copy.deepcopy(dict(item))
         if kind == "members":
             member = next(m for m in self.config.members if m.id == out["id"])
             if out.get("keys"):
-                out["keys"] = [dict(k) for k in member.keys]
+                out["keys"] = [
+                    dict(member.keys[j]) if isinstance(ref, str) else ref
+                    for j, ref in enumerate(out["keys"])
+                ]
         elif kind == "services":
             service = next(s for s in self.config.services if s.code == out["code"])
             for part in ("request_schema", "response_schema", "callback_schema"):

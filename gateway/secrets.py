@@ -56,6 +56,7 @@ __all__ = [
     "redact_document",
     "restore",
     "schema_secret_pointers",
+    "secret_paths",
     "secret_pointers",
     "secrets_of",
 ]
@@ -215,6 +216,11 @@ def _paths(kind: str, item: Any) -> list[Path]:
         if not any(path[: len(o)] == o for o in outer):
             outer.append(path)
     return sorted(outer)
+
+
+def secret_paths(kind: str, item: Any) -> list[Path]:
+    """``secret_pointers`` as token tuples, for code that walks the document."""
+    return _paths(kind, item)
 
 
 def secret_pointers(kind: str, item: Any) -> list[str]:

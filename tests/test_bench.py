@@ -292,3 +292,12 @@ def test_the_report_puts_the_sm2_gateway_beside_the_ed25519_one() -> None:
     assert doc["sm2"]["ed25519"]["rps"] == 500.0
     assert [r["rps"] for r in doc["sm2"]["rounds"]] == [100.0, 300.0, 240.0]
     assert report(_settings(3), {}, ROUNDS, {}, None)["sm2"] is None
+
+
+def test_the_sealing_benchmark_measures_both_ciphers(capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m bench.sealing` runs on a real store and prints SM4-GCM and AES-256-GCM."""
+    from bench.sealing import main
+
+    assert main(["--n", "5", "--size", "64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["sm4-gcm", "aes-256-gcm"]

@@ -363,6 +363,7 @@ def test_every_error_class_has_a_protocol_code() -> None:
         "resource_unknown": 404, "resource_exists": 409, "resource_changed": 409,
         # Cross-region traffic on a directory past max_stale_s (docs/federation.md).
         "directory_stale": 503,
+        "secret_unresolved": 422,
     }  # fmt: skip
 
     def walk(cls: type[GatewayError]) -> list[type[GatewayError]]:

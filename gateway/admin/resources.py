@@ -16,10 +16,11 @@ from typing import Any
 import jsonschema
 
 from gateway.config import SCHEMA_DIR
-from gateway.errors import FieldError, SchemaInvalid
+from gateway.errors import FieldError, SchemaInvalid, SecretUnresolved
 from gateway.keys import VerificationKey
 from gateway.live import LiveConfig
 from gateway.registry import adapter_types
+from gateway.secretstore import own_keys, resolve_resource
 from gateway.validation import field_errors, pointer_of
 
 __all__ = ["carry_revocations", "check_resource", "resource_schema"]
@@ -39,10 +40,19 @@ def _validator(kind: str) -> jsonschema.Draft202012Validator:
 
 
 def check_resource(kind: str, body: Any, live: LiveConfig) -> None:
-    """Raise ``SchemaInvalid`` listing every problem of ``body`` as a ``kind`` resource."""
+    """Raise ``SchemaInvalid`` listing every problem of ``body`` as a ``kind`` resource;
+    ``SecretUnresolved`` when a secret reference names a variable or file this gateway
+    cannot read (the rest is checked with the values the references resolve to)."""
     errors = field_errors(_validator(kind).iter_errors(body))
     if not errors and isinstance(body, Mapping):
-        errors += _KIND_CHECKS[kind](body, live)
+        base = live.config.base
+        resolved, problems = resolve_resource(kind, body, base, own=own_keys(live.doc, base))
+        if problems:
+            raise SecretUnresolved(
+                "a secret reference does not resolve on this gateway",
+                [FieldError(*problem.split(": ", 1)) for problem in problems],
+            )
+        errors += _KIND_CHECKS[kind](resolved, live)
     if errors:
         raise SchemaInvalid(f"the {kind[:-1]} is invalid", sorted(errors, key=lambda e: e.pointer))
 

@@ -9,6 +9,7 @@ import unicodedata
 from collections.abc import AsyncIterator, Collection, Sequence
 
 from gateway.config import Config, load_config
+from gateway.secretstore import SecretBox
 from gateway.store import Store, create_store
 
 __all__ = ["load", "open_store", "plural", "table", "width", "with_config"]
@@ -33,6 +34,8 @@ async def open_store(config: Config, *, readonly: bool = False) -> AsyncIterator
     """The configured store (SQLite or PostgreSQL), open for one command and closed after
     it; ``readonly`` (reports): never migrated or created."""
     store = create_store(config.store, readonly=readonly)
+    # The key-encryption key is read when a stored secret is first needed, not before.
+    store.use_secrets(SecretBox(store, config.secrets))
     await store.open()
     try:
         yield store

@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from gateway.registry import check_adapter_config
+    from gateway.secretstore import KeyEncryptionKey
 
     try:
         config = load(args)
@@ -49,6 +50,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     key_path = config.gateway.key_path
     if key_path is not None and not key_path.exists():
         problems.append(f"/gateway/key: {key_path} does not exist (gateway keygen)")
+    # A KEK file not there yet is made by the first start of a fresh store; one that is
+    # there must be usable, and a KEK in the environment must be set.
+    if config.secrets.kek_file is None or config.secrets.kek_file.exists():
+        try:
+            KeyEncryptionKey.load(config.secrets)
+        except ConfigError as exc:
+            problems += exc.problems
     for problem in problems:
         print(f"{args.config}:{problem}")
     for warning in warnings_of(config):

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from gateway.errors import StoreError
+from gateway.secretstore import DataKey, SecretBox
 from gateway.store import (
     FORWARD,
     IN_OUTBOX,
@@ -54,6 +55,7 @@ from gateway.store.batch import BatchObserver
 from gateway.store.chain import GENESIS, ChainRow, CheckpointRow, Head, body_digest
 from gateway.store.pgcommit import OUTBOX_CHANNEL, Conn, PgGroupCommit, PgUnit, Tx, append_events
 from gateway.store.rows import accepted_record, callback_record, message_record
+from gateway.store.sealing import opened_changes, opened_overlay, sealed_change
 
 __all__ = ["MIGRATION_LOCK", "Migration", "PostgresStore", "SchemaTooNew", "migrations"]
 
@@ -299,6 +301,7 @@ class PostgresStore:
         self._listener: asyncpg.Connection | None = None
         self._config_changed: asyncio.Event | None = None  # set by NOTIFY gateway_config
         self._listening = asyncio.Lock()
+        self._secrets = SecretBox.locked()  # until use_secrets: no secret kept in clear
 
     # Life cycle ----------------------------------------------------------------------
 
@@ -896,7 +899,8 @@ class PostgresStore:
 
     async def load_overlay(self) -> list[tuple[str, str, Any]]:
         rows = await self._rows("SELECT kind, id, body FROM resources ORDER BY version, kind, id")
-        return [(r["kind"], r["id"], json.loads(r["body"]) if r["body"] else None) for r in rows]
+        overlay = [(r["kind"], r["id"], json.loads(r["body"]) if r["body"] else None) for r in rows]
+        return await opened_overlay(self._secrets, overlay)
 
     async def config_version(self) -> int:
         return int(await self._value("SELECT version FROM config_version") or 0)
@@ -936,6 +940,7 @@ class PostgresStore:
         version (compare-and-set on ``expected_version``: ``ConfigConflict`` if it moved,
         nothing written); the new version. The row lock on ``config_version`` orders
         concurrent writers; a NOTIFY tells every instance once the write commits."""
+        change = await sealed_change(self._secrets, change)
         now = time.time()
         after = _encoded(change.after)
 
@@ -970,6 +975,7 @@ class PostgresStore:
 
     async def record_change(self, change: ResourceChange) -> int:
         """A recorded admin action that changes no configuration (a redelivery, a token)."""
+        change = await sealed_change(self._secrets, change)
         now = time.time()
         return await self.write(lambda tx: self._insert_change(tx, change, now))
 
@@ -1006,7 +1012,7 @@ class PostgresStore:
         rows = await self._rows(
             f"SELECT * FROM admin_changes {where} ORDER BY seq DESC LIMIT ${len(params)}", *params
         )
-        return [
+        return await opened_changes(self._secrets, [
             ChangeRecord(
                 seq=r["seq"],
                 at=r["at"],
@@ -1019,7 +1025,75 @@ class PostgresStore:
                 after=json.loads(r["after"]) if r["after"] else None,
             )
             for r in rows
-        ]
+        ])  # fmt: skip
+
+    # Secrets at rest (gateway/secretstore.py) -------------------------------------------
+
+    def use_secrets(self, box: SecretBox) -> None:
+        self._secrets = box
+
+    @property
+    def secrets(self) -> SecretBox:
+        return self._secrets
+
+    async def data_keys(self) -> list[DataKey]:
+        rows = await self._rows(
+            "SELECT generation, key_id, alg, kek_id, wrapped, created_at FROM data_keys "
+            "ORDER BY generation"
+        )
+        return [DataKey(**dict(r.items())) for r in rows]
+
+    async def add_data_key(self, key: DataKey) -> bool:
+        added = await self._write(
+            "INSERT INTO data_keys (generation, key_id, alg, kek_id, wrapped, created_at) "
+            "VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT DO NOTHING",
+            key.generation,
+            key.key_id,
+            key.alg,
+            key.kek_id,
+            key.wrapped,
+            key.created_at,
+        )
+        return added == 1
+
+    async def rewrap_data_keys(self, keys: Sequence[DataKey]) -> None:
+        async def unit(tx: Tx) -> None:
+            for key in keys:
+                await tx.conn.execute(
+                    "UPDATE data_keys SET kek_id = $1, wrapped = $2 WHERE key_id = $3",
+                    key.kek_id,
+                    key.wrapped,
+                    key.key_id,
+                )
+
+        await self.write(unit)
+
+    async def reseal(self) -> int:
+        """Every stored secret sealed again under the current data key; rows changed."""
+        box = self._secrets
+        updates: list[tuple[str, tuple[Any, ...]]] = []
+        for r in await self._rows("SELECT kind, id, body FROM resources WHERE body IS NOT NULL"):
+            body = json.loads(r["body"])
+            new = await box.reseal(r["kind"], r["id"], body)
+            if new is not body:
+                sql = "UPDATE resources SET body = $1 WHERE kind = $2 AND id = $3 AND body = $4"
+                updates.append((sql, (_encoded(new), r["kind"], r["id"], r["body"])))
+        for r in await self._rows(
+            "SELECT seq, kind, resource_id, before, after FROM admin_changes"
+        ):
+            for column in ("before", "after"):
+                if r[column] is None:
+                    continue
+                value = json.loads(r[column])
+                new = await box.reseal(r["kind"], r["resource_id"], value)
+                if new is not value:
+                    sql = f"UPDATE admin_changes SET {column} = $1 WHERE seq = $2 AND {column} = $3"
+                    updates.append((sql, (_encoded(new), r["seq"], r[column])))
+
+        async def unit(tx: Tx) -> int:
+            return sum([_count(await tx.conn.execute(sql, *params)) for sql, params in updates])
+
+        return await self.write(unit) if updates else 0
 
     async def add_token(self, name: str, role: str, token_hash: str) -> None:
         count = await self._write(

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from gateway.errors import StoreError
+from gateway.secretstore import DataKey, SecretBox
 from gateway.store import (
     FORWARD,
     IN_OUTBOX,
@@ -41,6 +42,7 @@ from gateway.store.batch import BatchObserver, GroupCommit, Unit
 from gateway.store.chain import MIGRATION as CHAIN_MIGRATION
 from gateway.store.chain import ChainRow, CheckpointRow, HashChain, Head, body_digest
 from gateway.store.rows import accepted_record, callback_record, message_record
+from gateway.store.sealing import opened_changes, opened_overlay, sealed_change
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
@@ -192,6 +194,21 @@ MIGRATIONS: tuple[str, ...] = (
         accepted_at REAL    NOT NULL
     );
     """,
+    # 9: reserved for the callbacks branch's migration (PostgreSQL 0004); at the merge,
+    # theirs replaces this placeholder.
+    "SELECT 1;",
+    """
+    -- Data keys (gateway/secretstore.py): random AEAD keys, each wrapped by the
+    -- key-encryption key from config; the highest generation seals what is written now.
+    CREATE TABLE data_keys (
+        generation INTEGER PRIMARY KEY,
+        key_id     TEXT    NOT NULL UNIQUE,
+        alg        TEXT    NOT NULL,
+        kek_id     TEXT    NOT NULL,
+        wrapped    BLOB    NOT NULL,
+        created_at REAL    NOT NULL
+    );
+    """,
 )
 
 # Message states move forward only; each target state lists the states it may follow.
@@ -223,6 +240,10 @@ def _change(row: sqlite3.Row) -> ChangeRecord:
         before=json.loads(row["before"]) if row["before"] else None,
         after=json.loads(row["after"]) if row["after"] else None,
     )
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _rejection(row: sqlite3.Row) -> RejectionRecord:
@@ -298,6 +319,7 @@ class SQLiteStore:
         self._maintenance: aiosqlite.Connection | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         self.chain = HashChain()  # the message log's hash chain (gateway/store/chain.py)
+        self._secrets = SecretBox.locked()  # until use_secrets: no secret kept in clear
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -478,7 +500,8 @@ class SQLiteStore:
     async def load_overlay(self) -> list[tuple[str, str, Any]]:
         """Admin changes to apply over the file: (kind, id, body or None for deleted)."""
         rows = self._rows("SELECT kind, id, body FROM resources ORDER BY version, kind, id")
-        return [(r["kind"], r["id"], json.loads(r["body"]) if r["body"] else None) for r in rows]
+        overlay = [(r["kind"], r["id"], json.loads(r["body"]) if r["body"] else None) for r in rows]
+        return await opened_overlay(self._secrets, overlay)
 
     async def config_version(self) -> int:
         """The configuration version: one row, read on every poll of every worker."""
@@ -495,6 +518,7 @@ class SQLiteStore:
         """Persist one admin write and its audit record together, bumping the configuration
         version; return the new version. With ``expected_version``, write only if the
         version is still that one, else raise ``ConfigConflict`` having written nothing."""
+        change = await sealed_change(self._secrets, change)
         now = time.time()
         after = json.dumps(change.after, ensure_ascii=False) if change.after is not None else None
 
@@ -554,6 +578,7 @@ class SQLiteStore:
 
     async def record_change(self, change: ResourceChange) -> int:
         """A recorded admin action that changes no configuration (a redelivery, a token)."""
+        change = await sealed_change(self._secrets, change)
         now = time.time()
         try:
             return await self.write(lambda db: self._insert_change(db, change, now))
@@ -599,7 +624,66 @@ class SQLiteStore:
         rows = self._rows(
             f"SELECT * FROM admin_changes {where} ORDER BY seq DESC LIMIT ?", (*params, limit)
         )
-        return [_change(r) for r in rows]
+        return await opened_changes(self._secrets, [_change(r) for r in rows])
+
+    # Secrets at rest (gateway/secretstore.py) -------------------------------------------
+
+    def use_secrets(self, box: SecretBox) -> None:
+        self._secrets = box
+
+    @property
+    def secrets(self) -> SecretBox:
+        return self._secrets
+
+    async def data_keys(self) -> list[DataKey]:
+        rows = self._rows(
+            "SELECT generation, key_id, alg, kek_id, wrapped, created_at FROM data_keys "
+            "ORDER BY generation"
+        )
+        return [DataKey(**{**dict(r), "wrapped": bytes(r["wrapped"])}) for r in rows]
+
+    async def add_data_key(self, key: DataKey) -> bool:
+        added = await self._write(
+            "INSERT INTO data_keys (generation, key_id, alg, kek_id, wrapped, created_at) "
+            "VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+            (key.generation, key.key_id, key.alg, key.kek_id, key.wrapped, key.created_at),
+        )
+        return added == 1
+
+    async def rewrap_data_keys(self, keys: Sequence[DataKey]) -> None:
+        def unit(db: sqlite3.Connection) -> None:
+            for key in keys:
+                db.execute(
+                    "UPDATE data_keys SET kek_id = ?, wrapped = ? WHERE key_id = ?",
+                    (key.kek_id, key.wrapped, key.key_id),
+                ).close()
+
+        await self.write(unit)
+
+    async def reseal(self) -> int:
+        """Every stored secret sealed again under the current data key; rows changed."""
+        box = self._secrets
+        updates: list[tuple[str, tuple[Any, ...]]] = []
+        for r in self._rows("SELECT kind, id, body FROM resources WHERE body IS NOT NULL"):
+            body = json.loads(r["body"])
+            new = await box.reseal(r["kind"], r["id"], body)
+            if new is not body:
+                sql = "UPDATE resources SET body = ? WHERE kind = ? AND id = ? AND body = ?"
+                updates.append((sql, (_json(new), r["kind"], r["id"], r["body"])))
+        for r in self._rows("SELECT seq, kind, resource_id, before, after FROM admin_changes"):
+            for column in ("before", "after"):
+                if r[column] is None:
+                    continue
+                value = json.loads(r[column])
+                new = await box.reseal(r["kind"], r["resource_id"], value)
+                if new is not value:
+                    sql = f"UPDATE admin_changes SET {column} = ? WHERE seq = ? AND {column} = ?"
+                    updates.append((sql, (_json(new), r["seq"], r[column])))
+
+        def unit(db: sqlite3.Connection) -> int:
+            return sum(_count(db.execute(sql, params)) for sql, params in updates)
+
+        return await self.write(unit) if updates else 0
 
     async def add_token(self, name: str, role: str, token_hash: str) -> None:
         try:
