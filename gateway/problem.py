@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import GatewayError
-from gateway.logs import mask_personal
+from gateway.masking import mask_personal
 
 __all__ = ["problem_body", "problem_response"]
 

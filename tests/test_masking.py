@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
+import datetime
 import json
 import logging
 from collections.abc import Callable
@@ -17,12 +19,15 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.app import STORE
 from gateway.cli import main
 from gateway.errors import MalformedRequest
+from gateway.formats import resident_id_check_char
 from gateway.logs import JsonFormatter, TextFormatter
-from gateway.masking import MASK, mask_headers, mask_pointers, masked_body
+from gateway.masking import MASK, mask_headers, mask_personal, mask_pointers, masked_body
 from gateway.problem import problem_body
 from gateway.signing import Signer
 from simulators.common import signed_json
@@ -32,6 +37,7 @@ from tests.conftest import (
     HarnessFactory,
     Keys,
     config_document,
+    examples,
     unused_port,
 )
 
@@ -116,6 +122,223 @@ def test_problem_details_never_carry_a_resident_id() -> None:
     """Whatever an error's detail says, its problem+json masks resident IDs."""
     body = problem_body(MalformedRequest(f"bad value {RESIDENT_ID}"))
     assert body["detail"] == f"bad value {MASKED_ID}"
+
+
+# Every form of personal data ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("330106198001011234", "330106********1234"),
+        ("13912345678", "139****5678"),
+        ("137-2222-3333", "137-****-3333"),
+        ("+86 136 4444 5555", "+86 136 **** 5555"),
+        ("135 6666 7777", "135 **** 7777"),
+        ("138.0013.8000", "138.****.8000"),
+        ("330106800101123", "330106******123"),
+        ("0086 138 0013 8000", "0086 138 **** 8000"),
+        ("008613800138000", "0086138****8000"),
+        ("8613800138000", "86138****8000"),
+        ("+86-13800138000", "+86-138****8000"),
+        ("Tel13800138000", "Tel138****8000"),
+        (
+            "电话：137-2222-3333，身份证330106800101123。",
+            "电话：137-****-3333，身份证330106******123。",
+        ),
+        # JSON-escaped text (ensure_ascii): 机 is \u673a, 朱 is \u6731 (a digit before).
+        ("\\u673a13800138000", "\\u673a138****8000"),
+        ("\\u6731330106198001011234", "\\u6731330106********1234"),
+        ("first\\n13800138000", "first\\n138****8000"),
+    ],
+)
+def test_mask_personal_masks_every_form_found_today(text: str, expected: str) -> None:
+    """IDs of 18 and 15 digits, mobiles with separators and prefixes, escaped text."""
+    assert mask_personal(text) == expected
+
+
+def test_json_numbers_are_masked_in_documents() -> None:
+    """A resident ID or a mobile number sent as a JSON number is shown masked (a string)."""
+    body = b'{"id": 330106198001011234, "phone": 13912345678, "list": [8613800138000, 42]}'
+    assert masked_body(body) == {
+        "id": "330106********1234",
+        "phone": "139****5678",
+        "list": ["86138****8000", 42],
+    }
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "91350100M000100Y43",  # a unified social credit code (public)
+        "913301067048123481",  # an all-digit one (its check character is a digit)
+        "2026-12-04T19:34:46.123Z",
+        "2026-12-04T19:34:46+08:00",
+        "20261204T193446Z",
+        "1733338486123",  # a Unix time in ms
+        "f47ac10b-58cc-4372-a567-a13812345678",  # a UUID
+        "F47AC10B-58CC-4372-A567-A13812345678",
+        "4bf92f3577b34da6a13800138000e473",  # a trace id
+        "00-4bf92f3577b34da6a13800138000e473-00f067aa0ba902b7-01",  # a traceparent
+        "13800138000.00",  # an amount
+        "0.13800138000",
+        "1380013.8000",
+        "12800138000",  # no mobile prefix 12
+        "330106198013011234",  # month 13
+        "186753123456789012",  # a snowflake id
+        "order 2026 item 42 seq 1733338486",
+    ],
+)
+def test_mask_personal_leaves_what_is_not_personal_data(text: str) -> None:
+    """USCCs, timestamps, UUIDs, trace ids, amounts and ids that are no date: unchanged."""
+    assert mask_personal(text) == text
+
+
+# Generated forms ---------------------------------------------------------------------
+
+PROVINCES = ["11", "12", "13", "31", "33", "44", "46", "50", "54", "65", "71", "81", "82"]
+MOBILE_PREFIXES = ["", "+86", "0086", "86", "+86 ", "0086 ", "86 ", "+86-", "0086-"]
+SEPARATORS = ["", " ", "-", "."]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Form:
+    """One piece of personal data as written, and as every view must show it."""
+
+    text: str
+    masked: str
+    number: bool  # can also be sent as a JSON number
+
+
+@st.composite
+def resident_ids(draw: st.DrawFn) -> Form:
+    """18 digits (valid or wrong check character, X or x) or the old 15."""
+    region = draw(st.sampled_from(PROVINCES)) + draw(st.from_regex(r"[0-9]{4}", fullmatch=True))
+    born = draw(st.dates(min_value=datetime.date(1900, 1, 1), max_value=datetime.date(2026, 1, 1)))
+    seq = draw(st.from_regex(r"[0-9]{3}", fullmatch=True))
+    if draw(st.booleans()):
+        head = region + born.strftime("%Y%m%d") + seq
+        good = resident_id_check_char(head)
+        check = good if draw(st.booleans()) else draw(st.sampled_from("0123456789Xx"))
+        text = head + check
+        return Form(text=text, masked=f"{region}********{seq}{check}", number=check.isdigit())
+    text = region + born.strftime("%y%m%d") + seq
+    return Form(text=text, masked=f"{region}******{seq}", number=True)
+
+
+@st.composite
+def mobiles(draw: st.DrawFn) -> Form:
+    """Mainland mobile numbers with each prefix and each separator."""
+    prefix = draw(st.sampled_from(MOBILE_PREFIXES))
+    sep = draw(st.sampled_from(SEPARATORS))
+    first = draw(st.from_regex(r"1[3-9][0-9]", fullmatch=True))
+    middle, last = (draw(st.from_regex(r"[0-9]{4}", fullmatch=True)) for _ in range(2))
+    text = f"{prefix}{first}{sep}{middle}{sep}{last}"
+    number = not sep and prefix in ("", "86")
+    return Form(text=text, masked=f"{prefix}{first}{sep}****{sep}{last}", number=number)
+
+
+FORMS = resident_ids() | mobiles()
+# Text around a form: no digit, hex letter, dot or backslash next to it (those would make
+# it part of a longer number, an amount, a hex identifier or an escape).
+AROUND = st.text(
+    st.characters(
+        codec="utf-8", exclude_categories=("Cs", "Nd"), exclude_characters="abcdefABCDEF.\\"
+    )
+    | st.sampled_from("申请人手机身份证，。：（）"),
+    max_size=12,
+)
+NOT_PERSONAL = st.one_of(
+    st.uuids().map(str),
+    st.binary(min_size=16, max_size=16).map(bytes.hex),
+    st.datetimes().map(lambda t: t.isoformat() + "Z"),
+    st.integers(0, 10**9),
+    st.decimals(min_value=0, max_value=10**12, places=2, allow_nan=False).map(str),
+    st.floats(min_value=0, max_value=1e12, allow_nan=False).filter(lambda f: not f.is_integer()),
+    st.just("91350100M000100Y43"),
+    st.just("913301067048123481"),
+)
+
+
+@settings(max_examples=examples(500), deadline=None)
+@given(form=FORMS, left=AROUND, right=AROUND)
+def test_every_generated_form_is_masked_in_text(form: Form, left: str, right: str) -> None:
+    """An ID or a mobile number, alone or inside free text, is masked and nothing else moves."""
+    assert mask_personal(left + form.text + right) == left + form.masked + right
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(value=NOT_PERSONAL, left=AROUND, right=AROUND)
+def test_what_is_not_personal_data_is_left_alone(value: object, left: str, right: str) -> None:
+    """UUIDs, trace ids, ISO times, sequence numbers, amounts and USCCs stay as they are."""
+    text = left + str(value) + right
+    assert mask_personal(text) == text
+    assert masked_body(json.dumps({"v": value, "t": text}).encode()) == {"v": value, "t": text}
+
+
+@st.composite
+def documents(draw: st.DrawFn) -> tuple[Any, Any]:
+    """A nested JSON document holding forms (as strings, numbers, in text, as a key) and
+    values that are not personal data; and the document every view must show."""
+    leaves: list[tuple[Any, Any]] = []
+    for _ in range(draw(st.integers(1, 6))):
+        if draw(st.booleans()):
+            value = draw(NOT_PERSONAL)
+            leaves.append((value, value))
+            continue
+        form = draw(FORMS)
+        how = draw(st.sampled_from(["string", "number", "text"]))
+        if how == "number" and form.number:
+            leaves.append((int(form.text), form.masked))
+        elif how == "text":
+            left, right = draw(AROUND), draw(AROUND)
+            leaves.append((left + form.text + right, left + form.masked + right))
+        else:
+            leaves.append((form.text, form.masked))
+    doc: Any = {}
+    shown: Any = {}
+    for n, (value, masked) in enumerate(leaves):
+        doc[f"f{n}"], shown[f"f{n}"] = value, masked
+        if draw(st.booleans()):  # one level deeper, in a list
+            doc, shown = {"items": [doc]}, {"items": [shown]}
+    key = draw(FORMS)
+    doc[key.text], shown[key.masked] = "by key", "by key"
+    return doc, shown
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(pair=documents(), ascii_only=st.booleans())
+def test_every_generated_form_is_masked_in_documents(
+    pair: tuple[Any, Any], ascii_only: bool
+) -> None:
+    """Nested anywhere, as a string, a number, inside text or as a key: masked."""
+    doc, shown = pair
+    assert masked_body(json.dumps(doc, ensure_ascii=ascii_only).encode()) == shown
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(pair=documents(), form=FORMS, left=AROUND)
+def test_every_generated_form_is_masked_in_log_lines(
+    pair: tuple[Any, Any], form: Form, left: str
+) -> None:
+    """JSON lines (message, text, number and nested extras) and text lines: masked."""
+    doc, shown = pair
+    extras: dict[str, Any] = {"doc": doc, "text": left + form.text}
+    if form.number:
+        extras["number"] = int(form.text)
+    record = logging.LogRecord(
+        "gateway.test", logging.INFO, __file__, 1, "m %s", (form.text,), None
+    )
+    record.__dict__.update(extras)
+    line = json.loads(JsonFormatter().format(record))
+    assert line["msg"] == f"m {form.masked}"
+    assert line["doc"] == shown
+    assert line["text"] == left + form.masked
+    if form.number:
+        assert line["number"] == form.masked
+    text = TextFormatter("%(message)s").format(record)
+    assert form.text not in text
+    assert f"m {form.masked}" in text
 
 
 # End to end ----------------------------------------------------------------------------
