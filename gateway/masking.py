@@ -63,39 +63,62 @@ _SECRET_HEADERS = frozenset({"gw-user", "authorization", "cookie", "proxy-author
 _DATE = r"(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])"  # MMDD, loosely
 _PERSONAL = re.compile(
     rf"""
-    (?P<keep>  # not personal data: skipped whole
-        (?<![0-9A-Za-z])
-        (?:[0-9A-Fa-f]{{8}}-[0-9A-Fa-f]{{4}}-[0-9A-Fa-f]{{4}}-[0-9A-Fa-f]{{4}}-[0-9A-Fa-f]{{12}}
-          |(?=[0-9]*[A-Fa-f])[0-9A-Fa-f]{{16,}})
-        (?![0-9A-Za-z])
-    )
-    |
+    (?=[0-9+])  # first, so that the scan skips other characters fast
     # Not inside a longer number or after a decimal point; but right after an escape.
     (?:(?<=\\u[0-9A-Fa-f]{{4}})|(?<=\\x[0-9A-Fa-f]{{2}})|(?<![0-9])(?<![0-9]\.))
     (?:
-        (?P<r18>[1-9][0-9]{{5}})(?:18|19|20)[0-9]{{2}}{_DATE}(?P<t18>[0-9]{{3}}[0-9Xx])
-      | (?P<r15>[1-9][0-9]{{5}})[0-9]{{2}}{_DATE}(?P<t15>[0-9]{{3}})
-      | (?P<pre>(?:\+|00)?86)?(?P<m1>1[3-9][0-9])
-        (?:(?P<s1>[\ .-])[0-9]{{4}}(?P<s2>[\ .-])|[0-9]{{4}})(?P<m2>[0-9]{{4}})
+        (?P<id18>[1-9][0-9]{{5}}(?:18|19|20)[0-9]{{2}}{_DATE}[0-9]{{3}}[0-9Xx])
+      | (?P<id15>[1-9][0-9]{{5}}[0-9]{{2}}{_DATE}[0-9]{{3}})
+      | (?:(?:\+|00)?86)?1[3-9][0-9](?:[\ .-][0-9]{{4}}(?P<sep>[\ .-])|[0-9]{{4}})[0-9]{{4}}
     )
     (?![0-9])(?!\.[0-9])
     """,
     re.VERBOSE,
 )
+# Identifiers that are not personal data, though digits in them may look like it: a
+# UUID, or a token of 16 or more hex digits with a letter (trace ids, digests).
+_IDENTIFIER = re.compile(
+    r"(?<![0-9A-Za-z])"
+    r"(?:[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
+    r"|(?=[0-9]*[A-Fa-f])[0-9A-Fa-f]{16,})"
+    r"(?![0-9A-Za-z])"
+)
+_HEX_OR_DASH = frozenset("0123456789abcdefABCDEF-")
 # The shortest text that can hold personal data (a mobile number).
 MIN_PERSONAL = 11
 
 
+def _in_identifier(text: str, start: int, end: int) -> bool:
+    """Whether ``text[start:end]`` lies inside a UUID or a hex identifier."""
+    lo, hi = start, end
+    while lo and text[lo - 1] in _HEX_OR_DASH:
+        lo -= 1
+    while hi < len(text) and text[hi] in _HEX_OR_DASH:
+        hi += 1
+    if hi - lo < 16:
+        return False
+    base = max(lo - 1, 0)  # one character beyond each end, for the boundaries
+    return any(
+        base + m.start() <= start and end <= base + m.end()
+        for m in _IDENTIFIER.finditer(text[base : hi + 1])
+    )
+
+
 def _masked(m: re.Match[str]) -> str:
-    group = m.group
-    if group("keep") is not None:
-        return group(0)
-    if group("r18") is not None:
-        return f"{group('r18')}********{group('t18')}"
-    if group("r15") is not None:
-        return f"{group('r15')}******{group('t15')}"
-    s1, s2 = group("s1") or "", group("s2") or ""
-    return f"{group('pre') or ''}{group('m1')}{s1}****{s2}{group('m2')}"
+    text, (start, end) = m.string, m.span()
+    found = m.group(0)
+    # Inside an identifier only if a hex digit or a dash touches it (seldom: checked then).
+    touches = (start and text[start - 1] in _HEX_OR_DASH) or (
+        end < len(text) and text[end] in _HEX_OR_DASH
+    )
+    if touches and _in_identifier(text, start, end):
+        return found
+    if m.group("id18") is not None:
+        return f"{found[:6]}********{found[14:]}"
+    if m.group("id15") is not None:
+        return f"{found[:6]}******{found[12:]}"
+    tail = 4 + len(m.group("sep") or "")  # a mobile number: its middle four digits go
+    return f"{found[: -4 - tail]}****{found[-tail:]}"
 
 
 def mask_personal(text: str) -> str:
