@@ -54,6 +54,7 @@ __all__ = [
     "mask_pointers",
     "mask_value",
     "masked_body",
+    "masked_error",
     "message_view",
 ]
 
@@ -213,8 +214,9 @@ def mask_headers(headers: Mapping[str, str]) -> dict[str, str]:
     }
 
 
-def _masked_error(error: str | None) -> str | None:
-    # Free text, often an upstream's own words about the applicant.
+def masked_error(error: str | None) -> str | None:
+    """An ``error`` for display: free text, often an upstream's own words about the
+    applicant, with personal data masked."""
     return mask_personal(error) if error else error
 
 
@@ -232,7 +234,7 @@ def message_view(record: MessageRecord, sensitive: Sequence[str] = ()) -> dict[s
         "adapter": record.adapter,
         "status": record.status,
         "code": record.code,
-        "error": _masked_error(record.error),
+        "error": masked_error(record.error),
         "attempts": record.attempts,
         "request_digest": record.request_digest,
         "request_headers": mask_headers(record.request_headers),
@@ -248,4 +250,4 @@ def message_view(record: MessageRecord, sensitive: Sequence[str] = ()) -> dict[s
 
 def dead_letter_view(letter: DeadLetter) -> dict[str, Any]:
     """A dead letter (message or callback) for an operator: its last ``error`` masked."""
-    return {**dataclasses.asdict(letter), "error": _masked_error(letter.error)}
+    return {**dataclasses.asdict(letter), "error": masked_error(letter.error)}

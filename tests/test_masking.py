@@ -6,9 +6,11 @@ carries them unchanged."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import dataclasses
 import datetime
+import html
 import json
 import logging
 from collections.abc import Callable
@@ -19,7 +21,7 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.app import STORE
@@ -33,6 +35,7 @@ from gateway.signing import Signer
 from simulators.common import signed_json
 from tests.conftest import (
     APPLY_EXAMPLE,
+    PORTAL_ID,
     Harness,
     HarnessFactory,
     Keys,
@@ -276,17 +279,28 @@ def test_what_is_not_personal_data_is_left_alone(value: object, left: str, right
     assert masked_body(json.dumps({"v": value, "t": text}).encode()) == {"v": value, "t": text}
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Doc:
+    """A generated document, the document every view must show, and the forms in it."""
+
+    doc: Any
+    shown: Any
+    forms: tuple[Form, ...]
+
+
 @st.composite
-def documents(draw: st.DrawFn) -> tuple[Any, Any]:
+def documents(draw: st.DrawFn) -> Doc:
     """A nested JSON document holding forms (as strings, numbers, in text, as a key) and
-    values that are not personal data; and the document every view must show."""
+    values that are not personal data."""
     leaves: list[tuple[Any, Any]] = []
+    forms: list[Form] = []
     for _ in range(draw(st.integers(1, 6))):
         if draw(st.booleans()):
             value = draw(NOT_PERSONAL)
             leaves.append((value, value))
             continue
         form = draw(FORMS)
+        forms.append(form)
         how = draw(st.sampled_from(["string", "number", "text"]))
         if how == "number" and form.number:
             leaves.append((int(form.text), form.masked))
@@ -303,27 +317,21 @@ def documents(draw: st.DrawFn) -> tuple[Any, Any]:
             doc, shown = {"items": [doc]}, {"items": [shown]}
     key = draw(FORMS)
     doc[key.text], shown[key.masked] = "by key", "by key"
-    return doc, shown
+    return Doc(doc=doc, shown=shown, forms=(*forms, key))
 
 
 @settings(max_examples=examples(300), deadline=None)
-@given(pair=documents(), ascii_only=st.booleans())
-def test_every_generated_form_is_masked_in_documents(
-    pair: tuple[Any, Any], ascii_only: bool
-) -> None:
+@given(gen=documents(), ascii_only=st.booleans())
+def test_every_generated_form_is_masked_in_documents(gen: Doc, ascii_only: bool) -> None:
     """Nested anywhere, as a string, a number, inside text or as a key: masked."""
-    doc, shown = pair
-    assert masked_body(json.dumps(doc, ensure_ascii=ascii_only).encode()) == shown
+    assert masked_body(json.dumps(gen.doc, ensure_ascii=ascii_only).encode()) == gen.shown
 
 
 @settings(max_examples=examples(200), deadline=None)
-@given(pair=documents(), form=FORMS, left=AROUND)
-def test_every_generated_form_is_masked_in_log_lines(
-    pair: tuple[Any, Any], form: Form, left: str
-) -> None:
+@given(gen=documents(), form=FORMS, left=AROUND)
+def test_every_generated_form_is_masked_in_log_lines(gen: Doc, form: Form, left: str) -> None:
     """JSON lines (message, text, number and nested extras) and text lines: masked."""
-    doc, shown = pair
-    extras: dict[str, Any] = {"doc": doc, "text": left + form.text}
+    extras: dict[str, Any] = {"doc": gen.doc, "text": left + form.text}
     if form.number:
         extras["number"] = int(form.text)
     record = logging.LogRecord(
@@ -332,7 +340,7 @@ def test_every_generated_form_is_masked_in_log_lines(
     record.__dict__.update(extras)
     line = json.loads(JsonFormatter().format(record))
     assert line["msg"] == f"m {form.masked}"
-    assert line["doc"] == shown
+    assert line["doc"] == gen.shown
     assert line["text"] == left + form.masked
     if form.number:
         assert line["number"] == form.masked
@@ -544,3 +552,227 @@ async def test_an_upstream_error_naming_a_person_is_masked_in_every_view(
         lines = [formatter.format(r) for r in delivery]
         assert all(MASKED_PHONE in line and MASKED_ID in line for line in lines)
         _assert_masked("\n".join(lines))
+
+
+# Every view, through a real gateway --------------------------------------------------
+
+PERSON_SERVICES = ("person.check", "person.apply")  # sync and async, any JSON object
+
+
+@pytest.fixture
+def harness_store_url(request: pytest.FixtureRequest) -> str | None:
+    """SQLite unless a test asks for PostgreSQL (``indirect`` parametrisation)."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return None
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+async def _person_platform(keys: Keys) -> TestServer:
+    """A national platform on loopback that answers a person's document back (in a
+    signed envelope), or refuses it in free text when the document says ``refuse``."""
+    signer = Signer(keys.pairs["national"], label="sig1")
+
+    async def exchange(request: web.Request) -> web.Response:
+        payload = (await request.json())["payload"]
+        if "refuse" in payload:
+            return signed_json(request, signer, 200, {"code": "E409", "message": payload["refuse"]})
+        data = {"echo": payload, "note": payload.get("note", "")}
+        return signed_json(request, signer, 200, {"code": "0", "data": data})
+
+    app = web.Application()
+    app.router.add_post("/api/v1/exchange", exchange)
+    server = TestServer(app, port=unused_port())
+    await server.start_server()
+    return server
+
+
+def _person_services(url: str, keys: Keys, tmp_path: Path) -> Callable[[dict[str, Any]], None]:
+    schema = tmp_path / "any-object.json"
+    schema.write_text(json.dumps({"type": "object"}), encoding="utf-8")
+
+    def edit(doc: dict[str, Any]) -> None:
+        for code, mode in zip(PERSON_SERVICES, ("sync", "async"), strict=True):
+            doc["services"].append(
+                {
+                    "code": code,
+                    "mode": mode,
+                    **{k: str(schema) for k in ("request_schema", "response_schema")},
+                    "callback_schema": str(schema),
+                    "timeout_s": 2,
+                    "max_attempts": 1,
+                    "sensitive": ["/secret", "/echo/secret"],
+                }
+            )
+            doc["routes"].append({"service": code, "adapter": "platform"})
+        doc["members"][0]["services"].extend(PERSON_SERVICES)
+        doc["adapters"].append(
+            {
+                "name": "platform",
+                "type": "national_platform",
+                "config": {"base_url": url, "platform_keys": [keys.jwk_file("national")]},
+            }
+        )
+
+    return edit
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Sent:
+    """What one generated example sent, and what every view must show of it."""
+
+    forms: tuple[Form, ...]
+    echoed: str  # message ids
+    refused: str
+    dead: str
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> tuple[Doc, Form, str, str, Form]:
+    """A document, a form under a sensitive pointer, and a refusal's text naming a form."""
+    return draw(documents()), draw(FORMS), draw(AROUND), draw(AROUND), draw(FORMS)
+
+
+@pytest.mark.parametrize("harness_store_url", ["sqlite", "postgres"], indirect=True)
+async def test_generated_forms_are_masked_in_every_view_of_a_real_gateway(
+    make_harness: HarnessFactory,
+    keys: Keys,
+    tmp_path: Path,
+    harness_store_url: str | None,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Generated forms sent in documents (strings, numbers, text, keys, a sensitive
+    field), answered back, and named in an upstream's refusal (sync: a problem; async: a
+    dead letter): masked in the problem, the admin API, the console, `gateway log show`,
+    `gateway dead-letters list` and every log line; the store and the evidence bundle
+    keep the real bytes."""
+    platform = await _person_platform(keys)
+    edit = _person_services(str(platform.make_url("")).rstrip("/"), keys, tmp_path)
+    try:
+        h = await make_harness(edit)
+        await _console_sign_in(h, "auditor")
+        loop = asyncio.get_running_loop()
+        client = h.client("portal")
+        sent: list[Sent] = []
+
+        def run(coro: Any) -> Any:
+            return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
+
+        @settings(max_examples=examples(12), deadline=None, suppress_health_check=list(HealthCheck))
+        @given(case=cases())
+        def check(case: tuple[Doc, Form, str, str, Form]) -> None:
+            gen, secret, left, right, named = case
+            shown = gen.shown
+            refusal = f"申请人{left}{named.text}{right}已有在办申请"
+            masked_refusal = f"申请人{left}{named.masked}{right}已有在办申请"
+            echoed = run(client.exchange("person.check", {**gen.doc, "secret": secret.text}))
+            assert echoed.status == 200, echoed.body
+            refused = run(client.exchange("person.check", {"refuse": refusal}))
+            assert refused.status == 502, refused.body
+            assert refused.json()["detail"].endswith(masked_refusal)  # the problem
+            assert named.text not in refused.body.decode()
+            dead = run(client.exchange("person.apply", {"refuse": refusal}))
+            assert dead.status == 202, dead.body
+            dead_id = dead.json()["message_id"]
+            run(h.wait_for(lambda: _is_dead(h, dead_id)))
+            ids = Sent(
+                forms=(secret, named, *gen.forms),
+                echoed=echoed.request.headers["Gw-Message-Id"],
+                refused=refused.request.headers["Gw-Message-Id"],
+                dead=dead_id,
+            )
+            sent.append(ids)
+            # The admin API: exactly the masked document, the sensitive field hidden.
+            view = run(_admin_json(h, f"/admin/v1/messages/{ids.echoed}"))
+            assert view["request"] == {**shown, "secret": MASK}
+            assert view["response"] == {"echo": {**shown, "secret": MASK}, "note": ""}
+            for message_id in (ids.refused, ids.dead):
+                view = run(_admin_json(h, f"/admin/v1/messages/{message_id}"))
+                assert view["error"].endswith(masked_refusal)
+            letters = run(_admin_json(h, "/admin/v1/dead-letters"))["dead_letters"]
+            (letter,) = [d for d in letters if d["message_id"] == ids.dead]
+            assert letter["error"].endswith(masked_refusal)
+            # The console, as an auditor sees it.
+            pages = [f"/messages/{i}" for i in (ids.echoed, ids.refused, ids.dead)]
+            for path in [*pages, "/dead-letters", "/messages?service=person.check"]:
+                _assert_none_shown(ids.forms, html.unescape(run(_console_page(h, path))))
+            assert masked_refusal in html.unescape(run(_console_page(h, "/dead-letters")))
+
+        with caplog.at_level(logging.INFO):
+            await asyncio.to_thread(check)
+    finally:
+        await platform.close()
+
+    every = [i for s in sent for i in (s.echoed, s.refused, s.dead)]
+    forms = tuple(f for s in sent for f in s.forms)
+    search = await _admin_json(h, "/admin/v1/messages?limit=1000")
+    assert {m["message_id"] for m in search["messages"]} >= set(every)
+    _assert_none_shown(forms, json.dumps(search, ensure_ascii=False))
+
+    config = _config_at(keys, tmp_path, edit, harness_store_url)
+    for message_id in every:
+        shown_cli = await _cli(capsys, "log", "show", message_id, "--config", config)
+        _assert_none_shown(forms, shown_cli)
+    table = await _cli(capsys, "dead-letters", "list", "--config", config)
+    _assert_none_shown(forms, table)
+    assert all(s.dead in table for s in sent)
+
+    # Log lines: records carried the refusals unmasked; no formatted line shows them.
+    raw = [r for r in caplog.records if any(f.text in str(r.__dict__) for f in forms)]
+    assert raw, "the refusal reached no log record"
+    for formatter in (JsonFormatter(), TextFormatter("%(message)s")):
+        _assert_none_shown(forms, "\n".join(formatter.format(r) for r in caplog.records))
+
+    # The store and the evidence keep the real bytes.
+    last = sent[-1]
+    record = await h.app[STORE].get_message(PORTAL_ID, last.echoed)
+    assert record is not None
+    assert record.request_body is not None
+    assert json.loads(record.request_body)["secret"] == last.forms[0].text
+    bundle_path = tmp_path / "bundle.json"
+    await _cli(
+        capsys, "audit", "export", last.echoed, "--out", str(bundle_path), "--config", config
+    )
+    bundle = json.loads(bundle_path.read_text(encoding="utf-8"))
+    stored = base64.b64decode(bundle["message"]["request_body"])
+    assert stored == record.request_body
+
+
+def _assert_none_shown(forms: tuple[Form, ...], text: str) -> None:
+    for form in forms:
+        assert form.text not in text, form
+
+
+async def _is_dead(h: Harness, message_id: str) -> bool:
+    return await h.state_of(message_id) == "dead"
+
+
+async def _admin_json(h: Harness, path: str) -> Any:
+    async with h.admin.get(path, headers=h.auth("auditor")) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+async def _console_sign_in(h: Harness, role: str) -> None:
+    async with h.admin.post("/signin", data={"token": h.tokens[role]}, allow_redirects=False) as r:
+        assert r.status == 303, await r.text()
+
+
+async def _console_page(h: Harness, path: str) -> str:
+    async with h.admin.get(path) as resp:
+        assert resp.status == 200, path
+        return await resp.text()
+
+
+def _config_at(
+    keys: Keys, tmp_path: Path, edit: Callable[[dict[str, Any]], None], store_url: str | None
+) -> str:
+    """The harness's config as a file for the command line, on the harness's store."""
+    doc = config_document(keys, store=tmp_path / "gateway.db", national_url="http://127.0.0.1:9")
+    if store_url is not None:
+        doc["store"]["url"] = store_url
+    edit(doc)
+    config = tmp_path / "config-cli.yaml"
+    config.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+    return str(config)

@@ -28,7 +28,7 @@ from gateway.errors import (
     SchemaInvalid,
 )
 from gateway.live import LiveConfig, resource_id
-from gateway.masking import dead_letter_view, message_view
+from gateway.masking import dead_letter_view, masked_error, message_view
 from gateway.problem import problem_response
 from gateway.registry import adapter_types
 from gateway.states import CallbackState, MessageState
@@ -489,7 +489,8 @@ async def redeliver_dead_letter(
             action="redeliver",
             actor=principal.name,
             role=principal.role,
-            before={"state": "dead", "attempts": row.attempts, "error": row.error},
+            # The change trail is a view, not evidence: the error as views show it.
+            before={"state": "dead", "attempts": row.attempts, "error": masked_error(row.error)},
             after={
                 "state": MessageState.ACCEPTED if row.kind == "message" else CallbackState.PENDING
             },
