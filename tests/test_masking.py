@@ -23,15 +23,18 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from gateway.app import STORE
 from gateway.cli import main
+from gateway.config import TracingConfig
 from gateway.errors import MalformedRequest
 from gateway.formats import resident_id_check_char
 from gateway.logs import JsonFormatter, TextFormatter
 from gateway.masking import MASK, mask_headers, mask_personal, mask_pointers, masked_body
 from gateway.problem import problem_body
 from gateway.signing import Signer
+from gateway.tracing import create_tracing
 from simulators.common import signed_json
 from tests.conftest import (
     APPLY_EXAMPLE,
@@ -552,6 +555,97 @@ async def test_an_upstream_error_naming_a_person_is_masked_in_every_view(
         lines = [formatter.format(r) for r in delivery]
         assert all(MASKED_PHONE in line and MASKED_ID in line for line in lines)
         _assert_masked("\n".join(lines))
+
+
+USCC = "913301067048123481"  # all digits: the old pattern took any 18 digits for an ID
+ENTERPRISE = {
+    **APPLY_EXAMPLE,
+    "applicant": {"type": "enterprise", "uscc": USCC, "name": "模拟企业"},
+}
+
+
+def test_a_uscc_is_masked_only_where_a_service_lists_it() -> None:
+    """A unified social credit code is a public business identifier: visible, unless the
+    service lists its pointer as sensitive."""
+    body = json.dumps(ENTERPRISE).encode()
+    assert masked_body(body)["applicant"]["uscc"] == USCC
+    assert masked_body(body, ["/applicant/uscc"])["applicant"]["uscc"] == MASK
+
+
+async def test_a_uscc_stays_visible_in_the_admin_view(make_harness: HarnessFactory) -> None:
+    """Sent through a real gateway whose service lists other fields as sensitive: the
+    enterprise's USCC is shown as it is, its sensitive name is not."""
+
+    def edit(doc: dict[str, Any]) -> None:
+        doc["services"][1]["sensitive"] = ["/applicant/name"]
+
+    h = await make_harness(edit)
+    reply = await h.client("portal").exchange("crossregion.apply", ENTERPRISE)
+    assert reply.status == 202, reply.body
+    path = f"/admin/v1/messages/{reply.json()['message_id']}"
+    async with h.admin.get(path, headers=h.auth("auditor")) as resp:
+        view = await resp.json()
+    assert view["request"]["applicant"] == {"type": "enterprise", "uscc": USCC, "name": MASK}
+
+
+async def test_a_redelivered_refusal_is_masked_in_the_change_trail(
+    make_harness: HarnessFactory, keys: Keys
+) -> None:
+    """Redelivering a dead letter whose error names a person records the error masked:
+    the admin API's change trail and the console's audit page never show it."""
+    platform = await _refusing_platform(keys)
+    try:
+        h = await make_harness(_via_platform(str(platform.make_url("")).rstrip("/"), keys))
+        message_id = await _send_person(h)
+
+        async def dead() -> bool:
+            return await h.state_of(message_id) == "dead"
+
+        await h.wait_for(dead)
+        url = f"/admin/v1/dead-letters/{message_id}/redeliver"
+        async with h.admin.post(url, headers=h.auth("operator")) as resp:
+            assert resp.status == 202, await resp.text()
+    finally:
+        await platform.close()
+    async with h.admin.get("/admin/v1/audit?kind=dead-letters", headers=h.auth()) as resp:
+        (entry,) = (await resp.json())["audit"]
+    assert entry["before"]["error"].endswith(
+        f"申请人 {MASKED_ID}（手机 {MASKED_PHONE}）已有在办申请"
+    )
+    await _console_sign_in(h, "auditor")
+    page = html.unescape(await _console_page(h, "/audit?kind=dead-letters"))
+    assert MASKED_PHONE in page
+    _assert_masked(page)
+
+
+async def test_trace_spans_mask_an_upstream_error_naming_a_person(
+    make_harness: HarnessFactory, keys: Keys
+) -> None:
+    """Spans leave for a collector: the outbox span's error status and attribute are masked."""
+    exporter = InMemorySpanExporter()
+    tracing = create_tracing(TracingConfig(), exporter=exporter, batch=False)
+    platform = await _refusing_platform(keys)
+    try:
+        edit = _via_platform(str(platform.make_url("")).rstrip("/"), keys)
+        h = await make_harness(edit, tracing=tracing)
+        message_id = await _send_person(h)
+
+        async def dead() -> bool:
+            return await h.state_of(message_id) == "dead"
+
+        await h.wait_for(dead)
+    finally:
+        await platform.close()
+    failed = [
+        (str((s.attributes or {}).get("gw.error")), str(s.status.description))
+        for s in exporter.get_finished_spans()
+        if (s.attributes or {}).get("gw.error")
+    ]
+    assert failed
+    for attribute, status in failed:
+        assert MASKED_PHONE in attribute
+        assert MASKED_PHONE in status
+        _assert_masked([attribute, status])
 
 
 # Every view, through a real gateway --------------------------------------------------
