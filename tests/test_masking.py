@@ -872,3 +872,13 @@ def _config_at(
     config = tmp_path / "config-cli.yaml"
     config.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
     return str(config)
+
+
+def test_the_masking_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m bench.masking` (the figures in docs/decisions.md) runs and prints each."""
+    from bench.masking import main as bench
+
+    assert bench(["--n", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "exchange log line" in out
+    assert "message_view" in out
