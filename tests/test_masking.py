@@ -1,7 +1,9 @@
-"""Personal data masking (gateway/masking.py): Gw-User, resident IDs, mobile numbers and
-each service's sensitive fields (JSON Pointers) hidden in the one operator view of a
-message (admin API, `gateway log show`), errors and logs, while the exchange itself
-carries them unchanged."""
+"""Personal data masking (gateway/masking.py): Gw-User, resident IDs (18 and 15 digits),
+mobile numbers (separators, prefixes) as text, keys and JSON numbers, and each service's
+sensitive fields (JSON Pointers) hidden in every view (admin API, console, `gateway log
+show`, dead letters, problems, log lines, spans), while the exchange, the store and the
+evidence carry them unchanged; what is not personal data (UUIDs, trace ids, times,
+amounts, USCCs) stays as it is. Property tests generate the forms."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from gateway.app import STORE
 from gateway.cli import main
 from gateway.config import TracingConfig
-from gateway.errors import MalformedRequest
+from gateway.errors import FieldError, MalformedRequest, SchemaInvalid
 from gateway.formats import resident_id_check_char
 from gateway.logs import JsonFormatter, TextFormatter
 from gateway.masking import MASK, mask_headers, mask_personal, mask_pointers, masked_body
@@ -128,6 +130,14 @@ def test_problem_details_never_carry_a_resident_id() -> None:
     """Whatever an error's detail says, its problem+json masks resident IDs."""
     body = problem_body(MalformedRequest(f"bad value {RESIDENT_ID}"))
     assert body["detail"] == f"bad value {MASKED_ID}"
+
+
+def test_problem_pointers_never_carry_a_phone_number() -> None:
+    """A property named by a phone number is masked in the problem's pointers too."""
+    error = SchemaInvalid("the document is invalid", [FieldError("/13800138000", "is not allowed")])
+    assert problem_body(error)["errors"] == [
+        {"pointer": "/138****8000", "message": "is not allowed"}
+    ]
 
 
 # Every form of personal data ---------------------------------------------------------
