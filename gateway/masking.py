@@ -1,38 +1,155 @@
-"""Personal data out of sight: stored exchanges as operators see them.
+"""Personal data out of sight: one masking function, and stored exchanges as operators see them.
+
+``mask_personal`` is the one function that finds personal data in text: every view calls
+it, directly or through the builders here (the admin API, the console, ``gateway log
+show``, dead letters, problem details, JSON and text log lines, trace spans). It masks
+
+- resident identity numbers (GB 11643) of 18 characters (region code and last four kept,
+  ``110105********002X``, whatever the check character) and the old 15 digits (region
+  code and last three kept, ``330106******123``): a region code whose first digit is not
+  0, then a birth date (``YYYYMMDD`` from 1800, or ``YYMMDD``) that has a month 01-12 and
+  a day 01-31, so snowflake ids and order numbers are not taken for people;
+- mainland mobile numbers, 11 digits from ``13`` to ``19``, written whole or as 3-4-4
+  groups split by a space, ``-`` or ``.``, with or without ``+86``, ``0086`` or ``86``
+  (prefix, first three and last four digits kept: ``+86 136 **** 5555``);
+
+wherever they stand: alone, inside free text (a letter or a CJK character may touch
+them, and so may a ``\\uXXXX``/``\\xXX`` escape of JSON or ``repr`` text), and, in
+documents, as JSON numbers. They are not masked when they are part of a longer number, an
+amount (a ``.`` and a digit on either side) or an identifier that is not personal data:
+a UUID or a token of 16 or more hex digits with a letter (trace and span ids, digests),
+skipped whole. Unified social credit codes (GB 32100) are public business identifiers and
+stay visible (one that is all digits and reads as an ID, a region code and a date, is
+masked: privacy wins the tie).
 
 The operator's view of a stored message is built here once (``message_view``, and
-``dead_letter_view`` for a dead letter) and shown as it is by the admin API, ``gateway
-log show`` and ``gateway dead-letters list``. Three rules apply to it: ``Gw-User`` (and
-any credential header) is replaced by ``***``; every resident identity number keeps
-only its region code and check digits and every mobile number its first three and last
-four digits (``mask_personal``), in bodies and in the ``error`` an upstream may have
+``dead_letter_view`` for a dead letter) and shown as it is by the admin API, the console,
+``gateway log show`` and ``gateway dead-letters list``. Three rules apply to it:
+``Gw-User`` (and any credential header) is replaced by ``***``; ``mask_personal`` runs
+over bodies (strings, keys and numbers), headers and the ``error`` an upstream may have
 written; and each field a service lists under ``sensitive`` (JSON Pointers, RFC 6901,
 where a ``*`` segment stands for every member or item) is replaced by ``***``. Messages
-in transit are never changed; only views are.
+in transit and in the store are never changed, and evidence (``gateway audit export``,
+``gateway audit verify``) keeps the real bytes; only views are masked.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.logs import mask_personal
-from gateway.store import DeadLetter, MessageRecord
+if TYPE_CHECKING:
+    from gateway.store import DeadLetter, MessageRecord
 
 __all__ = [
     "MASK",
+    "MIN_PERSONAL",
     "dead_letter_view",
     "mask_document",
     "mask_headers",
+    "mask_personal",
     "mask_pointers",
+    "mask_value",
     "masked_body",
+    "masked_error",
     "message_view",
 ]
 
 MASK = "***"
 _SECRET_HEADERS = frozenset({"gw-user", "authorization", "cookie", "proxy-authorization"})
+
+_DATE = r"(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])"  # MMDD, loosely
+_PERSONAL = re.compile(
+    rf"""
+    (?=[0-9+])  # first, so that the scan skips other characters fast
+    # Not inside a longer number or after a decimal point; but right after an escape.
+    (?:(?<=\\u[0-9A-Fa-f]{{4}})|(?<=\\x[0-9A-Fa-f]{{2}})|(?<![0-9])(?<![0-9]\.))
+    (?:
+        (?P<id18>[1-9][0-9]{{5}}(?:18|19|20)[0-9]{{2}}{_DATE}[0-9]{{3}}[0-9Xx])
+      | (?P<id15>[1-9][0-9]{{5}}[0-9]{{2}}{_DATE}[0-9]{{3}})
+      | (?:(?:\+|00)?86)?1[3-9][0-9](?:[\ .-][0-9]{{4}}(?P<sep>[\ .-])|[0-9]{{4}})[0-9]{{4}}
+    )
+    (?![0-9])(?!\.[0-9])
+    """,
+    re.VERBOSE,
+)
+# Identifiers that are not personal data, though digits in them may look like it: a
+# UUID, or a token of 16 or more hex digits with a letter (trace ids, digests).
+_IDENTIFIER = re.compile(
+    r"(?<![0-9A-Za-z])"
+    r"(?:[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
+    r"|(?=[0-9]*[A-Fa-f])[0-9A-Fa-f]{16,})"
+    r"(?![0-9A-Za-z])"
+)
+_HEX_OR_DASH = frozenset("0123456789abcdefABCDEF-")
+# The shortest text that can hold personal data (a mobile number).
+MIN_PERSONAL = 11
+
+
+def _in_identifier(text: str, start: int, end: int) -> bool:
+    """Whether ``text[start:end]`` lies inside a UUID or a hex identifier."""
+    lo, hi = start, end
+    while lo and text[lo - 1] in _HEX_OR_DASH:
+        lo -= 1
+    while hi < len(text) and text[hi] in _HEX_OR_DASH:
+        hi += 1
+    if hi - lo < 16:
+        return False
+    base = max(lo - 1, 0)  # one character beyond each end, for the boundaries
+    return any(
+        base + m.start() <= start and end <= base + m.end()
+        for m in _IDENTIFIER.finditer(text[base : hi + 1])
+    )
+
+
+def _masked(m: re.Match[str]) -> str:
+    text, (start, end) = m.string, m.span()
+    found = m.group(0)
+    # Inside an identifier only if a hex digit or a dash touches it (seldom: checked then).
+    touches = (start and text[start - 1] in _HEX_OR_DASH) or (
+        end < len(text) and text[end] in _HEX_OR_DASH
+    )
+    if touches and _in_identifier(text, start, end):
+        return found
+    if m.group("id18") is not None:
+        return f"{found[:6]}********{found[14:]}"
+    if m.group("id15") is not None:
+        return f"{found[:6]}******{found[12:]}"
+    tail = 4 + len(m.group("sep") or "")  # a mobile number: its middle four digits go
+    return f"{found[: -4 - tail]}****{found[-tail:]}"
+
+
+def mask_personal(text: str) -> str:
+    """``text`` with every resident ID and mobile number in it masked (see the module)."""
+    if len(text) < MIN_PERSONAL:
+        return text
+    return _PERSONAL.sub(_masked, text)
+
+
+def _mask_int(value: int) -> int | str:
+    # An ID or a mobile number sent as a JSON number is shown as its masked string.
+    if -(10**10) < value < 10**10:
+        return value
+    text = str(value)
+    masked = mask_personal(text)
+    return value if masked == text else masked
+
+
+def mask_value(node: Any) -> Any:
+    """A parsed JSON value (or a log record's extra) with ``mask_personal`` applied to
+    every string, every key and every integer; other values as they are."""
+    if isinstance(node, str):
+        return mask_personal(node)
+    if isinstance(node, dict):
+        return {mask_personal(str(k)): mask_value(v) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return [mask_value(v) for v in node]
+    if type(node) is int:  # not bool
+        return _mask_int(node)
+    return node
 
 
 def _tokens(pointer: str) -> list[str]:
@@ -72,19 +189,10 @@ def mask_pointers(document: Any, pointers: Iterable[str]) -> Any:
     return document
 
 
-def _mask_strings(node: Any) -> Any:
-    if isinstance(node, str):
-        return mask_personal(node)
-    if isinstance(node, dict):
-        return {mask_personal(k): _mask_strings(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_mask_strings(v) for v in node]
-    return node
-
-
 def mask_document(document: Any, pointers: Iterable[str] = ()) -> Any:
-    """A parsed document for display: sensitive fields and resident IDs masked."""
-    return _mask_strings(mask_pointers(document, pointers))
+    """A parsed document for display: sensitive fields, resident IDs and mobile numbers
+    (as strings, keys or numbers) masked."""
+    return mask_value(mask_pointers(document, pointers))
 
 
 def masked_body(data: bytes | None, pointers: Sequence[str] = ()) -> Any:
@@ -100,14 +208,15 @@ def masked_body(data: bytes | None, pointers: Sequence[str] = ()) -> Any:
 
 
 def mask_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """Headers for display: ``Gw-User`` and credentials hidden, resident IDs masked."""
+    """Headers for display: ``Gw-User`` and credentials hidden, personal data masked."""
     return {
         k: MASK if k.lower() in _SECRET_HEADERS else mask_personal(v) for k, v in headers.items()
     }
 
 
-def _masked_error(error: str | None) -> str | None:
-    # Free text, often an upstream's own words about the applicant.
+def masked_error(error: str | None) -> str | None:
+    """An ``error`` for display: free text, often an upstream's own words about the
+    applicant, with personal data masked."""
     return mask_personal(error) if error else error
 
 
@@ -125,7 +234,7 @@ def message_view(record: MessageRecord, sensitive: Sequence[str] = ()) -> dict[s
         "adapter": record.adapter,
         "status": record.status,
         "code": record.code,
-        "error": _masked_error(record.error),
+        "error": masked_error(record.error),
         "attempts": record.attempts,
         "request_digest": record.request_digest,
         "request_headers": mask_headers(record.request_headers),
@@ -141,4 +250,4 @@ def message_view(record: MessageRecord, sensitive: Sequence[str] = ()) -> dict[s
 
 def dead_letter_view(letter: DeadLetter) -> dict[str, Any]:
     """A dead letter (message or callback) for an operator: its last ``error`` masked."""
-    return {**dataclasses.asdict(letter), "error": _masked_error(letter.error)}
+    return {**dataclasses.asdict(letter), "error": masked_error(letter.error)}

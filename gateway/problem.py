@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import GatewayError
-from gateway.logs import mask_personal
+from gateway.masking import mask_personal, mask_value
 
 __all__ = ["problem_body", "problem_response"]
 
@@ -18,13 +18,14 @@ def problem_body(exc: GatewayError, message_id: str | None = None) -> dict[str, 
         "type": f"https://gateway.example/problems/{exc.code}",
         "title": exc.title,
         "status": exc.status,
-        "detail": mask_personal(exc.detail),  # never a resident ID, whatever the source
+        "detail": mask_personal(exc.detail),  # never personal data, whatever the source
         "code": exc.code,
     }
     if message_id:
         body["message_id"] = message_id
     if exc.errors:
-        body["errors"] = [e.as_dict() for e in exc.errors]
+        # Pointers name properties, and a property's name may be a phone number.
+        body["errors"] = mask_value([e.as_dict() for e in exc.errors])
     return body
 
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from gateway.config import TracingConfig
+from gateway.masking import mask_personal
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -40,9 +41,16 @@ class Span:
     def end(self, attributes: Attributes, error: str | None = None) -> None:
         from opentelemetry.trace import Status, StatusCode
 
-        self._span.set_attributes({k: v for k, v in attributes.items() if v is not None})
+        # Spans leave for a collector: an export like the logs, masked like them.
+        self._span.set_attributes(
+            {
+                k: mask_personal(v) if isinstance(v, str) else v
+                for k, v in attributes.items()
+                if v is not None
+            }
+        )
         if error is not None:
-            self._span.set_status(Status(StatusCode.ERROR, error))
+            self._span.set_status(Status(StatusCode.ERROR, mask_personal(error)))
         self._span.end()
 
 

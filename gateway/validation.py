@@ -21,7 +21,7 @@ from jsonschema.exceptions import SchemaError, ValidationError
 
 from gateway.errors import FieldError, SchemaInvalid
 from gateway.formats import make_format_checker
-from gateway.logs import mask_personal
+from gateway.masking import mask_personal
 
 _rs: Any
 try:  # a compiled wheel; the gateway is correct (only slower) without it

@@ -30,7 +30,7 @@ from gateway.errors import (
     SchemaInvalid,
 )
 from gateway.live import LiveConfig, resource_id
-from gateway.masking import dead_letter_view, message_view
+from gateway.masking import dead_letter_view, masked_error, message_view
 from gateway.problem import problem_response
 from gateway.registry import adapter_types
 from gateway.secrets import restore
@@ -531,12 +531,8 @@ async def redeliver_dead_letter(
             action="redeliver",
             actor=principal.name,
             role=principal.role,
-            # The error as every view shows it (an upstream's words may name the applicant).
-            before={
-                "state": "dead",
-                "attempts": row.attempts,
-                "error": dead_letter_view(row)["error"],
-            },
+            # The change trail is a view, not evidence: the error as views show it.
+            before={"state": "dead", "attempts": row.attempts, "error": masked_error(row.error)},
             after={
                 "state": MessageState.ACCEPTED if row.kind == "message" else CallbackState.PENDING
             },
