@@ -593,7 +593,7 @@ async def test_a_uscc_stays_visible_in_the_admin_view(make_harness: HarnessFacto
     reply = await h.client("portal").exchange("crossregion.apply", ENTERPRISE)
     assert reply.status == 202, reply.body
     path = f"/admin/v1/messages/{reply.json()['message_id']}"
-    async with h.admin.get(path, headers=h.auth("auditor")) as resp:
+    async with h.admin.get(path, headers=h.auth("operator")) as resp:
         view = await resp.json()
     assert view["request"]["applicant"] == {"type": "enterprise", "uscc": USCC, "name": MASK}
 
@@ -622,7 +622,7 @@ async def test_a_redelivered_refusal_is_masked_in_the_change_trail(
     assert entry["before"]["error"].endswith(
         f"申请人 {MASKED_ID}（手机 {MASKED_PHONE}）已有在办申请"
     )
-    await _console_sign_in(h, "auditor")
+    await _console_sign_in(h, "operator")
     page = html.unescape(await _console_page(h, "/audit?kind=dead-letters"))
     assert MASKED_PHONE in page
     _assert_masked(page)
@@ -755,7 +755,7 @@ async def test_generated_forms_are_masked_in_every_view_of_a_real_gateway(
     edit = _person_services(str(platform.make_url("")).rstrip("/"), keys, tmp_path)
     try:
         h = await make_harness(edit)
-        await _console_sign_in(h, "auditor")
+        await _console_sign_in(h, "operator")
         loop = asyncio.get_running_loop()
         client = h.client("portal")
         sent: list[Sent] = []
@@ -797,7 +797,7 @@ async def test_generated_forms_are_masked_in_every_view_of_a_real_gateway(
             letters = run(_admin_json(h, "/admin/v1/dead-letters"))["dead_letters"]
             (letter,) = [d for d in letters if d["message_id"] == ids.dead]
             assert letter["error"].endswith(masked_refusal)
-            # The console, as an auditor sees it.
+            # The console, as an operator sees it (an auditor sees no bodies).
             pages = [f"/messages/{i}" for i in (ids.echoed, ids.refused, ids.dead)]
             for path in [*pages, "/dead-letters", "/messages?service=person.check"]:
                 _assert_none_shown(ids.forms, html.unescape(run(_console_page(h, path))))
@@ -855,7 +855,7 @@ async def _is_dead(h: Harness, message_id: str) -> bool:
 
 
 async def _admin_json(h: Harness, path: str) -> Any:
-    async with h.admin.get(path, headers=h.auth("auditor")) as resp:
+    async with h.admin.get(path, headers=h.auth("operator")) as resp:
         assert resp.status == 200, await resp.text()
         return await resp.json()
 
