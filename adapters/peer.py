@@ -59,6 +59,7 @@ class PeerGatewayAdapter(HttpAdapter):
         )
         super().__init__(name, http_config, context)
         self.peer_id = str(config["peer_id"])
+        self.receiver = self.peer_id  # its callbacks are the ones taken for what it was sent
         self._label = getattr(context.signer, "label", "gw")
 
     def _verify(
