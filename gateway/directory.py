@@ -311,7 +311,11 @@ def directory_layer(
                     "name": NATIONAL_ADAPTER,
                     "type": "national_platform",
                     "readiness": False,
-                    "config": {"base_url": national.url, "platform_keys": national.jwks_at(now)},
+                    "config": {
+                        "base_url": national.url,
+                        "platform_keys": national.jwks_at(now),
+                        "receiver": national.member_id,  # its callbacks are the ones taken
+                    },
                 },
             )
         )
