@@ -96,6 +96,9 @@ async def test_a_peer_that_never_handled_the_message_gets_what_an_unknown_id_get
     )
     assert await harness.state_of(message_id) == "delivered"
     assert harness.portal.deliveries == []
+    path = f"/admin/v1/messages/{message_id}"
+    async with harness.admin.get(path, headers=harness.auth("auditor")) as resp:
+        assert (await resp.json())["receiver"] == NATIONAL_ID  # recorded at delivery
     status, ack, _ = await _callback(harness, message_id)  # the platform it went to
     assert (status, ack["state"]) == (200, "accepted")
     await _until_state(harness, message_id, "callback_delivered")
