@@ -227,6 +227,43 @@ async def test_every_evidential_event_appends_one_linked_record(
     assert report.records == len(rows)
 
 
+async def test_superseding_decisions_and_an_immediate_answer_chain_and_verify(
+    any_store: Store, keys: Keys
+) -> None:
+    """A decision that supersedes a delivered one, and an upstream's immediate answer: each
+    is one chained record, the receiver is chained with the acknowledgement, and it verifies."""
+    store = any_store
+    queued = await store.insert_message(_new())
+    await _deliver(store, queued.seq)
+    first = await store.insert_callback(_answer(queued.seq, queued.message_id))
+    assert first is not None
+    await _claim_callback(store, first.seq)
+    assert await store.finish_callback(first.seq, state="delivered", attempts=1, error=None)
+    later = await store.insert_callback(_answer(queued.seq, queued.message_id), supersede=True)
+    assert later is not None
+    at_once = await store.insert_message(_new())
+    assert at_once.seq in {m.seq for m in await store.claim_due_messages(time.time(), 10, 30)}
+    assert await store.answer_message(
+        at_once.seq,
+        _answer(at_once.seq, at_once.message_id),
+        attempts=1,
+        adapter="national",
+        receiver=NATIONAL_ID,
+    )
+    rows = await _rows_of(store)
+    assert [r.kind for r in rows][-6:] == [
+        "message.state",
+        "callback.accepted",
+        "callback.finished",
+        "callback.accepted",
+        "message.accepted",
+        "callback.accepted",
+    ]
+    assert json.loads(rows[-6].facts)["receiver"] == NATIONAL_ID
+    report = await _verified(store, keys)
+    assert report.ok, report.findings
+
+
 async def test_a_rolled_back_write_leaves_no_record_and_the_head_unmoved(
     any_store: Store, keys: Keys
 ) -> None:
