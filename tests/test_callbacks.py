@@ -10,11 +10,21 @@ import uuid
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from gateway.app import STORE
-from gateway.signing import Signer
-from tests.conftest import APPLY_EXAMPLE, NATIONAL_ID, PEER_ID, PORTAL_ID, Harness, HarnessFactory
+from gateway.signing import RequestView, Signer
+from tests.conftest import (
+    APPLY_EXAMPLE,
+    NATIONAL_ID,
+    PEER_ID,
+    PORTAL_ID,
+    Harness,
+    HarnessFactory,
+    Keys,
+)
 
 APPROVED = {
     "decision": "approved",
@@ -237,3 +247,49 @@ async def test_supersede_is_set_through_the_admin_services_resource(harness: Har
     record = await harness.app[STORE].get_message(PORTAL_ID, message_id)
     assert record is not None
     assert len(await harness.app[STORE].callbacks_of(record.seq)) == 2
+
+
+async def test_a_message_delivered_to_a_peer_takes_the_peers_callback_not_the_platforms(
+    make_harness: HarnessFactory, keys: Keys
+) -> None:
+    """Routed to a peer gateway (peer_gateway records its peer_id as the receiver): the
+    platform's callback is 404 as for an unknown id, the peer's is taken and delivered."""
+
+    async def province_b(request: web.Request) -> web.Response:
+        await request.read()
+        body = json.dumps({"message_id": request.headers["Gw-Message-Id"], "state": "accepted"})
+        headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
+        label = request.headers["Signature-Input"].split("=", 1)[0]
+        view = RequestView(request.method, str(request.url), request.headers)
+        Signer(keys.pairs["peer"]).sign_response(202, headers, body.encode(), view, label)
+        return web.Response(status=202, body=body.encode(), headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/v1/exchange/{service}", province_b)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+
+        def route(doc: dict[str, Any]) -> None:
+            peer: dict[str, Any] = {"url": str(server.make_url("")).rstrip("/")}
+            peer |= {"peer_id": PEER_ID, "peer_keys": [keys.jwk_file("peer")]}
+            doc["adapters"].append({"name": "guangdong", "type": "peer_gateway", "config": peer})
+            doc["routes"].insert(0, {"service": "crossregion.apply", "adapter": "guangdong"})
+            doc["routes"][0]["target"] = PEER_ID
+
+        h = await make_harness(route)
+        reply = await h.client("portal").exchange(
+            "crossregion.apply", APPLY_EXAMPLE, headers={"Gw-Target": PEER_ID}
+        )
+        assert reply.status == 202, reply.body
+        message_id = reply.json()["message_id"]
+        await _until_state(h, message_id, "delivered")
+        assert h.national.received == []
+        status, problem, _ = await _callback(h, message_id)
+        assert (status, problem["code"]) == (404, "message_unknown")
+        status, ack, _ = await _callback(h, message_id, REJECTED, key="peer", member=PEER_ID)
+        assert (status, ack["state"]) == (200, "accepted")
+        await _until_state(h, message_id, "callback_delivered")
+        assert h.portal.processed[message_id]["decision"] == "rejected"
+    finally:
+        await server.close()
