@@ -7,7 +7,11 @@ into an ``Answer`` from somewhere else. The core finds adapter types by name thr
 An adapter type is a class with:
 - ``config_schema``: a JSON Schema (Draft 2020-12) for its ``config`` block;
 - ``__init__(name, config, context)``: config already validated against that schema;
-- ``send(exchange) -> Answer``; ``health() -> Health``; ``aclose()``.
+- ``send(exchange) -> Answer``; ``health() -> Health``; ``aclose()``;
+- optionally ``receiver``: the member id of the party it delivers to (the national
+  platform, a peer gateway). A callback for a message is taken only from the member the
+  message was delivered to (PROTOCOL.md, «Trust rules»); an adapter without one delivers
+  to a party that never calls back.
 
 Adapters raise the gateway's errors: ``UpstreamError`` (502), ``UpstreamTimeout`` (504),
 ``AdapterUnavailable`` (503). Anything else is reported as ``upstream_error``.
@@ -40,6 +44,7 @@ __all__ = [
     "Signer",
     "UpstreamError",
     "UpstreamTimeout",
+    "receiver_of",
 ]
 
 # The entry-point group a plugin's package registers its adapter types in.
@@ -118,6 +123,12 @@ class Adapter(Protocol):
     async def health(self) -> Health: ...
 
     async def aclose(self) -> None: ...
+
+
+def receiver_of(adapter: object) -> str | None:
+    """The member id an adapter delivers to (its optional ``receiver``), or None."""
+    value = getattr(adapter, "receiver", None)
+    return value if isinstance(value, str) and value else None
 
 
 class AdapterType(Protocol):

@@ -23,6 +23,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from adapters.base import AdapterContext, Answer, Exchange, Health
+from gateway.config import MEMBER_ID_PATTERN
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnbound
 from gateway.keys import VerificationKey
 from gateway.outbound import bound_to, location_of
@@ -68,6 +69,12 @@ class HttpAdapter:
                 "when the gateway's key is SM2, else sha-256).",
             },
             "forward_user": {"type": "boolean", "default": True},
+            "receiver": {
+                "type": "string",
+                "pattern": MEMBER_ID_PATTERN,
+                "description": "The member this upstream is: the one party whose callbacks "
+                "are taken for what it was sent (none: nobody calls back).",
+            },
             "verify_response": {
                 "type": "object",
                 "additionalProperties": False,
@@ -92,6 +99,7 @@ class HttpAdapter:
         self._forward_user = bool(config.get("forward_user", True))
         self._digest: str | None = config.get("content_digest")
         self._ctx = context
+        self.receiver: str | None = config.get("receiver")
         self._verifier = Verifier()
         self._response_keys: dict[str, VerificationKey] = {}
         for ref in config.get("verify_response", {}).get("keys", []):

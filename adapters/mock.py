@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from adapters.base import AdapterContext, Answer, Exchange, Health
+from gateway.config import MEMBER_ID_PATTERN
 from gateway.errors import UpstreamError
 
 __all__ = ["MockAdapter"]
@@ -33,6 +34,12 @@ class MockAdapter:
                 },
             },
             "delay_s": {"type": "number", "minimum": 0, "maximum": 60},
+            "receiver": {
+                "type": "string",
+                "pattern": MEMBER_ID_PATTERN,
+                "description": "The member this upstream is: the one party whose callbacks "
+                "are taken for what it was sent (none: nobody calls back).",
+            },
         },
     }
 
@@ -43,6 +50,7 @@ class MockAdapter:
             code: (int(spec.get("status", 200)), json.dumps(spec["body"]).encode())
             for code, spec in config.get("responses", {}).items()
         }
+        self.receiver: str | None = config.get("receiver")
         self.sent: list[Exchange] = []  # what reached this adapter, for tests and demos
 
     async def send(self, exchange: Exchange) -> Answer:

@@ -19,10 +19,13 @@ from multidict import CIMultiDict
 
 from adapters.base import AdapterContext, Answer, Exchange
 from adapters.http import BASE_URL_PATTERN, HttpAdapter
+from gateway.config import MEMBER_ID_PATTERN
 from gateway.errors import UpstreamError
 from gateway.outbound import join
 
-__all__ = ["NationalPlatformAdapter"]
+__all__ = ["NATIONAL_PLATFORM", "NationalPlatformAdapter"]
+
+NATIONAL_PLATFORM = "100000:national-platform"  # the member id of the national level
 
 
 class NationalPlatformAdapter(HttpAdapter):
@@ -47,6 +50,13 @@ class NationalPlatformAdapter(HttpAdapter):
                 "when the gateway's key is SM2, else sha-256).",
             },
             "forward_user": {"type": "boolean"},
+            "receiver": {
+                "type": "string",
+                "pattern": MEMBER_ID_PATTERN,
+                "default": NATIONAL_PLATFORM,
+                "description": "The platform's member id: its callbacks are the ones taken "
+                "for what this adapter delivered.",
+            },
         },
     }
 
@@ -60,6 +70,7 @@ class NationalPlatformAdapter(HttpAdapter):
         )
         super().__init__(name, http_config, context)
         self._member_id = context.member_id
+        self.receiver = str(config.get("receiver", NATIONAL_PLATFORM))
 
     def encode(self, exchange: Exchange) -> bytes:
         envelope = {

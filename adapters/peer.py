@@ -60,3 +60,4 @@ class PeerGatewayAdapter(HttpAdapter):
         )
         super().__init__(name, http_config, context)
         self.peer_id = str(config["peer_id"])
+        self.receiver = self.peer_id  # its callbacks are the ones taken for what it was sent

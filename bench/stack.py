@@ -125,7 +125,11 @@ def gateway_config(
             {
                 "name": "upstream",
                 "type": "http",
-                "config": {"url": f"{upstream}/api/exchange/{{service}}", "timeout_s": 10},
+                "config": {
+                    "url": f"{upstream}/api/exchange/{{service}}",
+                    "timeout_s": 10,
+                    "receiver": "100000:national-platform",  # the upstream calls back as it
+                },
             }
         ],
         "routes": [

@@ -211,6 +211,9 @@ class ServiceConfig:
     max_attempts: int | None = None
     max_age_s: float | None = None
     sensitive: tuple[str, ...] = ()  # JSON Pointers masked in logs and admin views
+    # A later decision by callback supersedes the earlier: each is kept, in order, and
+    # delivered to the member. Without it a different later decision is callback_conflict.
+    supersede: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -445,6 +448,7 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
             code=s["code"],
             mode=s.get("mode", "sync"),
             allow_async=s.get("allow_async", False),
+            supersede=s.get("supersede", False),
             request_schema=_schema(
                 r.json_ref(s["request_schema"], f"/services/{i}/request_schema")
             ),

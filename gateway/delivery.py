@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hashlib
 import logging
 import random
 import time
@@ -25,13 +26,13 @@ import aiohttp
 from multidict import CIMultiDict
 
 from gateway.config import DeliveryConfig, GatewayIdentity
-from gateway.dispatch import call_adapter, exchange_of
+from gateway.dispatch import call_adapter, exchange_of, receiver_for
 from gateway.errors import AdapterUnavailable, GatewayError, OutboundRefused, UpstreamError
 from gateway.metrics import Metrics
 from gateway.outbound import location_of
 from gateway.signing import Signer
 from gateway.states import CallbackState, MessageState
-from gateway.store import CallbackRecord, DuplicateMessage, MessageRecord, NewCallback, Store
+from gateway.store import CallbackRecord, MessageRecord, NewCallback, Store
 from gateway.traceparent import child_traceparent, ensure_traceparent
 from gateway.tracing import NO_TRACING, Span, Tracing
 
@@ -262,33 +263,52 @@ class Delivery:
             )
             return
         self.metrics.observe_upstream(adapter, time.perf_counter() - called, None)
+        # Who it went to: the one party whose callback is taken for this message.
+        receiver = receiver_for(runtime, adapter)
         if answer.status == 202:
             # Acknowledged: the decision comes later by callback.
-            await self.store.set_message_state(
-                record.seq, MessageState.DELIVERED, adapter=adapter, attempts=attempts, error=None
+            moved = await self.store.set_message_state(
+                record.seq,
+                MessageState.DELIVERED,
+                adapter=adapter,
+                attempts=attempts,
+                error=None,
+                receiver=receiver,
             )
+            self._unmoved(moved, record, MessageState.DELIVERED)
             self._account("message", "delivered", record, adapter, attempts, started, span)
             return
         # A final answer right away: it is the result, delivered to the member as a callback.
-        await self.store.note_attempt(record.seq, attempts=attempts, adapter=adapter)
-        with contextlib.suppress(DuplicateMessage):  # an earlier run stored it already
-            await self.store.insert_callback(
-                NewCallback(
-                    message_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"answer:{record.message_id}")),
-                    client=self.identity.member_id,
-                    correlation_id=record.message_id,
-                    original_seq=record.seq,
-                    service=record.service,
-                    headers={"Content-Type": answer.content_type},
-                    body=answer.body,
-                    digest="",
-                )
-            )
-        await self.store.set_message_state(
-            record.seq, MessageState.ANSWERED, adapter=adapter, attempts=attempts, error=None
+        moved = await self.store.answer_message(
+            record.seq,
+            NewCallback(
+                message_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"answer:{record.message_id}")),
+                client=self.identity.member_id,
+                correlation_id=record.message_id,
+                original_seq=record.seq,
+                service=record.service,
+                headers={"Content-Type": answer.content_type},
+                body=answer.body,
+                digest=hashlib.sha256(answer.body).hexdigest(),
+            ),
+            attempts=attempts,
+            adapter=adapter,
+            receiver=receiver,
         )
+        self._unmoved(moved, record, MessageState.ANSWERED)
         self._account("message", "delivered", record, adapter, attempts, started, span)
         self._event.set()
+
+    @staticmethod
+    def _unmoved(moved: bool, record: MessageRecord, state: MessageState) -> None:
+        """A guarded transition that found the message moved on (its lease taken over or
+        voided, or another transition first): nothing was written; say so."""
+        if not moved:
+            log.warning(
+                "message %s was not moved to %s: it is no longer this process's to move",
+                record.message_id,
+                state.value,
+            )
 
     async def _retry_message(
         self, record: MessageRecord, attempts: int, max_attempts: int, max_age: float, error: str

@@ -447,7 +447,11 @@ def directory_layer(
                     "type": "national_platform",
                     "readiness": False,
                     "learnt": True,
-                    "config": {"base_url": national.url, "platform_keys": national.jwks_at(now)},
+                    "config": {
+                        "base_url": national.url,
+                        "platform_keys": national.jwks_at(now),
+                        "receiver": national.member_id,  # its callbacks are the ones taken
+                    },
                 },
             )
         )

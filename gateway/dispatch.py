@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 
-from adapters.base import Answer, Exchange
+from adapters.base import Answer, Exchange, receiver_of
 from gateway.errors import (
     AdapterUnavailable,
     DirectoryStale,
@@ -23,7 +23,7 @@ from gateway.errors import (
 from gateway.registry import Runtime, Service
 from gateway.store import MessageRecord
 
-__all__ = ["call_adapter", "exchange_of", "validate_answer"]
+__all__ = ["call_adapter", "exchange_of", "intended_receiver", "receiver_for", "validate_answer"]
 
 log = logging.getLogger("gateway.exchange")
 
@@ -43,6 +43,19 @@ def exchange_of(record: MessageRecord, service: Service, traceparent: str) -> Ex
         timeout_s=service.config.timeout_s,
         asynchronous=record.mode == "async",
     )
+
+
+def receiver_for(runtime: Runtime, adapter: str) -> str | None:
+    """The member that adapter ``adapter`` delivers to (``receiver``), recorded with the
+    message it delivered: the one party whose callback is then taken for it."""
+    slot = runtime.adapters.get(adapter)
+    return receiver_of(slot.adapter) if slot is not None else None
+
+
+def intended_receiver(runtime: Runtime, record: MessageRecord) -> str | None:
+    """The member a message still on its way would be delivered to, as routed now."""
+    name = runtime.routes.lookup(record.service, record.target)
+    return receiver_for(runtime, name) if name is not None else None
 
 
 async def call_adapter(

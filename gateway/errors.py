@@ -29,6 +29,7 @@ Anything that is not a ``GatewayError`` becomes ``internal`` with details only i
     │   ├── MessageUnknown             message_unknown
     │   └── ResourceUnknown            resource_unknown (admin API)
     ├── MessageIdReused                409 message_id_reused
+    ├── CallbackConflict               409 callback_conflict (differs from the final decision)
     ├── ResourceExists                 409 resource_exists (admin API)
     ├── ResourceChanged                409 resource_changed (admin API: a concurrent write)
     ├── PayloadTooLarge                413 payload_too_large
@@ -42,7 +43,8 @@ Anything that is not a ``GatewayError`` becomes ``internal`` with details only i
     ├── Unavailable                    503
     │   ├── AdapterUnavailable         adapter_unavailable (Retry-After)
     │   │   └── DirectoryStale         directory_stale (cross-region refused: directory too old)
-    │   └── Overloaded                 overloaded
+    │   ├── Overloaded                 overloaded
+    │   └── CallbackEarly              overloaded (Retry-After: the message is being delivered)
     ├── UpstreamTimeout                504 upstream_timeout (also a TimeoutError)
     └── InternalError                  500 internal
 """
@@ -56,6 +58,8 @@ from typing import ClassVar
 __all__ = [
     "AdapterUnavailable",
     "BadRequest",
+    "CallbackConflict",
+    "CallbackEarly",
     "ClientDisabled",
     "ClientUnknown",
     "ConfigError",
@@ -271,6 +275,14 @@ class MessageIdReused(GatewayError):
     title = "Message id reused with a different body"
 
 
+class CallbackConflict(GatewayError):
+    """A callback that differs from the message's final decision (the first is kept)."""
+
+    status = 409
+    code = "callback_conflict"
+    title = "The message already has a different decision"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     code = "payload_too_large"
@@ -353,6 +365,13 @@ class DirectoryStale(AdapterUnavailable):
 
 class Overloaded(Unavailable):
     title = "The gateway is overloaded"
+
+
+class CallbackEarly(Unavailable):
+    """The receiver called back before our delivery of the message was committed (it may
+    answer and call back at once): retry after ``Retry-After``; nothing is lost."""
+
+    title = "The message is still being delivered"
 
 
 class UpstreamTimeout(GatewayError, TimeoutError):

@@ -232,6 +232,7 @@ def message_view(record: MessageRecord, sensitive: Sequence[str] = ()) -> dict[s
         "state": record.state,
         "target": record.target,
         "adapter": record.adapter,
+        "receiver": record.receiver,  # the member it was delivered to (whose callback it takes)
         "status": record.status,
         "code": record.code,
         "error": masked_error(record.error),

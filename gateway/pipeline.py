@@ -27,9 +27,11 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config import MEMBER_ID_PATTERN, GatewayIdentity, SecurityConfig
-from gateway.dispatch import call_adapter, exchange_of, validate_answer
+from gateway.dispatch import call_adapter, exchange_of, intended_receiver, validate_answer
 from gateway.encoding import iso_utc
 from gateway.errors import (
+    CallbackConflict,
+    CallbackEarly,
     ClientDisabled,
     ClientUnknown,
     DirectoryStale,
@@ -60,7 +62,7 @@ from gateway.signing import (
     check_content_digest,
     parse_signature_input,
 )
-from gateway.states import MessageState
+from gateway.states import ANSWERED_STATES, AWAITING_CALLBACK, IN_DELIVERY, MessageState
 from gateway.store import DuplicateMessage, MessageRecord, NewCallback, NewMessage, Store
 from gateway.traceparent import trace_id_of
 
@@ -90,6 +92,9 @@ _COVERED_WHEN_SENT = (
     "gw-via",
     "gw-correlation-id",
 )
+# One answer for a callback nobody may send: an unknown id, another party's message, a
+# message that awaits nothing (ids cannot be probed).
+_UNAWAITED = "no asynchronous {service} message {id} awaits an answer"
 # Never stored: signatures are verifiable only with the rest of the request anyway,
 # and Authorization would be a secret.
 _NOT_RECORDED = frozenset({"authorization", "cookie", "proxy-authorization"})
@@ -548,7 +553,12 @@ class Pipeline:
         return web.json_response(view)
 
     async def callback(self, request: web.Request) -> web.Response:
-        """``POST /v1/callbacks/{service}`` from the national platform or a peer gateway."""
+        """``POST /v1/callbacks/{service}`` from the national platform or a peer gateway.
+
+        Taken only from the member the message was delivered to (recorded at delivery),
+        speaking for itself, while the message awaits it; anyone else is answered as if
+        the message did not exist. An identical repeat is 200 and changes nothing; a
+        different decision after the final one is 409 (``supersede``: kept as history)."""
         ctx: RequestContext = request[CTX_KEY]
         runtime = self.runtime.current
         code = request.match_info["service"]
@@ -560,58 +570,99 @@ class Pipeline:
         await self.admit(auth)
         if auth.signer.config.kind == "system":
             raise NotPermitted(f"{auth.signer.id} is not a platform or gateway")
+        if auth.signer.id != auth.client:
+            raise NotPermitted(f"{auth.signer.id} may not call back for {auth.client}")
         service = self.service_of(runtime, code)
         correlation = _message_id(_require(request.headers, "Gw-Correlation-Id"))
         seen = await self.store.get_callback(auth.client, auth.message_id)
         if seen is not None:
-            if seen.digest != auth.digest:
+            if seen.digest != auth.digest or seen.correlation_id != correlation:
                 raise MessageIdReused(
                     f"callback {auth.message_id} was already sent with another body"
                 )
-            response = self._callback_ack(seen.message_id, correlation, "duplicate")
-            response.headers["Gw-Replayed"] = "true"
-            return response
+            return self._callback_ack(seen.message_id, correlation, "duplicate", replayed=True)
         if service.callback is None:
             raise ServiceUnknown(f"{code} takes no callbacks")
         self.check_shape(body)
         document = _json(body)
         service.callback.validate(document, "callback")
-        original = await self._original(correlation, code)
-        try:
-            await self.store.insert_callback(
-                NewCallback(
-                    message_id=auth.message_id,
-                    client=auth.client,
-                    correlation_id=correlation,
-                    original_seq=original.seq,
-                    service=code,
-                    headers=_recordable(request.headers),
-                    body=body,
-                    digest=auth.digest,
-                )
-            )
-        except DuplicateMessage:
-            return self._callback_ack(auth.message_id, correlation, "duplicate")
-        ctx.recorded = True
-        if self.outbox is not None:
-            self.outbox.wake()
-        return self._callback_ack(auth.message_id, correlation, "accepted")
+        original = await self._original(correlation, code, auth.client, runtime)
+        new = NewCallback(
+            message_id=auth.message_id,
+            client=auth.client,
+            correlation_id=correlation,
+            original_seq=original.seq,
+            service=code,
+            headers=_recordable(request.headers),
+            body=body,
+            digest=auth.digest,
+        )
+        supersede = service.config.supersede
+        for _ in range(2):  # once more when a concurrent transition moved the message first
+            if original.state in ANSWERED_STATES:
+                if await self._kept_decision(original) == auth.digest:
+                    return self._callback_ack(
+                        auth.message_id, correlation, "duplicate", replayed=True
+                    )
+                if not supersede:
+                    raise CallbackConflict(
+                        f"message {correlation} already has a different decision; it is kept"
+                    )
+            elif original.state not in AWAITING_CALLBACK:
+                raise MessageUnknown(_UNAWAITED.format(service=code, id=correlation))
+            try:
+                inserted = await self.store.insert_callback(new, supersede=supersede)
+            except DuplicateMessage:
+                return self._callback_ack(auth.message_id, correlation, "duplicate")
+            if inserted is not None:
+                ctx.recorded = True
+                if self.outbox is not None:
+                    self.outbox.wake()
+                return self._callback_ack(auth.message_id, correlation, "accepted")
+            moved = await self.store.get_message_by_seq(original.seq)
+            if moved is None:  # pragma: no cover - messages are never deleted
+                break
+            original = moved
+        raise CallbackEarly(f"message {correlation} is changing state; retry", retry_after=1)
 
-    async def _original(self, correlation: str, service: str) -> MessageRecord:
+    async def _original(
+        self, correlation: str, service: str, caller: str, runtime: Runtime
+    ) -> MessageRecord:
+        """The asynchronous message ``caller`` may call back for: the one delivered to it.
+
+        Before its delivery is committed (the receiver may answer and call back at once),
+        the member it is being delivered to is told to retry (503, Retry-After); everyone
+        else, for every message, gets what an unknown id gets."""
         found = [
-            m for m in await self.store.find_by_message_id(correlation) if m.service == service
+            m
+            for m in await self.store.find_by_message_id(correlation)
+            if m.service == service and m.mode == "async"
         ]
-        if not found or found[0].mode != "async":
-            raise MessageUnknown(
-                f"no asynchronous {service} message {correlation} awaits an answer"
-            )
-        return found[0]
+        for record in found:
+            if record.state in IN_DELIVERY:
+                if (record.receiver or intended_receiver(runtime, record)) == caller:
+                    raise CallbackEarly(
+                        f"message {correlation} is still being delivered; retry", retry_after=1
+                    )
+            elif record.receiver == caller:
+                return record
+        raise MessageUnknown(_UNAWAITED.format(service=service, id=correlation))
+
+    async def _kept_decision(self, original: MessageRecord) -> str | None:
+        """The digest of the message's current decision (the latest callback kept)."""
+        decisions = await self.store.callbacks_of(original.seq)
+        return decisions[-1].digest if decisions else None
 
     @staticmethod
-    def _callback_ack(message_id: str, correlation: str, state: str) -> web.Response:
+    def _callback_ack(
+        message_id: str, correlation: str, state: str, *, replayed: bool = False
+    ) -> web.Response:
+        headers = {"Gw-Message-Id": message_id}
+        if replayed:
+            headers["Gw-Replayed"] = "true"
         return web.json_response(
             {"message_id": message_id, "correlation_id": correlation, "state": state},
-            headers={"Gw-Message-Id": message_id},
+            headers=headers,
         )
 
 

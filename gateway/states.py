@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["CallbackState", "MessageState"]
+__all__ = [
+    "ANSWERED_STATES",
+    "AWAITING_CALLBACK",
+    "IN_DELIVERY",
+    "CallbackState",
+    "MessageState",
+]
 
 
 class MessageState(enum.StrEnum):
@@ -29,3 +35,10 @@ class CallbackState(enum.StrEnum):
     PENDING = "pending"  # recorded, waiting for (another) attempt
     DELIVERED = "delivered"  # the member's callback URL answered 2xx
     DEAD = "dead"  # past the attempt or age limit: a dead letter
+
+
+# The closed sets the store's guards name (gateway/store): which states a transition may
+# leave, and so which a callback finds its message in.
+IN_DELIVERY = (MessageState.ACCEPTED, MessageState.DELIVERING)  # in the outbox, on its way
+AWAITING_CALLBACK = (MessageState.DELIVERED,)  # acknowledged; the decision is awaited
+ANSWERED_STATES = (MessageState.ANSWERED, MessageState.CALLBACK_DELIVERED)  # a final result

@@ -320,6 +320,7 @@ def config_document(keys: Keys, *, store: Path, national_url: str) -> dict[str, 
                     "health_url": f"{national_url}/health",
                     "timeout_s": 5,
                     "verify_response": {"keys": [keys.jwk_file("national")]},
+                    "receiver": NATIONAL_ID,  # its callbacks are the ones taken
                 },
             },
         ],

@@ -97,6 +97,16 @@ def _answer(seq: int, correlation: str) -> NewCallback:
     )
 
 
+async def _deliver(store: Store, seq: int) -> None:
+    """Claim the message (delivery holds its lease) and record the platform's 202."""
+    assert seq in {m.seq for m in await store.claim_due_messages(time.time() + 5, 100, 30)}
+    assert await store.set_message_state(seq, "delivered", attempts=1, receiver=NATIONAL_ID)
+
+
+async def _claim_callback(store: Store, seq: int) -> None:
+    assert seq in {c.seq for c in await store.claim_due_callbacks(time.time() + 5, 100, 30)}
+
+
 @contextlib.contextmanager
 def _connect(path: Path) -> Iterator[sqlite3.Connection]:
     """A connection of our own, as an intruder (or an auditor) would open one."""
@@ -170,10 +180,13 @@ async def test_every_evidential_event_appends_one_linked_record(
         response_body=b'{"rating": "A"}',
     )
     queued = await store.insert_message(_new())
-    await store.set_message_state(queued.seq, "delivered", attempts=1)
+    await _deliver(store, queued.seq)
     callback = await store.insert_callback(_answer(queued.seq, queued.message_id))
+    assert callback is not None
+    await _claim_callback(store, callback.seq)
     await store.finish_callback(callback.seq, state="dead", attempts=3, error="gone")
     assert await store.redeliver("callback", callback.seq, time.time())
+    await _claim_callback(store, callback.seq)
     await store.finish_callback(callback.seq, state="delivered", attempts=1, error=None)
     await store.record_rejection(
         Rejection(
@@ -214,6 +227,43 @@ async def test_every_evidential_event_appends_one_linked_record(
     assert report.records == len(rows)
 
 
+async def test_superseding_decisions_and_an_immediate_answer_chain_and_verify(
+    any_store: Store, keys: Keys
+) -> None:
+    """A decision that supersedes a delivered one, and an upstream's immediate answer: each
+    is one chained record, the receiver is chained with the acknowledgement, and it verifies."""
+    store = any_store
+    queued = await store.insert_message(_new())
+    await _deliver(store, queued.seq)
+    first = await store.insert_callback(_answer(queued.seq, queued.message_id))
+    assert first is not None
+    await _claim_callback(store, first.seq)
+    assert await store.finish_callback(first.seq, state="delivered", attempts=1, error=None)
+    later = await store.insert_callback(_answer(queued.seq, queued.message_id), supersede=True)
+    assert later is not None
+    at_once = await store.insert_message(_new())
+    assert at_once.seq in {m.seq for m in await store.claim_due_messages(time.time(), 10, 30)}
+    assert await store.answer_message(
+        at_once.seq,
+        _answer(at_once.seq, at_once.message_id),
+        attempts=1,
+        adapter="national",
+        receiver=NATIONAL_ID,
+    )
+    rows = await _rows_of(store)
+    assert [r.kind for r in rows][-6:] == [
+        "message.state",
+        "callback.accepted",
+        "callback.finished",
+        "callback.accepted",
+        "message.accepted",
+        "callback.accepted",
+    ]
+    assert json.loads(rows[-6].facts)["receiver"] == NATIONAL_ID
+    report = await _verified(store, keys)
+    assert report.ok, report.findings
+
+
 async def test_a_rolled_back_write_leaves_no_record_and_the_head_unmoved(
     any_store: Store, keys: Keys
 ) -> None:
@@ -235,7 +285,8 @@ async def test_a_late_acknowledgement_that_changes_nothing_is_not_chained(
     """A state change the store refuses (answered → delivered) writes no chain record."""
     store = any_store
     queued = await store.insert_message(_new())
-    await store.insert_callback(_answer(queued.seq, queued.message_id))
+    await _deliver(store, queued.seq)
+    assert await store.insert_callback(_answer(queued.seq, queued.message_id))
     before = await store.chain_head()
     await store.set_message_state(queued.seq, "delivered", attempts=1)
     assert await store.chain_head() == before
@@ -304,11 +355,15 @@ async def test_redelivery_and_purge_keep_the_chain_valid_but_a_quiet_nulling_doe
 ) -> None:
     """Redelivery and purge are chained and verify; a body nulled without a purge does not."""
     dead = await store.insert_message(_new())
+    assert dead.seq in {m.seq for m in await store.claim_due_messages(time.time() + 5, 10, 30)}
     await store.set_message_state(dead.seq, "dead", attempts=10, error="gave up")
     assert await store.redeliver("message", dead.seq, time.time())
-    await store.set_message_state(dead.seq, "delivered", attempts=1)
+    await _deliver(store, dead.seq)
     answered = await store.insert_message(_new())
+    await _deliver(store, answered.seq)
     callback = await store.insert_callback(_answer(answered.seq, answered.message_id))
+    assert callback is not None
+    await _claim_callback(store, callback.seq)
     await store.finish_callback(callback.seq, state="delivered", attempts=1, error=None)
     assert _verify(store.path, keys).ok
     purged = await store.purge_bodies(time.time() + 1, time.time())

@@ -270,6 +270,7 @@ def test_dead_letters_list_and_redeliver(
     async def seed(store: SQLiteStore) -> int:
         record = await store.insert_message(_message(message_id))
         await store.insert_message(_message(str(uuid.uuid4())))  # alive
+        await store.claim_due_messages(time.time() + 5, 10, 30)  # delivery holds the lease
         await store.set_message_state(record.seq, "dead", error="national down", attempts=12)
         return record.seq
 

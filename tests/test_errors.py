@@ -355,6 +355,7 @@ def test_every_error_class_has_a_protocol_code() -> None:
         "signature_missing": 401, "signature_invalid": 401, "signature_expired": 401,
         "key_unknown": 401, "client_unknown": 403, "client_disabled": 403, "forbidden": 403,
         "service_unknown": 404, "message_unknown": 404, "message_id_reused": 409,
+        "callback_conflict": 409,
         "payload_too_large": 413, "unsupported_media_type": 415, "schema_invalid": 422,
         "rate_limited": 429, "upstream_error": 502, "upstream_unbound": 502,
         "adapter_unavailable": 503,

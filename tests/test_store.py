@@ -3,6 +3,7 @@ outbox leases, callbacks, dead letters; SQLite's migrations and files at the end
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 import time
@@ -16,6 +17,7 @@ import pytest
 
 from gateway.errors import StoreError
 from gateway.store import (
+    CallbackRecord,
     ConfigConflict,
     DuplicateMessage,
     MessageRecord,
@@ -75,9 +77,43 @@ async def _queued(store: Store, at: float, **changes: Any) -> MessageRecord:
     )
 
 
+async def _claimed(store: Store, **changes: Any) -> MessageRecord:
+    """A queued message whose lease this store holds (claimed, as delivery does first)."""
+    now = time.time()
+    record = await _queued(store, now - 1, **changes)
+    claimed = await store.claim_due_messages(now, limit=100, lease_s=30)
+    assert record.seq in {m.seq for m in claimed}
+    return record
+
+
+async def _delivered(store: Store, receiver: str = NATIONAL) -> MessageRecord:
+    """A message the upstream acknowledged: it awaits ``receiver``'s callback."""
+    record = await _claimed(store)
+    assert await store.set_message_state(
+        record.seq, "delivered", adapter="national", attempts=1, receiver=receiver
+    )
+    return record
+
+
+async def _answered(store: Store) -> tuple[MessageRecord, CallbackRecord]:
+    """A delivered message and the receiver's callback that answered it."""
+    original = await _delivered(store)
+    cb = await store.insert_callback(_callback(original))
+    assert cb is not None
+    return original, cb
+
+
+async def _claimed_callback(store: Store) -> tuple[MessageRecord, CallbackRecord]:
+    """An answered message whose callback this store has claimed for delivery."""
+    original, cb = await _answered(store)
+    claimed = await store.claim_due_callbacks(time.time() + 1, limit=10, lease_s=30)
+    assert cb.seq in {c.seq for c in claimed}
+    return original, cb
+
+
 async def _dead_message(store: Store) -> MessageRecord:
-    record = await _queued(store, time.time())
-    await store.set_message_state(record.seq, "dead", error="gave up", attempts=10)
+    record = await _claimed(store)
+    assert await store.set_message_state(record.seq, "dead", error="gave up", attempts=10)
     return record
 
 
@@ -170,8 +206,8 @@ async def test_same_message_id_from_another_client_is_separate(store: Store) -> 
 
 async def test_finish_message_records_the_answer(store: Store) -> None:
     """finish_message stores status, code, adapter, answer and timings; it is then finished."""
-    record = await store.insert_message(_new())
-    await store.finish_message(
+    record = await store.insert_message(_new(state="delivering"))
+    assert await store.finish_message(
         record.seq,
         state="answered",
         status=200,
@@ -193,8 +229,8 @@ async def test_finish_message_records_the_answer(store: Store) -> None:
 
 async def test_finish_message_keeps_the_adapter_when_none_is_given(store: Store) -> None:
     """A failure finished without an adapter name keeps the one recorded before."""
-    record = await store.insert_message(_new(adapter="national"))
-    await store.finish_message(
+    record = await store.insert_message(_new(adapter="national", state="delivering"))
+    assert await store.finish_message(
         record.seq,
         state="failed",
         status=502,
@@ -261,9 +297,9 @@ async def test_reschedule_moves_the_next_attempt(store: Store) -> None:
 async def test_set_message_state_takes_it_out_of_the_outbox(store: Store) -> None:
     """set_message_state moves a message on and it is no longer due."""
     now = time.time()
-    record = await _queued(store, now)
-    await store.set_message_state(record.seq, "delivered", adapter="national", attempts=1)
-    assert await store.claim_due_messages(now + 10, limit=10, lease_s=30) == []
+    record = await _claimed(store)
+    assert await store.set_message_state(record.seq, "delivered", adapter="national", attempts=1)
+    assert await store.claim_due_messages(now + 100, limit=10, lease_s=30) == []
     assert await store.outbox_depth() == 0
     moved = await store.get_message_by_seq(record.seq)
     assert moved is not None
@@ -272,9 +308,8 @@ async def test_set_message_state_takes_it_out_of_the_outbox(store: Store) -> Non
 
 async def test_late_acknowledgement_does_not_demote_an_answer(store: Store) -> None:
     """A message already answered by its callback stays answered when a late ack arrives."""
-    original = await _queued(store, time.time())
-    await store.insert_callback(_callback(original))
-    await store.set_message_state(original.seq, "delivered", adapter="national")
+    original, _ = await _answered(store)
+    assert not await store.set_message_state(original.seq, "delivered", adapter="national")
     after = await store.get_message_by_seq(original.seq)
     assert after is not None
     assert after.state == "answered"
@@ -283,8 +318,7 @@ async def test_late_acknowledgement_does_not_demote_an_answer(store: Store) -> N
 
 async def test_callback_marks_its_message_answered(store: Store) -> None:
     """insert_callback stores the callback pending and the message answered with its result."""
-    original = await _queued(store, time.time())
-    cb = await store.insert_callback(_callback(original))
+    original, cb = await _answered(store)
     assert cb.state == "pending"
     assert cb.original_client == PORTAL
     assert cb.correlation_id == original.message_id
@@ -300,16 +334,15 @@ async def test_callback_marks_its_message_answered(store: Store) -> None:
 
 async def test_duplicate_callback_raises_and_changes_nothing(store: Store) -> None:
     """The same callback id from the same client twice raises DuplicateMessage."""
-    original = await _queued(store, time.time())
-    first = await store.insert_callback(_callback(original))
+    original, first = await _answered(store)
     with pytest.raises(DuplicateMessage):
         await store.insert_callback(_callback(original))
     assert await store.get_callback(NATIONAL, "cb-1") == first
     assert len(await store.claim_due_callbacks(time.time() + 1, limit=10, lease_s=30)) == 1
 
 
-async def test_callback_for_a_missing_message_is_not_a_duplicate(store: Store) -> None:
-    """A callback referring to no recorded message is a store error, not a duplicate."""
+async def test_callback_for_a_missing_message_changes_nothing(store: Store) -> None:
+    """A callback referring to no recorded message is refused by the guard, not a duplicate."""
     original = await store.insert_message(_new())
     orphan = NewCallback(
         message_id="orphan",
@@ -321,19 +354,18 @@ async def test_callback_for_a_missing_message_is_not_a_duplicate(store: Store) -
         body=b"{}",
         digest="d",
     )
-    with pytest.raises(StoreError):
-        await store.insert_callback(orphan)
+    assert await store.insert_callback(orphan) is None
+    assert await store.get_callback(NATIONAL, "orphan") is None
 
 
 async def test_callback_claim_lease_and_delivery(store: Store) -> None:
     """A claimed callback is leased; delivered moves its message to callback_delivered."""
-    original = await _queued(store, time.time())
-    cb = await store.insert_callback(_callback(original))
+    original, cb = await _answered(store)
     now = time.time() + 1
     (claimed,) = await store.claim_due_callbacks(now, limit=10, lease_s=30)
     assert claimed.seq == cb.seq
     assert await store.claim_due_callbacks(now, limit=10, lease_s=30) == []
-    await store.finish_callback(cb.seq, state="delivered", attempts=1, error=None)
+    assert await store.finish_callback(cb.seq, state="delivered", attempts=1, error=None)
     delivered = await store.get_callback(NATIONAL, "cb-1")
     assert delivered is not None
     assert (delivered.state, delivered.attempts) == ("delivered", 1)
@@ -345,11 +377,11 @@ async def test_callback_claim_lease_and_delivery(store: Store) -> None:
 
 async def test_reschedule_callback_delays_it(store: Store) -> None:
     """A rescheduled callback is due only at its new time, with the error kept."""
-    original = await _queued(store, time.time())
-    cb = await store.insert_callback(_callback(original))
+    _, cb = await _claimed_callback(store)
     now = time.time() + 1
-    await store.claim_due_callbacks(now, limit=10, lease_s=30)
-    await store.reschedule_callback(cb.seq, attempts=1, next_attempt_at=now + 50, error="refused")
+    assert await store.reschedule_callback(
+        cb.seq, attempts=1, next_attempt_at=now + 50, error="refused"
+    )
     assert await store.claim_due_callbacks(now + 49, limit=10, lease_s=30) == []
     (again,) = await store.claim_due_callbacks(now + 50, limit=10, lease_s=30)
     assert (again.attempts, again.error) == (1, "refused")
@@ -357,9 +389,8 @@ async def test_reschedule_callback_delays_it(store: Store) -> None:
 
 async def test_dead_callback_does_not_mark_the_message_delivered(store: Store) -> None:
     """A callback finished dead leaves its message answered and is listed as a dead letter."""
-    original = await _queued(store, time.time())
-    cb = await store.insert_callback(_callback(original))
-    await store.finish_callback(cb.seq, state="dead", attempts=7, error="portal down")
+    original, cb = await _claimed_callback(store)
+    assert await store.finish_callback(cb.seq, state="dead", attempts=7, error="portal down")
     message = await store.get_message_by_seq(original.seq)
     assert message is not None
     assert message.state == "answered"
@@ -373,7 +404,7 @@ async def test_dead_callback_does_not_mark_the_message_delivered(store: Store) -
 async def test_dead_letters_and_redeliver_a_message(store: Store) -> None:
     """A dead message is listed; redeliver requeues it once with a fresh attempt budget."""
     dead = await _dead_message(store)
-    await _queued(store, time.time())  # alive, not a dead letter
+    await _queued(store, time.time() + 3600)  # alive, not a dead letter
     letters = await store.dead_letters()
     assert [(x.kind, x.seq, x.message_id) for x in letters] == [
         ("message", dead.seq, dead.message_id)
@@ -391,9 +422,8 @@ async def test_dead_letters_and_redeliver_a_message(store: Store) -> None:
 
 async def test_redeliver_a_dead_callback(store: Store) -> None:
     """A dead callback goes back to pending and is due again."""
-    original = await _queued(store, time.time())
-    cb = await store.insert_callback(_callback(original))
-    await store.finish_callback(cb.seq, state="dead", attempts=7, error="down")
+    _, cb = await _claimed_callback(store)
+    assert await store.finish_callback(cb.seq, state="dead", attempts=7, error="down")
     now = time.time() + 5
     assert await store.redeliver("callback", cb.seq, now)
     again = await store.get_callback(NATIONAL, "cb-1")
@@ -576,11 +606,14 @@ async def test_a_file_migrated_by_newer_code_is_refused(tmp_path: Path) -> None:
 
 async def test_message_events_are_one_messages_chained_timeline(store: Store) -> None:
     """Acceptance, state changes and its callbacks, oldest first; no other message's."""
-    record = await _queued(store, time.time())
-    other = await _queued(store, time.time())
-    await store.set_message_state(record.seq, "delivered", adapter="national", attempts=1)
+    record = await _queued(store, time.time() - 1)
+    other = await _queued(store, time.time() - 1)
+    assert len(await store.claim_due_messages(time.time(), limit=10, lease_s=30)) == 2
+    await store.set_message_state(
+        record.seq, "delivered", adapter="national", attempts=1, receiver=NATIONAL
+    )
     await store.set_message_state(other.seq, "dead", error="x", attempts=3)
-    await store.insert_callback(_callback(record))
+    assert await store.insert_callback(_callback(record)) is not None
     events = await store.message_events(record.seq)
     assert [(e.kind, e.state) for e in events] == [
         ("message.accepted", "accepted"),
@@ -604,3 +637,216 @@ async def test_the_kept_directory_never_goes_back_a_version(store: Store) -> Non
     assert await store.load_directory() == "jws-3"
     assert await store.save_directory(4, "jws-4")
     assert await store.load_directory() == "jws-4"
+
+
+# The state machine's guards (PROTOCOL.md «Trust rules»): every transition names the state
+# it leaves, and delivery-side ones the lease they need; a refused one changes nothing.
+
+
+def _decision(original: MessageRecord, message_id: str, decision: str) -> NewCallback:
+    body = f'{{"decision": "{decision}"}}'.encode()
+    return NewCallback(
+        message_id=message_id,
+        client=NATIONAL,
+        correlation_id=original.message_id,
+        original_seq=original.seq,
+        service=original.service,
+        headers={"Gw-Client": NATIONAL},
+        body=body,
+        digest=decision,
+    )
+
+
+async def test_a_callback_from_anyone_but_the_receiver_changes_nothing(store: Store) -> None:
+    """A message delivered to the platform takes no callback from another member."""
+    original = await _delivered(store, receiver="440000:gateway")
+    assert await store.insert_callback(_callback(original)) is None
+    after = await store.get_message_by_seq(original.seq)
+    assert after is not None
+    assert (after.state, after.result, after.receiver) == ("delivered", None, "440000:gateway")
+    assert await store.get_callback(NATIONAL, "cb-1") is None
+
+
+async def test_a_callback_before_delivery_does_not_stop_the_delivery(store: Store) -> None:
+    """A message still in the outbox is not answered by a callback: it is still delivered."""
+    now = time.time()
+    queued = await _queued(store, now)
+    assert await store.insert_callback(_callback(queued)) is None
+    (claimed,) = await store.claim_due_messages(now, limit=10, lease_s=30)
+    assert claimed.seq == queued.seq
+    assert await store.insert_callback(_callback(claimed)) is None  # delivering: still not
+    after = await store.get_message_by_seq(queued.seq)
+    assert after is not None
+    assert (after.state, after.result) == ("delivering", None)
+
+
+async def test_a_second_decision_is_refused_unless_it_supersedes(store: Store) -> None:
+    """After the final decision another is refused; with supersede both are kept in order."""
+    original, first = await _answered(store)
+    assert await store.insert_callback(_decision(original, "cb-2", "rejected")) is None
+    kept = await store.get_message_by_seq(original.seq)
+    assert kept is not None
+    assert kept.result == b'{"decision": "approved"}'
+    later = await store.insert_callback(_decision(original, "cb-2", "rejected"), supersede=True)
+    assert later is not None
+    history = await store.callbacks_of(original.seq)
+    assert [c.message_id for c in history] == ["cb-1", "cb-2"]
+    assert [c.body for c in history] == [first.body, b'{"decision": "rejected"}']
+    now = await store.get_message_by_seq(original.seq)
+    assert now is not None
+    assert (now.state, now.result) == ("answered", b'{"decision": "rejected"}')
+
+
+async def test_later_decisions_go_out_one_after_another(store: Store) -> None:
+    """A message's decisions are delivered in order; it is callback_delivered after the last."""
+    original, first = await _answered(store)
+    second = await store.insert_callback(_decision(original, "cb-2", "rejected"), supersede=True)
+    assert second is not None
+    now = time.time() + 1
+    assert [c.seq for c in await store.claim_due_callbacks(now, 10, 30)] == [first.seq]
+    assert await store.claim_due_callbacks(now, 10, 30) == []  # the second waits its turn
+    assert await store.finish_callback(first.seq, state="delivered", attempts=1, error=None)
+    middle = await store.get_message_by_seq(original.seq)
+    assert middle is not None
+    assert middle.state == "answered"  # a later decision is still on its way
+    assert [c.seq for c in await store.claim_due_callbacks(now, 10, 30)] == [second.seq]
+    assert await store.finish_callback(second.seq, state="delivered", attempts=1, error=None)
+    done = await store.get_message_by_seq(original.seq)
+    assert done is not None
+    assert done.state == "callback_delivered"
+
+
+async def test_a_decision_after_callback_delivered_reopens_only_with_supersede(
+    store: Store,
+) -> None:
+    """A delivered result is final; a superseding decision makes the message answered again."""
+    original, cb = await _claimed_callback(store)
+    assert await store.finish_callback(cb.seq, state="delivered", attempts=1, error=None)
+    assert await store.insert_callback(_decision(original, "cb-2", "rejected")) is None
+    assert await store.insert_callback(_decision(original, "cb-2", "rejected"), supersede=True)
+    again = await store.get_message_by_seq(original.seq)
+    assert again is not None
+    assert again.state == "answered"
+
+
+async def test_finish_callback_is_guarded_by_its_state(store: Store) -> None:
+    """A callback closed once is not closed again: a late 'delivered' cannot revive a dead one."""
+    original, cb = await _claimed_callback(store)
+    assert await store.finish_callback(cb.seq, state="dead", attempts=9, error="gone")
+    assert not await store.finish_callback(cb.seq, state="delivered", attempts=1, error=None)
+    assert not await store.reschedule_callback(
+        cb.seq, attempts=1, next_attempt_at=time.time(), error="again"
+    )
+    again = await store.get_callback(NATIONAL, "cb-1")
+    assert again is not None
+    assert (again.state, again.attempts, again.next_attempt_at) == ("dead", 9, None)
+    message = await store.get_message_by_seq(original.seq)
+    assert message is not None
+    assert message.state == "answered"
+
+
+async def test_outbox_transitions_are_guarded_by_state(store: Store) -> None:
+    """A message out of the outbox is not rescheduled, counted or moved again."""
+    record = await _dead_message(store)
+    assert not await store.reschedule_message(
+        record.seq, attempts=1, next_attempt_at=time.time(), error="late"
+    )
+    assert not await store.note_attempt(record.seq, attempts=99, adapter="national")
+    assert not await store.set_message_state(record.seq, "delivered", attempts=1)
+    dead = await store.get_message_by_seq(record.seq)
+    assert dead is not None
+    assert (dead.state, dead.attempts, dead.next_attempt_at) == ("dead", 10, None)
+
+
+async def test_finish_message_closes_a_synchronous_exchange_once(store: Store) -> None:
+    """The second finish_message of one exchange changes nothing; the first answer is kept."""
+    record = await store.insert_message(_new(state="delivering"))
+    answer: dict[str, Any] = {"code": None, "adapter": "national", "response_headers": {}}
+    assert await store.finish_message(
+        record.seq, state="answered", status=200, response_body=b"{}", **answer
+    )
+    assert not await store.finish_message(
+        record.seq, state="failed", status=502, response_body=b"late", **answer
+    )
+    done = await store.get_message_by_seq(record.seq)
+    assert done is not None
+    assert (done.state, done.status, done.response_body) == ("answered", 200, b"{}")
+
+
+async def test_the_fence_needs_the_lease_never_a_voided_one(store: Store) -> None:
+    """A message never claimed, or whose lease was voided, is not moved by delivery."""
+    now = time.time()
+    record = await _queued(store, now)
+    assert not await store.set_message_state(record.seq, "dead", error="unclaimed", attempts=1)
+    await store.claim_due_messages(now, limit=10, lease_s=30)
+    assert await store.release_leases(store.instance_id) == 1  # voided: no owner left
+    assert not await store.set_message_state(record.seq, "dead", error="voided", attempts=1)
+    assert not await store.reschedule_message(
+        record.seq, attempts=1, next_attempt_at=now, error="voided"
+    )
+    kept = await store.get_message_by_seq(record.seq)
+    assert kept is not None
+    assert (kept.state, kept.error) == ("delivering", None)
+    (again,) = await store.claim_due_messages(now, limit=10, lease_s=30)
+    assert await store.set_message_state(again.seq, "dead", error="claimed", attempts=1)
+
+
+async def test_answer_message_records_the_answer_and_its_callback_once(store: Store) -> None:
+    """An immediate answer: answered with its receiver and one pending callback, only once."""
+    record = await _claimed(store)
+    answer = _decision(record, "answer-1", "approved")
+    assert await store.answer_message(
+        record.seq, answer, attempts=1, adapter="national", receiver=NATIONAL
+    )
+    assert not await store.answer_message(
+        record.seq, answer, attempts=2, adapter="national", receiver=NATIONAL
+    )
+    done = await store.get_message_by_seq(record.seq)
+    assert done is not None
+    assert (done.state, done.receiver, done.attempts) == ("answered", NATIONAL, 1)
+    assert [c.message_id for c in await store.callbacks_of(record.seq)] == ["answer-1"]
+
+
+async def test_two_concurrent_decisions_exactly_one_wins(store_url: str) -> None:
+    """Two processes record different decisions for one message at once: one wins, the
+    other is refused, and the message holds the winner's decision."""
+    setup = store_at(store_url)
+    await setup.open()
+    a, b = store_at(store_url, instance="a"), store_at(store_url, instance="b")
+    await a.open()
+    await b.open()
+    try:
+        original = await _delivered(setup)
+        results = await asyncio.gather(
+            a.insert_callback(_decision(original, "cb-a", "approved")),
+            b.insert_callback(_decision(original, "cb-b", "rejected")),
+        )
+        winners = [r for r in results if r is not None]
+        assert len(winners) == 1
+        kept = await setup.get_message_by_seq(original.seq)
+        assert kept is not None
+        assert kept.result == winners[0].body
+        assert [c.seq for c in await setup.callbacks_of(original.seq)] == [winners[0].seq]
+    finally:
+        for s in (a, b, setup):
+            await s.close()
+
+
+async def test_two_concurrent_outcomes_of_one_delivery_exactly_one_wins(store_url: str) -> None:
+    """The acknowledgement and a dead-letter for one claimed message race: exactly one lands."""
+    a, b = store_at(store_url, instance="one"), store_at(store_url, instance="one")
+    await a.open()
+    await b.open()
+    try:
+        record = await _claimed(a)
+        results = await asyncio.gather(
+            a.set_message_state(record.seq, "delivered", attempts=1, receiver=NATIONAL),
+            b.set_message_state(record.seq, "dead", attempts=1, error="gave up"),
+        )
+        assert sorted(results) == [False, True]
+        final = await a.get_message_by_seq(record.seq)
+        assert final is not None
+        assert final.state == ("delivered" if results[0] else "dead")
+    finally:
+        await a.close()
+        await b.close()

@@ -129,8 +129,24 @@ async def test_a_failed_commit_fails_every_waiter_and_keeps_nothing(store: SQLit
     def defer(db: sqlite3.Connection) -> None:
         db.execute("PRAGMA defer_foreign_keys=ON")
 
+    def orphan_row(db: sqlite3.Connection) -> None:  # a callback row for no message
+        db.execute(
+            "INSERT INTO callbacks (message_id, client, correlation_id, original_seq, service, "
+            "headers, body, digest, state, created_at, updated_at) "
+            "VALUES (?,?,?,?,?,'{}',?,?,'pending',0,0)",
+            (
+                orphan.message_id,
+                orphan.client,
+                orphan.correlation_id,
+                orphan.original_seq,
+                orphan.service,
+                orphan.body,
+                orphan.digest,
+            ),
+        ).close()
+
     async def orphan_insert() -> Any:
-        return await store.insert_callback(orphan)
+        return await store.write(orphan_row)
 
     outcomes = await asyncio.gather(
         store.insert_message(_new()),

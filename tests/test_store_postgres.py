@@ -24,7 +24,7 @@ import yaml
 from gateway.audit import make_checkpoint, verify_store
 from gateway.cli import main
 from gateway.errors import StoreError
-from gateway.store import DuplicateMessage, MessageRecord, NewCallback, NewMessage, ResourceChange
+from gateway.store import MessageRecord, NewCallback, NewMessage, ResourceChange
 from gateway.store.pgcommit import Tx
 from gateway.store.postgres import PostgresStore, SchemaTooNew, migrations
 from gateway.store.sqlite import SQLiteStore
@@ -224,6 +224,8 @@ async def test_callback_claims_are_fenced_too(instances: Opened) -> None:
     """A callback taken over after its lease expired is finished only by its new owner."""
     a, b = await instances("a"), await instances("b")
     original = await a.insert_message(_new())
+    assert [m.seq for m in await a.claim_due_messages(time.time(), 10, 30)] == [original.seq]
+    assert await a.set_message_state(original.seq, "delivered", receiver=NATIONAL_ID)
     cb = await a.insert_callback(
         NewCallback(
             message_id="cb-1",
@@ -236,6 +238,7 @@ async def test_callback_claims_are_fenced_too(instances: Opened) -> None:
             digest="cafe",
         )
     )
+    assert cb is not None
     now = time.time() + 1
     assert [c.seq for c in await a.claim_due_callbacks(now, 10, 30)] == [cb.seq]
     assert [c.seq for c in await b.claim_due_callbacks(now + 31, 10, 30)] == [cb.seq]
@@ -272,21 +275,26 @@ async def test_three_instances_writing_at_once_append_one_chain_that_verifies(
     stores = [await instances(f"i{n}") for n in range(3)]
     pair = keys.pairs["gateway"]
 
-    async def work(store: PostgresStore) -> None:
+    async def work(store: PostgresStore) -> int:
+        moved = 0
         for _ in range(8):
-            records = await asyncio.gather(*(store.insert_message(_new()) for _ in range(6)))
-            await asyncio.gather(
-                *(store.set_message_state(r.seq, "delivered", attempts=1) for r in records)
+            await asyncio.gather(*(store.insert_message(_new()) for _ in range(6)))
+            claimed = await store.claim_due_messages(time.time(), 6, 30)
+            moves = await asyncio.gather(
+                *(store.set_message_state(r.seq, "delivered", attempts=1) for r in claimed)
             )
+            moved += sum(moves)
             await make_checkpoint(store, pair, GATEWAY_ID)
+        return moved
 
     during = asyncio.gather(*(work(s) for s in stores))
     midway = await verify_store(stores[0], _jwks(keys), gateway=GATEWAY_ID)
-    await during
+    moved = sum(await during)
+    assert moved > 0
     assert midway.ok, midway.findings
     report = await verify_store(stores[1], _jwks(keys), gateway=GATEWAY_ID)
     assert report.ok, report.findings
-    assert report.records == 1 + 3 * 8 * 6 * 2
+    assert report.records == 1 + 3 * 8 * 6 + moved
     async with stores[2].snapshot() as snap:
         ids = [cp.id for cp in await snap.checkpoints()]
         seqs = [cp.seq for cp in await snap.checkpoints()]
@@ -344,23 +352,24 @@ async def test_a_deadlock_reruns_the_batch_and_its_mates_commit_once(
     assert (await store.chain_head()).seq == 2  # genesis and this message, chained once
 
 
-async def test_only_a_unique_violation_is_a_duplicate(instances: Opened) -> None:
-    """A callback for a message that does not exist (a foreign key) is a store error."""
+async def test_a_callback_for_no_message_is_refused_not_a_duplicate(instances: Opened) -> None:
+    """A callback for a message that does not exist is refused by the state guard (None),
+    neither a duplicate nor a store error."""
     store = await instances("a")
-    with pytest.raises(StoreError) as caught:
-        await store.insert_callback(
-            NewCallback(
-                message_id="orphan",
-                client=NATIONAL_ID,
-                correlation_id="none",
-                original_seq=424242,
-                service="credit.query",
-                headers={},
-                body=b"{}",
-                digest="d",
-            )
+    refused = await store.insert_callback(
+        NewCallback(
+            message_id="orphan",
+            client=NATIONAL_ID,
+            correlation_id="none",
+            original_seq=424242,
+            service="credit.query",
+            headers={},
+            body=b"{}",
+            digest="d",
         )
-    assert not isinstance(caught.value, DuplicateMessage)
+    )
+    assert refused is None
+    assert await store.get_callback(NATIONAL_ID, "orphan") is None
 
 
 async def test_one_batch_commits_many_writes_and_a_failed_unit_undoes_only_itself(
@@ -419,6 +428,8 @@ async def test_a_sqlite_store_imported_into_postgresql_verifies_and_goes_on(
     old = SQLiteStore(path)
     await old.open()
     answered = await old.insert_message(_new())
+    await old.claim_due_messages(time.time(), 10, 30)
+    assert await old.set_message_state(answered.seq, "delivered", receiver=NATIONAL_ID)
     await old.insert_callback(
         NewCallback(
             message_id="cb-1",
@@ -448,7 +459,7 @@ async def test_a_sqlite_store_imported_into_postgresql_verifies_and_goes_on(
     out = captured.out
     assert code == 0, captured.out + captured.err
     assert "messages 3, callbacks 1" in out
-    assert "OK: the chain verifies in PostgreSQL (5 records)" in out
+    assert "OK: the chain verifies in PostgreSQL (6 records)" in out
 
     store = PostgresStore(pg_url, instance="after")
     await store.open()
@@ -460,7 +471,7 @@ async def test_a_sqlite_store_imported_into_postgresql_verifies_and_goes_on(
         assert await make_checkpoint(store, keys.pairs["gateway"], GATEWAY_ID) is not None
         report = await verify_store(store, _jwks(keys), gateway=GATEWAY_ID)
         assert report.ok, report.findings
-        assert (report.records, report.checkpoints) == (6, 2)
+        assert (report.records, report.checkpoints) == (7, 2)
         assert len(await store.changes()) == 1
         assert await store.config_version() == 1  # the copied admin write's version
     finally:

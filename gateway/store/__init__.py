@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.errors import ConfigError
-from gateway.states import MessageState
+from gateway.states import (
+    ANSWERED_STATES,
+    AWAITING_CALLBACK,
+    IN_DELIVERY,
+    CallbackState,
+    MessageState,
+)
 from gateway.store.batch import BatchObserver
 from gateway.store.chain import ChainRow, CheckpointRow, Head
 
@@ -28,6 +34,8 @@ __all__ = [
     "INSTANCE_ENV",
     "IN_OUTBOX",
     "STORE_URL_ENV",
+    "TAKES_CALLBACK",
+    "TAKES_LATER_DECISION",
     "CallbackRecord",
     "ChainSnapshot",
     "ChangeRecord",
@@ -48,6 +56,7 @@ __all__ = [
     "TokenRecord",
     "create_store",
     "instance_id",
+    "sql_state",
     "sql_states",
     "store_url",
 ]
@@ -55,20 +64,30 @@ __all__ = [
 STORE_URL_ENV = "GATEWAY_STORE_URL"
 
 
-def sql_states(*states: MessageState) -> str:
+def sql_states(*states: MessageState | CallbackState) -> str:
     """An SQL list of states, ``('accepted', 'delivering')``, for ``state IN …``."""
     return "(" + ", ".join(f"'{s.value}'" for s in states) + ")"
 
 
-_OUTBOX = (MessageState.ACCEPTED, MessageState.DELIVERING)
+def sql_state(state: MessageState | CallbackState) -> str:
+    """One state as an SQL literal, ``'answered'``: every literal in the store's SQL is one
+    of gateway/states.py, never typed by hand."""
+    return f"'{state.value}'"
+
+
+_OUTBOX = IN_DELIVERY
 # Message states move forward only: each state set this way, and the states it may follow.
+# A message answered by the upstream at once skips DELIVERED (answer_message); one answered
+# by a callback leaves DELIVERED only (insert_callback).
 FORWARD: dict[str, str] = {
     MessageState.DELIVERED: sql_states(*_OUTBOX),
-    MessageState.ANSWERED: sql_states(*_OUTBOX, MessageState.DELIVERED),
     MessageState.DEAD: sql_states(*_OUTBOX),
     MessageState.FAILED: sql_states(*_OUTBOX),
 }
 IN_OUTBOX = sql_states(*_OUTBOX)
+# The states a callback answers: awaited, or (a service with supersede) answered already.
+TAKES_CALLBACK = sql_states(*AWAITING_CALLBACK)
+TAKES_LATER_DECISION = sql_states(*AWAITING_CALLBACK, *ANSWERED_STATES)
 INSTANCE_ENV = "GATEWAY_INSTANCE_ID"
 
 
@@ -126,6 +145,9 @@ class MessageRecord:
     updated_at: float
     timings: Mapping[str, float] = field(default_factory=dict)
     trace_id: str | None = None
+    # The member the message was delivered to (recorded with the upstream's 202 or answer):
+    # the one party whose callback is taken for it.
+    receiver: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -314,7 +336,7 @@ class Store(Protocol):
         response_body: bytes | None,
         error: str | None = None,
         timings: Mapping[str, float] | None = None,
-    ) -> None: ...
+    ) -> bool: ...
     async def record_rejection(self, rejection: Rejection) -> None: ...
     async def message_events(self, seq: int) -> Sequence[MessageEvent]: ...
     async def search_messages(
@@ -333,9 +355,12 @@ class Store(Protocol):
     async def claim_due_messages(
         self, now: float, limit: int, lease_s: float
     ) -> Sequence[MessageRecord]: ...
+    # Every state change below is conditional on the state it leaves (and, for the outbox,
+    # on this process holding the row's lease): True when it happened, False when the row
+    # had moved on meanwhile and nothing changed.
     async def reschedule_message(
         self, seq: int, *, attempts: int, next_attempt_at: float, error: str
-    ) -> None: ...
+    ) -> bool: ...
     async def set_message_state(
         self,
         seq: int,
@@ -345,26 +370,35 @@ class Store(Protocol):
         error: str | None = None,
         result: bytes | None = None,
         attempts: int | None = None,
-    ) -> None: ...
+        receiver: str | None = None,
+    ) -> bool: ...
+    async def answer_message(
+        self, seq: int, answer: NewCallback, *, attempts: int, adapter: str, receiver: str | None
+    ) -> bool: ...
     async def release_leases(self, owner: str | None = None) -> int: ...
     async def renew_leases(
         self, messages: Sequence[int], callbacks: Sequence[int], until: float
     ) -> int: ...
-    async def note_attempt(self, seq: int, *, attempts: int, adapter: str | None) -> None: ...
+    async def note_attempt(self, seq: int, *, attempts: int, adapter: str | None) -> bool: ...
     async def watch_outbox(self, wake: Callable[[], None]) -> None: ...
 
     # Callbacks
-    async def insert_callback(self, cb: NewCallback) -> CallbackRecord: ...
+    # A callback from the message's receiver, while the message awaits it (or, with
+    # ``supersede``, after its answer): None when the guard refused it.
+    async def insert_callback(
+        self, cb: NewCallback, *, supersede: bool = False
+    ) -> CallbackRecord | None: ...
     async def get_callback(self, client: str, message_id: str) -> CallbackRecord | None: ...
+    async def callbacks_of(self, original_seq: int) -> Sequence[CallbackRecord]: ...
     async def claim_due_callbacks(
         self, now: float, limit: int, lease_s: float
     ) -> Sequence[CallbackRecord]: ...
     async def finish_callback(
         self, seq: int, *, state: str, attempts: int, error: str | None
-    ) -> None: ...
+    ) -> bool: ...
     async def reschedule_callback(
         self, seq: int, *, attempts: int, next_attempt_at: float, error: str
-    ) -> None: ...
+    ) -> bool: ...
     async def dead_letters(self, limit: int = 100) -> Sequence[DeadLetter]: ...
     async def redeliver(self, kind: str, seq: int, now: float) -> bool: ...
 

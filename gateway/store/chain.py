@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import StoreError
+from gateway.states import IN_DELIVERY, CallbackState
 
 __all__ = [
     "GENESIS",
@@ -349,15 +350,20 @@ def purge_bodies(
         raise StoreError(f"purge failed: {exc}") from exc
 
 
+# What a purge never touches: messages still on their way (state literals from states.py).
+_IN_DELIVERY = "(" + ", ".join(f"'{state.value}'" for state in IN_DELIVERY) + ")"
+
+
 def _purge(db: sqlite3.Connection, cutoff: float, batch: int) -> tuple[int, int]:
     counts = []
     for sql in (
         "UPDATE messages SET request_body=NULL, response_body=NULL, result=NULL WHERE seq IN ("
         "SELECT seq FROM messages WHERE created_at < ? AND next_attempt_at IS NULL "
-        "AND state NOT IN ('accepted', 'delivering') AND (request_body IS NOT NULL OR "
+        f"AND state NOT IN {_IN_DELIVERY} AND (request_body IS NOT NULL OR "
         "response_body IS NOT NULL OR result IS NOT NULL) LIMIT ?)",
         "UPDATE callbacks SET body=X'' WHERE seq IN (SELECT seq FROM callbacks WHERE "
-        "created_at < ? AND state != 'pending' AND length(body) > 0 LIMIT ?)",
+        f"created_at < ? AND state != '{CallbackState.PENDING.value}' AND length(body) > 0 "
+        "LIMIT ?)",
     ):
         total = 0
         while True:

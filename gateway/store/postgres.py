@@ -31,9 +31,12 @@ import asyncpg
 
 from gateway.errors import StoreError
 from gateway.secretstore import DataKey, SecretBox
+from gateway.states import CallbackState, MessageState
 from gateway.store import (
     FORWARD,
     IN_OUTBOX,
+    TAKES_CALLBACK,
+    TAKES_LATER_DECISION,
     CallbackRecord,
     ChangeRecord,
     ConfigConflict,
@@ -50,6 +53,7 @@ from gateway.store import (
     Signer,
     TokenNameTaken,
     TokenRecord,
+    sql_state,
 )
 from gateway.store.batch import BatchObserver
 from gateway.store.chain import GENESIS, ChainRow, CheckpointRow, Head, body_digest
@@ -68,14 +72,27 @@ _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 _IN_OUTBOX = IN_OUTBOX
 _FROM = FORWARD  # state → the states it may follow (gateway.states)
-# A delivery-side update lands only while this instance holds the row's lease (or nobody
-# does: a message never claimed, a lease voided).
-_FENCE = "(lease_owner IS NULL OR lease_owner = {})"
+# A delivery-side update lands only while this instance holds the row's lease. Never
+# ``lease_owner IS NULL``: that is a lease voided (release_leases) or never taken, and an
+# instance whose lease was voided must change nothing.
+_FENCE = "lease_owner = {}"
+_ACCEPTED = sql_state(MessageState.ACCEPTED)
+_DELIVERING = sql_state(MessageState.DELIVERING)
+_ANSWERED = sql_state(MessageState.ANSWERED)
+_CALLBACK_DELIVERED = sql_state(MessageState.CALLBACK_DELIVERED)
+_DEAD = sql_state(MessageState.DEAD)
+_PENDING = sql_state(CallbackState.PENDING)
+_CB_DEAD = sql_state(CallbackState.DEAD)
+# A message's decisions go out one after another, in the order they came (supersede).
+_FIRST_PENDING = (
+    "NOT EXISTS (SELECT 1 FROM callbacks e WHERE e.original_seq = c.original_seq "
+    f"AND e.seq < c.seq AND e.state = {_PENDING})"
+)
 
 _MESSAGE_COLUMNS = (
     "seq, message_id, client, service, mode, state, target, adapter, request_headers, "
     "request_body, request_digest, status, code, response_headers, response_body, result, "
-    "error, attempts, next_attempt_at, created_at, updated_at, timings, trace_id"
+    "error, attempts, next_attempt_at, created_at, updated_at, timings, trace_id, receiver"
 )
 _CALLBACK_JOIN = "callbacks c JOIN messages m ON m.seq = c.original_seq"
 _CALLBACK_COLUMNS = (
@@ -122,6 +139,27 @@ def _count(status: str) -> int:
     """Rows changed, from a command tag such as ``UPDATE 3`` or ``INSERT 0 1``."""
     tail = status.rsplit(" ", 1)[-1]
     return int(tail) if tail.isdigit() else 0
+
+
+def _chain_callback(
+    tx: Tx, seq: int, cb: NewCallback, original_seq: int, headers: str, now: float
+) -> None:
+    """One record for both rows: the callback, and its message now answered by it."""
+    tx.chain(
+        "callback.accepted",
+        seq,
+        now,
+        message_id=cb.message_id,
+        client=cb.client,
+        correlation_id=cb.correlation_id,
+        original_seq=original_seq,
+        service=cb.service,
+        digest=cb.digest,
+        body_digest=body_digest(cb.body),
+        headers_digest=body_digest(headers.encode()),
+        state=CallbackState.PENDING.value,
+        message_state=MessageState.ANSWERED.value,
+    )
 
 
 def _encoded(value: Any) -> str | None:
@@ -427,18 +465,20 @@ class PostgresStore:
         response_body: bytes | None,
         error: str | None = None,
         timings: Mapping[str, float] | None = None,
-    ) -> None:
+    ) -> bool:
+        """Close a synchronous exchange (it was recorded ``delivering``); False when it was
+        closed already."""
         now = time.time()
         headers = json.dumps(dict(response_headers))
         spent = json.dumps(dict(timings or {}))
 
-        async def unit(tx: Tx) -> None:
+        async def unit(tx: Tx) -> bool:
             count = _count(
                 await tx.conn.execute(
                     "UPDATE messages SET state=$1, status=$2, code=$3, adapter=COALESCE($4, "
                     "adapter), response_headers=$5, response_body=$6, error=$7, timings=$8, "
                     "updated_at=$9, next_attempt_at=NULL, lease_until=NULL, lease_owner=NULL "
-                    "WHERE seq=$10",
+                    f"WHERE seq=$10 AND state={_DELIVERING}",
                     state,
                     status,
                     code,
@@ -461,8 +501,9 @@ class PostgresStore:
                     code=code,
                     response_digest=body_digest(response_body),
                 )
+            return count == 1
 
-        await self.write(unit)
+        return await self.write(unit)
 
     async def record_rejection(self, rejection: Rejection) -> None:
         now = time.time()
@@ -588,9 +629,10 @@ class PostgresStore:
         async def unit(tx: Tx) -> list[asyncpg.Record]:
             return list(
                 await tx.conn.fetch(
-                    "UPDATE messages SET state='delivering', lease_until=$1, lease_owner=$2, "
+                    f"UPDATE messages SET state={_DELIVERING}, lease_until=$1, lease_owner=$2, "
                     "updated_at=$3 WHERE seq IN (SELECT seq FROM messages WHERE "
-                    "next_attempt_at IS NOT NULL AND next_attempt_at <= $3 AND (lease_until IS "
+                    "next_attempt_at IS NOT NULL AND next_attempt_at <= $3 AND state IN "
+                    f"{_IN_OUTBOX} AND (lease_until IS "
                     "NULL OR lease_until <= $3) ORDER BY next_attempt_at LIMIT $4 "
                     f"FOR UPDATE SKIP LOCKED) RETURNING {_MESSAGE_COLUMNS}",
                     now + lease_s,
@@ -605,18 +647,21 @@ class PostgresStore:
 
     async def reschedule_message(
         self, seq: int, *, attempts: int, next_attempt_at: float, error: str
-    ) -> None:
-        await self._write(
-            "UPDATE messages SET attempts=$1, next_attempt_at=$2, lease_until=NULL, "
-            f"lease_owner=NULL, error=$3, updated_at=$4 WHERE seq=$5 AND state IN {_IN_OUTBOX} "
-            f"AND {_FENCE.format('$6')}",
-            attempts,
-            next_attempt_at,
-            error,
-            time.time(),
-            seq,
-            self.instance_id,
-            wake=True,
+    ) -> bool:
+        return (
+            await self._write(
+                "UPDATE messages SET attempts=$1, next_attempt_at=$2, lease_until=NULL, "
+                f"lease_owner=NULL, error=$3, updated_at=$4 WHERE seq=$5 AND state IN {_IN_OUTBOX} "
+                f"AND {_FENCE.format('$6')}",
+                attempts,
+                next_attempt_at,
+                error,
+                time.time(),
+                seq,
+                self.instance_id,
+                wake=True,
+            )
+            == 1
         )
 
     async def set_message_state(
@@ -628,20 +673,23 @@ class PostgresStore:
         error: str | None = None,
         result: bytes | None = None,
         attempts: int | None = None,
-    ) -> None:
+        receiver: str | None = None,
+    ) -> bool:
         """Move a message forward; it leaves the outbox. A transition that would move it
         back (a late acknowledgement after its answer) changes nothing, and neither does
-        one from an instance whose lease was taken over."""
+        one from an instance whose lease was taken over or voided. ``receiver``: the
+        member the message was delivered to (whose callback it then awaits)."""
         if state not in _FROM:
             raise StoreError(f"no message moves to state {state!r} this way")
         allowed = _FROM[state]
         now = time.time()
 
-        async def unit(tx: Tx) -> None:
+        async def unit(tx: Tx) -> bool:
             count = _count(
                 await tx.conn.execute(
                     "UPDATE messages SET state=$1, adapter=COALESCE($2, adapter), error=$3, "
                     "result=COALESCE($4, result), attempts=COALESCE($5, attempts), "
+                    "receiver=COALESCE($9, receiver), "
                     "next_attempt_at=NULL, lease_until=NULL, lease_owner=NULL, updated_at=$6 "
                     f"WHERE seq=$7 AND state IN {allowed} AND {_FENCE.format('$8')}",
                     state,
@@ -652,23 +700,87 @@ class PostgresStore:
                     now,
                     seq,
                     self.instance_id,
+                    receiver,
                 )
             )
             if count == 1:
-                facts = {} if result is None else {"result_digest": body_digest(result)}
+                facts: dict[str, str | None] = {} if receiver is None else {"receiver": receiver}
+                if result is not None:
+                    facts["result_digest"] = body_digest(result)
                 tx.chain("message.state", seq, now, state=state, **facts)
+            return count == 1
 
-        await self.write(unit)
+        return await self.write(unit)
 
-    async def note_attempt(self, seq: int, *, attempts: int, adapter: str | None) -> None:
-        await self._write(
-            "UPDATE messages SET attempts=$1, adapter=COALESCE($2, adapter), updated_at=$3 "
-            f"WHERE seq=$4 AND {_FENCE.format('$5')}",
-            attempts,
-            adapter,
-            time.time(),
-            seq,
-            self.instance_id,
+    async def answer_message(
+        self, seq: int, answer: NewCallback, *, attempts: int, adapter: str, receiver: str | None
+    ) -> bool:
+        """The upstream answered at once: the message is answered and its answer goes to
+        the member as a callback, in one transaction, if this instance still holds the
+        message's lease and it is still in the outbox."""
+        now = time.time()
+        headers = json.dumps(dict(answer.headers))
+
+        async def unit(tx: Tx) -> bool:
+            moved = _count(
+                await tx.conn.execute(
+                    f"UPDATE messages SET state={_ANSWERED}, result=$1, receiver=$2, "
+                    "attempts=$3, adapter=$4, error=NULL, next_attempt_at=NULL, "
+                    "lease_until=NULL, lease_owner=NULL, updated_at=$5 "
+                    f"WHERE seq=$6 AND state IN {_IN_OUTBOX} AND {_FENCE.format('$7')}",
+                    answer.body,
+                    receiver,
+                    attempts,
+                    adapter,
+                    now,
+                    seq,
+                    self.instance_id,
+                )
+            )
+            if moved != 1:
+                return False
+            tx.wake = True
+            cb_seq = await tx.conn.fetchval(
+                "INSERT INTO callbacks (message_id, client, correlation_id, original_seq, "
+                "service, headers, body, digest, state, next_attempt_at, created_at, "
+                f"updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,{_PENDING},$9,$9,$9) "
+                "ON CONFLICT (client, message_id) DO NOTHING RETURNING seq",
+                answer.message_id,
+                answer.client,
+                answer.correlation_id,
+                seq,
+                answer.service,
+                headers,
+                answer.body,
+                answer.digest,
+                now,
+            )
+            if cb_seq is not None:
+                _chain_callback(tx, int(cb_seq), answer, seq, headers, now)
+            else:  # an earlier run stored this answer already
+                tx.chain(
+                    "message.state",
+                    seq,
+                    now,
+                    state=MessageState.ANSWERED.value,
+                    result_digest=body_digest(answer.body),
+                )
+            return True
+
+        return await self.write(unit)
+
+    async def note_attempt(self, seq: int, *, attempts: int, adapter: str | None) -> bool:
+        return (
+            await self._write(
+                "UPDATE messages SET attempts=$1, adapter=COALESCE($2, adapter), updated_at=$3 "
+                f"WHERE seq=$4 AND state IN {_IN_OUTBOX} AND {_FENCE.format('$5')}",
+                attempts,
+                adapter,
+                time.time(),
+                seq,
+                self.instance_id,
+            )
+            == 1
         )
 
     async def release_leases(self, owner: str | None = None) -> int:
@@ -716,64 +828,80 @@ class PostgresStore:
 
     # Callbacks -----------------------------------------------------------------------
 
-    async def insert_callback(self, cb: NewCallback) -> CallbackRecord:
-        """Store a callback and mark its message answered, in one transaction."""
+    async def insert_callback(
+        self, cb: NewCallback, *, supersede: bool = False
+    ) -> CallbackRecord | None:
+        """Store a callback and mark its message answered, in one transaction, only if the
+        caller is the member the message was delivered to and the message awaits it
+        (``delivered``; with ``supersede`` also once answered: a later decision, kept
+        beside the earlier ones). None when that guard refused it, and nothing changed;
+        ``DuplicateMessage`` when the caller sent this callback id already. The guarded
+        UPDATE comes first: of two concurrent callbacks, the second waits for the first's
+        row lock, then finds the state moved on."""
         now = time.time()
         headers = json.dumps(dict(cb.headers))
+        allowed = TAKES_LATER_DECISION if supersede else TAKES_CALLBACK
 
         async def unit(tx: Tx) -> int | None:
-            try:
-                seq = await tx.conn.fetchval(
-                    "INSERT INTO callbacks (message_id, client, correlation_id, original_seq, "
-                    "service, headers, body, digest, state, next_attempt_at, created_at, "
-                    "updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,'pending',$9,$9,$9) "
-                    "ON CONFLICT (client, message_id) DO NOTHING RETURNING seq",
-                    cb.message_id,
-                    cb.client,
-                    cb.correlation_id,
-                    cb.original_seq,
-                    cb.service,
-                    headers,
+            seen = await tx.conn.fetchval(
+                "SELECT 1 FROM callbacks WHERE client = $1 AND message_id = $2",
+                cb.client,
+                cb.message_id,
+            )
+            if seen is not None:
+                return -1
+            moved = _count(
+                await tx.conn.execute(
+                    f"UPDATE messages SET state={_ANSWERED}, result=$1, next_attempt_at=NULL, "
+                    "lease_until=NULL, lease_owner=NULL, updated_at=$2 WHERE seq=$3 AND "
+                    f"state IN {allowed} AND receiver = $4",
                     cb.body,
-                    cb.digest,
                     now,
+                    cb.original_seq,
+                    cb.client,
                 )
-            except asyncpg.ForeignKeyViolationError as exc:
-                raise StoreError(f"store write failed: {exc}") from exc
-            if seq is None:
+            )
+            if moved != 1:
                 return None
-            tx.wake = True
-            await tx.conn.execute(
-                "UPDATE messages SET state='answered', result=$1, next_attempt_at=NULL, "
-                "lease_until=NULL, lease_owner=NULL, updated_at=$2 WHERE seq=$3",
-                cb.body,
-                now,
+            seq = await tx.conn.fetchval(
+                "INSERT INTO callbacks (message_id, client, correlation_id, original_seq, "
+                "service, headers, body, digest, state, next_attempt_at, created_at, "
+                f"updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,{_PENDING},$9,$9,$9) "
+                "ON CONFLICT (client, message_id) DO NOTHING RETURNING seq",
+                cb.message_id,
+                cb.client,
+                cb.correlation_id,
                 cb.original_seq,
-            )
-            tx.chain(
-                "callback.accepted",
-                int(seq),
+                cb.service,
+                headers,
+                cb.body,
+                cb.digest,
                 now,
-                message_id=cb.message_id,
-                client=cb.client,
-                correlation_id=cb.correlation_id,
-                original_seq=cb.original_seq,
-                service=cb.service,
-                digest=cb.digest,
-                body_digest=body_digest(cb.body),
-                headers_digest=body_digest(headers.encode()),
-                state="pending",
-                message_state="answered",
             )
+            if seq is None:  # a concurrent twin committed between: undo the UPDATE too
+                raise DuplicateMessage(cb.message_id)
+            tx.wake = True
+            _chain_callback(tx, int(seq), cb, cb.original_seq, headers, now)
             return int(seq)
 
         seq = await self.write(unit)
-        if seq is None:
+        if seq == -1:
             raise DuplicateMessage(cb.message_id)
+        if seq is None:
+            return None
         rows = await self._rows(
             f"SELECT {_CALLBACK_COLUMNS} FROM {_CALLBACK_JOIN} WHERE c.seq = $1", seq
         )
         return callback_record(rows[0])
+
+    async def callbacks_of(self, original_seq: int) -> Sequence[CallbackRecord]:
+        """Every decision recorded for a message, oldest first (its history)."""
+        rows = await self._rows(
+            f"SELECT {_CALLBACK_COLUMNS} FROM {_CALLBACK_JOIN} WHERE c.original_seq = $1 "
+            "ORDER BY c.seq",
+            original_seq,
+        )
+        return [callback_record(r) for r in rows]
 
     async def get_callback(self, client: str, message_id: str) -> CallbackRecord | None:
         rows = await self._rows(
@@ -791,9 +919,10 @@ class PostgresStore:
             return list(
                 await tx.conn.fetch(
                     "WITH claimed AS (UPDATE callbacks SET lease_until=$1, lease_owner=$2, "
-                    "updated_at=$3 WHERE seq IN (SELECT seq FROM callbacks WHERE "
-                    "next_attempt_at IS NOT NULL AND next_attempt_at <= $3 AND (lease_until IS "
-                    "NULL OR lease_until <= $3) ORDER BY next_attempt_at LIMIT $4 FOR UPDATE "
+                    "updated_at=$3 WHERE seq IN (SELECT c.seq FROM callbacks c WHERE "
+                    "c.next_attempt_at IS NOT NULL AND c.next_attempt_at <= $3 AND "
+                    f"c.state = {_PENDING} AND (c.lease_until IS NULL OR c.lease_until <= $3) "
+                    f"AND {_FIRST_PENDING} ORDER BY c.next_attempt_at LIMIT $4 FOR UPDATE "
                     "SKIP LOCKED) RETURNING *) SELECT "
                     + _CALLBACK_COLUMNS
                     + " FROM claimed c JOIN messages m ON m.seq = c.original_seq ORDER BY c.seq",
@@ -808,16 +937,17 @@ class PostgresStore:
 
     async def finish_callback(
         self, seq: int, *, state: str, attempts: int, error: str | None
-    ) -> None:
-        """Close a callback; once delivered, its message reaches ``callback_delivered``."""
+    ) -> bool:
+        """Close a pending callback; once delivered, its message reaches
+        ``callback_delivered`` (when no later decision of it is still pending)."""
         now = time.time()
 
-        async def unit(tx: Tx) -> None:
+        async def unit(tx: Tx) -> bool:
             count = _count(
                 await tx.conn.execute(
                     "UPDATE callbacks SET state=$1, attempts=$2, error=$3, next_attempt_at=NULL, "
                     f"lease_until=NULL, lease_owner=NULL, updated_at=$4 WHERE seq=$5 AND "
-                    f"{_FENCE.format('$6')}",
+                    f"state = {_PENDING} AND {_FENCE.format('$6')}",
                     state,
                     attempts,
                     error,
@@ -827,12 +957,13 @@ class PostgresStore:
                 )
             )
             moved = 0
-            if count == 1 and state == "delivered":
+            if count == 1 and state == CallbackState.DELIVERED:
                 moved = _count(
                     await tx.conn.execute(
-                        "UPDATE messages SET state='callback_delivered', updated_at=$1 WHERE "
+                        f"UPDATE messages SET state={_CALLBACK_DELIVERED}, updated_at=$1 WHERE "
                         "seq = (SELECT original_seq FROM callbacks WHERE seq=$2) AND "
-                        "state = 'answered'",
+                        f"state = {_ANSWERED} AND NOT EXISTS (SELECT 1 FROM callbacks p WHERE "
+                        f"p.original_seq = messages.seq AND p.state = {_PENDING})",
                         now,
                         seq,
                     )
@@ -843,54 +974,63 @@ class PostgresStore:
                     seq,
                     now,
                     state=state,
-                    message_state="callback_delivered" if moved == 1 else None,
+                    message_state=MessageState.CALLBACK_DELIVERED.value if moved == 1 else None,
                 )
+            return count == 1
 
-        await self.write(unit)
+        return await self.write(unit)
 
     async def reschedule_callback(
         self, seq: int, *, attempts: int, next_attempt_at: float, error: str
-    ) -> None:
-        await self._write(
-            "UPDATE callbacks SET attempts=$1, next_attempt_at=$2, lease_until=NULL, "
-            f"lease_owner=NULL, error=$3, updated_at=$4 WHERE seq=$5 AND {_FENCE.format('$6')}",
-            attempts,
-            next_attempt_at,
-            error,
-            time.time(),
-            seq,
-            self.instance_id,
-            wake=True,
+    ) -> bool:
+        return (
+            await self._write(
+                "UPDATE callbacks SET attempts=$1, next_attempt_at=$2, lease_until=NULL, "
+                f"lease_owner=NULL, error=$3, updated_at=$4 WHERE seq=$5 AND state = {_PENDING} "
+                f"AND {_FENCE.format('$6')}",
+                attempts,
+                next_attempt_at,
+                error,
+                time.time(),
+                seq,
+                self.instance_id,
+                wake=True,
+            )
+            == 1
         )
 
     async def dead_letters(self, limit: int = 100) -> Sequence[DeadLetter]:
         rows = await self._rows(
             "SELECT 'message' AS kind, seq, message_id, client, service, attempts, error, "
-            "updated_at FROM messages WHERE state='dead' UNION ALL "
+            f"updated_at FROM messages WHERE state={_DEAD} UNION ALL "
             "SELECT 'callback' AS kind, c.seq, c.message_id, m.client, c.service, c.attempts, "
             "c.error, c.updated_at FROM callbacks c JOIN messages m ON m.seq = c.original_seq "
-            "WHERE c.state='dead' ORDER BY updated_at DESC LIMIT $1",
+            f"WHERE c.state={_CB_DEAD} ORDER BY updated_at DESC LIMIT $1",
             limit,
         )
         return [DeadLetter(**dict(r.items())) for r in rows]
 
     async def redeliver(self, kind: str, seq: int, now: float) -> bool:
         """Put one dead letter back in the outbox with a fresh attempt budget."""
-        table, state = ("messages", "accepted") if kind == "message" else ("callbacks", "pending")
+        table, state, dead = (
+            ("messages", _ACCEPTED, _DEAD)
+            if kind == "message"
+            else ("callbacks", _PENDING, _CB_DEAD)
+        )
 
         async def unit(tx: Tx) -> bool:
             count = _count(
                 await tx.conn.execute(
-                    f"UPDATE {table} SET state='{state}', attempts=0, next_attempt_at=$1, "
+                    f"UPDATE {table} SET state={state}, attempts=0, next_attempt_at=$1, "
                     "lease_until=NULL, lease_owner=NULL, created_at=$1, updated_at=$1 "
-                    "WHERE seq=$2 AND state='dead'",
+                    f"WHERE seq=$2 AND state={dead}",
                     now,
                     seq,
                 )
             )
             if count == 1:
                 tx.wake = True
-                tx.chain(f"{kind}.redelivered", seq, now, state=state)
+                tx.chain(f"{kind}.redelivered", seq, now, state=state.strip("'"))
             return count == 1
 
         return await self.write(unit)
@@ -1220,10 +1360,10 @@ class PostgresStore:
         for sql in (
             "UPDATE messages SET request_body=NULL, response_body=NULL, result=NULL WHERE seq IN ("
             "SELECT seq FROM messages WHERE created_at < $1 AND next_attempt_at IS NULL "
-            "AND state NOT IN ('accepted', 'delivering') AND (request_body IS NOT NULL OR "
+            f"AND state NOT IN {_IN_OUTBOX} AND (request_body IS NOT NULL OR "
             "response_body IS NOT NULL OR result IS NOT NULL) LIMIT $2)",
             "UPDATE callbacks SET body='' WHERE seq IN (SELECT seq FROM callbacks WHERE "
-            "created_at < $1 AND state != 'pending' AND length(body) > 0 LIMIT $2)",
+            f"created_at < $1 AND state != {_PENDING} AND length(body) > 0 LIMIT $2)",
         ):
             total = 0
             while True:

@@ -42,6 +42,7 @@ def message_record(row: Row) -> MessageRecord:
         updated_at=row["updated_at"],
         timings=json.loads(row["timings"]),
         trace_id=row["trace_id"],
+        receiver=row["receiver"],
     )
 
 

@@ -16,9 +16,12 @@ import aiosqlite
 
 from gateway.errors import StoreError
 from gateway.secretstore import DataKey, SecretBox
+from gateway.states import CallbackState, MessageState
 from gateway.store import (
     FORWARD,
     IN_OUTBOX,
+    TAKES_CALLBACK,
+    TAKES_LATER_DECISION,
     CallbackRecord,
     ChangeRecord,
     ConfigConflict,
@@ -36,6 +39,7 @@ from gateway.store import (
     TokenNameTaken,
     TokenRecord,
     instance_id,
+    sql_state,
 )
 from gateway.store import chain as log_chain
 from gateway.store.batch import BatchObserver, GroupCommit, Unit
@@ -194,9 +198,13 @@ MIGRATIONS: tuple[str, ...] = (
         accepted_at REAL    NOT NULL
     );
     """,
-    # 9: reserved for the callbacks branch's migration (PostgreSQL 0004); at the merge,
-    # theirs replaces this placeholder.
-    "SELECT 1;",
+    """
+    -- Trust rules (PROTOCOL.md): the member a message was delivered to, the one party
+    -- whose callback is taken for it; callbacks found by their message (a message's
+    -- decisions go out in order, and a later one is compared with the kept one).
+    ALTER TABLE messages ADD COLUMN receiver TEXT;
+    CREATE INDEX callbacks_original ON callbacks (original_seq, seq);
+    """,
     """
     -- Data keys (gateway/secretstore.py): random AEAD keys, each wrapped by the
     -- key-encryption key from config; the highest generation seals what is written now.
@@ -218,7 +226,7 @@ _FROM = FORWARD  # state → the states it may follow (gateway.states)
 _MESSAGE_COLUMNS = (
     "seq, message_id, client, service, mode, state, target, adapter, request_headers, "
     "request_body, request_digest, status, code, response_headers, response_body, result, "
-    "error, attempts, next_attempt_at, created_at, updated_at, timings, trace_id"
+    "error, attempts, next_attempt_at, created_at, updated_at, timings, trace_id, receiver"
 )
 _CALLBACK_JOIN = "callbacks c JOIN messages m ON m.seq = c.original_seq"
 _CALLBACK_COLUMNS = (
@@ -262,9 +270,21 @@ def _rejection(row: sqlite3.Row) -> RejectionRecord:
     )
 
 
-# A delivery-side update lands only while this process holds the row's lease (or nobody
-# does: a message never claimed, a lease voided).
-_FENCE = "(lease_owner IS NULL OR lease_owner = ?)"
+# A delivery-side update lands only while this process holds the row's lease: a row never
+# claimed, or claimed by another process since, is not this process's to move.
+_FENCE = "lease_owner = ?"
+_ACCEPTED = sql_state(MessageState.ACCEPTED)
+_DELIVERING = sql_state(MessageState.DELIVERING)
+_ANSWERED = sql_state(MessageState.ANSWERED)
+_CALLBACK_DELIVERED = sql_state(MessageState.CALLBACK_DELIVERED)
+_DEAD = sql_state(MessageState.DEAD)
+_PENDING = sql_state(CallbackState.PENDING)
+_CB_DEAD = sql_state(CallbackState.DEAD)
+# A message's decisions go out one after another, in the order they came (supersede).
+_FIRST_PENDING = (
+    "NOT EXISTS (SELECT 1 FROM callbacks e WHERE e.original_seq = c.original_seq "
+    f"AND e.seq < c.seq AND e.state = {_PENDING})"
+)
 
 
 def _count(cursor: sqlite3.Cursor) -> int:
@@ -815,15 +835,17 @@ class SQLiteStore:
         response_body: bytes | None,
         error: str | None = None,
         timings: Mapping[str, float] | None = None,
-    ) -> None:
+    ) -> bool:
+        """Close a synchronous exchange (it was recorded ``delivering``); False when it was
+        closed already."""
         now = time.time()
 
-        def unit(db: sqlite3.Connection) -> None:
+        def unit(db: sqlite3.Connection) -> bool:
             count = _count(
                 db.execute(
                     "UPDATE messages SET state=?, status=?, code=?, adapter=COALESCE(?, adapter), "
                     "response_headers=?, response_body=?, error=?, timings=?, updated_at=?, "
-                    "next_attempt_at=NULL, lease_until=NULL WHERE seq=?",
+                    f"next_attempt_at=NULL, lease_until=NULL WHERE seq=? AND state={_DELIVERING}",
                     (
                         state,
                         status,
@@ -849,8 +871,9 @@ class SQLiteStore:
                     code=code,
                     response_digest=body_digest(response_body),
                 )
+            return count == 1
 
-        await self.write(unit)
+        return await self.write(unit)
 
     async def record_rejection(self, rejection: Rejection) -> None:
         now = time.time()
@@ -965,9 +988,10 @@ class SQLiteStore:
         self, now: float, limit: int, lease_s: float
     ) -> Sequence[MessageRecord]:
         rows = await self._fetch_written(
-            "UPDATE messages SET state='delivering', lease_until=?, lease_owner=?, updated_at=? "
+            f"UPDATE messages SET state={_DELIVERING}, lease_until=?, lease_owner=?, updated_at=? "
             "WHERE seq IN ("
             "SELECT seq FROM messages WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= ? "
+            f"AND state IN {_IN_OUTBOX} "
             "AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_attempt_at LIMIT ?) "
             f"RETURNING {_MESSAGE_COLUMNS}",
             (now + lease_s, self.instance_id, now, now, now, limit),
@@ -976,11 +1000,14 @@ class SQLiteStore:
 
     async def reschedule_message(
         self, seq: int, *, attempts: int, next_attempt_at: float, error: str
-    ) -> None:
-        await self._write(
-            "UPDATE messages SET attempts=?, next_attempt_at=?, lease_until=NULL, error=?, "
-            f"updated_at=? WHERE seq=? AND state IN {_IN_OUTBOX} AND {_FENCE}",
-            (attempts, next_attempt_at, error, time.time(), seq, self.instance_id),
+    ) -> bool:
+        return (
+            await self._write(
+                "UPDATE messages SET attempts=?, next_attempt_at=?, lease_until=NULL, error=?, "
+                f"updated_at=? WHERE seq=? AND state IN {_IN_OUTBOX} AND {_FENCE}",
+                (attempts, next_attempt_at, error, time.time(), seq, self.instance_id),
+            )
+            == 1
         )
 
     async def set_message_state(
@@ -992,33 +1019,125 @@ class SQLiteStore:
         error: str | None = None,
         result: bytes | None = None,
         attempts: int | None = None,
-    ) -> None:
+        receiver: str | None = None,
+    ) -> bool:
         """Move a message forward; it leaves the outbox. A transition that would move it
-        back (a late acknowledgement after its answer) changes nothing."""
+        back (a late acknowledgement after its answer) changes nothing, and neither does
+        one from a process that does not hold the message's lease. ``receiver``: the
+        member the message was delivered to (whose callback it then awaits)."""
         allowed = self._from(state)
         now = time.time()
 
-        def unit(db: sqlite3.Connection) -> None:
+        def unit(db: sqlite3.Connection) -> bool:
             count = _run(
                 db,
                 "UPDATE messages SET state=?, adapter=COALESCE(?, adapter), error=?, "
                 "result=COALESCE(?, result), attempts=COALESCE(?, attempts), "
+                "receiver=COALESCE(?, receiver), "
                 f"next_attempt_at=NULL, lease_until=NULL, updated_at=? WHERE seq=? AND state IN "
                 f"{allowed} AND {_FENCE}",
-                (state, adapter, error, result, attempts, now, seq, self.instance_id),
+                (state, adapter, error, result, attempts, receiver, now, seq, self.instance_id),
             )
             if count == 1:
-                facts = {} if result is None else {"result_digest": body_digest(result)}
+                facts: dict[str, str | None] = {} if receiver is None else {"receiver": receiver}
+                if result is not None:
+                    facts["result_digest"] = body_digest(result)
                 self.chain.append(db, "message.state", seq, now, state=state, **facts)
+            return count == 1
 
-        await self.write(unit)
+        return await self.write(unit)
 
-    async def note_attempt(self, seq: int, *, attempts: int, adapter: str | None) -> None:
+    async def answer_message(
+        self, seq: int, answer: NewCallback, *, attempts: int, adapter: str, receiver: str | None
+    ) -> bool:
+        """The upstream answered at once: the message is answered and its answer goes to
+        the member as a callback, in one transaction, if this process still holds the
+        message's lease and it is still in the outbox."""
+        now = time.time()
+        headers = json.dumps(dict(answer.headers))
+
+        def unit(db: sqlite3.Connection) -> bool:
+            moved = _run(
+                db,
+                f"UPDATE messages SET state={_ANSWERED}, result=?, receiver=?, attempts=?, "
+                "adapter=?, error=NULL, next_attempt_at=NULL, lease_until=NULL, updated_at=? "
+                f"WHERE seq=? AND state IN {_IN_OUTBOX} AND {_FENCE}",
+                (answer.body, receiver, attempts, adapter, now, seq, self.instance_id),
+            )
+            if moved != 1:
+                return False
+            cur = db.execute(
+                "INSERT OR IGNORE INTO callbacks (message_id, client, correlation_id, "
+                "original_seq, service, headers, body, digest, state, next_attempt_at, "
+                f"created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,{_PENDING},?,?,?)",
+                (
+                    answer.message_id,
+                    answer.client,
+                    answer.correlation_id,
+                    seq,
+                    answer.service,
+                    headers,
+                    answer.body,
+                    answer.digest,
+                    now,
+                    now,
+                    now,
+                ),
+            )
+            inserted, cb_seq = cur.rowcount == 1, int(cur.lastrowid or 0)
+            cur.close()
+            if inserted:
+                self._chain_callback(db, cb_seq, answer, seq, headers, now)
+            else:  # an earlier run stored this answer already
+                digest = body_digest(answer.body)
+                self.chain.append(
+                    db,
+                    "message.state",
+                    seq,
+                    now,
+                    state=MessageState.ANSWERED.value,
+                    result_digest=digest,
+                )
+            return True
+
+        return await self.write(unit)
+
+    def _chain_callback(
+        self,
+        db: sqlite3.Connection,
+        seq: int,
+        cb: NewCallback,
+        original_seq: int,
+        headers: str,
+        now: float,
+    ) -> None:
+        """One record for both rows: the callback, and its message now answered by it."""
+        self.chain.append(
+            db,
+            "callback.accepted",
+            seq,
+            now,
+            message_id=cb.message_id,
+            client=cb.client,
+            correlation_id=cb.correlation_id,
+            original_seq=original_seq,
+            service=cb.service,
+            digest=cb.digest,
+            body_digest=body_digest(cb.body),
+            headers_digest=body_digest(headers.encode()),
+            state=CallbackState.PENDING.value,
+            message_state=MessageState.ANSWERED.value,
+        )
+
+    async def note_attempt(self, seq: int, *, attempts: int, adapter: str | None) -> bool:
         """Count a delivery attempt without moving the message's state."""
-        await self._write(
-            "UPDATE messages SET attempts=?, adapter=COALESCE(?, adapter), updated_at=? "
-            f"WHERE seq=? AND {_FENCE}",
-            (attempts, adapter, time.time(), seq, self.instance_id),
+        return (
+            await self._write(
+                "UPDATE messages SET attempts=?, adapter=COALESCE(?, adapter), updated_at=? "
+                f"WHERE seq=? AND state IN {_IN_OUTBOX} AND {_FENCE}",
+                (attempts, adapter, time.time(), seq, self.instance_id),
+            )
+            == 1
         )
 
     @staticmethod
@@ -1030,14 +1149,16 @@ class SQLiteStore:
     async def release_leases(self, owner: str | None = None) -> int:
         """Void leases: every one after a restart (nothing is in flight: one file has one
         supervisor), or those of one worker that died while others go on (``owner``, its
-        instance id)."""
+        instance id). A voided lease has no owner, so a late update from its old holder
+        changes nothing (the fence)."""
         where, params = ("lease_owner=? AND ", (owner,)) if owner is not None else ("", ())
 
         def unit(db: sqlite3.Connection) -> int:
             return sum(
                 _run(
                     db,
-                    f"UPDATE {table} SET lease_until=NULL WHERE {where}lease_until IS NOT NULL",
+                    f"UPDATE {table} SET lease_until=NULL, lease_owner=NULL "
+                    f"WHERE {where}lease_until IS NOT NULL",
                     params,
                 )
                 for table in ("messages", "callbacks")
@@ -1067,16 +1188,39 @@ class SQLiteStore:
 
     # Callbacks -----------------------------------------------------------------------
 
-    async def insert_callback(self, cb: NewCallback) -> CallbackRecord:
-        """Store a callback and mark its message answered, in one transaction."""
+    async def insert_callback(
+        self, cb: NewCallback, *, supersede: bool = False
+    ) -> CallbackRecord | None:
+        """Store a callback and mark its message answered, in one transaction, only if the
+        caller is the member the message was delivered to and the message awaits it
+        (``delivered``; with ``supersede`` also once answered: a later decision, kept
+        beside the earlier ones). None when that guard refused it, and nothing changed;
+        ``DuplicateMessage`` when the caller sent this callback id already."""
         now = time.time()
         headers = json.dumps(dict(cb.headers))
+        allowed = TAKES_LATER_DECISION if supersede else TAKES_CALLBACK
 
-        def unit(db: sqlite3.Connection) -> int:
+        def unit(db: sqlite3.Connection) -> int | None:
+            seen = _fetch(
+                db,
+                "SELECT 1 FROM callbacks WHERE client = ? AND message_id = ?",
+                (cb.client, cb.message_id),
+            )
+            if seen:
+                return -1
+            moved = _run(
+                db,
+                f"UPDATE messages SET state={_ANSWERED}, result=?, next_attempt_at=NULL, "
+                f"lease_until=NULL, updated_at=? WHERE seq=? AND state IN {allowed} "
+                "AND receiver = ?",
+                (cb.body, now, cb.original_seq, cb.client),
+            )
+            if moved != 1:
+                return None
             cur = db.execute(
                 "INSERT INTO callbacks (message_id, client, correlation_id, original_seq, "
                 "service, headers, body, digest, state, next_attempt_at, created_at, "
-                "updated_at) VALUES (?,?,?,?,?,?,?,?,'pending',?,?,?)",
+                f"updated_at) VALUES (?,?,?,?,?,?,?,?,{_PENDING},?,?,?)",
                 (
                     cb.message_id,
                     cb.client,
@@ -1091,46 +1235,32 @@ class SQLiteStore:
                     now,
                 ),
             )
-            seq = cur.lastrowid
+            seq = int(cur.lastrowid or 0)
             cur.close()
-            # A later decision supersedes an earlier one; a late ack never demotes it.
-            _run(
-                db,
-                "UPDATE messages SET state='answered', result=?, next_attempt_at=NULL, "
-                "lease_until=NULL, updated_at=? WHERE seq=?",
-                (cb.body, now, cb.original_seq),
-            )
-            # One record for both rows: the callback, and its message now answered by it.
-            self.chain.append(
-                db,
-                "callback.accepted",
-                int(seq or 0),
-                now,
-                message_id=cb.message_id,
-                client=cb.client,
-                correlation_id=cb.correlation_id,
-                original_seq=cb.original_seq,
-                service=cb.service,
-                digest=cb.digest,
-                body_digest=body_digest(cb.body),
-                headers_digest=body_digest(headers.encode()),
-                state="pending",
-                message_state="answered",
-            )
-            return int(seq or 0)
+            self._chain_callback(db, seq, cb, cb.original_seq, headers, now)
+            return seq
 
         try:
             seq = await self.write(unit)
-        except sqlite3.IntegrityError as exc:
-            if "UNIQUE" not in str(exc):  # e.g. a FOREIGN KEY failure: no such message
-                raise StoreError(f"store write failed: {exc}") from exc
-            raise DuplicateMessage(cb.message_id) from exc
         except sqlite3.Error as exc:
             raise StoreError(f"store write failed: {exc}") from exc
+        if seq == -1:
+            raise DuplicateMessage(cb.message_id)
+        if seq is None:
+            return None
         rows = self._rows(
             f"SELECT {_CALLBACK_COLUMNS} FROM {_CALLBACK_JOIN} WHERE c.seq = ?", (seq,)
         )
         return callback_record(rows[0])
+
+    async def callbacks_of(self, original_seq: int) -> Sequence[CallbackRecord]:
+        """Every decision recorded for a message, oldest first (its history)."""
+        rows = self._rows(
+            f"SELECT {_CALLBACK_COLUMNS} FROM {_CALLBACK_JOIN} WHERE c.original_seq = ? "
+            "ORDER BY c.seq",
+            (original_seq,),
+        )
+        return [callback_record(r) for r in rows]
 
     async def get_callback(self, client: str, message_id: str) -> CallbackRecord | None:
         rows = self._rows(
@@ -1145,8 +1275,9 @@ class SQLiteStore:
     ) -> Sequence[CallbackRecord]:
         rows = await self._fetch_written(
             "UPDATE callbacks SET lease_until=?, lease_owner=?, updated_at=? WHERE seq IN ("
-            "SELECT seq FROM callbacks WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= ? "
-            "AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_attempt_at LIMIT ?) "
+            "SELECT c.seq FROM callbacks c WHERE c.next_attempt_at IS NOT NULL "
+            f"AND c.next_attempt_at <= ? AND c.state = {_PENDING} AND (c.lease_until IS NULL "
+            f"OR c.lease_until <= ?) AND {_FIRST_PENDING} ORDER BY c.next_attempt_at LIMIT ?) "
             "RETURNING seq",
             (now + lease_s, self.instance_id, now, now, now, limit),
         )
@@ -1162,25 +1293,28 @@ class SQLiteStore:
 
     async def finish_callback(
         self, seq: int, *, state: str, attempts: int, error: str | None
-    ) -> None:
-        """Close a callback; once delivered, its message reaches ``callback_delivered``.
+    ) -> bool:
+        """Close a pending callback; once delivered, its message reaches
+        ``callback_delivered`` (when no later decision of it is still pending).
 
         Both rows change in one transaction, so a crash never strands the message."""
         now = time.time()
 
-        def unit(db: sqlite3.Connection) -> None:
+        def unit(db: sqlite3.Connection) -> bool:
             count = _run(
                 db,
                 "UPDATE callbacks SET state=?, attempts=?, error=?, next_attempt_at=NULL, "
-                f"lease_until=NULL, updated_at=? WHERE seq=? AND {_FENCE}",
+                f"lease_until=NULL, updated_at=? WHERE seq=? AND state = {_PENDING} AND {_FENCE}",
                 (state, attempts, error, now, seq, self.instance_id),
             )
             moved = 0
-            if count == 1 and state == "delivered":
+            if count == 1 and state == CallbackState.DELIVERED:
                 moved = _run(
                     db,
-                    "UPDATE messages SET state='callback_delivered', updated_at=? WHERE seq = "
-                    "(SELECT original_seq FROM callbacks WHERE seq=?) AND state = 'answered'",
+                    f"UPDATE messages SET state={_CALLBACK_DELIVERED}, updated_at=? WHERE seq = "
+                    f"(SELECT original_seq FROM callbacks WHERE seq=?) AND state = {_ANSWERED} "
+                    "AND NOT EXISTS (SELECT 1 FROM callbacks p WHERE p.original_seq = "
+                    f"messages.seq AND p.state = {_PENDING})",
                     (now, seq),
                 )
             if count == 1:
@@ -1190,30 +1324,34 @@ class SQLiteStore:
                     seq,
                     now,
                     state=state,
-                    message_state="callback_delivered" if moved == 1 else None,
+                    message_state=MessageState.CALLBACK_DELIVERED.value if moved == 1 else None,
                 )
+            return count == 1
 
         try:
-            await self.write(unit)
+            return await self.write(unit)
         except sqlite3.Error as exc:
             raise StoreError(f"store write failed: {exc}") from exc
 
     async def reschedule_callback(
         self, seq: int, *, attempts: int, next_attempt_at: float, error: str
-    ) -> None:
-        await self._write(
-            "UPDATE callbacks SET attempts=?, next_attempt_at=?, lease_until=NULL, error=?, "
-            f"updated_at=? WHERE seq=? AND {_FENCE}",
-            (attempts, next_attempt_at, error, time.time(), seq, self.instance_id),
+    ) -> bool:
+        return (
+            await self._write(
+                "UPDATE callbacks SET attempts=?, next_attempt_at=?, lease_until=NULL, error=?, "
+                f"updated_at=? WHERE seq=? AND state = {_PENDING} AND {_FENCE}",
+                (attempts, next_attempt_at, error, time.time(), seq, self.instance_id),
+            )
+            == 1
         )
 
     async def dead_letters(self, limit: int = 100) -> Sequence[DeadLetter]:
         rows = self._rows(
             "SELECT 'message' AS kind, seq, message_id, client, service, attempts, error, "
-            "updated_at FROM messages WHERE state='dead' UNION ALL "
+            f"updated_at FROM messages WHERE state={_DEAD} UNION ALL "
             "SELECT 'callback' AS kind, c.seq, c.message_id, m.client, c.service, c.attempts, "
             "c.error, c.updated_at FROM callbacks c JOIN messages m ON m.seq = c.original_seq "
-            "WHERE c.state='dead' ORDER BY updated_at DESC LIMIT ?",
+            f"WHERE c.state={_CB_DEAD} ORDER BY updated_at DESC LIMIT ?",
             (limit,),
         )
         return [DeadLetter(**dict(r)) for r in rows]
@@ -1225,19 +1363,20 @@ class SQLiteStore:
             if kind == "message":
                 count = _run(
                     db,
-                    "UPDATE messages SET state='accepted', attempts=0, next_attempt_at=?, "
-                    "lease_until=NULL, created_at=?, updated_at=? WHERE seq=? AND state='dead'",
+                    f"UPDATE messages SET state={_ACCEPTED}, attempts=0, next_attempt_at=?, "
+                    f"lease_until=NULL, created_at=?, updated_at=? WHERE seq=? AND state={_DEAD}",
                     (now, now, now, seq),
                 )
-                state = "accepted"
+                state = MessageState.ACCEPTED.value
             else:
                 count = _run(
                     db,
-                    "UPDATE callbacks SET state='pending', attempts=0, next_attempt_at=?, "
-                    "lease_until=NULL, created_at=?, updated_at=? WHERE seq=? AND state='dead'",
+                    f"UPDATE callbacks SET state={_PENDING}, attempts=0, next_attempt_at=?, "
+                    "lease_until=NULL, created_at=?, updated_at=? WHERE seq=? "
+                    f"AND state={_CB_DEAD}",
                     (now, now, now, seq),
                 )
-                state = "pending"
+                state = CallbackState.PENDING.value
             if count == 1:  # its created_at restarts the age limit: chained as a new start
                 self.chain.append(db, f"{kind}.redelivered", seq, now, state=state)
             return count == 1
