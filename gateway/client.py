@@ -13,6 +13,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.keys import VerificationKey
 from gateway.signing import (
+    OPTIONAL_REQUEST_HEADERS,
     RequestView,
     ResponseView,
     Signer,
@@ -78,7 +79,8 @@ class ExchangeClient:
             if message_id is not None:
                 h.setdefault("Gw-Message-Id", message_id)
             components = ["@method", "@target-uri", "gw-client"]
-            components += [n for n in ("gw-message-id",) if n in h]
+            # Every optional protocol header sent is covered (a relay's Gw-Via included).
+            components += [n for n in ("gw-message-id", *OPTIONAL_REQUEST_HEADERS) if n in h]
             self.signer.sign_request(method, url, h, b"", components=components)
             h.popall("Content-Digest", None)
             return url, h, b""
