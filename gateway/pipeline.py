@@ -254,6 +254,9 @@ class Pipeline:
     ) -> Authenticated:
         """Who sent this, proven by an RFC 9421 signature and an RFC 9530 digest.
 
+        The signer is the ``Gw-Client`` itself, or the last hop of the ``Gw-Via`` chain,
+        which must be a relay granted the client's region (never this gateway's own);
+        the signature is checked against this gateway's own target URI (``target_uri``).
         A ``read`` needs no ``Gw-Message-Id``; one that is sent must be covered anyway."""
         headers = request.headers
         started = time.perf_counter()
