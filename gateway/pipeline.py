@@ -448,7 +448,11 @@ class Pipeline:
         if ctx.message_id and "Gw-Message-Id" not in headers:
             headers["Gw-Message-Id"] = ctx.message_id
         label = ctx.signature_label if "Signature" in request.headers else None
-        view = RequestView(request.method, self.target_uri(request), request.headers)
+        try:
+            target = self.target_uri(request)
+        except GatewayError:  # the client left; an answer's base does not cover the target
+            target = str(request.url)
+        view = RequestView(request.method, target, request.headers)
         try:
             self.signer.sign_response(response.status, headers, body, view, label)
         except GatewayError:
