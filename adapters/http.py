@@ -1,7 +1,8 @@
 """``http``: JSON over HTTP to any upstream, signed with the gateway's key.
 
 The request body is forwarded byte for byte; the protocol headers travel with it
-(``Gw-Client``, ``Gw-Message-Id``, ``Gw-Issue``, ``traceparent`` …) plus ``Gw-Via``.
+(``Gw-Client``, ``Gw-Message-Id``, ``Gw-Issue``, ``traceparent`` …) plus ``Gw-Via``, the
+relay chain the message came through with this gateway appended (oldest first).
 When ``verify_response`` names the upstream's keys, its answer must carry an RFC 9421
 signature over ``@status``, ``content-digest`` and ``content-type`` by one of them, bound
 to our request: it covers the request's own signature (``"signature";req``) or its
@@ -134,7 +135,9 @@ class HttpAdapter:
         headers["Content-Type"] = exchange.content_type
         headers["Gw-Client"] = exchange.client
         headers["Gw-Message-Id"] = exchange.message_id
-        headers["Gw-Via"] = self._ctx.member_id
+        # The relay chain reaches the receiver: we append ourselves, never overwrite.
+        prior = exchange.headers.get("Gw-Via", "").strip()
+        headers["Gw-Via"] = f"{prior}, {self._ctx.member_id}" if prior else self._ctx.member_id
         values = {
             "Gw-Target": exchange.target,
             "Gw-User": exchange.user if self._forward_user else None,

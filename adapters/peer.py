@@ -1,11 +1,12 @@
 """``peer_gateway``: federation with another province's gateway.
 
 The peer's ingress takes our request as a member's (``POST /v1/exchange/{service}``),
-signed by this gateway's key, with the original ``Gw-Client`` and ``Gw-Via`` naming us;
-the peer accepts it only for members of the regions it registered us for. Its answer
-must be signed by the peer and bound to our request (``"signature";req`` or our
-``gw-message-id``, as every signed answer: ``adapters/http.py``), which proves the
-answer belongs to this question. A ``202`` means the peer will call
+signed by this gateway's key, with the original ``Gw-Client`` and us appended to the
+``Gw-Via`` chain; the peer accepts it only for members of the regions it granted us,
+never for its own region. Its answer must be signed by the peer and bound to our
+request (``"signature";req`` or our ``gw-message-id``, as every signed answer:
+``adapters/http.py``), which proves the answer belongs to this question. A ``202``
+means the peer will call
 back on our ``/v1/callbacks/{service}``.
 """
 

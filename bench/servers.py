@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -104,7 +105,9 @@ def create_upstream_app(
         }
         names = (*sig.REQUEST_HEADERS, "gw-correlation-id")
         lines = sig.request_lines("POST", url, headers, names)
-        headers["signature-input"], headers["signature"] = sig.sign(key, kid, "sig1", lines)
+        headers["signature-input"], headers["signature"] = sig.sign(
+            key, kid, "sig1", lines, nonce=secrets.token_urlsafe(16)
+        )
         async with callback_limit:
             for attempt in range(10):
                 try:

@@ -89,12 +89,15 @@ def sign(
     label: str,
     lines: Sequence[Line],
     created: int | None = None,
+    nonce: str | None = None,
 ) -> tuple[str, str]:
-    """``(Signature-Input, Signature)`` values for ``lines`` signed with ``key``."""
+    """``(Signature-Input, Signature)`` values for ``lines`` signed with ``key``; with a
+    ``nonce`` parameter when given (cross-region senders, such as the platform, need one)."""
     covered = " ".join(name for name, _ in lines)
     when = int(time.time()) if created is None else created
     alg = "sm2-sm3" if isinstance(key, Sm2PrivateKey) else "ed25519"
-    params = f'({covered});created={when};keyid="{kid}";alg="{alg}"'
+    once = f';nonce="{nonce}"' if nonce else ""
+    params = f'({covered});created={when}{once};keyid="{kid}";alg="{alg}"'
     base = _base(lines, params)
     raw = key.sign(base) if isinstance(key, Sm2PrivateKey) else _signing(key).sign(base).signature
     value = base64.b64encode(raw).decode()

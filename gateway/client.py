@@ -16,6 +16,7 @@ from gateway.errors import UpstreamUnbound
 from gateway.keys import VerificationKey
 from gateway.outbound import bound_to
 from gateway.signing import (
+    OPTIONAL_REQUEST_HEADERS,
     RequestView,
     ResponseView,
     Signer,
@@ -96,7 +97,8 @@ class ExchangeClient:
             if message_id is not None:
                 h.setdefault("Gw-Message-Id", message_id)
             components = ["@method", "@target-uri", "gw-client"]
-            components += [n for n in ("gw-message-id",) if n in h]
+            # Every optional protocol header sent is covered (a relay's Gw-Via included).
+            components += [n for n in ("gw-message-id", *OPTIONAL_REQUEST_HEADERS) if n in h]
             self.signer.sign_request(method, url, h, b"", components=components)
             h.popall("Content-Digest", None)
             return url, h, b""

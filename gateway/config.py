@@ -44,10 +44,12 @@ __all__ = [
     "StoreConfig",
     "TlsConfig",
     "TracingConfig",
+    "is_loopback",
     "jwk_path_for",
     "listen_address",
     "load_config",
     "parse_config",
+    "region_within",
     "warnings_of",
     "with_listeners",
 ]
@@ -57,6 +59,34 @@ SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 with (SCHEMA_DIR / "config.schema.json").open(encoding="utf-8") as _fh:
     MEMBER_ID_PATTERN: str = json.load(_fh)["$defs"]["member_id"]["pattern"]
 MemberKind = Literal["system", "gateway", "platform"]
+NATIONAL_REGION = "100000"
+
+
+def region_within(region: str, area: str) -> bool:
+    """Whether GB/T 2260 ``region`` is ``area`` or one of its sub-regions: a province
+    (``330000``) holds its cities (``3301xx``) and counties, a city (``330100``) its
+    counties. ``100000`` (the national level) holds only itself."""
+    if region == area or area == NATIONAL_REGION:
+        return region == area
+    if area.endswith("0000"):
+        return region[:2] == area[:2]
+    if area.endswith("00"):
+        return region[:4] == area[:4]
+    return False
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listener on ``host`` is reachable from this machine only."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
+
+
 Mode = Literal["sync", "async"]
 
 
@@ -83,7 +113,9 @@ class GatewayIdentity:
     # ``gateway.key`` is a PEM path (key_path) or a PKCS#11 URI (key_uri), never both.
     key_path: Path | None
     jwk_path: Path
-    public_url: str | None = None
+    # The URLs members sign as @target-uri (the first is the one announced); empty: the
+    # ingress's own bound address, allowed only on loopback.
+    public_urls: tuple[str, ...] = ()
     previous_keys: tuple[Mapping[str, Any], ...] = ()
     # Where the private key's passphrase comes from when the PEM is encrypted.
     key_passphrase_env: str | None = None
@@ -94,6 +126,11 @@ class GatewayIdentity:
     @property
     def region(self) -> str:
         return self.member_id.split(":", 1)[0]
+
+    @property
+    def public_url(self) -> str | None:
+        """The primary public URL (the one announced to the directory), if any."""
+        return self.public_urls[0] if self.public_urls else None
 
     @property
     def rotated_keys_path(self) -> Path:
@@ -314,7 +351,13 @@ def with_listeners(
             host, port = address
             listen.setdefault(name, {}).update(host=host, port=port)
             changes[name] = dataclasses.replace(getattr(config, name), host=host, port=port)
-    return dataclasses.replace(config, raw=raw, **changes) if changes else config
+    if not changes:
+        return config
+    moved = dataclasses.replace(config, raw=raw, **changes)
+    problems = _destination_problems(moved)
+    if problems:
+        raise ConfigError(problems)
+    return moved
 
 
 def _instant(value: str | None, where: str, r: _Reader) -> float | None:
@@ -488,7 +531,7 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
             jwk_path=jwk_path,
             key_uri=key_uri,
             key_expires_at=_instant(gw.get("key_expires_at"), "/gateway/key_expires_at", r),
-            public_url=gw.get("public_url"),
+            public_urls=_public_urls(gw.get("public_url")),
             previous_keys=tuple(
                 k
                 for j, ref in enumerate(gw.get("previous_keys", []))
@@ -588,6 +631,14 @@ def _secrets(data: Mapping[str, Any], key_path: Path, r: _Reader) -> SecretsConf
     )
 
 
+def _public_urls(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``gateway.public_url``: one URL or a list, each without its trailing slash."""
+    if value is None:
+        return ()
+    urls = [value] if isinstance(value, str) else list(value)
+    return tuple(u.rstrip("/") for u in urls)
+
+
 def _rate_limit(data: Mapping[str, Any] | None) -> RateLimit | None:
     return RateLimit(**data) if data is not None else None
 
@@ -666,6 +717,7 @@ def _cross_check(config: Config) -> list[str]:
                 )
         if s.mode == "async" and s.callback_schema is None:
             problems.append(f"/services/{i}/callback_schema: an async service needs one")
+    problems += _destination_problems(config)
     tls = config.ingress.tls
     if tls is not None and tls.require_client_cert and tls.client_ca is None:
         problems.append("/listen/ingress/tls: require_client_cert needs a client_ca")
@@ -674,6 +726,25 @@ def _cross_check(config: Config) -> list[str]:
             problems.append(f"/routes/{i}/service: unknown service {r.service}")
         if r.adapter not in names:
             problems.append(f"/routes/{i}/adapter: unknown adapter {r.adapter}")
+    return problems
+
+
+def _destination_problems(config: Config) -> list[str]:
+    """Requests are bound to their destination: beyond loopback, the URL members sign
+    (@target-uri) must be configured, not taken from whatever Host a request names."""
+    problems = []
+    if not config.gateway.public_urls and not is_loopback(config.ingress.host):
+        problems.append(
+            f"/gateway/public_url: the ingress listens on {config.ingress.host}, beyond "
+            "loopback, so it needs the URL(s) members sign as @target-uri (public_url)"
+        )
+    for j, url in enumerate(config.gateway.public_urls):
+        rest = url.split("://", 1)[-1]
+        if "?" in rest or "#" in rest or not rest.split("/", 1)[0]:
+            problems.append(
+                f"/gateway/public_url: {url} must be scheme://host[:port][/path] "
+                f"without query or fragment (entry {j})"
+            )
     return problems
 
 

@@ -211,7 +211,9 @@ def _publisher(t: _Topology) -> Publisher:
             "url": t.url("national"),
             "callback_url": f"{t.url('national')}/api/v1/callbacks/{{service}}",
             "keys": [{"jwk": t.keys["national"].jwk}],
-            "vouches_for": ["100000"],
+            # The platform relays between the provinces: each is granted explicitly (a
+            # gateway never accepts it for its own region, and 100000 is not "all").
+            "vouches_for": ["100000", "330000", "440000"],
             "services": [
                 {"code": code}
                 for code in ("crossregion.apply", "credit.query", "evaluation.submit")

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import jsonschema
 
 from gateway.audit import JwsInvalid, sign_jws, verify_jws
-from gateway.config import SCHEMA_DIR
+from gateway.config import SCHEMA_DIR, region_within
 from gateway.encoding import iso_utc
 from gateway.errors import DirectoryRefused, OutboundRefused
 from gateway.keys import KeyPair
@@ -287,19 +287,6 @@ def _reachable(party: Party, outbound: OutboundPolicy) -> bool:
         )  # fmt: skip
         return False
     return True
-
-
-def region_within(region: str, parent: str) -> bool:
-    """GB/T 2260 containment: ``330102`` (a district) and ``330100`` (a city) are within
-    ``330000`` (a province), as is ``330000`` itself; ``100000`` (the national level)
-    contains only itself, never every region."""
-    if parent == NATIONAL_REGION:
-        return region == parent
-    if parent.endswith("0000"):
-        return region[:2] == parent[:2]
-    if parent.endswith("00"):
-        return region[:4] == parent[:4]
-    return region == parent
 
 
 def _region_of(member_id: str) -> str:

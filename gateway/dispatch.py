@@ -42,6 +42,8 @@ def exchange_of(record: MessageRecord, service: Service, traceparent: str) -> Ex
         traceparent=traceparent,
         timeout_s=service.config.timeout_s,
         asynchronous=record.mode == "async",
+        # The relay chain it came through: the adapter appends this gateway to it.
+        headers={"Gw-Via": ", ".join(record.via)} if record.via else {},
     )
 
 

@@ -5,6 +5,8 @@ so a nonce needs remembering only until ``created + skew``: after that the signa
 stale whatever its nonce. The store holds each nonce until then (it survives a restart;
 the message id's own dedupe lives forever in the message table); a dict in front of it
 rejects a replay without touching the store. Both are pruned now and then, inline.
+Whether a request must carry a nonce at all (relayed and cross-region ones must) is the
+pipeline's decision (``Pipeline.admit``); this guard only spends the ones that come.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.config import MEMBER_ID_PATTERN, GatewayIdentity, SecurityConfig
+from gateway.config import MEMBER_ID_PATTERN, GatewayIdentity, SecurityConfig, region_within
 from gateway.dispatch import call_adapter, exchange_of, intended_receiver, validate_answer
 from gateway.encoding import iso_utc
 from gateway.errors import (
@@ -46,6 +46,7 @@ from gateway.errors import (
     PayloadTooLarge,
     RequestTimeout,
     ServiceUnknown,
+    SignatureInvalid,
     UnsupportedMediaType,
 )
 from gateway.limits import RateLimiter, check_json_shape
@@ -66,7 +67,7 @@ from gateway.states import ANSWERED_STATES, AWAITING_CALLBACK, IN_DELIVERY, Mess
 from gateway.store import DuplicateMessage, MessageRecord, NewCallback, NewMessage, Store
 from gateway.traceparent import trace_id_of
 
-__all__ = ["Authenticated", "Pipeline"]
+__all__ = ["Authenticated", "Pipeline", "via_chain"]
 
 log = logging.getLogger("gateway.exchange")
 
@@ -133,6 +134,18 @@ class Authenticated:
     signer: Member  # the member whose key signed (the client, or the vouching peer)
     signature: VerifiedSignature
     digest: str  # sha-256 of the body, hex ("" when the request has no body)
+    # The relay chain (Gw-Via, oldest first); its last hop is the signer. () if direct.
+    via: tuple[str, ...] = ()
+
+
+def via_chain(value: str | None) -> tuple[str, ...]:
+    """``Gw-Via`` as a chain of member ids, oldest first (PROTOCOL.md § Outbound)."""
+    if value is None or not value.strip():
+        return ()
+    chain = tuple(hop.strip() for hop in value.split(","))
+    if not all(MEMBER_ID.match(hop) for hop in chain):
+        raise MalformedRequest("Gw-Via must be a comma-separated list of member ids")
+    return chain
 
 
 def _single(headers: CIMultiDictProxy[str], name: str) -> str | None:
@@ -222,10 +235,18 @@ class Pipeline:
         return body
 
     def target_uri(self, request: web.Request) -> str:
-        base = self.identity.public_url
-        if base:
-            return base.rstrip("/") + request.raw_path
-        return str(request.url)
+        """The ``@target-uri`` a request to this gateway must have been signed for.
+
+        One of the configured public URLs (the one whose authority is the Host header's,
+        else the first); without any, the listener's own bound address (scheme, host,
+        actual port). Never the Host header alone: a request signed for another gateway
+        must not verify here."""
+        urls = self.identity.public_urls
+        if urls:
+            host = request.headers.get("Host", "").lower()
+            base = next((u for u in urls if _authority(u) == host), urls[0])
+            return base + request.raw_path
+        return _bound_origin(request) + request.raw_path
 
     def authenticate(
         self,
@@ -239,6 +260,9 @@ class Pipeline:
     ) -> Authenticated:
         """Who sent this, proven by an RFC 9421 signature and an RFC 9530 digest.
 
+        The signer is the ``Gw-Client`` itself, or the last hop of the ``Gw-Via`` chain,
+        which must be a relay granted the client's region (never this gateway's own);
+        the signature is checked against this gateway's own target URI (``target_uri``).
         A ``read`` needs no ``Gw-Message-Id``; one that is sent must be covered anyway."""
         headers = request.headers
         started = time.perf_counter()
@@ -256,10 +280,11 @@ class Pipeline:
             _require(headers, "Content-Type")
         if not MEMBER_ID.match(client):
             raise MalformedRequest("Gw-Client must be a member id <region>:<system>")
-        via = _single(headers, "Gw-Via")
-        signer = self._member(runtime, via if via else client)
+        via = via_chain(_single(headers, "Gw-Via"))
+        # The signing hop is the chain's last entry: its key must be the one that signed.
+        signer = self._member(runtime, via[-1] if via else client)
         if via:
-            self._check_vouching(signer, client)
+            self._check_vouching(signer, client, self.identity.region)
         key = signer.keys.get(sig.keyid)
         if key is None:
             raise KeyUnknown(f"key {sig.keyid!r} is not a key of {signer.id}")
@@ -291,15 +316,28 @@ class Pipeline:
             signer=signer,
             signature=verified,
             digest=digest,
+            via=via,
         )
 
     async def admit(self, auth: Authenticated) -> None:
         """Freshness and single use, once the signer is proven: its rate limit, then its
-        signature's nonce (single use while the signature could be fresh)."""
+        signature's nonce (single use while the signature could be fresh). A relayed or
+        cross-region request must carry one (docs/decisions.md, "Relays")."""
         self.rate_limiter.admit(auth.signer.config)
         sig = auth.signature
+        if sig.nonce is None and (auth.via or self._cross_region(auth)):
+            raise SignatureInvalid(
+                "a relayed or cross-region request must carry a nonce signature parameter"
+            )
         if sig.nonce is not None:
             await self.nonces.claim(auth.signer.id, sig.keyid, sig.nonce, sig.created)
+
+    def _cross_region(self, auth: Authenticated) -> bool:
+        own = self.identity.region
+        return not (
+            region_within(auth.signer.config.region, own)
+            and region_within(auth.client.split(":", 1)[0], own)
+        )
 
     @staticmethod
     def _member(runtime: Runtime, member_id: str) -> Member:
@@ -313,13 +351,19 @@ class Pipeline:
         return member
 
     @staticmethod
-    def _check_vouching(peer: Member, client: str) -> None:
-        """A peer gateway may speak only for members of the regions it is registered for."""
+    def _check_vouching(peer: Member, client: str, own_region: str) -> None:
+        """A relay vouches only for the regions it is explicitly granted (``100000`` is
+        the national level's own members), and never for this gateway's own region or
+        its sub-regions: a local member speaks only with its own key."""
         if peer.config.kind == "system":
             raise NotPermitted(f"{peer.id} is not a gateway and cannot relay for others")
         region = client.split(":", 1)[0]
-        regions = peer.config.regions
-        if region not in regions and "100000" not in regions:
+        if region_within(region, own_region):
+            raise NotPermitted(
+                f"{peer.id} may not vouch for {client}: members of region {own_region} "
+                "speak only with their own keys"
+            )
+        if region not in peer.config.regions:
             raise NotPermitted(f"{peer.id} may not vouch for members of region {region}")
 
     @staticmethod
@@ -412,7 +456,11 @@ class Pipeline:
         if ctx.message_id and "Gw-Message-Id" not in headers:
             headers["Gw-Message-Id"] = ctx.message_id
         label = ctx.signature_label if "Signature" in request.headers else None
-        view = RequestView(request.method, self.target_uri(request), request.headers)
+        try:
+            target = self.target_uri(request)
+        except GatewayError:  # the client left; an answer's base does not cover the target
+            target = str(request.url)
+        view = RequestView(request.method, target, request.headers)
         try:
             self.signer.sign_response(response.status, headers, body, view, label)
         except GatewayError:
@@ -525,15 +573,22 @@ class Pipeline:
         )
 
     async def message_status(self, request: web.Request) -> web.Response:
-        """``GET /v1/messages/{id}``, readable only by the member that sent it."""
+        """``GET /v1/messages/{id}``, readable only by the member that sent it and by the
+        relay whose key vouched for it; to anyone else it does not exist (no probing)."""
         ctx: RequestContext = request[CTX_KEY]
         runtime = self.runtime.current
-        auth = self.authenticate(request, None, runtime, ctx, required=READ_COMPONENTS, read=True)
-        await self.admit(auth)
         message_id = request.match_info["id"].lower()
+        unknown = f"no message {message_id} for this client"
+        try:
+            auth = self.authenticate(
+                request, None, runtime, ctx, required=READ_COMPONENTS, read=True
+            )
+        except NotPermitted as exc:  # a relay that may not speak for the client
+            raise MessageUnknown(unknown) from exc
+        await self.admit(auth)
         record = await self.store.get_message(auth.client, message_id)
-        if record is None:
-            raise MessageUnknown(f"no message {message_id} from {auth.client}")
+        if record is None or not self._may_read(auth, record):
+            raise MessageUnknown(unknown)
         view: dict[str, Any] = {
             "message_id": record.message_id,
             "service": record.service,
@@ -551,6 +606,14 @@ class Pipeline:
         if record.error:
             view["error"] = {"code": record.code, "detail": record.error}
         return web.json_response(view)
+
+    @staticmethod
+    def _may_read(auth: Authenticated, record: MessageRecord) -> bool:
+        """The sender itself, or the relay that signed the message's last hop."""
+        if not auth.via:
+            return auth.signer.id == record.client
+        relayed = record.via
+        return bool(relayed) and relayed[-1] == auth.signer.id
 
     async def callback(self, request: web.Request) -> web.Response:
         """``POST /v1/callbacks/{service}`` from the national platform or a peer gateway.
@@ -664,6 +727,26 @@ class Pipeline:
             {"message_id": message_id, "correlation_id": correlation, "state": state},
             headers=headers,
         )
+
+
+def _authority(url: str) -> str:
+    """``https://gw.example:8443/x`` → ``gw.example:8443`` (lowercase), as a Host header."""
+    return url.split("://", 1)[-1].split("/", 1)[0].lower()
+
+
+def _bound_origin(request: web.Request) -> str:
+    """``scheme://host:port`` of the socket the request arrived on (the listener's own
+    bound address), the default port omitted as clients write it."""
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    if not isinstance(sockname, tuple) or len(sockname) < 2:
+        raise MalformedRequest("the connection closed before the request was read")
+    host, port = str(sockname[0]), int(sockname[1])
+    scheme = request.scheme
+    if ":" in host:
+        host = f"[{host}]"
+    default = {"http": 80, "https": 443}.get(scheme)
+    return f"{scheme}://{host}" + ("" if port == default else f":{port}")
 
 
 def _json_or_text(data: bytes) -> Any:

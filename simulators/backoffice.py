@@ -57,7 +57,9 @@ async def _application(request: web.Request) -> web.Response:
     message_id = request.headers["Gw-Message-Id"]
     decision = decide(json.loads(body), message_id, office.region)
     office.decided[message_id] = decision
-    hop = f"{request.headers.get('Gw-Via')} → {office.member_id}"
+    # The last hop of the relay chain is the gateway that signed this request.
+    sender = request.headers.get("Gw-Via", "?").rsplit(",", 1)[-1].strip()
+    hop = f"{sender} → {office.member_id}"
     note(office.trail, hop, f"gateway signature, kid {kid}")
     return signed_json(request, Signer(office.keypair), 200, decision)
 

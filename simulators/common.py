@@ -36,9 +36,14 @@ def problem(status: int, code: str, detail: str) -> web.Response:
 
 
 async def verify_request(
-    request: web.Request, keys: Mapping[str, VerificationKey], verifier: Verifier
+    request: web.Request,
+    keys: Mapping[str, VerificationKey],
+    verifier: Verifier,
+    *,
+    also: tuple[str, ...] = (),
 ) -> tuple[bytes, str]:
-    """Verify an RFC 9421 signed request (with digest); return (body, signing kid)."""
+    """Verify an RFC 9421 signed request (with digest); return (body, signing kid).
+    ``also``: components the signature must cover beyond the usual ones."""
     body = await request.read()
     sig = parse_signature_input(request.headers)
     key = keys.get(sig.keyid)
@@ -48,7 +53,14 @@ async def verify_request(
         RequestView(request.method, str(request.url), request.headers),
         sig,
         key,
-        required=("@method", "@target-uri", "content-digest", "content-type", "gw-message-id"),
+        required=(
+            "@method",
+            "@target-uri",
+            "content-digest",
+            "content-type",
+            "gw-message-id",
+            *also,
+        ),
     )
     check_content_digest(request.headers["Content-Digest"], body)
     return body, key.kid

@@ -6,7 +6,11 @@ Two entrances, one behaviour:
   HTTP 200 ``{"code", "message", "data"?, "ticket"?}`` out;
 - ``POST /api/exchange/{service}``: the bare document, for the generic ``http`` adapter.
 
-Every request must be signed by a registered provincial gateway. ``credit.query``,
+Every request must be signed by a registered provincial gateway, and a gateway's key
+relays only for its own region's clients: who sent it is the gateway whose key signed
+(the directory's registry, or ``trusted`` for the gateway at ``callback_base``), never a
+header; a ``Gw-Via`` chain must end with that gateway, and a relay carries the chain on
+with the platform appended. ``credit.query``,
 ``enterprise.license.verify`` and ``evaluation.submit`` are answered at once, signed.
 ``crossregion.apply`` is acknowledged and, when the handling province's gateway is
 registered, relayed to it (signed by the platform, vouching for the applicant); that
@@ -59,6 +63,8 @@ class NationalPlatform:
     keypair: KeyPair
     trusted: Mapping[str, VerificationKey]  # provincial gateways' keys by kid
     callback_base: str  # the (single) gateway to call back when none is recorded
+    # The member id of the gateway at ``callback_base``, whose keys ``trusted`` are.
+    callback_member: str = "330000:gateway"
     callback_delay_s: float = 0.5
     # Registered provincial gateways: region code → ingress base URL.
     provinces: dict[str, str] = field(default_factory=dict)
@@ -78,13 +84,31 @@ class NationalPlatform:
 
     def keys(self) -> dict[str, VerificationKey]:
         """Keys accepted on exchanges: ``trusted`` and every key the directory lists."""
-        keys = dict(self.trusted)
+        return {kid: key for kid, (key, _) in self.gateways().items()}
+
+    def gateways(self) -> dict[str, tuple[VerificationKey, str]]:
+        """Each accepted key by kid, with the gateway it belongs to."""
+        found = {kid: (key, self.callback_member) for kid, key in self.trusted.items()}
         if self.publisher is not None:
             for entry in self.publisher.regions.values():
-                for jwk in self.publisher.keys_of(entry["gateway"]["member_id"]):
+                member = str(entry["gateway"]["member_id"])
+                for jwk in self.publisher.keys_of(member):
                     key = VerificationKey.from_jwk(jwk)
-                    keys[key.kid] = key
-        return keys
+                    found[key.kid] = (key, member)
+        return found
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Admitted:
+    """A request the platform takes: its body, and the relay chain that sent it, whose
+    last hop is the gateway whose key signed (oldest first)."""
+
+    body: bytes
+    chain: tuple[str, ...]
+
+    @property
+    def gateway(self) -> str:
+        return self.chain[-1]
 
 
 NATIONAL = web.AppKey("national", NationalPlatform)
@@ -175,9 +199,16 @@ async def _refuse_or_delay(request: web.Request, sim: NationalPlatform) -> web.R
 
 async def _verified(
     request: web.Request, sim: NationalPlatform
-) -> tuple[bytes, str] | web.Response:
+) -> tuple[bytes, str, str] | web.Response:
+    """(body, kid, gateway member id) of a request signed by a registered gateway."""
+    gateways = sim.gateways()
     try:
-        body, kid = await verify_request(request, sim.keys(), Verifier())
+        body, kid = await verify_request(
+            request,
+            {k: key for k, (key, _) in gateways.items()},
+            Verifier(),
+            also=("gw-client", *(("gw-via",) if "Gw-Via" in request.headers else ())),
+        )
     except (GatewayError, web.HTTPUnauthorized, KeyError) as exc:
         return problem(401, "signature_invalid", str(exc))
     if sim.mode == "error":
@@ -185,23 +216,25 @@ async def _verified(
     sim.received.append(request.headers["Gw-Message-Id"])
     sim.traceparents.append(request.headers.get("traceparent", ""))
     sim.digests.append(request.headers["Content-Digest"].split("=", 1)[0])
-    via = request.headers.get("Gw-Via", request.headers.get("Gw-Client", "?"))
-    note(sim.trail, f"{via} → national platform", f"gateway signature, kid {kid}")
-    return body, kid
+    member = gateways[kid][1]
+    note(sim.trail, f"{member} → national platform", f"gateway signature, kid {kid}")
+    return body, kid, member
 
 
 def _handle(
-    app: web.Application, service: str, message_id: str, doc: Any, source: str, client: str
+    app: web.Application, service: str, message_id: str, doc: Any, came: Admitted, client: str
 ) -> tuple[dict[str, Any] | None, str | None]:
     """(result, None) for an immediate answer, (None, ticket) when it will call back."""
     sim = app[NATIONAL]
+    source = _source_of(came.gateway, sim)
     if service in SYNC_ANSWERS:
         return SYNC_ANSWERS[service](doc), None
     if service == "crossregion.apply":
         region = str(doc.get("handling_region", ""))
         sim.relays[message_id] = (service, source)
         if region in sim.provinces and sim.provinces[region] != source:
-            _spawn(app, _relay(app, service, message_id, doc, client, sim.provinces[region]))
+            target = sim.provinces[region]
+            _spawn(app, _relay(app, service, message_id, doc, client, target, came.chain))
         else:
             _spawn(app, _call_back(app, service, message_id, _decision(doc, message_id), source))
         return None, f"NP-{message_id}"
@@ -211,21 +244,36 @@ def _handle(
     raise KeyError(service)
 
 
-def _source_of(request: web.Request, sim: NationalPlatform) -> str:
-    """The ingress of the gateway that sent this: by its region, else the default."""
-    via = request.headers.get("Gw-Via", "")
-    return sim.provinces.get(via.split(":", 1)[0], sim.callback_base)
+def _source_of(gateway: str, sim: NationalPlatform) -> str:
+    """The ingress of the gateway whose key signed: by its region, else the default."""
+    return sim.provinces.get(gateway.split(":", 1)[0], sim.callback_base)
 
 
-async def _admit(request: web.Request, sim: NationalPlatform) -> bytes | web.Response:
-    """The body of a request the platform takes, or the answer refusing it."""
+def _region_within(region: str, area: str) -> bool:
+    """``region`` is ``area`` or one of its cities or counties (GB/T 2260)."""
+    digits = 2 if area.endswith("0000") else 4 if area.endswith("00") else 6
+    return region == area or (area != "100000" and region[:digits] == area[:digits])
+
+
+async def _admit(request: web.Request, sim: NationalPlatform) -> Admitted | web.Response:
+    """A request the platform takes, or the answer refusing it: a gateway's key speaks
+    only for its own region's clients, and a chain it sends must end with itself."""
     refused = await _refuse_or_delay(request, sim)
     if refused is not None:
         return refused
     checked = await _verified(request, sim)
     if isinstance(checked, web.Response):
         return checked
-    return checked[0]
+    body, _, gateway = checked
+    client = request.headers.get("Gw-Client", "")
+    region = gateway.split(":", 1)[0]
+    if not _region_within(client.split(":", 1)[0], region):
+        return problem(403, "forbidden", f"{gateway} may not speak for {client or 'no client'}")
+    via = request.headers.get("Gw-Via", "")
+    chain = tuple(h.strip() for h in via.split(",")) if via.strip() else (gateway,)
+    if chain[-1] != gateway:
+        return problem(403, "forbidden", f"the relay chain must end with the signer {gateway}")
+    return Admitted(body=body, chain=chain)
 
 
 async def _exchange_envelope(request: web.Request) -> web.StreamResponse:
@@ -233,7 +281,7 @@ async def _exchange_envelope(request: web.Request) -> web.StreamResponse:
     admitted = await _admit(request, sim)
     if isinstance(admitted, web.Response):
         return admitted
-    body = admitted
+    body = admitted.body
     signer = Signer(sim.keypair)
     try:
         envelope = json.loads(body)
@@ -243,9 +291,10 @@ async def _exchange_envelope(request: web.Request) -> web.StreamResponse:
         return signed_json(request, signer, 200, {"code": "E400", "message": "bad envelope"})
     try:
         client = str(envelope["client"])
-        result, ticket = _handle(
-            request.app, service, message_id, payload, _source_of(request, sim), client
-        )
+        if client != request.headers.get("Gw-Client"):
+            reply = {"code": "E403", "message": "the envelope's client is not Gw-Client"}
+            return signed_json(request, signer, 200, reply)
+        result, ticket = _handle(request.app, service, message_id, payload, admitted, client)
     except KeyError:
         return signed_json(request, signer, 200, {"code": "E404", "message": f"no {service}"})
     if ticket is not None:
@@ -260,7 +309,7 @@ async def _exchange_bare(request: web.Request) -> web.StreamResponse:
     admitted = await _admit(request, sim)
     if isinstance(admitted, web.Response):
         return admitted
-    body = admitted
+    body = admitted.body
     service = request.match_info["service"]
     message_id = request.headers["Gw-Message-Id"]
     try:
@@ -273,7 +322,7 @@ async def _exchange_bare(request: web.Request) -> web.StreamResponse:
             service,
             message_id,
             doc,
-            _source_of(request, sim),
+            admitted,
             request.headers["Gw-Client"],
         )
     except KeyError:
@@ -289,7 +338,7 @@ async def _callback_in(request: web.Request) -> web.StreamResponse:
     checked = await _verified(request, sim)
     if isinstance(checked, web.Response):
         return checked
-    body, _ = checked
+    body = checked[0]
     correlation = request.headers.get("Gw-Correlation-Id", "")
     if correlation not in sim.relays:
         return problem(404, "message_unknown", f"no relayed application {correlation}")
@@ -344,16 +393,23 @@ async def _post_until_taken(
 
 
 async def _relay(
-    app: web.Application, service: str, message_id: str, doc: Any, client: str, target: str
+    app: web.Application,
+    service: str,
+    message_id: str,
+    doc: Any,
+    client: str,
+    target: str,
+    chain: tuple[str, ...],
 ) -> None:
-    """Hand an application to the handling province's gateway, vouching for the applicant."""
+    """Hand an application to the handling province's gateway, vouching for the applicant;
+    the chain it came through travels on, the platform appended (the signing hop)."""
     sim = app[NATIONAL]
     body = json.dumps(doc, ensure_ascii=False).encode()
     url = f"{target.rstrip('/')}/v1/exchange/{service}"
     extra = {
         "Gw-Client": client,
         "Gw-Message-Id": message_id,
-        "Gw-Via": sim.member_id,
+        "Gw-Via": ", ".join((*chain, sim.member_id)),
     }
     status = await _post_until_taken(app, url, body, extra, f"relay of {message_id}")
     note(

@@ -200,6 +200,20 @@ async def test_protocol_headers_are_forwarded_with_via(
     assert headers["Content-Type"] == "application/json"
 
 
+async def test_the_relay_chain_is_appended_to_never_overwritten(
+    upstream: Upstream, context: AdapterContext, keys: Keys
+) -> None:
+    """A relayed message's Gw-Via arrives with this gateway appended, oldest first, and the
+    signature covers it."""
+    adapter = _adapter(context, f"{upstream.url}/api/{{service}}")
+    chain = f"{PEER_ID}, 100000:national-platform"
+    await adapter.send(_exchange_of(headers={"Gw-Via": chain}))
+    (received,) = upstream.received
+    assert received.headers["Gw-Via"] == f"{chain}, {GATEWAY_ID}"
+    covered = _verify(received, VerificationKey.from_jwk(keys.pairs["gateway"].jwk))
+    assert "gw-via" in covered
+
+
 async def test_absent_optional_headers_are_not_sent(
     upstream: Upstream, context: AdapterContext
 ) -> None:

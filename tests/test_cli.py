@@ -193,6 +193,28 @@ def test_check_prints_warnings_but_passes(
     ]
 
 
+def test_check_and_serve_refuse_a_public_listener_without_public_url(
+    deployment: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Beyond loopback without gateway.public_url: `check` exits 1 naming the key, `serve`
+    exits 2 before binding (a --listen override too); with public_url `check` is OK."""
+    doc = yaml.safe_load(deployment.read_text(encoding="utf-8"))
+    doc["listen"]["ingress"]["host"] = "0.0.0.0"
+    deployment.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+    assert main(["check", "--config", str(deployment)]) == 1
+    assert "/gateway/public_url: the ingress listens on 0.0.0.0" in capsys.readouterr().out
+    assert main(["serve", "--config", str(deployment)]) == 2
+    assert "/gateway/public_url" in capsys.readouterr().err
+    doc["listen"]["ingress"]["host"] = "127.0.0.1"
+    deployment.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+    assert main(["serve", "--config", str(deployment), "--listen", "0.0.0.0:0"]) == 2
+    assert "/gateway/public_url" in capsys.readouterr().err
+    doc["gateway"]["public_url"] = "https://gw.zj.example"
+    doc["listen"]["ingress"]["host"] = "0.0.0.0"
+    deployment.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+    assert main(["check", "--config", str(deployment)]) == 0
+
+
 def test_check_lists_every_schema_problem_with_its_location(
     deployment: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -17,6 +18,7 @@ from gateway.config import (
     listen_address,
     load_config,
     parse_config,
+    region_within,
     warnings_of,
     with_listeners,
 )
@@ -341,8 +343,64 @@ def test_with_listeners_overrides_the_listeners_and_the_document_alike(
     a listener not given keeps the file's, TLS included."""
     doc = config_document(keys, store=tmp_path / "gw.db", national_url="http://127.0.0.1:1")
     doc["listen"] = {"admin": {"host": "127.0.0.1", "port": 9999}}
+    doc["gateway"]["public_url"] = "https://gw.example"  # listening beyond loopback needs it
     config = with_listeners(parse_config(doc, base=tmp_path), ingress=("0.0.0.0", 8181))
     assert (config.ingress.host, config.ingress.port) == ("0.0.0.0", 8181)
     assert (config.admin.host, config.admin.port) == ("127.0.0.1", 9999)
     again = parse_config(dict(config.raw), base=tmp_path)
     assert (again.ingress.host, again.ingress.port, again.admin.port) == ("0.0.0.0", 8181, 9999)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.0.0.5", "gw.internal"])
+def test_listening_beyond_loopback_without_a_public_url_is_a_config_error(
+    keys: Keys, tmp_path: Path, host: str
+) -> None:
+    """Without public_url the target would come from the Host header: refused, in the
+    file and in a --listen override alike, naming /gateway/public_url."""
+    doc = config_document(keys, store=tmp_path / "gw.db", national_url="http://127.0.0.1:1")
+    doc["listen"] = {"ingress": {"host": host, "port": 8080}}
+    with pytest.raises(ConfigError, match=r"/gateway/public_url: .* beyond loopback"):
+        parse_config(copy.deepcopy(doc), base=tmp_path)
+    del doc["listen"]
+    with pytest.raises(ConfigError, match="/gateway/public_url"):
+        with_listeners(parse_config(copy.deepcopy(doc), base=tmp_path), ingress=(host, 8080))
+    doc["gateway"]["public_url"] = ["https://gw.example/", "https://gw-2.example:8443"]
+    config = with_listeners(parse_config(doc, base=tmp_path), ingress=(host, 8080))
+    assert config.gateway.public_urls == ("https://gw.example", "https://gw-2.example:8443")
+    assert config.gateway.public_url == "https://gw.example"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_a_loopback_listener_needs_no_public_url(keys: Keys, tmp_path: Path, host: str) -> None:
+    """On loopback the target is the listener's bound address; no public_url is needed."""
+    doc = config_document(keys, store=tmp_path / "gw.db", national_url="http://127.0.0.1:1")
+    doc["listen"] = {"ingress": {"host": host, "port": 8080}}
+    assert parse_config(doc, base=tmp_path).gateway.public_urls == ()
+
+
+def test_a_public_url_with_a_query_is_refused(keys: Keys, tmp_path: Path) -> None:
+    """A public URL is scheme://host[:port][/path]; a query would change every target."""
+    doc = config_document(keys, store=tmp_path / "gw.db", national_url="http://127.0.0.1:1")
+    doc["gateway"]["public_url"] = "https://gw.example/?x=1"
+    with pytest.raises(ConfigError, match="without query or fragment"):
+        parse_config(doc, base=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("region", "area", "within"),
+    [
+        ("330000", "330000", True),
+        ("330100", "330000", True),
+        ("330102", "330000", True),
+        ("330102", "330100", True),
+        ("330200", "330100", False),
+        ("440000", "330000", False),
+        ("330000", "100000", False),
+        ("100000", "100000", True),
+        ("330102", "330102", True),
+        ("330103", "330102", False),
+    ],
+)
+def test_region_within_follows_gb2260_levels(region: str, area: str, within: bool) -> None:
+    """A province holds its cities and counties, a city its counties; 100000 only itself."""
+    assert region_within(region, area) is within

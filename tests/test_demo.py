@@ -34,9 +34,8 @@ async def test_scenario_records_each_hop_in_each_gateway(tmp_path: Path) -> None
     assert relayed.state == "callback_delivered"
     assert relayed.adapter == "back-office"
     assert relayed.attempts == 1
-    assert {k.lower(): v for k, v in relayed.request_headers.items()}["gw-via"] == (
-        "100000:national-platform"
-    )
+    # The relay chain, oldest first: A's gateway, then the platform whose key signed.
+    assert relayed.via == (A_GATEWAY, "100000:national-platform")
     hops = [h["hop"] for h in report.hops]
     for expected in (
         f"{PORTAL} → {A_GATEWAY} (crossregion.apply)",

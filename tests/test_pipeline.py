@@ -7,17 +7,30 @@ import hashlib
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
+from unittest import mock
 
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from gateway.app import STORE
-from gateway.client import verify_reply
+from gateway.client import ExchangeClient, verify_reply
+from gateway.config import MemberConfig, parse_config
+from gateway.errors import MalformedRequest, NotPermitted
 from gateway.keys import public_from_jwk
+from gateway.pipeline import Authenticated, Pipeline, via_chain
+from gateway.registry import Member
+from gateway.signing import Signer, VerifiedSignature
+from gateway.store import MessageRecord
 from tests.conftest import (
     APPLY_EXAMPLE,
     CREDIT_EXAMPLE,
     DISABLED_ID,
+    GATEWAY_ID,
+    NATIONAL_ID,
     PORTAL_ID,
     Harness,
     HarnessFactory,
@@ -233,8 +246,20 @@ async def test_a_read_may_send_a_message_id_only_if_its_signature_covers_it(
     assert "gw-message-id" in problem["detail"]
 
 
-async def test_peer_gateway_may_vouch_for_its_own_region(harness: Harness) -> None:
-    """440000:gateway relaying for a 440000 member is accepted (signed by the peer's key)."""
+async def test_peer_gateway_may_vouch_for_its_own_region(make_harness: HarnessFactory) -> None:
+    """440000:gateway relaying for a 440000 member is accepted (signed by the peer's key).
+    Answered locally: the national platform takes from this gateway only 330000's clients."""
+
+    def local_registry(doc: dict[str, Any]) -> None:
+        record = {"uscc": CREDIT_EXAMPLE["uscc"], "name": "x", "status": "active",
+                  "updated_at": "2026-11-26T00:00:00Z"}  # fmt: skip
+        doc["adapters"].append(
+            {"name": "registry", "type": "mock",
+             "config": {"responses": {"credit.query": {"body": record}}}}
+        )  # fmt: skip
+        doc["routes"][0]["adapter"] = "registry"
+
+    harness = await make_harness(local_registry)
     peer = harness.client("peer", member_id="440000:back-office")
     reply = await peer.exchange(
         "credit.query", CREDIT_EXAMPLE, headers={"Gw-Via": "440000:gateway"}
@@ -347,3 +372,170 @@ async def test_client_signed_with_ecdsa_is_accepted(make_harness: HarnessFactory
     h = await make_harness(edit)
     reply = await h.client("tax").exchange("credit.query", CREDIT_EXAMPLE)
     assert reply.status == 200, reply.body
+
+
+# Trust rules as units: vouching, the relay chain, who may read, the target URI ----------
+
+
+def _relay(
+    kind: str, regions: tuple[str, ...], member_id: str = "100000:national-platform"
+) -> Member:
+    return Member(config=MemberConfig(id=member_id, kind=kind, regions=regions), keys={})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("regions", "client", "allowed"),
+    [
+        (("100000",), "330000:one-stop-portal", False),  # the gateway's own region, never
+        (("100000", "330000"), "330000:one-stop-portal", False),  # not even when granted
+        (("100000", "330000"), "330100:city-portal", False),  # nor its sub-regions
+        (("100000",), "440000:back-office", False),  # 100000 is not every region
+        (("100000",), "100000:ministry-system", True),  # it is the national level's own
+        (("440000",), "440000:back-office", True),
+        (("440000",), "440100:city-office", False),  # granted exactly, not by prefix
+    ],
+)
+def test_a_relay_vouches_only_for_what_it_is_granted(
+    regions: tuple[str, ...], client: str, allowed: bool
+) -> None:
+    """Vouching at the 330000 gateway: explicit grants only, never the own region."""
+    relay = _relay("platform", regions)
+    if allowed:
+        Pipeline._check_vouching(relay, client, "330000")
+    else:
+        with pytest.raises(NotPermitted):
+            Pipeline._check_vouching(relay, client, "330000")
+
+
+def test_a_system_cannot_relay_at_all() -> None:
+    """A member of kind system vouches for nobody, whatever its regions say."""
+    with pytest.raises(NotPermitted, match="not a gateway"):
+        Pipeline._check_vouching(_relay("system", ("440000",), "440000:x"), "440000:y", "330000")
+
+
+def test_the_relay_chain_is_read_oldest_first() -> None:
+    """Gw-Via is a comma-separated chain of member ids; anything else is malformed."""
+    assert via_chain("440000:gateway, 100000:national-platform") == (
+        "440000:gateway",
+        "100000:national-platform",
+    )
+    assert via_chain(None) == via_chain("  ") == ()
+    for bad in ("440000:gateway,", "gateway", "440000:gateway;100000:x"):
+        with pytest.raises(MalformedRequest):
+            via_chain(bad)
+
+
+def _record(headers: dict[str, str], client: str = "440000:citizen-app") -> MessageRecord:
+    now = time.time()
+    return MessageRecord(
+        seq=1, message_id=str(uuid.uuid4()), client=client, service="s", mode="async",
+        state="accepted", request_headers=headers, request_body=b"{}", request_digest="",
+        target=None, adapter=None, status=None, code=None, response_headers={},
+        response_body=None, result=None, error=None, attempts=0, next_attempt_at=None,
+        created_at=now, updated_at=now,
+    )  # fmt: skip
+
+
+def _auth(signer: str, client: str, via: tuple[str, ...]) -> Authenticated:
+    return Authenticated(
+        client=client,
+        message_id="",
+        signer=_relay("gateway", ("440000",), signer),
+        signature=VerifiedSignature(
+            label="s", keyid="k", algorithm="ed25519", created=0, nonce="n"
+        ),
+        digest="",
+        via=via,
+    )
+
+
+def test_a_message_is_readable_by_its_sender_and_the_relay_that_signed_it() -> None:
+    """The last hop of the recorded chain reads it, and the client itself; another relay
+    (even one earlier in the chain) does not; a direct message no relay reads."""
+    relayed = _record({"Gw-Via": "330000:gateway, 100000:national-platform"})
+    assert relayed.via == ("330000:gateway", "100000:national-platform")
+    nat, b = "100000:national-platform", "440000:gateway"
+    assert Pipeline._may_read(_auth(nat, relayed.client, (nat,)), relayed)
+    assert Pipeline._may_read(_auth(relayed.client, relayed.client, ()), relayed)
+    assert not Pipeline._may_read(_auth(b, relayed.client, (b,)), relayed)
+    assert not Pipeline._may_read(
+        _auth("330000:gateway", relayed.client, ("330000:gateway",)), relayed
+    )
+    direct = _record({})
+    assert not Pipeline._may_read(_auth(b, direct.client, (b,)), direct)
+
+
+def _request(host: str, sockname: tuple[Any, ...], path: str = "/v1/exchange/x?a=1") -> web.Request:
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda name, default=None: (
+        sockname if name == "sockname" else default
+    )
+    return make_mocked_request("POST", path, headers={"Host": host}, transport=transport)
+
+
+def _target_pipeline(public_url: Any = None) -> Pipeline:
+    doc: dict[str, Any] = {"member_id": GATEWAY_ID, "key": "k.pem"}
+    if public_url is not None:
+        doc["public_url"] = public_url
+    pipeline = Pipeline.__new__(Pipeline)
+    pipeline.identity = parse_config(
+        {"gateway": doc, "members": [], "services": [], "adapters": [], "routes": []},
+        base=Path("."),
+    ).gateway
+    return pipeline
+
+
+def test_without_a_public_url_the_target_is_the_bound_address_not_the_host() -> None:
+    """@target-uri comes from the socket the request arrived on, never the Host header."""
+    pipeline = _target_pipeline()
+    request = _request("gw-b.example:9", ("127.0.0.1", 18080))
+    assert pipeline.target_uri(request) == "http://127.0.0.1:18080/v1/exchange/x?a=1"
+    v6 = _request("gw-b.example:9", ("::1", 18080, 0, 0))
+    assert pipeline.target_uri(v6) == "http://[::1]:18080/v1/exchange/x?a=1"
+    default_port = _request("x", ("127.0.0.1", 80))
+    assert pipeline.target_uri(default_port) == "http://127.0.0.1/v1/exchange/x?a=1"
+
+
+def test_with_public_urls_the_target_is_one_of_them() -> None:
+    """The public URL whose authority is the Host header's, else the first: a Host naming
+    another gateway never makes its URL the target."""
+    pipeline = _target_pipeline(["https://gw.example/", "https://gw-2.example:8443/base"])
+    sock = ("10.0.0.5", 8080)
+    first = _request("gw.example", sock)
+    assert pipeline.target_uri(first) == "https://gw.example/v1/exchange/x?a=1"
+    second = _request("GW-2.example:8443", sock)
+    assert pipeline.target_uri(second) == "https://gw-2.example:8443/base/v1/exchange/x?a=1"
+    other = _request("gw-b.example", sock)
+    assert pipeline.target_uri(other) == "https://gw.example/v1/exchange/x?a=1"
+
+
+async def test_a_cross_region_request_without_a_nonce_is_refused(harness: Harness) -> None:
+    """The national platform speaking for itself without a nonce is 401 signature_invalid;
+    with one (our signers' default) it passes authentication (403: it has no services)."""
+    bare = ExchangeClient(
+        member_id=NATIONAL_ID,
+        signer=Signer(harness.keys.pairs["national"], nonces=False),
+        base_url=harness.url,
+        session=harness.gateway.session,
+    )
+    reply = await bare.exchange("credit.query", CREDIT_EXAMPLE)
+    assert (reply.status, reply.json()["code"]) == (401, "signature_invalid"), reply.body
+    assert "nonce" in reply.json()["detail"]
+    signed = await harness.client("national").exchange("credit.query", CREDIT_EXAMPLE)
+    assert signed.json()["code"] == "forbidden"
+
+
+async def test_a_local_member_may_retry_byte_for_byte_without_a_nonce(harness: Harness) -> None:
+    """A local system's request without a nonce is accepted, and its identical resend is
+    answered from the store (Gw-Replayed): nonces are not required locally."""
+    portal = ExchangeClient(
+        member_id=PORTAL_ID,
+        signer=Signer(harness.keys.pairs["portal"], nonces=False),
+        base_url=harness.url,
+        session=harness.gateway.session,
+    )
+    url, headers, data = portal.prepare("POST", "/v1/exchange/credit.query", CREDIT_EXAMPLE)
+    for replayed in (False, True):
+        async with harness.gateway.session.post(url, data=data, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+            assert ("Gw-Replayed" in resp.headers) is replayed

@@ -463,7 +463,7 @@ def test_signer_signs_b26_base_with_alg_deterministically() -> None:
     base = RFC_EXAMPLES[5]["signature_base"] + ';alg="ed25519"'
     expected = base64.b64encode(key.sign(base.encode())).decode()
 
-    Signer(pair, label="sig-b26").sign_request(
+    Signer(pair, label="sig-b26", nonces=False).sign_request(
         request.method,
         request.url,
         headers,
@@ -492,7 +492,7 @@ def test_signer_reproduces_b26_signature_bytes() -> None:
     )
 
     headers = CIMultiDict(request.headers)
-    Signer(pair, label="sig-b26", include_alg=False).sign_request(
+    Signer(pair, label="sig-b26", include_alg=False, nonces=False).sign_request(
         request.method,
         request.url,
         headers,
@@ -1161,3 +1161,28 @@ def test_load_keypair_without_jwk_uses_the_thumbprint(tmp_path: Path) -> None:
     pair = load_keypair(pem)
 
     assert pair.kid == jwk_thumbprint(pair.jwk)
+
+
+def test_the_signer_puts_a_fresh_nonce_on_every_request(tmp_path: Path) -> None:
+    """Relayed and cross-region requests need a nonce: each signed request carries a new
+    one, that verifies; ``nonces=False`` signs without (for fixed vectors only)."""
+    HEADERS = {"Content-Type": "application/json", "Gw-Client": "330000:a", "Gw-Message-Id": "m"}
+    pair = write_keypair(generate("ed25519"), tmp_path / "k.pem", tmp_path / "k.jwk.json")
+    seen = set()
+    for _ in range(3):
+        headers: CIMultiDict[str] = CIMultiDict(HEADERS)
+        Signer(pair).sign_request("POST", URL, headers, BODY)
+        sig = parse_signature_input(headers)
+        verified = Verifier().verify(
+            RequestView("POST", URL, headers), sig, VerificationKey.from_jwk(pair.jwk), fresh=False
+        )
+        assert verified.nonce is not None
+        assert len(verified.nonce) >= 16
+        seen.add(verified.nonce)
+    assert len(seen) == 3
+    headers = CIMultiDict(HEADERS)
+    Signer(pair, nonces=False).sign_request("POST", URL, headers, BODY)
+    assert "nonce=" not in headers["Signature-Input"]
+    headers = CIMultiDict(HEADERS)
+    Signer(pair).sign_request("POST", URL, headers, BODY, nonce="chosen")
+    assert ';nonce="chosen"' in headers["Signature-Input"]

@@ -206,6 +206,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             keypair=sim_pairs["national"],
             trusted=gateway_keys,
             callback_base=url,
+            callback_member=config.gateway.member_id,
             callback_delay_s=nat.callback_delay_s,
         )
         sites.append((create_national_app(national), nat.host, nat.port, "national platform (sim)"))

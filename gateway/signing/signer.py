@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import secrets
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +39,9 @@ class Signer:
 
     ``digest`` names the Content-Digest algorithm written when a message has none; by
     default ``sm3`` for an SM2 key (national cryptography on every hop), else ``sha-256``.
+    ``nonces``: every signed request carries a fresh random ``nonce`` parameter unless
+    the caller passes one (relayed and cross-region requests must have one; see
+    docs/decisions.md); ``False`` only for fixed test vectors and byte-identical retries.
     """
 
     def __init__(
@@ -47,6 +51,7 @@ class Signer:
         label: str = "gw",
         include_alg: bool = True,
         digest: str | None = None,
+        nonces: bool = True,
         **hmac: Any,
     ) -> None:
         if keypair is None:
@@ -59,6 +64,7 @@ class Signer:
             self.algorithm = keypair.algorithm
             private = keypair.private
         self.label = label
+        self.nonces = nonces
         self.include_alg = include_alg
         if digest is not None and digest not in DIGESTS:
             raise ValueError(f"unsupported Content-Digest algorithm {digest!r}")
@@ -96,6 +102,8 @@ class Signer:
         """Add Content-Digest (if absent), Signature-Input and Signature to ``headers``."""
         if "Content-Digest" not in headers:
             headers["Content-Digest"] = content_digest(body, self.digest)
+        if nonce is None and self.nonces:
+            nonce = secrets.token_urlsafe(16)
         self._sign(
             RequestView(method, url, headers),
             components if components is not None else request_components(headers),

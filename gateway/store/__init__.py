@@ -59,6 +59,7 @@ __all__ = [
     "sql_state",
     "sql_states",
     "store_url",
+    "via_hops",
 ]
 
 STORE_URL_ENV = "GATEWAY_STORE_URL"
@@ -89,6 +90,11 @@ IN_OUTBOX = sql_states(*_OUTBOX)
 TAKES_CALLBACK = sql_states(*AWAITING_CALLBACK)
 TAKES_LATER_DECISION = sql_states(*AWAITING_CALLBACK, *ANSWERED_STATES)
 INSTANCE_ENV = "GATEWAY_INSTANCE_ID"
+
+
+def via_hops(value: str | None) -> tuple[str, ...]:
+    """A ``Gw-Via`` value as its hops, oldest first (the pipeline checks their syntax)."""
+    return tuple(h.strip() for h in value.split(",")) if value and value.strip() else ()
 
 
 class DuplicateMessage(Exception):
@@ -152,6 +158,14 @@ class MessageRecord:
     @property
     def finished(self) -> bool:
         return self.status is not None
+
+    @property
+    def via(self) -> tuple[str, ...]:
+        """The relay chain it came through (its ``Gw-Via`` as received, oldest first;
+        the last hop signed it), recorded with its headers. () when sent directly."""
+        return via_hops(
+            next((v for k, v in self.request_headers.items() if k.lower() == "gw-via"), None)
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

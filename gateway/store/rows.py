@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
-from gateway.store import CallbackRecord, MessageRecord, NewMessage
+from gateway.store import CallbackRecord, MessageRecord, NewMessage, via_hops
 
 __all__ = ["Row", "accepted_record", "callback_record", "message_record"]
 
@@ -61,7 +61,8 @@ def callback_record(row: Row) -> CallbackRecord:
         correlation_id=row["correlation_id"],
         original_seq=row["original_seq"],
         original_client=row["original_client"],
-        original_via=_header(row["original_headers"], "gw-via"),
+        # The relay whose key signed the original's last hop: answers go back there.
+        original_via=(via_hops(_header(row["original_headers"], "gw-via")) or (None,))[-1],
         service=row["service"],
         body=row["body"],
         digest=row["digest"],
