@@ -39,7 +39,7 @@ from gateway.config import SCHEMA_DIR, region_within
 from gateway.encoding import iso_utc
 from gateway.errors import DirectoryRefused, OutboundRefused
 from gateway.keys import KeyPair
-from gateway.outbound import OutboundPolicy
+from gateway.outbound import OutboundPolicy, join
 
 __all__ = [
     "ANNOUNCE_SKEW_S",
@@ -119,7 +119,9 @@ class Party:
     @property
     def callbacks(self) -> str:
         """Where this party takes callbacks (``{service}`` filled in by delivery)."""
-        return self.callback_url or f"{self.url}/v1/callbacks/{{service}}"
+        if self.callback_url:
+            return self.callback_url
+        return join(self.url, "v1", "callbacks") + "/{service}"
 
     @property
     def region(self) -> str:

@@ -204,7 +204,10 @@ class DirectoryFollower:
             headers["If-None-Match"] = self.etag
         try:
             async with self._session().get(
-                self.config.url, headers=headers, timeout=aiohttp.ClientTimeout(total=5)
+                self.config.url,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=5),
+                allow_redirects=False,  # a 3xx is a failed fetch, never followed
             ) as resp:
                 status = resp.status
                 etag = resp.headers.get("ETag")
@@ -452,7 +455,11 @@ async def announce(
     Signer(signer_key).sign_request("POST", url, headers, data, components=ANNOUNCE_COVERED)
     try:
         async with session.post(
-            url, data=data, headers=headers, timeout=aiohttp.ClientTimeout(total=5)
+            url,
+            data=data,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=5),
+            allow_redirects=False,  # a signed announcement is never re-posted elsewhere
         ) as resp:
             await resp.read()
             return resp.status

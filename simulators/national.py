@@ -405,7 +405,7 @@ async def _relay(
     the chain it came through travels on, the platform appended (the signing hop)."""
     sim = app[NATIONAL]
     body = json.dumps(doc, ensure_ascii=False).encode()
-    url = f"{target.rstrip('/')}/v1/exchange/{service}"
+    url = join(target, "v1", "exchange", service)
     extra = {
         "Gw-Client": client,
         "Gw-Message-Id": message_id,

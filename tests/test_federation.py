@@ -325,6 +325,7 @@ async def test_bad_directories_are_refused_and_the_last_good_one_kept(
 
     app = web.Application()
     app.router.add_get("/v1/directory", serve)
+    app.router.add_get("/v1/elsewhere", serve)
     await fed.serve("fake", app)
     p = fed.pairs
 
@@ -401,12 +402,15 @@ class Served:
     jws: str = ""
     etag: str = '"0"'
     raw: bytes | None = None  # served as is when set (a body of any size)
+    redirect: str | None = None  # answered with a 302 to this path when set
     hits: int = 0
 
 
 async def _serve_directory(fed: Federation, served: Served) -> None:
     async def serve(request: web.Request) -> web.StreamResponse:
         served.hits += 1
+        if served.redirect is not None and request.path == "/v1/directory":
+            raise web.HTTPFound(served.redirect)
         if served.raw is not None:  # streamed: no Content-Length to refuse it by
             resp = web.StreamResponse(headers={"Content-Type": "application/jose"})
             resp.enable_chunked_encoding()
@@ -560,3 +564,19 @@ async def test_a_directory_body_is_read_bounded_and_a_first_copy_has_a_floor(
     status, ready = await fed.readyz("a")
     assert status == 503
     assert any("min_version" in r for r in ready["reasons"])
+
+
+async def test_a_redirecting_directory_server_is_not_followed(fed: Federation) -> None:
+    """A 302 from the directory URL to a valid document elsewhere is a refused fetch
+    (outbound requests go only where configured): nothing is applied, not ready."""
+    b_keys = [{"jwk": fed.pairs["b"].jwk}]
+    served = Served(redirect="/v1/elsewhere")
+    served.jws = sign_directory(fed.pairs["directory"], _document(fed, 3, expires_in=600,
+                                                                  b_keys=b_keys))  # fmt: skip
+    await _serve_directory(fed, served)
+    a = await fed.serve("a", create_app(_a_following(fed, refresh_s=60)))
+    follower = a[DIRECTORY]
+    assert follower.current is None
+    assert follower.refusal is not None
+    assert "302" in follower.refusal.detail
+    assert served.hits == 1  # the redirect target was never asked

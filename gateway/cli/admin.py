@@ -121,7 +121,9 @@ class AdminClient:
             headers["Content-Type"] = "application/json"
         url = self.url(segments, query)
         try:
-            async with self.session.request(method, url, data=data, headers=headers) as resp:
+            async with self.session.request(  # the bearer token goes to the admin listener only
+                method, url, data=data, headers=headers, allow_redirects=False
+            ) as resp:
                 raw = await resp.read()
                 status, reason = resp.status, resp.reason
         except aiohttp.ClientConnectionError as exc:
