@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import subprocess
 import sys
 import time
@@ -49,6 +50,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 A_ID, B_ID = GATEWAY_ID, PEER_ID  # 330000:gateway, 440000:gateway
 B_CLIENT = "440000:citizen-app"
+DECIDED_LATER = "CASE-DECIDED-LATER"  # Gw-Issue: the office answers 202, a callback decides
 RECORD = {
     "uscc": "91350100M000100Y43",
     "name": "模拟企业",
@@ -79,6 +81,8 @@ class Office:
     async def handle(self, request: web.Request) -> web.Response:
         await request.read()
         self.seen[request.headers.get("Gw-Message-Id", "?")] = CIMultiDict(request.headers)
+        if request.headers.get("Gw-Issue") == DECIDED_LATER:  # the decision comes by callback
+            return web.json_response({"accepted": True}, status=202)
         if request.match_info["service"] == "crossregion.apply":
             return web.json_response({"accepted": True, "ticket": "BO-1"})
         return web.json_response(RECORD)
@@ -145,7 +149,12 @@ def _a_config(keys: Keys, tmp: Path, port: int, office_url: str) -> dict[str, An
         ],
         "services": [_service("credit.query", "sync"), _service("crossregion.apply", "async")],
         "adapters": [
-            {"name": "office", "type": "http", "config": {"url": f"{office_url}/{{service}}"}}
+            # The national platform is the one that decides what the office takes.
+            {
+                "name": "office",
+                "type": "http",
+                "config": {"url": f"{office_url}/{{service}}", "receiver": NATIONAL_ID},
+            }
         ],
         "routes": [
             {"service": "credit.query", "adapter": "office"},
@@ -412,3 +421,50 @@ async def test_the_simulator_takes_the_origin_from_the_key_not_the_header(
     headers = await p.office_got(message_id)
     assert headers["Gw-Via"] == f"{B_ID}, {NATIONAL_ID}, {A_ID}"
     assert headers["Gw-Client"] == B_CLIENT
+
+
+async def _call_back(
+    p: Provinces, key: str, member: str, correlation: str, decision: str
+) -> tuple[int, dict[str, Any]]:
+    url = f"{p.a_url}/v1/callbacks/crossregion.apply"
+    body = {"decision": decision, "case_number": "CR2026112600000001",
+            "handling_region": "440000", "decided_at": "2026-11-26T10:00:00Z"}  # fmt: skip
+    data = json.dumps(body).encode()
+    headers: CIMultiDict[str] = CIMultiDict(
+        {"Content-Type": "application/json", "Gw-Client": member,
+         "Gw-Message-Id": str(uuid.uuid4()), "Gw-Correlation-Id": correlation}
+    )  # fmt: skip
+    Signer(p.keys.pairs[key]).sign_request("POST", url, headers, data)
+    async with p.session.post(url, data=data, headers=headers) as resp:
+        return resp.status, json.loads(await resp.read())
+
+
+async def test_only_the_party_a_message_went_to_may_call_back_and_only_once(
+    p: Provinces,
+) -> None:
+    """On a real `gateway serve`: B's key calling back for a message A delivered to the
+    platform's side is 404 message_unknown; the platform's decision is taken; the same
+    decision again is 200; a different one after it is 409 callback_conflict, first kept."""
+    portal = p.client("portal", PORTAL_ID, p.a_url)
+    sent = await portal.exchange(
+        "crossregion.apply", APPLY_EXAMPLE, headers={"Gw-Issue": DECIDED_LATER}
+    )
+    assert sent.status == 202, sent.body
+    message_id = sent.json()["message_id"]
+    deadline = time.monotonic() + 10
+    while (await portal.status(message_id)).json()["state"] != "delivered":
+        assert time.monotonic() < deadline, (await portal.status(message_id)).body
+        await asyncio.sleep(0.05)
+    status, problem = await _call_back(p, "peer", B_ID, message_id, "rejected")
+    assert (status, problem["code"]) == (404, "message_unknown"), problem
+    status, ack = await _call_back(p, "national", NATIONAL_ID, message_id, "approved")
+    assert (status, ack["state"]) == (200, "accepted"), ack
+    status, ack = await _call_back(p, "national", NATIONAL_ID, message_id, "approved")
+    assert (status, ack["state"]) == (200, "duplicate"), ack
+    status, problem = await _call_back(p, "national", NATIONAL_ID, message_id, "rejected")
+    assert (status, problem["code"]) == (409, "callback_conflict"), problem
+    deadline = time.monotonic() + 10
+    while "result" not in (view := (await portal.status(message_id)).json()):
+        assert time.monotonic() < deadline, "the decision never reached the message"
+        await asyncio.sleep(0.05)
+    assert view["result"]["decision"] == "approved"
