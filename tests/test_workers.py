@@ -117,6 +117,16 @@ async def test_a_revocation_is_refused_by_every_worker_within_a_second(
 
         assert set(await statuses(20)) == {200}
         headers = {"Authorization": f"Bearer {token}"}
+        # Ready is the ingress's word; the admin listener may bind a moment later.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                async with session.get(revoke.rsplit("/keys/", 1)[0], headers=headers) as resp:
+                    assert resp.status == 200, await resp.text()
+                    break
+            except aiohttp.ClientConnectionError:
+                assert time.monotonic() < deadline, "the admin listener never came up"
+                await asyncio.sleep(0.05)
         async with session.delete(revoke, headers=headers) as resp:
             assert resp.status == 204, await resp.text()
         revoked_at = time.monotonic()
