@@ -23,14 +23,26 @@ async def _call(h: Harness, method: str, path: str, body: Any = None) -> tuple[i
         return resp.status, json.loads(raw) if raw else None
 
 
-async def _on(make_harness: HarnessFactory, store_url: str) -> Harness:
-    if store_url.startswith("postgresql://"):
+async def _on(make_harness: HarnessFactory, store_url: str, *, local: bool = False) -> Harness:
+    """A harness on ``store_url``; ``local``: credit.query answered by a mock registry here
+    (a peer's own query is not the national platform's to relay: it refuses)."""
 
-        def on_postgres(doc: dict[str, Any]) -> None:
+    def edit(doc: dict[str, Any]) -> None:
+        if store_url.startswith("postgresql://"):
             doc["store"]["url"] = store_url
+        if local:
+            doc["adapters"].append(
+                {"name": "registry", "type": "mock",
+                 "config": {"responses": {"credit.query": {"body": REGISTRY_RECORD}}}}
+            )  # fmt: skip
+            doc["routes"] = [
+                {**r, "adapter": "registry"} if r["service"] == "credit.query" else r
+                for r in doc["routes"]
+            ]
 
-        return await make_harness(on_postgres)
-    return await make_harness(store=Path(store_url))
+    if store_url.startswith("postgresql://"):
+        return await make_harness(edit)
+    return await make_harness(edit, store=Path(store_url))
 
 
 async def _pair(make_harness: HarnessFactory, store_url: str) -> tuple[Harness, Harness]:
@@ -116,6 +128,12 @@ def _file_kids(h: Harness) -> set[str]:
 # Admin writes on what the directory defines (issue 20, part 8) ---------------------------
 
 DIRECTORY_PEER = "450000:gateway"
+REGISTRY_RECORD = {
+    "uscc": "91350100M000100Y43",
+    "name": "模拟企业",
+    "status": "active",
+    "updated_at": "2026-11-26T00:00:00Z",
+}
 
 
 def _directory_peer(h: Harness, *names: str) -> Any:
@@ -141,7 +159,7 @@ async def test_an_admin_patch_on_a_directory_member_stores_only_what_it_changed(
 ) -> None:
     """PATCH enabled on a peer the directory defines stores {enabled}; a later directory
     version that revokes one of its keys still applies (the revoked key gets 401)."""
-    h = await _on(make_harness, store_url)
+    h = await _on(make_harness, store_url, local=True)
     live = h.app[LIVE]
     await live.set_layer(_directory_peer(h, "peer", "stranger"))
     assert await _as_peer(h, "stranger") == (200, "")
@@ -158,7 +176,7 @@ async def test_an_admin_patch_on_a_directory_member_stores_only_what_it_changed(
     assert status == 200
     await live.set_layer(_directory_peer(h, "peer", "tax"))
     assert await _as_peer(h, "peer") == (403, "client_disabled")
-    again = await _on(make_harness, store_url)
+    again = await _on(make_harness, store_url, local=True)
     await again.app[LIVE].set_layer(_directory_peer(again, "peer"))
     assert await _as_peer(again, "peer") == (403, "client_disabled")
 
@@ -167,7 +185,7 @@ async def test_a_key_revoked_here_stays_revoked_whatever_the_directory_lists(
     store_url: str, make_harness: HarnessFactory
 ) -> None:
     """DELETE …/keys/{kid} on a directory peer is kept as a revocation over the layer."""
-    h = await _on(make_harness, store_url)
+    h = await _on(make_harness, store_url, local=True)
     live = h.app[LIVE]
     await live.set_layer(_directory_peer(h, "peer", "stranger"))
     kid = h.keys.pairs["stranger"].kid
@@ -183,7 +201,7 @@ async def test_what_only_the_directory_may_change_is_refused_with_the_fields(
 ) -> None:
     """Adding a key to, re-pointing or deleting a directory peer is 422 naming the field;
     nothing is stored."""
-    h = await _on(make_harness, store_url)
+    h = await _on(make_harness, store_url, local=True)
     await h.app[LIVE].set_layer(_directory_peer(h, "peer"))
     path = f"/admin/v1/members/{DIRECTORY_PEER}"
     jwk = dict(h.keys.pairs["stranger"].jwk)
