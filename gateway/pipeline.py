@@ -701,6 +701,7 @@ class Pipeline:
             for m in await self.store.find_by_message_id(correlation)
             if m.service == service and m.mode == "async"
         ]
+        mine: list[MessageRecord] = []
         for record in found:
             if record.state in IN_DELIVERY:
                 if (record.receiver or intended_receiver(runtime, record)) == caller:
@@ -708,7 +709,21 @@ class Pipeline:
                         f"message {correlation} is still being delivered; retry", retry_after=1
                     )
             elif record.receiver == caller:
-                return record
+                mine.append(record)
+        if len(mine) > 1:
+            # Message ids are unique per sender only: two senders' messages with one id sent
+            # to one receiver cannot be told apart by its callback. Taking either would hand
+            # one sender's decision to the other, so neither is taken (docs/security.md).
+            log.warning(
+                "callback for %s refused: %d messages with that id were sent to %s",
+                correlation, len(mine), caller,
+                extra={"event": "callback_ambiguous", "correlation_id": correlation},
+            )  # fmt: skip
+            raise CallbackConflict(
+                f"message id {correlation} names more than one message sent to {caller}"
+            )
+        if mine:
+            return mine[0]
         raise MessageUnknown(_UNAWAITED.format(service=service, id=correlation))
 
     async def _kept_decision(self, original: MessageRecord) -> str | None:

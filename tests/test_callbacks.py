@@ -293,3 +293,38 @@ async def test_a_message_delivered_to_a_peer_takes_the_peers_callback_not_the_pl
         assert h.portal.processed[message_id]["decision"] == "rejected"
     finally:
         await server.close()
+
+
+def _tax_applies(doc: dict[str, Any]) -> None:
+    """A second local system that may apply too (its callbacks to the portal's URL)."""
+    for member in doc["members"]:
+        if member["id"] == "330000:tax-system":
+            member["services"] = ["crossregion.apply"]
+            portal = next(m for m in doc["members"] if m["id"] == PORTAL_ID)
+            member["callback_url"] = portal["callback_url"]
+
+
+async def test_a_decision_for_an_id_two_senders_used_is_given_to_neither(
+    make_harness: HarnessFactory,
+) -> None:
+    """Two local systems send applications with the same message id (ids are unique per
+    sender only) to one platform: its callback cannot say whose it is, so it is 409
+    callback_conflict and neither message takes the other's decision."""
+    h = await make_harness(_tax_applies)
+    h.national.callback_delay_s = 3600  # the simulator stays silent; we call back
+    shared = str(uuid.uuid4())
+    for name in ("tax", "portal"):
+        reply = await h.client(name).exchange("crossregion.apply", APPLY_EXAMPLE, message_id=shared)
+        assert reply.status == 202, reply.body
+    await _until_state(h, shared, "delivered")
+
+    async def both_delivered() -> bool:
+        records = await h.app[STORE].find_by_message_id(shared)
+        return len(records) == 2 and all(r.state == "delivered" for r in records)
+
+    await h.wait_for(both_delivered)
+    status, problem, _ = await _callback(h, shared)
+    assert (status, problem["code"]) == (409, "callback_conflict"), problem
+    for name in ("tax", "portal"):
+        view = (await h.client(name).status(shared)).json()
+        assert "result" not in view, view
