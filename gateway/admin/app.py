@@ -1,6 +1,8 @@
 """Admin API handlers: adapters, members (and their keys), services, routes, ACL, messages,
 dead letters, audit trail and tokens. Every write is validated, takes effect at once
-(``LiveConfig``), persists, and is audited with who, what, when, before and after."""
+(``LiveConfig``), persists, and is audited with who, what, when, before and after: the
+handlers read the request and call the operation in ``gateway.admin.operations``, which
+the web console calls too."""
 
 from __future__ import annotations
 
@@ -14,34 +16,41 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.admin.auth import Permission, Principal, authenticate, create_token
-from gateway.admin.resources import carry_revocations, check_resource
+from gateway.admin.auth import Permission, Principal, authenticate
+from gateway.admin.operations import (
+    INGRESS,
+    add_member_key,
+    create_resource,
+    delete_resource,
+    issue_token,
+    item_or_404,
+    patch_resource,
+    put_route,
+    redeliver_dead_letter,
+    remove_route,
+    replace_resource,
+    revoke_member_key,
+    set_member_services,
+    withdraw_token,
+)
 from gateway.admin.views import audit_view, for_role, resource_view
-from gateway.app import DELIVERY, LIVE, RUNTIME, STORE
+from gateway.app import LIVE, RUNTIME, STORE
 from gateway.errors import (
-    ConfigError,
-    FieldError,
     GatewayError,
     InternalError,
     MalformedRequest,
     NotPermitted,
-    ResourceExists,
     ResourceUnknown,
-    SchemaInvalid,
 )
-from gateway.live import LiveConfig, resource_id
-from gateway.masking import dead_letter_view, masked_error, message_view
+from gateway.live import LiveConfig
+from gateway.masking import dead_letter_view, message_view
 from gateway.problem import problem_response
 from gateway.registry import adapter_types
-from gateway.secrets import restore
-from gateway.states import CallbackState, MessageState
-from gateway.store import ResourceChange, Store
 
 __all__ = ["create_admin_app"]
 
 log = logging.getLogger("gateway.admin")
 PRINCIPAL = web.RequestKey("principal", Principal)
-INGRESS = web.AppKey("ingress", web.Application)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # The permission each /admin/v1 route needs, by (method, route template); a route that
 # has none is refused to every role (a new route cannot be open by omission).
@@ -106,117 +115,6 @@ async def _body(request: web.Request) -> Any:
         raise MalformedRequest("the body is not a JSON document") from exc
 
 
-def _merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7396 JSON Merge Patch."""
-    if not isinstance(patch, Mapping):
-        return patch
-    result = dict(target) if isinstance(target, Mapping) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = _merge_patch(result.get(key), value)
-    return result
-
-
-async def _write(
-    live: LiveConfig,
-    kind: str,
-    rid: str,
-    body: Mapping[str, Any] | None,
-    action: str,
-    principal: Principal,
-    *,
-    reinstate: bool = False,
-) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    if kind == "members" and body is not None:
-        # A revoked kid stays revoked unless the request says ?reinstate=true.
-        body = carry_revocations(body, live.get(kind, rid), reinstate=reinstate)
-    if body is not None:
-        check_resource(kind, body, live)
-    try:
-        return await live.write(
-            kind, rid, body, action=action, actor=principal.name, role=principal.role
-        )
-    except ConfigError as exc:
-        raise SchemaInvalid(
-            "the change would make the configuration invalid",
-            [FieldError("", problem) for problem in exc.problems],
-        ) from exc
-
-
-def _item_or_404(live: LiveConfig, kind: str, rid: str) -> dict[str, Any]:
-    item = live.get(kind, rid)
-    if item is None:
-        raise ResourceUnknown(f"no {kind[:-1]} {rid}")
-    return item
-
-
-# Operations: each write as a function of the live config and the principal, so that the
-# web console (gateway/console/) runs the very same checks, audit and live swap.
-
-
-async def create_resource(
-    live: LiveConfig, principal: Principal, kind: str, body: Any, *, reinstate: bool = False
-) -> tuple[str, dict[str, Any] | None]:
-    """Create an adapter, member or service; its id and its state after."""
-    principal.require("write")
-    body = restore(kind, body, None)  # a placeholder in a create names no stored secret
-    check_resource(kind, body, live)
-    rid = resource_id(kind, body)
-    if live.get(kind, rid) is not None:
-        raise ResourceExists(f"{kind[:-1]} {rid} exists; PUT or PATCH it instead")
-    _, after = await _write(live, kind, rid, body, "create", principal, reinstate=reinstate)
-    return rid, after
-
-
-async def replace_resource(
-    live: LiveConfig,
-    principal: Principal,
-    kind: str,
-    rid: str,
-    body: Any,
-    *,
-    reinstate: bool = False,
-) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    principal.require("write")
-    body = restore(kind, body, live.get(kind, rid))  # placeholders keep the stored secrets
-    check_resource(kind, body, live)
-    if resource_id(kind, body) != rid:
-        raise SchemaInvalid(
-            "the body names another resource", [FieldError(f"/{KEY[kind]}", f"must be {rid}")]
-        )
-    return await _write(live, kind, rid, body, "replace", principal, reinstate=reinstate)
-
-
-async def patch_resource(
-    live: LiveConfig,
-    principal: Principal,
-    kind: str,
-    rid: str,
-    changes: Any,
-    *,
-    reinstate: bool = False,
-) -> dict[str, Any] | None:
-    """RFC 7396 merge patch; enabling or disabling is an operator's job, the rest an admin's."""
-    if not isinstance(changes, Mapping):
-        raise MalformedRequest("a merge patch is a JSON object")
-    principal.require("operate" if set(changes) <= {"enabled"} else "write")
-    current = _item_or_404(live, kind, rid)
-    # Omitted secrets stay as merged; a repeated placeholder is the stored secret again.
-    merged = restore(kind, _merge_patch(current, changes), current)
-    if resource_id(kind, merged) != rid:
-        raise SchemaInvalid("a patch cannot rename", [FieldError(f"/{KEY[kind]}", "fixed")])
-    _, after = await _write(live, kind, rid, merged, "update", principal, reinstate=reinstate)
-    return after
-
-
-async def delete_resource(live: LiveConfig, principal: Principal, kind: str, rid: str) -> None:
-    principal.require("write")
-    _item_or_404(live, kind, rid)
-    await _write(live, kind, rid, None, "delete", principal)
-
-
 # Generic resources: adapters, members, services -------------------------------------
 
 
@@ -229,7 +127,7 @@ def _collection(kind: str) -> dict[str, Handler]:
 
     async def get_item(request: web.Request) -> web.Response:
         _principal(request, "read")
-        item = _item_or_404(_live(request), kind, request.match_info["id"])
+        item = item_or_404(_live(request), kind, request.match_info["id"])
         return web.json_response(resource_view(kind, item))
 
     async def create(request: web.Request) -> web.Response:
@@ -273,9 +171,6 @@ def _shown(kind: str, item: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 def _reinstate(request: web.Request) -> bool:
     return request.query.get("reinstate") == "true"
-
-
-KEY = {"adapters": "name", "members": "id", "services": "code"}
 
 
 # Adapters ----------------------------------------------------------------------------
@@ -324,57 +219,6 @@ async def adapter_health(request: web.Request) -> web.Response:
 # Member keys and ACL -----------------------------------------------------------------
 
 
-async def add_member_key(
-    live: LiveConfig, principal: Principal, member_id: str, jwk: Any, *, reinstate: bool = False
-) -> None:
-    """Add a public JWK to a member; errors point into the JWK itself."""
-    principal.require("write")
-    member = _item_or_404(live, "members", member_id)
-    try:  # a new key has no stored secret a placeholder could name
-        restore("members", {"keys": [jwk]}, None)
-    except SchemaInvalid as exc:
-        raise SchemaInvalid(
-            exc.detail,
-            [FieldError(e.pointer.removeprefix("/keys/0"), e.message) for e in exc.errors],
-        ) from exc
-    member["keys"] = [*member.get("keys", []), jwk]
-    try:
-        await _write(live, "members", member_id, member, "add_key", principal, reinstate=reinstate)
-    except SchemaInvalid as exc:
-        n = len(member["keys"]) - 1
-        raise SchemaInvalid(
-            exc.detail,
-            [FieldError(e.pointer.removeprefix(f"/keys/{n}"), e.message) for e in exc.errors],
-        ) from exc
-
-
-async def revoke_member_key(
-    live: LiveConfig, principal: Principal, member_id: str, kid: str
-) -> None:
-    principal.require("write")
-    member = _item_or_404(live, "members", member_id)
-    keys = member.get("keys", [])
-    kept = [k for k in keys if not (isinstance(k, Mapping) and k.get("kid") == kid)]
-    if len(kept) == len(keys):
-        raise ResourceUnknown(f"{member_id} has no key {kid}")
-    member["keys"] = kept
-    member["revoked_keys"] = [*member.get("revoked_keys", []), kid]
-    await _write(live, "members", member_id, member, "revoke_key", principal)
-
-
-async def set_member_services(
-    live: LiveConfig, principal: Principal, member_id: str, body: Any
-) -> list[Any]:
-    """A member's ACL: ``{services: [...]}``."""
-    principal.require("write")
-    member = _item_or_404(live, "members", member_id)
-    if not isinstance(body, Mapping) or not isinstance(body.get("services"), list):
-        raise SchemaInvalid("expected {services: [...]}", [FieldError("/services", "required")])
-    member["services"] = body["services"]
-    await _write(live, "members", member_id, member, "update_acl", principal)
-    return list(member["services"])
-
-
 async def add_key(request: web.Request) -> web.Response:
     jwk = await _body(request)
     await add_member_key(
@@ -415,25 +259,6 @@ async def put_acl(request: web.Request) -> web.Response:
 async def list_routes(request: web.Request) -> web.Response:
     _principal(request, "read")
     return web.json_response({"routes": _live(request).items("routes")})
-
-
-async def put_route(
-    live: LiveConfig, principal: Principal, body: Any
-) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """Create or replace the route for (service, target)."""
-    principal.require("write")
-    check_resource("routes", body, live)
-    rid = resource_id("routes", body)
-    return await _write(live, "routes", rid, body, "create", principal)
-
-
-async def remove_route(
-    live: LiveConfig, principal: Principal, service: str, target: str | None
-) -> None:
-    principal.require("write")
-    rid = f"{service}|{target or '*'}"
-    _item_or_404(live, "routes", rid)
-    await _write(live, "routes", rid, None, "delete", principal)
 
 
 async def create_route(request: web.Request) -> web.Response:
@@ -511,39 +336,6 @@ async def list_dead_letters(request: web.Request) -> web.Response:
     return web.json_response({"dead_letters": [dead_letter_view(r) for r in rows]})
 
 
-async def redeliver_dead_letter(
-    ingress: web.Application, principal: Principal, message_id: str
-) -> str:
-    """Queue a dead message or callback again (an operator's job); its kind."""
-    principal.require("operate")
-    message_id = message_id.lower()
-    rows = [
-        r for r in await ingress[STORE].dead_letters(limit=100_000) if r.message_id == message_id
-    ]
-    if not rows:
-        raise ResourceUnknown(f"no dead letter {message_id}")
-    row = rows[0]
-    await ingress[STORE].redeliver(row.kind, row.seq, time.time())
-    await ingress[STORE].record_change(
-        ResourceChange(
-            kind="dead-letters",
-            id=message_id,
-            action="redeliver",
-            actor=principal.name,
-            role=principal.role,
-            # The change trail is a view, not evidence: the error as views show it.
-            before={"state": "dead", "attempts": row.attempts, "error": masked_error(row.error)},
-            after={
-                "state": MessageState.ACCEPTED if row.kind == "message" else CallbackState.PENDING
-            },
-        )
-    )
-    delivery = ingress.get(DELIVERY)
-    if delivery is not None:
-        delivery.wake()
-    return row.kind
-
-
 async def redeliver(request: web.Request) -> web.Response:
     message_id = request.match_info["id"].lower()
     kind = await redeliver_dead_letter(request.app[INGRESS], request[PRINCIPAL], message_id)
@@ -569,33 +361,6 @@ async def list_tokens(request: web.Request) -> web.Response:
     _principal(request, "read_tokens")
     tokens = await request.app[INGRESS][STORE].list_tokens()
     return web.json_response({"tokens": [dataclasses.asdict(t) for t in tokens]})
-
-
-async def issue_token(store: Store, principal: Principal, name: str, role: str) -> str:
-    """A new admin token (shown once), audited."""
-    principal.require("write")
-    token = await create_token(store, name, role)
-    await store.record_change(
-        ResourceChange(
-            kind="tokens", id=name, action="create", actor=principal.name,
-            role=principal.role, after={"name": name, "role": role},
-        )
-    )  # fmt: skip
-    return token
-
-
-async def withdraw_token(store: Store, principal: Principal, name: str) -> None:
-    """Revoke an admin token: its bearer, and every console session signed in with it, is
-    refused from the next request on."""
-    principal.require("write")
-    if not await store.revoke_token(name):
-        raise ResourceUnknown(f"no active token {name}")
-    await store.record_change(
-        ResourceChange(
-            kind="tokens", id=name, action="revoke", actor=principal.name, role=principal.role,
-            before={"name": name}, after=None,
-        )
-    )  # fmt: skip
 
 
 async def new_token(request: web.Request) -> web.Response:
@@ -665,6 +430,8 @@ def create_admin_app(ingress: web.Application) -> web.Application:
         return web.json_response(admin_document())
 
     r.add_get("/openapi.json", openapi)
+    # Local: importing gateway.console first imports gateway.admin (its operations), whose
+    # __init__ imports this module; at module level that order would find it half-made.
     from gateway.console import mount_console
 
     mount_console(app)  # the web console at / (gateway/console/)

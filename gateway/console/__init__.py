@@ -6,7 +6,7 @@ admin listener.
   and form values read back into JSON;
 - ``overview``: the overview's figures and chart from the gateway's own metrics;
 - ``views``: the pages and form actions, which call the admin API's own operations
-  (``gateway.admin.app``), never a copy of them;
+  (``gateway.admin.operations``), never a copy of them;
 - ``templates/`` (Jinja2) and ``static/`` (one stylesheet; no script, nothing from
   elsewhere: ``Content-Security-Policy: default-src 'self'``).
 """
@@ -20,7 +20,7 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from gateway.admin.app import INGRESS
+from gateway.admin.operations import INGRESS
 from gateway.app import KEYPAIR, METRICS
 from gateway.console.overview import Sampler
 from gateway.console.sessions import DEFAULT_TTL_S, Sessions

@@ -1,9 +1,9 @@
 """The console's pages and form actions.
 
 Every page needs a signed-in session; every form that writes needs the session's CSRF
-token and a same-origin request, and then calls the admin API's own operation
-(``gateway.admin.app``): the same validation, permission check, audit entry and live swap
-as ``/admin/v1``. A validation error comes back onto its field and nothing is written.
+token and a same-origin request, and then calls the admin operation the API calls too
+(``gateway.admin.operations``): the same validation, permission check, audit entry and
+live swap as ``/admin/v1``. A validation error comes back onto its field and nothing is written.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
-from gateway.admin.app import (
+from gateway.admin.auth import ROLES, Permission, Principal, authenticate, token_hash
+from gateway.admin.operations import (
     INGRESS,
     add_member_key,
     create_resource,
@@ -35,7 +36,6 @@ from gateway.admin.app import (
     set_member_services,
     withdraw_token,
 )
-from gateway.admin.auth import ROLES, Permission, Principal, authenticate, token_hash
 from gateway.admin.resources import resource_schema
 from gateway.admin.views import WITHHELD, audit_view, for_role, resource_view
 from gateway.app import LIVE, READINESS, RUNTIME, STORE
