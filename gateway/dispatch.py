@@ -13,6 +13,7 @@ import json
 import logging
 
 from adapters.base import Answer, Exchange, receiver_of
+from gateway.config import region_within
 from gateway.errors import (
     AdapterUnavailable,
     DirectoryStale,
@@ -72,6 +73,11 @@ async def call_adapter(
         raise AdapterUnavailable(f"adapter {name} is disabled", retry_after=30)
     if name in runtime.refused:
         raise DirectoryStale(runtime.refused[name], retry_after=60)
+    target = exchange.target
+    if slot.config.learnt and target and region_within(target.split(":", 1)[0], runtime.region):
+        # A route the directory added (a national catch-all) never takes a target in this
+        # gateway's own region or its sub-regions (PROTOCOL.md «Trust rules»).
+        raise AdapterUnavailable(f"no route for {service.code} to {target} here", retry_after=30)
     slot.breaker.before_call(name)
     try:
         async with asyncio.timeout(service.config.timeout_s):

@@ -123,6 +123,8 @@ class Runtime:
     # Members (by id) and adapters (by name) refused for now, with why: the directory
     # that defines them is past its max_stale_s (gateway/federation.py).
     refused: Mapping[str, str] = field(default_factory=dict)
+    # This gateway's region: what is learnt from the directory never serves targets in it.
+    region: str = ""
 
 
 class RuntimeHolder:
@@ -171,4 +173,5 @@ def build_runtime(
         services=services,
         routes=RouteTable(config.routes),
         adapters=dict(adapters),
+        region=config.gateway.region,
     )

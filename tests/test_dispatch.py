@@ -62,10 +62,12 @@ def _service(mode: str = "sync") -> Service:
     )
 
 
-def _runtime(adapter: Scripted, *, enabled: bool = True) -> Runtime:
+def _runtime(adapter: Scripted, *, enabled: bool = True, learnt: bool = False) -> Runtime:
     service = _service()
     slot = AdapterSlot(
-        config=AdapterConfig(name="up", type="scripted", enabled=enabled, failure_threshold=2),
+        config=AdapterConfig(
+            name="up", type="scripted", enabled=enabled, failure_threshold=2, learnt=learnt
+        ),
         adapter=adapter,
     )
     return Runtime(
@@ -73,6 +75,7 @@ def _runtime(adapter: Scripted, *, enabled: bool = True) -> Runtime:
         services={service.code: service},
         routes=RouteTable((RouteConfig(service=service.code, adapter="up"),)),
         adapters={"up": slot},
+        region="330000",
     )
 
 
@@ -158,3 +161,28 @@ def test_an_answer_that_is_not_json_or_breaks_the_schema_is_an_upstream_error(
     """validate_answer refuses non-JSON and schema violations as upstream_error."""
     with pytest.raises(UpstreamError, match=detail):
         validate_answer(_service(), Answer(status=200, body=body))
+
+
+@pytest.mark.parametrize("target", ["330000:registry", "330100:tax-bureau", "330102:office"])
+async def test_a_learnt_catch_all_never_takes_a_target_in_the_own_region(target: str) -> None:
+    """A route the directory added (learnt adapter) does not serve Gw-Target in this
+    gateway's region or its sub-regions: no route, and the adapter is never called."""
+    adapter = Scripted(Answer(status=200, content_type="application/json", body=b'{"ok": 1}'))
+    with pytest.raises(AdapterUnavailable, match="no route"):
+        await call_adapter(
+            _runtime(adapter, learnt=True), _service(),
+            exchange_of(_record(target=target), _service(), ""),
+        )  # fmt: skip
+    assert adapter.sent == []
+
+
+async def test_a_learnt_catch_all_takes_other_regions_and_no_target() -> None:
+    """The same route serves another region's target and a request without one."""
+    for target in ("440000:gateway", None):
+        ok = Answer(status=200, content_type="application/json", body=b'{"ok": 1}')
+        adapter = Scripted(ok)
+        name, _ = await call_adapter(
+            _runtime(adapter, learnt=True), _service(),
+            exchange_of(_record(target=target), _service(), ""),
+        )  # fmt: skip
+        assert (name, len(adapter.sent)) == ("up", 1)
