@@ -122,11 +122,24 @@ def _masked(m: re.Match[str]) -> str:
     return f"{found[: -4 - tail]}****{found[-tail:]}"
 
 
+# Full-width digits, plus and hyphen (U+FF10-FF19, U+FF0B, U+FF0D), as Chinese input
+# methods type them: one code point each, so offsets are kept when read as ASCII.
+_FULL_WIDTH = str.maketrans({**{0xFF10 + d: str(d) for d in range(10)}, 0xFF0B: "+", 0xFF0D: "-"})
+
+
 def mask_personal(text: str) -> str:
-    """``text`` with every resident ID and mobile number in it masked (see the module)."""
+    """``text`` with every resident ID and mobile number in it masked (see the module);
+    full-width digits count as digits (a masked match is then shown in ASCII digits)."""
     if len(text) < MIN_PERSONAL:
         return text
-    return _PERSONAL.sub(_masked, text)
+    masked = _PERSONAL.sub(_masked, text)
+    if text.isascii():
+        return masked
+    narrow = text.translate(_FULL_WIDTH)
+    if narrow == text:
+        return masked
+    renarrowed = _PERSONAL.sub(_masked, narrow)
+    return masked if renarrowed == narrow else renarrowed
 
 
 def _mask_int(value: int) -> int | str:
@@ -149,6 +162,8 @@ def mask_value(node: Any) -> Any:
         return [mask_value(v) for v in node]
     if type(node) is int:  # not bool
         return _mask_int(node)
+    if type(node) is float and node.is_integer() and abs(node) >= 1e10:
+        return _mask_int(int(node))  # 13812345678.0, 1.3812345678E10: the same number
     return node
 
 

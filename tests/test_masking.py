@@ -892,3 +892,25 @@ def test_the_masking_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "exchange log line" in out
     assert "message_view" in out
+
+
+@pytest.mark.parametrize(
+    ("text", "hidden"),
+    [
+        ("电话１３８１２３４５６７８", "12345678"),
+        ("身份证３３０１０６１９８００１０１１２３４", "19800101"),
+        ("＋８６ １３６ ４４４４ ５５５５", "4444"),
+    ],
+)
+def test_full_width_digits_are_masked_too(text: str, hidden: str) -> None:
+    """Full-width digits (as Chinese input methods type them) are personal data too."""
+    masked = mask_personal(text)
+    assert hidden not in masked.translate({0xFF10 + d: str(d) for d in range(10)})
+    assert "****" in masked
+
+
+def test_an_integral_json_float_is_masked_like_the_integer() -> None:
+    """13812345678.0 and 1.3812345678E10 are the mobile number 13812345678."""
+    body = b'{"a": 13812345678.0, "b": 1.3812345678E10, "c": 2.5, "d": 12345.0}'
+    shown = masked_body(body)
+    assert shown == {"a": "138****5678", "b": "138****5678", "c": 2.5, "d": 12345.0}
