@@ -31,7 +31,7 @@ __all__ = ["register"]
 async def _fetch(url: str) -> str:
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
-        session.get(url, headers={"Accept": "application/jose"}) as resp,
+        session.get(url, headers={"Accept": "application/jose"}, allow_redirects=False) as resp,
     ):
         if resp.status != 200:
             raise DirectoryRefused("http", f"{url} answered {resp.status}")
