@@ -385,7 +385,9 @@ class Pipeline:
         existing = await self.store.get_message(auth.client, auth.message_id)
         if existing is None:
             return None
-        if existing.request_digest != auth.digest:
+        # Another relay of the same client is not given the first one's answer: to it the
+        # id is simply taken, as for another body.
+        if existing.request_digest != auth.digest or not self._may_read(auth, existing):
             raise MessageIdReused(f"message {auth.message_id} was already sent with another body")
         if existing.mode == "async":
             response = self.accepted_response(existing)

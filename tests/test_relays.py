@@ -468,3 +468,26 @@ async def test_only_the_party_a_message_went_to_may_call_back_and_only_once(
         assert time.monotonic() < deadline, "the decision never reached the message"
         await asyncio.sleep(0.05)
     assert view["result"]["decision"] == "approved"
+
+
+async def test_another_relay_resending_a_relayed_message_is_not_given_its_answer(
+    p: Provinces,
+) -> None:
+    """B relayed its citizen app's query and got the answer; the national platform, also
+    granted 440000 at A, sending the same client, id and body gets 409 message_id_reused,
+    not B's stored answer (nor a Gw-Replayed copy of it)."""
+    b = p.client("peer", B_CLIENT, p.a_url)
+    message_id = str(uuid.uuid4())
+    first = await b.exchange(
+        "credit.query", CREDIT_EXAMPLE, message_id=message_id, headers={"Gw-Via": B_ID}
+    )
+    assert first.status == 200, first.body
+    again = await b.exchange(
+        "credit.query", CREDIT_EXAMPLE, message_id=message_id, headers={"Gw-Via": B_ID}
+    )
+    assert (again.status, again.headers.get("Gw-Replayed")) == (200, "true"), again.body
+    other = await p.client("national", B_CLIENT, p.a_url).exchange(
+        "credit.query", CREDIT_EXAMPLE, message_id=message_id, headers={"Gw-Via": NATIONAL_ID}
+    )
+    assert (other.status, other.json()["code"]) == (409, "message_id_reused"), other.body
+    assert "Gw-Replayed" not in other.headers
