@@ -42,14 +42,17 @@ from tests.conftest import (
     PEER_ID,
     PORTAL_ID,
     SCHEMAS,
+    TAX_ID,
     Keys,
     unused_port,
 )
+from tests.test_outbound import _replaying
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 A_ID, B_ID = GATEWAY_ID, PEER_ID  # 330000:gateway, 440000:gateway
 B_CLIENT = "440000:citizen-app"
+SIGNED_REGISTRY = "330000:signed-registry"  # Gw-Target routed to the "unbound" adapter
 DECIDED_LATER = "CASE-DECIDED-LATER"  # Gw-Issue: the office answers 202, a callback decides
 RECORD = {
     "uscc": "91350100M000100Y43",
@@ -77,6 +80,18 @@ class Office:
     """A's back office: records what reached it, answers as the services' schemas want."""
 
     seen: dict[str, CIMultiDict[str]] = field(default_factory=dict)
+    moved: int = 0  # callbacks posted to the redirecting callback URL
+    stolen: int = 0  # requests that followed its redirect
+
+    async def redirect(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.moved += 1
+        raise web.HTTPTemporaryRedirect("/stolen")  # 307: a client that follows re-posts
+
+    async def steal(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.stolen += 1
+        return web.json_response({})
 
     async def handle(self, request: web.Request) -> web.Response:
         await request.read()
@@ -132,6 +147,13 @@ def _a_config(keys: Keys, tmp: Path, port: int, office_url: str) -> dict[str, An
                 "callback_url": f"{office_url}/callbacks",
             },
             {
+                "id": TAX_ID,
+                "kind": "system",
+                "keys": [keys.jwk_file("tax")],
+                "services": ["crossregion.apply"],
+                "callback_url": f"{office_url}/moved/callbacks",  # answers 307
+            },
+            {
                 "id": NATIONAL_ID,
                 "kind": "platform",
                 "keys": [keys.jwk_file("national")],
@@ -154,10 +176,20 @@ def _a_config(keys: Keys, tmp: Path, port: int, office_url: str) -> dict[str, An
                 "name": "office",
                 "type": "http",
                 "config": {"url": f"{office_url}/{{service}}", "receiver": NATIONAL_ID},
-            }
+            },
+            # A registry whose answers the national key signs, over @status and the body only.
+            {
+                "name": "unbound",
+                "type": "http",
+                "config": {
+                    "url": f"{office_url}/unbound/{{service}}",
+                    "verify_response": {"keys": [keys.jwk_file("national")]},
+                },
+            },
         ],
         "routes": [
             {"service": "credit.query", "adapter": "office"},
+            {"service": "credit.query", "adapter": "unbound", "target": SIGNED_REGISTRY},
             {"service": "crossregion.apply", "adapter": "office"},
         ],
     }
@@ -223,6 +255,9 @@ async def provinces(
     a_url, b_url = f"http://127.0.0.1:{a_port}", f"http://127.0.0.1:{b_port}"
     office = Office()
     office_app = web.Application()
+    office_app.router.add_post("/moved/callbacks", office.redirect)
+    office_app.router.add_post("/stolen", office.steal)
+    office_app.router.add_post("/unbound/{service}", _replaying(keys, envelope=False))
     office_app.router.add_post("/{service}", office.handle)
     # The simulator knows each gateway by the key the national registry lists for it.
     publisher = Publisher(
@@ -491,3 +526,39 @@ async def test_another_relay_resending_a_relayed_message_is_not_given_its_answer
     )
     assert (other.status, other.json()["code"]) == (409, "message_id_reused"), other.body
     assert "Gw-Replayed" not in other.headers
+
+
+async def test_an_answer_not_bound_to_its_request_is_refused(p: Provinces) -> None:
+    """On a real `gateway serve`: the registry's signed answer to the first query, replayed
+    as the answer to the next, is 502 upstream_unbound both times (it covers neither our
+    signature nor our message id)."""
+    portal = p.client("portal", PORTAL_ID, p.a_url)
+    for _ in range(2):
+        reply = await portal.exchange(
+            "credit.query", CREDIT_EXAMPLE, headers={"Gw-Target": SIGNED_REGISTRY}
+        )
+        assert (reply.status, reply.json()["code"]) == (502, "upstream_unbound"), reply.body
+
+
+async def test_a_redirecting_callback_url_is_never_followed(p: Provinces) -> None:
+    """On a real `gateway serve`: the member's callback URL answers 307 to another loopback
+    service; the signed callback is not re-posted there and is not counted as delivered."""
+    tax = p.client("tax", TAX_ID, p.a_url)
+    sent = await tax.exchange(
+        "crossregion.apply", APPLY_EXAMPLE, headers={"Gw-Issue": DECIDED_LATER}
+    )
+    assert sent.status == 202, sent.body
+    message_id = sent.json()["message_id"]
+    deadline = time.monotonic() + 10
+    while (await tax.status(message_id)).json()["state"] != "delivered":
+        assert time.monotonic() < deadline, (await tax.status(message_id)).body
+        await asyncio.sleep(0.05)
+    moved = p.office.moved
+    status, ack = await _call_back(p, "national", NATIONAL_ID, message_id, "approved")
+    assert (status, ack["state"]) == (200, "accepted"), ack
+    deadline = time.monotonic() + 10
+    while p.office.moved < moved + 2:  # tried, and tried again: a failed attempt
+        assert time.monotonic() < deadline, "the callback was never attempted twice"
+        await asyncio.sleep(0.05)
+    assert p.office.stolen == 0
+    assert (await tax.status(message_id)).json()["state"] != "callback_delivered"
