@@ -105,11 +105,13 @@ def create_upstream_app(
         }
         names = (*sig.REQUEST_HEADERS, "gw-correlation-id")
         lines = sig.request_lines("POST", url, headers, names)
-        headers["signature-input"], headers["signature"] = sig.sign(
-            key, kid, "sig1", lines, nonce=secrets.token_urlsafe(16)
-        )
         async with callback_limit:
             for attempt in range(10):
+                # Re-signed on each attempt: a nonce is single use, and a callback that
+                # arrives before the delivery is committed is told to retry (503).
+                headers["signature-input"], headers["signature"] = sig.sign(
+                    key, kid, "sig1", lines, nonce=secrets.token_urlsafe(16)
+                )
                 try:
                     async with session.post(url, data=body, headers=headers) as resp:
                         await resp.read()
