@@ -751,7 +751,22 @@ def _destination_problems(config: Config) -> list[str]:
 def warnings_of(config: Config) -> list[str]:
     """Valid but probably unintended: it loads, and the gateway answers for it at runtime."""
     warnings = []
+    adapters = {a.name: (i, a) for i, a in enumerate(config.adapters)}
     for i, s in enumerate(config.services):
         if not any(r.service == s.code for r in config.routes):
             warnings.append(f"/services/{i}: service {s.code} has no route (answers 503)")
-    return warnings
+        if s.mode != "async" and not s.allow_async:
+            continue
+        # A callback is taken only from the member a message went to: an adapter that
+        # names none (http and mock, without ``receiver``) takes no callback at all.
+        for route in config.routes:
+            found = adapters.get(route.adapter) if route.service == s.code else None
+            if found is None:
+                continue
+            j, adapter = found
+            if adapter.type in ("http", "mock") and not adapter.config.get("receiver"):
+                warnings.append(
+                    f"/adapters/{j}/config: adapter {adapter.name} serves async {s.code} "
+                    "but names no receiver: every callback for it answers 404"
+                )
+    return list(dict.fromkeys(warnings))

@@ -198,6 +198,20 @@ def test_service_without_route_is_a_warning_not_a_problem(keys: Keys, tmp_path: 
     ]
 
 
+def test_an_async_route_to_an_adapter_without_a_receiver_is_a_warning(
+    keys: Keys, tmp_path: Path
+) -> None:
+    """Callbacks are taken only from the receiver an adapter names: an async service routed
+    to an http adapter without one loads, and warnings_of says its callbacks are 404."""
+    doc = _doc(keys, tmp_path)
+    del doc["adapters"][0]["config"]["receiver"]
+    assert warnings_of(parse_config(doc, base=tmp_path)) == [
+        f"/adapters/0/config: adapter national serves async {code} but names no "
+        "receiver: every callback for it answers 404"
+        for code in ("credit.query", "crossregion.apply")  # credit.query allows async
+    ]
+
+
 def test_member_granted_an_unknown_service_is_reported(keys: Keys, tmp_path: Path) -> None:
     """A member's services list may only name services that exist."""
     doc = _doc(keys, tmp_path)
