@@ -34,6 +34,7 @@ from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from gateway.errors import ConfigError, InternalError
+from gateway.files import check_private_file
 
 __all__ = ["HardwareKey", "Pkcs11Uri", "generate_key", "is_pkcs11_uri", "open_key"]
 
@@ -135,8 +136,6 @@ class Pkcs11Uri:
             return value
         if not source.startswith("file:"):
             raise ConfigError([f"pin-source {source!r}: use file:PATH or env:NAME"])
-        from gateway.keys import check_private_file  # local: gateway.keys imports this module
-
         path = Path(source.removeprefix("file:"))
         check_private_file(path, "PIN file")
         pin = path.read_text(encoding="utf-8").rstrip("\r\n")

@@ -19,12 +19,11 @@ import hashlib
 import json
 import math
 import os
-import stat
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -32,16 +31,34 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from gateway.encoding import b64u, unb64u
 from gateway.errors import ConfigError
+from gateway.files import check_private_file
 from gateway.hsm import HardwareKey, Pkcs11Uri, is_pkcs11_uri, open_key
 from gateway.sm2 import Sm2PrivateKey, Sm2PublicKey, Sm2Unavailable
 
-if TYPE_CHECKING:
-    from gateway.config import GatewayIdentity
+
+class GatewayKeySource(Protocol):
+    """Where the gateway's signing key is configured (``gateway.config.GatewayIdentity``
+    is one): a PEM file or a PKCS#11 URI, the JWK beside it, its passphrase, its expiry."""
+
+    @property
+    def key_uri(self) -> Pkcs11Uri | None: ...
+    @property
+    def key_path(self) -> Path | None: ...
+    @property
+    def jwk_path(self) -> Path | None: ...
+    @property
+    def key_passphrase_env(self) -> str | None: ...
+    @property
+    def key_passphrase_file(self) -> Path | None: ...
+    @property
+    def key_expires_at(self) -> float | None: ...
+
 
 __all__ = [
     "ALGORITHMS",
     "EXPIRY_WARNING_S",
     "KEY_TYPES",
+    "GatewayKeySource",
     "KeyPair",
     "PrivateKey",
     "PublicKey",
@@ -298,16 +315,6 @@ def write_keypair(
     return KeyPair(kid=jwk["kid"], algorithm=algorithm_for(key), private=key, jwk=jwk)
 
 
-def check_private_file(path: Path, what: str = "private key") -> None:
-    """Refuse a secret (private key, passphrase) that group or others could read."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read {what} ({exc.strerror})"]) from exc
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError([f"{path}: {what} is accessible by group or others (chmod 600)"])
-
-
 def load_keypair(
     pem_path: Path, jwk_path: Path | None = None, *, passphrase: bytes | None = None
 ) -> KeyPair:
@@ -378,7 +385,7 @@ def load_key(
     return load_keypair(Path(source), jwk_path, passphrase=passphrase)
 
 
-def load_gateway_keypair(gw: GatewayIdentity) -> KeyPair:
+def load_gateway_keypair(gw: GatewayKeySource) -> KeyPair:
     """The gateway's signing key as configured: its PEM or its token, its expiry from the
     config (``gateway.key_expires_at``) or else from its public JWK's ``exp``."""
     if gw.key_uri is not None:

@@ -35,19 +35,14 @@ in transit and in the store are never changed, and evidence (``gateway audit exp
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from gateway.store import DeadLetter, MessageRecord
+from typing import Any
 
 __all__ = [
     "MASK",
     "MIN_PERSONAL",
-    "dead_letter_view",
     "mask_document",
     "mask_headers",
     "mask_personal",
@@ -55,7 +50,6 @@ __all__ = [
     "mask_value",
     "masked_body",
     "masked_error",
-    "message_view",
 ]
 
 MASK = "***"
@@ -233,37 +227,3 @@ def masked_error(error: str | None) -> str | None:
     """An ``error`` for display: free text, often an upstream's own words about the
     applicant, with personal data masked."""
     return mask_personal(error) if error else error
-
-
-def message_view(record: MessageRecord, sensitive: Sequence[str] = ()) -> dict[str, Any]:
-    """A stored exchange for an operator (the admin API's JSON): Gw-User, resident IDs
-    and mobile numbers (also in ``error``) and the service's ``sensitive`` fields masked."""
-    return {
-        "seq": record.seq,
-        "message_id": record.message_id,
-        "client": record.client,
-        "service": record.service,
-        "mode": record.mode,
-        "state": record.state,
-        "target": record.target,
-        "adapter": record.adapter,
-        "receiver": record.receiver,  # the member it was delivered to (whose callback it takes)
-        "status": record.status,
-        "code": record.code,
-        "error": masked_error(record.error),
-        "attempts": record.attempts,
-        "request_digest": record.request_digest,
-        "request_headers": mask_headers(record.request_headers),
-        "request": masked_body(record.request_body, sensitive),
-        "response": masked_body(record.response_body, sensitive),
-        "result": masked_body(record.result, sensitive),
-        "timings_ms": dict(record.timings),
-        "trace_id": record.trace_id,
-        "created_at": record.created_at,
-        "updated_at": record.updated_at,
-    }
-
-
-def dead_letter_view(letter: DeadLetter) -> dict[str, Any]:
-    """A dead letter (message or callback) for an operator: its last ``error`` masked."""
-    return {**dataclasses.asdict(letter), "error": masked_error(letter.error)}

@@ -52,7 +52,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 from prometheus_client import (
@@ -72,7 +72,6 @@ from gateway.errors import GatewayError
 from gateway.store import Store
 
 if TYPE_CHECKING:
-    from gateway.pipeline import RequestContext
     from gateway.registry import Runtime, RuntimeHolder
 
 __all__ = [
@@ -109,6 +108,18 @@ SIGNATURE_CODES = (
 UPSTREAM_CODES = frozenset({"upstream_error", "upstream_timeout", "adapter_unavailable"})
 DELIVERY_OUTCOMES = ("delivered", "retry", "dead", "deferred")
 BREAKER_VALUE = {BreakerState.CLOSED: 0.0, BreakerState.HALF_OPEN: 1.0, BreakerState.OPEN: 2.0}
+
+
+class Observed(Protocol):
+    """What the metrics read of a request (``gateway.pipeline.RequestContext`` is one):
+    who it proved to be, which service it named, how long each stage took."""
+
+    @property
+    def client(self) -> str | None: ...
+    @property
+    def service(self) -> str | None: ...
+    @property
+    def timings(self) -> Mapping[str, float]: ...
 
 
 def breaker_states(runtime: Runtime) -> dict[str, BreakerState]:
@@ -320,7 +331,7 @@ class Metrics:
     def observe_request(
         self,
         runtime: Runtime,
-        ctx: RequestContext,
+        ctx: Observed,
         *,
         exchange: bool,
         adapter: str | None,

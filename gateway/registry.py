@@ -8,20 +8,19 @@ finish on the state they started with.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any
 
 import jsonschema
 
-from adapters.base import ENTRY_POINT_GROUP, Adapter, AdapterContext, AdapterType
+from adapters.base import Adapter, AdapterContext
 from gateway.breaker import CircuitBreaker
 from gateway.config import AdapterConfig, Config, MemberConfig, ServiceConfig
 from gateway.errors import ConfigError
 from gateway.keys import VerificationKey
+from gateway.plugins import adapter_types
 from gateway.routing import RouteTable
 from gateway.validation import DocumentValidator
 
@@ -38,19 +37,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def adapter_types(*, refresh: bool = False) -> dict[str, AdapterType]:
-    """Adapter types installed in this environment, by entry-point name."""
-    if refresh:
-        importlib.invalidate_caches()
-    found: dict[str, AdapterType] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            found[ep.name] = ep.load()
-        except Exception:  # a broken plugin must not take the gateway down
-            log.exception("adapter type %s failed to load", ep.name)
-    return found
 
 
 def check_adapter_config(type_name: str, config: Mapping[str, Any], where: str) -> list[str]:

@@ -44,6 +44,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from gateway.errors import FieldError, SchemaInvalid
+from gateway.plugins import adapter_types
 
 __all__ = [
     "JWK_SECRET_MEMBERS",
@@ -194,8 +195,6 @@ def _adapter_patterns(item: Mapping[str, Any]) -> list[Path]:
     if not isinstance(kind, str):
         return []
     if kind not in _TYPE_PATTERNS:
-        from gateway.registry import adapter_types  # the installed types, by entry point
-
         for name, found in adapter_types().items():
             pointers = schema_secret_pointers(found.config_schema)
             _TYPE_PATTERNS[name] = [("config", *_tokens(p)) for p in pointers]

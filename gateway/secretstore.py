@@ -44,7 +44,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -55,8 +55,18 @@ from gateway.errors import ConfigError, StoreError
 from gateway.secrets import is_reference
 from gateway.secrets import secret_paths as _paths
 
-if TYPE_CHECKING:
-    from gateway.config import SecretsConfig
+
+class SecretsConfig(Protocol):
+    """What this module reads of the ``secrets`` block (``gateway.config.SecretsConfig``
+    is the frozen dataclass config.yaml becomes): where the KEK is, which AEAD."""
+
+    @property
+    def kek_file(self) -> Path | None: ...
+    @property
+    def kek_env(self) -> str | None: ...
+    @property
+    def cipher(self) -> str | None: ...
+
 
 __all__ = [
     "AES_256_GCM",

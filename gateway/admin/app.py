@@ -33,7 +33,7 @@ from gateway.admin.operations import (
     set_member_services,
     withdraw_token,
 )
-from gateway.admin.views import audit_view, for_role, resource_view
+from gateway.admin.views import audit_view, dead_letter_view, for_role, message_view, resource_view
 from gateway.app import LIVE, RUNTIME, STORE
 from gateway.errors import (
     GatewayError,
@@ -43,7 +43,6 @@ from gateway.errors import (
     ResourceUnknown,
 )
 from gateway.live import LiveConfig
-from gateway.masking import dead_letter_view, message_view
 from gateway.problem import problem_response
 from gateway.registry import adapter_types
 

@@ -12,14 +12,23 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gateway.admin.auth import Principal
+from gateway.masking import mask_headers, masked_body, masked_error
 from gateway.secrets import redact
-from gateway.store import ChangeRecord
+from gateway.store import ChangeRecord, DeadLetter, MessageRecord
 
-__all__ = ["BODY_FIELDS", "WITHHELD", "audit_view", "for_role", "resource_view"]
+__all__ = [
+    "BODY_FIELDS",
+    "WITHHELD",
+    "audit_view",
+    "dead_letter_view",
+    "for_role",
+    "message_view",
+    "resource_view",
+]
 
 BODY_FIELDS = ("request", "response", "result", "request_headers")
 WITHHELD = "withheld"  # the key a trimmed view carries: which fields it left out
@@ -50,3 +59,37 @@ def for_role(principal: Principal, view: Mapping[str, Any]) -> dict[str, Any]:
         shown[name] = None
     shown[WITHHELD] = [name for name in BODY_FIELDS if name in view]
     return shown
+
+
+def message_view(record: MessageRecord, sensitive: Sequence[str] = ()) -> dict[str, Any]:
+    """A stored exchange for an operator (the admin API's JSON): Gw-User, resident IDs
+    and mobile numbers (also in ``error``) and the service's ``sensitive`` fields masked."""
+    return {
+        "seq": record.seq,
+        "message_id": record.message_id,
+        "client": record.client,
+        "service": record.service,
+        "mode": record.mode,
+        "state": record.state,
+        "target": record.target,
+        "adapter": record.adapter,
+        "receiver": record.receiver,  # the member it was delivered to (whose callback it takes)
+        "status": record.status,
+        "code": record.code,
+        "error": masked_error(record.error),
+        "attempts": record.attempts,
+        "request_digest": record.request_digest,
+        "request_headers": mask_headers(record.request_headers),
+        "request": masked_body(record.request_body, sensitive),
+        "response": masked_body(record.response_body, sensitive),
+        "result": masked_body(record.result, sensitive),
+        "timings_ms": dict(record.timings),
+        "trace_id": record.trace_id,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+    }
+
+
+def dead_letter_view(letter: DeadLetter) -> dict[str, Any]:
+    """A dead letter (message or callback) for an operator: its last ``error`` masked."""
+    return {**dataclasses.asdict(letter), "error": masked_error(letter.error)}

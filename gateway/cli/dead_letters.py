@@ -8,8 +8,8 @@ import asyncio
 import json
 import time
 
+from gateway.admin.views import dead_letter_view
 from gateway.cli._common import load, open_store, table, with_config
-from gateway.masking import dead_letter_view
 
 __all__ = ["register"]
 

@@ -1,5 +1,5 @@
 """``gateway log show ID``: one exchange from the store, as the admin API shows it
-(``gateway.masking.message_view``: personal data masked), its times in ISO 8601."""
+(``gateway.admin.views.message_view``: personal data masked), its times in ISO 8601."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from gateway.admin.views import message_view
 from gateway.cli._common import load, open_store, with_config
 from gateway.encoding import iso_utc
-from gateway.masking import message_view
 
 __all__ = ["register"]
 

@@ -37,7 +37,14 @@ from gateway.admin.operations import (
     withdraw_token,
 )
 from gateway.admin.resources import resource_schema
-from gateway.admin.views import WITHHELD, audit_view, for_role, resource_view
+from gateway.admin.views import (
+    WITHHELD,
+    audit_view,
+    dead_letter_view,
+    for_role,
+    message_view,
+    resource_view,
+)
 from gateway.app import LIVE, READINESS, RUNTIME, STORE
 from gateway.console.forms import (
     FormErrors,
@@ -56,7 +63,6 @@ from gateway.errors import (
     SchemaInvalid,
 )
 from gateway.live import LiveConfig
-from gateway.masking import dead_letter_view, message_view
 from gateway.registry import adapter_types
 from gateway.secrets import JWK_SECRET_MEMBERS
 from gateway.states import MessageState
