@@ -59,7 +59,12 @@ _POSTGRES = Dialect(
     restart_voids_all=False,
 )
 # Driver errors: what the store raises instead (its own tree, gateway/errors.py).
-_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+_DRIVER_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+)
 _READ_ONLY = "25006"  # read_only_sql_transaction: a replica, default_transaction_read_only
 
 
@@ -69,7 +74,8 @@ def fault(exc: BaseException, doing: str) -> StoreError:
     state = getattr(cause, "sqlstate", None) or ""
     if state == _READ_ONLY:
         return StoreReadOnly(f"{doing} failed: the store is read-only ({cause})")
-    if isinstance(cause, OSError | asyncpg.InterfaceError) or state[:2] in ("08", "57"):
+    lost = OSError | asyncpg.InterfaceError | asyncpg.InternalClientError
+    if isinstance(cause, lost) or state[:2] in ("08", "57"):
         return StoreUnavailable(f"{doing} failed: the store is unavailable ({cause})")
     if isinstance(exc, StoreError):
         return exc

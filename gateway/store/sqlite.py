@@ -204,10 +204,17 @@ _SQLITE = Dialect(
 )
 
 
-def fault(exc: sqlite3.Error, doing: str) -> StoreError:
-    """The store's own error for a sqlite3 one (readiness and logs show a stable kind)."""
-    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY or "readonly" in str(exc):
-        return StoreReadOnly(f"{doing} failed: the store is read-only ({exc})")
+def fault(exc: BaseException, doing: str) -> StoreError:
+    """The store's own error for a sqlite3 one, or for a batch's ``StoreError`` caused by
+    one (readiness and logs show a stable kind)."""
+    cause = exc.__cause__ if isinstance(exc, StoreError) and exc.__cause__ else exc
+    if isinstance(cause, sqlite3.Error) and (
+        getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY
+        or "readonly" in str(cause)
+    ):
+        return StoreReadOnly(f"{doing} failed: the store is read-only ({cause})")
+    if isinstance(exc, StoreError):
+        return exc
     return StoreError(f"{doing} failed: {exc}")
 
 
@@ -453,8 +460,11 @@ class SQLiteStore(StoreBody):
             return await self.batch.run(unit)
         except sqlite3.IntegrityError:
             raise
-        except sqlite3.Error as exc:
-            raise fault(exc, "store write") from exc
+        except (sqlite3.Error, StoreError) as exc:
+            mapped = fault(exc, "store write")
+            if mapped is exc:
+                raise
+            raise mapped from exc
 
     async def transact(self, unit: TxUnit[T]) -> T:
         """Run a body unit in the next group commit: on the write connection, in one go."""
