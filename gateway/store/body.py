@@ -55,12 +55,45 @@ from gateway.store.chain import body_digest
 from gateway.store.rows import Row, accepted_record, callback_record, message_record
 from gateway.store.sealing import opened_changes, opened_overlay, sealed_change
 
-__all__ = ["CONFIG_CHANNEL", "Column", "Dialect", "StoreBody", "Tx", "TxUnit"]
+__all__ = [
+    "CONFIG_CHANNEL",
+    "Column",
+    "Dialect",
+    "Insert",
+    "InsertMessage",
+    "StoreBody",
+    "Tx",
+    "TxUnit",
+]
 
 T = TypeVar("T")
 CONFIG_CHANNEL = "gateway_config"  # an admin write committed (gateway/live.py)
 # A column of a batch insert: its name and its SQL type (PostgreSQL's arrays need it).
 Column = tuple[str, str]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class Insert:
+    """An insert into a table whose ``seq`` the database gives, written once. With a
+    ``key`` (unique columns) a duplicate inserts nothing (``ON CONFLICT DO NOTHING``).
+    ``sql`` returns the new ``seq``; ``bare`` does not (SQLite reads ``lastrowid``:
+    ``RETURNING`` costs it ~20 µs a row). A backend may run many rows as one statement
+    of its own (``Tx.insert_many``)."""
+
+    table: str
+    columns: tuple[Column, ...]
+    key: str | None = None
+    bare: str = ""
+    sql: str = ""
+
+    def __post_init__(self) -> None:
+        names = ", ".join(name for name, _ in self.columns)
+        marks = ",".join("?" * len(self.columns))
+        bare = f"INSERT INTO {self.table} ({names}) VALUES ({marks})"
+        if self.key is not None:
+            bare += f" ON CONFLICT ({self.key}) DO NOTHING"
+        object.__setattr__(self, "bare", bare)
+        object.__setattr__(self, "sql", bare + " RETURNING seq")
 
 
 class Tx(Protocol):
@@ -73,11 +106,13 @@ class Tx(Protocol):
     async def fetch(self, sql: str, *params: Any) -> Sequence[Row]: ...
     async def fetchrow(self, sql: str, *params: Any) -> Row | None: ...
     async def fetchval(self, sql: str, *params: Any) -> Any: ...
-    async def insert_many(
-        self, table: str, columns: Sequence[Column], rows: Sequence[Sequence[Any]], key: str
-    ) -> list[int | None]:
-        """Insert ``rows`` unless their ``key`` (columns, comma-separated) is taken; each
-        row's ``seq``, or None for a duplicate (of a stored row or an earlier one here)."""
+    async def insert(self, insert: Insert, *values: Any) -> int | None:
+        """Insert one row; its ``seq``, or None when its key is taken."""
+        ...
+
+    async def insert_many(self, insert: Insert, rows: Sequence[Sequence[Any]]) -> list[int | None]:
+        """Insert ``rows`` unless their key is taken; each row's ``seq``, or None for a
+        duplicate (of a stored row or of an earlier one here)."""
         ...
 
     def chain(self, kind: str, ref: int | None, at: float, **facts: Any) -> None:
@@ -153,27 +188,53 @@ _CALLBACK_RETURNING = (
     f"next_attempt_at, created_at, updated_at, error, {_of_message('trace_id')} AS trace_id, "
     f"{_of_message('request_headers')} AS original_headers"
 )
-_NEW_MESSAGE: tuple[Column, ...] = (
-    ("message_id", "text"),
-    ("client", "text"),
-    ("service", "text"),
-    ("mode", "text"),
-    ("state", "text"),
-    ("target", "text"),
-    ("adapter", "text"),
-    ("request_headers", "text"),
-    ("request_body", "bytea"),
-    ("request_digest", "text"),
-    ("next_attempt_at", "float8"),
-    ("created_at", "float8"),
-    ("updated_at", "float8"),
-    ("trace_id", "text"),
+_NEW_MESSAGE = Insert(
+    "messages",
+    (
+        ("message_id", "text"),
+        ("client", "text"),
+        ("service", "text"),
+        ("mode", "text"),
+        ("state", "text"),
+        ("target", "text"),
+        ("adapter", "text"),
+        ("request_headers", "text"),
+        ("request_body", "bytea"),
+        ("request_digest", "text"),
+        ("next_attempt_at", "float8"),
+        ("created_at", "float8"),
+        ("updated_at", "float8"),
+        ("trace_id", "text"),
+    ),
+    "client, message_id",
 )
-_NEW_CALLBACK = (
-    "INSERT INTO callbacks (message_id, client, correlation_id, original_seq, service, "
-    "headers, body, digest, state, next_attempt_at, created_at, updated_at) "
-    f"VALUES (?,?,?,?,?,?,?,?,{_PENDING},?,?,?) "
-    "ON CONFLICT (client, message_id) DO NOTHING RETURNING seq"
+_NEW_CALLBACK = Insert(
+    "callbacks",
+    tuple(
+        (name, "")
+        for name in (
+            "message_id",
+            "client",
+            "correlation_id",
+            "original_seq",
+            "service",
+            "headers",
+            "body",
+            "digest",
+            "state",
+            "next_attempt_at",
+            "created_at",
+            "updated_at",
+        )
+    ),
+    "client, message_id",
+)
+_NEW_CHANGE = Insert(
+    "admin_changes",
+    tuple(
+        (name, "")
+        for name in ("at", "actor", "role", "action", "kind", "resource_id", "before", "after")
+    ),
 )
 
 
@@ -212,6 +273,7 @@ def _callback_params(
         headers,
         cb.body,
         cb.digest,
+        CallbackState.PENDING.value,
         now,
         now,
         now,
@@ -249,55 +311,56 @@ class InsertMessage:
     def __init__(self, msg: NewMessage, headers: str, now: float) -> None:
         self.msg, self.headers, self.now = msg, headers, now
 
+    def row(self) -> tuple[Any, ...]:
+        m, now = self.msg, self.now
+        return (
+            m.message_id,
+            m.client,
+            m.service,
+            m.mode,
+            m.state,
+            m.target,
+            m.adapter,
+            self.headers,
+            m.request_body,
+            m.request_digest,
+            m.next_attempt_at,
+            now,
+            now,
+            m.trace_id,
+        )
+
     async def __call__(self, tx: Tx) -> int | None:
-        return (await self.run_many(tx, [self]))[0]
+        seq = await tx.insert(_NEW_MESSAGE, *self.row())
+        if seq is not None:
+            self.chained(tx, seq)
+        return seq
 
     @staticmethod
     async def run_many(tx: Tx, units: Sequence[InsertMessage]) -> list[int | None]:
         """Insert every message; each one's seq, or None for a duplicate."""
-        seqs = await tx.insert_many(
-            "messages",
-            _NEW_MESSAGE,
-            [
-                (
-                    u.msg.message_id,
-                    u.msg.client,
-                    u.msg.service,
-                    u.msg.mode,
-                    u.msg.state,
-                    u.msg.target,
-                    u.msg.adapter,
-                    u.headers,
-                    u.msg.request_body,
-                    u.msg.request_digest,
-                    u.msg.next_attempt_at,
-                    u.now,
-                    u.now,
-                    u.msg.trace_id,
-                )
-                for u in units
-            ],
-            "client, message_id",
-        )
+        seqs = await tx.insert_many(_NEW_MESSAGE, [u.row() for u in units])
         for u, seq in zip(units, seqs, strict=True):
-            if seq is None:
-                continue
-            m = u.msg
-            tx.wake = tx.wake or m.next_attempt_at is not None
-            tx.chain(
-                "message.accepted",
-                seq,
-                u.now,
-                message_id=m.message_id,
-                client=m.client,
-                service=m.service,
-                mode=m.mode,
-                state=m.state,
-                target=m.target,
-                request_digest=m.request_digest,
-                headers_digest=body_digest(u.headers.encode()),
-            )
+            if seq is not None:
+                u.chained(tx, seq)
         return seqs
+
+    def chained(self, tx: Tx, seq: int) -> None:
+        m = self.msg
+        tx.wake = tx.wake or m.next_attempt_at is not None
+        tx.chain(
+            "message.accepted",
+            seq,
+            self.now,
+            message_id=m.message_id,
+            client=m.client,
+            service=m.service,
+            mode=m.mode,
+            state=m.state,
+            target=m.target,
+            request_digest=m.request_digest,
+            headers_digest=body_digest(self.headers.encode()),
+        )
 
 
 class StoreBody:
@@ -627,7 +690,7 @@ class StoreBody:
             if moved != 1:
                 return False
             tx.wake = True
-            cb_seq = await tx.fetchval(_NEW_CALLBACK, *_callback_params(answer, seq, headers, now))
+            cb_seq = await tx.insert(_NEW_CALLBACK, *_callback_params(answer, seq, headers, now))
             if cb_seq is not None:
                 _chain_callback(tx, int(cb_seq), answer, seq, headers, now)
             else:  # an earlier run stored this answer already
@@ -733,7 +796,7 @@ class StoreBody:
             )
             if moved != 1:
                 return None
-            seq = await tx.fetchval(
+            seq = await tx.insert(
                 _NEW_CALLBACK, *_callback_params(cb, cb.original_seq, headers, now)
             )
             if seq is None:  # a concurrent twin committed between: undo the UPDATE too
@@ -1143,9 +1206,8 @@ class StoreBody:
 
 async def _insert_change(tx: Tx, change: ResourceChange, now: float) -> int:
     before, after = change.trail()
-    seq = await tx.fetchval(
-        "INSERT INTO admin_changes (at, actor, role, action, kind, resource_id, before, after) "
-        "VALUES (?,?,?,?,?,?,?,?) RETURNING seq",
+    seq = await tx.insert(
+        _NEW_CHANGE,
         now,
         change.actor,
         change.role,
@@ -1155,7 +1217,9 @@ async def _insert_change(tx: Tx, change: ResourceChange, now: float) -> int:
         _encoded(before),
         _encoded(after),
     )
-    return int(seq)
+    if seq is None:  # no key, so never a duplicate
+        raise StoreError("the change record was not inserted")
+    return seq
 
 
 def _where(*clauses: tuple[str, Any]) -> tuple[str, list[Any]]:

@@ -38,6 +38,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from gateway.errors import StoreError
 from gateway.store.batch import BatchObserver
+from gateway.store.body import Insert
 from gateway.store.chain import canonical, content_digest, link
 
 __all__ = ["OUTBOX_CHANNEL", "Conn", "PgGroupCommit", "PgUnit", "Tx", "numbered"]
@@ -60,13 +61,19 @@ def numbered(sql: str) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _insert_many_sql(table: str, columns: tuple[tuple[str, str], ...], key: str) -> str:
-    names = ", ".join(name for name, _ in columns)
-    arrays = ", ".join(f"${n}::{kind}[]" for n, (_, kind) in enumerate(columns, 1))
-    return (
-        f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays}) "
-        f"ON CONFLICT ({key}) DO NOTHING RETURNING seq, {key}"
+def _unnest(insert: Insert) -> tuple[str, list[int]]:
+    """``insert`` for many rows as one statement (one array a column), and where its key
+    columns stand in a row (a row's key tells which ``seq`` is its: RETURNING keeps no
+    order). Only an insert with a key runs this way."""
+    if insert.key is None:
+        raise StoreError(f"insert_many into {insert.table} needs the key of its rows")
+    names = [name for name, _ in insert.columns]
+    arrays = ", ".join(f"${n}::{kind}[]" for n, (_, kind) in enumerate(insert.columns, 1))
+    sql = (
+        f"INSERT INTO {insert.table} ({', '.join(names)}) SELECT * FROM unnest({arrays}) "
+        f"ON CONFLICT ({insert.key}) DO NOTHING RETURNING seq, {insert.key}"
     )
+    return sql, [names.index(k.strip()) for k in insert.key.split(",")]
 
 
 class Tx:
@@ -99,23 +106,17 @@ class Tx:
     async def fetchval(self, sql: str, *params: Any) -> Any:
         return await self.conn.fetchval(numbered(sql), *params)
 
-    async def insert_many(
-        self,
-        table: str,
-        columns: Sequence[tuple[str, str]],
-        rows: Sequence[Sequence[Any]],
-        key: str,
-    ) -> list[int | None]:
-        """One statement for every row (``unnest`` of one array a column)."""
-        found = await self.conn.fetch(
-            _insert_many_sql(table, tuple(columns), key),
-            *([row[n] for row in rows] for n in range(len(columns))),
-        )
-        keys = [k.strip() for k in key.split(",")]
-        at = [[name for name, _ in columns].index(k) for k in keys]
-        inserted = {tuple(r[k] for k in keys): int(r["seq"]) for r in found}
+    async def insert(self, insert: Insert, *values: Any) -> int | None:
+        seq = await self.conn.fetchval(numbered(insert.sql), *values)
+        return None if seq is None else int(seq)
+
+    async def insert_many(self, insert: Insert, rows: Sequence[Sequence[Any]]) -> list[int | None]:
+        """One statement for every row (``unnest``)."""
+        sql, key = _unnest(insert)
+        found = await self.conn.fetch(sql, *(list(column) for column in zip(*rows, strict=True)))
+        inserted = {tuple(r)[1:]: r[0] for r in found}
         # A twin later in the batch finds its key taken by the earlier one (popped).
-        return [inserted.pop(tuple(row[n] for n in at), None) for row in rows]
+        return [inserted.pop(tuple([row[n] for n in key]), None) for row in rows]
 
     async def notify(self, channel: str, payload: str) -> None:
         await self.conn.execute("SELECT pg_notify($1, $2)", channel, payload)

@@ -32,7 +32,7 @@ from gateway.errors import StoreError, StoreReadOnly, StoreUnavailable
 from gateway.secretstore import SecretBox
 from gateway.store import Signer
 from gateway.store.batch import BatchObserver
-from gateway.store.body import CONFIG_CHANNEL, Dialect, StoreBody, TxUnit
+from gateway.store.body import CONFIG_CHANNEL, Dialect, StoreBody
 from gateway.store.chain import CHAIN_COLUMNS, DATA_COLUMNS, GENESIS, ChainRow, CheckpointRow, Head
 from gateway.store.pgcommit import (
     OUTBOX_CHANNEL,
@@ -281,8 +281,7 @@ class PostgresStore(StoreBody):
                 raise
             raise mapped from exc
 
-    async def transact(self, unit: TxUnit[T]) -> T:
-        return await self.write(unit)
+    transact = write  # the batch's Tx is the body's (pgcommit.py)
 
     async def fetch(self, sql: str, *params: Any) -> list[asyncpg.Record]:
         try:

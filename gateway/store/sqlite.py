@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import sqlite3
 import time
@@ -19,7 +18,7 @@ from gateway.secretstore import SecretBox
 from gateway.store import Signer, instance_id
 from gateway.store import chain as log_chain
 from gateway.store.batch import BatchObserver, GroupCommit, Unit
-from gateway.store.body import Column, Dialect, StoreBody, TxUnit
+from gateway.store.body import Dialect, Insert, StoreBody, TxUnit
 from gateway.store.chain import MIGRATION as CHAIN_MIGRATION
 from gateway.store.chain import ChainRow, CheckpointRow, HashChain, Head
 
@@ -256,29 +255,20 @@ class _Tx:
         row = self.db.execute(sql, params).fetchone()
         return row[0] if row is not None else None
 
-    async def insert_many(
-        self, table: str, columns: Sequence[Column], rows: Sequence[Sequence[Any]], key: str
-    ) -> list[int | None]:
-        sql = _insert_sql(table, tuple(name for name, _ in columns), key)
-        seqs: list[int | None] = []
-        for row in rows:
-            found = self.db.execute(sql, row).fetchone()
-            seqs.append(int(found[0]) if found is not None else None)
-        return seqs
+    async def insert(self, insert: Insert, *values: Any) -> int | None:
+        cursor = self.db.execute(insert.bare, values)
+        seq = cursor.lastrowid if cursor.rowcount == 1 else None
+        cursor.close()
+        return seq
+
+    async def insert_many(self, insert: Insert, rows: Sequence[Sequence[Any]]) -> list[int | None]:
+        return [await self.insert(insert, *row) for row in rows]
 
     def chain(self, kind: str, ref: int | None, at: float, **facts: Any) -> None:
         self.chain_.append(self.db, kind, ref, at, **facts)
 
     async def notify(self, channel: str, payload: str) -> None:
         """Nobody listens: other processes on the file poll."""
-
-
-@functools.lru_cache(maxsize=64)
-def _insert_sql(table: str, names: tuple[str, ...], key: str) -> str:
-    return (
-        f"INSERT INTO {table} ({', '.join(names)}) VALUES ({','.join('?' * len(names))}) "
-        f"ON CONFLICT ({key}) DO NOTHING RETURNING seq"
-    )
 
 
 class SQLiteStore(StoreBody):
