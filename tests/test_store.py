@@ -854,6 +854,20 @@ async def test_the_fence_needs_the_lease_never_a_voided_one(store: Store) -> Non
     assert await store.set_message_state(again.seq, "dead", error="claimed", attempts=1)
 
 
+async def test_a_lease_given_up_by_a_reschedule_fences_its_old_holder(store: Store) -> None:
+    """Once a delivery rescheduled its message (lease given up), a late outcome from the
+    same process changes nothing until the message is claimed again (both backends)."""
+    record = await _claimed(store)
+    assert await store.reschedule_message(
+        record.seq, attempts=1, next_attempt_at=time.time() + 60, error="later"
+    )
+    assert not await store.set_message_state(record.seq, "delivered", attempts=1)
+    assert not await store.note_attempt(record.seq, attempts=2, adapter="late")
+    kept = await store.get_message_by_seq(record.seq)
+    assert kept is not None
+    assert (kept.state, kept.attempts, kept.error) == ("delivering", 1, "later")
+
+
 async def test_answer_message_records_the_answer_and_its_callback_once(store: Store) -> None:
     """An immediate answer: answered with its receiver and one pending callback, only once."""
     record = await _claimed(store)
