@@ -51,8 +51,9 @@ from gateway.store import (
     TokenRecord,
     sql_state,
 )
+from gateway.store.batch import BatchObserver
 from gateway.store.chain import body_digest
-from gateway.store.rows import Row, accepted_record, callback_record, message_record
+from gateway.store.rows import Row, accepted_record, callback_record, message_record, record
 from gateway.store.sealing import opened_changes, opened_overlay, sealed_change
 
 __all__ = [
@@ -123,6 +124,13 @@ class Tx(Protocol):
 
 
 TxUnit = Callable[[Tx], Coroutine[Any, Any, T]]
+
+
+def opened(resource: T | None) -> T:
+    """A backend's connection, pool or batch, which exists only while the store is open."""
+    if resource is None:
+        raise StoreError("the store is not open")
+    return resource
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -242,23 +250,8 @@ def _encoded(value: Any) -> str | None:
     return json.dumps(value, ensure_ascii=False) if value is not None else None
 
 
-def _fields(cls: Any, row: Row) -> dict[str, Any]:
-    """The columns of ``row`` named as the fields of dataclass ``cls``."""
-    return {f.name: row[f.name] for f in dataclasses.fields(cls)}
-
-
 def _change(r: Row) -> ChangeRecord:
-    return ChangeRecord(
-        seq=r["seq"],
-        at=r["at"],
-        actor=r["actor"],
-        role=r["role"],
-        action=r["action"],
-        kind=r["kind"],
-        resource_id=r["resource_id"],
-        before=json.loads(r["before"]) if r["before"] else None,
-        after=json.loads(r["after"]) if r["after"] else None,
-    )
+    return record(ChangeRecord, r, json_columns=("before", "after"))
 
 
 def _callback_params(
@@ -363,6 +356,12 @@ class InsertMessage:
         )
 
 
+class _Observed(Protocol):
+    """A backend's group commit, as far as the body sees it."""
+
+    observer: BatchObserver | None
+
+
 class StoreBody:
     """The ``Store`` methods both backends share; a backend supplies the seam below."""
 
@@ -371,6 +370,14 @@ class StoreBody:
     _secrets: SecretBox
 
     # The seam -------------------------------------------------------------------------
+
+    @property
+    def batch(self) -> _Observed:
+        """The backend's group commit (batch.py, pgcommit.py)."""
+        raise NotImplementedError
+
+    def observe(self, observer: BatchObserver) -> None:
+        self.batch.observer = observer
 
     async def transact(self, unit: TxUnit[T]) -> T:
         """Run ``unit`` in the next group commit; its result once that has committed."""
@@ -528,10 +535,7 @@ class StoreBody:
 
     async def rejections(self, limit: int = 100) -> list[RejectionRecord]:
         rows = await self.fetch("SELECT * FROM rejections ORDER BY seq DESC LIMIT ?", limit)
-        return [
-            RejectionRecord(**_fields(RejectionRecord, r) | {"headers": json.loads(r["headers"])})
-            for r in rows
-        ]
+        return [record(RejectionRecord, r, json_columns=("headers",)) for r in rows]
 
     async def search_messages(
         self,
@@ -593,21 +597,33 @@ class StoreBody:
             f"OR lease_until <= ?) ORDER BY next_attempt_at LIMIT ?{self.dialect.skip_locked}) "
             f"RETURNING {_MESSAGE_COLUMNS}"
         )
+        rows = await self._claim(sql, now, limit, lease_s)
+        return sorted((message_record(r) for r in rows), key=lambda m: m.seq)
+
+    async def _claim(self, sql: str, now: float, limit: int, lease_s: float) -> Sequence[Row]:
+        """Run a claim (lease until, owner, now, due by, lease expired by, limit)."""
         owner = self.instance_id
 
         async def unit(tx: Tx) -> Sequence[Row]:
             return await tx.fetch(sql, now + lease_s, owner, now, now, now, limit)
 
-        rows = await self.transact(unit)
-        return sorted((message_record(r) for r in rows), key=lambda m: m.seq)
+        return await self.transact(unit)
 
     async def reschedule_message(
         self, seq: int, *, attempts: int, next_attempt_at: float, error: str
     ) -> bool:
+        return await self._reschedule(
+            "messages", f"state IN {IN_OUTBOX}", seq, attempts, next_attempt_at, error
+        )
+
+    async def _reschedule(
+        self, table: str, guard: str, seq: int, attempts: int, next_attempt_at: float, error: str
+    ) -> bool:
+        """Put a delivery off (its lease given up) while its row is still ``guard`` and
+        this process holds the lease."""
         count = await self._execute(
-            "UPDATE messages SET attempts=?, next_attempt_at=?, lease_until=NULL, "
-            f"lease_owner=NULL, error=?, updated_at=? WHERE seq=? AND state IN {IN_OUTBOX} "
-            f"AND {_FENCE}",
+            f"UPDATE {table} SET attempts=?, next_attempt_at=?, lease_until=NULL, "
+            f"lease_owner=NULL, error=?, updated_at=? WHERE seq=? AND {guard} AND {_FENCE}",
             attempts,
             next_attempt_at,
             error,
@@ -844,12 +860,7 @@ class StoreBody:
             f"OR c.lease_until <= ?) AND {_FIRST_PENDING} ORDER BY c.next_attempt_at LIMIT ?"
             f"{self.dialect.skip_locked}) RETURNING {_CALLBACK_RETURNING}"
         )
-        owner = self.instance_id
-
-        async def unit(tx: Tx) -> Sequence[Row]:
-            return await tx.fetch(sql, now + lease_s, owner, now, now, now, limit)
-
-        rows = await self.transact(unit)
+        rows = await self._claim(sql, now, limit, lease_s)
         return sorted((callback_record(r) for r in rows), key=lambda c: c.seq)
 
     async def finish_callback(
@@ -897,19 +908,9 @@ class StoreBody:
     async def reschedule_callback(
         self, seq: int, *, attempts: int, next_attempt_at: float, error: str
     ) -> bool:
-        count = await self._execute(
-            "UPDATE callbacks SET attempts=?, next_attempt_at=?, lease_until=NULL, "
-            f"lease_owner=NULL, error=?, updated_at=? WHERE seq=? AND state = {_PENDING} "
-            f"AND {_FENCE}",
-            attempts,
-            next_attempt_at,
-            error,
-            time.time(),
-            seq,
-            self.instance_id,
-            wake=True,
+        return await self._reschedule(
+            "callbacks", f"state = {_PENDING}", seq, attempts, next_attempt_at, error
         )
-        return count == 1
 
     async def dead_letters(self, limit: int = 100) -> Sequence[DeadLetter]:
         rows = await self.fetch(
@@ -920,7 +921,7 @@ class StoreBody:
             f"WHERE c.state={_CB_DEAD} ORDER BY updated_at DESC LIMIT ?",
             limit,
         )
-        return [DeadLetter(**_fields(DeadLetter, r)) for r in rows]
+        return [record(DeadLetter, r) for r in rows]
 
     async def redeliver(self, kind: str, seq: int, now: float) -> bool:
         """Put one dead letter back in the outbox with a fresh attempt budget; its
@@ -1059,13 +1060,13 @@ class StoreBody:
             "SELECT name, role, hash FROM admin_tokens WHERE hash = ? AND revoked_at IS NULL",
             token_hash,
         )
-        return Credential(**_fields(Credential, rows[0])) if rows else None
+        return record(Credential, rows[0]) if rows else None
 
     async def list_tokens(self) -> list[TokenRecord]:
         rows = await self.fetch(
             "SELECT name, role, created_at, revoked_at FROM admin_tokens ORDER BY created_at"
         )
-        return [TokenRecord(**_fields(TokenRecord, r)) for r in rows]
+        return [record(TokenRecord, r) for r in rows]
 
     async def revoke_token(self, name: str) -> bool:
         count = await self._execute(
@@ -1089,7 +1090,7 @@ class StoreBody:
             "SELECT generation, key_id, alg, kek_id, wrapped, created_at FROM data_keys "
             "ORDER BY generation"
         )
-        return [DataKey(**_fields(DataKey, r) | {"wrapped": bytes(r["wrapped"])}) for r in rows]
+        return [record(DataKey, r, wrapped=bytes(r["wrapped"])) for r in rows]
 
     async def add_data_key(self, key: DataKey) -> bool:
         added = await self._execute(

@@ -37,7 +37,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from gateway.errors import StoreError
-from gateway.store.batch import BatchObserver
+from gateway.store.batch import BatchObserver, settle
 from gateway.store.body import Insert
 from gateway.store.chain import canonical, content_digest, link
 
@@ -216,18 +216,7 @@ class PgGroupCommit:
                 return
         self.batches += 1
         self.units += len(batch)
-        for (_, future), (result, failure) in zip(batch, outcomes, strict=True):
-            if future.done():
-                continue
-            if failure is None:
-                future.set_result(result)
-            else:
-                future.set_exception(failure)
-        if self.observer is not None:
-            try:
-                self.observer.committed(len(batch), time.perf_counter() - started)
-            except Exception:  # metrics must never break the store
-                log.exception("the batch observer failed")
+        settle(batch, outcomes, self.observer, started)
 
     async def _attempt(
         self, batch: list[tuple[PgUnit[Any], asyncio.Future[Any]]], careful: bool

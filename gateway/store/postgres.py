@@ -31,9 +31,17 @@ import asyncpg
 from gateway.errors import StoreError, StoreReadOnly, StoreUnavailable
 from gateway.secretstore import SecretBox
 from gateway.store import Signer
-from gateway.store.batch import BatchObserver
-from gateway.store.body import CONFIG_CHANNEL, Dialect, StoreBody
-from gateway.store.chain import CHAIN_COLUMNS, DATA_COLUMNS, GENESIS, ChainRow, CheckpointRow, Head
+from gateway.store.body import CONFIG_CHANNEL, Dialect, StoreBody, opened
+from gateway.store.chain import (
+    CHAIN_COLUMNS,
+    DATA_COLUMNS,
+    GENESIS,
+    ChainRow,
+    CheckpointRow,
+    Head,
+    chain_row,
+    checkpoint_row,
+)
 from gateway.store.pgcommit import (
     OUTBOX_CHANNEL,
     Conn,
@@ -107,25 +115,6 @@ def migrations() -> list[Migration]:
     return found
 
 
-def _chain_row(r: asyncpg.Record) -> ChainRow:
-    return ChainRow(
-        seq=r["seq"],
-        at=r["at"],
-        kind=r["kind"],
-        ref=r["ref"],
-        facts=r["facts"],
-        content_digest=r["content_digest"],
-        prev_hash=r["prev_hash"],
-        hash=r["hash"],
-    )
-
-
-def _checkpoint(r: asyncpg.Record) -> CheckpointRow:
-    return CheckpointRow(
-        id=r["id"], seq=r["seq"], hash=r["hash"], at=r["at"], kid=r["kid"], jws=r["jws"]
-    )
-
-
 class _Snapshot:
     """``ChainSnapshot`` on one connection in a REPEATABLE READ, READ ONLY transaction."""
 
@@ -139,13 +128,13 @@ class _Snapshot:
             sql += " AND seq <= $2"
             params.append(last)
         async for r in self.conn.cursor(sql + " ORDER BY seq", *params, prefetch=2000):
-            yield _chain_row(r)
+            yield chain_row(r)
 
     async def checkpoints(self) -> list[CheckpointRow]:
         rows = await self.conn.fetch(
             "SELECT id, seq, hash, at, kid, jws FROM checkpoints ORDER BY id"
         )
-        return [_checkpoint(r) for r in rows]
+        return [checkpoint_row(r) for r in rows]
 
     async def checkpoint_high_water(self) -> int:
         return int(await self.conn.fetchval("SELECT checkpoint_id FROM log_head") or 0)
@@ -156,7 +145,7 @@ class _Snapshot:
             "ORDER BY seq, id LIMIT 1",
             seq,
         )
-        return _checkpoint(row) if row else None
+        return checkpoint_row(row) if row else None
 
     async def find_hash(self, value: str) -> int | None:
         seq = await self.conn.fetchval("SELECT seq FROM log_chain WHERE hash = $1 LIMIT 1", value)
@@ -218,18 +207,11 @@ class PostgresStore(StoreBody):
 
     @property
     def pool(self) -> asyncpg.Pool:
-        if self._pool is None:
-            raise StoreError("the store is not open")
-        return self._pool
+        return opened(self._pool)
 
     @property
     def batch(self) -> PgGroupCommit:
-        if self._batch is None:
-            raise StoreError("the store is not open")
-        return self._batch
-
-    def observe(self, observer: BatchObserver) -> None:
-        self.batch.observer = observer
+        return opened(self._batch)
 
     async def open_pool(self) -> asyncpg.Pool:
         """Connect, without looking at the schema (``gateway store migrate``)."""

@@ -17,8 +17,8 @@ from gateway.errors import StoreError, StoreReadOnly
 from gateway.secretstore import SecretBox
 from gateway.store import Signer, instance_id
 from gateway.store import chain as log_chain
-from gateway.store.batch import BatchObserver, GroupCommit, Unit
-from gateway.store.body import Dialect, Insert, StoreBody, TxUnit
+from gateway.store.batch import GroupCommit, Unit
+from gateway.store.body import Dialect, Insert, StoreBody, TxUnit, opened
 from gateway.store.chain import MIGRATION as CHAIN_MIGRATION
 from gateway.store.chain import ChainRow, CheckpointRow, HashChain, Head
 
@@ -314,25 +314,16 @@ class SQLiteStore(StoreBody):
     @property
     def db(self) -> sqlite3.Connection:
         """The reading connection (every write goes through ``write``)."""
-        if self._db is None:
-            raise StoreError("the store is not open")
-        return self._db
+        return opened(self._db)
 
     @property
     def writer(self) -> sqlite3.Connection:
         """The write connection; only ``GroupCommit`` runs statements on it."""
-        if self._writer is None:
-            raise StoreError("the store is not open")
-        return self._writer
+        return opened(self._writer)
 
     @property
     def batch(self) -> GroupCommit:
-        if self._batch is None:
-            raise StoreError("the store is not open")
-        return self._batch
-
-    def observe(self, observer: BatchObserver) -> None:
-        self.batch.observer = observer
+        return opened(self._batch)
 
     async def watch_outbox(self, wake: Callable[[], None]) -> None:
         """Nothing to listen to: workers on one file find new work by polling."""
@@ -467,10 +458,9 @@ class SQLiteStore(StoreBody):
     async def fetch_slow(self, sql: str, *params: Any) -> list[sqlite3.Row]:
         """A scan (about 15 ms for 100,000 outbox rows) in the maintenance connection's
         thread, off the loop."""
-        if self._maintenance is None:
-            raise StoreError("the store is not open")
+        maintenance = opened(self._maintenance)
         try:
-            async with self._maintenance.execute(sql, params) as cursor:
+            async with maintenance.execute(sql, params) as cursor:
                 return list(await cursor.fetchall())
         except sqlite3.Error as exc:
             raise fault(exc, "store query") from exc
