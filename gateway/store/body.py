@@ -55,6 +55,7 @@ from gateway.store.batch import BatchObserver
 from gateway.store.chain import body_digest
 from gateway.store.rows import Row, accepted_record, callback_record, message_record, record
 from gateway.store.sealing import opened_changes, opened_overlay, sealed_change
+from gateway.store.statements import Column, Insert
 
 __all__ = [
     "CONFIG_CHANNEL",
@@ -69,32 +70,6 @@ __all__ = [
 
 T = TypeVar("T")
 CONFIG_CHANNEL = "gateway_config"  # an admin write committed (gateway/live.py)
-# A column of a batch insert: its name and its SQL type (PostgreSQL's arrays need it).
-Column = tuple[str, str]
-
-
-@dataclasses.dataclass(frozen=True, slots=True, eq=False)
-class Insert:
-    """An insert into a table whose ``seq`` the database gives, written once. With a
-    ``key`` (unique columns) a duplicate inserts nothing (``ON CONFLICT DO NOTHING``).
-    ``sql`` returns the new ``seq``; ``bare`` does not (SQLite reads ``lastrowid``:
-    ``RETURNING`` costs it ~20 µs a row). A backend may run many rows as one statement
-    of its own (``Tx.insert_many``)."""
-
-    table: str
-    columns: tuple[Column, ...]
-    key: str | None = None
-    bare: str = ""
-    sql: str = ""
-
-    def __post_init__(self) -> None:
-        names = ", ".join(name for name, _ in self.columns)
-        marks = ",".join("?" * len(self.columns))
-        bare = f"INSERT INTO {self.table} ({names}) VALUES ({marks})"
-        if self.key is not None:
-            bare += f" ON CONFLICT ({self.key}) DO NOTHING"
-        object.__setattr__(self, "bare", bare)
-        object.__setattr__(self, "sql", bare + " RETURNING seq")
 
 
 class Tx(Protocol):

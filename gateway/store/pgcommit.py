@@ -38,8 +38,8 @@ from asyncpg.pool import PoolConnectionProxy
 
 from gateway.errors import StoreError
 from gateway.store.batch import BatchObserver, settle
-from gateway.store.body import Insert
 from gateway.store.chain import canonical, content_digest, link
+from gateway.store.statements import Insert
 
 __all__ = ["OUTBOX_CHANNEL", "Conn", "PgGroupCommit", "PgUnit", "Tx", "numbered"]
 

@@ -18,9 +18,10 @@ from gateway.secretstore import SecretBox
 from gateway.store import Signer, instance_id
 from gateway.store import chain as log_chain
 from gateway.store.batch import GroupCommit, Unit
-from gateway.store.body import Dialect, Insert, StoreBody, TxUnit, opened
+from gateway.store.body import Dialect, StoreBody, TxUnit, opened
 from gateway.store.chain import MIGRATION as CHAIN_MIGRATION
 from gateway.store.chain import ChainRow, CheckpointRow, HashChain, Head
+from gateway.store.statements import Insert
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
