@@ -51,6 +51,14 @@ def _new(message_id: str | None = None, **changes: Any) -> NewMessage:
     return NewMessage(**fields)
 
 
+def _rejection(status: int, code: str, detail: str) -> Rejection:
+    """A rejection of an anonymous request (no client, id or service known)."""
+    unknown: dict[str, Any] = {"client": None, "message_id": None, "service": None}
+    return Rejection(
+        **unknown, status=status, code=code, detail=detail, digest=None, size=0, headers={}
+    )
+
+
 def _callback(original: MessageRecord, message_id: str = "cb-1") -> NewCallback:
     return NewCallback(
         message_id=message_id,
@@ -142,19 +150,7 @@ async def test_reopening_does_not_migrate_again_and_keeps_data(store_url: str) -
     first = store_at(store_url)
     await first.open()
     record = await first.insert_message(_new("11111111-1111-4111-8111-111111111111"))
-    await first.record_rejection(
-        Rejection(
-            client=None,
-            message_id=None,
-            service=None,
-            status=401,
-            code="signature_missing",
-            detail="unsigned",
-            digest=None,
-            size=0,
-            headers={},
-        )
-    )
+    await first.record_rejection(_rejection(401, "signature_missing", "unsigned"))
     await first.close()
     second = store_at(store_url)
     await second.open()
@@ -567,19 +563,7 @@ async def test_a_database_refusing_writes_raises_store_read_only(store_url: str)
         with pytest.raises(StoreReadOnly):
             await store.insert_message(_new())
         with pytest.raises(StoreReadOnly):
-            await store.record_rejection(
-                Rejection(
-                    client=None,
-                    message_id=None,
-                    service=None,
-                    status=400,
-                    code="malformed_request",
-                    detail="x",
-                    digest=None,
-                    size=0,
-                    headers={},
-                )
-            )
+            await store.record_rejection(_rejection(400, "malformed_request", "x"))
         kept = await store.get_message(PORTAL, "kept")
         assert kept is not None
         assert kept.message_id == "kept"

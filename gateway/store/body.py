@@ -565,18 +565,36 @@ class StoreBody:
         """Lease up to ``limit`` due messages. Rows another process is claiming right now
         are skipped, not waited for (``SKIP LOCKED`` where the database has row locks),
         and never claimed twice."""
-        sql = (
-            f"UPDATE messages SET state={_DELIVERING}, lease_until=?, lease_owner=?, "
-            "updated_at=? WHERE seq IN (SELECT seq FROM messages WHERE next_attempt_at IS NOT "
-            f"NULL AND next_attempt_at <= ? AND state IN {IN_OUTBOX} AND (lease_until IS NULL "
-            f"OR lease_until <= ?) ORDER BY next_attempt_at LIMIT ?{self.dialect.skip_locked}) "
-            f"RETURNING {_MESSAGE_COLUMNS}"
+        rows = await self._claim(
+            "messages",
+            f"state={_DELIVERING}, ",
+            f"c.state IN {IN_OUTBOX}",
+            _MESSAGE_COLUMNS,
+            now,
+            limit,
+            lease_s,
         )
-        rows = await self._claim(sql, now, limit, lease_s)
         return sorted((message_record(r) for r in rows), key=lambda m: m.seq)
 
-    async def _claim(self, sql: str, now: float, limit: int, lease_s: float) -> Sequence[Row]:
-        """Run a claim (lease until, owner, now, due by, lease expired by, limit)."""
+    async def _claim(
+        self,
+        table: str,
+        moves: str,
+        due: str,
+        returning: str,
+        now: float,
+        limit: int,
+        lease_s: float,
+    ) -> Sequence[Row]:
+        """Lease up to ``limit`` rows of ``table`` that are ``due`` (a condition on ``c``),
+        oldest due first, whose lease is free or expired; ``moves`` sets more columns."""
+        sql = (
+            f"UPDATE {table} SET {moves}lease_until=?, lease_owner=?, updated_at=? WHERE seq "
+            f"IN (SELECT c.seq FROM {table} c WHERE c.next_attempt_at IS NOT NULL AND "
+            f"c.next_attempt_at <= ? AND {due} AND (c.lease_until IS NULL OR c.lease_until "
+            f"<= ?) ORDER BY c.next_attempt_at LIMIT ?{self.dialect.skip_locked}) "
+            f"RETURNING {returning}"
+        )
         owner = self.instance_id
 
         async def unit(tx: Tx) -> Sequence[Row]:
@@ -828,14 +846,15 @@ class StoreBody:
         self, now: float, limit: int, lease_s: float
     ) -> Sequence[CallbackRecord]:
         """Lease up to ``limit`` due callbacks, the first pending decision of each message."""
-        sql = (
-            "UPDATE callbacks SET lease_until=?, lease_owner=?, updated_at=? WHERE seq IN ("
-            "SELECT c.seq FROM callbacks c WHERE c.next_attempt_at IS NOT NULL "
-            f"AND c.next_attempt_at <= ? AND c.state = {_PENDING} AND (c.lease_until IS NULL "
-            f"OR c.lease_until <= ?) AND {_FIRST_PENDING} ORDER BY c.next_attempt_at LIMIT ?"
-            f"{self.dialect.skip_locked}) RETURNING {_CALLBACK_RETURNING}"
+        rows = await self._claim(
+            "callbacks",
+            "",
+            f"c.state = {_PENDING} AND {_FIRST_PENDING}",
+            _CALLBACK_RETURNING,
+            now,
+            limit,
+            lease_s,
         )
-        rows = await self._claim(sql, now, limit, lease_s)
         return sorted((callback_record(r) for r in rows), key=lambda c: c.seq)
 
     async def finish_callback(
