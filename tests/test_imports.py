@@ -21,6 +21,7 @@ KNOWN: dict[frozenset[str], str] = {
     frozenset(
         {
             "gateway.store",
+            "gateway.store.body",  # the backends' shared body, on the same __init__ edge
             "gateway.store.postgres",
             "gateway.store.rows",
             "gateway.store.sealing",

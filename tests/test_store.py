@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from gateway.errors import StoreError
+from gateway.errors import StoreError, StoreReadOnly
 from gateway.store import (
     CallbackRecord,
     ConfigConflict,
@@ -27,6 +27,7 @@ from gateway.store import (
     ResourceChange,
     Store,
 )
+from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import MIGRATIONS, SQLiteStore
 from tests.conftest import store_at
 
@@ -48,6 +49,14 @@ def _new(message_id: str | None = None, **changes: Any) -> NewMessage:
     }
     fields.update(changes)
     return NewMessage(**fields)
+
+
+def _rejection(status: int, code: str, detail: str) -> Rejection:
+    """A rejection of an anonymous request (no client, id or service known)."""
+    unknown: dict[str, Any] = {"client": None, "message_id": None, "service": None}
+    return Rejection(
+        **unknown, status=status, code=code, detail=detail, digest=None, size=0, headers={}
+    )
 
 
 def _callback(original: MessageRecord, message_id: str = "cb-1") -> NewCallback:
@@ -141,19 +150,7 @@ async def test_reopening_does_not_migrate_again_and_keeps_data(store_url: str) -
     first = store_at(store_url)
     await first.open()
     record = await first.insert_message(_new("11111111-1111-4111-8111-111111111111"))
-    await first.record_rejection(
-        Rejection(
-            client=None,
-            message_id=None,
-            service=None,
-            status=401,
-            code="signature_missing",
-            detail="unsigned",
-            digest=None,
-            size=0,
-            headers={},
-        )
-    )
+    await first.record_rejection(_rejection(401, "signature_missing", "unsigned"))
     await first.close()
     second = store_at(store_url)
     await second.open()
@@ -523,6 +520,56 @@ async def test_closed_store_raises_store_error(store_url: str) -> None:
         await s.insert_message(_new())
 
 
+@contextlib.asynccontextmanager
+async def _refusing_writes(store_url: str) -> AsyncIterator[Store]:
+    """The store at ``store_url``, with one message, opened where the database itself
+    refuses writes: SQLite ``query_only`` on the write connection (the suite runs as root,
+    for whom a read-only file mode is no refusal), PostgreSQL with
+    ``default_transaction_read_only`` (a replica, a database in recovery)."""
+    first = store_at(store_url)
+    await first.open()
+    await first.insert_message(_new("kept"))
+    if isinstance(first, SQLiteStore):
+        first.writer.execute("PRAGMA query_only = ON")
+        try:
+            yield first
+        finally:
+            first.writer.execute("PRAGMA query_only = OFF")
+            await first.close()
+        return
+    await first.close()
+    conn = await asyncpg.connect(store_url)
+    try:
+        name = await conn.fetchval("SELECT current_database()")
+        await conn.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        store = PostgresStore(store_url, instance="replica", migrate=False)
+        await store.open()
+        try:
+            yield store
+        finally:
+            await store.close()
+            await conn.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+    finally:
+        await conn.close()
+
+
+async def test_a_database_refusing_writes_raises_store_read_only(store_url: str) -> None:
+    """A read-only database is the store's own StoreReadOnly (readiness names it), from ping
+    and from a write, never a driver's exception; reads go on."""
+    async with _refusing_writes(store_url) as store:
+        with pytest.raises(StoreReadOnly) as caught:
+            await store.ping()
+        assert caught.value.detail.startswith("store write failed: the store is read-only (")
+        with pytest.raises(StoreReadOnly):
+            await store.insert_message(_new())
+        with pytest.raises(StoreReadOnly):
+            await store.record_rejection(_rejection(400, "malformed_request", "x"))
+        kept = await store.get_message(PORTAL, "kept")
+        assert kept is not None
+        assert kept.message_id == "kept"
+        assert await store.count_messages() == 1
+
+
 async def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path: Path) -> None:
     """Opening a file that is not SQLite raises StoreError naming the file and the cause."""
     junk = tmp_path / "junk.db"
@@ -789,6 +836,20 @@ async def test_the_fence_needs_the_lease_never_a_voided_one(store: Store) -> Non
     assert (kept.state, kept.error) == ("delivering", None)
     (again,) = await store.claim_due_messages(now, limit=10, lease_s=30)
     assert await store.set_message_state(again.seq, "dead", error="claimed", attempts=1)
+
+
+async def test_a_lease_given_up_by_a_reschedule_fences_its_old_holder(store: Store) -> None:
+    """Once a delivery rescheduled its message (lease given up), a late outcome from the
+    same process changes nothing until the message is claimed again (both backends)."""
+    record = await _claimed(store)
+    assert await store.reschedule_message(
+        record.seq, attempts=1, next_attempt_at=time.time() + 60, error="later"
+    )
+    assert not await store.set_message_state(record.seq, "delivered", attempts=1)
+    assert not await store.note_attempt(record.seq, attempts=2, adapter="late")
+    kept = await store.get_message_by_seq(record.seq)
+    assert kept is not None
+    assert (kept.state, kept.attempts, kept.error) == ("delivering", 1, "later")
 
 
 async def test_answer_message_records_the_answer_and_its_callback_once(store: Store) -> None:

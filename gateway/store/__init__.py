@@ -246,18 +246,11 @@ class ResourceChange:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RejectionRecord:
+class RejectionRecord(Rejection):
+    """A rejection as recorded: its number and when."""
+
     seq: int
     at: float
-    client: str | None
-    message_id: str | None
-    service: str | None
-    status: int
-    code: str
-    detail: str
-    digest: str | None
-    size: int
-    headers: Mapping[str, str]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

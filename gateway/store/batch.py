@@ -39,13 +39,13 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from gateway.errors import StoreError
 from gateway.store.chain import HashChain
 
-__all__ = ["BatchObserver", "GroupCommit", "Unit"]
+__all__ = ["BatchObserver", "GroupCommit", "Unit", "settle"]
 
 log = logging.getLogger("gateway.store")
 
@@ -65,6 +65,28 @@ class BatchObserver(Protocol):
 
     def busy(self) -> None:
         """A flush was put off: another process held the write lock."""
+
+
+def settle(
+    batch: Sequence[tuple[Any, asyncio.Future[Any]]],
+    outcomes: Sequence[tuple[Any, Exception | None]],
+    observer: BatchObserver | None,
+    started: float,
+) -> None:
+    """After a batch's COMMIT: each waiter learns its unit's result or failure, and the
+    observer the batch (both group commits, this one and pgcommit.py's)."""
+    for (_, future), (result, failure) in zip(batch, outcomes, strict=True):
+        if future.done():
+            continue
+        if failure is None:
+            future.set_result(result)
+        else:
+            future.set_exception(failure)
+    if observer is not None:
+        try:
+            observer.committed(len(batch), time.perf_counter() - started)
+        except Exception:  # metrics must never break the store
+            log.exception("the batch observer failed")
 
 
 def _busy(exc: sqlite3.Error) -> bool:
@@ -188,18 +210,7 @@ class GroupCommit:
             return
         self.batches += 1
         self.units += len(batch)
-        for (_, future), (result, failure) in zip(batch, outcomes, strict=True):
-            if future.done():
-                continue
-            if failure is None:
-                future.set_result(result)
-            else:
-                future.set_exception(failure)
-        if self.observer is not None:
-            try:
-                self.observer.committed(len(batch), time.perf_counter() - started)
-            except Exception:  # metrics must never break the store
-                log.exception("the batch observer failed")
+        settle(batch, outcomes, self.observer, started)
 
     def _run(
         self, batch: list[tuple[Unit[Any], asyncio.Future[Any]]], careful: bool

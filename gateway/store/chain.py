@@ -21,6 +21,8 @@ from gateway.errors import StoreError
 from gateway.states import IN_DELIVERY, CallbackState
 
 __all__ = [
+    "CHAIN_COLUMNS",
+    "DATA_COLUMNS",
     "GENESIS",
     "MIGRATION",
     "ChainRow",
@@ -31,9 +33,11 @@ __all__ = [
     "body_digest",
     "callbacks_of",
     "canonical",
+    "chain_row",
     "chain_rows",
     "checkpoint_covering",
     "checkpoint_high_water",
+    "checkpoint_row",
     "checkpoints",
     "content_digest",
     "data_rows",
@@ -194,7 +198,8 @@ def read_head(db: sqlite3.Connection) -> Head:
     return Head(int(row[0]), str(row[1])) if row else Head(0, GENESIS)
 
 
-def _chain_row(r: sqlite3.Row | tuple[Any, ...]) -> ChainRow:
+def chain_row(r: Any) -> ChainRow:
+    """A chain record from a row of ``CHAIN_COLUMNS`` (any driver's, read by position)."""
     return ChainRow(
         seq=r[0],
         at=r[1],
@@ -207,19 +212,19 @@ def _chain_row(r: sqlite3.Row | tuple[Any, ...]) -> ChainRow:
     )
 
 
-_CHAIN_COLUMNS = "seq, at, kind, ref, facts, content_digest, prev_hash, hash"
+CHAIN_COLUMNS = "seq, at, kind, ref, facts, content_digest, prev_hash, hash"
 
 
 def chain_rows(
     db: sqlite3.Connection, first: int = 1, last: int | None = None
 ) -> Iterator[ChainRow]:
-    sql = f"SELECT {_CHAIN_COLUMNS} FROM log_chain WHERE seq >= ?"
+    sql = f"SELECT {CHAIN_COLUMNS} FROM log_chain WHERE seq >= ?"
     params: list[Any] = [first]
     if last is not None:
         sql += " AND seq <= ?"
         params.append(last)
     for r in db.execute(sql + " ORDER BY seq", params):
-        yield _chain_row(r)
+        yield chain_row(r)
 
 
 def hash_at(db: sqlite3.Connection, seq: int) -> str | None:
@@ -246,13 +251,14 @@ def own_events(
     return None if row[0] is None else (int(row[0]), int(row[1]))
 
 
-def _checkpoint(r: sqlite3.Row | tuple[Any, ...]) -> CheckpointRow:
+def checkpoint_row(r: Any) -> CheckpointRow:
+    """A checkpoint from a row of ``id, seq, hash, at, kid, jws`` (read by position)."""
     return CheckpointRow(id=r[0], seq=r[1], hash=r[2], at=r[3], kid=r[4], jws=r[5])
 
 
 def checkpoints(db: sqlite3.Connection) -> list[CheckpointRow]:
     rows = db.execute("SELECT id, seq, hash, at, kid, jws FROM checkpoints ORDER BY id")
-    return [_checkpoint(r) for r in rows]
+    return [checkpoint_row(r) for r in rows]
 
 
 def checkpoint_high_water(db: sqlite3.Connection) -> int:
@@ -265,7 +271,7 @@ def latest_checkpoint(db: sqlite3.Connection) -> CheckpointRow | None:
     row = db.execute(
         "SELECT id, seq, hash, at, kid, jws FROM checkpoints ORDER BY id DESC LIMIT 1"
     ).fetchone()
-    return _checkpoint(row) if row else None
+    return checkpoint_row(row) if row else None
 
 
 def checkpoint_covering(db: sqlite3.Connection, seq: int) -> CheckpointRow | None:
@@ -275,7 +281,7 @@ def checkpoint_covering(db: sqlite3.Connection, seq: int) -> CheckpointRow | Non
         "LIMIT 1",
         (seq,),
     ).fetchone()
-    return _checkpoint(row) if row else None
+    return checkpoint_row(row) if row else None
 
 
 def add_checkpoint(
@@ -290,7 +296,7 @@ def add_checkpoint(
         raise StoreError(f"cannot store a checkpoint: {exc}") from exc
 
 
-_DATA_COLUMNS = {
+DATA_COLUMNS = {
     "messages": "seq, message_id, client, service, mode, state, target, request_headers, "
     "request_body, request_digest, status, code, response_body, result, created_at",
     "callbacks": "seq, message_id, client, correlation_id, original_seq, service, headers, body, "
@@ -299,30 +305,25 @@ _DATA_COLUMNS = {
 }
 
 
-def data_rows(db: sqlite3.Connection, table: str) -> Iterator[dict[str, Any]]:
-    """Every row of ``messages``, ``callbacks`` or ``rejections`` with the chained columns."""
-    cursor = db.execute(f"SELECT {_DATA_COLUMNS[table]} FROM {table} ORDER BY seq")
+def _dicts(cursor: sqlite3.Cursor) -> Iterator[dict[str, Any]]:
     names = [d[0] for d in cursor.description]
     for r in cursor:
         yield dict(zip(names, r, strict=True))
 
 
+def data_rows(db: sqlite3.Connection, table: str) -> Iterator[dict[str, Any]]:
+    """Every row of ``messages``, ``callbacks`` or ``rejections`` with the chained columns."""
+    return _dicts(db.execute(f"SELECT {DATA_COLUMNS[table]} FROM {table} ORDER BY seq"))
+
+
 def messages_by_id(db: sqlite3.Connection, message_id: str) -> list[dict[str, Any]]:
-    cursor = db.execute(
-        f"SELECT {_DATA_COLUMNS['messages']} FROM messages WHERE message_id = ? ORDER BY seq",
-        (message_id,),
-    )
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, r, strict=True)) for r in cursor]
+    sql = f"SELECT {DATA_COLUMNS['messages']} FROM messages WHERE message_id = ? ORDER BY seq"
+    return list(_dicts(db.execute(sql, (message_id,))))
 
 
 def callbacks_of(db: sqlite3.Connection, message_seq: int) -> list[dict[str, Any]]:
-    cursor = db.execute(
-        f"SELECT {_DATA_COLUMNS['callbacks']} FROM callbacks WHERE original_seq = ? ORDER BY seq",
-        (message_seq,),
-    )
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, r, strict=True)) for r in cursor]
+    sql = f"SELECT {DATA_COLUMNS['callbacks']} FROM callbacks WHERE original_seq = ? ORDER BY seq"
+    return list(_dicts(db.execute(sql, (message_seq,))))
 
 
 def purge_bodies(

@@ -27,19 +27,21 @@ whole batch again, a few times, before it fails.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from gateway.errors import StoreError
-from gateway.store.batch import BatchObserver
+from gateway.store.batch import BatchObserver, settle
 from gateway.store.chain import canonical, content_digest, link
+from gateway.store.statements import Insert
 
-__all__ = ["OUTBOX_CHANNEL", "Conn", "PgGroupCommit", "PgUnit", "Tx"]
+__all__ = ["OUTBOX_CHANNEL", "Conn", "PgGroupCommit", "PgUnit", "Tx", "numbered"]
 
 log = logging.getLogger("gateway.store")
 
@@ -51,8 +53,34 @@ RETRIES = 8
 _RETRYABLE = ("40P01", "40001")
 
 
+@functools.lru_cache(maxsize=2048)
+def numbered(sql: str) -> str:
+    """The body's ``?`` placeholders as PostgreSQL's ``$1, $2 …`` (once per statement)."""
+    parts = sql.split("?")
+    return parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], 1))
+
+
+@functools.lru_cache(maxsize=64)
+def _unnest(insert: Insert) -> tuple[str, list[int]]:
+    """``insert`` for many rows as one statement (one array a column), and where its key
+    columns stand in a row (a row's key tells which ``seq`` is its: RETURNING keeps no
+    order). Only an insert with a key runs this way."""
+    if insert.key is None:
+        raise StoreError(f"insert_many into {insert.table} needs the key of its rows")
+    names = [name for name, _ in insert.columns]
+    arrays = ", ".join(f"${n}::{kind}[]" for n, (_, kind) in enumerate(insert.columns, 1))
+    sql = (
+        f"INSERT INTO {insert.table} ({', '.join(names)}) SELECT * FROM unnest({arrays}) "
+        f"ON CONFLICT ({insert.key}) DO NOTHING RETURNING seq, {insert.key}"
+    )
+    return sql, [names.index(k.strip()) for k in insert.key.split(",")]
+
+
 class Tx:
-    """What a unit sees: the batch's connection, and where it queues chain events."""
+    """What a unit sees: the batch's connection, and where it queues chain events.
+
+    The body's units (gateway/store/body.py) use the methods below (``?`` placeholders);
+    ``conn`` is the connection itself, for PostgreSQL-only statements."""
 
     __slots__ = ("conn", "events", "wake")
 
@@ -63,6 +91,35 @@ class Tx:
 
     def chain(self, kind: str, ref: int | None, at: float, **facts: Any) -> None:
         self.events.append((kind, ref, at, facts))
+
+    async def execute(self, sql: str, *params: Any) -> int:
+        status: str = await self.conn.execute(numbered(sql), *params)
+        tail = status.rsplit(" ", 1)[-1]  # a command tag: ``UPDATE 3``, ``INSERT 0 1``
+        return int(tail) if tail.isdigit() else 0
+
+    async def fetch(self, sql: str, *params: Any) -> list[asyncpg.Record]:
+        return list(await self.conn.fetch(numbered(sql), *params))
+
+    async def fetchrow(self, sql: str, *params: Any) -> asyncpg.Record | None:
+        return await self.conn.fetchrow(numbered(sql), *params)
+
+    async def fetchval(self, sql: str, *params: Any) -> Any:
+        return await self.conn.fetchval(numbered(sql), *params)
+
+    async def insert(self, insert: Insert, *values: Any) -> int | None:
+        seq = await self.conn.fetchval(numbered(insert.sql), *values)
+        return None if seq is None else int(seq)
+
+    async def insert_many(self, insert: Insert, rows: Sequence[Sequence[Any]]) -> list[int | None]:
+        """One statement for every row (``unnest``)."""
+        sql, key = _unnest(insert)
+        found = await self.conn.fetch(sql, *(list(column) for column in zip(*rows, strict=True)))
+        inserted = {tuple(r)[1:]: r[0] for r in found}
+        # A twin later in the batch finds its key taken by the earlier one (popped).
+        return [inserted.pop(tuple([row[n] for n in key]), None) for row in rows]
+
+    async def notify(self, channel: str, payload: str) -> None:
+        await self.conn.execute("SELECT pg_notify($1, $2)", channel, payload)
 
 
 PgUnit = Callable[[Tx], Awaitable[T]]
@@ -159,18 +216,7 @@ class PgGroupCommit:
                 return
         self.batches += 1
         self.units += len(batch)
-        for (_, future), (result, failure) in zip(batch, outcomes, strict=True):
-            if future.done():
-                continue
-            if failure is None:
-                future.set_result(result)
-            else:
-                future.set_exception(failure)
-        if self.observer is not None:
-            try:
-                self.observer.committed(len(batch), time.perf_counter() - started)
-            except Exception:  # metrics must never break the store
-                log.exception("the batch observer failed")
+        settle(batch, outcomes, self.observer, started)
 
     async def _attempt(
         self, batch: list[tuple[PgUnit[Any], asyncio.Future[Any]]], careful: bool

@@ -3,46 +3,47 @@ read by column name, and both drivers give ``bytes`` for blobs and ``float`` for
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from gateway.store import CallbackRecord, MessageRecord, NewMessage, via_hops
 
-__all__ = ["Row", "accepted_record", "callback_record", "message_record"]
+__all__ = ["Row", "accepted_record", "callback_record", "message_record", "record"]
+
+R = TypeVar("R")
 
 
 class Row(Protocol):
-    """A result row read by column name (``sqlite3.Row``, ``asyncpg.Record``)."""
+    """A result row read by column name or position (``sqlite3.Row``, ``asyncpg.Record``)."""
 
-    def __getitem__(self, key: str, /) -> Any: ...
+    def __getitem__(self, key: str | int, /) -> Any: ...
+
+
+_NAMES: dict[type[Any], tuple[str, ...]] = {}  # a record class's field names, once
+
+
+def _names(cls: type[Any]) -> tuple[str, ...]:
+    names = _NAMES.get(cls)
+    if names is None:
+        names = _NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
+def record(cls: type[R], row: Row, *, json_columns: tuple[str, ...] = (), **given: Any) -> R:
+    """A ``cls`` (a dataclass) from the columns of ``row`` named as its fields; the
+    ``json_columns`` hold JSON text (empty or NULL is None); ``given`` fields are not read."""
+    values = dict(given)
+    for name in _names(cls):
+        if name not in given:
+            value = row[name]
+            values[name] = (json.loads(value) if value else None) if name in json_columns else value
+    return cls(**values)
 
 
 def message_record(row: Row) -> MessageRecord:
-    return MessageRecord(
-        seq=row["seq"],
-        message_id=row["message_id"],
-        client=row["client"],
-        service=row["service"],
-        mode=row["mode"],
-        state=row["state"],
-        target=row["target"],
-        adapter=row["adapter"],
-        request_headers=json.loads(row["request_headers"]),
-        request_body=row["request_body"],
-        request_digest=row["request_digest"],
-        status=row["status"],
-        code=row["code"],
-        response_headers=json.loads(row["response_headers"]),
-        response_body=row["response_body"],
-        result=row["result"],
-        error=row["error"],
-        attempts=row["attempts"],
-        next_attempt_at=row["next_attempt_at"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        timings=json.loads(row["timings"]),
-        trace_id=row["trace_id"],
-        receiver=row["receiver"],
+    return record(
+        MessageRecord, row, json_columns=("request_headers", "response_headers", "timings")
     )
 
 
@@ -54,26 +55,9 @@ def _header(headers_json: str, name: str) -> str | None:
 
 
 def callback_record(row: Row) -> CallbackRecord:
-    return CallbackRecord(
-        seq=row["seq"],
-        message_id=row["message_id"],
-        client=row["client"],
-        correlation_id=row["correlation_id"],
-        original_seq=row["original_seq"],
-        original_client=row["original_client"],
-        # The relay whose key signed the original's last hop: answers go back there.
-        original_via=(via_hops(_header(row["original_headers"], "gw-via")) or (None,))[-1],
-        service=row["service"],
-        body=row["body"],
-        digest=row["digest"],
-        state=row["state"],
-        attempts=row["attempts"],
-        next_attempt_at=row["next_attempt_at"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        error=row["error"],
-        trace_id=row["trace_id"],
-    )
+    # The relay whose key signed the original's last hop: answers go back there.
+    via = (via_hops(_header(row["original_headers"], "gw-via")) or (None,))[-1]
+    return record(CallbackRecord, row, original_via=via)
 
 
 def accepted_record(msg: NewMessage, seq: int, now: float) -> MessageRecord:
