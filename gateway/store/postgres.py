@@ -47,6 +47,7 @@ from gateway.store import (
     MessageRecord,
     NewCallback,
     NewMessage,
+    Outcome,
     Rejection,
     RejectionRecord,
     ResourceChange,
@@ -322,6 +323,96 @@ class _InsertMessage:
         return seqs
 
 
+# --- lean ---
+_RECORD_EXCHANGES = (
+    "INSERT INTO messages (message_id, client, service, mode, state, target, adapter, "
+    "request_headers, request_body, request_digest, status, code, response_headers, "
+    "response_body, error, timings, created_at, updated_at, trace_id) "
+    "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], "
+    "$6::text[], $7::text[], $8::text[], $9::bytea[], $10::text[], $11::int[], $12::text[], "
+    "$13::text[], $14::bytea[], $15::text[], $16::text[], $17::float8[], $18::float8[], "
+    "$19::text[]) ON CONFLICT (client, message_id) DO NOTHING RETURNING seq, client, message_id"
+)
+
+
+class _RecordExchange:
+    """The unit of ``record_exchange``: a synchronous exchange, accepted and finished in
+    one row. Every one of a batch goes in one statement (``run_many``), the duplicate-id
+    check included (``ON CONFLICT``)."""
+
+    __slots__ = ("headers", "msg", "now", "outcome", "received_at")
+
+    def __init__(
+        self, msg: NewMessage, outcome: Outcome, headers: str, received_at: float, now: float
+    ) -> None:
+        self.msg, self.outcome, self.headers = msg, outcome, headers
+        self.received_at, self.now = received_at, now
+
+    async def __call__(self, tx: Tx) -> int | None:
+        return (await self.run_many(tx, [self]))[0]
+
+    @staticmethod
+    async def run_many(tx: Tx, units: Sequence[_RecordExchange]) -> list[int | None]:
+        msgs = [u.msg for u in units]
+        outs = [u.outcome for u in units]
+        rows = await tx.conn.fetch(
+            _RECORD_EXCHANGES,
+            [m.message_id for m in msgs],
+            [m.client for m in msgs],
+            [m.service for m in msgs],
+            [m.mode for m in msgs],
+            [o.state for o in outs],
+            [m.target for m in msgs],
+            [o.adapter or m.adapter for m, o in zip(msgs, outs, strict=True)],
+            [u.headers for u in units],
+            [m.request_body for m in msgs],
+            [m.request_digest for m in msgs],
+            [o.status for o in outs],
+            [o.code for o in outs],
+            [json.dumps(dict(o.response_headers)) for o in outs],
+            [o.response_body for o in outs],
+            [o.error for o in outs],
+            [json.dumps(dict(o.timings)) for o in outs],
+            [u.received_at for u in units],
+            [u.now for u in units],
+            [m.trace_id for m in msgs],
+        )
+        inserted = {(r["client"], r["message_id"]): int(r["seq"]) for r in rows}
+        seqs: list[int | None] = []
+        for u in units:
+            m, o = u.msg, u.outcome
+            seq = inserted.pop((m.client, m.message_id), None)
+            seqs.append(seq)
+            if seq is None:
+                continue
+            tx.chain(
+                "message.accepted",
+                seq,
+                u.received_at,
+                message_id=m.message_id,
+                client=m.client,
+                service=m.service,
+                mode=m.mode,
+                state=m.state,
+                target=m.target,
+                request_digest=m.request_digest,
+                headers_digest=body_digest(u.headers.encode()),
+            )
+            tx.chain(
+                "message.finished",
+                seq,
+                u.now,
+                state=o.state,
+                status=o.status,
+                code=o.code,
+                response_digest=body_digest(o.response_body),
+            )
+        return seqs
+
+
+# --- end lean ---
+
+
 class PostgresStore:
     """``Store`` on a PostgreSQL database shared by any number of instances.
 
@@ -504,6 +595,19 @@ class PostgresStore:
             return count == 1
 
         return await self.write(unit)
+
+    # --- lean ---
+    async def record_exchange(
+        self, msg: NewMessage, outcome: Outcome, *, received_at: float
+    ) -> int:
+        """A synchronous exchange, accepted and finished, in one row of one batch."""
+        headers = json.dumps(dict(msg.request_headers))
+        seq = await self.write(_RecordExchange(msg, outcome, headers, received_at, time.time()))
+        if seq is None:
+            raise DuplicateMessage(msg.message_id)
+        return seq
+
+    # --- end lean ---
 
     async def record_rejection(self, rejection: Rejection) -> None:
         now = time.time()

@@ -32,6 +32,7 @@ from gateway.store import (
     MessageRecord,
     NewCallback,
     NewMessage,
+    Outcome,
     Rejection,
     RejectionRecord,
     ResourceChange,
@@ -874,6 +875,78 @@ class SQLiteStore:
             return count == 1
 
         return await self.write(unit)
+
+    # --- lean ---
+    async def record_exchange(
+        self, msg: NewMessage, outcome: Outcome, *, received_at: float
+    ) -> int:
+        """A synchronous exchange, accepted and finished, as one unit (one commit)."""
+        now = time.time()
+        headers = json.dumps(dict(msg.request_headers))
+        adapter = outcome.adapter or msg.adapter
+
+        def unit(db: sqlite3.Connection) -> int:
+            cur = db.execute(
+                "INSERT INTO messages (message_id, client, service, mode, state, target, "
+                "adapter, request_headers, request_body, request_digest, status, code, "
+                "response_headers, response_body, error, timings, created_at, updated_at, "
+                "trace_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    msg.message_id,
+                    msg.client,
+                    msg.service,
+                    msg.mode,
+                    outcome.state,
+                    msg.target,
+                    adapter,
+                    headers,
+                    msg.request_body,
+                    msg.request_digest,
+                    outcome.status,
+                    outcome.code,
+                    json.dumps(dict(outcome.response_headers)),
+                    outcome.response_body,
+                    outcome.error,
+                    json.dumps(dict(outcome.timings)),
+                    received_at,
+                    now,
+                    msg.trace_id,
+                ),
+            )
+            seq = int(cur.lastrowid or 0)
+            cur.close()
+            self.chain.append(
+                db,
+                "message.accepted",
+                seq,
+                received_at,
+                message_id=msg.message_id,
+                client=msg.client,
+                service=msg.service,
+                mode=msg.mode,
+                state=msg.state,
+                target=msg.target,
+                request_digest=msg.request_digest,
+                headers_digest=body_digest(headers.encode()),
+            )
+            self.chain.append(
+                db,
+                "message.finished",
+                seq,
+                now,
+                state=outcome.state,
+                status=outcome.status,
+                code=outcome.code,
+                response_digest=body_digest(outcome.response_body),
+            )
+            return seq
+
+        try:
+            return await self.write(unit)
+        except sqlite3.IntegrityError as exc:
+            raise DuplicateMessage(msg.message_id) from exc
+
+    # --- end lean ---
 
     async def record_rejection(self, rejection: Rejection) -> None:
         now = time.time()
