@@ -4,6 +4,8 @@
     read body → authenticate (headers, member, key, signature, freshness, digest)
     → idempotency → authorise → validate → record → route → adapter
     → validate answer → sign → record.
+A synchronous exchange is recorded once, with its outcome, after the adapter (one
+commit: docs/decisions.md, "A lean exchange"); an asynchronous one before it.
 
 ``GET /v1/messages/{id}`` and ``POST /v1/callbacks/{service}`` reuse the same stages.
 Each stage is one small method; none reaches into another's storage. Where a stage's
