@@ -137,6 +137,22 @@ def ensure_softhsm() -> None:
     )
 
 
+def ensure_wrk() -> None:
+    """The benchmark's load generator (bench/load.py; tests/test_bench.py runs it, and
+    under CI=true fails without it): install it when missing and we may (root, Debian),
+    else say how."""
+    if shutil.which("wrk"):
+        return
+    if os.name == "posix" and os.geteuid() == 0 and shutil.which("apt-get"):
+        _apt_install("wrk")
+        return
+    print(
+        "wrk is not installed, so the benchmark falls back to its Python load generator and "
+        "its wrk test skips (under CI=true it fails): install it with `sudo apt-get install wrk`.",
+        flush=True,
+    )
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"run", "test"}:
         print(__doc__)
@@ -151,6 +167,7 @@ def main(argv: list[str]) -> int:
     ensure_postgres()
     ensure_openssl()
     ensure_softhsm()
+    ensure_wrk()
     steps: list[list[str | Path]]
     if "--fast" in argv[1:]:
         # No mypy and no coverage: the whole `test` stays the gate (tests/conftest.py).

@@ -61,9 +61,16 @@ class SignedRequest:
 
 
 def presign(
-    member: Member, base_url: str, service: str, document: Any, count: int
+    member: Member,
+    base_url: str,
+    service: str,
+    document: Any,
+    count: int,
+    *,
+    nonce: bool = False,
 ) -> list[SignedRequest]:
-    """``count`` requests for ``service`` at ``base_url``, each with its own message id."""
+    """``count`` requests for ``service`` at ``base_url``, each with its own message id
+    (and with ``nonce``, its own signature nonce, which the gateway claims in its store)."""
     path = f"/v1/exchange/{service}"
     body = json.dumps(document, ensure_ascii=False).encode()
     digest = sig.content_digest(body, "sm3" if isinstance(member.key, Sm2PrivateKey) else "sha-256")
@@ -78,7 +85,7 @@ def presign(
         }
         lines = sig.request_lines("POST", base_url + path, headers)
         headers["signature-input"], headers["signature"] = sig.sign(
-            member.key, member.kid, "sig1", lines, created
+            member.key, member.kid, "sig1", lines, created, uuid.uuid4().hex if nonce else None
         )
         pool.append(SignedRequest(path, headers, body))
     return pool

@@ -4,6 +4,8 @@
     read body → authenticate (headers, member, key, signature, freshness, digest)
     → idempotency → authorise → validate → record → route → adapter
     → validate answer → sign → record.
+A synchronous exchange is recorded once, with its outcome, after the adapter (one
+commit: docs/decisions.md, "A lean exchange"); an asynchronous one before it.
 
 ``GET /v1/messages/{id}`` and ``POST /v1/callbacks/{service}`` reuse the same stages.
 Each stage is one small method; none reaches into another's storage. Where a stage's
@@ -64,7 +66,8 @@ from gateway.signing import (
     parse_signature_input,
 )
 from gateway.states import ANSWERED_STATES, AWAITING_CALLBACK, IN_DELIVERY, MessageState
-from gateway.store import DuplicateMessage, MessageRecord, NewCallback, NewMessage, Store
+from gateway.store import DuplicateMessage, MessageRecord, NewCallback, NewMessage, Outcome, Store
+from gateway.store.rows import accepted_record
 from gateway.traceparent import trace_id_of
 
 __all__ = ["Authenticated", "Pipeline", "via_chain"]
@@ -211,6 +214,10 @@ class Pipeline:
         self._clock = clock
         self.rate_limiter = RateLimiter(security.rate_limit)
         self.nonces = NonceGuard(store, skew_s=security.clock_skew_s, clock=clock)
+        # Synchronous exchanges on their way (client, message id): recorded only once they
+        # end, so a twin arriving meanwhile is told so here (docs/decisions.md, "A lean
+        # exchange").
+        self._in_flight: set[tuple[str, str]] = set()
 
     # Stages --------------------------------------------------------------------------
 
@@ -429,23 +436,34 @@ class Pipeline:
         if asynchronous and self.outbox is not None and not self.outbox.accepting():
             raise Overloaded("the outbox is full; try again later", retry_after=5)
         record = await self.store.insert_message(
-            NewMessage(
-                message_id=auth.message_id,
-                client=auth.client,
-                service=service.code,
-                mode="async" if asynchronous else "sync",
-                state=MessageState.ACCEPTED if asynchronous else MessageState.DELIVERING,
-                request_headers=_recordable(request.headers),
-                request_body=body,
-                request_digest=auth.digest,
-                target=request.headers.get("Gw-Target"),
-                trace_id=trace_id_of(ctx.traceparent),
-                next_attempt_at=self._clock() if asynchronous else None,
-            )
+            self.new_message(request, auth, service, body, asynchronous, ctx)
         )
         ctx.recorded = True
         ctx.timings["record"] = (time.perf_counter() - started) * 1000
         return record
+
+    def new_message(
+        self,
+        request: web.Request,
+        auth: Authenticated,
+        service: Service,
+        body: bytes,
+        asynchronous: bool,
+        ctx: RequestContext,
+    ) -> NewMessage:
+        return NewMessage(
+            message_id=auth.message_id,
+            client=auth.client,
+            service=service.code,
+            mode="async" if asynchronous else "sync",
+            state=MessageState.ACCEPTED if asynchronous else MessageState.DELIVERING,
+            request_headers=_recordable(request.headers),
+            request_body=body,
+            request_digest=auth.digest,
+            target=request.headers.get("Gw-Target"),
+            trace_id=trace_id_of(ctx.traceparent),
+            next_attempt_at=self._clock() if asynchronous else None,
+        )
 
     def check_shape(self, body: bytes) -> None:
         limits = self.security
@@ -487,16 +505,44 @@ class Pipeline:
         auth = self.authenticate(request, body, runtime, ctx)
         await self.admit(auth)
         service = self.service_of(runtime, code)
+        prefer = request.headers.get("Prefer", "").lower()
+        asynchronous = service.config.mode == "async" or (
+            service.config.allow_async and "respond-async" in prefer
+        )
+        if asynchronous:
+            return await self._exchange(request, runtime, auth, service, body, True, ctx, started)
+        # A synchronous exchange is recorded only when it ends: until then its id is held
+        # here, before the replay check, so a twin either finds it held (409, as it found
+        # an unfinished record) or, once released, finds it committed (a replay).
+        key = (auth.client, auth.message_id)
+        if key in self._in_flight:
+            raise MessageIdReused(f"message {auth.message_id} is still being processed")
+        self._in_flight.add(key)
+        try:
+            return await self._exchange(request, runtime, auth, service, body, False, ctx, started)
+        finally:
+            self._in_flight.discard(key)
+
+    async def _exchange(
+        self,
+        request: web.Request,
+        runtime: Runtime,
+        auth: Authenticated,
+        service: Service,
+        body: bytes,
+        asynchronous: bool,
+        ctx: RequestContext,
+        started: float,
+    ) -> web.Response:
         replayed = await self.replay(request, auth, ctx)
         if replayed is not None:
             return replayed
         self.authorise(auth, service)
         self.validate(service, body, ctx)
-        prefer = request.headers.get("Prefer", "").lower()
-        asynchronous = service.config.mode == "async" or (
-            service.config.allow_async and "respond-async" in prefer
-        )
         try:
+            if not asynchronous:
+                msg = self.new_message(request, auth, service, body, False, ctx)
+                return await self.deliver_sync(runtime, service, msg, ctx, started)
             record = await self.record(request, auth, service, body, asynchronous, ctx)
         except DuplicateMessage:
             # A concurrent twin won the insert: answer as a replay.
@@ -504,61 +550,77 @@ class Pipeline:
             if replayed is None:  # pragma: no cover - the twin's row exists by definition
                 raise
             return replayed
-        if asynchronous:
-            if self.outbox is not None:
-                self.outbox.wake()
-            return self.accepted_response(record)
-        return await self.deliver_sync(runtime, service, record, ctx, started)
+        if self.outbox is not None:
+            self.outbox.wake()
+        return self.accepted_response(record)
 
     async def deliver_sync(
         self,
         runtime: Runtime,
         service: Service,
-        record: MessageRecord,
+        msg: NewMessage,
         ctx: RequestContext,
         started: float,
     ) -> web.Response:
+        """Call the upstream, then record the exchange with its outcome in one commit.
+
+        A crash before that commit leaves no trace: the client's retry of the same
+        message id is delivered again (receivers dedupe on it, PROTOCOL.md). The answer
+        is sent only after the commit, so an answered exchange is always recorded."""
+        received_at = time.time()
         adapter_name: str | None = None
         upstream_started = time.perf_counter()
         try:
             adapter_name, answer = await call_adapter(
-                runtime, service, exchange_of(record, service, ctx.traceparent)
+                runtime,
+                service,
+                exchange_of(accepted_record(msg, 0, received_at), service, ctx.traceparent),
             )
             ctx.timings["upstream"] = (time.perf_counter() - upstream_started) * 1000
             validate_answer(service, answer)
         except GatewayError as exc:
             ctx.timings["upstream"] = (time.perf_counter() - upstream_started) * 1000
             ctx.timings["total"] = (time.perf_counter() - started) * 1000
-            await self.store.finish_message(
-                record.seq,
+            failed = Outcome(
                 state=MessageState.FAILED,
                 status=exc.status,
                 code=exc.code,
                 adapter=adapter_name,
                 response_headers={"Content-Type": "application/problem+json"},
-                response_body=json.dumps(problem_body(exc, record.message_id)).encode(),
+                response_body=json.dumps(problem_body(exc, msg.message_id)).encode(),
                 error=exc.detail,
-                timings=ctx.timings,
+                timings=dict(ctx.timings),
             )
+            await self._record_exchange(msg, failed, received_at, ctx)
             raise
         response = web.Response(
             status=200,
             body=answer.body,
             content_type=None,
-            headers={"Content-Type": answer.content_type, "Gw-Message-Id": record.message_id},
+            headers={"Content-Type": answer.content_type, "Gw-Message-Id": msg.message_id},
         )
         ctx.timings["total"] = (time.perf_counter() - started) * 1000
-        await self.store.finish_message(
-            record.seq,
+        answered = Outcome(
             state=MessageState.ANSWERED,
             status=200,
             code=None,
             adapter=adapter_name,
             response_headers={"Content-Type": answer.content_type},
             response_body=answer.body,
-            timings=ctx.timings,
+            timings=dict(ctx.timings),
         )
+        await self._record_exchange(msg, answered, received_at, ctx)
         return response
+
+    async def _record_exchange(
+        self, msg: NewMessage, outcome: Outcome, received_at: float, ctx: RequestContext
+    ) -> None:
+        """The exchange's one commit. Its own time is a stage of the request (metrics,
+        logs), not of the stored timings, which it writes."""
+        started = time.perf_counter()
+        await self.store.record_exchange(msg, outcome, received_at=received_at)
+        ctx.recorded = True
+        ctx.timings["record"] = (time.perf_counter() - started) * 1000
 
     def accepted_response(self, record: MessageRecord) -> web.Response:
         state = record.state

@@ -129,6 +129,9 @@ class PostgresServer:
                 f"-p {port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off "
                 "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
             )
+            if (binaries.parent / "lib" / "pg_stat_statements.so").exists():
+                # bench/lean.py counts the statements per exchange (docs/decisions.md).
+                options += " -c shared_preload_libraries=pg_stat_statements"
             subprocess.run(
                 _as_owner(
                     [
@@ -172,6 +175,13 @@ class PostgresServer:
             )
         shutil.rmtree(self._directory, ignore_errors=True)
         self._directory = None
+
+    def server_pid(self) -> int | None:
+        """The postmaster's pid (its backends are its children), None for a given DSN."""
+        if self._directory is None:
+            return None
+        pid_file = self._directory / "data" / "postmaster.pid"
+        return int(pid_file.read_text().split()[0]) if pid_file.exists() else None
 
     def database_url(self, name: str) -> str:
         parts = urlsplit(self.url)

@@ -20,13 +20,23 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.typedefs import Handler, Middleware
 
 from gateway.client import ExchangeClient
 from gateway.signing import Signer
 from simulators.national import NationalPlatform, create_national_app
 from simulators.portal import Portal, create_portal_app
-from tests.conftest import APPLY_EXAMPLE, NATIONAL_ID, PORTAL_ID, Keys, config_document, unused_port
+from tests.conftest import (
+    APPLY_EXAMPLE,
+    CREDIT_EXAMPLE,
+    NATIONAL_ID,
+    PORTAL_ID,
+    Keys,
+    config_document,
+    unused_port,
+)
 
 pytestmark = pytest.mark.integration  # starts gateway processes
 
@@ -87,9 +97,13 @@ class Deployment:
 
 @contextlib.asynccontextmanager
 async def deployed(
-    keys: Keys, tmp_path: Path, edit: Callable[[dict[str, Any]], None] | None = None
+    keys: Keys,
+    tmp_path: Path,
+    edit: Callable[[dict[str, Any]], None] | None = None,
+    upstream_middleware: Middleware | None = None,
 ) -> AsyncIterator[Deployment]:
-    """A gateway config on disk for a subprocess, with the platform and portal in-process."""
+    """A gateway config on disk for a subprocess, with the platform and portal in-process
+    (``upstream_middleware`` wraps the platform's handlers, to act when it is hit)."""
     gw_port, nat_port, portal_port = unused_port(), unused_port(), unused_port()
     url = f"http://127.0.0.1:{gw_port}"
     doc = config_document(
@@ -119,8 +133,11 @@ async def deployed(
         gateway_keys=gateway_keys,
         gateway_url=url,
     )
+    national_app = create_national_app(national)
+    if upstream_middleware is not None:
+        national_app.middlewares.append(upstream_middleware)
     servers = [
-        TestServer(create_national_app(national), port=nat_port),
+        TestServer(national_app, port=nat_port),
         TestServer(create_portal_app(portal), port=portal_port),
     ]
     try:
@@ -249,3 +266,51 @@ async def test_sigterm_drains_in_flight_and_keeps_the_rest_queued(
     ):
         await asyncio.sleep(0.1)
     assert set(dep.states().values()) == {"callback_delivered"}
+
+
+async def test_sigkill_between_upstream_answer_and_commit_delivers_again_and_answers_once(
+    keys: Keys, tmp_path: Path
+) -> None:
+    """SIGKILL once the upstream has answered a sync exchange but before the gateway's one
+    commit: nothing is recorded; the client's retry of the same message id reaches the
+    upstream again under that id, gets one answer, and a later retry is its replay."""
+    message_id = str(uuid.uuid4())
+    answered, release = asyncio.Event(), asyncio.Event()
+
+    @web.middleware
+    async def hold_first_answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        if request.headers.get("Gw-Message-Id") == message_id and not answered.is_set():
+            answered.set()  # the upstream has done the work; its answer waits here
+            await release.wait()
+        return response
+
+    async with deployed(keys, tmp_path, upstream_middleware=hold_first_answer) as dep:
+        await dep.start()
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            client = ExchangeClient(
+                member_id=PORTAL_ID,
+                signer=Signer(keys.pairs["portal"]),
+                base_url=dep.url,
+                session=session,
+            )
+            first = asyncio.create_task(
+                client.exchange("credit.query", CREDIT_EXAMPLE, message_id=message_id)
+            )
+            await asyncio.wait_for(answered.wait(), 10)
+            dep.kill()
+            release.set()
+            with pytest.raises(aiohttp.ClientError):
+                await first
+            assert message_id not in dep.states()  # the crash window: no trace of it
+            await dep.start()
+            retry = await client.exchange("credit.query", CREDIT_EXAMPLE, message_id=message_id)
+            assert retry.status == 200, retry.body
+            assert "Gw-Replayed" not in retry.headers
+            assert dep.national.received == [message_id, message_id]  # seen again, same id
+            again = await client.exchange("credit.query", CREDIT_EXAMPLE, message_id=message_id)
+            assert (again.status, again.headers.get("Gw-Replayed")) == (200, "true")
+            assert again.body == retry.body
+        assert dep.national.received == [message_id, message_id]
+        assert dep.states() == {message_id: "answered"}

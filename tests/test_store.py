@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import sqlite3
 import time
 import uuid
@@ -15,6 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from gateway.audit import verify_store
 from gateway.errors import StoreError, StoreReadOnly
 from gateway.store import (
     CallbackRecord,
@@ -23,6 +25,7 @@ from gateway.store import (
     MessageRecord,
     NewCallback,
     NewMessage,
+    Outcome,
     Rejection,
     ResourceChange,
     Store,
@@ -190,6 +193,60 @@ async def test_same_client_and_message_id_is_a_duplicate(store: Store) -> None:
     with pytest.raises(DuplicateMessage):
         await store.insert_message(new)
     assert await store.count_messages() == 1
+
+
+def _sync_outcome(body: bytes = b'{"ok": true}') -> Outcome:
+    return Outcome(
+        state="answered",
+        status=200,
+        code=None,
+        adapter="national",
+        response_headers={"Content-Type": "application/json"},
+        response_body=body,
+        timings={"upstream": 1.5},
+    )
+
+
+async def test_record_exchange_commits_accepted_and_finished_in_one_batch(store: Store) -> None:
+    """A sync exchange recorded with its outcome is one commit, holds the outcome, and its
+    two chain events (accepted, finished) verify against the row."""
+    batch = store.batch  # type: ignore[attr-defined]
+    before = batch.batches
+    new = _new(state="delivering", request_digest=hashlib.sha256(b'{"uscc": "x"}').hexdigest())
+    seq = await store.record_exchange(new, _sync_outcome(), received_at=time.time() - 0.5)
+    assert batch.batches == before + 1
+    record = await store.get_message(PORTAL, new.message_id)
+    assert record is not None
+    assert record.seq == seq
+    assert (record.state, record.status, record.adapter) == ("answered", 200, "national")
+    assert record.response_body == b'{"ok": true}'
+    assert record.timings == {"upstream": 1.5}
+    assert record.created_at < record.updated_at
+    events = [e.kind for e in await store.message_events(seq)]
+    assert events == ["message.accepted", "message.finished"]
+    report = await verify_store(store, {})
+    assert not [f for f in report.findings if "checkpoint" not in f.detail], report.findings
+
+
+async def test_record_exchange_of_a_taken_id_is_a_duplicate(store: Store) -> None:
+    """The same (client, message id) recorded twice, one after the other or both in one
+    batch (twins on two connections of one instance), keeps the first: one row."""
+    new = _new(state="delivering")
+    await store.record_exchange(new, _sync_outcome(), received_at=time.time())
+    with pytest.raises(DuplicateMessage):
+        await store.record_exchange(new, _sync_outcome(b"{}"), received_at=time.time())
+    twin = _new(state="delivering")
+    outcomes = await asyncio.gather(
+        store.record_exchange(twin, _sync_outcome(b'{"n": 1}'), received_at=time.time()),
+        store.record_exchange(twin, _sync_outcome(b'{"n": 2}'), received_at=time.time()),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(o, int) for o in outcomes) == 1, outcomes
+    assert sum(isinstance(o, DuplicateMessage) for o in outcomes) == 1, outcomes
+    assert await store.count_messages() == 2
+    kept = await store.get_message(PORTAL, new.message_id)
+    assert kept is not None
+    assert kept.response_body == b'{"ok": true}'
 
 
 async def test_same_message_id_from_another_client_is_separate(store: Store) -> None:

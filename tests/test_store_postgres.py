@@ -479,3 +479,29 @@ async def test_a_sqlite_store_imported_into_postgresql_verifies_and_goes_on(
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         assert pool.submit(main, argv).result() == 1
     assert "import into an empty database" in capsys.readouterr().err
+
+
+async def test_a_released_connection_sends_no_reset_statements(
+    instances: Opened, pg_url: str
+) -> None:
+    """Reads and writes through the pool leave no reset round trip per release behind
+    (asyncpg's default: pg_advisory_unlock_all, CLOSE ALL, UNLISTEN *, RESET ALL each)."""
+    admin = await asyncpg.connect(pg_url)
+    try:
+        await admin.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        store = await instances("lean")
+        await admin.execute("SELECT pg_stat_statements_reset()")
+        records = [await store.insert_message(_new()) for _ in range(5)]
+        for record in records * 4:
+            assert await store.get_message(PORTAL_ID, record.message_id) is not None
+        rows = await admin.fetch(
+            "SELECT s.query, s.calls FROM pg_stat_statements s JOIN pg_database d "
+            "ON d.oid = s.dbid WHERE d.datname = current_database()"
+        )
+    finally:
+        await admin.close()
+    calls = {" ".join(str(r["query"]).split()): int(r["calls"]) for r in rows}
+    reads = sum(n for q, n in calls.items() if q.startswith("SELECT") and "FROM messages" in q)
+    assert reads >= 20, calls  # the statistics saw the reads
+    resets = [q for q in calls if any(s in q for s in ("RESET ALL", "UNLISTEN", "unlock_all"))]
+    assert resets == []

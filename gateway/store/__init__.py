@@ -47,6 +47,7 @@ __all__ = [
     "MessageRecord",
     "NewCallback",
     "NewMessage",
+    "Outcome",
     "Rejection",
     "RejectionRecord",
     "ResourceChange",
@@ -124,6 +125,25 @@ class NewMessage:
     adapter: str | None = None
     trace_id: str | None = None
     next_attempt_at: float | None = None
+
+
+# --- lean ---
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """How a synchronous exchange ended: recorded with the message, in the same commit
+    (``Store.record_exchange``), so a sync exchange commits once."""
+
+    state: str  # answered or failed
+    status: int
+    code: str | None
+    adapter: str | None
+    response_headers: Mapping[str, str]
+    response_body: bytes | None
+    error: str | None = None
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+
+# --- end lean ---
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -344,6 +364,16 @@ class Store(Protocol):
         error: str | None = None,
         timings: Mapping[str, float] | None = None,
     ) -> bool: ...
+    # --- lean ---
+    async def record_exchange(
+        self, msg: NewMessage, outcome: Outcome, *, received_at: float
+    ) -> int:
+        """Record a synchronous exchange once it has ended, accepted and finished in one
+        commit (its two chain events, ``message.accepted`` at ``received_at`` and
+        ``message.finished``); its seq. ``DuplicateMessage`` when its id is taken."""
+        ...
+
+    # --- end lean ---
     async def record_rejection(self, rejection: Rejection) -> None: ...
     async def message_events(self, seq: int) -> Sequence[MessageEvent]: ...
     async def search_messages(

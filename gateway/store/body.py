@@ -44,6 +44,7 @@ from gateway.store import (
     MessageRecord,
     NewCallback,
     NewMessage,
+    Outcome,
     Rejection,
     RejectionRecord,
     ResourceChange,
@@ -337,6 +338,98 @@ class _Observed(Protocol):
     observer: BatchObserver | None
 
 
+# --- lean ---
+_SYNC_EXCHANGE: tuple[Column, ...] = (
+    *(c for c in _NEW_MESSAGE if c[0] != "next_attempt_at"),
+    ("status", "int4"),
+    ("code", "text"),
+    ("response_headers", "text"),
+    ("response_body", "bytea"),
+    ("error", "text"),
+    ("timings", "text"),
+)
+
+
+class RecordExchange:
+    """The unit of ``record_exchange``: a synchronous exchange, accepted and finished in
+    one row and one commit. A batch's are one statement (``run_many``), the duplicate-id
+    check included (the insert's ``ON CONFLICT``)."""
+
+    __slots__ = ("headers", "msg", "now", "outcome", "received_at")
+
+    def __init__(
+        self, msg: NewMessage, outcome: Outcome, headers: str, received_at: float, now: float
+    ) -> None:
+        self.msg, self.outcome, self.headers = msg, outcome, headers
+        self.received_at, self.now = received_at, now
+
+    async def __call__(self, tx: Tx) -> int | None:
+        return (await self.run_many(tx, [self]))[0]
+
+    @staticmethod
+    async def run_many(tx: Tx, units: Sequence[RecordExchange]) -> list[int | None]:
+        """Record every exchange; each one's seq, or None for a duplicate."""
+        seqs = await tx.insert_many(
+            "messages",
+            _SYNC_EXCHANGE,
+            [
+                (
+                    u.msg.message_id,
+                    u.msg.client,
+                    u.msg.service,
+                    u.msg.mode,
+                    u.outcome.state,
+                    u.msg.target,
+                    u.outcome.adapter or u.msg.adapter,
+                    u.headers,
+                    u.msg.request_body,
+                    u.msg.request_digest,
+                    u.received_at,
+                    u.now,
+                    u.msg.trace_id,
+                    u.outcome.status,
+                    u.outcome.code,
+                    json.dumps(dict(u.outcome.response_headers)),
+                    u.outcome.response_body,
+                    u.outcome.error,
+                    json.dumps(dict(u.outcome.timings)),
+                )
+                for u in units
+            ],
+            "client, message_id",
+        )
+        for u, seq in zip(units, seqs, strict=True):
+            if seq is None:
+                continue
+            m, o = u.msg, u.outcome
+            tx.chain(
+                "message.accepted",
+                seq,
+                u.received_at,
+                message_id=m.message_id,
+                client=m.client,
+                service=m.service,
+                mode=m.mode,
+                state=m.state,
+                target=m.target,
+                request_digest=m.request_digest,
+                headers_digest=body_digest(u.headers.encode()),
+            )
+            tx.chain(
+                "message.finished",
+                seq,
+                u.now,
+                state=o.state,
+                status=o.status,
+                code=o.code,
+                response_digest=body_digest(o.response_body),
+            )
+        return seqs
+
+
+# --- end lean ---
+
+
 class StoreBody:
     """The ``Store`` methods both backends share; a backend supplies the seam below."""
 
@@ -460,6 +553,19 @@ class StoreBody:
             return count == 1
 
         return await self.transact(unit)
+
+    # --- lean ---
+    async def record_exchange(
+        self, msg: NewMessage, outcome: Outcome, *, received_at: float
+    ) -> int:
+        """A synchronous exchange, accepted and finished, in one row of one commit."""
+        headers = json.dumps(dict(msg.request_headers))
+        seq = await self.transact(RecordExchange(msg, outcome, headers, received_at, time.time()))
+        if seq is None:
+            raise DuplicateMessage(msg.message_id)
+        return seq
+
+    # --- end lean ---
 
     async def record_rejection(self, rejection: Rejection) -> None:
         now = time.time()

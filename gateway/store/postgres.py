@@ -183,6 +183,24 @@ class _Snapshot:
         return None if row is None or row[0] is None else (int(row[0]), int(row[1]))
 
 
+# --- lean ---
+class _Connection(asyncpg.Connection):
+    """A pooled connection released without reset statements.
+
+    asyncpg's default sends ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET
+    ALL`` on every release: a round trip per release, more than half of the statements
+    of a sync exchange (docs/decisions.md, "A lean exchange"). The store leaves no session
+    state on a pooled connection: no ``SET``, no ``LISTEN`` (the listener has a connection
+    of its own), cursors only inside transactions, the migration lock released in a
+    ``finally``; and asyncpg still rolls back a transaction left open on release."""
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
+# --- end lean ---
+
+
 class PostgresStore(StoreBody):
     """``Store`` on a PostgreSQL database shared by any number of instances.
 
@@ -217,7 +235,11 @@ class PostgresStore(StoreBody):
         """Connect, without looking at the schema (``gateway store migrate``)."""
         try:
             self._pool = await asyncpg.create_pool(
-                self.url, min_size=1, max_size=self.POOL_SIZE, command_timeout=60
+                self.url,
+                min_size=1,
+                max_size=self.POOL_SIZE,
+                command_timeout=60,
+                connection_class=_Connection,  # lean
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreError(f"cannot open the store at {_safe(self.url)}: {exc}") from exc
