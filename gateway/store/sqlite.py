@@ -42,11 +42,13 @@ from gateway.store import (
     sql_state,
 )
 from gateway.store import chain as log_chain
+from gateway.store import stamps as log_stamps
 from gateway.store.batch import BatchObserver, GroupCommit, Unit
 from gateway.store.chain import MIGRATION as CHAIN_MIGRATION
 from gateway.store.chain import ChainRow, CheckpointRow, HashChain, Head, body_digest
 from gateway.store.rows import accepted_record, callback_record, message_record
 from gateway.store.sealing import opened_changes, opened_overlay, sealed_change
+from gateway.store.stamps import MIGRATION as STAMPS_MIGRATION
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
@@ -217,6 +219,10 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL    NOT NULL
     );
     """,
+    # --- tsa ---
+    # Migration 12 (third-party time): the lead places it twelfth when merging.
+    STAMPS_MIGRATION,
+    # --- end tsa ---
 )
 
 # Message states move forward only; each target state lists the states it may follow.
@@ -1410,6 +1416,24 @@ class SQLiteStore:
 
         return await self.write(unit)
 
+    # --- tsa ---
+    async def claim_unstamped(
+        self, now: float, lease_s: float, limit: int = 20
+    ) -> list[CheckpointRow]:
+        owner = self.instance_id
+        return await self.write(lambda db: log_stamps.claim(db, owner, now, lease_s, limit))
+
+    async def save_stamp(self, checkpoint_id: int, tsr: bytes, gen_time: float, now: float) -> bool:
+        owner = self.instance_id
+        return await self.write(
+            lambda db: log_stamps.save(db, owner, checkpoint_id, tsr, gen_time, now)
+        )
+
+    async def stamp_backlog(self) -> tuple[int, float | None]:
+        return log_stamps.backlog(self._rows(log_stamps.BACKLOG_SQL)[0])
+
+    # --- end tsa ---
+
     @contextlib.asynccontextmanager
     async def snapshot(self) -> AsyncIterator[_Snapshot]:
         """A read transaction on a connection of its own: one WAL snapshot throughout."""
@@ -1478,3 +1502,9 @@ class _Snapshot:
         self, message_seq: int, callback_seqs: list[int]
     ) -> tuple[int, int] | None:
         return log_chain.own_events(self.db, message_seq, callback_seqs)
+
+    # --- tsa ---
+    async def stamps(self) -> dict[int, bytes]:
+        return log_stamps.stamps(self.db)
+
+    # --- end tsa ---
