@@ -67,6 +67,7 @@ __all__ = [
     "StamperState",
     "check_stamp",
     "request_stamp",
+    "signer_certificate",
     "stamp_checkpoints",
     "stamped_data",
 ]
@@ -133,7 +134,8 @@ def _decode(tsr: bytes) -> TimeStampResponse:
         raise TimestampError("malformed", f"not an RFC 3161 time-stamp response: {exc}") from exc
 
 
-def _signer_cert(resp: TimeStampResponse) -> x509.Certificate | None:
+def signer_certificate(resp: TimeStampResponse) -> x509.Certificate | None:
+    """The certificate in a stamp that signed it (a stamp asked with certReq has it)."""
     infos = list(resp.signed_data.signer_infos)
     for der in resp.signed_data.certificates:
         cert = x509.load_der_x509_certificate(der)
@@ -186,7 +188,9 @@ def check_stamp(
         )
     if not_after is not None and at > not_after + CLOCK_SKEW_S:
         raise TimestampError("untimely", f"the stamp's time {gen.isoformat()} is in the future")
-    return Stamp(gen_time=at, serial=info.serial_number, tsa_cert=_signer_cert(resp) or trust.cert)
+    return Stamp(
+        gen_time=at, serial=info.serial_number, tsa_cert=signer_certificate(resp) or trust.cert
+    )
 
 
 async def request_stamp(

@@ -2,7 +2,8 @@
 small aiohttp server, with a CA and a TSA certificate (critical extendedKeyUsage
 timeStamping) made per session, never committed.
 
-``TsaServer.down`` makes it answer 503 (an outage); ``requests`` counts what it was asked.
+``TsaServer.down`` makes it answer 503 (an outage); ``requests`` counts what it was asked,
+``stamped`` what it stamped, ``queries`` keeps each query as received.
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ class TsaServer:
         self.down = False
         self.requests = 0
         self.stamped = 0
+        self.queries: list[Path] = []  # every query received, in order
         self._n = itertools.count()
         self._work = Path(tempfile.mkdtemp(prefix="tsa-", dir=pki.directory))
 
@@ -144,6 +146,7 @@ class TsaServer:
         n = next(self._n)
         query, reply = self._work / f"{n}.tsq", self._work / f"{n}.tsr"
         query.write_bytes(await request.read())
+        self.queries.append(query)
         proc = await asyncio.create_subprocess_exec(
             openssl,
             "ts",
