@@ -193,6 +193,19 @@ def check_stamp(
     )
 
 
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    """The body, refused past MAX_REPLY bytes (and then never read in full)."""
+    too_long = TimestampError("malformed", f"the TSA's answer exceeds {MAX_REPLY} bytes")
+    if resp.content_length is not None and resp.content_length > MAX_REPLY:
+        raise too_long
+    body = bytearray()
+    while chunk := await resp.content.read(MAX_REPLY + 1 - len(body)):
+        body += chunk
+        if len(body) > MAX_REPLY:
+            raise too_long
+    return bytes(body)
+
+
 async def request_stamp(
     session: aiohttp.ClientSession,
     url: str,
@@ -222,11 +235,9 @@ async def request_stamp(
         ) as resp:
             if resp.status != 200:
                 raise TimestampError("unavailable", f"the TSA answered HTTP {resp.status}")
-            tsr = await resp.content.read(MAX_REPLY + 1)
+            tsr = await _read_capped(resp)
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise TimestampError("unavailable", f"the TSA did not answer: {exc!r}") from exc
-    if len(tsr) > MAX_REPLY:
-        raise TimestampError("malformed", f"the TSA's answer exceeds {MAX_REPLY} bytes")
     stamp = check_stamp(
         tsr, data, trust, nonce=request.nonce, not_before=not_before, not_after=time.time()
     )

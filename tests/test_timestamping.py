@@ -23,6 +23,7 @@ import aiohttp
 import asyncpg
 import pytest
 import yaml
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.app import STAMPER, STORE
@@ -200,6 +201,35 @@ async def test_a_reply_for_other_data_is_refused_as_mismatched(
     with pytest.raises(TimestampError) as caught:
         check_stamp(b"\x30\x03\x02\x01\x00", b"checkpoint one", trust)
     assert caught.value.reason == "malformed"
+
+
+async def test_a_redirecting_or_oversized_tsa_answer_gives_no_stamp(
+    tsa: tuple[TsaServer, str], tsa_pki: TsaPki
+) -> None:
+    """A redirect is never followed (the real TSA behind it is not asked), and an answer
+    past 64 KiB is not read in full: neither is a stamp."""
+    server, url = tsa
+    app = web.Application()
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(url)
+
+    async def huge(request: web.Request) -> web.Response:
+        return web.Response(body=b"\x30" * (1 << 20), content_type="application/timestamp-reply")
+
+    app.router.add_post("/redirect", redirect)
+    app.router.add_post("/huge", huge)
+    trust = StampTrust.load(tsa_pki.ca)
+    async with TestServer(app) as other, aiohttp.ClientSession() as session:
+        for path, reason, detail in (
+            ("/redirect", "unavailable", "HTTP 302"),
+            ("/huge", "malformed", "exceeds 65536 bytes"),
+        ):
+            with pytest.raises(TimestampError) as caught:
+                await request_stamp(session, str(other.make_url(path)), b"x", trust, timeout_s=5)
+            assert caught.value.reason == reason
+            assert detail in caught.value.detail
+    assert server.requests == 0
 
 
 async def test_two_instances_on_one_store_ask_the_tsa_once_per_checkpoint(
