@@ -187,7 +187,8 @@ async def test_a_stamp_from_an_untrusted_tsa_is_refused_and_nothing_is_kept(
 async def test_a_reply_for_other_data_is_refused_as_mismatched(
     tsa: tuple[TsaServer, str], tsa_pki: TsaPki
 ) -> None:
-    """A genuine stamp of other bytes (a replayed reply) does not pass for this data."""
+    """A genuine stamp replayed: of other bytes, for another nonce, or dated before the
+    checkpoint, it does not pass."""
     _, url = tsa
     trust = StampTrust.load(tsa_pki.ca)
     async with aiohttp.ClientSession() as session:
@@ -195,6 +196,10 @@ async def test_a_reply_for_other_data_is_refused_as_mismatched(
     with pytest.raises(TimestampError) as caught:
         check_stamp(tsr, b"checkpoint two", trust)
     assert caught.value.reason == "mismatched"
+    with pytest.raises(TimestampError) as caught:
+        check_stamp(tsr, b"checkpoint one", trust, nonce=12345)  # the answer to another query
+    assert caught.value.reason == "forged"
+    assert "Nonce mismatch" in caught.value.detail
     with pytest.raises(TimestampError) as caught:
         check_stamp(tsr, b"checkpoint one", trust, not_before=time.time() + 3600)
     assert caught.value.reason == "untimely"
