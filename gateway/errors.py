@@ -9,6 +9,8 @@ Anything that is not a ``GatewayError`` becomes ``internal`` with details only i
     ├── DirectoryRefused               (not an HTTP error: a federation directory refused)
     ├── TimestampError                 (not an HTTP error: a TSA unreachable, or a bad stamp)
     ├── StoreError                     500 internal
+    │   ├── StoreUnavailable           500 internal (the database cannot be reached)
+    │   └── StoreReadOnly              500 internal (the database refuses writes)
     ├── BadRequest                     400
     │   ├── MalformedRequest           malformed_request
     │   ├── MissingHeader              missing_header
@@ -95,6 +97,8 @@ __all__ = [
     "SignatureInvalid",
     "SignatureMissing",
     "StoreError",
+    "StoreReadOnly",
+    "StoreUnavailable",
     "TimestampError",
     "Unauthenticated",
     "Unavailable",
@@ -164,6 +168,16 @@ class DirectoryRefused(GatewayError):
 
 class StoreError(GatewayError):
     title = "Message store error"
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached (connection refused or lost, shutting down): a
+    driver's error translated at the store's seam (gateway/store/sqlite.py, postgres.py)."""
+
+
+class StoreReadOnly(StoreError):
+    """The database refuses writes: a read-only file, a replica, a database in recovery or
+    with ``default_transaction_read_only``. Readiness reports it (gateway/health.py)."""
 
 
 class InternalError(GatewayError):
