@@ -96,13 +96,7 @@ def migrations() -> list[Migration]:
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
     found.sort(key=lambda m: m.version)
-    numbers = [m.version for m in found]
-    # --- tsa ---
-    # TODO(tsa): drop at the merge, once 0006 is there: files are numbered per branch, so
-    # 0007_timestamps.sql arrives before 0006 does.
-    numbers = [n - 1 if n == 7 and 6 not in numbers else n for n in numbers]
-    # --- end tsa ---
-    if numbers != list(range(1, len(found) + 1)):
+    if [m.version for m in found] != list(range(1, len(found) + 1)):
         raise StoreError("the PostgreSQL migrations are not numbered 1, 2, 3 … without gaps")
     return found
 

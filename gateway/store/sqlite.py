@@ -195,8 +195,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """,
     # --- tsa ---
-    # Migration 12 (third-party time): the lead places it twelfth when merging.
-    STAMPS_MIGRATION,
+    # 11 is another branch's migration: this placeholder keeps 12 at 12 until the merge
+    # puts the real one here (the lead drops the placeholder).
+    "-- placeholder for migration 11",
+    STAMPS_MIGRATION,  # 12: checkpoint_stamps (gateway/store/stamps.py)
     # --- end tsa ---
 )
 
