@@ -376,6 +376,11 @@ async def test_a_tsa_outage_never_stops_exchanges_and_the_backlog_is_stamped_aft
     assert server.requests >= 2  # it kept retrying
     assert server.stamped == 0
 
+    async def long_out() -> bool:  # past the TSA's 1 s resolution, for the lag below
+        return (await _metric(h, "gateway_checkpoint_unstamped_age_seconds") or 0) > 1.6
+
+    await h.wait_for(long_out)
+
     server.down = False
     store = h.app[STORE]
 
@@ -393,6 +398,9 @@ async def test_a_tsa_outage_never_stops_exchanges_and_the_backlog_is_stamped_aft
     report = await verify_store(store, _jwks(h.keys), gateway=GATEWAY_ID, tsa=trust)
     assert report.ok, report.findings
     assert report.stamped == report.checkpoints >= 3
+    assert report.stamp_lag is not None
+    assert report.stamp_lag[1] > 0.5  # the outage shows: the first stamp came late
+    assert report.stamp_lag[0] == 1
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess[str]:

@@ -60,6 +60,9 @@ class Report:
     # TSA trust given), and checkpoints without a stamp.
     stamped: int | None = None
     unstamped: int = 0
+    # The longest a verified stamp came after its checkpoint was signed: (checkpoint id,
+    # seconds). A long lag is an outage's backlog, or stamps deleted and made again later.
+    stamp_lag: tuple[int, float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -145,7 +148,7 @@ class _Verifier:
             prev2, prev = prev, row
         await self.rows()
         sealed = await self.seals(cps, hash_at, last)
-        stamped, unstamped = await self.stamps(cps)
+        stamped, unstamped, lag = await self.stamps(cps)
         self.found.sort(key=lambda f: (f[1] == 2, f[0], f[1]))
         return Report(
             records=count,
@@ -154,6 +157,7 @@ class _Verifier:
             findings=tuple(f for _, _, f in self.found),
             stamped=stamped,
             unstamped=unstamped,
+            stamp_lag=lag,
         )
 
     # The chain itself
@@ -514,23 +518,29 @@ class _Verifier:
 
     # Third-party time
 
-    async def stamps(self, cps: list[CheckpointRow]) -> tuple[int | None, int]:
+    async def stamps(
+        self, cps: list[CheckpointRow]
+    ) -> tuple[int | None, int, tuple[int, float] | None]:
         """Each kept stamp: it covers its checkpoint as signed, verifies against the TSA's
         certificates and is dated after the checkpoint was signed (and not in the future);
-        (stamps that hold, or None when not checked; checkpoints without a stamp)."""
+        (stamps that hold, or None when not checked; checkpoints without a stamp; the
+        longest lag of a stamp after its checkpoint)."""
         kept = await self.snap.stamps()
         by_id = {cp.id: cp for cp in cps}
         unstamped = sum(1 for cp in cps if cp.id not in kept)
         if self.tsa is None:
-            return None, unstamped
+            return None, unstamped, None
         good = 0
+        lag: tuple[int, float] | None = None
         now = time.time()
         for number, tsr in kept.items():
             cp = by_id.get(number)
             if cp is None:
                 continue  # its checkpoint is gone: the checkpoint walk names the gap
             try:
-                check_stamp(tsr, stamped_data(cp), self.tsa, not_before=cp.at, not_after=now)
+                stamp = check_stamp(
+                    tsr, stamped_data(cp), self.tsa, not_before=cp.at, not_after=now
+                )
             except TimestampError as exc:
                 self.add(
                     cp.seq,
@@ -540,7 +550,9 @@ class _Verifier:
                 )
                 continue
             good += 1
-        return good, unstamped
+            if lag is None or stamp.gen_time - cp.at > lag[1]:
+                lag = (cp.id, stamp.gen_time - cp.at)
+        return good, unstamped, lag
 
 
 async def verify_chain(

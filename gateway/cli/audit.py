@@ -114,6 +114,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             "sealed": report.sealed,
             "stamped": report.stamped,
             "unstamped": report.unstamped,
+            "stamp_lag_s": report.stamp_lag[1] if report.stamp_lag else None,
             "findings": [
                 {"seq": f.seq, "kind": f.kind, "detail": f.detail} for f in report.findings
             ],
@@ -148,9 +149,15 @@ def _stamps_line(report: Report) -> str:
             if held
             else "time stamps: none (timestamping is not configured)"
         )
+    lag = (
+        f"; the longest wait for a stamp: {report.stamp_lag[1]:.0f} s (checkpoint "
+        f"{report.stamp_lag[0]})"
+        if report.stamp_lag is not None
+        else ""
+    )
     return (
         f"time stamps: {report.stamped} of {report.checkpoints} checkpoints stamped by the TSA "
-        f"and verified against its certificate; {report.unstamped} without a stamp"
+        f"and verified against its certificate; {report.unstamped} without a stamp{lag}"
     )
 
 
