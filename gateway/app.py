@@ -35,6 +35,8 @@ from gateway.registry import Runtime, RuntimeHolder, build_runtime
 from gateway.secretstore import SecretBox
 from gateway.signing import Signer, Verifier
 from gateway.store import Rejection, Store, create_store
+from gateway.store.chain import CheckpointRow  # --- tsa ---
+from gateway.timestamping import Stamper, StampTrust  # --- tsa ---
 from gateway.tls import TLS_CONTEXT, server_context
 from gateway.traceparent import ensure_traceparent
 from gateway.tracing import Span, Tracing, create_tracing
@@ -49,6 +51,7 @@ __all__ = [
     "PIPELINE",
     "READINESS",
     "RUNTIME",
+    "STAMPER",
     "STORE",
     "TRACING",
     "create_app",
@@ -69,6 +72,7 @@ METRICS = web.AppKey("metrics", Metrics)
 READINESS = web.AppKey("readiness", Readiness)
 TRACING = web.AppKey("tracing", Tracing)
 DIRECTORY = web.AppKey("directory", DirectoryFollower)
+STAMPER = web.AppKey("stamper", Stamper)  # --- tsa ---
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -280,7 +284,17 @@ def create_app(
         keypair=keypair,
         delivery=lambda: app.get(DELIVERY),
         directory=lambda: app.get(DIRECTORY),
+        stamper=lambda: app.get(STAMPER),
     )
+    # --- tsa ---
+    stamp_trust = StampTrust.of(config.timestamping) if config.timestamping else None
+
+    def checkpoint_signed(checkpoint: CheckpointRow) -> None:
+        stamper = app.get(STAMPER)
+        if stamper is not None:
+            stamper.wake()
+
+    # --- end tsa ---
 
     async def tracing_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
@@ -307,6 +321,7 @@ def create_app(
             keypair=keypair,
             gateway=config.gateway.member_id,
             interval_s=config.store.checkpoint_interval_s,
+            on_signed=checkpoint_signed,
         )
         checkpoints.start()
         yield
@@ -320,6 +335,26 @@ def create_app(
         yield
         await app[SESSION].close()
         await app[LEARNT_SESSION].close()
+
+    # --- tsa ---
+    async def stamper_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Third-party time: stamps every checkpoint, in the background, never in the way.
+        if config.timestamping is None or stamp_trust is None:
+            yield
+            return
+        stamper = app[STAMPER] = Stamper(
+            store=store,
+            config=config.timestamping,
+            trust=stamp_trust,
+            session=lambda: app[SESSION],
+            metrics=metrics,
+            poll_s=config.store.checkpoint_interval_s,
+        )
+        stamper.start()
+        yield
+        await stamper.stop()
+
+    # --- end tsa ---
 
     def install(runtime: Runtime) -> None:
         holder.current = runtime
@@ -400,6 +435,7 @@ def create_app(
             store_ctx,
             checkpoints_ctx,
             session_ctx,
+            stamper_ctx,  # --- tsa ---
             adapters_ctx,
             directory_ctx,
             delivery_ctx,

@@ -42,6 +42,7 @@ __all__ = [
     "ServiceConfig",
     "SimulatorConfig",
     "StoreConfig",
+    "TimestampingConfig",
     "TlsConfig",
     "TracingConfig",
     "is_loopback",
@@ -150,6 +151,22 @@ class StoreConfig:
     synchronous: Literal["normal", "full"] = "normal"
     # How often the message log's chain head is signed (a checkpoint); see docs/audit.md.
     checkpoint_interval_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimestampingConfig:
+    """Third-party time (gateway/timestamping.py): every checkpoint stamped by an RFC 3161
+    time-stamping authority at ``url``, its stamps verified against ``ca`` (and, when
+    given, the TSA's own certificate ``cert``, pinned)."""
+
+    url: str
+    ca: Path
+    cert: Path | None = None
+    # Past this, unstamped checkpoints are a /readyz warning (never a reason).
+    warn_after_s: float = 3600.0
+    timeout_s: float = 10.0
+    retry_base_s: float = 1.0
+    retry_max_s: float = 300.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -322,6 +339,7 @@ class Config:
     directory: DirectoryConfig | None = None
     outbound: OutboundPolicy = field(default_factory=OutboundPolicy)
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
+    timestamping: TimestampingConfig | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -586,7 +604,22 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
         directory=_directory(data.get("directory"), r),
         outbound=_outbound(data.get("outbound", {}), r),
         secrets=_secrets(data.get("secrets", {}), key_path or jwk_path, r),
+        timestamping=_timestamping(data.get("timestamping"), r),
         raw=data,
+    )
+
+
+def _timestamping(data: Mapping[str, Any] | None, r: _Reader) -> TimestampingConfig | None:
+    if not data:
+        return None
+    return TimestampingConfig(
+        url=data["url"],
+        ca=r.path(data["ca"]),
+        cert=r.path(data["cert"]) if "cert" in data else None,
+        warn_after_s=float(data.get("warn_after", 3600.0)),
+        timeout_s=float(data.get("timeout_s", 10.0)),
+        retry_base_s=float(data.get("retry_base_s", 1.0)),
+        retry_max_s=float(data.get("retry_max_s", 300.0)),
     )
 
 

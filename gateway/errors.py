@@ -7,6 +7,7 @@ Anything that is not a ``GatewayError`` becomes ``internal`` with details only i
     GatewayError
     ├── ConfigError                    (not an HTTP error: bad config, listed problems)
     ├── DirectoryRefused               (not an HTTP error: a federation directory refused)
+    ├── TimestampError                 (not an HTTP error: a TSA unreachable, or a bad stamp)
     ├── StoreError                     500 internal
     │   ├── StoreUnavailable           500 internal (the database cannot be reached)
     │   └── StoreReadOnly              500 internal (the database refuses writes)
@@ -98,6 +99,7 @@ __all__ = [
     "StoreError",
     "StoreReadOnly",
     "StoreUnavailable",
+    "TimestampError",
     "Unauthenticated",
     "Unavailable",
     "UnsupportedMediaType",
@@ -141,6 +143,18 @@ class ConfigError(GatewayError):
     def __init__(self, problems: Sequence[str]) -> None:
         super().__init__("; ".join(problems) or "invalid configuration")
         self.problems = tuple(problems)
+
+
+class TimestampError(GatewayError):
+    """An RFC 3161 time stamp not had or not good (gateway/timestamping.py); ``reason`` is
+    a stable word: ``unavailable`` (the TSA did not answer with a stamp), ``malformed``,
+    ``mismatched`` (it covers other data), ``forged`` (its signature or certificate does
+    not verify against the configured TSA), ``untimely`` (its time is outside the
+    checkpoint's span)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 class DirectoryRefused(GatewayError):

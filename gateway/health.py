@@ -24,7 +24,8 @@ cross-region traffic is refused (``directory_stale``) and this says why, still r
 as local traffic goes on.
 A signing key that expires within 14 days (or has expired) is a warning too, never a
 reason: a province must not drop out of rotation because its operator is late with a
-rotation.
+rotation. So are checkpoints left without a TSA stamp past ``timestamping.warn_after``: a
+TSA outage never takes a gateway out of rotation (gateway/timestamping.py).
 
 An adapter whose outage should not take the gateway out of rotation (asynchronous
 services queue in the outbox meanwhile) is configured with ``readiness: false``.
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from gateway.delivery import Delivery
     from gateway.federation import DirectoryFollower
     from gateway.registry import RuntimeHolder
+    from gateway.timestamping import Stamper
 
 __all__ = ["Readiness"]
 
@@ -74,8 +76,10 @@ class Readiness:
         timeout_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         directory: Callable[[], DirectoryFollower | None] = lambda: None,
+        stamper: Callable[[], Stamper | None] = lambda: None,
     ) -> None:
         self.directory = directory
+        self.stamper = stamper
         self.store = store
         self.runtime = runtime
         self.keypair = keypair
@@ -172,7 +176,10 @@ class Readiness:
     def warnings(self) -> list[str]:
         """What an operator should act on that does not make the process unready."""
         key = expiry_warning(self.keypair, time.time())
-        return [key] if key is not None else []
+        warnings = [key] if key is not None else []
+        stamper = self.stamper()
+        stamps = stamper.warning() if stamper is not None else None
+        return warnings + ([stamps] if stamps is not None else [])
 
 
 def _check_keypair(keypair: KeyPair) -> str | None:

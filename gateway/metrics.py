@@ -183,6 +183,33 @@ class _Directory(Collector):
         )
 
 
+# --- tsa ---
+class _Stamps(Collector):
+    """The unstamped span of the message log (gateway/timestamping.py); the oldest's age
+    is computed when scraped."""
+
+    def __init__(self) -> None:
+        self.unstamped: int | None = None
+        self.oldest_at: float | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        if self.unstamped is None:
+            return
+        yield GaugeMetricFamily(
+            "gateway_checkpoints_unstamped",
+            "Signed checkpoints still without an RFC 3161 time stamp from the TSA.",
+            value=self.unstamped,
+        )
+        yield GaugeMetricFamily(
+            "gateway_checkpoint_unstamped_age_seconds",
+            "Seconds since the oldest checkpoint without a time stamp was signed (0: none).",
+            value=0.0 if self.oldest_at is None else max(0.0, time.time() - self.oldest_at),
+        )
+
+
+# --- end tsa ---
+
+
 class _SigningKey(Collector):
     """Seconds left before the signing key expires, computed when scraped."""
 
@@ -270,6 +297,8 @@ class Metrics:
         r.register(self._directory)
         self._signing_key = _SigningKey()
         r.register(self._signing_key)
+        self._stamps = _Stamps()  # --- tsa ---
+        r.register(self._stamps)
         self._directory_updates = Counter(
             "gateway_directory_updates_total",
             "Federation directory fetches by outcome (applied, unreachable, refused_<reason>).",
@@ -323,6 +352,7 @@ class Metrics:
             self._exposed.register(self._outbox)
             self._exposed.register(self._directory)
             self._exposed.register(self._signing_key)
+            self._exposed.register(self._stamps)  # --- tsa ---
         else:
             self._exposed = r
 
@@ -429,6 +459,11 @@ class Metrics:
         """The signing key whose expiry the gauge counts down to (None: it has none)."""
         self._signing_key.kid = kid
         self._signing_key.expires_at = expires_at
+
+    def set_stamp_backlog(self, unstamped: int, oldest_at: float | None) -> None:
+        """The unstamped span: how many checkpoints, when the oldest was signed."""
+        self._stamps.unstamped = unstamped
+        self._stamps.oldest_at = oldest_at
 
     def directory_outcome(self, outcome: str) -> None:
         self._directory_updates.labels(outcome).inc()

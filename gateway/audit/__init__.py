@@ -7,7 +7,8 @@ this package works on it through the store, on either backend:
   key, verifiable with its JWKS;
 - ``verify``: walks a store's chain in one snapshot and names the first break;
 - ``bundle``: exports one message as an evidence bundle, and checks one offline;
-- ``signer``: the task that signs the head now and then, and at shutdown.
+- ``signer``: the task that signs the head now and then, and at shutdown (and tells the
+  TSA stamper, gateway/timestamping.py, of each checkpoint it signed).
 
 Formats and the reasoning behind them: ``docs/audit.md``.
 """
@@ -20,6 +21,7 @@ from gateway.audit.bundle import (
     canonical_bundle,
     check_bundle,
     export_bundle,
+    stamp_files,
 )
 from gateway.audit.jws import CHECKPOINT_TYPE, JwsInvalid, jwks_from, sign_jws, verify_jws
 from gateway.audit.signer import CheckpointSigner, make_checkpoint
@@ -40,6 +42,7 @@ __all__ = [
     "jwks_from",
     "make_checkpoint",
     "sign_jws",
+    "stamp_files",
     "verify_chain",
     "verify_jws",
     "verify_store",

@@ -2,25 +2,40 @@
 
 ``export_bundle`` reads them from a store snapshot; ``check_bundle`` checks a bundle
 offline with nothing but a trusted JWKS. The records of other messages in the stretch
-appear only as digests and hashes. Format: ``docs/audit.md``.
+appear only as digests and hashes. When the checkpoint was time-stamped by a TSA, the
+bundle carries the stamp and the TSA's certificate (``stamp_files``: what
+``openssl ts -verify`` needs). Format: ``docs/audit.md``.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import hashlib
 import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding
+from rfc3161_client import decode_timestamp_response
+
 from gateway.audit.jws import JwsInvalid, verify_jws
 from gateway.audit.verify import body_matches, text_sha
 from gateway.errors import StoreError
 from gateway.store import ChainSnapshot, chain
 from gateway.store.chain import link
+from gateway.timestamping import CLOCK_SKEW_S, signer_certificate
 
-__all__ = ["BUNDLE_FORMAT", "BundleReport", "canonical_bundle", "check_bundle", "export_bundle"]
+__all__ = [
+    "BUNDLE_FORMAT",
+    "BundleReport",
+    "canonical_bundle",
+    "check_bundle",
+    "export_bundle",
+    "stamp_files",
+]
 
 BUNDLE_FORMAT = "gw-evidence/1"
 
@@ -67,7 +82,7 @@ async def export_bundle(
         rows.append(entry)
     header, payload = verify_jws(cp.jws, jwks)
     key = [k for k in jwks["keys"] if k.get("kid") == header["kid"]]
-    return {
+    bundle: dict[str, Any] = {
         "format": BUNDLE_FORMAT,
         "gateway": payload.get("gateway"),
         "message": {
@@ -85,6 +100,32 @@ async def export_bundle(
         "checkpoint": {"seq": cp.seq, "hash": cp.hash, "at": cp.at, "kid": cp.kid, "jws": cp.jws},
         "jwks": {"keys": key},
     }
+    tsr = (await snap.stamps()).get(cp.id)
+    if tsr is not None:
+        bundle["timestamp"] = {"tsr": _b64(tsr), "tsa_cert": _tsa_cert(tsr)}
+    return bundle
+
+
+def _tsa_cert(tsr: bytes) -> str | None:
+    """The certificate that signed a stamp, PEM, from the stamp itself (certReq was on)."""
+    cert = signer_certificate(decode_timestamp_response(tsr))
+    return None if cert is None else cert.public_bytes(Encoding.PEM).decode("ascii")
+
+
+def stamp_files(bundle: Mapping[str, Any]) -> dict[str, bytes]:
+    """What ``openssl ts -verify`` needs beside a bundle: ``.tsr`` (the stamp, DER),
+    ``.stamped`` (the bytes it covers: the checkpoint's JWS) and ``.tsa.pem`` (the TSA's
+    certificate); empty when the bundle carries no stamp."""
+    stamp = bundle.get("timestamp")
+    if not isinstance(stamp, dict):
+        return {}
+    files = {
+        ".tsr": base64.b64decode(stamp["tsr"]),
+        ".stamped": str(bundle["checkpoint"]["jws"]).encode("ascii"),
+    }
+    if stamp.get("tsa_cert"):
+        files[".tsa.pem"] = str(stamp["tsa_cert"]).encode("ascii")
+    return files
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -157,7 +198,10 @@ def _check(raw: bytes, trusted: Mapping[str, Any] | None, summary: list[str]) ->
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _Bad(f"not a JSON bundle: {exc}") from exc
     doc = _object(
-        data, {"format", "gateway", "message", "callbacks", "chain", "checkpoint", "jwks"}, "bundle"
+        data,
+        {"format", "gateway", "message", "callbacks", "chain", "checkpoint", "jwks"},
+        "bundle",
+        {"timestamp"},
     )
     if canonical_bundle(doc) != raw:
         raise _Bad("the file is not byte for byte what export writes (it was edited)")
@@ -288,6 +332,34 @@ def _check(raw: bytes, trusted: Mapping[str, Any] | None, summary: list[str]) ->
     summary.append(
         f"sealed by checkpoint at seq {cp['seq']} ({_iso(cp['at'])}), key {cp['kid']}, "
         f"{len(rows)} chain records"
+    )
+    if "timestamp" in doc:
+        summary.append(_timestamp(doc["timestamp"], cp))
+
+
+def _timestamp(value: Any, cp: Mapping[str, Any]) -> str:
+    """The stamp covers the checkpoint as signed; its signature and certificate are for
+    ``openssl ts -verify`` against the TSA's CA, which a bundle cannot vouch for itself."""
+    stamp = _object(value, {"tsr", "tsa_cert"}, "timestamp")
+    tsr = _body(stamp["tsr"], "timestamp.tsr")
+    if tsr is None:
+        raise _Bad("timestamp.tsr is missing")
+    if stamp["tsa_cert"] is not None:
+        _str(stamp["tsa_cert"], "timestamp.tsa_cert")
+    try:
+        info = decode_timestamp_response(tsr).tst_info
+        imprint = info.message_imprint
+    except ValueError as exc:
+        raise _Bad(f"timestamp: not an RFC 3161 time-stamp response: {exc}") from exc
+    jws = _str(cp["jws"], "checkpoint.jws").encode("ascii")
+    if imprint.message != hashlib.sha256(jws).digest():
+        raise _Bad("timestamp: the stamp covers other data than the checkpoint")
+    gen = info.gen_time if info.gen_time.tzinfo else info.gen_time.replace(tzinfo=dt.UTC)
+    if gen.timestamp() < float(cp["at"]) - CLOCK_SKEW_S:
+        raise _Bad("timestamp: the stamp is dated before the checkpoint was signed")
+    return (
+        f"time-stamped by a TSA at {gen.strftime('%Y-%m-%dT%H:%M:%SZ')} (check its signature "
+        "with openssl ts -verify against the TSA's CA: docs/audit.md)"
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from gateway.audit.jws import sign_jws
 from gateway.errors import GatewayError
@@ -35,15 +36,27 @@ async def make_checkpoint(store: Store, keypair: KeyPair, gateway: str) -> Check
 class CheckpointSigner:
     """Signs the chain head every ``interval_s`` when it moved, and once more at shutdown."""
 
-    def __init__(self, *, store: Store, keypair: KeyPair, gateway: str, interval_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        keypair: KeyPair,
+        gateway: str,
+        interval_s: float,
+        on_signed: Callable[[CheckpointRow], None] | None = None,
+    ) -> None:
         self.store = store
+        self.on_signed = on_signed  # told of each checkpoint signed (the TSA stamper)
         self.keypair = keypair
         self.gateway = gateway
         self.interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
 
     async def checkpoint(self) -> CheckpointRow | None:
-        return await make_checkpoint(self.store, self.keypair, self.gateway)
+        made = await make_checkpoint(self.store, self.keypair, self.gateway)
+        if made is not None and self.on_signed is not None:
+            self.on_signed(made)
+        return made
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="audit-checkpoints")

@@ -2,7 +2,8 @@
 
 It recomputes every content digest and link, compares the chained facts with the rows as
 they are now, checks every checkpoint signature, and names the first break
-(``modified``, ``deleted``, ``inserted``, ``reordered``, ``forged``). It reads through
+(``modified``, ``deleted``, ``inserted``, ``reordered``, ``forged``; a checkpoint's TSA
+stamp that does not hold is ``forged``, its reason named). It reads through
 the store, in one consistent snapshot (``Store.snapshot``), on either backend.
 """
 
@@ -11,13 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.audit.jws import JwsInvalid, verify_jws
+from gateway.errors import TimestampError
 from gateway.store import ChainSnapshot, Store, chain
 from gateway.store.chain import ChainRow, CheckpointRow, link
+from gateway.timestamping import StampTrust, check_stamp, stamped_data
 
 __all__ = [
     "KINDS",
@@ -52,6 +56,13 @@ class Report:
     checkpoints: int
     sealed: int  # the highest chain seq a valid checkpoint covers
     findings: tuple[Finding, ...]
+    # Third-party time: checkpoints whose TSA stamp verified (None: stamps not checked, no
+    # TSA trust given), and checkpoints without a stamp.
+    stamped: int | None = None
+    unstamped: int = 0
+    # The longest a verified stamp came after its checkpoint was signed: (checkpoint id,
+    # seconds). A long lag is an outage's backlog, or stamps deleted and made again later.
+    stamp_lag: tuple[int, float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -90,8 +101,15 @@ def text_sha(text: str) -> str:
 class _Verifier:
     LOOKUPS = 20  # broken links we trace back (a scan each) before classifying coarsely
 
-    def __init__(self, snap: ChainSnapshot, jwks: Mapping[str, Any], gateway: str | None):
+    def __init__(
+        self,
+        snap: ChainSnapshot,
+        jwks: Mapping[str, Any],
+        gateway: str | None,
+        tsa: StampTrust | None = None,
+    ):
         self.snap = snap
+        self.tsa = tsa
         self.jwks = jwks
         self.gateway = gateway
         self.found: list[tuple[float, int, Finding]] = []
@@ -130,12 +148,16 @@ class _Verifier:
             prev2, prev = prev, row
         await self.rows()
         sealed = await self.seals(cps, hash_at, last)
+        stamped, unstamped, lag = await self.stamps(cps)
         self.found.sort(key=lambda f: (f[1] == 2, f[0], f[1]))
         return Report(
             records=count,
             checkpoints=len(cps),
             sealed=sealed,
             findings=tuple(f for _, _, f in self.found),
+            stamped=stamped,
+            unstamped=unstamped,
+            stamp_lag=lag,
         )
 
     # The chain itself
@@ -494,17 +516,64 @@ class _Verifier:
             )
         return sealed
 
+    # Third-party time
+
+    async def stamps(
+        self, cps: list[CheckpointRow]
+    ) -> tuple[int | None, int, tuple[int, float] | None]:
+        """Each kept stamp: it covers its checkpoint as signed, verifies against the TSA's
+        certificates and is dated after the checkpoint was signed (and not in the future);
+        (stamps that hold, or None when not checked; checkpoints without a stamp; the
+        longest lag of a stamp after its checkpoint)."""
+        kept = await self.snap.stamps()
+        by_id = {cp.id: cp for cp in cps}
+        unstamped = sum(1 for cp in cps if cp.id not in kept)
+        if self.tsa is None:
+            return None, unstamped, None
+        good = 0
+        lag: tuple[int, float] | None = None
+        now = time.time()
+        for number, tsr in kept.items():
+            cp = by_id.get(number)
+            if cp is None:
+                continue  # its checkpoint is gone: the checkpoint walk names the gap
+            try:
+                stamp = check_stamp(
+                    tsr, stamped_data(cp), self.tsa, not_before=cp.at, not_after=now
+                )
+            except TimestampError as exc:
+                self.add(
+                    cp.seq,
+                    "forged",
+                    f"checkpoint {cp.id}: its time stamp is {exc.reason}: {exc.detail}",
+                    0,
+                )
+                continue
+            good += 1
+            if lag is None or stamp.gen_time - cp.at > lag[1]:
+                lag = (cp.id, stamp.gen_time - cp.at)
+        return good, unstamped, lag
+
 
 async def verify_chain(
-    snap: ChainSnapshot, jwks: Mapping[str, Any], *, gateway: str | None = None
+    snap: ChainSnapshot,
+    jwks: Mapping[str, Any],
+    *,
+    gateway: str | None = None,
+    tsa: StampTrust | None = None,
 ) -> Report:
-    """Walk the whole log in ``snap``; findings come first break first."""
-    return await _Verifier(snap, jwks, gateway).run()
+    """Walk the whole log in ``snap``; findings come first break first. With ``tsa``,
+    each checkpoint's RFC 3161 stamp is checked against the TSA's certificates too."""
+    return await _Verifier(snap, jwks, gateway, tsa).run()
 
 
 async def verify_store(
-    store: Store, jwks: Mapping[str, Any], *, gateway: str | None = None
+    store: Store,
+    jwks: Mapping[str, Any],
+    *,
+    gateway: str | None = None,
+    tsa: StampTrust | None = None,
 ) -> Report:
     """``verify_chain`` over one snapshot of ``store`` (open, or opened read-only)."""
     async with store.snapshot() as snap:
-        return await verify_chain(snap, jwks, gateway=gateway)
+        return await verify_chain(snap, jwks, gateway=gateway, tsa=tsa)

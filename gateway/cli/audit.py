@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from gateway.audit import (
     Report,
     canonical_bundle,
@@ -18,12 +20,15 @@ from gateway.audit import (
     export_bundle,
     jwks_from,
     make_checkpoint,
+    stamp_files,
     verify_store,
 )
 from gateway.cli._common import load, open_store, with_config
 from gateway.config import Config
-from gateway.errors import StoreError
+from gateway.errors import StoreError, TimestampError
 from gateway.keys import load_gateway_keypair
+from gateway.store import Store
+from gateway.timestamping import StampTrust, stamp_checkpoints
 
 __all__ = ["EXIT_UNTRUSTED", "register"]
 
@@ -94,9 +99,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     config = load(args)
     jwks = _read_json(args.jwks) if args.jwks else gateway_jwks(config)
 
+    tsa = StampTrust.of(config.timestamping) if config.timestamping else None
+
     async def run() -> Report:
         async with open_store(config, readonly=True) as store:
-            return await verify_store(store, jwks, gateway=config.gateway.member_id)
+            return await verify_store(store, jwks, gateway=config.gateway.member_id, tsa=tsa)
 
     report = asyncio.run(run())
     if args.json:
@@ -105,6 +112,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             "records": report.records,
             "checkpoints": report.checkpoints,
             "sealed": report.sealed,
+            "stamped": report.stamped,
+            "unstamped": report.unstamped,
+            "stamp_lag_s": report.stamp_lag[1] if report.stamp_lag else None,
             "findings": [
                 {"seq": f.seq, "kind": f.kind, "detail": f.detail} for f in report.findings
             ],
@@ -117,6 +127,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         f"sealed up to seq {report.sealed}"
         + (f" ({unsealed} records not covered by a valid checkpoint)" if unsealed > 0 else "")
     )
+    print(_stamps_line(report))
     first = report.first
     if first is None:
         print("OK: every record, link and checkpoint holds")
@@ -128,6 +139,45 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"  … and {len(report.findings) - 20} more")
     print(f"{len(report.findings)} problem(s)", file=sys.stderr)
     return 1
+
+
+def _stamps_line(report: Report) -> str:
+    if report.stamped is None:
+        held = report.checkpoints - report.unstamped
+        return (
+            f"time stamps: {held} kept, not checked (no timestamping.ca configured)"
+            if held
+            else "time stamps: none (timestamping is not configured)"
+        )
+    lag = (
+        f"; the longest wait for a stamp: {report.stamp_lag[1]:.0f} s (checkpoint "
+        f"{report.stamp_lag[0]})"
+        if report.stamp_lag is not None
+        else ""
+    )
+    return (
+        f"time stamps: {report.stamped} of {report.checkpoints} checkpoints stamped by the TSA "
+        f"and verified against its certificate; {report.unstamped} without a stamp{lag}"
+    )
+
+
+async def _stamp_now(config: Config, store: Store) -> None:
+    """Stamp what is unstamped now (the bundle's checkpoint among it); a TSA that does not
+    answer leaves the bundle without a stamp, said so on stderr."""
+    if config.timestamping is None:
+        return
+    trust = StampTrust.of(config.timestamping)
+    async with aiohttp.ClientSession() as session:
+        try:
+            await stamp_checkpoints(
+                store,
+                session,
+                config.timestamping,
+                trust,
+                lease_s=2 * config.timestamping.timeout_s,
+            )
+        except TimestampError as exc:
+            print(f"no time stamp now ({exc.reason}: {exc.detail})", file=sys.stderr)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -153,6 +203,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 # Sign now rather than wait for the gateway's next checkpoint.
                 keypair = load_gateway_keypair(config.gateway)
                 await make_checkpoint(store, keypair, config.gateway.member_id)
+            await _stamp_now(config, store)
             async with store.snapshot() as snap:
                 return await export_bundle(snap, message, jwks)
 
@@ -168,9 +219,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
         return 1
     Path(args.out).write_bytes(raw)
+    for suffix, data in stamp_files(bundle).items():
+        Path(args.out + suffix).write_bytes(data)  # for openssl ts -verify (docs/audit.md)
     for line in report.summary:
         print(line)
     print(f"wrote {args.out} ({len(raw)} bytes)")
+    if "timestamp" not in bundle:
+        print("its checkpoint has no TSA time stamp (yet)")
     return 0
 
 

@@ -336,6 +336,11 @@ class ChainSnapshot(Protocol):
     async def own_events(
         self, message_seq: int, callback_seqs: list[int]
     ) -> tuple[int, int] | None: ...
+    # --- tsa ---
+    # The RFC 3161 stamps kept with their checkpoints: checkpoint id → DER TimeStampResp.
+    async def stamps(self) -> dict[int, bytes]: ...
+
+    # --- end tsa ---
 
 
 class Store(Protocol):
@@ -493,6 +498,22 @@ class Store(Protocol):
     def snapshot(self) -> AbstractAsyncContextManager[ChainSnapshot]: ...
     async def purge_bodies(self, cutoff: float, now: float) -> tuple[int, int]: ...
     async def chain_head(self) -> Head: ...
+
+    # --- tsa ---
+    # Third-party time (gateway/timestamping.py). claim_unstamped leases the checkpoints
+    # without a stamp to this instance until now + lease_s (those it holds already, those
+    # never claimed, those whose lease ran out), oldest first; save_stamp keeps a stamp
+    # only while this instance holds the claim and none is kept yet (True when kept);
+    # stamp_backlog is (checkpoints without a stamp, when the oldest of them was signed).
+    async def claim_unstamped(
+        self, now: float, lease_s: float, limit: int = 20
+    ) -> list[CheckpointRow]: ...
+    async def save_stamp(
+        self, checkpoint_id: int, tsr: bytes, gen_time: float, now: float
+    ) -> bool: ...
+    async def stamp_backlog(self) -> tuple[int, float | None]: ...
+
+    # --- end tsa ---
 
 
 def instance_id() -> str:

@@ -53,7 +53,7 @@ from gateway.store import (
     sql_state,
 )
 from gateway.store.batch import BatchObserver
-from gateway.store.chain import body_digest
+from gateway.store.chain import CheckpointRow, body_digest
 from gateway.store.rows import Row, accepted_record, callback_record, message_record, record
 from gateway.store.sealing import opened_changes, opened_overlay, sealed_change
 from gateway.store.statements import Column, Insert
@@ -1303,6 +1303,74 @@ class StoreBody:
                     break
             counts.append(total)
         return counts[0], counts[1]
+
+    # --- tsa ---
+    # Third-party time (gateway/timestamping.py): checkpoint_stamps, one claim row per
+    # checkpoint (gateway/store/stamps.py).
+
+    async def claim_unstamped(
+        self, now: float, lease_s: float, limit: int = 20
+    ) -> list[CheckpointRow]:
+        """Lease the unstamped checkpoints to this instance: those it holds, those whose
+        lease ran out, those never claimed; oldest first. One transaction: a second
+        instance waits for the first's (row locks, or SQLite's write lock) and sees its
+        leases unexpired."""
+        owner, until = self.instance_id, now + lease_s
+
+        async def unit(tx: Tx) -> Sequence[Row]:
+            await tx.execute(
+                "UPDATE checkpoint_stamps SET owner = ?, lease_until = ? WHERE tsr IS NULL "
+                "AND (owner = ? OR lease_until < ?)",
+                owner,
+                until,
+                owner,
+                now,
+            )
+            await tx.execute(
+                "INSERT INTO checkpoint_stamps (checkpoint_id, owner, lease_until) "
+                "SELECT c.id, ?, ? FROM checkpoints c WHERE NOT EXISTS (SELECT 1 FROM "
+                "checkpoint_stamps s WHERE s.checkpoint_id = c.id) ORDER BY c.id LIMIT ? "
+                "ON CONFLICT (checkpoint_id) DO NOTHING",
+                owner,
+                until,
+                limit,
+            )
+            return await tx.fetch(
+                "SELECT c.id, c.seq, c.hash, c.at, c.kid, c.jws FROM checkpoints c JOIN "
+                "checkpoint_stamps s ON s.checkpoint_id = c.id WHERE s.tsr IS NULL AND "
+                "s.owner = ? ORDER BY c.id LIMIT ?",
+                owner,
+                limit,
+            )
+
+        rows = await self.transact(unit)
+        return [
+            CheckpointRow(id=r[0], seq=r[1], hash=r[2], at=r[3], kid=r[4], jws=r[5]) for r in rows
+        ]
+
+    async def save_stamp(self, checkpoint_id: int, tsr: bytes, gen_time: float, now: float) -> bool:
+        """Keep a stamp while this instance holds the checkpoint's claim and none is kept."""
+        count = await self._execute(
+            "UPDATE checkpoint_stamps SET tsr = ?, gen_time = ?, stamped_at = ? "
+            "WHERE checkpoint_id = ? AND owner = ? AND tsr IS NULL",
+            tsr,
+            gen_time,
+            now,
+            checkpoint_id,
+            self.instance_id,
+        )
+        return count == 1
+
+    async def stamp_backlog(self) -> tuple[int, float | None]:
+        """(checkpoints without a stamp, when the oldest of them was signed)."""
+        rows = await self.fetch(
+            "SELECT COUNT(*), MIN(c.at) FROM checkpoints c LEFT JOIN checkpoint_stamps s "
+            "ON s.checkpoint_id = c.id WHERE s.tsr IS NULL"
+        )
+        count, oldest = rows[0][0], rows[0][1]
+        return int(count), (float(oldest) if oldest is not None else None)
+
+    # --- end tsa ---
 
 
 async def _insert_change(tx: Tx, change: ResourceChange, now: float) -> int:

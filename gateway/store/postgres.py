@@ -139,6 +139,18 @@ class _Snapshot:
     async def checkpoint_high_water(self) -> int:
         return int(await self.conn.fetchval("SELECT checkpoint_id FROM log_head") or 0)
 
+    # --- tsa ---
+    async def stamps(self) -> dict[int, bytes]:
+        if not await self.conn.fetchval("SELECT to_regclass('checkpoint_stamps') IS NOT NULL"):
+            return {}  # a database migrated by older code (a read-only verify)
+        rows = await self.conn.fetch(
+            "SELECT checkpoint_id, tsr FROM checkpoint_stamps WHERE tsr IS NOT NULL "
+            "ORDER BY checkpoint_id"
+        )
+        return {int(r["checkpoint_id"]): bytes(r["tsr"]) for r in rows}
+
+    # --- end tsa ---
+
     async def checkpoint_covering(self, seq: int) -> CheckpointRow | None:
         row = await self.conn.fetchrow(
             "SELECT id, seq, hash, at, kid, jws FROM checkpoints WHERE seq >= $1 "

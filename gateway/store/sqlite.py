@@ -17,10 +17,12 @@ from gateway.errors import StoreError, StoreReadOnly
 from gateway.secretstore import SecretBox
 from gateway.store import Signer, instance_id
 from gateway.store import chain as log_chain
+from gateway.store import stamps as log_stamps
 from gateway.store.batch import GroupCommit, Unit
 from gateway.store.body import Dialect, StoreBody, TxUnit, opened
 from gateway.store.chain import MIGRATION as CHAIN_MIGRATION
 from gateway.store.chain import ChainRow, CheckpointRow, HashChain, Head
+from gateway.store.stamps import MIGRATION as STAMPS_MIGRATION
 from gateway.store.statements import Insert
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
@@ -192,6 +194,12 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL    NOT NULL
     );
     """,
+    # --- tsa ---
+    # 11 is another branch's migration: this placeholder keeps 12 at 12 until the merge
+    # puts the real one here (the lead drops the placeholder).
+    "-- placeholder for migration 11",
+    STAMPS_MIGRATION,  # 12: checkpoint_stamps (gateway/store/stamps.py)
+    # --- end tsa ---
 )
 
 
@@ -575,3 +583,9 @@ class _Snapshot:
         self, message_seq: int, callback_seqs: list[int]
     ) -> tuple[int, int] | None:
         return log_chain.own_events(self.db, message_seq, callback_seqs)
+
+    # --- tsa ---
+    async def stamps(self) -> dict[int, bytes]:
+        return log_stamps.stamps(self.db)
+
+    # --- end tsa ---
