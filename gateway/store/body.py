@@ -339,14 +339,18 @@ class _Observed(Protocol):
 
 
 # --- lean ---
-_SYNC_EXCHANGE: tuple[Column, ...] = (
-    *(c for c in _NEW_MESSAGE if c[0] != "next_attempt_at"),
-    ("status", "int4"),
-    ("code", "text"),
-    ("response_headers", "text"),
-    ("response_body", "bytea"),
-    ("error", "text"),
-    ("timings", "text"),
+_SYNC_EXCHANGE = Insert(
+    "messages",
+    (
+        *(c for c in _NEW_MESSAGE.columns if c[0] != "next_attempt_at"),
+        ("status", "int4"),
+        ("code", "text"),
+        ("response_headers", "text"),
+        ("response_body", "bytea"),
+        ("error", "text"),
+        ("timings", "text"),
+    ),
+    "client, message_id",
 )
 
 
@@ -370,7 +374,6 @@ class RecordExchange:
     async def run_many(tx: Tx, units: Sequence[RecordExchange]) -> list[int | None]:
         """Record every exchange; each one's seq, or None for a duplicate."""
         seqs = await tx.insert_many(
-            "messages",
             _SYNC_EXCHANGE,
             [
                 (
@@ -396,7 +399,6 @@ class RecordExchange:
                 )
                 for u in units
             ],
-            "client, message_id",
         )
         for u, seq in zip(units, seqs, strict=True):
             if seq is None:
