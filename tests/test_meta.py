@@ -13,10 +13,13 @@ from typing import Any
 
 import jsonschema
 import pytest
+from aiohttp.test_utils import TestServer
 from openapi_spec_validator import validate
 
 from gateway.client import Reply, verify_reply
+from gateway.directory import Publisher
 from gateway.openapi import service_document
+from simulators.national import NationalPlatform, create_national_app
 from tests.conftest import (
     CREDIT_EXAMPLE,
     NATIONAL_ID,
@@ -26,6 +29,8 @@ from tests.conftest import (
     TAX_ID,
     Harness,
     HarnessFactory,
+    Keys,
+    unused_port,
 )
 
 pytestmark = pytest.mark.integration
@@ -200,3 +205,71 @@ async def test_the_ingress_openapi_lists_the_discovery_endpoints(h: Harness) -> 
     async with h.gateway.get("/openapi.json") as resp:
         paths = (await resp.json())["paths"]
     assert {"/v1/meta/services", "/v1/meta/services/{code}", "/v1/meta/members"} <= set(paths)
+
+
+async def test_directory_gateways_are_listed_and_entries_refused_by_screening_are_not(
+    make_harness: HarnessFactory, keys: Keys
+) -> None:
+    """A gateway learnt from the federation directory appears with the service it offers
+    the portal (source: directory, region in target_regions); entries the follower's
+    screening refuses (a gateway outside its region, a foreign vouch) appear nowhere."""
+    port = unused_port()
+    national_url = f"http://127.0.0.1:{port}"
+    publisher = Publisher(
+        keypair=keys.pairs["stranger"],  # the directory key the follower pins
+        national={"member_id": NATIONAL_ID, "url": national_url,
+                  "keys": [{"jwk": keys.pairs["national"].jwk}]},
+    )  # fmt: skip
+    offer = [{"code": "credit.query"}]
+    publisher.register(
+        "440000",
+        {"member_id": PEER_ID, "url": "http://127.0.0.1:1/b-internal", "services": offer,
+         "keys": [{"jwk": keys.pairs["peer"].jwk}]},
+    )  # fmt: skip
+    publisher.register(
+        "450000",
+        {"member_id": "440000:rogue-gateway", "url": "http://127.0.0.1:2", "services": offer,
+         "keys": [{"jwk": keys.pairs["tax"].jwk}]},
+    )  # fmt: skip
+    publisher.register(
+        "460000",
+        {"member_id": "460000:gateway", "url": "http://127.0.0.1:3", "services": offer,
+         "vouches_for": ["330000"], "keys": [{"jwk": keys.pairs["disabled"].jwk}]},
+    )  # fmt: skip
+    sim = NationalPlatform(
+        member_id=NATIONAL_ID,
+        keypair=keys.pairs["national"],
+        trusted={},
+        callback_base="http://127.0.0.1:1",
+        publisher=publisher,
+    )
+    server = TestServer(create_national_app(sim), port=port)
+    await server.start_server()
+    try:
+
+        def follow(doc: dict[str, Any]) -> None:
+            doc["members"] = [m for m in doc["members"] if m["id"] != PEER_ID]
+            doc["directory"] = {
+                "url": f"{national_url}/v1/directory",
+                "keys": [keys.jwk_file("stranger")],
+                "refresh_s": 0.3,
+            }
+            doc["outbound"] = {"allow_http": True, "allow_networks": ["127.0.0.0/8"]}
+
+        h = await make_harness(follow)
+        reply = await _get(h, "/v1/meta/members")
+        members = {m["id"]: m for m in reply.json()["members"]}
+        assert members[PEER_ID]["services"] == ["credit.query"]
+        assert members[PEER_ID]["source"] == "directory"
+        assert members[PEER_ID]["kind"] == "gateway"
+        text = reply.body.decode()
+        assert "rogue" not in text
+        assert "460000" not in text
+        assert "b-internal" not in text  # the peer's learnt URL stays inside
+        assert keys.pairs["peer"].jwk["x"] not in text
+        services = await _get(h, "/v1/meta/services")
+        credit = next(s for s in services.json()["services"] if s["code"] == "credit.query")
+        assert credit["target_regions"] == ["440000"]
+        assert "460000" not in services.body.decode()
+    finally:
+        await server.close()
