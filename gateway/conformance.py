@@ -465,6 +465,14 @@ class _Kit:
     async def forbidden(self, code: str, example: Any) -> None:
         # Naming another member as the client, with ourselves as the relay: a system may
         # never vouch for anyone (403 forbidden), whatever the ACL.
+        if self.me.get("kind", "system") != "system":
+            self.add(
+                "error.403",
+                f"{ERRORS}; {SPEAKS}",
+                "skip",
+                "you are a relay: the probe is a system's",
+            )
+            return
         probe = f"{self.o.client.split(':', 1)[0]}:conformance-probe"
         client = ExchangeClient(
             member_id=probe, signer=self.main.signer, base_url=self.o.url, session=self.session
