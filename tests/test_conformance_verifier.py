@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import jsonschema
 import pytest
 from multidict import CIMultiDict
 
+from gateway.cli import main
 from gateway.conformance import CallbackVerifier, _invalid_for, _tamper
 from gateway.errors import DigestMismatch, GatewayError, KeyUnknown, SignatureInvalid
 from gateway.keys import KeyPair, VerificationKey, algorithm_for, generate, private_to_jwk
@@ -112,3 +114,17 @@ def test_the_kit_finds_a_document_the_schema_refuses() -> None:
               "examples": [{"a": "x"}]}  # fmt: skip
     assert not jsonschema.Draft202012Validator(schema).is_valid(_invalid_for(schema))
     assert _invalid_for(True) is ...
+
+
+def test_the_kit_command_prints_help_and_refuses_a_bad_member_id(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`gateway conformance --help` exits 0 naming its options; a malformed --client is 2."""
+    with pytest.raises(SystemExit) as info:
+        main(["conformance", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--callback-url" in out
+    assert "--report" in out
+    assert main(["conformance", "--url", "http://127.0.0.1:1", "--client", "portal",
+                 "--key", str(tmp_path / "none.pem")]) == 2  # fmt: skip
