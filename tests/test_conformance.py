@@ -53,8 +53,13 @@ def _sandbox_config(keys: Keys, tmp: Path, ports: dict[str, int], extra: list[st
     """config.yaml as shipped, with the test's keys, store, ports and absolute paths."""
     doc = yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))
     doc["gateway"]["key"] = str(keys.directory / "gateway.pem")
-    doc["listen"]["ingress"]["port"] = ports["gateway"]
-    doc["listen"]["admin"]["port"] = ports["admin"]
+    # Only what the kit talks to: other listeners and members of the sandbox (their
+    # certificates, their keys) are not made here.
+    doc["listen"] = {
+        "ingress": {"host": "127.0.0.1", "port": ports["gateway"]},
+        "admin": {"host": "127.0.0.1", "port": ports["admin"]},
+    }
+    doc["members"] = [m for m in doc["members"] if m["id"] in (PORTAL_ID, NATIONAL_ID)]
     doc["store"]["path"] = str(tmp / "gateway.db")
     doc["secrets"]["kek"]["file"] = str(tmp / "gateway.kek")
     doc.pop("simulators")
