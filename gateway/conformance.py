@@ -306,6 +306,9 @@ class _Kit:
             self.add(check_id, clause, "fail", f"could not reach the gateway: {exc!r}")
         except GatewayError as exc:
             self.add(check_id, clause, "fail", exc.detail)
+        except (ValueError, KeyError, TypeError, jsonschema.SchemaError) as exc:
+            # The gateway answered something the protocol does not describe.
+            self.add(check_id, clause, "fail", f"unexpected answer: {exc!r}")
 
     # Checks ---------------------------------------------------------------------------
 
@@ -709,7 +712,8 @@ async def run_kit(options: KitOptions) -> Report:
         try:
             if not await kit.keys() or not await kit.discovery():
                 return kit.report
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError, GatewayError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError, TypeError,
+                GatewayError) as exc:  # fmt: skip
             kit.add("discovery", SELF_SERVICE, "fail", f"could not talk to the gateway: {exc!r}")
             return kit.report
         first: tuple[str, Any, str] | None = None

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from gateway.cli import main
-from gateway.conformance import CallbackVerifier, _invalid_for, _tamper
+from gateway.conformance import CallbackVerifier, KitOptions, _invalid_for, _tamper, run_kit
 from gateway.errors import DigestMismatch, GatewayError, KeyUnknown, SignatureInvalid
 from gateway.keys import KeyPair, VerificationKey, algorithm_for, generate, private_to_jwk
 from gateway.signing import Signer
@@ -128,3 +130,27 @@ def test_the_kit_command_prints_help_and_refuses_a_bad_member_id(
     assert "--report" in out
     assert main(["conformance", "--url", "http://127.0.0.1:1", "--client", "portal",
                  "--key", str(tmp_path / "none.pem")]) == 2  # fmt: skip
+
+
+async def test_a_server_that_is_not_a_gateway_fails_the_kit_without_a_crash(
+    gateway: KeyPair,
+) -> None:
+    """An answer the protocol does not describe is a failed check, never a traceback."""
+    app = web.Application()
+
+    async def jwks(request: web.Request) -> web.Response:
+        return web.json_response({"keys": [dict(gateway.jwk)]})
+
+    async def anything(request: web.Request) -> web.Response:
+        return web.json_response({"services": "not a list"})
+
+    app.router.add_get("/.well-known/jwks.json", jwks)
+    app.router.add_get("/{tail:.*}", anything)
+    async with TestServer(app) as server:
+        report = await run_kit(
+            KitOptions(
+                url=str(server.make_url("")).rstrip("/"), client="330000:portal", keys=(_pair(),)
+            )
+        )
+    assert not report.ok
+    assert [c.id for c in report.checks if c.status == "fail"] == ["discovery"]
