@@ -203,16 +203,29 @@ def _adapted(s: Sandbox, callback_url: str, report: Path, *extra: str) -> list[s
 _RUNS: list[float] = []  # when each kit run of this module ended
 
 
-async def _run(command: list[str]) -> tuple[int, str]:
+async def _run(command: list[str], *, spends: bool = True) -> tuple[int, str]:
     if _RUNS:  # the previous run spent the member's burst: let the bucket refill
         await asyncio.sleep(max(0.0, _RUNS[-1] + RATE_REFILL_S - time.monotonic()))
     process = await asyncio.create_subprocess_exec(
         *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
     out, _ = await asyncio.wait_for(process.communicate(), 120)
-    _RUNS.append(time.monotonic())
+    if spends:
+        _RUNS.append(time.monotonic())
     assert process.returncode is not None
     return process.returncode, out.decode()
+
+
+async def test_a_key_the_gateway_does_not_know_fails_discovery(s: Sandbox) -> None:
+    """A key not registered for the member fails at discovery (401 key_unknown) and exits 1."""
+    write_keypair(generate(), s.tmp / "stranger.pem", jwk_path_for(s.tmp / "stranger.pem"))
+    report = s.tmp / "stranger.json"
+    command = _adapted(s, s.good, report)
+    command[command.index(str(s.keys["portal"]))] = str(s.tmp / "stranger.pem")
+    code, out = await _run(command, spends=False)  # refused before any rate limit
+    assert code == 1, out
+    checks = json.loads(report.read_text())["checks"]
+    assert [c["id"] for c in checks if c["status"] == "fail"] == ["discovery"]
 
 
 async def test_the_documented_kit_run_passes_every_check_against_the_sandbox(s: Sandbox) -> None:
@@ -249,15 +262,3 @@ async def test_an_endpoint_that_takes_tampered_callbacks_fails_the_kit(s: Sandbo
     assert checks["callback.genuine"]["status"] == "pass"
     assert re.search(r"^FAIL  callback\.tampered ", out, re.MULTILINE), out
     assert any(b"-tampered" in body for body in s.broken_got)
-
-
-async def test_a_key_the_gateway_does_not_know_fails_discovery(s: Sandbox) -> None:
-    """A key not registered for the member fails at discovery (401 key_unknown) and exits 1."""
-    write_keypair(generate(), s.tmp / "stranger.pem", jwk_path_for(s.tmp / "stranger.pem"))
-    report = s.tmp / "stranger.json"
-    command = _adapted(s, s.good, report)
-    command[command.index(str(s.keys["portal"]))] = str(s.tmp / "stranger.pem")
-    code, out = await _run(command)
-    assert code == 1, out
-    checks = json.loads(report.read_text())["checks"]
-    assert [c["id"] for c in checks if c["status"] == "fail"] == ["discovery"]
