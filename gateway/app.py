@@ -26,6 +26,7 @@ from gateway.health import Readiness
 from gateway.keys import KeyPair, jwks_keys, load_gateway_keypair, load_rotated_keys
 from gateway.limits import IN_FLIGHT, InFlight, handler_args, limits_middleware
 from gateway.live import LiveConfig
+from gateway.meta import Discovery
 from gateway.metrics import Metrics
 from gateway.openapi import ingress_document
 from gateway.outbound import configured_session, learnt_session
@@ -456,6 +457,10 @@ def create_app(
     app.router.add_post("/v1/exchange/{service}", exchange)
     app.router.add_get("/v1/messages/{id}", message)
     app.router.add_post("/v1/callbacks/{service}", callback)
+    discovery = Discovery(app[PIPELINE])  # PROTOCOL.md «Member self-service»
+    app.router.add_get("/v1/meta/services", discovery.services)
+    app.router.add_get("/v1/meta/services/{code}", discovery.service)
+    app.router.add_get("/v1/meta/members", discovery.members)
     app.router.add_get("/.well-known/jwks.json", _jwks)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", readiness.handler)

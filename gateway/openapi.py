@@ -7,14 +7,15 @@ cannot drift apart; its ``$defs`` become ``components/schemas``.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from functools import cache
 from typing import Any
 
 from gateway import __version__
-from gateway.config import MEMBER_ID_PATTERN, SCHEMA_DIR
+from gateway.config import MEMBER_ID_PATTERN, SCHEMA_DIR, ServiceConfig
 from gateway.states import MessageState
 
-__all__ = ["admin_document", "ingress_document"]
+__all__ = ["admin_document", "ingress_document", "service_document"]
 
 _PROBLEM = {"$ref": "#/components/schemas/Problem"}
 _UUID = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
@@ -222,6 +223,7 @@ def ingress_document() -> dict[str, Any]:
                     },
                 }
             },
+            **_meta_paths(),
             "/.well-known/jwks.json": {
                 "get": {
                     "operationId": "jwks",
@@ -683,3 +685,185 @@ def admin_document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
+
+
+# Member self-service: discovery (gateway/meta.py) ------------------------------------
+
+_META_SIGNED = [
+    _header("Gw-Client", "the caller's member id", required=True, pattern=MEMBER_ID_PATTERN),
+    _header("Gw-Message-Id", "UUID (covered by the signature)", required=True, pattern=_UUID),
+    _header("Signature-Input", "RFC 9421", required=True),
+    _header("Signature", "RFC 9421", required=True),
+]
+
+
+def _meta_get(operation: str, summary: str, extra: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "get": {
+            "operationId": operation,
+            "summary": summary,
+            "parameters": [*extra, *_META_SIGNED],
+            "responses": {
+                "200": {
+                    "description": "signed like an exchange answer",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                **_problems(400, 401, 403, 404, 429, 500, 503),
+            },
+        }
+    }
+
+
+def _meta_paths() -> dict[str, Any]:
+    """The discovery endpoints, as the ingress document lists them."""
+    return {
+        "/v1/meta/services": _meta_get("metaServices", "The services the caller may call", []),
+        "/v1/meta/services/{code}": _meta_get(
+            "metaService",
+            "One service's schemas and its OpenAPI 3.1 document",
+            [_path_param("code")],
+        ),
+        "/v1/meta/members": _meta_get(
+            "metaMembers", "The members and gateways offering the caller its services", []
+        ),
+    }
+
+
+def _embedded(schema: Mapping[str, Any] | bool, name: str) -> Any:
+    """A service schema as ``components/schemas/<name>``: its own ``$id`` dropped and its
+    local references (``#/...``) re-rooted, so they resolve inside the OpenAPI document."""
+    if isinstance(schema, bool):
+        return schema
+    root = f"#/components/schemas/{name}"
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, Mapping):
+            return {
+                k: (root + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#")
+                    else walk(v))
+                for k, v in node.items()
+            }  # fmt: skip
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    out: dict[str, Any] = walk(schema)
+    out.pop("$id", None)
+    return out
+
+
+def _operation_id(code: str) -> str:
+    words = code.replace("_", ".").split(".")
+    return words[0] + "".join(w[:1].upper() + w[1:] for w in words[1:])
+
+
+def service_document(
+    service: ServiceConfig, *, servers: Sequence[str] = (), max_body_bytes: int | None = None
+) -> dict[str, Any]:
+    """OpenAPI 3.1 for one service, as a member calls it: the signed exchange with the
+    service's own request and response schemas, its asynchronous acceptance, the status
+    read, and (for a service with callbacks) the callback the member receives, as a
+    webhook."""
+    code = service.code
+    asynchronous = service.mode == "async"
+    schemas: dict[str, Any] = {
+        "Request": _embedded(service.request_schema, "Request"),
+        "Response": _embedded(service.response_schema, "Response"),
+        "Problem": _COMMON_SCHEMAS["Problem"],
+        "Accepted": _COMMON_SCHEMAS["Accepted"],
+        "MessageStatus": _COMMON_SCHEMAS["MessageStatus"],
+    }
+    responses: dict[str, Any] = {}
+    if not asynchronous:
+        responses["200"] = {
+            "description": "the receiver's answer, signed by the gateway",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Response"}}},
+        }
+    if asynchronous or service.allow_async:
+        responses["202"] = {
+            "description": "stored, then accepted for asynchronous handling",
+            "headers": {"Location": {"schema": {"type": "string"}}},
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}},
+        }
+    responses.update(_problems(400, 401, 403, 404, 409, 413, 415, 422, 429, 500, 502, 503, 504))
+    post_headers = [
+        *_SIGNED,
+        _header("Content-Type", "application/json", required=True),
+        _header("Content-Digest", "RFC 9530: sha-256, sha-512 or sm3", required=True),
+        _header("Gw-Target", "the intended receiver", pattern=MEMBER_ID_PATTERN),
+        _header("Gw-User", "end user or official acting (masked in logs)"),
+        _header("Gw-Issue", "case number (办件编号)"),
+        _header("traceparent", "W3C trace context"),
+    ]
+    if service.allow_async and not asynchronous:
+        post_headers.append(_header("Prefer", "respond-async (RFC 7240)"))
+    body_schema: dict[str, Any] = {"$ref": "#/components/schemas/Request"}
+    request_body = {"required": True, "content": {"application/json": {"schema": body_schema}}}
+    description = f"Service {code} ({service.mode})"
+    if max_body_bytes is not None:
+        description += f"; request bodies up to {max_body_bytes} bytes"
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {"title": f"{code}", "version": __version__, "description": description},
+        "paths": {
+            f"/v1/exchange/{code}": {
+                "post": {
+                    "operationId": _operation_id(code),
+                    "summary": f"Send a {code} request",
+                    "parameters": post_headers,
+                    "requestBody": request_body,
+                    "responses": responses,
+                }
+            },
+            "/v1/messages/{id}": {
+                "get": {
+                    "operationId": "messageStatus",
+                    "summary": "State of a message the caller sent",
+                    "parameters": [_path_param("id"), *_SIGNED[:1], *_SIGNED[2:]],
+                    "responses": {
+                        "200": {
+                            "description": "the message's state",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/MessageStatus"}
+                                }
+                            },
+                        },
+                        **_problems(400, 401, 404, 429),
+                    },
+                }
+            },
+        },
+        "components": {"schemas": schemas},
+    }
+    if servers:
+        document["servers"] = [{"url": url} for url in servers]
+    if service.callback_schema is not None:
+        schemas["Callback"] = _embedded(service.callback_schema, "Callback")
+        document["webhooks"] = {
+            f"{code}.callback": {
+                "post": {
+                    "operationId": _operation_id(code) + "Callback",
+                    "summary": "The decision, POSTed to the member's callback URL, signed by "
+                    "the gateway (dedupe on Gw-Message-Id)",
+                    "parameters": [
+                        _header("Gw-Client", "the gateway's member id", required=True),
+                        _header("Gw-Message-Id", "this callback's id", required=True),
+                        _header("Gw-Correlation-Id", "the original message id", required=True),
+                        _header("Content-Digest", "RFC 9530", required=True),
+                        _header("Signature-Input", "RFC 9421", required=True),
+                        _header("Signature", "RFC 9421", required=True),
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/Callback"}
+                            }
+                        },
+                    },
+                    "responses": {"200": {"description": "taken (any 2xx)"}},
+                }
+            }
+        }
+    return document

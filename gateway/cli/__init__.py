@@ -14,6 +14,7 @@ command                                    module
 ``audit|tokens …``
 ``audit verify|export|check|purge``        :mod:`gateway.cli.audit`
 ``directory sign|show|verify``             :mod:`gateway.cli.directory`
+``conformance``                            :mod:`gateway.cli.conformance`
 =========================================  ==========================================
 
 :mod:`gateway.cli._common` holds what they share: ``--config``, the store a command opens
@@ -30,6 +31,7 @@ from gateway.cli import (
     admin,
     audit,
     config,
+    conformance,
     dead_letters,
     directory,
     keys,
@@ -70,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.register(sub)
     directory.register(sub)
     store.register(sub)
+    conformance.register(sub)
     return parser
 
 
