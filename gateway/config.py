@@ -28,11 +28,13 @@ __all__ = [
     "MEMBER_ID_PATTERN",
     "SCHEMA_DIR",
     "AdapterConfig",
+    "ClientTls",
     "Config",
     "DeliveryConfig",
     "DirectoryConfig",
     "GatewayIdentity",
     "Listen",
+    "LocalListen",
     "LoggingConfig",
     "MemberConfig",
     "RateLimit",
@@ -101,6 +103,30 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LocalListen:
+    """``listen.local``: the listener for members that cannot sign (``auth: mtls``). A
+    client certificate chaining to ``client_ca`` is always required; ``crl`` is re-read
+    whenever it changes."""
+
+    host: str = "127.0.0.1"
+    port: int
+    cert: Path
+    key: Path
+    client_ca: Path
+    crl: Path | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientTls:
+    """``gateway.client_tls``: the certificate the gateway presents on HTTPS callbacks,
+    and the CA bundle those callback servers must chain to (None: the system's)."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Listen:
     host: str = "127.0.0.1"
     port: int
@@ -122,6 +148,7 @@ class GatewayIdentity:
     key_passphrase_file: Path | None = None
     key_uri: Pkcs11Uri | None = None
     key_expires_at: float | None = None  # Unix time; else the public JWK's ``exp``, if any
+    client_tls: ClientTls | None = None  # presented on HTTPS callbacks when configured
 
     @property
     def region(self) -> str:
@@ -229,6 +256,12 @@ class MemberConfig:
     allowed_algs: tuple[str, ...] = ()
     # Its callback URL came from the federation directory: the outbound policy applies.
     learnt: bool = False
+    # How it proves itself: "signature" (RFC 9421), "mtls" (a client certificate on the
+    # local listener), or both. A certificate never stands in for a signature-only member.
+    auth: tuple[str, ...] = ("signature",)
+    certificates: tuple[str, ...] = ()  # pinned SHA-256 fingerprints (lowercase hex)
+    certificate_ca: Path | None = None  # a CA whose certificates naming this member count
+    revoked_certificates: tuple[str, ...] = ()
 
     @property
     def region(self) -> str:
@@ -322,6 +355,7 @@ class Config:
     directory: DirectoryConfig | None = None
     outbound: OutboundPolicy = field(default_factory=OutboundPolicy)
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
+    local: LocalListen | None = None  # listen.local: off unless configured
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -483,6 +517,10 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
             revoked_keys=tuple(m.get("revoked_keys", [])),
             allowed_algs=tuple(m.get("allowed_algs", [])),
             learnt=m.get("learnt", False),
+            auth=tuple(m.get("auth", ["signature"])),
+            certificates=tuple(m.get("certificates", [])),
+            certificate_ca=r.path(m["certificate_ca"]) if "certificate_ca" in m else None,
+            revoked_certificates=tuple(m.get("revoked_certificates", [])),
         )
         for i, m in enumerate(data["members"])
     )
@@ -541,6 +579,7 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
             key_passphrase_file=(
                 r.path(gw["key_passphrase_file"]) if "key_passphrase_file" in gw else None
             ),
+            client_tls=_client_tls(gw.get("client_tls"), r),
         ),
         ingress=_listen(listen.get("ingress", {}), 8080, r),
         admin=Listen(**{"port": 8081, **listen.get("admin", {})}),
@@ -586,6 +625,7 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
         directory=_directory(data.get("directory"), r),
         outbound=_outbound(data.get("outbound", {}), r),
         secrets=_secrets(data.get("secrets", {}), key_path or jwk_path, r),
+        local=_local(listen.get("local"), r),
         raw=data,
     )
 
@@ -659,6 +699,30 @@ def _listen(data: Mapping[str, Any], port: int, r: _Reader) -> Listen:
     )
 
 
+def _local(data: Mapping[str, Any] | None, r: _Reader) -> LocalListen | None:
+    if data is None:
+        return None
+    tls = data["tls"]
+    return LocalListen(
+        host=data.get("host", "127.0.0.1"),
+        port=data["port"],
+        cert=r.path(tls["cert"]),
+        key=r.path(tls["key"]),
+        client_ca=r.path(tls["client_ca"]),
+        crl=r.path(tls["crl"]) if "crl" in tls else None,
+    )
+
+
+def _client_tls(data: Mapping[str, Any] | None, r: _Reader) -> ClientTls | None:
+    if data is None:
+        return None
+    return ClientTls(
+        cert=r.path(data["cert"]),
+        key=r.path(data["key"]),
+        ca=r.path(data["ca"]) if "ca" in data else None,
+    )
+
+
 def _schema(loaded: Any) -> Mapping[str, Any] | bool:
     """A loaded schema; one that could not be read (already reported) stands in as {}.
     ``false`` (reject everything) must stay ``false``."""
@@ -701,6 +765,15 @@ def _cross_check(config: Config) -> list[str]:
         for j, code in enumerate(m.services):
             if code not in codes:
                 problems.append(f"/members/{i}/services/{j}: unknown service {code}")
+        for fp in m.certificates:
+            if fp in m.revoked_certificates:
+                problems.append(f"/members/{i}/certificates: {fp} is revoked for this member")
+        if "mtls" in m.auth and not (m.certificates or m.certificate_ca):
+            problems.append(
+                f"/members/{i}: an mtls member needs pinned certificates or a certificate_ca"
+            )
+        if "mtls" in m.auth and m.kind != "system":
+            problems.append(f"/members/{i}/auth: only a system may authenticate by mtls")
         if m.kind == "gateway" and not m.regions:
             problems.append(f"/members/{i}/regions: a peer gateway needs the regions it serves")
     for i, s in enumerate(config.services):

@@ -14,6 +14,7 @@ command                                    module
 ``audit|tokens …``
 ``audit verify|export|check|purge``        :mod:`gateway.cli.audit`
 ``directory sign|show|verify``             :mod:`gateway.cli.directory`
+``certs ca|issue|revoke``                  :mod:`gateway.cli.certs`
 =========================================  ==========================================
 
 :mod:`gateway.cli._common` holds what they share: ``--config``, the store a command opens
@@ -29,6 +30,7 @@ from collections.abc import Sequence
 from gateway.cli import (
     admin,
     audit,
+    certs,
     config,
     dead_letters,
     directory,
@@ -70,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.register(sub)
     directory.register(sub)
     store.register(sub)
+    certs.register(sub)
     return parser
 
 
