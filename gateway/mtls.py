@@ -41,6 +41,7 @@ __all__ = [
     "LocalTls",
     "PeerCertificate",
     "RevocationList",
+    "client_context",
     "fingerprint_of",
     "local_context",
     "member_names",
@@ -99,6 +100,28 @@ def local_context(local: LocalListen) -> ssl.SSLContext:
             [f"/listen/local/tls/client_ca: cannot load {local.client_ca} ({exc})"]
         ) from exc
     context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_context(
+    cert: Path | None, key: Path | None, ca: Path | None, *, pinned: bool = False
+) -> ssl.SSLContext:
+    """A TLS 1.2+ client context presenting ``cert`` (if any), verifying the server
+    against ``ca`` (None: the system's CAs); ``pinned``: the caller checks the server's
+    certificate by its fingerprint instead (aiohttp.Fingerprint), so chain and name are not."""
+    context = ssl.create_default_context(cafile=ca)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if pinned:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if cert is not None and key is not None:
+        check_private_file(key)
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                [f"cannot load the client certificate {cert} with {key} ({exc})"]
+            ) from exc
     return context
 
 
