@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -169,8 +170,10 @@ def revoke(ca_cert: Path, ca_key: Path, crl: Path, certs: Sequence[Path]) -> int
             cert = x509.load_pem_x509_certificate(path.read_bytes())
         except (OSError, ValueError) as exc:
             raise ConfigError([f"{path}: cannot read a PEM certificate ({exc})"]) from exc
-        if cert.issuer != ca.subject:
-            raise ConfigError([f"{path}: not issued by {ca.subject.rfc4514_string()}"])
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise ConfigError([f"{path}: not issued by this CA ({ca_cert})"]) from exc
         serials.setdefault(cert.serial_number, now)
     builder = (
         x509.CertificateRevocationListBuilder()

@@ -768,10 +768,6 @@ def _cross_check(config: Config) -> list[str]:
         for fp in m.certificates:
             if fp in m.revoked_certificates:
                 problems.append(f"/members/{i}/certificates: {fp} is revoked for this member")
-        if "mtls" in m.auth and not (m.certificates or m.certificate_ca):
-            problems.append(
-                f"/members/{i}: an mtls member needs pinned certificates or a certificate_ca"
-            )
         if "mtls" in m.auth and m.kind != "system":
             problems.append(f"/members/{i}/auth: only a system may authenticate by mtls")
         if m.kind == "gateway" and not m.regions:
@@ -825,6 +821,11 @@ def warnings_of(config: Config) -> list[str]:
     """Valid but probably unintended: it loads, and the gateway answers for it at runtime."""
     warnings = []
     adapters = {a.name: (i, a) for i, a in enumerate(config.adapters)}
+    for i, m in enumerate(config.members):
+        if "mtls" in m.auth and not (m.certificates or m.certificate_ca):
+            warnings.append(f"/members/{i}: mtls member {m.id} has no certificate (none admitted)")
+        if "mtls" in m.auth and config.local is None:
+            warnings.append(f"/members/{i}: mtls member {m.id} but no listen.local to come in")
     for i, s in enumerate(config.services):
         if not any(r.service == s.code for r in config.routes):
             warnings.append(f"/services/{i}: service {s.code} has no route (answers 503)")
