@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import datetime
 import json
+import re
+import shutil
 import ssl
 import subprocess
 import sys
@@ -43,6 +45,7 @@ from tests.conftest import (
     GATEWAY_ID,
     NATIONAL_ID,
     PORTAL_ID,
+    ROOT,
     SCHEMAS,
     Keys,
     unused_port,
@@ -518,3 +521,81 @@ async def test_an_admin_revokes_a_pinned_certificate_on_the_live_gateway(s: Site
     assert status == 201
     status, _, body = await s.post("pinned", "credit.query", CREDIT_EXAMPLE, client=PINNED)
     assert status == 200, body
+
+
+# The member's guide, on the shipped config ------------------------------------------
+
+
+def _guide_commands() -> list[str]:
+    """The ```sh blocks of docs/members.md, «Connecting without signing (mTLS)»."""
+    text = (ROOT / "docs" / "members.md").read_text(encoding="utf-8")
+    section = text.split("## Connecting without signing (mTLS)", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.*?)```", section, flags=re.S)
+
+
+async def test_the_members_guide_runs_on_a_fresh_copy_of_the_shipped_config(
+    tmp_path: Path,
+) -> None:
+    """`gateway up` on config.yaml with no keys makes the CA and certificates, then the
+    guide's curl commands (sync, async, the decision read back) work as written."""
+    shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
+    shutil.copytree(ROOT / "schemas", tmp_path / "schemas")
+    doc = yaml.safe_load((tmp_path / "config.yaml").read_text(encoding="utf-8"))
+    ports = {name: unused_port() for name in ("ingress", "admin", "local", "national", "portal")}
+    listen = doc["listen"]
+    for name in ("ingress", "admin", "local"):
+        listen[name]["port"] = ports[name]
+    doc["simulators"]["national"].update(port=ports["national"], callback_delay_s=0.1)
+    doc["simulators"]["portal"]["port"] = ports["portal"]
+    doc["adapters"][0]["config"]["base_url"] = f"http://127.0.0.1:{ports['national']}"
+    doc["members"][0]["callback_url"] = f"http://127.0.0.1:{ports['portal']}/callbacks"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True), "utf-8")
+    commands = _guide_commands()
+    assert len(commands) == 3
+    assert all("https://127.0.0.1:8443/" in c for c in commands)
+    log = tmp_path / "up.log"
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "up", "--config", "config.yaml"],
+            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        await _ready(f"http://127.0.0.1:{ports['ingress']}", process, log)
+        for made in ("local-ca.crt", "local-ca.key", "legacy-records.crt", "legacy-records.key"):
+            assert (tmp_path / "keys" / made).exists(), made
+        assert (tmp_path / "keys" / "legacy-records.key").stat().st_mode & 0o077 == 0
+
+        async def run(command: str) -> tuple[int, Any]:
+            command = command.replace("127.0.0.1:8443", f"127.0.0.1:{ports['local']}")
+            command = command.replace("curl ", "curl -sS -w '\\n%{http_code}' ", 1)
+            done = await asyncio.to_thread(
+                subprocess.run, ["bash", "-c", command], cwd=tmp_path,
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            body, _, status = done.stdout.rpartition("\n")
+            return int(status), json.loads(body)
+
+        sync, send, read = commands
+        status, answer = await run(sync)
+        assert status == 200, answer
+        assert answer["uscc"] == "91350100M000100Y43"
+        status, accepted = await run(send)
+        assert (status, accepted["state"]) == (202, "accepted"), accepted
+        deadline = time.monotonic() + 20
+        while True:
+            status, view = await run(read)
+            assert status == 200, view
+            if "result" in view:
+                break
+            assert time.monotonic() < deadline, view
+            await asyncio.sleep(0.2)
+        assert view["message_id"] == accepted["message_id"]
+        assert view["result"]["decision"]
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
