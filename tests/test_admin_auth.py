@@ -138,6 +138,13 @@ CONSOLE_CASES = [
     Case("POST", "/members", "/members", WRITE, {"member": "{}"}),
     Case("POST", "/members/{id}/keys", f"/members/{NOPE_MEMBER}/keys", WRITE, {"jwk": "{}"}),
     Case("POST", "/members/{id}/keys/{kid}/revoke", f"/members/{NOPE_MEMBER}/keys/k/revoke", WRITE),
+    Case("POST", "/members/{id}/certificates", f"/members/{NOPE_MEMBER}/certificates", WRITE),
+    Case(
+        "POST",
+        "/members/{id}/certificates/{fingerprint}/revoke",
+        f"/members/{NOPE_MEMBER}/certificates/ab/revoke",
+        WRITE,
+    ),
     Case("POST", "/members/{id}/enabled", f"/members/{NOPE_MEMBER}/enabled", OPERATE),
     Case("POST", "/members/{id}/services", f"/members/{NOPE_MEMBER}/services", WRITE),
     Case("POST", "/members/{id}/callback", f"/members/{NOPE_MEMBER}/callback", WRITE),
