@@ -208,6 +208,8 @@ def _json(body: bytes) -> Any:
 
 
 class Pipeline:
+    local: LocalTls | None = None  # the local (mTLS) listener, when configured
+
     def __init__(
         self,
         *,
@@ -229,7 +231,7 @@ class Pipeline:
         self.runtime = runtime
         self.outbox = outbox
         self._clock = clock
-        self.local = local  # the local (mTLS) listener, when configured
+        self.local = local
         self.rate_limiter = RateLimiter(security.rate_limit)
         self.nonces = NonceGuard(store, skew_s=security.clock_skew_s, clock=clock)
 

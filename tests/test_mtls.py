@@ -33,10 +33,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
+from gateway.app import STORE, create_app
+from gateway.audit import verify_store
 from gateway.certs import Issued, issue, make_ca, revoke
 from gateway.client import ExchangeClient
+from gateway.config import parse_config
 from gateway.keys import VerificationKey
-from gateway.mtls import fingerprint_of
+from gateway.limits import GatewayRunner
+from gateway.mtls import LOCAL_TLS, fingerprint_of
 from gateway.signing import Signer
 from simulators.national import NationalPlatform, create_national_app
 from tests.conftest import (
@@ -48,6 +52,7 @@ from tests.conftest import (
     ROOT,
     SCHEMAS,
     Keys,
+    config_document,
     unused_port,
     verify_file,
 )
@@ -57,6 +62,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 LEGACY = "330000:legacy-records"
 OTHER = "330000:archive-office"  # another mtls member of the same CA
 PINNED = "330000:pinned-desk"  # authenticated by a pinned fingerprint only
+RECORD = {
+    "uscc": "91350100M000100Y43",
+    "name": "模拟企业",
+    "status": "active",
+    "updated_at": "2026-11-26T00:00:00Z",
+}
 
 
 @dataclass
@@ -271,13 +282,31 @@ async def _ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
             await asyncio.sleep(0.05)
 
 
+@dataclass(frozen=True)
+class Pki:
+    directory: Path
+    ca: Path
+    certs: dict[str, Issued]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """The module's certificates, made now (nothing committed)."""
+    tmp = tmp_path_factory.mktemp("pki")
+    ca, certs = _make_pki(tmp)
+    return Pki(tmp, ca, certs)
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module", name="s")
-async def site(keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
+async def site(
+    keys: Keys, pki: Pki, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Site]:
     """One `gateway serve` with its local listener, shared by every test of the module."""
     tmp = tmp_path_factory.mktemp("mtls")
-    ca, pki = _make_pki(tmp)
+    ca = pki.ca
+    certs = pki.certs
     crl = tmp / "ca.crl"
-    revoke(ca, tmp / "ca.key", crl, [pki["revoked"].cert])
+    revoke(ca, pki.directory / "ca.key", crl, [certs["revoked"].cert])
     ports = {name: unused_port() for name in ("public", "admin", "local", "national", "recv")}
     public_url = f"http://127.0.0.1:{ports['public']}"
     gateway_key = VerificationKey.from_jwk(keys.pairs["gateway"].jwk)
@@ -293,7 +322,7 @@ async def site(keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> AsyncIte
     recv_app = web.Application()
     recv_app.router.add_post("/callbacks", receiver.handle)
     recv_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca))
-    recv_tls.load_cert_chain(pki["server"].cert, pki["server"].key)
+    recv_tls.load_cert_chain(certs["server"].cert, certs["server"].key)
     recv_tls.verify_mode = ssl.CERT_REQUIRED  # only a certificate of the CA calls back
     servers = [
         TestServer(create_national_app(sim), port=ports["national"]),
@@ -303,7 +332,7 @@ async def site(keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> AsyncIte
         {"ca": ca, "crl": crl, "public_port": ports["public"], "admin_port": ports["admin"],
          "local_port": ports["local"], "receiver_port": ports["recv"],
          "national_url": f"http://127.0.0.1:{ports['national']}"},
-        keys, pki, tmp,
+        keys, certs, tmp,
     )  # fmt: skip
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(doc), encoding="utf-8")
@@ -323,7 +352,7 @@ async def site(keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> AsyncIte
         await _ready(public_url, process, log)
         async with aiohttp.ClientSession() as session:
             yield Site(
-                keys=keys, pki=pki, ca=ca, crl=crl, db=tmp / "gw.db", public_url=public_url,
+                keys=keys, pki=certs, ca=ca, crl=crl, db=tmp / "gw.db", public_url=public_url,
                 local_url=f"https://127.0.0.1:{ports['local']}",
                 admin_url=f"http://127.0.0.1:{ports['admin']}", token=token, sim=sim,
                 receiver=receiver, session=session,
@@ -599,3 +628,55 @@ async def test_the_members_guide_runs_on_a_fresh_copy_of_the_shipped_config(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+async def test_the_fingerprint_is_chained_evidence_on_both_store_backends(
+    keys: Keys, pki: Pki, store_url: str, tmp_path: Path
+) -> None:
+    """In-process, on SQLite and PostgreSQL: the recorded request headers carry the
+    certificate's fingerprint and the message log still verifies (audit verify)."""
+    port = unused_port()
+    doc = config_document(keys, store=tmp_path / "gw.db", national_url="http://127.0.0.1:9")
+    if store_url.startswith("postgresql://"):
+        doc["store"] = {"url": store_url}
+    else:
+        doc["store"] = {"path": store_url}
+    doc["listen"] = {"local": {"port": port, "tls": {
+        "cert": str(pki.certs["server"].cert), "key": str(pki.certs["server"].key),
+        "client_ca": str(pki.ca)}}}  # fmt: skip
+    legacy = {"id": LEGACY, "kind": "system", "auth": ["mtls"], "certificate_ca": str(pki.ca)}
+    doc["members"].append({**legacy, "services": ["credit.query"]})
+    doc["adapters"] = [{"name": "registry", "type": "mock",
+                        "config": {"responses": {"credit.query": {"body": RECORD}}}}]  # fmt: skip
+    doc["routes"] = [{"service": "credit.query", "adapter": "registry"}]
+    app = create_app(parse_config(doc, base=tmp_path), start_delivery=False)
+    runner = GatewayRunner(app)
+    try:
+        await runner.setup()
+        local = app[LOCAL_TLS]
+        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=local.context).start()
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        context.load_cert_chain(pki.certs["legacy"].cert, pki.certs["legacy"].key)
+        message_id = str(uuid.uuid4())
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"https://127.0.0.1:{port}/v1/exchange/credit.query",
+                data=json.dumps(CREDIT_EXAMPLE).encode(),
+                headers={"Content-Type": "application/json", "Gw-Client": LEGACY,
+                         "Gw-Message-Id": message_id},
+                ssl=context,
+            ) as resp,
+        ):  # fmt: skip
+            assert resp.status == 200, await resp.text()
+        store = app[STORE]
+        record = await store.get_message(LEGACY, message_id)
+        assert record is not None
+        assert record.request_headers["Gw-Client-Certificate"] == (
+            f"sha256:{pki.certs['legacy'].fingerprint}"
+        )
+        report = await verify_store(store, {"keys": [dict(keys.pairs["gateway"].jwk)]},
+                                    gateway=GATEWAY_ID)  # fmt: skip
+        assert report.ok, report.first
+    finally:
+        await runner.cleanup()
