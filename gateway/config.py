@@ -373,6 +373,7 @@ def with_listeners(
     *,
     ingress: tuple[str, int] | None = None,
     admin: tuple[str, int] | None = None,
+    local: tuple[str, int] | None = None,
 ) -> Config:
     """``config`` listening elsewhere (``gateway serve --listen/--admin-listen``), so that
     several instances can share one file. The raw document changes too: the live
@@ -380,7 +381,9 @@ def with_listeners(
     raw = copy.deepcopy(dict(config.raw))
     listen = raw.setdefault("listen", {})
     changes: dict[str, Any] = {}
-    for name, address in (("ingress", ingress), ("admin", admin)):
+    if local is not None and config.local is None:
+        raise ConfigError(["--local-listen: the configuration has no listen.local"])
+    for name, address in (("ingress", ingress), ("admin", admin), ("local", local)):
         if address is not None:
             host, port = address
             listen.setdefault(name, {}).update(host=host, port=port)

@@ -207,14 +207,20 @@ class LocalTls:
             return None
         return PeerCertificate(x509.load_der_x509_certificate(der), fingerprint_of(der))
 
-    def member_of(self, runtime: Runtime, peer: PeerCertificate) -> Member:
-        """The one member this certificate authenticates; refused if revoked, unknown,
-        ambiguous, or the member does not authenticate by mtls."""
+    def check_revoked(self, runtime: Runtime, peer: PeerCertificate) -> None:
+        """Refuse a certificate an admin revoked (for any member) or the CRL lists; on
+        this listener that holds for signed requests too."""
         fp = peer.fingerprint
         if any(fp in m.config.revoked_certificates for m in runtime.members.values()):
             raise CertificateRevoked(f"certificate {fp} is revoked")
         if self.crl is not None:
             self.crl.check(peer.certificate)
+
+    def member_of(self, runtime: Runtime, peer: PeerCertificate) -> Member:
+        """The one member this certificate authenticates; refused if revoked, unknown,
+        ambiguous, or the member does not authenticate by mtls."""
+        self.check_revoked(runtime, peer)
+        fp = peer.fingerprint
         names = member_names(peer.certificate)
         found = [
             m

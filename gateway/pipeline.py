@@ -290,14 +290,12 @@ class Pipeline:
         An unsigned request on the local listener is authenticated by its certificate."""
         headers = request.headers
         started = time.perf_counter()
-        if (
-            self.local is not None
-            and "Signature" not in headers
-            and ("Signature-Input" not in headers)
-        ):
-            peer = self.local.peer(request)
-            if peer is not None:
+        local = self.local
+        peer = local.peer(request) if local is not None else None
+        if local is not None and peer is not None:
+            if "Signature" not in headers and "Signature-Input" not in headers:
                 return self._by_certificate(request, body, runtime, ctx, peer, read=read)
+            local.check_revoked(runtime, peer)  # a signer's connection, too
         sig: SignatureInput = parse_signature_input(headers)
         ctx.signature_label = sig.label
         for name in _SINGLE_HEADERS:

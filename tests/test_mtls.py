@@ -170,6 +170,7 @@ def _make_pki(d: Path) -> tuple[Path, dict[str, Issued]]:
         "legacy": cert("legacy", member=LEGACY),
         "other": cert("other", member=OTHER),
         "portal": cert("portal", member=PORTAL_ID),
+        "portal-revoked": cert("portal-revoked", member=PORTAL_ID),
         "pinned": cert("pinned", member="330000:not-a-member"),
         "gateway": cert("gateway", member=GATEWAY_ID),
         "revoked": cert("revoked", member=LEGACY),
@@ -306,7 +307,9 @@ async def site(
     ca = pki.ca
     certs = pki.certs
     crl = tmp / "ca.crl"
-    revoke(ca, pki.directory / "ca.key", crl, [certs["revoked"].cert])
+    revoke(
+        ca, pki.directory / "ca.key", crl, [certs[n].cert for n in ("revoked", "portal-revoked")]
+    )
     ports = {name: unused_port() for name in ("public", "admin", "local", "national", "recv")}
     public_url = f"http://127.0.0.1:{ports['public']}"
     gateway_key = VerificationKey.from_jwk(keys.pairs["gateway"].jwk)
@@ -330,7 +333,7 @@ async def site(
     ]
     doc = _config(
         {"ca": ca, "crl": crl, "public_port": ports["public"], "admin_port": ports["admin"],
-         "local_port": ports["local"], "receiver_port": ports["recv"],
+         "local_port": unused_port(), "receiver_port": ports["recv"],
          "national_url": f"http://127.0.0.1:{ports['national']}"},
         keys, certs, tmp,
     )  # fmt: skip
@@ -347,7 +350,9 @@ async def site(
         await servers[0].start_server()
         await servers[1].start_server(ssl=recv_tls)
         with log.open("ab") as out:
-            command = [*cli, "serve", "--config", str(path)]
+            # --local-listen overrides the file's port, as --listen does the ingress's.
+            local = f"127.0.0.1:{ports['local']}"
+            command = [*cli, "serve", "--config", str(path), "--local-listen", local]
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         await _ready(public_url, process, log)
         async with aiohttp.ClientSession() as session:
@@ -471,6 +476,23 @@ async def test_a_certificate_never_replaces_a_signature_member_signature(s: Site
         )
         reply = await portal.exchange("credit.query", CREDIT_EXAMPLE)
     assert reply.status == 200, reply.body
+
+
+async def test_a_revoked_certificate_is_refused_on_the_local_listener_even_when_signed(
+    s: Site,
+) -> None:
+    """The portal signing correctly over a connection with its revoked certificate is
+    401 certificate_revoked: a revoked certificate gets nothing on this listener."""
+    connector = aiohttp.TCPConnector(ssl=s.context("portal-revoked"))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        portal = ExchangeClient(
+            member_id=PORTAL_ID,
+            signer=Signer(s.keys.pairs["portal"]),
+            base_url=s.local_url,
+            session=session,
+        )
+        reply = await portal.exchange("credit.query", CREDIT_EXAMPLE)
+    assert (reply.status, reply.json()["code"]) == (401, "certificate_revoked"), reply.body
 
 
 async def test_an_mtls_only_member_must_sign_on_the_public_listener(s: Site) -> None:

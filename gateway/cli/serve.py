@@ -48,7 +48,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument(
         "--workers", type=int, default=1, help="worker processes sharing the port (default 1)"
     )
-    for flag, what in (("--listen", "ingress"), ("--admin-listen", "admin API")):
+    for flag, what in (
+        ("--listen", "ingress"),
+        ("--admin-listen", "admin API"),
+        ("--local-listen", "local (mTLS)"),
+    ):
         serve.add_argument(
             flag,
             type=_address,
@@ -155,7 +159,9 @@ def _configure_logging(args: argparse.Namespace, config: Config) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = with_listeners(load(args), ingress=args.listen, admin=args.admin_listen)
+    config = with_listeners(
+        load(args), ingress=args.listen, admin=args.admin_listen, local=args.local_listen
+    )
     _configure_logging(args, config)
     try:
         loop = eventloop.resolve(args.loop)
