@@ -162,7 +162,11 @@ def revoke(ca_cert: Path, ca_key: Path, crl: Path, certs: Sequence[Path]) -> int
     ca, ca_private = load_ca(ca_cert, ca_key)
     serials: dict[int, datetime.datetime] = {}
     if crl.exists():
-        for entry in x509.load_pem_x509_crl(crl.read_bytes()):
+        try:
+            current = x509.load_pem_x509_crl(crl.read_bytes())
+        except ValueError as exc:
+            raise ConfigError([f"{crl}: not a PEM CRL ({exc})"]) from exc
+        for entry in current:
             serials[entry.serial_number] = entry.revocation_date_utc
     now = _now()
     for path in certs:

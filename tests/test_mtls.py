@@ -31,16 +31,23 @@ import pytest_asyncio
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 from multidict import CIMultiDict
 
 from gateway.app import STORE, create_app
 from gateway.audit import verify_store
-from gateway.certs import Issued, issue, make_ca, revoke
+from gateway.certs import Issued, issue, load_ca, make_ca, revoke
 from gateway.client import ExchangeClient
 from gateway.config import parse_config
+from gateway.errors import CertificateRevoked, CertificateUnknown
 from gateway.keys import VerificationKey
 from gateway.limits import GatewayRunner
-from gateway.mtls import LOCAL_TLS, fingerprint_of
+from gateway.mtls import LOCAL_TLS, LocalTls, PeerCertificate, fingerprint_of, member_names
+from gateway.registry import Runtime, build_runtime
 from gateway.signing import Signer
 from simulators.national import NationalPlatform, create_national_app
 from tests.conftest import (
@@ -702,3 +709,78 @@ async def test_the_fingerprint_is_chained_evidence_on_both_store_backends(
         assert report.ok, report.first
     finally:
         await runner.cleanup()
+
+
+# gateway/mtls.py on its own: mapping and CRL rules an attacker would probe -----------
+
+
+def _local(keys: Keys, pki: Pki, tmp_path: Path, crl: Path | None = None) -> LocalTls:
+    tls = {"cert": str(pki.certs["server"].cert), "key": str(pki.certs["server"].key),
+           "client_ca": str(pki.ca), **({"crl": str(crl)} if crl else {})}  # fmt: skip
+    doc = config_document(keys, store=tmp_path / "gw.db", national_url="http://127.0.0.1:9")
+    doc["listen"] = {"local": {"port": 1, "tls": tls}}
+    return LocalTls(parse_config(doc, base=tmp_path).local)  # type: ignore[arg-type]
+
+
+def _runtime(keys: Keys, tmp_path: Path, *members: dict[str, Any]) -> Runtime:
+    doc = config_document(keys, store=tmp_path / "gw.db", national_url="http://127.0.0.1:9")
+    doc["members"].extend(members)
+    return build_runtime(parse_config(doc, base=tmp_path), {})
+
+
+def _peer(path: Path) -> PeerCertificate:
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return PeerCertificate(cert, fingerprint_of(cert.public_bytes(Encoding.DER)))
+
+
+async def test_a_certificate_naming_two_members_authenticates_neither(
+    keys: Keys, pki: Pki, tmp_path: Path
+) -> None:
+    """SAN URIs for two members of the same CA: ambiguous, 401 certificate_unknown; the
+    SAN URI, when there is one, wins over the subject CN."""
+    ca, ca_key = load_ca(pki.ca, pki.directory / "ca.key")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    uris = [x509.UniformResourceIdentifier(f"urn:gw:member:{m}") for m in (LEGACY, OTHER)]
+    both = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(
+            NameOID.COMMON_NAME, PORTAL_ID)])).issuer_name(ca.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(uris), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    path = tmp_path / "both.crt"
+    path.write_bytes(both.public_bytes(Encoding.PEM))
+    assert member_names(both) == (LEGACY, OTHER)
+    member = {"kind": "system", "auth": ["mtls"], "certificate_ca": str(pki.ca)}
+    runtime = _runtime(keys, tmp_path, {"id": LEGACY, **member}, {"id": OTHER, **member})
+    with pytest.raises(CertificateUnknown):
+        _local(keys, pki, tmp_path).member_of(runtime, _peer(path))
+    alone = _runtime(keys, tmp_path, {"id": LEGACY, **member})
+    assert _local(keys, pki, tmp_path).member_of(alone, _peer(path)).id == LEGACY
+
+
+async def test_an_unreadable_or_foreign_crl_refuses_every_certificate_until_fixed(
+    keys: Keys, pki: Pki, tmp_path: Path
+) -> None:
+    """Fail closed: a garbled CRL, or one signed by another CA with the same name, refuses
+    even an unrevoked certificate (401 certificate_revoked); a good CRL is taken live."""
+    crl = tmp_path / "ca.crl"
+    crl.write_bytes(b"-----BEGIN X509 CRL-----\nnot a crl\n-----END X509 CRL-----\n")
+    local = _local(keys, pki, tmp_path, crl)
+    member = {"id": LEGACY, "kind": "system", "auth": ["mtls"], "certificate_ca": str(pki.ca)}
+    runtime = _runtime(keys, tmp_path, member)
+    peer = _peer(pki.certs["legacy"].cert)
+    with pytest.raises(CertificateRevoked, match="revocation status unknown"):
+        local.member_of(runtime, peer)
+    crl.unlink()
+    revoke(pki.directory / "rogue-ca.crt", pki.directory / "rogue-ca.key", crl,
+           [pki.certs["rogue"].cert])  # fmt: skip
+    with pytest.raises(CertificateRevoked, match="not signed by a trusted CA"):
+        local.member_of(runtime, peer)
+    crl.unlink()
+    revoke(pki.ca, pki.directory / "ca.key", crl, [pki.certs["revoked"].cert])
+    assert local.member_of(runtime, peer).id == LEGACY
+    with pytest.raises(CertificateRevoked):
+        local.member_of(runtime, _peer(pki.certs["revoked"].cert))
