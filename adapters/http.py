@@ -9,12 +9,15 @@ to our request: it covers the request's own signature (``"signature";req``) or i
 message id (``gw-message-id``, equal to ours, or ``"gw-message-id";req``). An answer
 that is not bound could be any other request's answer, replayed: ``upstream_unbound``.
 Redirects are never followed (a 3xx is an upstream error naming its ``Location``).
+With ``tls`` it presents a client certificate and trusts only ``ca`` for the upstream, or
+pins the upstream's certificate by its SHA-256 fingerprint (``server_fingerprint``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,6 +30,7 @@ from adapters.base import AdapterContext, Answer, Exchange, Health
 from gateway.config import MEMBER_ID_PATTERN
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnbound
 from gateway.keys import VerificationKey
+from gateway.mtls import client_context
 from gateway.outbound import bound_to, location_of
 from gateway.signing import (
     RequestView,
@@ -76,6 +80,27 @@ class HttpAdapter:
                 "description": "The member this upstream is: the one party whose callbacks "
                 "are taken for what it was sent (none: nobody calls back).",
             },
+            "tls": {
+                "type": "object",
+                "additionalProperties": False,
+                "description": "HTTPS to a local back office: a client certificate, and the "
+                "upstream's CA or its pinned certificate (paths relative to the config file).",
+                "properties": {
+                    "cert": {"type": "string", "minLength": 1, "description": "client PEM"},
+                    "key": {"type": "string", "minLength": 1, "description": "its key, 0600"},
+                    "ca": {
+                        "type": "string",
+                        "minLength": 1,
+                        "description": "PEM CA bundle the upstream must chain to",
+                    },
+                    "server_fingerprint": {
+                        "type": "string",
+                        "pattern": "^[0-9a-f]{64}$",
+                        "description": "the upstream's certificate pinned: SHA-256 of its DER",
+                    },
+                },
+                "dependentRequired": {"cert": ["key"], "key": ["cert"]},
+            },
             "verify_response": {
                 "type": "object",
                 "additionalProperties": False,
@@ -102,6 +127,22 @@ class HttpAdapter:
         self._ctx = context
         self.receiver: str | None = config.get("receiver")
         self._verifier = Verifier()
+        self._tls: ssl.SSLContext | bool = True
+        self._pin: aiohttp.Fingerprint | None = None
+        self._pinned: aiohttp.ClientSession | None = None
+        tls = config.get("tls")
+        if tls is not None:
+            base = Path(context.base_dir)
+
+            def file_of(name: str) -> Path | None:
+                return base / tls[name] if name in tls else None
+
+            fingerprint = tls.get("server_fingerprint")
+            if fingerprint is not None:
+                self._pin = aiohttp.Fingerprint(bytes.fromhex(fingerprint))
+            self._tls = client_context(
+                file_of("cert"), file_of("key"), file_of("ca"), pinned=fingerprint is not None
+            )
         self._response_keys: dict[str, VerificationKey] = {}
         for ref in config.get("verify_response", {}).get("keys", []):
             jwk = ref
@@ -124,6 +165,15 @@ class HttpAdapter:
             "forward_user": config.get("forward_user", True),
             "verify_response": {"keys": keys},
         } | ({"content_digest": config["content_digest"]} if "content_digest" in config else {})
+
+    def _session(self) -> aiohttp.ClientSession:
+        """The core's session, or for a pinned upstream one of our own whose connector
+        checks the fingerprint right after the handshake, before anything is sent."""
+        if self._pin is None:
+            return self._ctx.session
+        if self._pinned is None:
+            self._pinned = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._pin))
+        return self._pinned
 
     def url_for(self, service: str) -> str:
         # {service} stands for one path segment; the query, if configured, stays as it is.
@@ -179,8 +229,13 @@ class HttpAdapter:
         try:
             # Never follow a redirect: it would re-send a signed body (and Gw-User) to a
             # place nobody configured; a 3xx is an upstream error like any other.
-            async with self._ctx.session.post(
-                url, data=data, headers=headers, timeout=timeout, allow_redirects=False
+            async with self._session().post(
+                url,
+                data=data,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,
+                ssl=self._tls,
             ) as resp:
                 body = await resp.read()
                 status = resp.status
@@ -229,13 +284,18 @@ class HttpAdapter:
         if not self._health_url:
             return Health(healthy=True, detail="no health_url configured")
         try:
-            async with self._ctx.session.get(
-                self._health_url, timeout=aiohttp.ClientTimeout(total=2), allow_redirects=False
+            async with self._session().get(
+                self._health_url,
+                timeout=aiohttp.ClientTimeout(total=2),
+                allow_redirects=False,
+                ssl=self._tls,
             ) as resp:
                 return Health(healthy=resp.status < 300, detail=f"HTTP {resp.status}")
         except (TimeoutError, aiohttp.ClientError) as exc:
             return Health(healthy=False, detail=type(exc).__name__)
 
     async def aclose(self) -> None:
-        # The session belongs to the core; nothing of our own to release.
+        # The core's session is the core's; a pinned upstream's is ours.
+        if self._pinned is not None:
+            await self._pinned.close()
         await asyncio.sleep(0)

@@ -28,6 +28,7 @@ from gateway.limits import IN_FLIGHT, InFlight, handler_args, limits_middleware
 from gateway.live import LiveConfig
 from gateway.meta import Discovery
 from gateway.metrics import Metrics
+from gateway.mtls import LOCAL_TLS, LocalTls
 from gateway.openapi import ingress_document
 from gateway.outbound import configured_session, learnt_session
 from gateway.pipeline import CTX_KEY, Pipeline, RequestContext
@@ -263,6 +264,9 @@ def create_app(
     app[KEYPAIR] = keypair
     if config.ingress.tls is not None:
         app[TLS_CONTEXT] = server_context(config.ingress.tls)
+    local = LocalTls(config.local) if config.local is not None else None
+    if local is not None:
+        app[LOCAL_TLS] = local  # `gateway serve` adds the local listener's site
     store = create_store(config.store)
     app[STORE] = store
     signer = Signer(keypair)
@@ -275,6 +279,7 @@ def create_app(
         verifier=Verifier(skew_s=config.security.clock_skew_s),
         store=store,
         runtime=holder,
+        local=local,
     )
     metrics = app[METRICS] = Metrics()
     metrics.set_signing_key(keypair.kid, keypair.expires_at)

@@ -28,11 +28,13 @@ __all__ = [
     "MEMBER_ID_PATTERN",
     "SCHEMA_DIR",
     "AdapterConfig",
+    "ClientTls",
     "Config",
     "DeliveryConfig",
     "DirectoryConfig",
     "GatewayIdentity",
     "Listen",
+    "LocalListen",
     "LoggingConfig",
     "MemberConfig",
     "RateLimit",
@@ -102,6 +104,30 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LocalListen:
+    """``listen.local``: the listener for members that cannot sign (``auth: mtls``). A
+    client certificate chaining to ``client_ca`` is always required; ``crl`` is re-read
+    whenever it changes."""
+
+    host: str = "127.0.0.1"
+    port: int
+    cert: Path
+    key: Path
+    client_ca: Path
+    crl: Path | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientTls:
+    """``gateway.client_tls``: the certificate the gateway presents on HTTPS callbacks,
+    and the CA bundle those callback servers must chain to (None: the system's)."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Listen:
     host: str = "127.0.0.1"
     port: int
@@ -123,6 +149,7 @@ class GatewayIdentity:
     key_passphrase_file: Path | None = None
     key_uri: Pkcs11Uri | None = None
     key_expires_at: float | None = None  # Unix time; else the public JWK's ``exp``, if any
+    client_tls: ClientTls | None = None  # presented on HTTPS callbacks when configured
 
     @property
     def region(self) -> str:
@@ -246,6 +273,12 @@ class MemberConfig:
     allowed_algs: tuple[str, ...] = ()
     # Its callback URL came from the federation directory: the outbound policy applies.
     learnt: bool = False
+    # How it proves itself: "signature" (RFC 9421), "mtls" (a client certificate on the
+    # local listener), or both. A certificate never stands in for a signature-only member.
+    auth: tuple[str, ...] = ("signature",)
+    certificates: tuple[str, ...] = ()  # pinned SHA-256 fingerprints (lowercase hex)
+    certificate_ca: Path | None = None  # a CA whose certificates naming this member count
+    revoked_certificates: tuple[str, ...] = ()
 
     @property
     def region(self) -> str:
@@ -340,6 +373,7 @@ class Config:
     outbound: OutboundPolicy = field(default_factory=OutboundPolicy)
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
     timestamping: TimestampingConfig | None = None
+    local: LocalListen | None = None  # listen.local: off unless configured
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -357,6 +391,7 @@ def with_listeners(
     *,
     ingress: tuple[str, int] | None = None,
     admin: tuple[str, int] | None = None,
+    local: tuple[str, int] | None = None,
 ) -> Config:
     """``config`` listening elsewhere (``gateway serve --listen/--admin-listen``), so that
     several instances can share one file. The raw document changes too: the live
@@ -364,7 +399,9 @@ def with_listeners(
     raw = copy.deepcopy(dict(config.raw))
     listen = raw.setdefault("listen", {})
     changes: dict[str, Any] = {}
-    for name, address in (("ingress", ingress), ("admin", admin)):
+    if local is not None and config.local is None:
+        raise ConfigError(["--local-listen: the configuration has no listen.local"])
+    for name, address in (("ingress", ingress), ("admin", admin), ("local", local)):
         if address is not None:
             host, port = address
             listen.setdefault(name, {}).update(host=host, port=port)
@@ -501,6 +538,10 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
             revoked_keys=tuple(m.get("revoked_keys", [])),
             allowed_algs=tuple(m.get("allowed_algs", [])),
             learnt=m.get("learnt", False),
+            auth=tuple(m.get("auth", ["signature"])),
+            certificates=tuple(m.get("certificates", [])),
+            certificate_ca=r.path(m["certificate_ca"]) if "certificate_ca" in m else None,
+            revoked_certificates=tuple(m.get("revoked_certificates", [])),
         )
         for i, m in enumerate(data["members"])
     )
@@ -559,6 +600,7 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
             key_passphrase_file=(
                 r.path(gw["key_passphrase_file"]) if "key_passphrase_file" in gw else None
             ),
+            client_tls=_client_tls(gw.get("client_tls"), r),
         ),
         ingress=_listen(listen.get("ingress", {}), 8080, r),
         admin=Listen(**{"port": 8081, **listen.get("admin", {})}),
@@ -605,6 +647,7 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
         outbound=_outbound(data.get("outbound", {}), r),
         secrets=_secrets(data.get("secrets", {}), key_path or jwk_path, r),
         timestamping=_timestamping(data.get("timestamping"), r),
+        local=_local(listen.get("local"), r),
         raw=data,
     )
 
@@ -692,6 +735,30 @@ def _listen(data: Mapping[str, Any], port: int, r: _Reader) -> Listen:
     )
 
 
+def _local(data: Mapping[str, Any] | None, r: _Reader) -> LocalListen | None:
+    if data is None:
+        return None
+    tls = data["tls"]
+    return LocalListen(
+        host=data.get("host", "127.0.0.1"),
+        port=data["port"],
+        cert=r.path(tls["cert"]),
+        key=r.path(tls["key"]),
+        client_ca=r.path(tls["client_ca"]),
+        crl=r.path(tls["crl"]) if "crl" in tls else None,
+    )
+
+
+def _client_tls(data: Mapping[str, Any] | None, r: _Reader) -> ClientTls | None:
+    if data is None:
+        return None
+    return ClientTls(
+        cert=r.path(data["cert"]),
+        key=r.path(data["key"]),
+        ca=r.path(data["ca"]) if "ca" in data else None,
+    )
+
+
 def _schema(loaded: Any) -> Mapping[str, Any] | bool:
     """A loaded schema; one that could not be read (already reported) stands in as {}.
     ``false`` (reject everything) must stay ``false``."""
@@ -734,6 +801,11 @@ def _cross_check(config: Config) -> list[str]:
         for j, code in enumerate(m.services):
             if code not in codes:
                 problems.append(f"/members/{i}/services/{j}: unknown service {code}")
+        for fp in m.certificates:
+            if fp in m.revoked_certificates:
+                problems.append(f"/members/{i}/certificates: {fp} is revoked for this member")
+        if "mtls" in m.auth and m.kind != "system":
+            problems.append(f"/members/{i}/auth: only a system may authenticate by mtls")
         if m.kind == "gateway" and not m.regions:
             problems.append(f"/members/{i}/regions: a peer gateway needs the regions it serves")
     for i, s in enumerate(config.services):
@@ -785,6 +857,11 @@ def warnings_of(config: Config) -> list[str]:
     """Valid but probably unintended: it loads, and the gateway answers for it at runtime."""
     warnings = []
     adapters = {a.name: (i, a) for i, a in enumerate(config.adapters)}
+    for i, m in enumerate(config.members):
+        if "mtls" in m.auth and not (m.certificates or m.certificate_ca):
+            warnings.append(f"/members/{i}: mtls member {m.id} has no certificate (none admitted)")
+        if "mtls" in m.auth and config.local is None:
+            warnings.append(f"/members/{i}: mtls member {m.id} but no listen.local to come in")
     for i, s in enumerate(config.services):
         if not any(r.service == s.code for r in config.routes):
             warnings.append(f"/services/{i}: service {s.code} has no route (answers 503)")

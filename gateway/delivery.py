@@ -17,6 +17,7 @@ import enum
 import hashlib
 import logging
 import random
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -29,6 +30,7 @@ from gateway.config import DeliveryConfig, GatewayIdentity
 from gateway.dispatch import call_adapter, exchange_of, receiver_for
 from gateway.errors import AdapterUnavailable, GatewayError, OutboundRefused, UpstreamError
 from gateway.metrics import Metrics
+from gateway.mtls import client_context
 from gateway.outbound import location_of
 from gateway.signing import Signer
 from gateway.states import CallbackState, MessageState
@@ -80,6 +82,11 @@ class Delivery:
         self.runtime = runtime
         self.signer = signer
         self.session = session
+        # HTTPS callbacks present the gateway's client certificate when one is configured.
+        tls = identity.client_tls
+        self._client_tls: ssl.SSLContext | bool = (
+            client_context(tls.cert, tls.key, tls.ca) if tls is not None else True
+        )
         # Callback URLs learnt from the directory go through the guarded session.
         self.learnt_session = learnt_session
         self._clock = clock
@@ -409,6 +416,7 @@ class Delivery:
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=30),
                 allow_redirects=False,
+                ssl=self._client_tls,
             ) as resp:
                 await resp.read()
                 status = resp.status

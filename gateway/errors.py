@@ -21,6 +21,8 @@ Anything that is not a ``GatewayError`` becomes ``internal`` with details only i
     │   ├── SignatureInvalid           signature_invalid
     │   ├── SignatureExpired           signature_expired
     │   ├── KeyUnknown                 key_unknown
+    │   ├── CertificateUnknown         certificate_unknown (local listener: not this member's)
+    │   ├── CertificateRevoked         certificate_revoked (in the CRL, or revoked by an admin)
     │   ├── CredentialsMissing         signature_missing (admin API: no bearer token)
     │   └── CredentialsInvalid         key_unknown (admin API: unknown or revoked token)
     ├── Forbidden                      403
@@ -63,6 +65,8 @@ __all__ = [
     "BadRequest",
     "CallbackConflict",
     "CallbackEarly",
+    "CertificateRevoked",
+    "CertificateUnknown",
     "ClientDisabled",
     "ClientUnknown",
     "ConfigError",
@@ -233,6 +237,16 @@ class SignatureExpired(Unauthenticated):
 class KeyUnknown(Unauthenticated):
     code = "key_unknown"
     title = "The signing key is not known for this client"
+
+
+class CertificateUnknown(Unauthenticated):
+    code = "certificate_unknown"
+    title = "The client certificate is not known for this client"
+
+
+class CertificateRevoked(Unauthenticated):
+    code = "certificate_revoked"
+    title = "The client certificate is revoked"
 
 
 class CredentialsMissing(Unauthenticated):

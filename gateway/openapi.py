@@ -40,6 +40,13 @@ def _config_schema() -> dict[str, Any]:
     return loaded
 
 
+_FINGERPRINT: dict[str, Any] = {
+    "type": "object",
+    "required": ["fingerprint"],
+    "properties": {"fingerprint": {"type": "string", "pattern": "^[0-9a-fA-F:]{64,95}$"}},
+}
+
+
 def _path_param(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
 
@@ -513,6 +520,29 @@ def admin_document() -> dict[str, Any]:
         ],
         "delete": {
             "operationId": "revoke_key",
+            "responses": {"204": {"description": "revoked"}, **_problems(401, 403, 404, 422)},
+        },
+    }
+    # Client certificates of mtls members, registered and revoked like keys.
+    paths["/admin/v1/members/{id}/certificates"] = {
+        "parameters": [id_param],
+        "post": {
+            "operationId": "add_certificate",
+            "parameters": reinstate,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _FINGERPRINT}},
+            },
+            "responses": {
+                **_ok(_FINGERPRINT, "201", "pinned"),
+                **_problems(400, 401, 403, 404, 422),
+            },
+        },
+    }
+    paths["/admin/v1/members/{id}/certificates/{fingerprint}"] = {
+        "parameters": [id_param, _path_param("fingerprint")],
+        "delete": {
+            "operationId": "revoke_certificate",
             "responses": {"204": {"description": "revoked"}, **_problems(401, 403, 404, 422)},
         },
     }

@@ -1,7 +1,8 @@
 """The exchange pipeline, top to bottom in one place.
 
 ``POST /v1/exchange/{service}``:
-    read body → authenticate (headers, member, key, signature, freshness, digest)
+    read body → authenticate (headers, member, key, signature, freshness, digest;
+      on the local listener an unsigned request by its client certificate, gateway/mtls.py)
     → idempotency → authorise → validate → record → route → adapter
     → validate answer → sign → record.
 A synchronous exchange is recorded once, with its outcome, after the adapter (one
@@ -16,6 +17,7 @@ answer is ``gateway/dispatch.py``, the nonce part of freshness ``gateway/nonces.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -34,6 +36,7 @@ from gateway.encoding import iso_utc
 from gateway.errors import (
     CallbackConflict,
     CallbackEarly,
+    CertificateUnknown,
     ClientDisabled,
     ClientUnknown,
     DirectoryStale,
@@ -52,6 +55,7 @@ from gateway.errors import (
     UnsupportedMediaType,
 )
 from gateway.limits import RateLimiter, check_json_shape
+from gateway.mtls import LocalTls, PeerCertificate
 from gateway.nonces import NonceGuard
 from gateway.problem import problem_body
 from gateway.registry import Member, Runtime, RuntimeHolder, Service
@@ -101,7 +105,12 @@ _COVERED_WHEN_SENT = (
 _UNAWAITED = "no asynchronous {service} message {id} awaits an answer"
 # Never stored: signatures are verifiable only with the rest of the request anyway,
 # and Authorization would be a secret.
-_NOT_RECORDED = frozenset({"authorization", "cookie", "proxy-authorization"})
+_NOT_RECORDED = frozenset(
+    {"authorization", "cookie", "proxy-authorization", "gw-client-certificate"}
+)
+# Recorded (the hash chain covers it) for a member authenticated by its certificate:
+# the certificate's SHA-256 fingerprint, the evidence of who sent the message.
+CERTIFICATE_HEADER = "Gw-Client-Certificate"
 
 
 class Wakeable(Protocol):
@@ -130,15 +139,17 @@ CTX_KEY = web.RequestKey("gw.ctx", RequestContext)
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Authenticated:
-    """A request whose signature verified: who sent it, and who vouched for it."""
+    """A request whose signature verified (or, on the local listener, whose client
+    certificate did): who sent it, and who vouched for it."""
 
     client: str
     message_id: str  # "" only on a read that named none
     signer: Member  # the member whose key signed (the client, or the vouching peer)
-    signature: VerifiedSignature
+    signature: VerifiedSignature | None  # None: authenticated by ``certificate``
     digest: str  # sha-256 of the body, hex ("" when the request has no body)
     # The relay chain (Gw-Via, oldest first); its last hop is the signer. () if direct.
     via: tuple[str, ...] = ()
+    certificate: str | None = None  # SHA-256 fingerprint of an mtls member's certificate
 
 
 def via_chain(value: str | None) -> tuple[str, ...]:
@@ -179,6 +190,14 @@ def _recordable(headers: CIMultiDictProxy[str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in _NOT_RECORDED}
 
 
+def _recorded_request(request: web.Request, auth: Authenticated) -> dict[str, str]:
+    """The request's headers as recorded; an mtls member's with its certificate."""
+    recorded = _recordable(request.headers)
+    if auth.certificate is not None:
+        recorded[CERTIFICATE_HEADER] = f"sha256:{auth.certificate}"
+    return recorded
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -192,6 +211,8 @@ def _json(body: bytes) -> Any:
 
 
 class Pipeline:
+    local: LocalTls | None = None  # the local (mTLS) listener, when configured
+
     def __init__(
         self,
         *,
@@ -203,6 +224,7 @@ class Pipeline:
         runtime: RuntimeHolder,
         outbox: Wakeable | None = None,
         clock: Callable[[], float] = time.time,
+        local: LocalTls | None = None,
     ) -> None:
         self.identity = identity
         self.security = security
@@ -212,6 +234,7 @@ class Pipeline:
         self.runtime = runtime
         self.outbox = outbox
         self._clock = clock
+        self.local = local
         self.rate_limiter = RateLimiter(security.rate_limit)
         self.nonces = NonceGuard(store, skew_s=security.clock_skew_s, clock=clock)
         # Synchronous exchanges on their way (client, message id): recorded only once they
@@ -247,9 +270,9 @@ class Pipeline:
         One of the configured public URLs (the one whose authority is the Host header's,
         else the first); without any, the listener's own bound address (scheme, host,
         actual port). Never the Host header alone: a request signed for another gateway
-        must not verify here."""
+        must not verify here. On the local listener: its own bound address."""
         urls = self.identity.public_urls
-        if urls:
+        if urls and not (self.local is not None and self.local.peer(request) is not None):
             host = request.headers.get("Host", "").lower()
             base = next((u for u in urls if _authority(u) == host), urls[0])
             return base + request.raw_path
@@ -270,9 +293,16 @@ class Pipeline:
         The signer is the ``Gw-Client`` itself, or the last hop of the ``Gw-Via`` chain,
         which must be a relay granted the client's region (never this gateway's own);
         the signature is checked against this gateway's own target URI (``target_uri``).
-        A ``read`` needs no ``Gw-Message-Id``; one that is sent must be covered anyway."""
+        A ``read`` needs no ``Gw-Message-Id``; one that is sent must be covered anyway.
+        An unsigned request on the local listener is authenticated by its certificate."""
         headers = request.headers
         started = time.perf_counter()
+        local = self.local
+        peer = local.peer(request) if local is not None else None
+        if local is not None and peer is not None:
+            if "Signature" not in headers and "Signature-Input" not in headers:
+                return self._by_certificate(request, body, runtime, ctx, peer, read=read)
+            local.check_revoked(runtime, peer)  # a signer's connection, too
         sig: SignatureInput = parse_signature_input(headers)
         ctx.signature_label = sig.label
         for name in _SINGLE_HEADERS:
@@ -292,6 +322,8 @@ class Pipeline:
         signer = self._member(runtime, via[-1] if via else client)
         if via:
             self._check_vouching(signer, client, self.identity.region)
+        if "signature" not in signer.config.auth:
+            raise KeyUnknown(f"{signer.id} authenticates by certificate on the local listener")
         key = signer.keys.get(sig.keyid)
         if key is None:
             raise KeyUnknown(f"key {sig.keyid!r} is not a key of {signer.id}")
@@ -326,12 +358,69 @@ class Pipeline:
             via=via,
         )
 
+    def _by_certificate(
+        self,
+        request: web.Request,
+        body: bytes | None,
+        runtime: Runtime,
+        ctx: RequestContext,
+        peer: PeerCertificate,
+        *,
+        read: bool,
+    ) -> Authenticated:
+        """An mtls member on the local listener: its certificate names exactly one member,
+        which must be ``Gw-Client``; the same headers as a signed request, the digest
+        optional (TLS protects the body in transit; it is checked when sent)."""
+        assert self.local is not None
+        headers = request.headers
+        started = time.perf_counter()
+        for name in _SINGLE_HEADERS:
+            _single(headers, name)
+        client = _require(headers, "Gw-Client")
+        ctx.client = client
+        raw_message_id = (
+            _require(headers, "Gw-Message-Id") if not read or "Gw-Message-Id" in headers else None
+        )
+        if not MEMBER_ID.match(client):
+            raise MalformedRequest("Gw-Client must be a member id <region>:<system>")
+        owner = self.local.member_of(runtime, peer)
+        if owner.id != client:
+            raise CertificateUnknown(f"the client certificate is not one of {client}'s")
+        member = self._member(runtime, client)
+        if via_chain(_single(headers, "Gw-Via")):
+            raise NotPermitted(f"{client} speaks only for itself: no Gw-Via on the local listener")
+        digest = ""
+        if body is not None:
+            ctype = _require(headers, "Content-Type").split(";", 1)[0].strip().lower()
+            sent = _single(headers, "Content-Digest")
+            if sent is not None:
+                digest = check_content_digest(sent, body)
+            else:
+                digest = hashlib.sha256(body).hexdigest()
+            ctx.digest = digest
+            if ctype != "application/json":
+                raise UnsupportedMediaType("the body must be application/json")
+        message_id = ""
+        if raw_message_id is not None:
+            message_id = ctx.message_id = _message_id(raw_message_id)
+        ctx.timings["verify"] = (time.perf_counter() - started) * 1000
+        return Authenticated(
+            client=client,
+            message_id=message_id,
+            signer=member,
+            signature=None,
+            digest=digest,
+            certificate=peer.fingerprint,
+        )
+
     async def admit(self, auth: Authenticated) -> None:
         """Freshness and single use, once the signer is proven: its rate limit, then its
         signature's nonce (single use while the signature could be fresh). A relayed or
         cross-region request must carry one (docs/decisions.md, "Relays")."""
         self.rate_limiter.admit(auth.signer.config)
         sig = auth.signature
+        if sig is None:  # a certificate on the local listener: TLS has no replayable token
+            return
         if sig.nonce is None and (auth.via or self._cross_region(auth)):
             raise SignatureInvalid(
                 "a relayed or cross-region request must carry a nonce signature parameter"
@@ -457,7 +546,7 @@ class Pipeline:
             service=service.code,
             mode="async" if asynchronous else "sync",
             state=MessageState.ACCEPTED if asynchronous else MessageState.DELIVERING,
-            request_headers=_recordable(request.headers),
+            request_headers=_recorded_request(request, auth),
             request_body=body,
             request_digest=auth.digest,
             target=request.headers.get("Gw-Target"),

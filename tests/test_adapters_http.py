@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -434,3 +435,96 @@ async def test_aclose_leaves_the_shared_session_open(context: AdapterContext) ->
     adapter = _adapter(context, "http://127.0.0.1:1/x")
     await adapter.aclose()
     assert not context.session.closed
+
+
+# HTTPS to a local back office: client certificate, CA or pinned certificate (issue 26) --
+
+
+@dataclass
+class Office:
+    """An HTTPS back office that requires a client certificate of its CA."""
+
+    url: str
+    server_fingerprint: str
+    pki: Path
+    presented: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+async def office(tmp_path: Path) -> AsyncIterator[Office]:
+    from gateway.certs import issue, make_ca
+    from gateway.mtls import fingerprint_of
+
+    pki = tmp_path / "pki"
+    make_ca(pki / "ca.crt", pki / "ca.key")
+    server = issue(pki / "ca.crt", pki / "ca.key", pki / "server.crt", pki / "server.key",
+                   hosts=["127.0.0.1"])  # fmt: skip
+    issue(pki / "ca.crt", pki / "ca.key", pki / "gw.crt", pki / "gw.key", member=GATEWAY_ID)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.crt"))
+    tls.load_cert_chain(server.cert, server.key)
+    tls.verify_mode = ssl.CERT_REQUIRED
+    found = Office(url="", server_fingerprint=server.fingerprint, pki=pki)
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        assert request.transport is not None
+        ssl_object = request.transport.get_extra_info("ssl_object")
+        found.presented.append(fingerprint_of(ssl_object.getpeercert(binary_form=True)))
+        return web.json_response({"credit_rating": "A"})
+
+    app = web.Application()
+    app.router.add_post("/api/{service}", handle)
+    test_server = TestServer(app)
+    await test_server.start_server(ssl=tls)
+    found.url = f"https://127.0.0.1:{test_server.port}"
+    yield found
+    await test_server.close()
+
+
+async def test_https_upstream_gets_the_client_certificate_and_is_checked_against_its_ca(
+    office: Office, context: AdapterContext
+) -> None:
+    """tls.cert/key are presented, tls.ca verifies the office: the exchange goes through."""
+    from gateway.certs import load_ca
+    from gateway.mtls import fingerprint_of
+
+    tls = {"cert": str(office.pki / "gw.crt"), "key": str(office.pki / "gw.key"),
+           "ca": str(office.pki / "ca.crt")}  # fmt: skip
+    adapter = _adapter(context, f"{office.url}/api/{{service}}", tls=tls)
+    answer = await adapter.send(_exchange_of())
+    assert answer.status == 200
+    gw_cert, _ = load_ca(office.pki / "gw.crt", office.pki / "gw.key")
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    assert office.presented == [fingerprint_of(gw_cert.public_bytes(Encoding.DER))]
+
+
+async def test_https_upstream_without_our_certificate_or_of_an_untrusted_ca_fails(
+    office: Office, context: AdapterContext
+) -> None:
+    """No client certificate (the office refuses), or the system CAs only (we refuse the
+    office): an upstream error, nothing handled."""
+    client = {"cert": str(office.pki / "gw.crt"), "key": str(office.pki / "gw.key")}
+    for tls in ({"ca": str(office.pki / "ca.crt")}, client):
+        adapter = _adapter(context, f"{office.url}/api/{{service}}", tls=tls)
+        with pytest.raises(UpstreamError):
+            await adapter.send(_exchange_of())
+    assert office.presented == []
+
+
+async def test_a_pinned_upstream_certificate_is_checked_before_anything_is_sent(
+    office: Office, context: AdapterContext
+) -> None:
+    """server_fingerprint equal to the office's: served (no CA needed); another: refused
+    after the handshake, before the request, so the office never sees it."""
+    client = {"cert": str(office.pki / "gw.crt"), "key": str(office.pki / "gw.key")}
+    pinned = _adapter(context, f"{office.url}/api/{{service}}",
+                      tls={**client, "server_fingerprint": office.server_fingerprint})  # fmt: skip
+    assert (await pinned.send(_exchange_of())).status == 200
+    await pinned.aclose()
+    wrong = _adapter(context, f"{office.url}/api/{{service}}",
+                     tls={**client, "server_fingerprint": "0" * 64})  # fmt: skip
+    with pytest.raises(UpstreamError):
+        await wrong.send(_exchange_of())
+    await wrong.aclose()
+    assert len(office.presented) == 1

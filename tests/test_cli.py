@@ -171,7 +171,7 @@ def test_check_accepts_the_repository_config(
     """`check` on config.yaml with its keys present prints OK with the counts and exits 0."""
     assert main(["check", "--config", str(deployment)]) == 0
     out = capsys.readouterr().out
-    assert out.strip() == (f"{deployment}: OK (2 members, 6 services, 2 adapters, 6 routes)")
+    assert out.strip() == (f"{deployment}: OK (3 members, 6 services, 2 adapters, 6 routes)")
 
 
 def test_check_prints_warnings_but_passes(
@@ -189,7 +189,7 @@ def test_check_prints_warnings_but_passes(
             f"{deployment}:/services/{i}: service {code} has no route (answers 503) [warning]"
             for i, code in enumerate(unrouted, start=1)
         ),
-        f"{deployment}: OK (2 members, 6 services, 2 adapters, 1 routes)",
+        f"{deployment}: OK (3 members, 6 services, 2 adapters, 1 routes)",
     ]
 
 
@@ -364,7 +364,7 @@ def test_installed_script_runs_help_and_check(deployment: Path) -> None:
     checked = _gateway("check", "--config", str(deployment), cwd=deployment.parent)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout.strip() == (
-        f"{deployment}: OK (2 members, 6 services, 2 adapters, 6 routes)"
+        f"{deployment}: OK (3 members, 6 services, 2 adapters, 6 routes)"
     )
     (deployment.parent / "keys" / "national-platform.jwk.json").unlink()
     broken = _gateway("check", "--config", "config.yaml", cwd=deployment.parent)

@@ -418,3 +418,41 @@ def test_a_public_url_with_a_query_is_refused(keys: Keys, tmp_path: Path) -> Non
 def test_region_within_follows_gb2260_levels(region: str, area: str, within: bool) -> None:
     """A province holds its cities and counties, a city its counties; 100000 only itself."""
     assert region_within(region, area) is within
+
+
+def test_the_local_listener_and_mtls_members_parse(keys: Keys, tmp_path: Path) -> None:
+    """listen.local and a member's auth/certificates/certificate_ca reach the frozen config;
+    members without auth stay signature-only."""
+    doc = _doc(keys, tmp_path)
+    tls = {"cert": "s.crt", "key": "s.key", "client_ca": "ca.crt", "crl": "ca.crl"}
+    doc["listen"] = {"local": {"port": 8443, "tls": tls}}
+    doc["members"].append({"id": "330000:legacy", "kind": "system", "auth": ["mtls"],
+                           "certificates": ["ab" * 32], "certificate_ca": "ca.crt"})  # fmt: skip
+    config = parse_config(doc, base=tmp_path)
+    assert config.local is not None
+    assert (config.local.host, config.local.port) == ("127.0.0.1", 8443)
+    assert config.local.crl == tmp_path / "ca.crl"
+    legacy = config.members[-1]
+    assert (legacy.auth, legacy.certificates) == (("mtls",), ("ab" * 32,))
+    assert legacy.certificate_ca == tmp_path / "ca.crt"
+    assert config.members[0].auth == ("signature",)
+
+
+def test_mtls_rules_the_schema_cannot_see_are_reported(keys: Keys, tmp_path: Path) -> None:
+    """A relay may not be mtls, a pinned fingerprint may not be revoked too, a local
+    listener needs its client CA; an mtls member without certificates is a warning."""
+    doc = _doc(keys, tmp_path)
+    doc["members"][3]["auth"] = ["mtls"]  # the national platform
+    doc["members"][0].update(certificates=["ab" * 32], revoked_certificates=["ab" * 32])
+    problems = _problems(doc, tmp_path)
+    assert "/members/3/auth: only a system may authenticate by mtls" in problems
+    assert f"/members/0/certificates: {'ab' * 32} is revoked for this member" in problems
+    doc = _doc(keys, tmp_path)
+    doc["listen"] = {"local": {"port": 8443, "tls": {"cert": "s.crt", "key": "s.key"}}}
+    assert any("client_ca" in p for p in _problems(doc, tmp_path))
+    doc = _doc(keys, tmp_path)
+    doc["members"][1]["auth"] = ["mtls"]
+    assert warnings_of(parse_config(doc, base=tmp_path)) == [
+        "/members/1: mtls member 330000:tax-system has no certificate (none admitted)",
+        "/members/1: mtls member 330000:tax-system but no listen.local to come in",
+    ]

@@ -392,3 +392,42 @@ async def test_an_hmac_members_page_shows_its_key_as_a_fingerprint_and_a_replace
     stored = harness.app[LIVE].get("members", "330000:hmac-desk")
     assert stored is not None
     assert stored["keys"][0]["k"] == k
+
+
+async def test_the_console_pins_and_revokes_a_members_certificate(harness: Harness) -> None:
+    """An admin pins a fingerprint on the member page, revokes it, and cannot pin it again
+    without reinstate; an auditor cannot pin at all (mTLS onboarding, issue 26)."""
+    member = {"id": "330000:legacy-desk", "kind": "system", "auth": ["mtls"], "services": []}
+    async with harness.admin.post("/admin/v1/members", json=member, headers=harness.auth()) as resp:
+        assert resp.status == 201, await resp.text()
+    fp = "ab" * 32
+    page_url = "/members/330000:legacy-desk"
+    csrf = await _sign_in(harness.admin, harness.tokens["admin"])
+    form = {"csrf": csrf, "fingerprint": fp.upper()}
+    async with harness.admin.post(
+        f"{page_url}/certificates", data=form, allow_redirects=False
+    ) as resp:
+        assert resp.status == 303, await resp.text()
+    stored = harness.app[LIVE].get("members", "330000:legacy-desk")
+    assert stored is not None
+    assert stored["certificates"] == [fp]
+    async with harness.admin.get(page_url) as resp:
+        assert fp in await resp.text()
+    async with harness.admin.post(
+        f"{page_url}/certificates/{fp}/revoke", data={"csrf": csrf}, allow_redirects=False
+    ) as resp:
+        assert resp.status == 303, await resp.text()
+    stored = harness.app[LIVE].get("members", "330000:legacy-desk")
+    assert stored is not None
+    assert (stored.get("certificates"), stored["revoked_certificates"]) == ([], [fp])
+    async with harness.admin.post(f"{page_url}/certificates", data=form) as resp:
+        assert "is revoked for this member" in await resp.text()  # shown on the form
+    stored = harness.app[LIVE].get("members", "330000:legacy-desk")
+    assert stored is not None
+    assert not stored.get("certificates")
+    harness.admin.session.cookie_jar.clear()
+    csrf = await _sign_in(harness.admin, harness.tokens["auditor"])
+    async with harness.admin.post(
+        f"{page_url}/certificates", data={"csrf": csrf, "fingerprint": "cd" * 32}
+    ) as resp:
+        assert resp.status == 403

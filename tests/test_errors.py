@@ -385,6 +385,8 @@ def test_every_error_class_has_a_protocol_code() -> None:
         # Cross-region traffic on a directory past max_stale_s (docs/federation.md).
         "directory_stale": 503,
         "secret_unresolved": 422,
+        # The local listener's client certificates (docs/decisions.md, "mTLS onboarding").
+        "certificate_unknown": 401, "certificate_revoked": 401,
     }  # fmt: skip
 
     def walk(cls: type[GatewayError]) -> list[type[GatewayError]]:

@@ -11,9 +11,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.app import LIVE, STORE
-from tests.conftest import CREDIT_EXAMPLE, PORTAL_ID, TAX_ID, Harness, HarnessFactory
+from cryptography import x509
+
+from gateway.app import LIVE, RUNTIME, STORE
+from gateway.certs import issue, make_ca
+from gateway.errors import CertificateRevoked
+from gateway.mtls import LOCAL_TLS, PeerCertificate
+from tests.conftest import (
+    CREDIT_EXAMPLE,
+    PORTAL_ID,
+    TAX_ID,
+    Harness,
+    HarnessFactory,
+    unused_port,
+)
 from tests.test_admin import _new_member
+
+PINNED = "330000:pinned-desk"  # an mtls member authenticated by a pinned fingerprint
 
 
 async def _call(h: Harness, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -217,3 +231,44 @@ async def test_what_only_the_directory_may_change_is_refused_with_the_fields(
         assert [e["pointer"] for e in problem["errors"]] == [pointer]
     assert not [rid for _, rid, _ in await h.app[STORE].load_overlay() if rid == DIRECTORY_PEER]
     assert await _as_peer(h, "stranger") == (401, "key_unknown")
+
+
+async def test_a_certificate_revoked_on_one_gateway_is_refused_by_the_other_within_a_second(
+    store_url: str, make_harness: HarnessFactory, tmp_path: Path
+) -> None:
+    """mTLS (issue 26): an admin revoking a pinned certificate on one gateway is in force on
+    the other's local listener in < 1 s, through the live path keys use."""
+    pki = tmp_path / "pki"
+    make_ca(pki / "ca.crt", pki / "ca.key")
+    server = issue(pki / "ca.crt", pki / "ca.key", pki / "s.crt", pki / "s.key",
+                   hosts=["127.0.0.1"])  # fmt: skip
+    pinned = issue(pki / "ca.crt", pki / "ca.key", pki / "p.crt", pki / "p.key", member=PINNED)
+    fp = pinned.fingerprint
+    tls = {"cert": str(server.cert), "key": str(server.key), "client_ca": str(pki / "ca.crt")}
+
+    def edit(doc: dict[str, Any]) -> None:
+        if store_url.startswith("postgresql://"):
+            doc["store"]["url"] = store_url
+        doc.setdefault("listen", {})["local"] = {"port": unused_port(), "tls": tls}
+        doc["members"].append({"id": PINNED, "kind": "system", "auth": ["mtls"],
+                               "certificates": [fp], "services": ["credit.query"]})  # fmt: skip
+
+    kw: dict[str, Any] = {} if store_url.startswith("postgresql://") else {"store": Path(store_url)}
+    one = await make_harness(edit, **kw)
+    other = await make_harness(edit, **kw)
+    cert = x509.load_pem_x509_certificate(pinned.cert.read_bytes())
+    peer = PeerCertificate(cert, fp)
+    local = other.app[LOCAL_TLS]
+    assert local.member_of(other.app[RUNTIME].current, peer).id == PINNED
+    async with one.admin.delete(
+        f"/admin/v1/members/{PINNED}/certificates/{fp}", headers=one.auth()
+    ) as resp:
+        assert resp.status == 204, await resp.text()
+    revoked_at = time.monotonic()
+    while True:
+        try:
+            local.member_of(other.app[RUNTIME].current, peer)
+        except CertificateRevoked:
+            break
+        assert time.monotonic() - revoked_at < 1.0, "still admitted after 1 s"
+        await asyncio.sleep(0.02)

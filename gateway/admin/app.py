@@ -19,6 +19,7 @@ from aiohttp import web
 from gateway.admin.auth import Permission, Principal, authenticate
 from gateway.admin.operations import (
     INGRESS,
+    add_member_certificate,
     add_member_key,
     create_resource,
     delete_resource,
@@ -29,6 +30,7 @@ from gateway.admin.operations import (
     redeliver_dead_letter,
     remove_route,
     replace_resource,
+    revoke_member_certificate,
     revoke_member_key,
     set_member_services,
     withdraw_token,
@@ -236,6 +238,23 @@ async def revoke_key(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def add_certificate(request: web.Request) -> web.Response:
+    fingerprint = await add_member_certificate(
+        _live(request),
+        request[PRINCIPAL],
+        request.match_info["id"],
+        await _body(request),
+        reinstate=_reinstate(request),
+    )
+    return web.json_response({"fingerprint": fingerprint}, status=201)
+
+
+async def revoke_certificate(request: web.Request) -> web.Response:
+    member_id, fingerprint = request.match_info["id"], request.match_info["fingerprint"]
+    await revoke_member_certificate(_live(request), request[PRINCIPAL], member_id, fingerprint)
+    return web.Response(status=204)
+
+
 async def list_acl(request: web.Request) -> web.Response:
     _principal(request, "read")
     members = _live(request).items("members")
@@ -410,6 +429,8 @@ def create_admin_app(ingress: web.Application) -> web.Application:
     add("GET", "/adapters/{id}/health", adapter_health, "read")
     add("POST", "/members/{id}/keys", add_key, "write")
     add("DELETE", "/members/{id}/keys/{kid}", revoke_key, "write")
+    add("POST", "/members/{id}/certificates", add_certificate, "write")
+    add("DELETE", "/members/{id}/certificates/{fingerprint}", revoke_certificate, "write")
     add("GET", "/acl", list_acl, "read")
     add("PUT", "/acl/{member}", put_acl, "write")
     add("GET", "/routes", list_routes, "read")

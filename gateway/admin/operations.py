@@ -36,6 +36,7 @@ from gateway.store import ResourceChange, Store
 __all__ = [
     "INGRESS",
     "KEY",
+    "add_member_certificate",
     "add_member_key",
     "create_resource",
     "delete_resource",
@@ -46,6 +47,7 @@ __all__ = [
     "redeliver_dead_letter",
     "remove_route",
     "replace_resource",
+    "revoke_member_certificate",
     "revoke_member_key",
     "set_member_services",
     "withdraw_token",
@@ -199,6 +201,50 @@ async def revoke_member_key(
     member["keys"] = kept
     member["revoked_keys"] = [*member.get("revoked_keys", []), kid]
     await _write(live, "members", member_id, member, "revoke_key", principal)
+
+
+async def add_member_certificate(
+    live: LiveConfig, principal: Principal, member_id: str, body: Any, *, reinstate: bool = False
+) -> str:
+    """Pin a client certificate (``{"fingerprint": sha256 hex}``) for an mtls member, as a
+    key is added: in force on every instance through the live configuration."""
+    principal.require("write")
+    member = item_or_404(live, "members", member_id)
+    fingerprint = body.get("fingerprint") if isinstance(body, Mapping) else None
+    if not isinstance(fingerprint, str):
+        raise SchemaInvalid(
+            'a certificate is {"fingerprint": <sha-256 hex>}',
+            [FieldError("/fingerprint", "required")],
+        )
+    fingerprint = fingerprint.lower().replace(":", "")
+    listed = member.get("certificates", [])
+    if fingerprint not in listed:
+        member["certificates"] = [*listed, fingerprint]
+    try:
+        await _write(
+            live, "members", member_id, member, "add_certificate", principal, reinstate=reinstate
+        )
+    except SchemaInvalid as exc:
+        errors = [FieldError("/fingerprint", e.message) for e in exc.errors]
+        raise SchemaInvalid(exc.detail, errors) from exc
+    return fingerprint
+
+
+async def revoke_member_certificate(
+    live: LiveConfig, principal: Principal, member_id: str, fingerprint: str
+) -> None:
+    """Revoke a certificate by fingerprint: unpinned, and refused even where the member's
+    ``certificate_ca`` would admit it, until reinstated (``?reinstate=true``)."""
+    principal.require("write")
+    member = item_or_404(live, "members", member_id)
+    fingerprint = fingerprint.lower().replace(":", "")
+    listed = member.get("certificates", [])
+    revoked = member.get("revoked_certificates", [])
+    if fingerprint in revoked:
+        raise ResourceUnknown(f"{member_id}'s certificate {fingerprint} is already revoked")
+    member["certificates"] = [fp for fp in listed if fp != fingerprint]
+    member["revoked_certificates"] = [*revoked, fingerprint]
+    await _write(live, "members", member_id, member, "revoke_certificate", principal)
 
 
 async def set_member_services(

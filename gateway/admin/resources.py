@@ -117,7 +117,24 @@ def carry_revocations(
     merged = {k: v for k, v in body.items() if k != "revoked_keys"}
     if kept:
         merged["revoked_keys"] = kept
-    return merged
+    return _carry_certificates(merged, current, reinstate=reinstate)
+
+
+def _carry_certificates(
+    body: dict[str, Any], current: Mapping[str, Any] | None, *, reinstate: bool
+) -> dict[str, Any]:
+    """The same for certificate fingerprints (``revoked_certificates``)."""
+    revoked = body.get("revoked_certificates", [])
+    listed = body.get("certificates", [])
+    if not isinstance(revoked, list) or not isinstance(listed, list):
+        return body  # the schema check names the problem
+    kept = list(dict.fromkeys([*(current or {}).get("revoked_certificates", []), *revoked]))
+    if reinstate:
+        kept = [fp for fp in kept if fp not in listed]
+    body.pop("revoked_certificates", None)
+    if kept:
+        body["revoked_certificates"] = kept
+    return body
 
 
 def _service(body: Mapping[str, Any], live: LiveConfig) -> list[FieldError]:

@@ -15,6 +15,7 @@ command                                    module
 ``audit verify|export|check|purge``        :mod:`gateway.cli.audit`
 ``directory sign|show|verify``             :mod:`gateway.cli.directory`
 ``conformance``                            :mod:`gateway.cli.conformance`
+``certs ca|issue|revoke``                  :mod:`gateway.cli.certs`
 =========================================  ==========================================
 
 :mod:`gateway.cli._common` holds what they share: ``--config``, the store a command opens
@@ -30,6 +31,7 @@ from collections.abc import Sequence
 from gateway.cli import (
     admin,
     audit,
+    certs,
     config,
     conformance,
     dead_letters,
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     directory.register(sub)
     store.register(sub)
     conformance.register(sub)
+    certs.register(sub)
     return parser
 
 

@@ -27,6 +27,7 @@ from gateway.hsm import is_pkcs11_uri
 from gateway.keys import VerificationKey, ensure_keypair, load_gateway_keypair, read_passphrase
 from gateway.limits import GatewayRunner
 from gateway.logs import configure_logging
+from gateway.mtls import LOCAL_TLS
 from gateway.tls import TLS_CONTEXT
 
 __all__ = ["load_raw", "register"]
@@ -47,7 +48,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument(
         "--workers", type=int, default=1, help="worker processes sharing the port (default 1)"
     )
-    for flag, what in (("--listen", "ingress"), ("--admin-listen", "admin API")):
+    for flag, what in (
+        ("--listen", "ingress"),
+        ("--admin-listen", "admin API"),
+        ("--local-listen", "local (mTLS)"),
+    ):
         serve.add_argument(
             flag,
             type=_address,
@@ -106,6 +111,19 @@ async def _run_sites(
             scheme = "https" if tls is not None else "http"
             if not quiet:
                 print(f"  {label:<34} {scheme}://{host}:{port}", flush=True)
+            local = app.get(LOCAL_TLS)
+            if local is not None:  # the same app, served to mtls members (gateway/mtls.py)
+                where = local.config
+                await web.TCPSite(
+                    runner,
+                    where.host,
+                    where.port,
+                    reuse_address=True,
+                    reuse_port=reuse_port,
+                    ssl_context=local.context,
+                ).start()
+                if not quiet:
+                    print(f"  {'gateway local (mTLS)':<34} https://{where.host}:{where.port}")
         # Everything built at start-up (config, schemas, keys, the app) lives as long as the
         # process: keep it out of the cyclic collector's full passes.
         gc.freeze()
@@ -141,7 +159,9 @@ def _configure_logging(args: argparse.Namespace, config: Config) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = with_listeners(load(args), ingress=args.listen, admin=args.admin_listen)
+    config = with_listeners(
+        load(args), ingress=args.listen, admin=args.admin_listen, local=args.local_listen
+    )
     _configure_logging(args, config)
     try:
         loop = eventloop.resolve(args.loop)
@@ -188,6 +208,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             raw["gateway"].get("key_passphrase_env"), base / secret if secret else None
         )
         gateway_pair = ensure_keypair(gw_pem, jwk_path_for(gw_pem), passphrase=passphrase)
+    _ensure_local_pki(raw, base)
     sim_pairs = {}
     for name, sim in raw.get("simulators", {}).items():
         pem = base / sim["key"]
@@ -225,6 +246,24 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"gateway {config.gateway.member_id} (kid {gateway_pair.kid})")
     asyncio.run(_run_sites(sites, shutdown_timeout=config.delivery.shutdown_grace_s))
     return 0
+
+
+def _ensure_local_pki(raw: dict[str, Any], base: Path) -> None:
+    """The shipped local listener's certificates (its CA ``local-ca.crt``, the server's,
+    one per mtls member of that CA), made when missing as the keys are."""
+    from gateway.certs import ensure_local_pki
+
+    tls = raw.get("listen", {}).get("local", {}).get("tls", {})
+    ca = tls.get("client_ca")
+    if not isinstance(ca, str) or Path(ca).name != "local-ca.crt":
+        return  # an operator's own PKI: nothing to make
+    members = [
+        (m["id"], m["id"].split(":", 1)[1])
+        for m in raw.get("members", [])
+        if "mtls" in m.get("auth", []) and m.get("certificate_ca") == ca
+    ]
+    for path in ensure_local_pki((base / ca).parent, members):
+        print(f"  made {path.relative_to(base) if path.is_relative_to(base) else path}")
 
 
 def load_raw(path: Path) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from aiohttp import web
 from gateway.admin.auth import ROLES, Permission, Principal, authenticate, token_hash
 from gateway.admin.operations import (
     INGRESS,
+    add_member_certificate,
     add_member_key,
     create_resource,
     delete_resource,
@@ -32,6 +33,7 @@ from gateway.admin.operations import (
     redeliver_dead_letter,
     remove_route,
     replace_resource,
+    revoke_member_certificate,
     revoke_member_key,
     set_member_services,
     withdraw_token,
@@ -488,6 +490,34 @@ async def member_revoke(request: web.Request, viewer: Viewer, form: Form) -> web
     member_id, kid = request.match_info["id"], request.match_info["kid"]
     await revoke_member_key(_live(request), viewer.principal, member_id, kid)
     raise _done(viewer, f"Key {kid} revoked.", f"/members/{member_id}")
+
+
+@action
+async def member_add_certificate(
+    request: web.Request, viewer: Viewer, form: Form
+) -> web.StreamResponse:
+    member_id = request.match_info["id"]
+    try:
+        await add_member_certificate(
+            _live(request),
+            viewer.principal,
+            member_id,
+            {"fingerprint": form.get("fingerprint", "").strip()},
+            reinstate=form.get("reinstate") == "true",
+        )
+    except SchemaInvalid as exc:
+        errors = errors_by_field(exc.errors, ["fingerprint"], default="fingerprint")
+        return _member_page(request, viewer, errors=errors, values=form)
+    raise _done(viewer, "Certificate pinned.", f"/members/{member_id}")
+
+
+@action
+async def member_revoke_certificate(
+    request: web.Request, viewer: Viewer, form: Form
+) -> web.StreamResponse:
+    member_id, fingerprint = request.match_info["id"], request.match_info["fingerprint"]
+    await revoke_member_certificate(_live(request), viewer.principal, member_id, fingerprint)
+    raise _done(viewer, "Certificate revoked.", f"/members/{member_id}")
 
 
 @action
@@ -1134,6 +1164,8 @@ def routes() -> list[web.RouteDef]:
         web.post("/members/{id}/keys", member_add_key),
         web.get("/members/{id}/keys/{kid}/revoke", member_revoke_confirm),
         web.post("/members/{id}/keys/{kid}/revoke", member_revoke),
+        web.post("/members/{id}/certificates", member_add_certificate),
+        web.post("/members/{id}/certificates/{fingerprint}/revoke", member_revoke_certificate),
         web.post("/members/{id}/enabled", member_enabled),
         web.post("/members/{id}/services", member_services),
         web.post("/members/{id}/callback", member_callback),
