@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -94,15 +95,15 @@ async def test_twins_on_one_instance_reach_the_upstream_once(
 
 
 async def test_twins_on_two_instances_end_in_one_row_and_one_answer(
-    make_harness: HarnessFactory, harness_store_url: str | None
+    make_harness: HarnessFactory, harness_store_url: str | None, tmp_path: Path
 ) -> None:
-    """Twins sent at once to two instances of one database (PostgreSQL) while the upstream
+    """Twins sent at once to two instances of one database (PostgreSQL, or one SQLite file
+    as `--workers` shares it) while the upstream
     is slow: one row; one client gets the upstream's answer, the other that same stored
     answer (Gw-Replayed) or 409; the upstream sees the id at most once per instance."""
-    if harness_store_url is None:
-        pytest.skip("instances share a database only on PostgreSQL")
-    one = await make_harness(start_delivery=False)
-    two = await make_harness(start_delivery=False)
+    shared = tmp_path / "shared.db" if harness_store_url is None else None
+    one = await make_harness(start_delivery=False, store=shared)
+    two = await make_harness(start_delivery=False, store=shared)
     for h in (one, two):
         h.national.mode, h.national.delay_s = "slow", 0.2
     for _ in range(5):
