@@ -27,6 +27,7 @@ from gateway.keys import KeyPair, jwks_keys, load_gateway_keypair, load_rotated_
 from gateway.limits import IN_FLIGHT, InFlight, handler_args, limits_middleware
 from gateway.live import LiveConfig
 from gateway.metrics import Metrics
+from gateway.monitoring import Monitor, central_aggregates, member_records
 from gateway.openapi import ingress_document
 from gateway.outbound import configured_session, learnt_session
 from gateway.pipeline import CTX_KEY, Pipeline, RequestContext
@@ -34,7 +35,7 @@ from gateway.problem import problem_response
 from gateway.registry import Runtime, RuntimeHolder, build_runtime
 from gateway.secretstore import SecretBox
 from gateway.signing import Signer, Verifier
-from gateway.store import Rejection, Store, create_store
+from gateway.store import Rejection, Store, create_store, instance_id
 from gateway.tls import TLS_CONTEXT, server_context
 from gateway.traceparent import ensure_traceparent
 from gateway.tracing import Span, Tracing, create_tracing
@@ -46,6 +47,7 @@ __all__ = [
     "KEYPAIR",
     "LIVE",
     "METRICS",
+    "MONITOR",
     "PIPELINE",
     "READINESS",
     "RUNTIME",
@@ -69,6 +71,7 @@ METRICS = web.AppKey("metrics", Metrics)
 READINESS = web.AppKey("readiness", Readiness)
 TRACING = web.AppKey("tracing", Tracing)
 DIRECTORY = web.AppKey("directory", DirectoryFollower)
+MONITOR = web.AppKey("monitor", Monitor)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -157,6 +160,7 @@ def _observe(
         elapsed_s=elapsed,
     )
     _log_exchange(request, ctx, response.status, error, elapsed, adapter)
+    request.app[MONITOR].request_done(request, ctx, response, code, runtime.services, adapter)
     if span is not None:
         span.end(
             {
@@ -258,7 +262,8 @@ def create_app(
     app[KEYPAIR] = keypair
     if config.ingress.tls is not None:
         app[TLS_CONTEXT] = server_context(config.ingress.tls)
-    store = create_store(config.store)
+    instance = instance_id()
+    store = create_store(config.store, instance=instance)
     app[STORE] = store
     signer = Signer(keypair)
     holder = RuntimeHolder(build_runtime(config, {}))
@@ -273,6 +278,9 @@ def create_app(
     )
     metrics = app[METRICS] = Metrics()
     metrics.set_signing_key(keypair.kid, keypair.expires_at)
+    monitor = app[MONITOR] = Monitor(
+        config=config.monitoring, store=store, instance=instance, registry=metrics.registry
+    )
     app[TRACING] = tracing if tracing is not None else create_tracing(config.tracing)
     readiness = app[READINESS] = Readiness(
         store=store,
@@ -299,6 +307,12 @@ def create_app(
         store.observe(metrics)
         yield
         await store.close()
+
+    async def monitor_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Operational records, written in batches off the request path; the last on stop.
+        await monitor.start()
+        yield
+        await monitor.stop()
 
     async def checkpoints_ctx(app: web.Application) -> AsyncIterator[None]:
         # Signs the message log's head now and then; the last one after delivery stopped.
@@ -387,6 +401,7 @@ def create_app(
             tracing=app[TRACING],
         )
         app[DELIVERY] = delivery
+        delivery.monitor = monitor
         app[PIPELINE].outbox = delivery
         if start_delivery:
             await delivery.start(release_leases=not worker)
@@ -398,6 +413,7 @@ def create_app(
         [
             tracing_ctx,
             store_ctx,
+            monitor_ctx,
             checkpoints_ctx,
             session_ctx,
             adapters_ctx,
@@ -420,6 +436,15 @@ def create_app(
     app.router.add_post("/v1/exchange/{service}", exchange)
     app.router.add_get("/v1/messages/{id}", message)
     app.router.add_post("/v1/callbacks/{service}", callback)
+
+    async def monitoring_records(request: web.Request) -> web.Response:
+        return await member_records(request.app[PIPELINE], request)
+
+    async def monitoring_aggregates(request: web.Request) -> web.Response:
+        return await central_aggregates(request.app[PIPELINE], config.monitoring, request)
+
+    app.router.add_get("/v1/monitoring/records", monitoring_records)
+    app.router.add_get("/v1/monitoring/aggregates", monitoring_aggregates)
     app.router.add_get("/.well-known/jwks.json", _jwks)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", readiness.handler)

@@ -35,6 +35,7 @@ __all__ = [
     "Listen",
     "LoggingConfig",
     "MemberConfig",
+    "MonitoringConfig",
     "RateLimit",
     "RouteConfig",
     "SecretsConfig",
@@ -214,6 +215,20 @@ class TracingConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MonitoringConfig:
+    """Operational monitoring (gateway/monitoring.py): records kept ``retention_s``,
+    written in batches off the request path from a queue of at most ``queue_limit``."""
+
+    enabled: bool = True
+    retention_s: float = 30 * 86400.0
+    queue_limit: int = 10_000
+    batch_size: int = 500
+    flush_interval_s: float = 0.5
+    # Members allowed GET /v1/monitoring/aggregates (X-Road's central monitoring).
+    central: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MemberConfig:
     id: str
     kind: MemberKind
@@ -322,6 +337,7 @@ class Config:
     directory: DirectoryConfig | None = None
     outbound: OutboundPolicy = field(default_factory=OutboundPolicy)
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -586,7 +602,26 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
         directory=_directory(data.get("directory"), r),
         outbound=_outbound(data.get("outbound", {}), r),
         secrets=_secrets(data.get("secrets", {}), key_path or jwk_path, r),
+        monitoring=_monitoring(data.get("monitoring", {})),
         raw=data,
+    )
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _monitoring(data: Mapping[str, Any]) -> MonitoringConfig:
+    """``monitoring:``; ``retention`` is seconds or ``<n>s|m|h|d`` (the schema checks)."""
+    retention = data.get("retention", "30d")
+    if isinstance(retention, str):
+        retention = float(retention[:-1]) * _UNITS[retention[-1]]
+    return MonitoringConfig(
+        enabled=data.get("enabled", True),
+        retention_s=float(retention),
+        queue_limit=data.get("queue_limit", 10_000),
+        batch_size=data.get("batch_size", 500),
+        flush_interval_s=data.get("flush_interval_s", 0.5),
+        central=tuple(data.get("central", ())),
     )
 
 

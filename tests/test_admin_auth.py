@@ -96,6 +96,7 @@ API_CASES = [
         OPERATE,
     ),
     Case("GET", f"{A}/audit", f"{A}/audit", ALL),
+    Case("GET", f"{A}/monitoring/records", f"{A}/monitoring/records", ALL),
     Case("GET", f"{A}/tokens", f"{A}/tokens", TOKENS),
     Case("POST", f"{A}/tokens", f"{A}/tokens", WRITE, {}),
     Case("DELETE", f"{A}/tokens/{{name}}", f"{A}/tokens/nobody", WRITE),

@@ -57,6 +57,18 @@ from gateway.store import (
 )
 from gateway.store.batch import BatchObserver
 from gateway.store.chain import GENESIS, ChainRow, CheckpointRow, Head, body_digest
+from gateway.store.oprecords import (
+    INSERT_COLUMNS,
+    MONITORING_COLUMNS,
+    PRUNE_SQL,
+    SAMPLES_SQL,
+    MonitoringQuery,
+    MonitoringRecord,
+    MonitoringSample,
+    monitoring_row,
+    query_sql,
+    record_from_row,
+)
 from gateway.store.pgcommit import OUTBOX_CHANNEL, Conn, PgGroupCommit, PgUnit, Tx, append_events
 from gateway.store.rows import accepted_record, callback_record, message_record
 from gateway.store.sealing import opened_changes, opened_overlay, sealed_change
@@ -1290,6 +1302,43 @@ class PostgresStore:
 
     async def prune_nonces(self, now: float) -> int:
         return await self._write("DELETE FROM nonces WHERE expires_at <= $1", now)
+
+    # --- monitoring ---
+
+    async def insert_monitoring(self, records: Sequence[MonitoringRecord]) -> None:
+        # Its own transaction, beside the group commit: nothing in it is evidence.
+        rows = [monitoring_row(r) for r in records]
+        marks = ", ".join(f"${i}" for i in range(1, len(MONITORING_COLUMNS) + 1))
+        sql = f"INSERT INTO monitoring_records ({INSERT_COLUMNS}) VALUES ({marks})"
+        try:
+            async with self.pool.acquire() as conn:
+                await conn.executemany(sql, rows)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise StoreError(f"store write failed: {exc}") from exc
+
+    async def monitoring_records(self, query: MonitoringQuery) -> list[MonitoringRecord]:
+        sql, params = query_sql(query, lambda n: f"${n}")
+        return [record_from_row(dict(row)) for row in await self._rows(sql, *params)]
+
+    async def monitoring_samples(
+        self, since: float, until: float, limit: int
+    ) -> list[MonitoringSample]:
+        rows = await self._rows(SAMPLES_SQL.format("$1", "$2", "$3"), since, until, limit)
+        return [
+            MonitoringSample(
+                received_at=r["received_at"],
+                service=r["service"],
+                kind=r["kind"],
+                ok=bool(r["ok"]),
+                duration_ms=r["duration_ms"],
+            )
+            for r in rows
+        ]
+
+    async def prune_monitoring(self, cutoff: float) -> int:
+        return await self._write(PRUNE_SQL.format("$1"), cutoff)
+
+    # --- end monitoring ---
 
     # The message log -----------------------------------------------------------------
 

@@ -45,6 +45,18 @@ from gateway.store import chain as log_chain
 from gateway.store.batch import BatchObserver, GroupCommit, Unit
 from gateway.store.chain import MIGRATION as CHAIN_MIGRATION
 from gateway.store.chain import ChainRow, CheckpointRow, HashChain, Head, body_digest
+from gateway.store.oprecords import (
+    INSERT_COLUMNS,
+    MONITORING_COLUMNS,
+    PRUNE_SQL,
+    SAMPLES_SQL,
+    MonitoringQuery,
+    MonitoringRecord,
+    MonitoringSample,
+    monitoring_row,
+    query_sql,
+    record_from_row,
+)
 from gateway.store.rows import accepted_record, callback_record, message_record
 from gateway.store.sealing import opened_changes, opened_overlay, sealed_change
 
@@ -217,6 +229,44 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL    NOT NULL
     );
     """,
+    # --- monitoring ---
+    """
+    -- 11: operational monitoring (issue 25, gateway/store/oprecords.py): a row per
+    -- exchange, callback and outbox attempt, apart from the evidence log (no chain, no
+    -- bodies), pruned by its own retention. Members page their own rows newest first.
+    CREATE TABLE monitoring_records (
+        id             INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind           TEXT    NOT NULL,
+        received_at    REAL    NOT NULL,
+        message_id     TEXT,
+        seq            INTEGER,
+        correlation_id TEXT,
+        client         TEXT,
+        service        TEXT,
+        target         TEXT,
+        adapter        TEXT,
+        via            TEXT,
+        relay          TEXT,
+        verified_ms    REAL,
+        validated_ms   REAL,
+        upstream_ms    REAL,
+        answered_ms    REAL,
+        delivered_ms   REAL,
+        duration_ms    REAL    NOT NULL,
+        request_size   INTEGER,
+        response_size  INTEGER,
+        status         INTEGER,
+        code           TEXT,
+        outcome        TEXT,
+        ok             INTEGER NOT NULL,
+        attempt        INTEGER,
+        instance       TEXT    NOT NULL,
+        trace_id       TEXT
+    );
+    CREATE INDEX monitoring_client ON monitoring_records (client, id);
+    CREATE INDEX monitoring_received ON monitoring_records (received_at);
+    """,
+    # --- end monitoring ---
 )
 
 # Message states move forward only; each target state lists the states it may follow.
@@ -752,6 +802,40 @@ class SQLiteStore:
 
     async def prune_nonces(self, now: float) -> int:
         return await self._write("DELETE FROM nonces WHERE expires_at <= ?", (now,))
+
+    # --- monitoring ---
+
+    async def insert_monitoring(self, records: Sequence[MonitoringRecord]) -> None:
+        rows = [monitoring_row(r) for r in records]
+        sql = (
+            f"INSERT INTO monitoring_records ({INSERT_COLUMNS}) "
+            f"VALUES ({', '.join('?' * len(MONITORING_COLUMNS))})"
+        )
+        await self.write(lambda db: _count(db.executemany(sql, rows)))
+
+    async def monitoring_records(self, query: MonitoringQuery) -> list[MonitoringRecord]:
+        sql, params = query_sql(query, lambda _: "?")
+        return [record_from_row(dict(row)) for row in self._rows(sql, params)]
+
+    async def monitoring_samples(
+        self, since: float, until: float, limit: int
+    ) -> list[MonitoringSample]:
+        rows = self._rows(SAMPLES_SQL.format("?", "?", "?"), (since, until, limit))
+        return [
+            MonitoringSample(
+                received_at=r["received_at"],
+                service=r["service"],
+                kind=r["kind"],
+                ok=bool(r["ok"]),
+                duration_ms=r["duration_ms"],
+            )
+            for r in rows
+        ]
+
+    async def prune_monitoring(self, cutoff: float) -> int:
+        return await self._write(PRUNE_SQL.format("?"), (cutoff,))
+
+    # --- end monitoring ---
 
     # Exchanges -----------------------------------------------------------------------
 
