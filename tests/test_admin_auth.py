@@ -122,6 +122,7 @@ CONSOLE_CASES = [
     Case("GET", "/messages/{id}", f"/messages/{NOPE_ID}", ALL),
     Case("GET", "/dead-letters", "/dead-letters", ALL),
     Case("GET", "/audit", "/audit", ALL),
+    Case("GET", "/monitoring", "/monitoring", ALL),
     Case("GET", "/tokens", "/tokens", TOKENS),
     Case("POST", "/members", "/members", WRITE, {"member": "{}"}),
     Case("POST", "/members/{id}/keys", f"/members/{NOPE_MEMBER}/keys", WRITE, {"jwk": "{}"}),
