@@ -315,6 +315,7 @@ class SimulatorConfig:
     key_path: Path
     jwk_path: Path
     callback_delay_s: float = 0.5
+    monitor_every_s: float = 10.0  # the national simulator's central-monitoring pulls
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -535,6 +536,7 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
             key_path=r.path(s["key"]),
             jwk_path=jwk_path_for(r.path(s["key"])),
             callback_delay_s=s.get("callback_delay_s", 0.5),
+            monitor_every_s=s.get("monitor_every_s", 10.0),
         )
         for name, s in data.get("simulators", {}).items()
     }

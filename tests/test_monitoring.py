@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -441,3 +443,76 @@ async def test_monitoring_off_writes_nothing(make_harness: HarnessFactory) -> No
     assert (await h.client("portal").exchange("credit.query", CREDIT_EXAMPLE)).status == 200
     await _settle(h)
     assert await h.app[STORE].monitoring_records(MonitoringQuery()) == []
+
+
+# Real processes: `gateway up` and the national simulator's central monitoring ------------
+
+
+@pytest.mark.integration  # starts gateway processes
+async def test_the_national_simulator_pulls_aggregates_from_a_real_gateway(
+    tmp_path: Path,
+) -> None:
+    """`gateway up` on the shipped config (ports moved): after two real exchanges the
+    national simulator's timer pulls the gateway's signed aggregates and serves them at
+    GET /monitoring, credit.query counted."""
+    import shutil
+    import subprocess
+    import sys
+
+    import aiohttp
+    import yaml
+
+    from gateway.client import ExchangeClient
+    from gateway.keys import load_keypair
+    from gateway.signing import Signer
+    from tests.conftest import ROOT, unused_port
+    from tests.test_observability import until_healthy
+
+    doc = yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))
+    shutil.copytree(ROOT / "schemas", tmp_path / "schemas")
+    ports = {name: unused_port() for name in ("ingress", "admin", "national", "portal")}
+    doc["listen"]["ingress"]["port"] = ports["ingress"]
+    doc["listen"]["admin"]["port"] = ports["admin"]
+    doc["simulators"]["national"]["port"] = ports["national"]
+    doc["simulators"]["national"]["monitor_every_s"] = 0.2
+    doc["simulators"]["portal"]["port"] = ports["portal"]
+    doc["adapters"][0]["config"]["base_url"] = f"http://127.0.0.1:{ports['national']}"
+    doc["members"][0]["callback_url"] = f"http://127.0.0.1:{ports['portal']}/callbacks"
+    doc["monitoring"]["flush_interval_s"] = 0.1
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+    log_path = tmp_path / "up.log"
+    with log_path.open("wb") as out:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "gateway"), "up", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        async with aiohttp.ClientSession() as session:
+            await until_healthy(session, process, ports["ingress"], log_path)
+            portal = ExchangeClient(
+                member_id=PORTAL_ID,
+                signer=Signer(load_keypair(tmp_path / "keys" / "one-stop-portal.pem")),
+                base_url=f"http://127.0.0.1:{ports['ingress']}",
+                session=session,
+            )
+            for _ in range(2):
+                reply = await portal.exchange("credit.query", CREDIT_EXAMPLE)
+                assert reply.status == 200, reply.body
+            deadline = time.monotonic() + 15
+            credit: dict[str, Any] = {}
+            while not credit or credit["count"] < 2:
+                assert time.monotonic() < deadline, "no aggregates pulled"
+                await asyncio.sleep(0.1)
+                url = f"http://127.0.0.1:{ports['national']}/monitoring"
+                async with session.get(url) as resp:
+                    pulled = (await resp.json())["gateways"].get("330000:gateway", {})
+                services = pulled.get("aggregates", {}).get("services", [])
+                credit = next((s for s in services if s["service"] == "credit.query"), {})
+            assert pulled["status"] == 200
+            assert credit["errors"] == 0
+            assert credit["p95_ms"] >= credit["p50_ms"] > 0
+    finally:
+        process.terminate()
+        assert process.wait(15) == 0, log_path.read_text(errors="replace")
