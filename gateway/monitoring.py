@@ -90,12 +90,15 @@ class Monitor:
         self._pruned_at = 0.0
         self.dropped = 0
         self.written = 0
+        registry = registry if registry is not None else CollectorRegistry()
         self._dropped = Counter(
             "gateway_monitoring_dropped",
             "Operational monitoring records dropped (queue full or store failure).",
             ("reason",),
             registry=registry,
         )
+        for reason in ("queue_full", "store_error"):  # shown as 0 before the first drop
+            self._dropped.labels(reason)
         self._depth = Gauge(
             "gateway_monitoring_queue",
             "Operational monitoring records waiting to be written.",

@@ -250,6 +250,9 @@ async def test_a_member_reads_its_exchange_record_with_every_step(harness: Harne
     assert steps == sorted(steps)
     assert steps[-1] <= record["duration_ms"]
     assert reply.json()["next"] is None
+    async with harness.gateway.get("/metrics") as resp:
+        exposition = await resp.text()
+    assert 'gateway_monitoring_dropped_total{reason="queue_full"} 0.0' in exposition
 
 
 async def test_a_member_never_sees_another_members_records(harness: Harness) -> None:
