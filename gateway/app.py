@@ -436,7 +436,12 @@ def create_app(
     app.router.add_post("/v1/exchange/{service}", exchange)
     app.router.add_get("/v1/messages/{id}", message)
     app.router.add_post("/v1/callbacks/{service}", callback)
+    app.router.add_get("/.well-known/jwks.json", _jwks)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", readiness.handler)
+    app.router.add_get("/metrics", metrics.endpoint(store, holder))
 
+    # Operational monitoring (gateway/monitoring.py), signed like any exchange.
     async def monitoring_records(request: web.Request) -> web.Response:
         return await member_records(request.app[PIPELINE], request)
 
@@ -445,10 +450,6 @@ def create_app(
 
     app.router.add_get("/v1/monitoring/records", monitoring_records)
     app.router.add_get("/v1/monitoring/aggregates", monitoring_aggregates)
-    app.router.add_get("/.well-known/jwks.json", _jwks)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", readiness.handler)
-    app.router.add_get("/metrics", metrics.endpoint(store, holder))
 
     async def openapi(request: web.Request) -> web.Response:
         return web.json_response(ingress_document())
