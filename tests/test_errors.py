@@ -14,6 +14,7 @@ from multidict import CIMultiDict
 
 from gateway.app import STORE
 from gateway.errors import GatewayError
+from gateway.store.sqlite import SQLiteStore
 from tests.conftest import APPLY_EXAMPLE, CREDIT_EXAMPLE, PORTAL_ID, Harness, HarnessFactory
 
 PROBLEM_KEYS = {"type", "title", "status", "detail", "code"}
@@ -335,6 +336,25 @@ async def test_store_failure_is_500_internal_without_details(harness: Harness) -
     assert problem["code"] == "internal"
     assert "sqlite" not in json.dumps(problem).lower()
     await harness.app[STORE].open()
+
+
+async def test_a_store_refusing_writes_is_500_internal_without_details(harness: Harness) -> None:
+    """A read-only store gives 500 internal whose detail is the store's own words
+    (StoreReadOnly), naming no driver, exception class, SQL or file."""
+    store = harness.app[STORE]
+    assert isinstance(store, SQLiteStore)
+    store.writer.execute("PRAGMA query_only = ON")
+    try:
+        reply = await harness.client("portal").exchange("credit.query", CREDIT_EXAMPLE)
+    finally:
+        store.writer.execute("PRAGMA query_only = OFF")
+    assert reply.status == 500
+    problem = reply.json()
+    assert problem["code"] == "internal"
+    assert "the store is read-only" in problem["detail"]
+    text = json.dumps(problem).lower()
+    for leak in ("sqlite", "readonlysql", "operationalerror", "insert", "gateway.db"):
+        assert leak not in text
 
 
 async def test_rejections_are_recorded_without_bodies(harness: Harness) -> None:

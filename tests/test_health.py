@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import asyncpg
+import pytest
 
 from gateway.app import READINESS, STORE
 from gateway.store.sqlite import SQLiteStore
@@ -35,9 +36,76 @@ async def test_readyz_503_while_the_store_refuses_writes(harness: Harness) -> No
     db.execute("PRAGMA query_only = ON")  # SQLite itself now refuses every write
     status, reasons = await _ready(harness)
     assert status == 503
-    assert reasons == ["store: store write failed: attempt to write a readonly database"]
+    assert reasons == [
+        "store: store write failed: the store is read-only (attempt to write a readonly database)"
+    ]
     db.execute("PRAGMA query_only = OFF")
     assert await _ready(harness) == (200, [])
+
+
+@pytest.fixture
+def harness_store_url(request: pytest.FixtureRequest) -> str | None:
+    """A SQLite file, unless the test asks for ``pg_url``: then its harness keeps its store
+    in that PostgreSQL database."""
+    if "pg_url" in request.fixturenames:
+        url: str = request.getfixturevalue("pg_url")
+        return url
+    return None
+
+
+async def _pg_read_only(url: str, on: bool) -> None:
+    """Make the database refuse writes (or take them again), and end its sessions so the
+    gateway's pool reconnects under the new default."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("SET default_transaction_read_only = off")  # this session writes
+        name = await conn.fetchval("SELECT current_database()")
+        change = (
+            "SET default_transaction_read_only = on"
+            if on
+            else "RESET default_transaction_read_only"
+        )
+        await conn.execute(f'ALTER DATABASE "{name}" {change}')
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await conn.close()
+
+
+async def _ready_within(h: Harness, wanted: list[str], seconds: float = 10.0) -> list[str]:
+    """Poll /readyz until its reasons are ``wanted`` (a pool reconnects in its own time)."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        _, reasons = await _ready(h)
+        if reasons == wanted or asyncio.get_running_loop().time() > deadline:
+            return reasons
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.integration
+async def test_readyz_names_a_read_only_postgresql_store_by_the_store_s_own_error(
+    pg_url: str, harness: Harness
+) -> None:
+    """A PostgreSQL database turned read-only is reported as the store's StoreReadOnly
+    (never a driver's class name such as ReadOnlySQLTransactionError), then ready again."""
+    assert type(harness.app[STORE]).__name__ == "PostgresStore"
+    assert await _ready(harness) == (200, [])
+    await _pg_read_only(pg_url, on=True)
+    reasons = await _ready_within(
+        harness,
+        [
+            "store: store write failed: the store is read-only (cannot execute DELETE in a "
+            "read-only transaction)"
+        ],
+    )
+    assert reasons == [
+        "store: store write failed: the store is read-only (cannot execute DELETE in a "
+        "read-only transaction)"
+    ]
+    await _pg_read_only(pg_url, on=False)
+    assert await _ready_within(harness, []) == []
 
 
 async def test_readyz_503_while_the_store_is_closed(harness: Harness) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from gateway.errors import StoreError
+from gateway.errors import StoreError, StoreReadOnly
 from gateway.store import (
     CallbackRecord,
     ConfigConflict,
@@ -27,6 +27,7 @@ from gateway.store import (
     ResourceChange,
     Store,
 )
+from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import MIGRATIONS, SQLiteStore
 from tests.conftest import store_at
 
@@ -521,6 +522,68 @@ async def test_closed_store_raises_store_error(store_url: str) -> None:
     await s.close()
     with pytest.raises(StoreError):
         await s.insert_message(_new())
+
+
+@contextlib.asynccontextmanager
+async def _refusing_writes(store_url: str) -> AsyncIterator[Store]:
+    """The store at ``store_url``, with one message, opened where the database itself
+    refuses writes: SQLite ``query_only`` on the write connection (the suite runs as root,
+    for whom a read-only file mode is no refusal), PostgreSQL with
+    ``default_transaction_read_only`` (a replica, a database in recovery)."""
+    first = store_at(store_url)
+    await first.open()
+    await first.insert_message(_new("kept"))
+    if isinstance(first, SQLiteStore):
+        first.writer.execute("PRAGMA query_only = ON")
+        try:
+            yield first
+        finally:
+            first.writer.execute("PRAGMA query_only = OFF")
+            await first.close()
+        return
+    await first.close()
+    conn = await asyncpg.connect(store_url)
+    try:
+        name = await conn.fetchval("SELECT current_database()")
+        await conn.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        store = PostgresStore(store_url, instance="replica", migrate=False)
+        await store.open()
+        try:
+            yield store
+        finally:
+            await store.close()
+            await conn.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+    finally:
+        await conn.close()
+
+
+async def test_a_database_refusing_writes_raises_store_read_only(store_url: str) -> None:
+    """A read-only database is the store's own StoreReadOnly (readiness names it), from ping
+    and from a write, never a driver's exception; reads go on."""
+    async with _refusing_writes(store_url) as store:
+        with pytest.raises(StoreReadOnly) as caught:
+            await store.ping()
+        assert caught.value.detail.startswith("store write failed: the store is read-only (")
+        with pytest.raises(StoreReadOnly):
+            await store.insert_message(_new())
+        with pytest.raises(StoreReadOnly):
+            await store.record_rejection(
+                Rejection(
+                    client=None,
+                    message_id=None,
+                    service=None,
+                    status=400,
+                    code="malformed_request",
+                    detail="x",
+                    digest=None,
+                    size=0,
+                    headers={},
+                )
+            )
+        kept = await store.get_message(PORTAL, "kept")
+        assert kept is not None
+        assert kept.message_id == "kept"
+        assert await store.count_messages() == 1
 
 
 async def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path: Path) -> None:

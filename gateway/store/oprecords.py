@@ -14,6 +14,7 @@ from typing import Any
 
 __all__ = [
     "INSERT_COLUMNS",
+    "MONITORING_CHUNK",
     "MONITORING_COLUMNS",
     "PRUNE_SQL",
     "SAMPLES_SQL",
@@ -203,3 +204,6 @@ SAMPLES_SQL = (
     " WHERE received_at >= {} AND received_at < {} ORDER BY id DESC LIMIT {}"
 )
 PRUNE_SQL = "DELETE FROM monitoring_records WHERE received_at < {}"
+# Rows per INSERT statement: 26 parameters each, well under SQLite's 32766 and
+# PostgreSQL's 32767 bind parameters.
+MONITORING_CHUNK = 250
