@@ -333,12 +333,12 @@ class Config:
     adapters: tuple[AdapterConfig, ...]
     routes: tuple[RouteConfig, ...]
     simulators: Mapping[str, SimulatorConfig] = field(default_factory=dict)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     directory: DirectoryConfig | None = None
     outbound: OutboundPolicy = field(default_factory=OutboundPolicy)
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
-    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -596,6 +596,7 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
             for x in data["routes"]
         ),
         simulators=sims,
+        monitoring=_monitoring(data.get("monitoring", {})),
         logging=LoggingConfig(
             level=str(data.get("logging", {}).get("level", "INFO")).upper(),
             format=data.get("logging", {}).get("format", "text"),
@@ -604,7 +605,6 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
         directory=_directory(data.get("directory"), r),
         outbound=_outbound(data.get("outbound", {}), r),
         secrets=_secrets(data.get("secrets", {}), key_path or jwk_path, r),
-        monitoring=_monitoring(data.get("monitoring", {})),
         raw=data,
     )
 
