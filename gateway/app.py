@@ -35,7 +35,7 @@ from gateway.problem import problem_response
 from gateway.registry import Runtime, RuntimeHolder, build_runtime
 from gateway.secretstore import SecretBox
 from gateway.signing import Signer, Verifier
-from gateway.store import Rejection, Store, create_store, instance_id
+from gateway.store import Rejection, Store, create_store
 from gateway.tls import TLS_CONTEXT, server_context
 from gateway.traceparent import ensure_traceparent
 from gateway.tracing import Span, Tracing, create_tracing
@@ -262,8 +262,7 @@ def create_app(
     app[KEYPAIR] = keypair
     if config.ingress.tls is not None:
         app[TLS_CONTEXT] = server_context(config.ingress.tls)
-    instance = instance_id()
-    store = create_store(config.store, instance=instance)
+    store = create_store(config.store)
     app[STORE] = store
     signer = Signer(keypair)
     holder = RuntimeHolder(build_runtime(config, {}))
@@ -279,7 +278,10 @@ def create_app(
     metrics = app[METRICS] = Metrics()
     metrics.set_signing_key(keypair.kid, keypair.expires_at)
     monitor = app[MONITOR] = Monitor(
-        config=config.monitoring, store=store, instance=instance, registry=metrics.registry
+        config=config.monitoring,
+        store=store,
+        instance=store.instance_id,
+        registry=metrics.registry,
     )
     app[TRACING] = tracing if tracing is not None else create_tracing(config.tracing)
     readiness = app[READINESS] = Readiness(
