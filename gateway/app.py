@@ -68,10 +68,10 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 LEARNT_SESSION = web.AppKey("learnt_session", aiohttp.ClientSession)
 LIVE = web.AppKey("live", LiveConfig)
 METRICS = web.AppKey("metrics", Metrics)
+MONITOR = web.AppKey("monitor", Monitor)
 READINESS = web.AppKey("readiness", Readiness)
 TRACING = web.AppKey("tracing", Tracing)
 DIRECTORY = web.AppKey("directory", DirectoryFollower)
-MONITOR = web.AppKey("monitor", Monitor)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -609,24 +609,6 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
     )
 
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _monitoring(data: Mapping[str, Any]) -> MonitoringConfig:
-    """``monitoring:``; ``retention`` is seconds or ``<n>s|m|h|d`` (the schema checks)."""
-    retention = data.get("retention", "30d")
-    if isinstance(retention, str):
-        retention = float(retention[:-1]) * _UNITS[retention[-1]]
-    return MonitoringConfig(
-        enabled=data.get("enabled", True),
-        retention_s=float(retention),
-        queue_limit=data.get("queue_limit", 10_000),
-        batch_size=data.get("batch_size", 500),
-        flush_interval_s=data.get("flush_interval_s", 0.5),
-        central=tuple(data.get("central", ())),
-    )
-
-
 def _outbound(data: Mapping[str, Any], r: _Reader) -> OutboundPolicy:
     try:
         allowed = networks(data.get("allow_networks", []))
@@ -807,3 +789,21 @@ def warnings_of(config: Config) -> list[str]:
                     "but names no receiver: every callback for it answers 404"
                 )
     return list(dict.fromkeys(warnings))
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _monitoring(data: Mapping[str, Any]) -> MonitoringConfig:
+    """``monitoring:``; ``retention`` is seconds or ``<n>s|m|h|d`` (the schema checks)."""
+    retention = data.get("retention", "30d")
+    if isinstance(retention, str):
+        retention = float(retention[:-1]) * _UNITS[retention[-1]]
+    return MonitoringConfig(
+        enabled=data.get("enabled", True),
+        retention_s=float(retention),
+        queue_limit=data.get("queue_limit", 10_000),
+        batch_size=data.get("batch_size", 500),
+        flush_interval_s=data.get("flush_interval_s", 0.5),
+        central=tuple(data.get("central", ())),
+    )

@@ -1117,42 +1117,6 @@ class StoreBody:
     async def prune_nonces(self, now: float) -> int:
         return await self._execute("DELETE FROM nonces WHERE expires_at <= ?", now)
 
-    # The message log ------------------------------------------------------------------
-
-    async def purge_bodies(self, cutoff: float, now: float, batch: int = 500) -> tuple[int, int]:
-        """Drop the bodies of finished records created before ``cutoff``; keep every
-        digest. The purge is chained first (a verifier then knows these bodies may be
-        gone), then done in short transactions that never hold the write lock for long.
-        ``callbacks.body`` is NOT NULL, so a purged callback body is the empty blob."""
-
-        async def mark(tx: Tx) -> None:
-            tx.chain("purge", None, now, cutoff=cutoff)
-
-        await self.transact(mark)
-        counts = []
-        for sql, params in (
-            (
-                "UPDATE messages SET request_body=NULL, response_body=NULL, result=NULL "
-                "WHERE seq IN (SELECT seq FROM messages WHERE created_at < ? AND "
-                f"next_attempt_at IS NULL AND state NOT IN {IN_OUTBOX} AND (request_body IS "
-                "NOT NULL OR response_body IS NOT NULL OR result IS NOT NULL) LIMIT ?)",
-                (cutoff, batch),
-            ),
-            (
-                "UPDATE callbacks SET body=? WHERE seq IN (SELECT seq FROM callbacks WHERE "
-                f"created_at < ? AND state != {_PENDING} AND length(body) > 0 LIMIT ?)",
-                (b"", cutoff, batch),
-            ),
-        ):
-            total = 0
-            while True:
-                count = await self._execute(sql, *params)
-                total += count
-                if count < batch:
-                    break
-            counts.append(total)
-        return counts[0], counts[1]
-
     # Operational monitoring (gateway/monitoring.py): apart from the log, no chain ------
 
     async def insert_monitoring(self, records: Sequence[MonitoringRecord]) -> None:
@@ -1191,6 +1155,42 @@ class StoreBody:
 
     async def prune_monitoring(self, cutoff: float) -> int:
         return await self._execute(PRUNE_SQL.format("?"), cutoff)
+
+    # The message log ------------------------------------------------------------------
+
+    async def purge_bodies(self, cutoff: float, now: float, batch: int = 500) -> tuple[int, int]:
+        """Drop the bodies of finished records created before ``cutoff``; keep every
+        digest. The purge is chained first (a verifier then knows these bodies may be
+        gone), then done in short transactions that never hold the write lock for long.
+        ``callbacks.body`` is NOT NULL, so a purged callback body is the empty blob."""
+
+        async def mark(tx: Tx) -> None:
+            tx.chain("purge", None, now, cutoff=cutoff)
+
+        await self.transact(mark)
+        counts = []
+        for sql, params in (
+            (
+                "UPDATE messages SET request_body=NULL, response_body=NULL, result=NULL "
+                "WHERE seq IN (SELECT seq FROM messages WHERE created_at < ? AND "
+                f"next_attempt_at IS NULL AND state NOT IN {IN_OUTBOX} AND (request_body IS "
+                "NOT NULL OR response_body IS NOT NULL OR result IS NOT NULL) LIMIT ?)",
+                (cutoff, batch),
+            ),
+            (
+                "UPDATE callbacks SET body=? WHERE seq IN (SELECT seq FROM callbacks WHERE "
+                f"created_at < ? AND state != {_PENDING} AND length(body) > 0 LIMIT ?)",
+                (b"", cutoff, batch),
+            ),
+        ):
+            total = 0
+            while True:
+                count = await self._execute(sql, *params)
+                total += count
+                if count < batch:
+                    break
+            counts.append(total)
+        return counts[0], counts[1]
 
 
 async def _insert_change(tx: Tx, change: ResourceChange, now: float) -> int:
