@@ -123,6 +123,57 @@ _SIGNED = [
 ]
 
 
+_RECORDS_PAGE: dict[str, Any] = {
+    "type": "object",
+    "required": ["records", "next"],
+    "properties": {
+        "records": {"type": "array", "items": {"type": "object"}},
+        "next": {"type": ["string", "null"]},
+    },
+}
+
+
+def _monitoring_paths() -> dict[str, Any]:
+    """Operational monitoring (gateway/monitoring.py): signed GETs, no body."""
+    query = [
+        {"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
+        for n in ("since", "until", "service", "status", "limit", "cursor")
+    ]
+    return {
+        "/v1/monitoring/records": {
+            "get": {
+                "operationId": "monitoringRecords",
+                "summary": "The caller's own operational records, newest first",
+                "parameters": [*query, *_SIGNED],
+                "responses": {
+                    "200": {
+                        "description": "a page of records; next is the cursor of the next",
+                        "content": {
+                            "application/json": {"schema": _RECORDS_PAGE},
+                            "text/csv": {"schema": {"type": "string"}},
+                        },
+                    },
+                    **_problems(400, 401, 403, 429, 500),
+                },
+            }
+        },
+        "/v1/monitoring/aggregates": {
+            "get": {
+                "operationId": "monitoringAggregates",
+                "summary": "Per-service counts, errors and latency percentiles (central monitor)",
+                "parameters": [*query[:2], *_SIGNED],
+                "responses": {
+                    "200": {
+                        "description": "the aggregates of the window",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    **_problems(400, 401, 403, 429, 500),
+                },
+            }
+        },
+    }
+
+
 @cache
 def ingress_document() -> dict[str, Any]:
     service_param = {
@@ -703,56 +754,5 @@ def admin_document() -> dict[str, Any]:
         "components": {
             "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        },
-    }
-
-
-_RECORDS_PAGE: dict[str, Any] = {
-    "type": "object",
-    "required": ["records", "next"],
-    "properties": {
-        "records": {"type": "array", "items": {"type": "object"}},
-        "next": {"type": ["string", "null"]},
-    },
-}
-
-
-def _monitoring_paths() -> dict[str, Any]:
-    """Operational monitoring (gateway/monitoring.py): signed GETs, no body."""
-    query = [
-        {"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
-        for n in ("since", "until", "service", "status", "limit", "cursor")
-    ]
-    return {
-        "/v1/monitoring/records": {
-            "get": {
-                "operationId": "monitoringRecords",
-                "summary": "The caller's own operational records, newest first",
-                "parameters": [*query, *_SIGNED],
-                "responses": {
-                    "200": {
-                        "description": "a page of records; next is the cursor of the next",
-                        "content": {
-                            "application/json": {"schema": _RECORDS_PAGE},
-                            "text/csv": {"schema": {"type": "string"}},
-                        },
-                    },
-                    **_problems(400, 401, 403, 429, 500),
-                },
-            }
-        },
-        "/v1/monitoring/aggregates": {
-            "get": {
-                "operationId": "monitoringAggregates",
-                "summary": "Per-service counts, errors and latency percentiles (central monitor)",
-                "parameters": [*query[:2], *_SIGNED],
-                "responses": {
-                    "200": {
-                        "description": "the aggregates of the window",
-                        "content": {"application/json": {"schema": {"type": "object"}}},
-                    },
-                    **_problems(400, 401, 403, 429, 500),
-                },
-            }
         },
     }
