@@ -38,6 +38,7 @@ KNOWN: dict[frozenset[str], str] = {
             "gateway.signing.signer",
             "gateway.signing.verifier",
             "gateway.store",
+            "gateway.store.body",  # the backends' shared body, on the same __init__ edge
             "gateway.store.postgres",
             "gateway.store.rows",
             "gateway.store.sealing",
