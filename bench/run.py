@@ -73,6 +73,7 @@ class Settings:
     gateway_workers: int = 1
     loop: str = "asyncio"  # every process's event loop (gateway, contenders, upstream)
     alg: str = "ed25519"  # "sm2": also the SM2 gateway, in every round
+    monitoring: bool = True  # --monitoring off: no operational records (its cost)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -97,6 +98,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             gateway_workers=args.gateway_workers,
             loop=eventloop.resolve(args.loop),
             alg=args.alg,
+            monitoring=args.monitoring == "on",
         )
     return Settings(
         rounds=args.rounds,
@@ -113,6 +115,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         gateway_workers=args.gateway_workers,
         loop=eventloop.resolve(args.loop),
         alg=args.alg,
+        monitoring=args.monitoring == "on",
     )
 
 
@@ -484,6 +487,12 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "--store-url",
         help="a PostgreSQL server (a role that may create databases) instead of starting one",
     )
+    p.add_argument(
+        "--monitoring",
+        choices=("on", "off"),
+        default="on",
+        help="operational monitoring records (off: measure without them)",
+    )
     p.add_argument("--out", type=Path, default=None, help="the JSON report (PNG beside)")
     return p.parse_args(argv)
 
@@ -556,7 +565,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"event loop of every process: {s.loop}")
     with (
         tempfile.TemporaryDirectory(prefix="bench-") as tmp,
-        running(Path(tmp), gateway_workers=s.gateway_workers, loop=s.loop) as stack,
+        running(
+            Path(tmp), gateway_workers=s.gateway_workers, loop=s.loop, monitoring=s.monitoring
+        ) as stack,
         contextlib.ExitStack() as more,
     ):
         sm2 = None

@@ -75,10 +75,18 @@ def _write_keys(directory: Path, alg: KeyType = "ed25519") -> Member:
 
 
 def gateway_config(
-    keys: Path, *, port: int, upstream: str, store: Path, store_url: str | None = None
+    keys: Path,
+    *,
+    port: int,
+    upstream: str,
+    store: Path,
+    store_url: str | None = None,
+    monitoring: bool = True,
 ) -> dict[str, Any]:
-    """The gateway's config: the member allowed both services, one http adapter."""
+    """The gateway's config: the member allowed both services, one http adapter;
+    ``monitoring`` False turns the operational records off (bench/monitoring.py)."""
     return {
+        "monitoring": {"enabled": monitoring},
         "gateway": {
             "member_id": "330000:gateway",
             "key": str(keys / "gateway.pem"),
@@ -191,6 +199,7 @@ def running(
     store_url: str | None = None,
     contenders: bool = True,
     alg: KeyType = "ed25519",
+    monitoring: bool = True,
 ) -> Iterator[Stack]:
     """Start the upstream and the contenders (only the gateway without ``contenders``);
     stop them all when the block ends.
@@ -206,7 +215,12 @@ def running(
     store = workdir / "gateway.db"
     config = workdir / "config.yaml"
     document = gateway_config(
-        keys, port=ports["gateway"], upstream=url["upstream"], store=store, store_url=store_url
+        keys,
+        port=ports["gateway"],
+        upstream=url["upstream"],
+        store=store,
+        store_url=store_url,
+        monitoring=monitoring,
     )
     config.write_text(yaml.safe_dump(document, allow_unicode=True), encoding="utf-8")
     # Every contender and the upstream run on the same event loop as the gateway.

@@ -28,6 +28,7 @@ from gateway.limits import IN_FLIGHT, InFlight, handler_args, limits_middleware
 from gateway.live import LiveConfig
 from gateway.meta import Discovery
 from gateway.metrics import Metrics
+from gateway.monitoring import Monitor, central_aggregates, member_records
 from gateway.mtls import LOCAL_TLS, LocalTls
 from gateway.openapi import ingress_document
 from gateway.outbound import configured_session, learnt_session
@@ -50,6 +51,7 @@ __all__ = [
     "KEYPAIR",
     "LIVE",
     "METRICS",
+    "MONITOR",
     "PIPELINE",
     "READINESS",
     "RUNTIME",
@@ -71,6 +73,7 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 LEARNT_SESSION = web.AppKey("learnt_session", aiohttp.ClientSession)
 LIVE = web.AppKey("live", LiveConfig)
 METRICS = web.AppKey("metrics", Metrics)
+MONITOR = web.AppKey("monitor", Monitor)
 READINESS = web.AppKey("readiness", Readiness)
 TRACING = web.AppKey("tracing", Tracing)
 DIRECTORY = web.AppKey("directory", DirectoryFollower)
@@ -163,6 +166,7 @@ def _observe(
         elapsed_s=elapsed,
     )
     _log_exchange(request, ctx, response.status, error, elapsed, adapter)
+    request.app[MONITOR].request_done(request, ctx, response, code, runtime.services, adapter)
     if span is not None:
         span.end(
             {
@@ -283,6 +287,12 @@ def create_app(
     )
     metrics = app[METRICS] = Metrics()
     metrics.set_signing_key(keypair.kid, keypair.expires_at)
+    monitor = app[MONITOR] = Monitor(
+        config=config.monitoring,
+        store=store,
+        instance=store.instance_id,
+        registry=metrics.registry,
+    )
     app[TRACING] = tracing if tracing is not None else create_tracing(config.tracing)
     readiness = app[READINESS] = Readiness(
         store=store,
@@ -319,6 +329,12 @@ def create_app(
         store.observe(metrics)
         yield
         await store.close()
+
+    async def monitor_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Operational records, written in batches off the request path; the last on stop.
+        await monitor.start()
+        yield
+        await monitor.stop()
 
     async def checkpoints_ctx(app: web.Application) -> AsyncIterator[None]:
         # Signs the message log's head now and then; the last one after delivery stopped.
@@ -428,6 +444,7 @@ def create_app(
             tracing=app[TRACING],
         )
         app[DELIVERY] = delivery
+        delivery.monitor = monitor
         app[PIPELINE].outbox = delivery
         if start_delivery:
             await delivery.start(release_leases=not worker)
@@ -439,6 +456,7 @@ def create_app(
         [
             tracing_ctx,
             store_ctx,
+            monitor_ctx,
             checkpoints_ctx,
             session_ctx,
             stamper_ctx,  # --- tsa ---
@@ -470,6 +488,16 @@ def create_app(
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", readiness.handler)
     app.router.add_get("/metrics", metrics.endpoint(store, holder))
+
+    # Operational monitoring (gateway/monitoring.py), signed like any exchange.
+    async def monitoring_records(request: web.Request) -> web.Response:
+        return await member_records(request.app[PIPELINE], request)
+
+    async def monitoring_aggregates(request: web.Request) -> web.Response:
+        return await central_aggregates(request.app[PIPELINE], config.monitoring, request)
+
+    app.router.add_get("/v1/monitoring/records", monitoring_records)
+    app.router.add_get("/v1/monitoring/aggregates", monitoring_aggregates)
 
     async def openapi(request: web.Request) -> web.Response:
         return web.json_response(ingress_document())

@@ -37,6 +37,7 @@ __all__ = [
     "LocalListen",
     "LoggingConfig",
     "MemberConfig",
+    "MonitoringConfig",
     "RateLimit",
     "RouteConfig",
     "SecretsConfig",
@@ -258,6 +259,20 @@ class TracingConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MonitoringConfig:
+    """Operational monitoring (gateway/monitoring.py): records kept ``retention_s``,
+    written in batches off the request path from a queue of at most ``queue_limit``."""
+
+    enabled: bool = True
+    retention_s: float = 30 * 86400.0
+    queue_limit: int = 10_000
+    batch_size: int = 500
+    flush_interval_s: float = 0.5
+    # Members allowed GET /v1/monitoring/aggregates (X-Road's central monitoring).
+    central: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MemberConfig:
     id: str
     kind: MemberKind
@@ -350,6 +365,7 @@ class SimulatorConfig:
     key_path: Path
     jwk_path: Path
     callback_delay_s: float = 0.5
+    monitor_every_s: float = 10.0  # the national simulator's central-monitoring pulls
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -367,6 +383,7 @@ class Config:
     adapters: tuple[AdapterConfig, ...]
     routes: tuple[RouteConfig, ...]
     simulators: Mapping[str, SimulatorConfig] = field(default_factory=dict)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     directory: DirectoryConfig | None = None
@@ -578,6 +595,7 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
             key_path=r.path(s["key"]),
             jwk_path=jwk_path_for(r.path(s["key"])),
             callback_delay_s=s.get("callback_delay_s", 0.5),
+            monitor_every_s=s.get("monitor_every_s", 10.0),
         )
         for name, s in data.get("simulators", {}).items()
     }
@@ -638,6 +656,7 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
             for x in data["routes"]
         ),
         simulators=sims,
+        monitoring=_monitoring(data.get("monitoring", {})),
         logging=LoggingConfig(
             level=str(data.get("logging", {}).get("level", "INFO")).upper(),
             format=data.get("logging", {}).get("format", "text"),
@@ -880,3 +899,21 @@ def warnings_of(config: Config) -> list[str]:
                     "but names no receiver: every callback for it answers 404"
                 )
     return list(dict.fromkeys(warnings))
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _monitoring(data: Mapping[str, Any]) -> MonitoringConfig:
+    """``monitoring:``; ``retention`` is seconds or ``<n>s|m|h|d`` (the schema checks)."""
+    retention = data.get("retention", "30d")
+    if isinstance(retention, str):
+        retention = float(retention[:-1]) * _UNITS[retention[-1]]
+    return MonitoringConfig(
+        enabled=data.get("enabled", True),
+        retention_s=float(retention),
+        queue_limit=data.get("queue_limit", 10_000),
+        batch_size=data.get("batch_size", 500),
+        flush_interval_s=data.get("flush_interval_s", 0.5),
+        central=tuple(data.get("central", ())),
+    )

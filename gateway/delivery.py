@@ -39,6 +39,7 @@ from gateway.traceparent import child_traceparent, ensure_traceparent
 from gateway.tracing import NO_TRACING, Span, Tracing
 
 if TYPE_CHECKING:
+    from gateway.monitoring import Monitor
     from gateway.registry import RuntimeHolder
 
 __all__ = ["Delivery", "DeliveryState", "backoff_delay"]
@@ -102,6 +103,7 @@ class Delivery:
         self._leased: dict[str, set[int]] = {"message": set(), "callback": set()}
         self.state = DeliveryState.CREATED
         self.delivered = 0
+        self.monitor: Monitor | None = None  # operational records of each attempt
 
     # Control -------------------------------------------------------------------------
 
@@ -476,6 +478,22 @@ class Delivery:
         }
         level = logging.INFO if outcome == "delivered" else logging.WARNING
         log.log(level, "delivery", extra=fields)
+        if self.monitor is not None:
+            self.monitor.attempt(
+                kind="delivery" if kind == "message" else "callback_delivery",
+                outcome=outcome,
+                message_id=callback_id or message_id,
+                seq=item.seq if isinstance(item, MessageRecord) else item.original_seq,
+                correlation_id=message_id if callback_id else None,
+                client=client,
+                service=item.service,
+                target=item.target if isinstance(item, MessageRecord) else None,
+                adapter=adapter or None,
+                attempt=attempt,
+                code=code,
+                elapsed_ms=(time.perf_counter() - started) * 1000,
+                trace_id=item.trace_id,
+            )
         if span is not None:
             span.end(
                 {f"gw.{k}": v for k, v in fields.items() if k not in ("event", "latency_ms")},

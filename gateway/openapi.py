@@ -131,6 +131,57 @@ _SIGNED = [
 ]
 
 
+_RECORDS_PAGE: dict[str, Any] = {
+    "type": "object",
+    "required": ["records", "next"],
+    "properties": {
+        "records": {"type": "array", "items": {"type": "object"}},
+        "next": {"type": ["string", "null"]},
+    },
+}
+
+
+def _monitoring_paths() -> dict[str, Any]:
+    """Operational monitoring (gateway/monitoring.py): signed GETs, no body."""
+    query = [
+        {"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
+        for n in ("since", "until", "service", "status", "limit", "cursor")
+    ]
+    return {
+        "/v1/monitoring/records": {
+            "get": {
+                "operationId": "monitoringRecords",
+                "summary": "The caller's own operational records, newest first",
+                "parameters": [*query, *_SIGNED],
+                "responses": {
+                    "200": {
+                        "description": "a page of records; next is the cursor of the next",
+                        "content": {
+                            "application/json": {"schema": _RECORDS_PAGE},
+                            "text/csv": {"schema": {"type": "string"}},
+                        },
+                    },
+                    **_problems(400, 401, 403, 429, 500),
+                },
+            }
+        },
+        "/v1/monitoring/aggregates": {
+            "get": {
+                "operationId": "monitoringAggregates",
+                "summary": "Per-service counts, errors and latency percentiles (central monitor)",
+                "parameters": [*query[:2], *_SIGNED],
+                "responses": {
+                    "200": {
+                        "description": "the aggregates of the window",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    **_problems(400, 401, 403, 429, 500),
+                },
+            }
+        },
+    }
+
+
 @cache
 def ingress_document() -> dict[str, Any]:
     service_param = {
@@ -152,7 +203,7 @@ def ingress_document() -> dict[str, Any]:
         "required": True,
         "content": {"application/json": {"schema": {"type": "object"}}},
     }
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "Government data exchange gateway — ingress API",
@@ -306,6 +357,8 @@ def ingress_document() -> dict[str, Any]:
         },
         "components": {"schemas": _COMMON_SCHEMAS},
     }
+    document["paths"].update(_monitoring_paths())
+    return document
 
 
 def _resource(kind: str) -> dict[str, Any]:
@@ -653,6 +706,26 @@ def admin_document() -> dict[str, Any]:
                 for n in ("kind", "since", "limit")
             ],
             "responses": {**_ok(_list_of("audit", "AuditEntry")), **_problems(400, 401, 403)},
+        }
+    }
+    paths["/admin/v1/monitoring/records"] = {
+        "get": {
+            "operationId": "monitoring_records",
+            "summary": "Every member's operational records (client= picks one)",
+            "parameters": [
+                {"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
+                for n in ("client", "since", "until", "service", "status", "limit", "cursor")
+            ],
+            "responses": {
+                "200": {
+                    "description": "a page of records",
+                    "content": {
+                        "application/json": {"schema": _RECORDS_PAGE},
+                        "text/csv": {"schema": {"type": "string"}},
+                    },
+                },
+                **_problems(400, 401, 403),
+            },
         }
     }
     paths["/admin/v1/tokens"] = {

@@ -132,6 +132,17 @@ class RequestContext:
     recorded: bool = False
     traceparent: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    # Operational monitoring (gateway/monitoring.py): when the request arrived, each
+    # step reached (ms after it), the message's row and the adapter that answered.
+    received_at: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.perf_counter)
+    steps: dict[str, float] = field(default_factory=dict)
+    seq: int | None = None
+    adapter: str | None = None
+
+    def mark(self, step: str) -> None:
+        """Note that ``step`` (verified, validated, upstream, answered) is reached."""
+        self.steps[step] = (time.perf_counter() - self.started) * 1000
 
 
 CTX_KEY = web.RequestKey("gw.ctx", RequestContext)
@@ -349,6 +360,7 @@ class Pipeline:
         if raw_message_id is not None:
             message_id = ctx.message_id = _message_id(raw_message_id)
         ctx.timings["verify"] = (time.perf_counter() - started) * 1000
+        ctx.mark("verified")
         return Authenticated(
             client=client,
             message_id=message_id,
@@ -510,6 +522,7 @@ class Pipeline:
         document = _json(body)
         service.request.validate(document, "request")
         ctx.timings["validate"] = (time.perf_counter() - started) * 1000
+        ctx.mark("validated")
         return document
 
     async def record(
@@ -528,6 +541,7 @@ class Pipeline:
             self.new_message(request, auth, service, body, asynchronous, ctx)
         )
         ctx.recorded = True
+        ctx.seq = record.seq
         ctx.timings["record"] = (time.perf_counter() - started) * 1000
         return record
 
@@ -659,6 +673,7 @@ class Pipeline:
         received_at = time.time()
         adapter_name: str | None = None
         upstream_started = time.perf_counter()
+        ctx.mark("upstream")
         try:
             adapter_name, answer = await call_adapter(
                 runtime,
@@ -666,6 +681,8 @@ class Pipeline:
                 exchange_of(accepted_record(msg, 0, received_at), service, ctx.traceparent),
             )
             ctx.timings["upstream"] = (time.perf_counter() - upstream_started) * 1000
+            ctx.mark("answered")
+            ctx.adapter = adapter_name
             validate_answer(service, answer)
         except GatewayError as exc:
             ctx.timings["upstream"] = (time.perf_counter() - upstream_started) * 1000
@@ -802,6 +819,7 @@ class Pipeline:
         self.check_shape(body)
         document = _json(body)
         service.callback.validate(document, "callback")
+        ctx.mark("validated")
         original = await self._original(correlation, code, auth.client, runtime)
         new = NewCallback(
             message_id=auth.message_id,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.client import ExchangeClient, verify_reply
 from gateway.directory import Publisher, etag_of
 from gateway.errors import DirectoryRefused, GatewayError
 from gateway.keys import KeyPair, VerificationKey
@@ -81,6 +83,11 @@ class NationalPlatform:
     rng: random.Random = field(default_factory=random.Random)
     publisher: Publisher | None = None
     announcements: list[str] = field(default_factory=list)  # kids that signed them
+    # Central monitoring (X-Road's): gateway member id → ingress URL, pulled on a timer;
+    # the latest pull of each is served at GET /monitoring.
+    monitored: dict[str, str] = field(default_factory=dict)
+    monitor_every_s: float = 10.0
+    monitoring: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def keys(self) -> dict[str, VerificationKey]:
         """Keys accepted on exchanges: ``trusted`` and every key the directory lists."""
@@ -502,6 +509,51 @@ async def _control(request: web.Request) -> web.Response:
     return web.json_response({"mode": sim.mode, "received": len(sim.received)})
 
 
+async def _pull_aggregates(app: web.Application) -> None:
+    """One round of central monitoring: a signed GET of each gateway's aggregates, its
+    answer's signature checked against the gateway's keys."""
+    sim = app[NATIONAL]
+    for gateway, url in sim.monitored.items():
+        client = ExchangeClient(
+            member_id=sim.member_id,
+            signer=Signer(sim.keypair),
+            base_url=url,
+            session=app[SESSION],
+        )
+        pulled: dict[str, Any] = {"pulled_at": _now(), "url": url}
+        try:
+            reply = await client.request(
+                "GET", "/v1/monitoring/aggregates", message_id=str(uuid.uuid4())
+            )
+            pulled["status"] = reply.status
+            if reply.status == 200:
+                verify_reply(reply, {kid: key for kid, (key, _) in sim.gateways().items()})
+                pulled["aggregates"] = reply.json()
+            else:
+                pulled["error"] = reply.json().get("code")
+        except (aiohttp.ClientError, TimeoutError, GatewayError, ValueError) as exc:
+            pulled["error"] = type(exc).__name__
+        sim.monitoring[gateway] = pulled
+
+
+async def _central_monitor(app: web.Application) -> Any:
+    async def run() -> None:
+        while True:
+            await _pull_aggregates(app)
+            await asyncio.sleep(app[NATIONAL].monitor_every_s)
+
+    task = asyncio.create_task(run(), name="central-monitor")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _monitoring(request: web.Request) -> web.Response:
+    """What central monitoring last pulled from each gateway."""
+    return web.json_response({"gateways": request.app[NATIONAL].monitoring})
+
+
 async def _health(request: web.Request) -> web.Response:
     sim = request.app[NATIONAL]
     # Slow is up, only slow; refusing, failing or hanging is what a health check reports.
@@ -523,6 +575,9 @@ def create_national_app(sim: NationalPlatform) -> web.Application:
         await app[SESSION].close()
 
     app.cleanup_ctx.append(session_ctx)
+    if sim.monitored:
+        app.cleanup_ctx.append(_central_monitor)
+    app.router.add_get("/monitoring", _monitoring)
     app.router.add_post("/api/v1/exchange", _exchange_envelope)
     app.router.add_post("/api/exchange/{service}", _exchange_bare)
     app.router.add_post("/api/v1/callbacks/{service}", _callback_in)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +23,9 @@ from typing import Any, TypeVar
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, expect, sync_playwright
 
-from gateway.app import LIVE, STORE
+from gateway.app import LIVE, MONITOR, STORE
 from gateway.console import CONSOLE
+from gateway.monitoring import aggregate
 from tests.conftest import APPLY_EXAMPLE, CREDIT_EXAMPLE, PORTAL_ID, Harness
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -36,7 +38,17 @@ ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-NAV = ("Overview", "Members", "Adapters", "Services", "Routes", "Messages", "Dead letters", "Audit")
+NAV = (
+    "Overview",
+    "Members",
+    "Adapters",
+    "Services",
+    "Routes",
+    "Messages",
+    "Dead letters",
+    "Audit",
+    "Monitoring",
+)
 T = TypeVar("T")
 
 # Inputs, selects and text areas with no accessible label (hidden inputs need none).
@@ -459,3 +471,47 @@ async def test_find_a_message_by_id_and_see_its_timeline(
     request_text = await chromium.run(_base(harness), script)
     assert "110105********002X" in request_text
     assert "11010519491231002X" not in request_text
+
+
+async def test_the_monitoring_page_charts_what_real_exchanges_did(
+    harness: Harness, chromium: Chromium, tmp_path: Path
+) -> None:
+    """After real exchanges (three answered, one refused 422) an auditor's monitoring page
+    charts credit.query's traffic, latency and error rate with the figures the records
+    give: count 4, 1 failed, 25.0 %, and the p50/p95 the store's records hold."""
+    portal = harness.client("portal")
+    for _ in range(3):
+        assert (await portal.exchange("credit.query", CREDIT_EXAMPLE)).status == 200
+    assert (await portal.exchange("credit.query", {"nonsense": True})).status == 422
+    await harness.app[MONITOR].flush()
+    samples = await harness.app[STORE].monitoring_samples(0, time.time() + 1, 1000)
+    [credit] = [a for a in aggregate(samples) if a.service == "credit.query"]
+    assert (credit.count, credit.errors) == (4, 1)
+
+    def script(v: Visit) -> dict[str, str]:
+        page = v.page
+        v.sign_in(harness.tokens["auditor"])
+        nav = page.get_by_role("navigation")
+        nav.get_by_role("link", name="Monitoring", exact=True).click()
+        expect(page.get_by_role("heading", level=1)).to_have_text("Monitoring")
+        v.check()
+        v.shot(tmp_path, "monitoring")
+        label = "credit.query · exchange"
+        for chart in ("traffic", "latency", "errors"):
+            row = page.locator(f"svg#chart-{chart} g.row[data-label='{label}']").first
+            expect(row).to_be_attached()
+        expect(page.locator("svg#chart-traffic")).to_contain_text("4")
+        expect(page.locator("svg#chart-traffic")).to_contain_text("1 failed")
+        expect(page.locator("svg#chart-errors")).to_contain_text("25.0 %")
+        cells = page.locator("#monitoring-table tr", has_text="credit.query").first
+        return {
+            "row": cells.inner_text(),
+            "latency": page.locator("svg#chart-latency").text_content() or "",
+        }
+
+    shown = await chromium.run(_base(harness), script)
+    assert f"p50 {credit.p50_ms:.1f} ms" in shown["latency"]
+    assert f"p95 {credit.p95_ms:.1f} ms" in shown["latency"]
+    cells = shown["row"].split("\t")
+    assert cells[:5] == ["credit.query", "exchange", "4", "1", "25.0 %"]
+    assert cells[5:7] == [f"{credit.p50_ms:.1f}", f"{credit.p95_ms:.1f}"]

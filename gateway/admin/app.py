@@ -45,6 +45,7 @@ from gateway.errors import (
     ResourceUnknown,
 )
 from gateway.live import LiveConfig
+from gateway.monitoring import admin_records
 from gateway.problem import problem_response
 from gateway.registry import adapter_types
 
@@ -344,6 +345,11 @@ async def get_message(request: web.Request) -> web.Response:
     return web.json_response(for_role(request[PRINCIPAL], message_view(records[0], fields)))
 
 
+async def monitoring_records(request: web.Request) -> web.Response:
+    _principal(request, "read")
+    return await admin_records(request.app[INGRESS][STORE], request)
+
+
 def _sensitive(request: web.Request) -> dict[str, tuple[str, ...]]:
     return {s.code: s.sensitive for s in _live(request).config.services}
 
@@ -442,6 +448,8 @@ def create_admin_app(ingress: web.Application) -> web.Application:
     add("GET", "/dead-letters", list_dead_letters, "read")
     add("POST", "/dead-letters/{id}/redeliver", redeliver, "operate")
     add("GET", "/audit", audit_trail, "read")
+    # Every role: records hold ids, times, sizes and codes, never bodies or headers.
+    add("GET", "/monitoring/records", monitoring_records, "read")
     add("GET", "/tokens", list_tokens, "read_tokens")
     add("POST", "/tokens", new_token, "write")
     add("DELETE", "/tokens/{name}", revoke_token, "write")

@@ -229,6 +229,14 @@ def cmd_up(args: argparse.Namespace) -> int:
             callback_base=url,
             callback_member=config.gateway.member_id,
             callback_delay_s=nat.callback_delay_s,
+            # Central monitoring: the simulator pulls this gateway's aggregates when the
+            # gateway names it a monitoring party (monitoring.central).
+            monitored=(
+                {config.gateway.member_id: url}
+                if nat.member_id in config.monitoring.central
+                else {}
+            ),
+            monitor_every_s=nat.monitor_every_s,
         )
         sites.append((create_national_app(national), nat.host, nat.port, "national platform (sim)"))
     por = config.simulators.get("portal")

@@ -55,6 +55,7 @@ from gateway.console.forms import (
     errors_by_field,
     resubmitted,
 )
+from gateway.console.monitoring import charts as monitoring_charts
 from gateway.console.overview import Sampler
 from gateway.console.sessions import COOKIE, Session, Sessions
 from gateway.errors import (
@@ -65,9 +66,11 @@ from gateway.errors import (
     SchemaInvalid,
 )
 from gateway.live import LiveConfig
+from gateway.monitoring import MAX_SAMPLES, aggregate, record_view
 from gateway.registry import adapter_types
 from gateway.secrets import JWK_SECRET_MEMBERS
 from gateway.states import MessageState
+from gateway.store import MonitoringQuery
 
 __all__ = ["CONSOLE", "Console", "Viewer", "routes"]
 
@@ -1152,9 +1155,38 @@ async def token_revoke(request: web.Request, viewer: Viewer, form: Form) -> web.
     raise _done(viewer, f"Token {name} revoked; its sessions have ended.", "/tokens")
 
 
+# Operational monitoring ---------------------------------------------------------------
+
+_WINDOWS = {"1": 3600.0, "6": 6 * 3600.0, "24": 86400.0, "168": 7 * 86400.0}
+
+
+@page
+async def monitoring_page(request: web.Request, viewer: Viewer) -> web.StreamResponse:
+    """Per-service traffic, latency and error charts from the operational records."""
+    hours = request.query.get("hours", "1")
+    if hours not in _WINDOWS:
+        hours = "1"
+    store = request.app[INGRESS][STORE]
+    until = time.time()
+    since = until - _WINDOWS[hours]
+    samples = await store.monitoring_samples(since, until, MAX_SAMPLES)
+    rows = aggregate(samples)
+    recent = await store.monitoring_records(MonitoringQuery(since=since, limit=20))
+    context = {
+        "hours": hours,
+        "windows": list(_WINDOWS),
+        "rows": [a.view() for a in rows],
+        "charts": monitoring_charts(rows),
+        "truncated": len(samples) >= MAX_SAMPLES,
+        "recent": [record_view(r) for r in recent],
+    }
+    return render(request, viewer, "monitoring.html", context)
+
+
 def routes() -> list[web.RouteDef]:
     return [
         web.get("/", overview),
+        web.get("/monitoring", monitoring_page),
         web.get("/signin", signin_page),
         web.post("/signin", signin),
         web.post("/signout", signout),

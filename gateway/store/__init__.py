@@ -24,6 +24,7 @@ from gateway.states import (
 )
 from gateway.store.batch import BatchObserver
 from gateway.store.chain import ChainRow, CheckpointRow, Head
+from gateway.store.oprecords import MonitoringQuery, MonitoringRecord, MonitoringSample
 
 if TYPE_CHECKING:
     from gateway.config import StoreConfig
@@ -45,6 +46,9 @@ __all__ = [
     "DuplicateMessage",
     "MessageEvent",
     "MessageRecord",
+    "MonitoringQuery",
+    "MonitoringRecord",
+    "MonitoringSample",
     "NewCallback",
     "NewMessage",
     "Outcome",
@@ -488,6 +492,14 @@ class Store(Protocol):
         self, signer: str, keyid: str, nonce: str, expires_at: float, now: float
     ) -> bool: ...
     async def prune_nonces(self, now: float) -> int: ...
+
+    # Operational monitoring (gateway/monitoring.py): apart from the evidence log.
+    async def insert_monitoring(self, records: Sequence[MonitoringRecord]) -> None: ...
+    async def monitoring_records(self, query: MonitoringQuery) -> list[MonitoringRecord]: ...
+    async def monitoring_samples(
+        self, since: float, until: float, limit: int
+    ) -> list[MonitoringSample]: ...
+    async def prune_monitoring(self, cutoff: float) -> int: ...
 
     # Reports
     async def rejections(self, limit: int = 100) -> list[RejectionRecord]: ...

@@ -54,6 +54,19 @@ from gateway.store import (
 )
 from gateway.store.batch import BatchObserver
 from gateway.store.chain import CheckpointRow, body_digest
+from gateway.store.oprecords import (
+    INSERT_COLUMNS,
+    MONITORING_CHUNK,
+    MONITORING_COLUMNS,
+    PRUNE_SQL,
+    SAMPLES_SQL,
+    MonitoringQuery,
+    MonitoringRecord,
+    MonitoringSample,
+    monitoring_row,
+    query_sql,
+    record_from_row,
+)
 from gateway.store.rows import Row, accepted_record, callback_record, message_record, record
 from gateway.store.sealing import opened_changes, opened_overlay, sealed_change
 from gateway.store.statements import Column, Insert
@@ -1269,6 +1282,45 @@ class StoreBody:
 
     async def prune_nonces(self, now: float) -> int:
         return await self._execute("DELETE FROM nonces WHERE expires_at <= ?", now)
+
+    # Operational monitoring (gateway/monitoring.py): apart from the log, no chain ------
+
+    async def insert_monitoring(self, records: Sequence[MonitoringRecord]) -> None:
+        """One unit per batch: multi-row INSERTs of at most MONITORING_CHUNK rows each
+        (a few statements, so PostgreSQL's group commit waits on few round trips)."""
+        rows = [monitoring_row(r) for r in records]
+        one = "(" + ", ".join("?" * len(MONITORING_COLUMNS)) + ")"
+
+        async def unit(tx: Tx) -> None:
+            for i in range(0, len(rows), MONITORING_CHUNK):
+                chunk = rows[i : i + MONITORING_CHUNK]
+                await tx.execute(
+                    f"INSERT INTO monitoring_records ({INSERT_COLUMNS}) VALUES "
+                    + ", ".join([one] * len(chunk)),
+                    *(value for row in chunk for value in row),
+                )
+
+        await self.transact(unit)
+
+    async def monitoring_records(self, query: MonitoringQuery) -> list[MonitoringRecord]:
+        sql, params = query_sql(query, lambda _: "?")
+        names = ("id", *MONITORING_COLUMNS)
+        return [record_from_row({n: r[n] for n in names}) for r in await self.fetch(sql, *params)]
+
+    async def monitoring_samples(
+        self, since: float, until: float, limit: int
+    ) -> list[MonitoringSample]:
+        rows = await self.fetch_slow(SAMPLES_SQL.format("?", "?", "?"), since, until, limit)
+        return [
+            # By position: a slow read's rows may be plain tuples (SQLite, off the loop).
+            MonitoringSample(
+                received_at=r[0], service=r[1], kind=r[2], ok=bool(r[3]), duration_ms=r[4]
+            )
+            for r in rows
+        ]
+
+    async def prune_monitoring(self, cutoff: float) -> int:
+        return await self._execute(PRUNE_SQL.format("?"), cutoff)
 
     # The message log ------------------------------------------------------------------
 

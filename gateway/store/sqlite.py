@@ -194,10 +194,43 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL    NOT NULL
     );
     """,
+    """
+    -- 11: operational monitoring (issue 25, gateway/store/oprecords.py): a row per
+    -- exchange, callback and outbox attempt, apart from the evidence log (no chain, no
+    -- bodies), pruned by its own retention. Members page their own rows newest first.
+    CREATE TABLE monitoring_records (
+        id             INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind           TEXT    NOT NULL,
+        received_at    REAL    NOT NULL,
+        message_id     TEXT,
+        seq            INTEGER,
+        correlation_id TEXT,
+        client         TEXT,
+        service        TEXT,
+        target         TEXT,
+        adapter        TEXT,
+        via            TEXT,
+        relay          TEXT,
+        verified_ms    REAL,
+        validated_ms   REAL,
+        upstream_ms    REAL,
+        answered_ms    REAL,
+        delivered_ms   REAL,
+        duration_ms    REAL    NOT NULL,
+        request_size   INTEGER,
+        response_size  INTEGER,
+        status         INTEGER,
+        code           TEXT,
+        outcome        TEXT,
+        ok             INTEGER NOT NULL,
+        attempt        INTEGER,
+        instance       TEXT    NOT NULL,
+        trace_id       TEXT
+    );
+    CREATE INDEX monitoring_client ON monitoring_records (client, id);
+    CREATE INDEX monitoring_received ON monitoring_records (received_at);
+    """,
     # --- tsa ---
-    # 11 is another branch's migration: this placeholder keeps 12 at 12 until the merge
-    # puts the real one here (the lead drops the placeholder).
-    "-- placeholder for migration 11",
     STAMPS_MIGRATION,  # 12: checkpoint_stamps (gateway/store/stamps.py)
     # --- end tsa ---
 )
