@@ -724,7 +724,7 @@ class Pipeline:
         """The exchange's one commit. Its own time is a stage of the request (metrics,
         logs), not of the stored timings, which it writes."""
         started = time.perf_counter()
-        await self.store.record_exchange(msg, outcome, received_at=received_at)
+        ctx.seq = await self.store.record_exchange(msg, outcome, received_at=received_at)
         ctx.recorded = True
         ctx.timings["record"] = (time.perf_counter() - started) * 1000
 
