@@ -101,6 +101,7 @@ class _Verifier:
         self.before = {"messages": 0, "callbacks": 0, "rejections": 0}
         self.purges: list[tuple[int, float]] = []  # (chain seq, cutoff) of each purge
         self.lookups = 0
+        self.start = 1, chain.GENESIS  # where the walk begins: seq and the hash it links to
 
     def add(self, seq: int | None, kind: str, detail: str, priority: int = 1) -> None:
         """Priority 0 and 1: the chain and its checkpoints; 2: a row that disagrees with it.
@@ -112,6 +113,14 @@ class _Verifier:
         )
 
     async def run(self) -> Report:
+        # --- archive ---
+        # Records archived out of the store (gateway/audit/archive.py): the live chain
+        # starts after the last archive, linked to its last hash.
+        marks = await self.snap.archives()
+        if marks:
+            self.start = marks[-1].last_seq + 1, marks[-1].last_hash
+            self.before.update(marks[-1].before)
+        # --- end archive ---
         cps = await self.snap.checkpoints()
         wanted = {cp.seq for cp in cps}
         hash_at: dict[int, str] = {}
@@ -171,7 +180,7 @@ class _Verifier:
         facts: dict[str, Any] | None,
     ) -> None:
         """The record's place: no gap before it, and a link to the record before it."""
-        expected_seq = prev.seq + 1 if prev else 1
+        expected_seq = prev.seq + 1 if prev else self.start[0]
         if row.seq != expected_seq:
             missing = (
                 f"record {expected_seq} is"
@@ -180,7 +189,7 @@ class _Verifier:
             )
             self.add(expected_seq, "deleted", f"{missing} missing from the chain", 0)
             return
-        expected = prev.hash if prev else chain.GENESIS
+        expected = prev.hash if prev else self.start[1]
         if row.prev_hash == expected:
             return
         if prev is not None and prev2 is not None and row.prev_hash == prev2.hash:

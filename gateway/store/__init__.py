@@ -22,6 +22,7 @@ from gateway.states import (
     CallbackState,
     MessageState,
 )
+from gateway.store.archived import ArchiveMark
 from gateway.store.batch import BatchObserver
 from gateway.store.chain import ChainRow, CheckpointRow, Head
 
@@ -323,6 +324,12 @@ class ChainSnapshot(Protocol):
     async def own_events(
         self, message_seq: int, callback_seqs: list[int]
     ) -> tuple[int, int] | None: ...
+    # --- archive ---
+    # The archive files the store handed its oldest records to, in chain order: the
+    # live chain starts after the last one's last_seq (gateway/audit/archive.py).
+    async def archives(self) -> list[ArchiveMark]: ...
+
+    # --- end archive ---
 
 
 class Store(Protocol):
@@ -470,6 +477,14 @@ class Store(Protocol):
     def snapshot(self) -> AbstractAsyncContextManager[ChainSnapshot]: ...
     async def purge_bodies(self, cutoff: float, now: float) -> tuple[int, int]: ...
     async def chain_head(self) -> Head: ...
+    # --- archive ---
+    # Delete the rows and chain records ``marks`` archived, and add the marks, in one
+    # transaction; False (nothing deleted) when the log moved past what was archived.
+    async def cut_archived(
+        self, marks: Sequence[ArchiveMark], rows: Mapping[str, Sequence[int]], seen_head: int
+    ) -> bool: ...
+
+    # --- end archive ---
 
 
 def instance_id() -> str:

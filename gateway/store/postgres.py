@@ -55,6 +55,7 @@ from gateway.store import (
     TokenRecord,
     sql_state,
 )
+from gateway.store.archived import ArchiveMark, mark_of
 from gateway.store.batch import BatchObserver
 from gateway.store.chain import GENESIS, ChainRow, CheckpointRow, Head, body_digest
 from gateway.store.pgcommit import OUTBOX_CHANNEL, Conn, PgGroupCommit, PgUnit, Tx, append_events
@@ -108,6 +109,9 @@ _DATA_COLUMNS = {
     "rejections": "seq, at, client, message_id, service, status, code, digest, size",
 }
 _CHAIN_COLUMNS = "seq, at, kind, ref, facts, content_digest, prev_hash, hash"
+_ARCHIVE_COLUMNS = (
+    "id, name, digest, first_seq, last_seq, last_hash, rows, bytes, before, at"  # archive
+)
 
 
 class SchemaTooNew(StoreError):
@@ -251,6 +255,13 @@ class _Snapshot:
             callback_seqs,
         )
         return None if row is None or row[0] is None else (int(row[0]), int(row[1]))
+
+    # --- archive ---
+    async def archives(self) -> list[ArchiveMark]:
+        rows = await self.conn.fetch(f"SELECT {_ARCHIVE_COLUMNS} FROM log_archives ORDER BY id")
+        return [mark_of(tuple(r.values())) for r in rows]
+
+    # --- end archive ---
 
 
 _INSERT_MESSAGES = (
@@ -1347,6 +1358,62 @@ class PostgresStore:
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             yield _Snapshot(conn)
+
+    # --- archive ---
+    async def cut_archived(
+        self, marks: Sequence[ArchiveMark], rows: Mapping[str, Sequence[int]], seen_head: int
+    ) -> bool:
+        """Delete what ``marks`` archived in one transaction that holds the head row's
+        lock, so no event about an archived row can be appended meanwhile; False (nothing
+        changed) when the log moved past what the archive saw (archived.py)."""
+        first, last = marks[0], marks[-1]
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT 1 FROM log_head FOR UPDATE")
+                low = await conn.fetchrow("SELECT MIN(seq) AS lo, MAX(seq) AS hi FROM log_chain")
+                at_last = await conn.fetchval(
+                    "SELECT hash FROM log_chain WHERE seq = $1", last.last_seq
+                )
+                messages = list(rows.get("messages", ()))
+                callbacks = list(rows.get("callbacks", ()))
+                later = await conn.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM log_chain WHERE seq > $1 AND ("
+                    "(kind LIKE 'message.%' AND ref = ANY($2::bigint[])) OR "
+                    "(kind LIKE 'callback.%' AND ref = ANY($3::bigint[])) OR "
+                    "(kind = 'callback.accepted' AND (facts::json->>'original_seq')::bigint "
+                    "= ANY($2::bigint[]))))",
+                    seen_head,
+                    messages,
+                    callbacks,
+                )
+                if (
+                    low is None
+                    or low["lo"] != first.first_seq
+                    or at_last != last.last_hash
+                    or int(low["hi"]) <= last.last_seq
+                    or later
+                ):
+                    return False
+                for table in ("callbacks", "messages", "rejections"):
+                    await conn.execute(
+                        f"DELETE FROM {table} WHERE seq = ANY($1::bigint[])",
+                        list(rows.get(table, ())),
+                    )
+                await conn.execute("DELETE FROM log_chain WHERE seq <= $1", last.last_seq)
+                await conn.executemany(
+                    f"INSERT INTO log_archives ({_ARCHIVE_COLUMNS}) VALUES "
+                    "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
+                    [
+                        (m.id, m.name, m.digest, m.first_seq, m.last_seq, m.last_hash, m.rows,
+                         m.bytes, json.dumps(dict(m.before), sort_keys=True), m.at)
+                        for m in marks
+                    ],
+                )  # fmt: skip
+                return True
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise StoreError(f"cannot cut the archived records: {exc}") from exc
+
+    # --- end archive ---
 
     async def purge_bodies(self, cutoff: float, now: float, batch: int = 500) -> tuple[int, int]:
         """Drop the bodies of finished records created before ``cutoff``; keep every

@@ -38,10 +38,13 @@ from gateway.store import (
     Signer,
     TokenNameTaken,
     TokenRecord,
+    archived,
     instance_id,
     sql_state,
 )
 from gateway.store import chain as log_chain
+from gateway.store.archived import MIGRATION as ARCHIVE_MIGRATION
+from gateway.store.archived import ArchiveMark
 from gateway.store.batch import BatchObserver, GroupCommit, Unit
 from gateway.store.chain import MIGRATION as CHAIN_MIGRATION
 from gateway.store.chain import ChainRow, CheckpointRow, HashChain, Head, body_digest
@@ -217,6 +220,13 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL    NOT NULL
     );
     """,
+    # --- archive ---
+    # 11 and 12 are other branches' migrations: these placeholders keep 13 at 13 until
+    # the merge puts the real ones here (the lead drops the placeholders).
+    "-- placeholder for migration 11",
+    "-- placeholder for migration 12",
+    ARCHIVE_MIGRATION,  # 13: log_archives (gateway/store/archived.py)
+    # --- end archive ---
 )
 
 # Message states move forward only; each target state lists the states it may follow.
@@ -1424,6 +1434,21 @@ class SQLiteStore:
         finally:
             db.close()
 
+    # --- archive ---
+    async def cut_archived(
+        self, marks: Sequence[ArchiveMark], rows: Mapping[str, Sequence[int]], seen_head: int
+    ) -> bool:
+        """Delete what ``marks`` archived (archived.py), on a connection of its own like
+        the purge: one transaction that queues behind group commit."""
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        try:
+            db.execute("PRAGMA foreign_keys=ON")
+            return archived.cut_archived(db, marks, rows, seen_head)
+        finally:
+            db.close()
+
+    # --- end archive ---
+
     async def purge_bodies(self, cutoff: float, now: float) -> tuple[int, int]:
         """Drop old bodies, keep digests (chain.py); on a connection of its own, so the
         purge's short transactions queue behind group commit like any other process."""
@@ -1478,3 +1503,9 @@ class _Snapshot:
         self, message_seq: int, callback_seqs: list[int]
     ) -> tuple[int, int] | None:
         return log_chain.own_events(self.db, message_seq, callback_seqs)
+
+    # --- archive ---
+    async def archives(self) -> list[ArchiveMark]:
+        return archived.archive_marks(self.db)
+
+    # --- end archive ---
