@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from gateway.app import STORE
 from gateway.audit import make_checkpoint, verify_store
 from gateway.audit.archive import (
     ARCHIVE_FORMAT,
@@ -25,8 +27,18 @@ from gateway.audit.archive import (
     write_archives,
 )
 from gateway.cli.log import duration
+from gateway.config import RetentionConfig, parse_config
+from gateway.errors import ConfigError
+from gateway.retention import LOCK, Retention
 from gateway.store import Store
-from tests.conftest import GATEWAY_ID, HarnessFactory, Keys, store_at
+from tests.conftest import (
+    CREDIT_EXAMPLE,
+    GATEWAY_ID,
+    HarnessFactory,
+    Keys,
+    config_document,
+    store_at,
+)
 from tests.test_audit import _answer, _claim_callback, _cli, _deliver, _jwks, _logged, _new
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -276,3 +288,98 @@ async def test_the_cli_archives_a_real_gateways_log_and_an_independent_checker_a
     code, out = _cli(capsys, "audit", "verify", "--archives", str(to), "--config", str(lg.config))
     assert code == 1
     assert files[0].name in out, out
+
+
+# Retention in the background -------------------------------------------------------------
+
+
+def _retention(store: Store, keys: Keys, to: Path, registry: Any) -> Retention:
+    return Retention(
+        store=store,
+        keypair=keys.pairs["gateway"],
+        jwks=_jwks(keys),
+        gateway=GATEWAY_ID,
+        config=RetentionConfig(older_than_s=0, to=to, interval_s=3600),
+        registry=registry,
+    )
+
+
+async def test_only_the_instance_holding_the_lock_archives(
+    store_url: str, keys: Keys, tmp_path: Path
+) -> None:
+    """Two instances on one store: while one holds the retention lock the other archives
+    nothing; once it lets go, the other archives, and its metrics count what it did."""
+    first, second = store_at(store_url, instance="a"), store_at(store_url, instance="b")
+    await first.open()
+    await second.open()
+    try:
+        await _finished_sync(first)
+        await _finished_sync(first)
+        registry = CollectorRegistry()
+        retention = _retention(second, keys, tmp_path / "arch", registry)
+        async with first.exclusive(LOCK) as held:
+            assert held
+            assert await retention.run_once() is None
+            assert list((tmp_path / "arch").glob("*.gwa")) == []
+        done = await retention.run_once()
+        assert done is not None
+        assert done.cut, done.reason
+        assert registry.get_sample_value("gateway_log_archived_records_total") == done.records
+        assert registry.get_sample_value("gateway_log_archive_bytes_total") == done.bytes
+        assert (
+            registry.get_sample_value("gateway_log_archive_last_run_timestamp_seconds") or 0
+        ) > 0
+        async with first.exclusive(LOCK) as held:
+            assert held  # released after the run
+    finally:
+        await first.close()
+        await second.close()
+
+
+def test_log_retention_is_read_from_config_and_bad_durations_are_refused(
+    keys: Keys, tmp_path: Path
+) -> None:
+    """``log.retention`` becomes a RetentionConfig; a duration such as ``30`` is a problem."""
+    doc = config_document(keys, store=tmp_path / "gw.db", national_url="http://127.0.0.1:1")
+    doc["log"] = {"retention": {"older_than": "30d", "to": "archives", "every": "2h"}}
+    config = parse_config(doc, base=tmp_path)
+    assert config.log.retention == RetentionConfig(
+        older_than_s=30 * 86400, to=tmp_path / "archives", interval_s=7200
+    )
+    doc["log"]["retention"]["older_than"] = "30"
+    with pytest.raises(ConfigError, match="/log/retention/older_than"):
+        parse_config(doc, base=tmp_path)
+
+
+async def test_a_gateway_with_log_retention_archives_in_the_background(
+    make_harness: HarnessFactory, tmp_path: Path
+) -> None:
+    """A real gateway with ``log.retention`` archives its own exchanges, the files verify
+    with the store as one chain, and /metrics counts the archived records."""
+    to = tmp_path / "bg"
+
+    def retained(doc: dict[str, Any]) -> None:
+        doc["store"]["checkpoint_interval_s"] = 0.1
+        doc["log"] = {"retention": {"older_than": "0s", "to": str(to), "every": "0.2s"}}
+
+    h = await make_harness(retained)
+    portal = h.client("portal")
+    for _ in range(3):
+        reply = await portal.exchange("credit.query", CREDIT_EXAMPLE)
+        assert reply.status == 200, reply.body
+
+    async def archived() -> bool:
+        return len(await _seqs(h.app[STORE], "messages")) < 3
+
+    await h.wait_for(archived)
+    report = await verify_archives(h.app[STORE], to, _jwks(h.keys), gateway=GATEWAY_ID)
+    assert report.ok, report.findings
+    resp = await h.gateway.get("/metrics")
+    text = await resp.text()
+    counted = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("gateway_log_archived_records_total ")
+    ]
+    assert counted
+    assert counted[0] > 0

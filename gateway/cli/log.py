@@ -9,10 +9,7 @@ import argparse
 import asyncio
 import json
 import re
-import shlex
-import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -90,52 +87,24 @@ def cmd_log_show(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-def run_hook(command: str, path: Path, attempts: int = 3, pause_s: float = 1.0) -> bool:
-    """The transfer hook: ``COMMAND FILE``, retried with a doubling pause; True once it
-    exits 0. The archive stays in place either way (the hook moves or copies it)."""
-    argv = [*shlex.split(command), str(path)]
-    for attempt in range(attempts):
-        try:
-            # The operator's own command from the command line, run without a shell.
-            done = subprocess.run(argv, capture_output=True, timeout=600, check=False)  # noqa: S603
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            print(f"transfer hook failed for {path.name}: {exc}", file=sys.stderr)
-        else:
-            if done.returncode == 0:
-                return True
-            print(
-                f"transfer hook exited {done.returncode} for {path.name}: "
-                f"{done.stderr.decode(errors='replace').strip()[:200]}",
-                file=sys.stderr,
-            )
-        if attempt + 1 < attempts:
-            time.sleep(pause_s * 2**attempt)
-    return False
-
-
 def cmd_log_archive(args: argparse.Namespace) -> int:
-    from gateway.audit import make_checkpoint
-    from gateway.audit.archive import write_archives
     from gateway.cli.audit import gateway_jwks
     from gateway.keys import load_gateway_keypair
+    from gateway.retention import archive_now, run_hook
 
     config = load(args)
     jwks = gateway_jwks(config)
     keypair = load_gateway_keypair(config.gateway)
-    now = time.time()
 
     async def run() -> int:
         async with open_store(config) as store:
-            # A checkpoint must cover what is archived: sign the head now if it moved.
-            await make_checkpoint(store, keypair, config.gateway.member_id)
-            done = await write_archives(
+            done = await archive_now(
                 store,
                 keypair,
                 jwks,
                 gateway=config.gateway.member_id,
                 to=Path(args.to),
-                cutoff=now - args.older_than,
-                now=now,
+                older_than_s=args.older_than,
                 max_bytes=int(args.max_mb * 1024 * 1024),
             )
         if not done.cut:

@@ -483,6 +483,10 @@ class Store(Protocol):
     async def cut_archived(
         self, marks: Sequence[ArchiveMark], rows: Mapping[str, Sequence[int]], seen_head: int
     ) -> bool: ...
+    # Whether this process holds the store-wide lock ``name`` for the block (one holder at
+    # a time across every instance on the store; released when the holder dies). Today's
+    # only leadership: the background archiver runs only in the instance that holds it.
+    def exclusive(self, name: str) -> AbstractAsyncContextManager[bool]: ...
 
     # --- end archive ---
 

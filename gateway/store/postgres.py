@@ -1413,6 +1413,19 @@ class PostgresStore:
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             raise StoreError(f"cannot cut the archived records: {exc}") from exc
 
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        """A session advisory lock on a connection held for the block: one holder
+        across every instance on this database, released if the holder dies."""
+        key = int.from_bytes(hashlib.sha256(b"gateway-lock:" + name.encode()).digest()[:4])
+        async with self.pool.acquire() as conn:
+            held = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1::bigint)", key))
+            try:
+                yield held
+            finally:
+                if held:
+                    await conn.execute("SELECT pg_advisory_unlock($1::bigint)", key)
+
     # --- end archive ---
 
     async def purge_bodies(self, cutoff: float, now: float, batch: int = 500) -> tuple[int, int]:
