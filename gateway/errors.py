@@ -8,6 +8,8 @@ Anything that is not a ``GatewayError`` becomes ``internal`` with details only i
     ├── ConfigError                    (not an HTTP error: bad config, listed problems)
     ├── DirectoryRefused               (not an HTTP error: a federation directory refused)
     ├── StoreError                     500 internal
+    │   ├── StoreUnavailable           500 internal (the database cannot be reached)
+    │   └── StoreReadOnly              500 internal (the database refuses writes)
     ├── BadRequest                     400
     │   ├── MalformedRequest           malformed_request
     │   ├── MissingHeader              missing_header
@@ -94,6 +96,8 @@ __all__ = [
     "SignatureInvalid",
     "SignatureMissing",
     "StoreError",
+    "StoreReadOnly",
+    "StoreUnavailable",
     "Unauthenticated",
     "Unavailable",
     "UnsupportedMediaType",
@@ -150,6 +154,16 @@ class DirectoryRefused(GatewayError):
 
 class StoreError(GatewayError):
     title = "Message store error"
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached (connection refused or lost, shutting down): a
+    driver's error translated at the store's seam (gateway/store/sqlite.py, postgres.py)."""
+
+
+class StoreReadOnly(StoreError):
+    """The database refuses writes: a read-only file, a replica, a database in recovery or
+    with ``default_transaction_read_only``. Readiness reports it (gateway/health.py)."""
 
 
 class InternalError(GatewayError):

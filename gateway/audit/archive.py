@@ -585,9 +585,12 @@ class CombinedSnapshot:
     """``ChainSnapshot`` over archive files followed by the live store: the chain and the
     rows as if nothing had been archived."""
 
-    def __init__(self, files: Sequence[ArchiveFile], live: ChainSnapshot) -> None:
+    def __init__(
+        self, files: Sequence[ArchiveFile], live: ChainSnapshot, marks: Sequence[ArchiveMark]
+    ) -> None:
         self.files = files
         self.live = live
+        self.marks = list(marks)
 
     async def chain_rows(self, first: int = 1, last: int | None = None) -> AsyncIterator[ChainRow]:
         for f in self.files:
@@ -632,7 +635,7 @@ class CombinedSnapshot:
         return await self.live.own_events(message_seq, callback_seqs)
 
     async def archives(self) -> list[ArchiveMark]:
-        return []  # the walk starts at the genesis, in the first archive
+        return self.marks  # verify_chain(whole=True): the walk starts at the genesis
 
 
 def _order_findings(files: Sequence[ArchiveFile], marks: Sequence[ArchiveMark]) -> list[Finding]:
@@ -705,7 +708,9 @@ async def verify_archives(
     ]
     async with store.snapshot() as snap:
         marks = await snap.archives()
-        report = await verify_chain(CombinedSnapshot(files, snap), jwks, gateway=gateway)
+        report = await verify_chain(
+            CombinedSnapshot(files, snap, marks), jwks, gateway=gateway, whole=True
+        )
     own = _order_findings(files, marks)
     return Report(
         records=report.records,

@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.audit.jws import JwsInvalid, verify_jws
 from gateway.store import ChainSnapshot, Store, chain
+from gateway.store.archived import ArchiveMark
 from gateway.store.chain import ChainRow, CheckpointRow, link
 
 __all__ = [
@@ -90,8 +91,16 @@ def text_sha(text: str) -> str:
 class _Verifier:
     LOOKUPS = 20  # broken links we trace back (a scan each) before classifying coarsely
 
-    def __init__(self, snap: ChainSnapshot, jwks: Mapping[str, Any], gateway: str | None):
+    def __init__(
+        self,
+        snap: ChainSnapshot,
+        jwks: Mapping[str, Any],
+        gateway: str | None,
+        whole: bool = False,
+    ):
         self.snap = snap
+        self.whole = whole  # the snapshot holds the archived records too: start at seq 1
+        self.chained_archives: list[tuple[int, dict[str, Any]]] = []  # (seq, facts)
         self.jwks = jwks
         self.gateway = gateway
         self.found: list[tuple[float, int, Finding]] = []
@@ -117,7 +126,7 @@ class _Verifier:
         # Records archived out of the store (gateway/audit/archive.py): the live chain
         # starts after the last archive, linked to its last hash.
         marks = await self.snap.archives()
-        if marks:
+        if marks and not self.whole:
             self.start = marks[-1].last_seq + 1, marks[-1].last_hash
             self.before.update(marks[-1].before)
         # --- end archive ---
@@ -138,6 +147,7 @@ class _Verifier:
                 self.apply(row, facts)
             prev2, prev = prev, row
         await self.rows()
+        self.archived_as_chained(marks)  # archive
         sealed = await self.seals(cps, hash_at, last)
         self.found.sort(key=lambda f: (f[1] == 2, f[0], f[1]))
         return Report(
@@ -239,6 +249,8 @@ class _Verifier:
             self.before.update(facts.get("before") or {})
         elif kind == "purge":
             self.purges.append((seq, float(facts.get("cutoff") or -_INF)))
+        elif kind == "archive":
+            self.chained_archives.append((seq, facts))
         elif kind == "message.accepted":
             created = self.create(self.messages, "messages", seq, ref, facts)
             if created is not None:
@@ -313,6 +325,26 @@ class _Verifier:
         if found is None and not (isinstance(ref, int) and ref <= self.before[name]):
             self.add(seq, "inserted", f"an event for {name}.seq {ref}, which was never chained")
         return found
+
+    # --- archive ---
+    def archived_as_chained(self, marks: Sequence[ArchiveMark]) -> None:
+        """The store's list of archives agrees with the ``archive`` events the walk saw
+        (all of them, when the archives were walked too)."""
+        listed = {m.name: m for m in marks}
+        seen = set()
+        for seq, facts in self.chained_archives:
+            name = str(facts.get("name"))
+            seen.add(name)
+            mark = listed.get(name)
+            if mark is None:
+                self.add(seq, "deleted", f"archive {name} is chained but not in log_archives", 2)
+            elif mark.chained() != {k: facts.get(k) for k in mark.chained()}:
+                self.add(seq, "modified", f"log_archives differs from the chain for {name}", 2)
+        for m in marks if self.whole else ():
+            if m.name not in seen:
+                self.add(m.first_seq, "inserted", f"archive {m.name} was never chained", 2)
+
+    # --- end archive ---
 
     # The rows as they are now
 
@@ -505,10 +537,15 @@ class _Verifier:
 
 
 async def verify_chain(
-    snap: ChainSnapshot, jwks: Mapping[str, Any], *, gateway: str | None = None
+    snap: ChainSnapshot,
+    jwks: Mapping[str, Any],
+    *,
+    gateway: str | None = None,
+    whole: bool = False,
 ) -> Report:
-    """Walk the whole log in ``snap``; findings come first break first."""
-    return await _Verifier(snap, jwks, gateway).run()
+    """Walk the whole log in ``snap``; findings come first break first. ``whole``: the
+    snapshot holds the archived records too (``gateway.audit.archive``)."""
+    return await _Verifier(snap, jwks, gateway, whole).run()
 
 
 async def verify_store(

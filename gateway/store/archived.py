@@ -1,8 +1,9 @@
 """The message log's archived prefix, in SQLite (the PostgreSQL twin is in postgres.py).
 
 ``gateway log archive`` (gateway/audit/archive.py) writes the oldest part of the chain and
-the rows it describes to signed archive files, then *cuts* it here: one transaction
-deletes those rows and chain records and adds one ``log_archives`` row per file. The
+the rows it describes to signed archive files, then *cuts* it (``StoreBody.cut_archived``):
+one transaction deletes those rows and chain records and adds one ``log_archives`` row
+(and one chained ``archive`` event) per file. The
 live chain then starts after the last archived record; ``audit verify`` starts its walk
 from that row's ``last_hash`` (docs/audit.md, "Archives").
 """
@@ -15,9 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import StoreError
-
-__all__ = ["MIGRATION", "ArchiveMark", "archive_marks", "cut_archived"]
+__all__ = ["ARCHIVE_COLUMNS", "MIGRATION", "ArchiveMark", "archive_marks", "mark_of"]
 
 # Migration 13 (``MIGRATIONS`` in sqlite.py; PostgreSQL: migrations/0008_archive.sql).
 MIGRATION = """
@@ -51,8 +50,18 @@ class ArchiveMark:
     before: Mapping[str, int]
     at: float
 
+    def chained(self) -> dict[str, Any]:
+        """The facts of the ``archive`` event that records this cut in the chain."""
+        return {
+            "name": self.name,
+            "digest": self.digest,
+            "first_seq": self.first_seq,
+            "last_seq": self.last_seq,
+            "last_hash": self.last_hash,
+        }
 
-_COLUMNS = "id, name, digest, first_seq, last_seq, last_hash, rows, bytes, before, at"
+
+ARCHIVE_COLUMNS = "id, name, digest, first_seq, last_seq, last_hash, rows, bytes, before, at"
 
 
 def mark_of(r: Mapping[str, Any] | Sequence[Any]) -> ArchiveMark:
@@ -78,69 +87,6 @@ def archive_marks(db: sqlite3.Connection) -> list[ArchiveMark]:
     if exists is None:
         return []
     return [
-        mark_of(tuple(r)) for r in db.execute(f"SELECT {_COLUMNS} FROM log_archives ORDER BY id")
+        mark_of(tuple(r))
+        for r in db.execute(f"SELECT {ARCHIVE_COLUMNS} FROM log_archives ORDER BY id")
     ]
-
-
-def cut_archived(
-    db: sqlite3.Connection,
-    marks: Sequence[ArchiveMark],
-    rows: Mapping[str, Sequence[int]],
-    seen_head: int,
-) -> bool:
-    """Delete what ``marks`` archived, in one transaction; False (nothing changed) when
-    the log moved in a way the archive did not see: another cut, a changed record, or an
-    event after ``seen_head`` about an archived row."""
-    first, last = marks[0], marks[-1]
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            ok = _guards_hold(db, first, last, rows, seen_head)
-            if ok:
-                for table in ("callbacks", "messages", "rejections"):
-                    db.executemany(
-                        f"DELETE FROM {table} WHERE seq = ?", [(s,) for s in rows.get(table, ())]
-                    )
-                db.execute("DELETE FROM log_chain WHERE seq <= ?", (last.last_seq,))
-                db.executemany(
-                    f"INSERT INTO log_archives ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    [
-                        (m.id, m.name, m.digest, m.first_seq, m.last_seq, m.last_hash, m.rows,
-                         m.bytes, json.dumps(dict(m.before), sort_keys=True), m.at)
-                        for m in marks
-                    ],
-                )  # fmt: skip
-            db.execute("COMMIT" if ok else "ROLLBACK")
-            return ok
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot cut the archived records: {exc}") from exc
-
-
-def _guards_hold(
-    db: sqlite3.Connection,
-    first: ArchiveMark,
-    last: ArchiveMark,
-    rows: Mapping[str, Sequence[int]],
-    seen_head: int,
-) -> bool:
-    low = db.execute("SELECT MIN(seq), MAX(seq) FROM log_chain").fetchone()
-    at_last = db.execute("SELECT hash FROM log_chain WHERE seq = ?", (last.last_seq,)).fetchone()
-    if low[0] != first.first_seq or at_last is None or at_last[0] != last.last_hash:
-        return False
-    if int(low[1]) <= last.last_seq:  # the head record always stays
-        return False
-    messages = set(rows.get("messages", ()))
-    callbacks = set(rows.get("callbacks", ()))
-    for kind, ref, facts in db.execute(
-        "SELECT kind, ref, facts FROM log_chain WHERE seq > ?", (seen_head,)
-    ):
-        if (kind.startswith("message.") and ref in messages) or (
-            kind.startswith("callback.") and ref in callbacks
-        ):
-            return False
-        if kind == "callback.accepted" and json.loads(facts).get("original_seq") in messages:
-            return False
-    return True

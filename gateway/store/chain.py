@@ -21,6 +21,8 @@ from gateway.errors import StoreError
 from gateway.states import IN_DELIVERY, CallbackState
 
 __all__ = [
+    "CHAIN_COLUMNS",
+    "DATA_COLUMNS",
     "GENESIS",
     "MIGRATION",
     "ChainRow",
@@ -207,13 +209,13 @@ def _chain_row(r: sqlite3.Row | tuple[Any, ...]) -> ChainRow:
     )
 
 
-_CHAIN_COLUMNS = "seq, at, kind, ref, facts, content_digest, prev_hash, hash"
+CHAIN_COLUMNS = "seq, at, kind, ref, facts, content_digest, prev_hash, hash"
 
 
 def chain_rows(
     db: sqlite3.Connection, first: int = 1, last: int | None = None
 ) -> Iterator[ChainRow]:
-    sql = f"SELECT {_CHAIN_COLUMNS} FROM log_chain WHERE seq >= ?"
+    sql = f"SELECT {CHAIN_COLUMNS} FROM log_chain WHERE seq >= ?"
     params: list[Any] = [first]
     if last is not None:
         sql += " AND seq <= ?"
@@ -290,7 +292,7 @@ def add_checkpoint(
         raise StoreError(f"cannot store a checkpoint: {exc}") from exc
 
 
-_DATA_COLUMNS = {
+DATA_COLUMNS = {
     "messages": "seq, message_id, client, service, mode, state, target, request_headers, "
     "request_body, request_digest, status, code, response_body, result, created_at",
     "callbacks": "seq, message_id, client, correlation_id, original_seq, service, headers, body, "
@@ -301,7 +303,7 @@ _DATA_COLUMNS = {
 
 def data_rows(db: sqlite3.Connection, table: str) -> Iterator[dict[str, Any]]:
     """Every row of ``messages``, ``callbacks`` or ``rejections`` with the chained columns."""
-    cursor = db.execute(f"SELECT {_DATA_COLUMNS[table]} FROM {table} ORDER BY seq")
+    cursor = db.execute(f"SELECT {DATA_COLUMNS[table]} FROM {table} ORDER BY seq")
     names = [d[0] for d in cursor.description]
     for r in cursor:
         yield dict(zip(names, r, strict=True))
@@ -309,7 +311,7 @@ def data_rows(db: sqlite3.Connection, table: str) -> Iterator[dict[str, Any]]:
 
 def messages_by_id(db: sqlite3.Connection, message_id: str) -> list[dict[str, Any]]:
     cursor = db.execute(
-        f"SELECT {_DATA_COLUMNS['messages']} FROM messages WHERE message_id = ? ORDER BY seq",
+        f"SELECT {DATA_COLUMNS['messages']} FROM messages WHERE message_id = ? ORDER BY seq",
         (message_id,),
     )
     names = [d[0] for d in cursor.description]
@@ -318,7 +320,7 @@ def messages_by_id(db: sqlite3.Connection, message_id: str) -> list[dict[str, An
 
 def callbacks_of(db: sqlite3.Connection, message_seq: int) -> list[dict[str, Any]]:
     cursor = db.execute(
-        f"SELECT {_DATA_COLUMNS['callbacks']} FROM callbacks WHERE original_seq = ? ORDER BY seq",
+        f"SELECT {DATA_COLUMNS['callbacks']} FROM callbacks WHERE original_seq = ? ORDER BY seq",
         (message_seq,),
     )
     names = [d[0] for d in cursor.description]

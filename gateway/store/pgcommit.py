@@ -27,9 +27,10 @@ whole batch again, a few times, before it fails.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -39,7 +40,7 @@ from gateway.errors import StoreError
 from gateway.store.batch import BatchObserver
 from gateway.store.chain import canonical, content_digest, link
 
-__all__ = ["OUTBOX_CHANNEL", "Conn", "PgGroupCommit", "PgUnit", "Tx"]
+__all__ = ["OUTBOX_CHANNEL", "Conn", "PgGroupCommit", "PgUnit", "Tx", "numbered"]
 
 log = logging.getLogger("gateway.store")
 
@@ -51,8 +52,28 @@ RETRIES = 8
 _RETRYABLE = ("40P01", "40001")
 
 
+@functools.lru_cache(maxsize=2048)
+def numbered(sql: str) -> str:
+    """The body's ``?`` placeholders as PostgreSQL's ``$1, $2 …`` (once per statement)."""
+    parts = sql.split("?")
+    return parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], 1))
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_many_sql(table: str, columns: tuple[tuple[str, str], ...], key: str) -> str:
+    names = ", ".join(name for name, _ in columns)
+    arrays = ", ".join(f"${n}::{kind}[]" for n, (_, kind) in enumerate(columns, 1))
+    return (
+        f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays}) "
+        f"ON CONFLICT ({key}) DO NOTHING RETURNING seq, {key}"
+    )
+
+
 class Tx:
-    """What a unit sees: the batch's connection, and where it queues chain events."""
+    """What a unit sees: the batch's connection, and where it queues chain events.
+
+    The body's units (gateway/store/body.py) use the methods below (``?`` placeholders);
+    ``conn`` is the connection itself, for PostgreSQL-only statements."""
 
     __slots__ = ("conn", "events", "wake")
 
@@ -63,6 +84,41 @@ class Tx:
 
     def chain(self, kind: str, ref: int | None, at: float, **facts: Any) -> None:
         self.events.append((kind, ref, at, facts))
+
+    async def execute(self, sql: str, *params: Any) -> int:
+        status: str = await self.conn.execute(numbered(sql), *params)
+        tail = status.rsplit(" ", 1)[-1]  # a command tag: ``UPDATE 3``, ``INSERT 0 1``
+        return int(tail) if tail.isdigit() else 0
+
+    async def fetch(self, sql: str, *params: Any) -> list[asyncpg.Record]:
+        return list(await self.conn.fetch(numbered(sql), *params))
+
+    async def fetchrow(self, sql: str, *params: Any) -> asyncpg.Record | None:
+        return await self.conn.fetchrow(numbered(sql), *params)
+
+    async def fetchval(self, sql: str, *params: Any) -> Any:
+        return await self.conn.fetchval(numbered(sql), *params)
+
+    async def insert_many(
+        self,
+        table: str,
+        columns: Sequence[tuple[str, str]],
+        rows: Sequence[Sequence[Any]],
+        key: str,
+    ) -> list[int | None]:
+        """One statement for every row (``unnest`` of one array a column)."""
+        found = await self.conn.fetch(
+            _insert_many_sql(table, tuple(columns), key),
+            *([row[n] for row in rows] for n in range(len(columns))),
+        )
+        keys = [k.strip() for k in key.split(",")]
+        at = [[name for name, _ in columns].index(k) for k in keys]
+        inserted = {tuple(r[k] for k in keys): int(r["seq"]) for r in found}
+        # A twin later in the batch finds its key taken by the earlier one (popped).
+        return [inserted.pop(tuple(row[n] for n in at), None) for row in rows]
+
+    async def notify(self, channel: str, payload: str) -> None:
+        await self.conn.execute("SELECT pg_notify($1, $2)", channel, payload)
 
 
 PgUnit = Callable[[Tx], Awaitable[T]]

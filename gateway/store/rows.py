@@ -12,9 +12,9 @@ __all__ = ["Row", "accepted_record", "callback_record", "message_record"]
 
 
 class Row(Protocol):
-    """A result row read by column name (``sqlite3.Row``, ``asyncpg.Record``)."""
+    """A result row read by column name or position (``sqlite3.Row``, ``asyncpg.Record``)."""
 
-    def __getitem__(self, key: str, /) -> Any: ...
+    def __getitem__(self, key: str | int, /) -> Any: ...
 
 
 def message_record(row: Row) -> MessageRecord:
