@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -383,3 +384,54 @@ async def test_a_gateway_with_log_retention_archives_in_the_background(
     ]
     assert counted
     assert counted[0] > 0
+
+
+async def test_a_tampered_list_of_archives_in_the_store_is_caught(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """Each cut is chained: a log_archives row edited or deleted behind the gateway's back
+    makes the live verify fail, though no archive file is touched."""
+    path = tmp_path / "db" / "gateway.db"
+    store = store_at(str(path))
+    await store.open()
+    try:
+        await _finished_sync(store)
+        await _finished_sync(store)
+        assert (await _archive(store, keys, tmp_path / "arch")).cut
+        await _finished_sync(store)
+        assert (await verify_store(store, _jwks(keys), gateway=GATEWAY_ID)).ok
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE log_archives SET digest = ?", ("0" * 64,))
+        report = await verify_store(store, _jwks(keys), gateway=GATEWAY_ID)
+        assert any("log_archives differs" in f.detail for f in report.findings), report.findings
+        with sqlite3.connect(path) as db:
+            db.execute("DELETE FROM log_archives")
+        report = await verify_store(store, _jwks(keys), gateway=GATEWAY_ID)
+        assert {f.kind for f in report.findings} >= {"deleted"}, report.findings
+    finally:
+        await store.close()
+
+
+async def test_archives_split_past_the_size_limit_and_chain_to_each_other(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """A small ``max_bytes`` gives several files in one run, each naming the one before,
+    each verifying alone and all together."""
+    store = store_at(str(tmp_path / "db" / "gateway.db"))
+    await store.open()
+    try:
+        for _ in range(12):
+            await _finished_sync(store, b'{"uscc": "' + b"x" * 2000 + b'"}')
+        run = await _archive(store, keys, tmp_path / "arch", max_bytes=8000)
+        assert run.cut, run.reason
+        assert len(run.files) >= 3
+        previous = None
+        for path in run.files:
+            parsed = check_archive(path.name, path.read_bytes(), _jwks(keys), GATEWAY_ID)
+            assert parsed.problems == []
+            assert parsed.header["prev_archive"] == previous
+            previous = parsed.digest
+        report = await verify_archives(store, tmp_path / "arch", _jwks(keys), gateway=GATEWAY_ID)
+        assert report.ok, report.findings
+    finally:
+        await store.close()
