@@ -709,7 +709,11 @@ async def verify_archives(
     async with store.snapshot() as snap:
         marks = await snap.archives()
         report = await verify_chain(
-            CombinedSnapshot(files, snap, marks), jwks, gateway=gateway, whole=True
+            CombinedSnapshot(files, snap, marks),
+            jwks,
+            gateway=gateway,
+            whole=True,
+            box=store.secrets,
         )
     own = _order_findings(files, marks)
     return Report(
@@ -717,4 +721,5 @@ async def verify_archives(
         checkpoints=report.checkpoints,
         sealed=report.sealed,
         findings=(*own, *report.findings),
+        unopened=report.unopened,
     )

@@ -16,8 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.audit.jws import JwsInvalid, verify_jws
+from gateway.errors import GatewayError, StoreError
+from gateway.secretstore import SecretBox
 from gateway.store import ChainSnapshot, Store, chain
 from gateway.store.archived import ArchiveMark
+from gateway.store.bodies import SEALED_COLUMNS, is_sealed, open_value, ready
 from gateway.store.chain import ChainRow, CheckpointRow, link
 
 __all__ = [
@@ -31,6 +34,9 @@ __all__ = [
 ]
 
 KINDS = ("modified", "deleted", "inserted", "reordered", "forged")
+UNOPENED: Any = object()  # a sealed body there was no key for: not judged
+_BROKEN = b"\x00a sealed body that does not open"  # matches no digest
+_BROKEN_TEXT = _BROKEN.decode()
 _INF = math.inf
 
 
@@ -53,6 +59,7 @@ class Report:
     checkpoints: int
     sealed: int  # the highest chain seq a valid checkpoint covers
     findings: tuple[Finding, ...]
+    unopened: int = 0  # rows whose sealed bodies were not checked: no key to open them
 
     @property
     def ok(self) -> bool:
@@ -97,8 +104,12 @@ class _Verifier:
         jwks: Mapping[str, Any],
         gateway: str | None,
         whole: bool = False,
+        box: SecretBox | None = None,
     ):
         self.snap = snap
+        self.box = box  # opens bodies sealed at rest; without it only the chain is judged
+        self.unopened = 0
+        self._keys: bool | None = None  # whether the box has the store's data keys
         self.whole = whole  # the snapshot holds the archived records too: start at seq 1
         self.chained_archives: list[tuple[int, dict[str, Any]]] = []  # (seq, facts)
         self.jwks = jwks
@@ -155,6 +166,7 @@ class _Verifier:
             checkpoints=len(cps),
             sealed=sealed,
             findings=tuple(f for _, _, f in self.found),
+            unopened=self.unopened,
         )
 
     # The chain itself
@@ -358,7 +370,8 @@ class _Verifier:
             (e.facts.get("client"), e.facts.get("message_id")): ref for ref, e in expected.items()
         }
         seen: set[int] = set()
-        async for row in self.snap.data_rows(name):
+        async for stored in self.snap.data_rows(name):
+            row = await self.opened(name, stored)
             seq = int(row["seq"])
             exp = expected.get(seq)
             if exp is None:
@@ -395,6 +408,43 @@ class _Verifier:
                     2,
                 )
 
+    # --- archive ---
+    async def opened(self, table: str, row: dict[str, Any]) -> dict[str, Any]:
+        """The row with its sealed bodies opened when the store's keys are at hand (else
+        they read as UNOPENED: not judged). One that does not open (altered, an unknown
+        key, moved from another column) reads as bytes no digest matches: modified."""
+        sealed = [k for k, v in row.items() if k in SEALED_COLUMNS and is_sealed(v)]
+        if not sealed:
+            return row
+        out = dict(row)
+        if not await self.keys_at_hand():
+            self.unopened += 1
+            for k in sealed:
+                out[k] = UNOPENED
+            return out
+        assert self.box is not None
+        await ready(self.box, [row[k] for k in sealed])  # a key added since we loaded
+        for k in sealed:
+            try:
+                out[k] = open_value(self.box, k, row[k])
+            except StoreError:
+                out[k] = _BROKEN_TEXT if isinstance(row[k], str) else _BROKEN
+        return out
+
+    async def keys_at_hand(self) -> bool:
+        if self._keys is None:
+            box = self.box
+            self._keys = box is not None and await ready(box, []) and box.can_seal
+            if self._keys and box is not None and box.current is None:
+                try:
+                    await box.load()
+                except GatewayError:
+                    self._keys = False
+                self._keys = self._keys and box.current is not None
+        return self._keys
+
+    # --- end archive ---
+
     def differ(self, at: int, what: str, detail: str) -> None:
         self.add(at, "modified", f"{what}: {detail}", 2)
 
@@ -410,9 +460,9 @@ class _Verifier:
         created, since = float(exp.values.get("created_at") or _INF), exp.by("created_at")
         return any(seq > since and created < cutoff for seq, cutoff in self.purges)
 
-    def body(
-        self, what: str, label: str, body: bytes | None, digest: Any, at: int, exp: _Expected
-    ) -> None:
+    def body(self, what: str, label: str, body: Any, digest: Any, at: int, exp: _Expected) -> None:
+        if body is UNOPENED:
+            return
         if body is None:
             if digest is not None and not self.purged(exp):
                 self.differ(at, what, f"its {label} is gone, and no purge covers it")
@@ -424,7 +474,8 @@ class _Verifier:
     def message(self, seq: int, row: Mapping[str, Any], exp: _Expected) -> None:
         what = f"messages.seq {seq}"
         self.fields(what, row, exp, ("service", "mode", "target", "request_digest"))
-        if text_sha(row["request_headers"]) != exp.facts.get("headers_digest"):
+        headers = row["request_headers"]
+        if headers is not UNOPENED and text_sha(headers) != exp.facts.get("headers_digest"):
             self.differ(exp.seq, what, "its request headers differ from the chain")
         self.body(
             what, "request body", row["request_body"], exp.facts.get("request_digest"), exp.seq, exp
@@ -457,10 +508,11 @@ class _Verifier:
     def callback(self, seq: int, row: Mapping[str, Any], exp: _Expected) -> None:
         what = f"callbacks.seq {seq}"
         self.fields(what, row, exp, ("correlation_id", "original_seq", "service", "digest"))
-        if text_sha(row["headers"]) != exp.facts.get("headers_digest"):
+        headers = row["headers"]
+        if headers is not UNOPENED and text_sha(headers) != exp.facts.get("headers_digest"):
             self.differ(exp.seq, what, "its headers differ from the chain")
         # A purged callback body is the empty blob (the column is NOT NULL).
-        body = row["body"] or None
+        body = row["body"] if row["body"] is UNOPENED else row["body"] or None
         self.body(what, "body", body, exp.facts.get("body_digest"), exp.seq, exp)
         if row["created_at"] != exp.values.get("created_at"):
             self.differ(exp.by("created_at"), what, "its creation time differs from the chain")
@@ -542,10 +594,12 @@ async def verify_chain(
     *,
     gateway: str | None = None,
     whole: bool = False,
+    box: SecretBox | None = None,
 ) -> Report:
     """Walk the whole log in ``snap``; findings come first break first. ``whole``: the
-    snapshot holds the archived records too (``gateway.audit.archive``)."""
-    return await _Verifier(snap, jwks, gateway, whole).run()
+    snapshot holds the archived records too (``gateway.audit.archive``). ``box``: the
+    store's data keys, to check bodies sealed at rest (the chain needs no key)."""
+    return await _Verifier(snap, jwks, gateway, whole, box).run()
 
 
 async def verify_store(
@@ -553,4 +607,4 @@ async def verify_store(
 ) -> Report:
     """``verify_chain`` over one snapshot of ``store`` (open, or opened read-only)."""
     async with store.snapshot() as snap:
-        return await verify_chain(snap, jwks, gateway=gateway)
+        return await verify_chain(snap, jwks, gateway=gateway, box=store.secrets)

@@ -165,7 +165,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 keypair = load_gateway_keypair(config.gateway)
                 await make_checkpoint(store, keypair, config.gateway.member_id)
             async with store.snapshot() as snap:
-                return await export_bundle(snap, message, jwks)
+                return await export_bundle(snap, message, jwks, store.secrets)
 
     bundle = asyncio.run(run())
     if bundle is None:

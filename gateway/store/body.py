@@ -52,6 +52,7 @@ from gateway.store import (
     sql_state,
 )
 from gateway.store.archived import ARCHIVE_COLUMNS, ArchiveMark
+from gateway.store.bodies import SEALED_COLUMNS, Opened, key_ids, seal_blob, seal_text
 from gateway.store.chain import body_digest
 from gateway.store.rows import Row, accepted_record, callback_record, message_record
 from gateway.store.sealing import opened_changes, opened_overlay, sealed_change
@@ -205,7 +206,11 @@ def _change(r: Row) -> ChangeRecord:
 
 
 def _callback_params(
-    cb: NewCallback, original_seq: int, headers: str, now: float
+    cb: NewCallback,
+    original_seq: int,
+    headers: str,
+    now: float,
+    key: tuple[DataKey, bytes] | None = None,
 ) -> tuple[Any, ...]:
     return (
         cb.message_id,
@@ -213,8 +218,8 @@ def _callback_params(
         cb.correlation_id,
         original_seq,
         cb.service,
-        headers,
-        cb.body,
+        seal_text(key, "headers", headers),
+        seal_blob(key, "body", cb.body),
         cb.digest,
         now,
         now,
@@ -248,10 +253,12 @@ class InsertMessage:
     batch's inserts as one statement does (PostgreSQL's group commit calls ``run_many``:
     one round trip instead of one each)."""
 
-    __slots__ = ("headers", "msg", "now")
+    __slots__ = ("headers", "key", "msg", "now")
 
-    def __init__(self, msg: NewMessage, headers: str, now: float) -> None:
-        self.msg, self.headers, self.now = msg, headers, now
+    def __init__(
+        self, msg: NewMessage, headers: str, now: float, key: tuple[DataKey, bytes] | None = None
+    ) -> None:
+        self.msg, self.headers, self.now, self.key = msg, headers, now, key
 
     async def __call__(self, tx: Tx) -> int | None:
         return (await self.run_many(tx, [self]))[0]
@@ -271,8 +278,8 @@ class InsertMessage:
                     u.msg.state,
                     u.msg.target,
                     u.msg.adapter,
-                    u.headers,
-                    u.msg.request_body,
+                    seal_text(u.key, "request_headers", u.headers),
+                    seal_blob(u.key, "request_body", u.msg.request_body),
                     u.msg.request_digest,
                     u.msg.next_attempt_at,
                     u.now,
@@ -347,7 +354,8 @@ class StoreBody:
 
     async def insert_message(self, msg: NewMessage) -> MessageRecord:
         now = time.time()
-        seq = await self.transact(InsertMessage(msg, json.dumps(dict(msg.request_headers)), now))
+        headers = json.dumps(dict(msg.request_headers))
+        seq = await self.transact(InsertMessage(msg, headers, now, await self._body_key()))
         if seq is None:
             raise DuplicateMessage(msg.message_id)
         return accepted_record(msg, seq, now)  # what we just wrote: no need to read it back
@@ -358,18 +366,21 @@ class StoreBody:
             client,
             message_id,
         )
-        return message_record(rows[0]) if rows else None
+        rows = await self._loaded(rows)  # archive: bodies at rest
+        return self._message(rows[0]) if rows else None
 
     async def get_message_by_seq(self, seq: int) -> MessageRecord | None:
         rows = await self.fetch(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE seq = ?", seq)
-        return message_record(rows[0]) if rows else None
+        rows = await self._loaded(rows)  # archive: bodies at rest
+        return self._message(rows[0]) if rows else None
 
     async def find_by_message_id(self, message_id: str) -> Sequence[MessageRecord]:
         rows = await self.fetch(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE message_id = ? ORDER BY seq",
             message_id,
         )
-        return [message_record(r) for r in rows]
+        rows = await self._loaded(rows)  # archive: bodies at rest
+        return [self._message(r) for r in rows]
 
     async def finish_message(
         self,
@@ -387,7 +398,9 @@ class StoreBody:
         """Close a synchronous exchange (it was recorded ``delivering``); False when it was
         closed already."""
         now = time.time()
-        headers = json.dumps(dict(response_headers))
+        key = await self._body_key()
+        headers = seal_text(key, "response_headers", json.dumps(dict(response_headers)))
+        sealed_body = seal_blob(key, "response_body", response_body)
         spent = json.dumps(dict(timings or {}))
 
         async def unit(tx: Tx) -> bool:
@@ -400,7 +413,7 @@ class StoreBody:
                 code,
                 adapter,
                 headers,
-                response_body,
+                sealed_body,
                 error,
                 spent,
                 now,
@@ -494,7 +507,8 @@ class StoreBody:
             *params,
             limit,
         )
-        return [message_record(r) for r in rows]
+        rows = await self._loaded(rows)  # archive: bodies at rest
+        return [self._message(r) for r in rows]
 
     async def count_messages(self, state: str | None = None) -> int:
         where, params = _where(("state = ?", state or None))
@@ -540,7 +554,8 @@ class StoreBody:
             return await tx.fetch(sql, now + lease_s, owner, now, now, now, limit)
 
         rows = await self.transact(unit)
-        return sorted((message_record(r) for r in rows), key=lambda m: m.seq)
+        rows = await self._loaded(rows)  # archive: bodies at rest
+        return sorted((self._message(r) for r in rows), key=lambda m: m.seq)
 
     async def reschedule_message(
         self, seq: int, *, attempts: int, next_attempt_at: float, error: str
@@ -579,6 +594,7 @@ class StoreBody:
         allowed = FORWARD[state]
         now = time.time()
         owner = self.instance_id
+        sealed_result = seal_blob(await self._body_key(), "result", result)
 
         async def unit(tx: Tx) -> bool:
             count = await tx.execute(
@@ -589,7 +605,7 @@ class StoreBody:
                 state,
                 adapter,
                 error,
-                result,
+                sealed_result,
                 attempts,
                 receiver,
                 now,
@@ -614,13 +630,14 @@ class StoreBody:
         now = time.time()
         headers = json.dumps(dict(answer.headers))
         owner = self.instance_id
+        key = await self._body_key()
 
         async def unit(tx: Tx) -> bool:
             moved = await tx.execute(
                 f"UPDATE messages SET state={_ANSWERED}, result=?, receiver=?, attempts=?, "
                 f"adapter=?, error=NULL, {_LEFT}, updated_at=? "
                 f"WHERE seq=? AND state IN {IN_OUTBOX} AND {_FENCE}",
-                answer.body,
+                seal_blob(key, "result", answer.body),
                 receiver,
                 attempts,
                 adapter,
@@ -631,7 +648,9 @@ class StoreBody:
             if moved != 1:
                 return False
             tx.wake = True
-            cb_seq = await tx.fetchval(_NEW_CALLBACK, *_callback_params(answer, seq, headers, now))
+            cb_seq = await tx.fetchval(
+                _NEW_CALLBACK, *_callback_params(answer, seq, headers, now, key)
+            )
             if cb_seq is not None:
                 _chain_callback(tx, int(cb_seq), answer, seq, headers, now)
             else:  # an earlier run stored this answer already
@@ -718,6 +737,7 @@ class StoreBody:
         now = time.time()
         headers = json.dumps(dict(cb.headers))
         allowed = TAKES_LATER_DECISION if supersede else TAKES_CALLBACK
+        key = await self._body_key()
 
         async def unit(tx: Tx) -> int | None:
             seen = await tx.fetchval(
@@ -730,7 +750,7 @@ class StoreBody:
             moved = await tx.execute(
                 f"UPDATE messages SET state={_ANSWERED}, result=?, {_LEFT}, updated_at=? "
                 f"WHERE seq=? AND state IN {allowed} AND receiver = ?",
-                cb.body,
+                seal_blob(key, "result", cb.body),
                 now,
                 cb.original_seq,
                 cb.client,
@@ -738,7 +758,7 @@ class StoreBody:
             if moved != 1:
                 return None
             seq = await tx.fetchval(
-                _NEW_CALLBACK, *_callback_params(cb, cb.original_seq, headers, now)
+                _NEW_CALLBACK, *_callback_params(cb, cb.original_seq, headers, now, key)
             )
             if seq is None:  # a concurrent twin committed between: undo the UPDATE too
                 raise DuplicateMessage(cb.message_id)
@@ -754,7 +774,8 @@ class StoreBody:
         rows = await self.fetch(
             f"SELECT {_CALLBACK_COLUMNS} FROM {_CALLBACK_JOIN} WHERE c.seq = ?", seq
         )
-        return callback_record(rows[0])
+        rows = await self._loaded(rows)  # archive: bodies at rest
+        return self._callback(rows[0])
 
     async def callbacks_of(self, original_seq: int) -> Sequence[CallbackRecord]:
         """Every decision recorded for a message, oldest first (its history)."""
@@ -763,7 +784,8 @@ class StoreBody:
             "ORDER BY c.seq",
             original_seq,
         )
-        return [callback_record(r) for r in rows]
+        rows = await self._loaded(rows)  # archive: bodies at rest
+        return [self._callback(r) for r in rows]
 
     async def get_callback(self, client: str, message_id: str) -> CallbackRecord | None:
         rows = await self.fetch(
@@ -772,7 +794,8 @@ class StoreBody:
             client,
             message_id,
         )
-        return callback_record(rows[0]) if rows else None
+        rows = await self._loaded(rows)  # archive: bodies at rest
+        return self._callback(rows[0]) if rows else None
 
     async def claim_due_callbacks(
         self, now: float, limit: int, lease_s: float
@@ -791,7 +814,8 @@ class StoreBody:
             return await tx.fetch(sql, now + lease_s, owner, now, now, now, limit)
 
         rows = await self.transact(unit)
-        return sorted((callback_record(r) for r in rows), key=lambda c: c.seq)
+        rows = await self._loaded(rows)  # archive: bodies at rest
+        return sorted((self._callback(r) for r in rows), key=lambda c: c.seq)
 
     async def finish_callback(
         self, seq: int, *, state: str, attempts: int, error: str | None
@@ -1020,6 +1044,41 @@ class StoreBody:
 
     def use_secrets(self, box: SecretBox) -> None:
         self._secrets = box
+
+    # --- archive --- bodies and stored headers sealed at rest (gateway/store/bodies.py)
+    async def _body_key(self) -> tuple[DataKey, bytes] | None:
+        """The current data key to seal with; None for a store opened without a KEK (a
+        library use: the gateway always opens its store with one)."""
+        box = self._secrets
+        if not box.can_seal:
+            return None
+        if box.current is None:
+            await box.load()
+        return box.key_material()
+
+    async def _loaded(self, rows: Sequence[Row]) -> Sequence[Row]:
+        """``rows``, after loading any data key their sealed columns name."""
+        box = self._secrets
+        if not box.can_seal:
+            return rows
+        wanted: set[str] = set()
+        for r in rows:
+            for column in SEALED_COLUMNS:
+                try:
+                    wanted |= key_ids((r[column],))
+                except (KeyError, IndexError):
+                    continue
+        if any(box.key_material(k) is None for k in wanted):
+            await box.load()
+        return rows
+
+    def _message(self, row: Row) -> MessageRecord:
+        return message_record(Opened(row, self._secrets))
+
+    def _callback(self, row: Row) -> CallbackRecord:
+        return callback_record(Opened(row, self._secrets))
+
+    # --- end archive ---
 
     @property
     def secrets(self) -> SecretBox:

@@ -367,6 +367,16 @@ class SQLiteStore(StoreBody):
         if self.readonly:
             if not self.path.exists():
                 raise StoreError(f"no store at {self.path}")
+            # archive: reads (the data keys that open bodies sealed at rest) on a
+            # read-only connection; every write is refused by SQLite itself.
+            try:
+                ro = sqlite3.connect(
+                    self.path.resolve().as_uri() + "?mode=ro", uri=True, timeout=10
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open the store at {self.path}: {exc}") from exc
+            ro.row_factory = sqlite3.Row
+            self._db = self._writer = ro
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         opened: list[sqlite3.Connection] = []
@@ -452,9 +462,8 @@ class SQLiteStore(StoreBody):
         if self._batch is not None:
             self._batch.close()
             self._batch = None
-        for connection in (self._db, self._writer):
-            if connection is not None:
-                connection.close()
+        for connection in {id(c): c for c in (self._db, self._writer) if c is not None}.values():
+            connection.close()
         self._db = self._writer = None
 
     async def write(self, unit: Unit[T]) -> T:
