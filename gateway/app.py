@@ -349,6 +349,26 @@ def create_app(
         yield
         await checkpoints.stop()
 
+    async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
+        # --- archive --- log.retention: the background archiver (gateway/retention.py)
+        retention = None
+        if config.log.retention is not None:
+            from gateway.retention import Retention
+
+            retention = Retention(
+                store=store,
+                keypair=keypair,
+                jwks={"keys": [dict(keypair.jwk), *map(dict, config.gateway.previous_keys)]},
+                gateway=config.gateway.member_id,
+                config=config.log.retention,
+                registry=metrics.registry,
+            )
+            retention.start()
+        yield
+        if retention is not None:
+            await retention.stop()
+        # --- end archive ---
+
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         # Configured URLs go through one pool, learnt ones (the directory's) through a
         # guarded one: addresses checked against config.outbound at connect time.
@@ -458,6 +478,7 @@ def create_app(
             store_ctx,
             monitor_ctx,
             checkpoints_ctx,
+            retention_ctx,  # archive
             session_ctx,
             stamper_ctx,  # --- tsa ---
             adapters_ctx,

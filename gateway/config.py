@@ -209,6 +209,50 @@ class SecretsConfig:
     cipher: Literal["sm4-gcm", "aes-256-gcm"] | None = None
 
 
+# --- archive ---
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetentionConfig:
+    """``log.retention``: archive the message log in the background (the instance that
+    holds the store's ``log.retention`` lock; gateway/retention.py, docs/audit.md)."""
+
+    older_than_s: float  # records older than this leave the store for archive files
+    to: Path  # the archive directory
+    interval_s: float = 3600.0
+    max_bytes: int = 64 * 1024 * 1024  # a file is split past this size
+    hook: str | None = None  # COMMAND run as ``COMMAND FILE`` per archive, retried
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogConfig:
+    retention: RetentionConfig | None = None
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration_s(text: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``45s``, ``2w`` in seconds (the schema checked the form)."""
+    return float(text[:-1]) * _DURATION_UNITS[text[-1]]
+
+
+def _log(data: Mapping[str, Any], r: _Reader) -> LogConfig:
+    ret = data.get("retention")
+    if ret is None:
+        return LogConfig()
+    return LogConfig(
+        retention=RetentionConfig(
+            older_than_s=duration_s(ret["older_than"]),
+            to=r.path(ret["to"]),
+            interval_s=duration_s(ret.get("every", "1h")),
+            max_bytes=int(ret.get("max_mb", 64) * 1024 * 1024),
+            hook=ret.get("hook"),
+        )
+    )
+
+
+# --- end archive ---
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RateLimit:
     """A token bucket: ``rate_per_s`` tokens a second, at most ``burst`` saved up."""
@@ -391,6 +435,7 @@ class Config:
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
     timestamping: TimestampingConfig | None = None
     local: LocalListen | None = None  # listen.local: off unless configured
+    log: LogConfig = field(default_factory=LogConfig)  # archive
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -667,6 +712,7 @@ def _build(data: Mapping[str, Any], r: _Reader, path: Path | None) -> Config:
         secrets=_secrets(data.get("secrets", {}), key_path or jwk_path, r),
         timestamping=_timestamping(data.get("timestamping"), r),
         local=_local(listen.get("local"), r),
+        log=_log(data.get("log", {}), r),  # archive
         raw=data,
     )
 

@@ -467,6 +467,23 @@ class SecretBox:
     def locked(cls) -> SecretBox:
         return cls(None, None)
 
+    # --- archive --- bodies at rest (gateway/store/bodies.py) use the same data keys
+    @property
+    def can_seal(self) -> bool:
+        """Whether this box has a KEK to load data keys with (``locked()`` has none)."""
+        return self._store is not None and (self._config is not None or self._kek is not None)
+
+    def key_material(self, key_id: str | None = None) -> tuple[DataKey, bytes] | None:
+        """A loaded data key and its material: ``key_id``'s, or the current one; None
+        when it is not loaded."""
+        if key_id is None:
+            if self._current is None:
+                return None
+            key_id = self._current.key_id
+        return self._keys.get(key_id)
+
+    # --- end archive ---
+
     @property
     def current(self) -> DataKey | None:
         return self._current

@@ -24,7 +24,9 @@ from rfc3161_client import decode_timestamp_response
 from gateway.audit.jws import JwsInvalid, verify_jws
 from gateway.audit.verify import body_matches, text_sha
 from gateway.errors import StoreError
+from gateway.secretstore import SecretBox
 from gateway.store import ChainSnapshot, chain
+from gateway.store.bodies import opened_dict
 from gateway.store.chain import link
 from gateway.timestamping import CLOCK_SKEW_S, signer_certificate
 
@@ -50,7 +52,10 @@ def _b64(data: bytes | None) -> str | None:
 
 
 async def export_bundle(
-    snap: ChainSnapshot, message: Mapping[str, Any], jwks: Mapping[str, Any]
+    snap: ChainSnapshot,
+    message: Mapping[str, Any],
+    jwks: Mapping[str, Any],
+    box: SecretBox | None = None,
 ) -> dict[str, Any]:
     """One message's records and the chain from its first record to a signed checkpoint.
 
@@ -59,7 +64,9 @@ async def export_bundle(
     covers the message (``make_checkpoint``) before calling.
     """
     seq = int(message["seq"])
-    callbacks = await snap.callbacks_of(seq)
+    # Bodies sealed at rest are opened with the store's data keys (gateway/store/bodies.py).
+    message = await opened_dict(box, message)
+    callbacks = [await opened_dict(box, c) for c in await snap.callbacks_of(seq)]
     span = await snap.own_events(seq, [int(c["seq"]) for c in callbacks])
     if span is None:
         raise StoreError(f"message {message['message_id']} predates the chain")

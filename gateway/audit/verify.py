@@ -13,13 +13,16 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.audit.jws import JwsInvalid, verify_jws
-from gateway.errors import TimestampError
+from gateway.errors import GatewayError, StoreError, TimestampError
+from gateway.secretstore import SecretBox
 from gateway.store import ChainSnapshot, Store, chain
+from gateway.store.archived import ArchiveMark
+from gateway.store.bodies import SEALED_COLUMNS, is_sealed, open_value, ready
 from gateway.store.chain import ChainRow, CheckpointRow, link
 from gateway.timestamping import StampTrust, check_stamp, stamped_data
 
@@ -34,6 +37,9 @@ __all__ = [
 ]
 
 KINDS = ("modified", "deleted", "inserted", "reordered", "forged")
+UNOPENED: Any = object()  # a sealed body there was no key for: not judged
+_BROKEN = b"\x00a sealed body that does not open"  # matches no digest
+_BROKEN_TEXT = _BROKEN.decode()
 _INF = math.inf
 
 
@@ -63,6 +69,7 @@ class Report:
     # The longest a verified stamp came after its checkpoint was signed: (checkpoint id,
     # seconds). A long lag is an outage's backlog, or stamps deleted and made again later.
     stamp_lag: tuple[int, float] | None = None
+    unopened: int = 0  # rows whose sealed bodies were not checked: no key to open them
 
     @property
     def ok(self) -> bool:
@@ -107,9 +114,16 @@ class _Verifier:
         jwks: Mapping[str, Any],
         gateway: str | None,
         tsa: StampTrust | None = None,
+        whole: bool = False,
+        box: SecretBox | None = None,
     ):
         self.snap = snap
         self.tsa = tsa
+        self.box = box  # opens bodies sealed at rest; without it only the chain is judged
+        self.unopened = 0
+        self._keys: bool | None = None  # whether the box has the store's data keys
+        self.whole = whole  # the snapshot holds the archived records too: start at seq 1
+        self.chained_archives: list[tuple[int, dict[str, Any]]] = []  # (seq, facts)
         self.jwks = jwks
         self.gateway = gateway
         self.found: list[tuple[float, int, Finding]] = []
@@ -119,6 +133,7 @@ class _Verifier:
         self.before = {"messages": 0, "callbacks": 0, "rejections": 0}
         self.purges: list[tuple[int, float]] = []  # (chain seq, cutoff) of each purge
         self.lookups = 0
+        self.start = 1, chain.GENESIS  # where the walk begins: seq and the hash it links to
 
     def add(self, seq: int | None, kind: str, detail: str, priority: int = 1) -> None:
         """Priority 0 and 1: the chain and its checkpoints; 2: a row that disagrees with it.
@@ -130,6 +145,14 @@ class _Verifier:
         )
 
     async def run(self) -> Report:
+        # --- archive ---
+        # Records archived out of the store (gateway/audit/archive.py): the live chain
+        # starts after the last archive, linked to its last hash.
+        marks = await self.snap.archives()
+        if marks and not self.whole:
+            self.start = marks[-1].last_seq + 1, marks[-1].last_hash
+            self.before.update(marks[-1].before)
+        # --- end archive ---
         cps = await self.snap.checkpoints()
         wanted = {cp.seq for cp in cps}
         hash_at: dict[int, str] = {}
@@ -147,6 +170,7 @@ class _Verifier:
                 self.apply(row, facts)
             prev2, prev = prev, row
         await self.rows()
+        self.archived_as_chained(marks)  # archive
         sealed = await self.seals(cps, hash_at, last)
         stamped, unstamped, lag = await self.stamps(cps)
         self.found.sort(key=lambda f: (f[1] == 2, f[0], f[1]))
@@ -158,6 +182,7 @@ class _Verifier:
             stamped=stamped,
             unstamped=unstamped,
             stamp_lag=lag,
+            unopened=self.unopened,
         )
 
     # The chain itself
@@ -193,7 +218,7 @@ class _Verifier:
         facts: dict[str, Any] | None,
     ) -> None:
         """The record's place: no gap before it, and a link to the record before it."""
-        expected_seq = prev.seq + 1 if prev else 1
+        expected_seq = prev.seq + 1 if prev else self.start[0]
         if row.seq != expected_seq:
             missing = (
                 f"record {expected_seq} is"
@@ -202,7 +227,7 @@ class _Verifier:
             )
             self.add(expected_seq, "deleted", f"{missing} missing from the chain", 0)
             return
-        expected = prev.hash if prev else chain.GENESIS
+        expected = prev.hash if prev else self.start[1]
         if row.prev_hash == expected:
             return
         if prev is not None and prev2 is not None and row.prev_hash == prev2.hash:
@@ -252,6 +277,8 @@ class _Verifier:
             self.before.update(facts.get("before") or {})
         elif kind == "purge":
             self.purges.append((seq, float(facts.get("cutoff") or -_INF)))
+        elif kind == "archive":
+            self.chained_archives.append((seq, facts))
         elif kind == "message.accepted":
             created = self.create(self.messages, "messages", seq, ref, facts)
             if created is not None:
@@ -327,6 +354,26 @@ class _Verifier:
             self.add(seq, "inserted", f"an event for {name}.seq {ref}, which was never chained")
         return found
 
+    # --- archive ---
+    def archived_as_chained(self, marks: Sequence[ArchiveMark]) -> None:
+        """The store's list of archives agrees with the ``archive`` events the walk saw
+        (all of them, when the archives were walked too)."""
+        listed = {m.name: m for m in marks}
+        seen = set()
+        for seq, facts in self.chained_archives:
+            name = str(facts.get("name"))
+            seen.add(name)
+            mark = listed.get(name)
+            if mark is None:
+                self.add(seq, "deleted", f"archive {name} is chained but not in log_archives", 2)
+            elif mark.chained() != {k: facts.get(k) for k in mark.chained()}:
+                self.add(seq, "modified", f"log_archives differs from the chain for {name}", 2)
+        for m in marks if self.whole else ():
+            if m.name not in seen:
+                self.add(m.first_seq, "inserted", f"archive {m.name} was never chained", 2)
+
+    # --- end archive ---
+
     # The rows as they are now
 
     async def rows(self) -> None:
@@ -339,7 +386,8 @@ class _Verifier:
             (e.facts.get("client"), e.facts.get("message_id")): ref for ref, e in expected.items()
         }
         seen: set[int] = set()
-        async for row in self.snap.data_rows(name):
+        async for stored in self.snap.data_rows(name):
+            row = await self.opened(name, stored)
             seq = int(row["seq"])
             exp = expected.get(seq)
             if exp is None:
@@ -376,6 +424,43 @@ class _Verifier:
                     2,
                 )
 
+    # --- archive ---
+    async def opened(self, table: str, row: dict[str, Any]) -> dict[str, Any]:
+        """The row with its sealed bodies opened when the store's keys are at hand (else
+        they read as UNOPENED: not judged). One that does not open (altered, an unknown
+        key, moved from another column) reads as bytes no digest matches: modified."""
+        sealed = [k for k, v in row.items() if k in SEALED_COLUMNS and is_sealed(v)]
+        if not sealed:
+            return row
+        out = dict(row)
+        if not await self.keys_at_hand():
+            self.unopened += 1
+            for k in sealed:
+                out[k] = UNOPENED
+            return out
+        assert self.box is not None
+        await ready(self.box, [row[k] for k in sealed])  # a key added since we loaded
+        for k in sealed:
+            try:
+                out[k] = open_value(self.box, k, row[k])
+            except StoreError:
+                out[k] = _BROKEN_TEXT if isinstance(row[k], str) else _BROKEN
+        return out
+
+    async def keys_at_hand(self) -> bool:
+        if self._keys is None:
+            box = self.box
+            self._keys = box is not None and await ready(box, []) and box.can_seal
+            if self._keys and box is not None and box.current is None:
+                try:
+                    await box.load()
+                except GatewayError:
+                    self._keys = False
+                self._keys = self._keys and box.current is not None
+        return self._keys
+
+    # --- end archive ---
+
     def differ(self, at: int, what: str, detail: str) -> None:
         self.add(at, "modified", f"{what}: {detail}", 2)
 
@@ -391,9 +476,9 @@ class _Verifier:
         created, since = float(exp.values.get("created_at") or _INF), exp.by("created_at")
         return any(seq > since and created < cutoff for seq, cutoff in self.purges)
 
-    def body(
-        self, what: str, label: str, body: bytes | None, digest: Any, at: int, exp: _Expected
-    ) -> None:
+    def body(self, what: str, label: str, body: Any, digest: Any, at: int, exp: _Expected) -> None:
+        if body is UNOPENED:
+            return
         if body is None:
             if digest is not None and not self.purged(exp):
                 self.differ(at, what, f"its {label} is gone, and no purge covers it")
@@ -405,7 +490,8 @@ class _Verifier:
     def message(self, seq: int, row: Mapping[str, Any], exp: _Expected) -> None:
         what = f"messages.seq {seq}"
         self.fields(what, row, exp, ("service", "mode", "target", "request_digest"))
-        if text_sha(row["request_headers"]) != exp.facts.get("headers_digest"):
+        headers = row["request_headers"]
+        if headers is not UNOPENED and text_sha(headers) != exp.facts.get("headers_digest"):
             self.differ(exp.seq, what, "its request headers differ from the chain")
         self.body(
             what, "request body", row["request_body"], exp.facts.get("request_digest"), exp.seq, exp
@@ -438,10 +524,11 @@ class _Verifier:
     def callback(self, seq: int, row: Mapping[str, Any], exp: _Expected) -> None:
         what = f"callbacks.seq {seq}"
         self.fields(what, row, exp, ("correlation_id", "original_seq", "service", "digest"))
-        if text_sha(row["headers"]) != exp.facts.get("headers_digest"):
+        headers = row["headers"]
+        if headers is not UNOPENED and text_sha(headers) != exp.facts.get("headers_digest"):
             self.differ(exp.seq, what, "its headers differ from the chain")
         # A purged callback body is the empty blob (the column is NOT NULL).
-        body = row["body"] or None
+        body = row["body"] if row["body"] is UNOPENED else row["body"] or None
         self.body(what, "body", body, exp.facts.get("body_digest"), exp.seq, exp)
         if row["created_at"] != exp.values.get("created_at"):
             self.differ(exp.by("created_at"), what, "its creation time differs from the chain")
@@ -561,10 +648,14 @@ async def verify_chain(
     *,
     gateway: str | None = None,
     tsa: StampTrust | None = None,
+    whole: bool = False,
+    box: SecretBox | None = None,
 ) -> Report:
     """Walk the whole log in ``snap``; findings come first break first. With ``tsa``,
-    each checkpoint's RFC 3161 stamp is checked against the TSA's certificates too."""
-    return await _Verifier(snap, jwks, gateway, tsa).run()
+    each checkpoint's RFC 3161 stamp is checked against the TSA's certificates too.
+    ``whole``: the snapshot holds the archived records too (``gateway.audit.archive``).
+    ``box``: the store's data keys, to check bodies sealed at rest (the chain needs no key)."""
+    return await _Verifier(snap, jwks, gateway, tsa, whole, box).run()
 
 
 async def verify_store(
@@ -576,4 +667,4 @@ async def verify_store(
 ) -> Report:
     """``verify_chain`` over one snapshot of ``store`` (open, or opened read-only)."""
     async with store.snapshot() as snap:
-        return await verify_chain(snap, jwks, gateway=gateway, tsa=tsa)
+        return await verify_chain(snap, jwks, gateway=gateway, tsa=tsa, box=store.secrets)

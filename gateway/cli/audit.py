@@ -50,6 +50,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     verify.add_argument("--jwks", help="trust this JWKS file (default: the gateway's own keys)")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.add_argument(
+        "--archives",
+        metavar="DIR",
+        help="verify the archive files in DIR and the store as one chain (gateway log archive)",
+    )
     verify.set_defaults(func=cmd_verify)
 
     export = with_config(
@@ -103,6 +108,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     async def run() -> Report:
         async with open_store(config, readonly=True) as store:
+            if args.archives:
+                from gateway.audit.archive import verify_archives
+
+                return await verify_archives(
+                    store, Path(args.archives), jwks, gateway=config.gateway.member_id, tsa=tsa
+                )
             return await verify_store(store, jwks, gateway=config.gateway.member_id, tsa=tsa)
 
     report = asyncio.run(run())
@@ -205,7 +216,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 await make_checkpoint(store, keypair, config.gateway.member_id)
             await _stamp_now(config, store)
             async with store.snapshot() as snap:
-                return await export_bundle(snap, message, jwks)
+                return await export_bundle(snap, message, jwks, store.secrets)
 
     bundle = asyncio.run(run())
     if bundle is None:

@@ -22,6 +22,7 @@ from gateway.states import (
     CallbackState,
     MessageState,
 )
+from gateway.store.archived import ArchiveMark
 from gateway.store.batch import BatchObserver
 from gateway.store.chain import ChainRow, CheckpointRow, Head
 from gateway.store.oprecords import MonitoringQuery, MonitoringRecord, MonitoringSample
@@ -346,6 +347,13 @@ class ChainSnapshot(Protocol):
 
     # --- end tsa ---
 
+    # --- archive ---
+    # The archive files the store handed its oldest records to, in chain order: the
+    # live chain starts after the last one's last_seq (gateway/audit/archive.py).
+    async def archives(self) -> list[ArchiveMark]: ...
+
+    # --- end archive ---
+
 
 class Store(Protocol):
     instance_id: str  # who holds this store's outbox leases (opaque; unique per process)
@@ -510,6 +518,18 @@ class Store(Protocol):
     def snapshot(self) -> AbstractAsyncContextManager[ChainSnapshot]: ...
     async def purge_bodies(self, cutoff: float, now: float) -> tuple[int, int]: ...
     async def chain_head(self) -> Head: ...
+    # --- archive ---
+    # Delete the rows and chain records ``marks`` archived, and add the marks, in one
+    # transaction; False (nothing deleted) when the log moved past what was archived.
+    async def cut_archived(
+        self, marks: Sequence[ArchiveMark], rows: Mapping[str, Sequence[int]], seen_head: int
+    ) -> bool: ...
+    # Whether this process holds the store-wide lock ``name`` for the block (one holder at
+    # a time across every instance on the store; released when the holder dies). Today's
+    # only leadership: the background archiver runs only in the instance that holds it.
+    def exclusive(self, name: str) -> AbstractAsyncContextManager[bool]: ...
+
+    # --- end archive ---
 
     # --- tsa ---
     # Third-party time (gateway/timestamping.py). claim_unstamped leases the checkpoints

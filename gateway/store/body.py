@@ -52,7 +52,9 @@ from gateway.store import (
     TokenRecord,
     sql_state,
 )
+from gateway.store.archived import ARCHIVE_COLUMNS, ArchiveMark
 from gateway.store.batch import BatchObserver
+from gateway.store.bodies import SEALED_COLUMNS, Opened, key_ids, seal_blob, seal_text
 from gateway.store.chain import CheckpointRow, body_digest
 from gateway.store.oprecords import (
     INSERT_COLUMNS,
@@ -136,6 +138,9 @@ class Dialect:
     # release_leases() without an owner voids every lease (one file, one supervisor) or
     # only this process's own (instances share the database).
     restart_voids_all: bool
+    # archive: a statement that holds the chain head's lock until COMMIT ("" where the
+    # transaction's write lock already excludes every other writer).
+    head_lock: str = ""
 
     def any_of(self, column: str, values: Sequence[int]) -> tuple[str, tuple[Any, ...]]:
         """``column`` is one of ``values``: the SQL and its parameters."""
@@ -244,7 +249,11 @@ def _change(r: Row) -> ChangeRecord:
 
 
 def _callback_params(
-    cb: NewCallback, original_seq: int, headers: str, now: float
+    cb: NewCallback,
+    original_seq: int,
+    headers: str,
+    now: float,
+    key: tuple[DataKey, bytes] | None = None,
 ) -> tuple[Any, ...]:
     return (
         cb.message_id,
@@ -252,8 +261,8 @@ def _callback_params(
         cb.correlation_id,
         original_seq,
         cb.service,
-        headers,
-        cb.body,
+        seal_text(key, "headers", headers),
+        seal_blob(key, "body", cb.body),
         cb.digest,
         CallbackState.PENDING.value,
         now,
@@ -288,10 +297,12 @@ class InsertMessage:
     batch's inserts as one statement does (PostgreSQL's group commit calls ``run_many``:
     one round trip instead of one each)."""
 
-    __slots__ = ("headers", "msg", "now")
+    __slots__ = ("headers", "key", "msg", "now")
 
-    def __init__(self, msg: NewMessage, headers: str, now: float) -> None:
-        self.msg, self.headers, self.now = msg, headers, now
+    def __init__(
+        self, msg: NewMessage, headers: str, now: float, key: tuple[DataKey, bytes] | None = None
+    ) -> None:
+        self.msg, self.headers, self.now, self.key = msg, headers, now, key
 
     def row(self) -> tuple[Any, ...]:
         m, now = self.msg, self.now
@@ -303,8 +314,8 @@ class InsertMessage:
             m.state,
             m.target,
             m.adapter,
-            self.headers,
-            m.request_body,
+            seal_text(self.key, "request_headers", self.headers),
+            seal_blob(self.key, "request_body", m.request_body),
             m.request_digest,
             m.next_attempt_at,
             now,
@@ -372,13 +383,19 @@ class RecordExchange:
     one row and one commit. A batch's are one statement (``run_many``), the duplicate-id
     check included (the insert's ``ON CONFLICT``)."""
 
-    __slots__ = ("headers", "msg", "now", "outcome", "received_at")
+    __slots__ = ("headers", "key", "msg", "now", "outcome", "received_at")
 
     def __init__(
-        self, msg: NewMessage, outcome: Outcome, headers: str, received_at: float, now: float
+        self,
+        msg: NewMessage,
+        outcome: Outcome,
+        headers: str,
+        received_at: float,
+        now: float,
+        key: tuple[DataKey, bytes] | None = None,
     ) -> None:
         self.msg, self.outcome, self.headers = msg, outcome, headers
-        self.received_at, self.now = received_at, now
+        self.received_at, self.now, self.key = received_at, now, key
 
     async def __call__(self, tx: Tx) -> int | None:
         return (await self.run_many(tx, [self]))[0]
@@ -397,16 +414,18 @@ class RecordExchange:
                     u.outcome.state,
                     u.msg.target,
                     u.outcome.adapter or u.msg.adapter,
-                    u.headers,
-                    u.msg.request_body,
+                    seal_text(u.key, "request_headers", u.headers),
+                    seal_blob(u.key, "request_body", u.msg.request_body),
                     u.msg.request_digest,
                     u.received_at,
                     u.now,
                     u.msg.trace_id,
                     u.outcome.status,
                     u.outcome.code,
-                    json.dumps(dict(u.outcome.response_headers)),
-                    u.outcome.response_body,
+                    seal_text(
+                        u.key, "response_headers", json.dumps(dict(u.outcome.response_headers))
+                    ),
+                    seal_blob(u.key, "response_body", u.outcome.response_body),
                     u.outcome.error,
                     json.dumps(dict(u.outcome.timings)),
                 )
@@ -496,7 +515,8 @@ class StoreBody:
 
     async def insert_message(self, msg: NewMessage) -> MessageRecord:
         now = time.time()
-        seq = await self.transact(InsertMessage(msg, json.dumps(dict(msg.request_headers)), now))
+        headers = json.dumps(dict(msg.request_headers))
+        seq = await self.transact(InsertMessage(msg, headers, now, await self._body_key()))
         if seq is None:
             raise DuplicateMessage(msg.message_id)
         return accepted_record(msg, seq, now)  # what we just wrote: no need to read it back
@@ -507,18 +527,21 @@ class StoreBody:
             client,
             message_id,
         )
-        return message_record(rows[0]) if rows else None
+        rows = await self._loaded(rows)  # archive: bodies at rest
+        return self._message(rows[0]) if rows else None
 
     async def get_message_by_seq(self, seq: int) -> MessageRecord | None:
         rows = await self.fetch(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE seq = ?", seq)
-        return message_record(rows[0]) if rows else None
+        rows = await self._loaded(rows)  # archive: bodies at rest
+        return self._message(rows[0]) if rows else None
 
     async def find_by_message_id(self, message_id: str) -> Sequence[MessageRecord]:
         rows = await self.fetch(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE message_id = ? ORDER BY seq",
             message_id,
         )
-        return [message_record(r) for r in rows]
+        rows = await self._loaded(rows)  # archive: bodies at rest
+        return [self._message(r) for r in rows]
 
     async def finish_message(
         self,
@@ -536,7 +559,9 @@ class StoreBody:
         """Close a synchronous exchange (it was recorded ``delivering``); False when it was
         closed already."""
         now = time.time()
-        headers = json.dumps(dict(response_headers))
+        key = await self._body_key()
+        headers = seal_text(key, "response_headers", json.dumps(dict(response_headers)))
+        sealed_body = seal_blob(key, "response_body", response_body)
         spent = json.dumps(dict(timings or {}))
 
         async def unit(tx: Tx) -> bool:
@@ -549,7 +574,7 @@ class StoreBody:
                 code,
                 adapter,
                 headers,
-                response_body,
+                sealed_body,
                 error,
                 spent,
                 now,
@@ -575,7 +600,9 @@ class StoreBody:
     ) -> int:
         """A synchronous exchange, accepted and finished, in one row of one commit."""
         headers = json.dumps(dict(msg.request_headers))
-        seq = await self.transact(RecordExchange(msg, outcome, headers, received_at, time.time()))
+        key = await self._body_key()
+        unit = RecordExchange(msg, outcome, headers, received_at, time.time(), key)
+        seq = await self.transact(unit)
         if seq is None:
             raise DuplicateMessage(msg.message_id)
         return seq
@@ -653,7 +680,8 @@ class StoreBody:
             *params,
             limit,
         )
-        return [message_record(r) for r in rows]
+        rows = await self._loaded(rows)  # archive: bodies at rest
+        return [self._message(r) for r in rows]
 
     async def count_messages(self, state: str | None = None) -> int:
         where, params = _where(("state = ?", state or None))
@@ -695,7 +723,8 @@ class StoreBody:
             limit,
             lease_s,
         )
-        return sorted((message_record(r) for r in rows), key=lambda m: m.seq)
+        rows = await self._loaded(rows)  # archive: bodies at rest
+        return sorted((self._message(r) for r in rows), key=lambda m: m.seq)
 
     async def _claim(
         self,
@@ -768,6 +797,7 @@ class StoreBody:
         allowed = FORWARD[state]
         now = time.time()
         owner = self.instance_id
+        sealed_result = seal_blob(await self._body_key(), "result", result)
 
         async def unit(tx: Tx) -> bool:
             count = await tx.execute(
@@ -778,7 +808,7 @@ class StoreBody:
                 state,
                 adapter,
                 error,
-                result,
+                sealed_result,
                 attempts,
                 receiver,
                 now,
@@ -803,13 +833,14 @@ class StoreBody:
         now = time.time()
         headers = json.dumps(dict(answer.headers))
         owner = self.instance_id
+        key = await self._body_key()
 
         async def unit(tx: Tx) -> bool:
             moved = await tx.execute(
                 f"UPDATE messages SET state={_ANSWERED}, result=?, receiver=?, attempts=?, "
                 f"adapter=?, error=NULL, {_LEFT}, updated_at=? "
                 f"WHERE seq=? AND state IN {IN_OUTBOX} AND {_FENCE}",
-                answer.body,
+                seal_blob(key, "result", answer.body),
                 receiver,
                 attempts,
                 adapter,
@@ -820,7 +851,9 @@ class StoreBody:
             if moved != 1:
                 return False
             tx.wake = True
-            cb_seq = await tx.insert(_NEW_CALLBACK, *_callback_params(answer, seq, headers, now))
+            cb_seq = await tx.insert(
+                _NEW_CALLBACK, *_callback_params(answer, seq, headers, now, key)
+            )
             if cb_seq is not None:
                 _chain_callback(tx, int(cb_seq), answer, seq, headers, now)
             else:  # an earlier run stored this answer already
@@ -907,6 +940,7 @@ class StoreBody:
         now = time.time()
         headers = json.dumps(dict(cb.headers))
         allowed = TAKES_LATER_DECISION if supersede else TAKES_CALLBACK
+        key = await self._body_key()
 
         async def unit(tx: Tx) -> int | None:
             seen = await tx.fetchval(
@@ -919,7 +953,7 @@ class StoreBody:
             moved = await tx.execute(
                 f"UPDATE messages SET state={_ANSWERED}, result=?, {_LEFT}, updated_at=? "
                 f"WHERE seq=? AND state IN {allowed} AND receiver = ?",
-                cb.body,
+                seal_blob(key, "result", cb.body),
                 now,
                 cb.original_seq,
                 cb.client,
@@ -927,7 +961,7 @@ class StoreBody:
             if moved != 1:
                 return None
             seq = await tx.insert(
-                _NEW_CALLBACK, *_callback_params(cb, cb.original_seq, headers, now)
+                _NEW_CALLBACK, *_callback_params(cb, cb.original_seq, headers, now, key)
             )
             if seq is None:  # a concurrent twin committed between: undo the UPDATE too
                 raise DuplicateMessage(cb.message_id)
@@ -943,7 +977,8 @@ class StoreBody:
         rows = await self.fetch(
             f"SELECT {_CALLBACK_COLUMNS} FROM {_CALLBACK_JOIN} WHERE c.seq = ?", seq
         )
-        return callback_record(rows[0])
+        rows = await self._loaded(rows)  # archive: bodies at rest
+        return self._callback(rows[0])
 
     async def callbacks_of(self, original_seq: int) -> Sequence[CallbackRecord]:
         """Every decision recorded for a message, oldest first (its history)."""
@@ -952,7 +987,8 @@ class StoreBody:
             "ORDER BY c.seq",
             original_seq,
         )
-        return [callback_record(r) for r in rows]
+        rows = await self._loaded(rows)  # archive: bodies at rest
+        return [self._callback(r) for r in rows]
 
     async def get_callback(self, client: str, message_id: str) -> CallbackRecord | None:
         rows = await self.fetch(
@@ -961,7 +997,8 @@ class StoreBody:
             client,
             message_id,
         )
-        return callback_record(rows[0]) if rows else None
+        rows = await self._loaded(rows)  # archive: bodies at rest
+        return self._callback(rows[0]) if rows else None
 
     async def claim_due_callbacks(
         self, now: float, limit: int, lease_s: float
@@ -976,7 +1013,8 @@ class StoreBody:
             limit,
             lease_s,
         )
-        return sorted((callback_record(r) for r in rows), key=lambda c: c.seq)
+        rows = await self._loaded(rows)  # archive: bodies at rest
+        return sorted((self._callback(r) for r in rows), key=lambda c: c.seq)
 
     async def finish_callback(
         self, seq: int, *, state: str, attempts: int, error: str | None
@@ -1196,6 +1234,41 @@ class StoreBody:
     def use_secrets(self, box: SecretBox) -> None:
         self._secrets = box
 
+    # --- archive --- bodies and stored headers sealed at rest (gateway/store/bodies.py)
+    async def _body_key(self) -> tuple[DataKey, bytes] | None:
+        """The current data key to seal with; None for a store opened without a KEK (a
+        library use: the gateway always opens its store with one)."""
+        box = self._secrets
+        if not box.can_seal:
+            return None
+        if box.current is None:
+            await box.load()
+        return box.key_material()
+
+    async def _loaded(self, rows: Sequence[Row]) -> Sequence[Row]:
+        """``rows``, after loading any data key their sealed columns name."""
+        box = self._secrets
+        if not box.can_seal:
+            return rows
+        wanted: set[str] = set()
+        for r in rows:
+            for column in SEALED_COLUMNS:
+                try:
+                    wanted |= key_ids((r[column],))
+                except (KeyError, IndexError):
+                    continue
+        if any(box.key_material(k) is None for k in wanted):
+            await box.load()
+        return rows
+
+    def _message(self, row: Row) -> MessageRecord:
+        return message_record(Opened(row, self._secrets))
+
+    def _callback(self, row: Row) -> CallbackRecord:
+        return callback_record(Opened(row, self._secrets))
+
+    # --- end archive ---
+
     @property
     def secrets(self) -> SecretBox:
         return self._secrets
@@ -1323,6 +1396,57 @@ class StoreBody:
         return await self._execute(PRUNE_SQL.format("?"), cutoff)
 
     # The message log ------------------------------------------------------------------
+
+    # --- archive ---
+    async def cut_archived(
+        self, marks: Sequence[ArchiveMark], rows: Mapping[str, Sequence[int]], seen_head: int
+    ) -> bool:
+        """Delete what ``marks`` archived and add them (``log_archives``, and one chained
+        ``archive`` event each) in one transaction; False (nothing changed) when the log
+        moved past what the archive saw: another cut, a changed record, or an event after
+        ``seen_head`` about an archived row (the head's lock keeps new ones out)."""
+        first, last, now = marks[0], marks[-1], time.time()
+        messages, callbacks = set(rows.get("messages", ())), set(rows.get("callbacks", ()))
+
+        async def unit(tx: Tx) -> bool | None:
+            if self.dialect.head_lock:
+                await tx.fetch(self.dialect.head_lock)
+            low = await tx.fetchrow("SELECT MIN(seq), MAX(seq) FROM log_chain")
+            at_last = await tx.fetchval("SELECT hash FROM log_chain WHERE seq = ?", last.last_seq)
+            if low is None or low[0] != first.first_seq or at_last != last.last_hash:
+                return None
+            if int(low[1]) <= last.last_seq:  # the head record always stays
+                return None
+            for r in await tx.fetch(
+                "SELECT kind, ref, facts FROM log_chain WHERE seq > ?", seen_head
+            ):
+                kind, ref = str(r[0]), r[1]
+                if (kind.startswith("message.") and ref in messages) or (
+                    kind.startswith("callback.") and ref in callbacks
+                ):
+                    return None
+                if kind == "callback.accepted" and (
+                    json.loads(r[2]).get("original_seq") in messages
+                ):
+                    return None
+            for table in ("callbacks", "messages", "rejections"):  # callbacks name messages
+                ids = list(rows.get(table, ()))
+                for at in range(0, len(ids), 500):
+                    where, params = self.dialect.any_of("seq", ids[at : at + 500])
+                    await tx.execute(f"DELETE FROM {table} WHERE {where}", *params)
+            await tx.execute("DELETE FROM log_chain WHERE seq <= ?", last.last_seq)
+            for m in marks:
+                await tx.execute(
+                    f"INSERT INTO log_archives ({ARCHIVE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    m.id, m.name, m.digest, m.first_seq, m.last_seq, m.last_hash, m.rows,
+                    m.bytes, json.dumps(dict(m.before), sort_keys=True), m.at,
+                )  # fmt: skip
+                tx.chain("archive", None, now, **m.chained())
+            return True
+
+        return bool(await self.transact(unit))
+
+    # --- end archive ---
 
     async def purge_bodies(self, cutoff: float, now: float, batch: int = 500) -> tuple[int, int]:
         """Drop the bodies of finished records created before ``cutoff``; keep every

@@ -31,6 +31,7 @@ import asyncpg
 from gateway.errors import StoreError, StoreReadOnly, StoreUnavailable
 from gateway.secretstore import SecretBox
 from gateway.store import Signer
+from gateway.store.archived import ARCHIVE_COLUMNS, ArchiveMark, mark_of
 from gateway.store.body import CONFIG_CHANNEL, Dialect, StoreBody, opened
 from gateway.store.chain import (
     CHAIN_COLUMNS,
@@ -65,6 +66,7 @@ _POSTGRES = Dialect(
     arrays=True,
     directory_key=("one", "true"),
     restart_voids_all=False,
+    head_lock="SELECT 1 FROM log_head FOR UPDATE",  # archive: as every append takes it
 )
 # Driver errors: what the store raises instead (its own tree, gateway/errors.py).
 _DRIVER_ERRORS = (
@@ -193,6 +195,13 @@ class _Snapshot:
             callback_seqs,
         )
         return None if row is None or row[0] is None else (int(row[0]), int(row[1]))
+
+    # --- archive ---
+    async def archives(self) -> list[ArchiveMark]:
+        rows = await self.conn.fetch(f"SELECT {ARCHIVE_COLUMNS} FROM log_archives ORDER BY id")
+        return [mark_of(tuple(r.values())) for r in rows]
+
+    # --- end archive ---
 
 
 # --- lean ---
@@ -373,6 +382,22 @@ class PostgresStore(StoreBody):
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             yield _Snapshot(conn)
+
+    # --- archive ---
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        """A session advisory lock on a connection held for the block: one holder
+        across every instance on this database, released if the holder dies."""
+        key = int.from_bytes(hashlib.sha256(b"gateway-lock:" + name.encode()).digest()[:4])
+        async with self.pool.acquire() as conn:
+            held = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1::bigint)", key))
+            try:
+                yield held
+            finally:
+                if held:
+                    await conn.execute("SELECT pg_advisory_unlock($1::bigint)", key)
+
+    # --- end archive ---
 
     # Moving in -----------------------------------------------------------------------
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
@@ -15,9 +17,11 @@ import aiosqlite
 
 from gateway.errors import StoreError, StoreReadOnly
 from gateway.secretstore import SecretBox
-from gateway.store import Signer, instance_id
+from gateway.store import Signer, archived, instance_id
 from gateway.store import chain as log_chain
 from gateway.store import stamps as log_stamps
+from gateway.store.archived import MIGRATION as ARCHIVE_MIGRATION
+from gateway.store.archived import ArchiveMark
 from gateway.store.batch import GroupCommit, Unit
 from gateway.store.body import Dialect, StoreBody, TxUnit, opened
 from gateway.store.chain import MIGRATION as CHAIN_MIGRATION
@@ -233,6 +237,9 @@ MIGRATIONS: tuple[str, ...] = (
     # --- tsa ---
     STAMPS_MIGRATION,  # 12: checkpoint_stamps (gateway/store/stamps.py)
     # --- end tsa ---
+    # --- archive ---
+    ARCHIVE_MIGRATION,  # 13: log_archives (gateway/store/archived.py)
+    # --- end archive ---
 )
 
 
@@ -386,6 +393,16 @@ class SQLiteStore(StoreBody):
         if self.readonly:
             if not self.path.exists():
                 raise StoreError(f"no store at {self.path}")
+            # archive: reads (the data keys that open bodies sealed at rest) on a
+            # read-only connection; every write is refused by SQLite itself.
+            try:
+                ro = sqlite3.connect(
+                    self.path.resolve().as_uri() + "?mode=ro", uri=True, timeout=10
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open the store at {self.path}: {exc}") from exc
+            ro.row_factory = sqlite3.Row
+            self._db = self._writer = ro
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         opened: list[sqlite3.Connection] = []
@@ -471,9 +488,8 @@ class SQLiteStore(StoreBody):
         if self._batch is not None:
             self._batch.close()
             self._batch = None
-        for connection in (self._db, self._writer):
-            if connection is not None:
-                connection.close()
+        for connection in {id(c): c for c in (self._db, self._writer) if c is not None}.values():
+            connection.close()
         self._db = self._writer = None
 
     async def write(self, unit: Unit[T]) -> T:
@@ -571,6 +587,28 @@ class SQLiteStore(StoreBody):
         finally:
             db.close()
 
+    # --- archive ---
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        """An ``flock`` on a file beside the database: every process on this file
+        shares it, and the kernel releases it when the holder dies."""
+        lock = self.path.with_name(f"{self.path.name}.{name}.lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    # --- end archive ---
+
 
 class _Snapshot:
     """``ChainSnapshot`` on a plain connection inside one read transaction. SQLite reads
@@ -622,3 +660,9 @@ class _Snapshot:
         return log_stamps.stamps(self.db)
 
     # --- end tsa ---
+
+    # --- archive ---
+    async def archives(self) -> list[ArchiveMark]:
+        return archived.archive_marks(self.db)
+
+    # --- end archive ---
