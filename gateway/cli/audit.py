@@ -20,7 +20,7 @@ from gateway.audit import (
     make_checkpoint,
     verify_store,
 )
-from gateway.cli._common import load, open_store, with_config
+from gateway.cli._common import load, open_store, read_json, with_config
 from gateway.config import Config
 from gateway.errors import StoreError
 from gateway.keys import load_gateway_keypair
@@ -75,13 +75,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     purge.set_defaults(func=cmd_purge)
 
 
-def _read_json(path: str) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"cannot read {path}: {exc}") from exc
-
-
 def gateway_jwks(config: Config) -> dict[str, Any]:
     """The gateway's public keys (current and previous), as ``/.well-known/jwks.json``."""
     if config.gateway.jwk_path.exists():
@@ -92,7 +85,7 @@ def gateway_jwks(config: Config) -> dict[str, Any]:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     config = load(args)
-    jwks = _read_json(args.jwks) if args.jwks else gateway_jwks(config)
+    jwks = read_json(args.jwks, StoreError) if args.jwks else gateway_jwks(config)
 
     async def run() -> Report:
         async with open_store(config, readonly=True) as store:
@@ -188,7 +181,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return 1
-    trusted = _read_json(args.jwks) if args.jwks else None
+    trusted = read_json(args.jwks, StoreError) if args.jwks else None
     report = check_bundle(raw, trusted)
     for line in report.summary:
         print(line)
