@@ -49,9 +49,12 @@ GATEWAY_ID = "330000:gateway"
 
 
 # The fast loop (`pytest --fast`, `python3 dev.py test --fast`): unit-level tests only.
-# A test using one of these fixtures starts a gateway or a peer of it, so it is marked
-# `integration` here; a test that starts a subprocess itself carries the marker.
-INTEGRATION_FIXTURES = frozenset({"harness", "make_harness", "serve_tls", "start_b"})
+# A test using one of these fixtures starts a gateway or a peer of it, or the suite's
+# PostgreSQL, so it is marked `integration` here, as is a case parametrized onto the
+# "postgres" backend; a test that starts a subprocess itself carries the marker.
+INTEGRATION_FIXTURES = frozenset(
+    {"harness", "make_harness", "serve_tls", "start_b", "pg_server", "pg_url"}
+)
 FAST = False  # set from --fast before any test module is imported
 
 
@@ -74,10 +77,19 @@ def examples(count: int) -> int:
     return max(10, count // 10) if FAST else count
 
 
+def _starts_something(item: pytest.Item) -> bool:
+    """Whether ``item`` starts a gateway, a peer of it or PostgreSQL (by its fixtures, or by
+    a backend parameter that reaches ``pg_url`` through ``getfixturevalue``)."""
+    if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and "postgres" in callspec.params.values()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark integration tests by their fixtures (new ones need no marker); --fast drops them."""
     for item in items:
-        if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        if _starts_something(item):
             item.add_marker(pytest.mark.integration)
     if config.getoption("--fast"):
         dropped = [item for item in items if item.get_closest_marker("integration")]
