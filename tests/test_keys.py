@@ -36,7 +36,6 @@ from gateway.keys import (
 from gateway.sm2 import Sm2PrivateKey
 from tests.conftest import (
     CREDIT_EXAMPLE,
-    NATIONAL_ID,
     PORTAL_ID,
     Harness,
     HarnessFactory,
@@ -420,10 +419,11 @@ async def test_up_alg_sm2_sm3_creates_sm2_keys_that_openssl_verifies(
     ingress = unused_port()
     doc["gateway"]["key"] = str(tmp_path / "made" / "gateway.pem")
     doc["listen"] = {"ingress": {"port": ingress}, "admin": {"port": unused_port()}}
+    national = next(m["id"] for m in doc["members"] if m["kind"] == "platform")
     doc["simulators"] = {
         name: {"member_id": member, "port": unused_port(), "key": str(tmp_path / "made" / pem)}
         for name, member, pem in (
-            ("national", NATIONAL_ID, "national.pem"),
+            ("national", national, "national.pem"),
             ("portal", PORTAL_ID, "portal.pem"),
         )
     }
