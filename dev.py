@@ -24,9 +24,18 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".installed"
 
 
-def _sh(*args: str | Path) -> None:
+def _sh(*args: str | Path, env: dict[str, str] | None = None) -> None:
     print("+", " ".join(str(a) for a in args), flush=True)
-    subprocess.run([str(a) for a in args], cwd=ROOT, check=True)
+    subprocess.run([str(a) for a in args], cwd=ROOT, check=True, env=env)
+
+
+def _test_env() -> dict[str, str]:
+    """The test steps keep compiled bytecode, pytest's rewritten test modules too, under
+    .venv/pycache (never in the tree): without it (PYTHONDONTWRITEBYTECODE) every run
+    compiles and rewrites all ~170 modules again (about 3 s of CPU a run)."""
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(VENV / "pycache")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
 
 
 def ensure_venv() -> None:
@@ -180,9 +189,10 @@ def main(argv: list[str]) -> int:
             [BIN / "mypy"],
             [BIN / "python", "-m", "pytest", "--cov", "--cov-report=term:skip-covered", *argv[1:]],
         ]
+    env = _test_env()
     for step in steps:
         try:
-            _sh(*step)
+            _sh(*step, env=env)
         except subprocess.CalledProcessError as exc:
             return exc.returncode or 1
     return 0

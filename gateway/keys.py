@@ -58,6 +58,7 @@ __all__ = [
     "ALGORITHMS",
     "EXPIRY_WARNING_S",
     "KEY_TYPES",
+    "KEY_TYPE_NAMES",
     "GatewayKeySource",
     "KeyPair",
     "PrivateKey",
@@ -87,6 +88,14 @@ __all__ = [
 
 KeyType = Literal["ed25519", "ecdsa-p256", "rsa-pss", "sm2"]
 KEY_TYPES: tuple[KeyType, ...] = ("ed25519", "ecdsa-p256", "rsa-pss", "sm2")
+# What a command line's `--alg` may name: a key type, or the RFC 9421 algorithm its keys
+# sign with (`--alg sm2-sm3` makes an SM2 key).
+KEY_TYPE_NAMES: dict[str, KeyType] = {
+    **{kind: kind for kind in KEY_TYPES},
+    "ecdsa-p256-sha256": "ecdsa-p256",
+    "rsa-pss-sha512": "rsa-pss",
+    "sm2-sm3": "sm2",
+}
 PrivateKey = (
     ed25519.Ed25519PrivateKey
     | ec.EllipticCurvePrivateKey
@@ -452,12 +461,7 @@ def read_passphrase(env: str | None, file: Path | None) -> bytes | None:
 
 def kind_of(key: PrivateKey) -> KeyType:
     """The ``generate`` kind that makes a key like this one."""
-    kinds: dict[str, KeyType] = {
-        "ed25519": "ed25519",
-        "ecdsa-p256-sha256": "ecdsa-p256",
-        "sm2-sm3": "sm2",
-    }
-    return kinds.get(algorithm_for(key), "rsa-pss")
+    return KEY_TYPE_NAMES.get(algorithm_for(key), "rsa-pss")
 
 
 # Rotation ------------------------------------------------------------------------------

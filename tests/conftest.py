@@ -11,16 +11,18 @@ import json
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from adapters.base import AdapterContext
 from gateway.admin import create_admin_app, create_token
 from gateway.app import DELIVERY, PIPELINE, STORE, create_app
 from gateway.audit import Report, verify_store
@@ -49,9 +51,12 @@ GATEWAY_ID = "330000:gateway"
 
 
 # The fast loop (`pytest --fast`, `python3 dev.py test --fast`): unit-level tests only.
-# A test using one of these fixtures starts a gateway or a peer of it, so it is marked
-# `integration` here; a test that starts a subprocess itself carries the marker.
-INTEGRATION_FIXTURES = frozenset({"harness", "make_harness", "serve_tls", "start_b"})
+# A test using one of these fixtures starts a gateway or a peer of it, or the suite's
+# PostgreSQL, so it is marked `integration` here, as is a case parametrized onto the
+# "postgres" backend; a test that starts a subprocess itself carries the marker.
+INTEGRATION_FIXTURES = frozenset(
+    {"harness", "make_harness", "serve_tls", "start_b", "pg_server", "pg_url"}
+)
 FAST = False  # set from --fast before any test module is imported
 
 
@@ -74,10 +79,19 @@ def examples(count: int) -> int:
     return max(10, count // 10) if FAST else count
 
 
+def _starts_something(item: pytest.Item) -> bool:
+    """Whether ``item`` starts a gateway, a peer of it or PostgreSQL (by its fixtures, or by
+    a backend parameter that reaches ``pg_url`` through ``getfixturevalue``)."""
+    if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and "postgres" in callspec.params.values()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark integration tests by their fixtures (new ones need no marker); --fast drops them."""
     for item in items:
-        if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        if _starts_something(item):
             item.add_marker(pytest.mark.integration)
     if config.getoption("--fast"):
         dropped = [item for item in items if item.get_closest_marker("integration")]
@@ -220,19 +234,15 @@ class Keys:
         return {key.kid: key}
 
 
-@pytest.fixture(scope="session")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    """Fresh keys for every test session; never committed anywhere."""
-    directory = tmp_path_factory.mktemp("keys")
-    kinds: dict[str, KeyType] = {
-        "gateway": "ed25519",
-        "portal": "ed25519",
-        "tax": "ecdsa-p256",
-        "disabled": "ed25519",
-        "national": "ed25519",
-        "peer": "ed25519",
-        "stranger": "ed25519",
-    }
+# The suite's parties and their key types (tests/test_signing_sm2.py makes some SM2).
+KEY_KINDS: dict[str, KeyType] = {
+    **dict.fromkeys(("gateway", "portal", "disabled", "national", "peer", "stranger"), "ed25519"),
+    "tax": "ecdsa-p256",
+}
+
+
+def make_keys(directory: Path, kinds: Mapping[str, KeyType]) -> Keys:
+    """A fresh key pair per name, of its kind: ``NAME.pem`` and its JWK in ``directory``."""
     pairs = {
         name: write_keypair(
             generate(kind), directory / f"{name}.pem", jwk_path_for(directory / f"{name}.pem")
@@ -240,6 +250,25 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
         for name, kind in kinds.items()
     }
     return Keys(directory, pairs)
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    """Fresh keys for every test session; never committed anywhere."""
+    return make_keys(tmp_path_factory.mktemp("keys"), KEY_KINDS)
+
+
+@pytest.fixture
+async def context(keys: Keys, tmp_path: Path) -> AsyncIterator[AdapterContext]:
+    """What an adapter is built with: the gateway's signer, a client session, and the
+    test's tmp dir as the base of relative paths."""
+    async with aiohttp.ClientSession() as session:
+        yield AdapterContext(
+            member_id=GATEWAY_ID,
+            signer=Signer(keys.pairs["gateway"]),
+            session=session,
+            base_dir=str(tmp_path),
+        )
 
 
 def config_document(keys: Keys, *, store: Path, national_url: str) -> dict[str, Any]:

@@ -120,17 +120,6 @@ async def upstream(keys: Keys) -> AsyncIterator[Upstream]:
     await server.close()
 
 
-@pytest.fixture
-async def context(keys: Keys, tmp_path: Path) -> AsyncIterator[AdapterContext]:
-    async with aiohttp.ClientSession() as session:
-        yield AdapterContext(
-            member_id=GATEWAY_ID,
-            signer=Signer(keys.pairs["gateway"]),
-            session=session,
-            base_dir=str(tmp_path),
-        )
-
-
 def _adapter(context: AdapterContext, url: str, **config: Any) -> HttpAdapter:
     return HttpAdapter("national", {"url": url, **config}, context)
 

@@ -55,6 +55,7 @@ from tests.conftest import (
     store_at,
     verify_file,
 )
+from tests.factories import private_key
 from tests.test_crash import Deployment, _send_until_accepted, deployed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -389,7 +390,7 @@ async def test_redelivery_and_purge_keep_the_chain_valid_but_a_quiet_nulling_doe
 @pytest.mark.parametrize("kind", ["ed25519", "ecdsa-p256", "rsa-pss"])
 def test_a_checkpoint_jws_verifies_with_the_jwks_and_nothing_else(kind: KeyType) -> None:
     """Each gateway key type signs a compact JWS; a changed payload or another key fails."""
-    key = generate(kind)
+    key = private_key(kind)
     jwk = private_to_jwk(key)
     pair = KeyPair(kid=jwk["kid"], algorithm=_algorithm(kind), private=key, jwk=jwk)
     jws = sign_jws(pair, {"gateway": GATEWAY_ID, "seq": 7, "hash": "ab" * 32, "at": 1.5})
@@ -401,7 +402,7 @@ def test_a_checkpoint_jws_verifies_with_the_jwks_and_nothing_else(kind: KeyType)
     other = base64.urlsafe_b64encode(forged_body.encode()).rstrip(b"=").decode()
     with pytest.raises(JwsInvalid):
         verify_jws(f"{head}.{other}.{signature}", {"keys": [jwk]})
-    impostor = private_to_jwk(generate(kind), jwk["kid"])
+    impostor = private_to_jwk(private_key(kind, 1), jwk["kid"])
     with pytest.raises(JwsInvalid):
         verify_jws(jws, {"keys": [impostor]})
     with pytest.raises(JwsInvalid, match="does not hold"):

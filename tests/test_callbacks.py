@@ -25,13 +25,8 @@ from tests.conftest import (
     HarnessFactory,
     Keys,
 )
+from tests.factories import APPROVED, post_callback, send_application, until_state
 
-APPROVED = {
-    "decision": "approved",
-    "case_number": "CR2026112600000001",
-    "handling_region": "440000",
-    "decided_at": "2026-11-26T10:00:00Z",
-}
 REJECTED = {**APPROVED, "decision": "rejected", "decided_at": "2026-11-27T10:00:00Z"}
 
 
@@ -39,44 +34,6 @@ REJECTED = {**APPROVED, "decision": "rejected", "decided_at": "2026-11-27T10:00:
 def harness_store_url(both_backends: str | None) -> str | None:
     """Every callback test runs on SQLite and on PostgreSQL."""
     return both_backends
-
-
-async def _apply(h: Harness) -> str:
-    reply = await h.client("portal").exchange("crossregion.apply", APPLY_EXAMPLE)
-    assert reply.status == 202, reply.body
-    message_id: str = reply.json()["message_id"]
-    return message_id
-
-
-async def _until_state(h: Harness, message_id: str, state: str, within_s: float = 10) -> None:
-    async def reached() -> bool:
-        return await h.state_of(message_id) == state
-
-    await h.wait_for(reached, within_s)
-
-
-async def _callback(
-    h: Harness,
-    correlation: str,
-    body: Any = None,
-    *,
-    key: str = "national",
-    member: str = NATIONAL_ID,
-    message_id: str | None = None,
-) -> tuple[int, dict[str, Any], CIMultiDict[str]]:
-    url = f"{h.url}/v1/callbacks/crossregion.apply"
-    data = json.dumps(APPROVED if body is None else body).encode()
-    headers: CIMultiDict[str] = CIMultiDict(
-        {
-            "Content-Type": "application/json",
-            "Gw-Client": member,
-            "Gw-Message-Id": message_id or str(uuid.uuid4()),
-            "Gw-Correlation-Id": correlation,
-        }
-    )
-    Signer(h.keys.pairs[key]).sign_request("POST", url, headers, data)
-    async with h.gateway.session.post(url, data=data, headers=headers) as resp:
-        return resp.status, json.loads(await resp.read()), CIMultiDict(resp.headers)
 
 
 def _as_unknown(problem: dict[str, Any], correlation: str, other: str) -> dict[str, Any]:
@@ -92,11 +49,13 @@ async def test_a_peer_that_never_handled_the_message_gets_what_an_unknown_id_get
     """A peer gateway's callback for a message delivered to the platform is 404, word for
     word the answer to an unknown id; the portal receives nothing until the platform decides."""
     harness.national.callback_delay_s = 3600  # the simulator stays silent; we call back
-    message_id = await _apply(harness)
-    await _until_state(harness, message_id, "delivered")
-    status, problem, _ = await _callback(harness, message_id, REJECTED, key="peer", member=PEER_ID)
+    message_id = await send_application(harness)
+    await until_state(harness, message_id, "delivered")
+    status, problem, _ = await post_callback(
+        harness, message_id, REJECTED, key="peer", member=PEER_ID
+    )
     unknown = str(uuid.uuid4())
-    status_unknown, problem_unknown, _ = await _callback(
+    status_unknown, problem_unknown, _ = await post_callback(
         harness, unknown, REJECTED, key="peer", member=PEER_ID
     )
     assert (status, problem["code"]) == (404, "message_unknown")
@@ -109,9 +68,9 @@ async def test_a_peer_that_never_handled_the_message_gets_what_an_unknown_id_get
     path = f"/admin/v1/messages/{message_id}"
     async with harness.admin.get(path, headers=harness.auth("auditor")) as resp:
         assert (await resp.json())["receiver"] == NATIONAL_ID  # recorded at delivery
-    status, ack, _ = await _callback(harness, message_id)  # the platform it went to
+    status, ack, _ = await post_callback(harness, message_id)  # the platform it went to
     assert (status, ack["state"]) == (200, "accepted")
-    await _until_state(harness, message_id, "callback_delivered")
+    await until_state(harness, message_id, "callback_delivered")
     assert harness.portal.processed[message_id]["decision"] == "approved"
     view = (await harness.client("portal").status(message_id)).json()
     assert view["result"]["decision"] == "approved"
@@ -130,24 +89,24 @@ async def test_a_callback_while_the_message_is_still_in_the_outbox_does_not_stop
     retryable 503 to the platform (404 to anyone else), and the message is still delivered."""
     h = await make_harness(_patient)
     h.national.mode = "refuse"
-    message_id = await _apply(h)
+    message_id = await send_application(h)
 
     async def tried() -> bool:
         record = await h.app[STORE].get_message(PORTAL_ID, message_id)
         return record is not None and record.error is not None
 
     await h.wait_for(tried)
-    status, problem, headers = await _callback(h, message_id, REJECTED)
+    status, problem, headers = await post_callback(h, message_id, REJECTED)
     assert (status, problem["code"]) == (503, "overloaded")
     assert headers["Retry-After"] == "1"
-    status, problem, _ = await _callback(h, message_id, REJECTED, key="peer", member=PEER_ID)
+    status, problem, _ = await post_callback(h, message_id, REJECTED, key="peer", member=PEER_ID)
     assert (status, problem["code"]) == (404, "message_unknown")
     record = await h.app[STORE].get_message(PORTAL_ID, message_id)
     assert record is not None
     assert record.state in ("accepted", "delivering")
     assert record.next_attempt_at is not None  # still due: the delivery goes on
     h.national.mode = "ok"
-    await _until_state(h, message_id, "callback_delivered", within_s=20)
+    await until_state(h, message_id, "callback_delivered", within_s=20)
     assert message_id in h.national.received  # the upstream did get it
     assert h.portal.processed[message_id]["decision"] == "approved"  # the simulator's decision
 
@@ -156,8 +115,8 @@ async def test_a_callback_right_after_the_acknowledgement_is_not_lost(harness: H
     """The simulator calls back at once after its 202 (before our commit may land): the
     early callback is told to retry, and the decision reaches the portal."""
     harness.national.callback_delay_s = 0
-    message_id = await _apply(harness)
-    await _until_state(harness, message_id, "callback_delivered")
+    message_id = await send_application(harness)
+    await until_state(harness, message_id, "callback_delivered")
     assert harness.national.callbacks_sent == [message_id]
     assert harness.portal.processed[message_id]["decision"] == "approved"
 
@@ -168,16 +127,16 @@ async def test_an_identical_repeat_changes_nothing_and_a_different_decision_conf
     """The same decision again (a new callback id) is 200 and changes nothing; a different
     one after it is 409 callback_conflict; the first is kept and delivered once."""
     harness.national.callback_delay_s = 3600
-    message_id = await _apply(harness)
-    await _until_state(harness, message_id, "delivered")
-    first = await _callback(harness, message_id)
+    message_id = await send_application(harness)
+    await until_state(harness, message_id, "delivered")
+    first = await post_callback(harness, message_id)
     assert (first[0], first[1]["state"]) == (200, "accepted")
-    again = await _callback(harness, message_id)
+    again = await post_callback(harness, message_id)
     assert (again[0], again[1]["state"], again[2]["Gw-Replayed"]) == (200, "duplicate", "true")
-    other = await _callback(harness, message_id, REJECTED)
+    other = await post_callback(harness, message_id, REJECTED)
     assert (other[0], other[1]["code"]) == (409, "callback_conflict")
-    await _until_state(harness, message_id, "callback_delivered")
-    late = await _callback(harness, message_id, REJECTED)  # after delivery, still refused
+    await until_state(harness, message_id, "callback_delivered")
+    late = await post_callback(harness, message_id, REJECTED)  # after delivery, still refused
     assert (late[0], late[1]["code"]) == (409, "callback_conflict")
     assert harness.portal.deliveries == [first[1]["message_id"]]
     view = (await harness.client("portal").status(message_id)).json()
@@ -198,12 +157,12 @@ async def test_a_superseding_service_keeps_and_delivers_every_decision_in_order(
 
     h = await make_harness(supersede)
     h.national.callback_delay_s = 3600
-    message_id = await _apply(h)
-    await _until_state(h, message_id, "delivered")
-    first = await _callback(h, message_id)
-    await _until_state(h, message_id, "callback_delivered")
-    second = await _callback(h, message_id, REJECTED)
-    repeat = await _callback(h, message_id, REJECTED)  # the latest again: nothing changes
+    message_id = await send_application(h)
+    await until_state(h, message_id, "delivered")
+    first = await post_callback(h, message_id)
+    await until_state(h, message_id, "callback_delivered")
+    second = await post_callback(h, message_id, REJECTED)
+    repeat = await post_callback(h, message_id, REJECTED)  # the latest again: nothing changes
     assert [r[1]["state"] for r in (first, second, repeat)] == ["accepted", "accepted", "duplicate"]
 
     async def both() -> bool:
@@ -233,14 +192,14 @@ async def test_supersede_is_set_through_the_admin_services_resource(harness: Har
             return resp.status
 
     assert await patch({"supersede": "yes"}) == 422
-    message_id = await _apply(harness)
-    await _until_state(harness, message_id, "delivered")
-    assert (await _callback(harness, message_id))[0] == 200
-    assert (await _callback(harness, message_id, REJECTED))[0] == 409
+    message_id = await send_application(harness)
+    await until_state(harness, message_id, "delivered")
+    assert (await post_callback(harness, message_id))[0] == 200
+    assert (await post_callback(harness, message_id, REJECTED))[0] == 409
     assert await patch({"supersede": True}) == 200
 
     async def superseding() -> bool:  # the admin write is in force within a second
-        status, _, _ = await _callback(harness, message_id, REJECTED)
+        status, _, _ = await post_callback(harness, message_id, REJECTED)
         return status == 200
 
     await harness.wait_for(superseding)
@@ -283,13 +242,13 @@ async def test_a_message_delivered_to_a_peer_takes_the_peers_callback_not_the_pl
         )
         assert reply.status == 202, reply.body
         message_id = reply.json()["message_id"]
-        await _until_state(h, message_id, "delivered")
+        await until_state(h, message_id, "delivered")
         assert h.national.received == []
-        status, problem, _ = await _callback(h, message_id)
+        status, problem, _ = await post_callback(h, message_id)
         assert (status, problem["code"]) == (404, "message_unknown")
-        status, ack, _ = await _callback(h, message_id, REJECTED, key="peer", member=PEER_ID)
+        status, ack, _ = await post_callback(h, message_id, REJECTED, key="peer", member=PEER_ID)
         assert (status, ack["state"]) == (200, "accepted")
-        await _until_state(h, message_id, "callback_delivered")
+        await until_state(h, message_id, "callback_delivered")
         assert h.portal.processed[message_id]["decision"] == "rejected"
     finally:
         await server.close()
@@ -316,14 +275,14 @@ async def test_a_decision_for_an_id_two_senders_used_is_given_to_neither(
     for name in ("tax", "portal"):
         reply = await h.client(name).exchange("crossregion.apply", APPLY_EXAMPLE, message_id=shared)
         assert reply.status == 202, reply.body
-    await _until_state(h, shared, "delivered")
+    await until_state(h, shared, "delivered")
 
     async def both_delivered() -> bool:
         records = await h.app[STORE].find_by_message_id(shared)
         return len(records) == 2 and all(r.state == "delivered" for r in records)
 
     await h.wait_for(both_delivered)
-    status, problem, _ = await _callback(h, shared)
+    status, problem, _ = await post_callback(h, shared)
     assert (status, problem["code"]) == (409, "callback_conflict"), problem
     for name in ("tax", "portal"):
         view = (await h.client(name).status(shared)).json()

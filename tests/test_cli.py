@@ -373,6 +373,7 @@ def test_installed_script_runs_help_and_check(deployment: Path) -> None:
     assert broken.stdout.splitlines()[-1] == "1 problem(s)"
 
 
+@pytest.mark.integration
 async def test_serve_listen_flags_override_the_config_s_listeners(
     keys: Keys, tmp_path: Path
 ) -> None:

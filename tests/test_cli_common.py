@@ -3,11 +3,12 @@ counts wide CJK characters as two columns, and the store a command opens and clo
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
 
-from gateway.cli._common import open_store, table, width
+from gateway.cli._common import open_store, read_json, table, width
 from gateway.config import parse_config
 from tests.conftest import Keys, config_document
 
@@ -55,3 +56,24 @@ async def test_open_store_closes_the_store_when_the_command_fails(
         await failing_command()
     assert seen == [True]
     assert not wal.exists()
+
+
+class _Refused(Exception):
+    pass
+
+
+def test_read_json_raises_the_callers_error_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """read_json (every command's input file): a document from a file or stdin ``-``; a
+    missing file or one that is not JSON raises the caller's own error naming the path."""
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text('{"a": 1}', encoding="utf-8")
+    bad.write_bytes(b"{not json")
+    assert read_json(str(good), _Refused) == {"a": 1}
+    monkeypatch.setattr("sys.stdin", io.StringIO("[2]"))
+    assert read_json("-", _Refused) == [2]
+    with pytest.raises(_Refused, match=r"bad\.json: not a JSON document"):
+        read_json(str(bad), _Refused)
+    with pytest.raises(_Refused, match=r"absent\.json: No such file"):
+        read_json(str(tmp_path / "absent.json"), _Refused)

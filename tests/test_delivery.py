@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,7 +15,9 @@ from multidict import CIMultiDict
 from gateway.app import STORE
 from gateway.delivery import backoff_delay
 from gateway.signing import Signer
-from tests.conftest import APPLY_EXAMPLE, NATIONAL_ID, PORTAL_ID, Harness, HarnessFactory
+from gateway.store import MessageRecord
+from tests.conftest import NATIONAL_ID, PORTAL_ID, Harness, HarnessFactory
+from tests.factories import APPROVED, post_callback, send_application, until_state
 
 
 @pytest.fixture
@@ -23,63 +26,16 @@ def harness_store_url(both_backends: str | None) -> str | None:
     return both_backends
 
 
-DECISION = {
-    "decision": "approved",
-    "case_number": "CR2026112600000001",
-    "handling_region": "440000",
-    "decided_at": "2026-11-26T10:00:00Z",
-}
-
-
 def _patient(doc: dict[str, Any]) -> None:
     """Enough attempts to outlast an outage; a breaker that recovers quickly."""
     doc["delivery"]["max_attempts"] = 50
     doc["adapters"][0]["breaker"] = {"failure_threshold": 3, "reset_timeout_s": 0.3}
 
 
-async def _apply(h: Harness) -> str:
-    reply = await h.client("portal").exchange("crossregion.apply", APPLY_EXAMPLE)
-    assert reply.status == 202, reply.body
-    assert reply.headers["Location"].endswith(reply.json()["message_id"])
-    message_id: str = reply.json()["message_id"]
-    return message_id
-
-
-async def _until_state(h: Harness, message_id: str, state: str, within_s: float = 10) -> None:
-    async def reached() -> bool:
-        return await h.state_of(message_id) == state
-
-    await h.wait_for(reached, within_s)
-
-
-async def _callback(
-    h: Harness,
-    correlation: str,
-    body: Any = None,
-    *,
-    key: str = "national",
-    member: str = NATIONAL_ID,
-    message_id: str | None = None,
-) -> tuple[int, dict[str, Any]]:
-    url = f"{h.url}/v1/callbacks/crossregion.apply"
-    data = json.dumps(DECISION if body is None else body).encode()
-    headers: CIMultiDict[str] = CIMultiDict(
-        {
-            "Content-Type": "application/json",
-            "Gw-Client": member,
-            "Gw-Message-Id": message_id or str(uuid.uuid4()),
-            "Gw-Correlation-Id": correlation,
-        }
-    )
-    Signer(h.keys.pairs[key]).sign_request("POST", url, headers, data)
-    async with h.gateway.session.post(url, data=data, headers=headers) as resp:
-        return resp.status, json.loads(await resp.read())
-
-
 async def test_async_message_reaches_callback_delivered(harness: Harness) -> None:
     """202 → national ack → signed callback → portal verified it → callback_delivered."""
-    message_id = await _apply(harness)
-    await _until_state(harness, message_id, "callback_delivered")
+    message_id = await send_application(harness)
+    await until_state(harness, message_id, "callback_delivered")
     assert harness.portal.processed[message_id]["decision"] == "approved"
     status = await harness.client("portal").status(message_id)
     view = status.json()
@@ -106,7 +62,7 @@ async def test_upstream_down_then_back_breaker_opens_and_queue_drains(
     """While the platform refuses connections the breaker opens; afterwards everything drains."""
     h = await make_harness(_patient)
     h.national.mode = "refuse"
-    ids = [await _apply(h) for _ in range(6)]
+    ids = [await send_application(h) for _ in range(6)]
 
     async def breaker_open() -> bool:
         # Judged on one answer: a loaded machine may see the breaker half-open by the next.
@@ -119,7 +75,7 @@ async def test_upstream_down_then_back_breaker_opens_and_queue_drains(
     assert states <= {"accepted", "delivering"}
     h.national.mode = "ok"
     for message_id in ids:
-        await _until_state(h, message_id, "callback_delivered", within_s=20)
+        await until_state(h, message_id, "callback_delivered", within_s=20)
     assert sorted(h.portal.processed) == sorted(ids)
     assert await h.app[STORE].dead_letters() == []
 
@@ -129,26 +85,37 @@ async def test_upstream_down_then_back_breaker_opens_and_queue_drains(
     await h.wait_for(ready)
 
 
-async def test_upstream_5xx_retries_then_dead_then_redeliver(make_harness: HarnessFactory) -> None:
-    """5xx answers are retried with backoff, then dead-lettered; a redelivery then succeeds."""
+def _attempts(n: int) -> Callable[[dict[str, Any]], None]:
+    """``n`` attempts per message, with a breaker that never opens on the way."""
 
     def edit(doc: dict[str, Any]) -> None:
-        doc["delivery"]["max_attempts"] = 3
+        doc["delivery"]["max_attempts"] = n
         doc["adapters"][0]["breaker"] = {"failure_threshold": 100, "reset_timeout_s": 0.1}
 
-    h = await make_harness(edit)
-    h.national.mode = "error"
-    message_id = await _apply(h)
-    await _until_state(h, message_id, "dead")
+    return edit
+
+
+async def _dead_letter(h: Harness) -> MessageRecord:
+    """The portal's application, sent and waited for until it is a dead letter."""
+    message_id = await send_application(h)
+    await until_state(h, message_id, "dead")
     record = await h.app[STORE].get_message(PORTAL_ID, message_id)
     assert record is not None
+    return record
+
+
+async def test_upstream_5xx_retries_then_dead_then_redeliver(make_harness: HarnessFactory) -> None:
+    """5xx answers are retried with backoff, then dead-lettered; a redelivery then succeeds."""
+    h = await make_harness(_attempts(3))
+    h.national.mode = "error"
+    record = await _dead_letter(h)
     assert record.attempts == 3
     assert "500" in (record.error or "")
     dead = await h.app[STORE].dead_letters()
-    assert [(d.kind, d.message_id) for d in dead] == [("message", message_id)]
+    assert [(d.kind, d.message_id) for d in dead] == [("message", record.message_id)]
     h.national.mode = "ok"
     assert await h.app[STORE].redeliver("message", record.seq, 0.0)
-    await _until_state(h, message_id, "callback_delivered")
+    await until_state(h, record.message_id, "callback_delivered")
     assert await h.app[STORE].dead_letters() == []
 
 
@@ -157,53 +124,49 @@ async def test_upstream_hang_times_out_and_dead_letters(make_harness: HarnessFac
 
     def edit(doc: dict[str, Any]) -> None:
         doc["services"][1]["timeout_s"] = 0.3
-        doc["delivery"]["max_attempts"] = 2
-        doc["adapters"][0]["breaker"] = {"failure_threshold": 100, "reset_timeout_s": 0.1}
+        _attempts(2)(doc)
 
     h = await make_harness(edit)
     h.national.mode = "hang"
-    message_id = await _apply(h)
-    await _until_state(h, message_id, "dead")
-    record = await h.app[STORE].get_message(PORTAL_ID, message_id)
-    assert record is not None
+    record = await _dead_letter(h)
     assert "no answer within" in (record.error or "")
 
 
 async def test_repeated_callback_is_acknowledged_and_delivered_once(harness: Harness) -> None:
     """The same callback (same Gw-Message-Id) twice: 200 both times, one delivery to the member."""
     harness.national.callback_delay_s = 3600  # the simulator stays silent; we call back
-    message_id = await _apply(harness)
-    await _until_state(harness, message_id, "delivered")
+    message_id = await send_application(harness)
+    await until_state(harness, message_id, "delivered")
     callback_id = str(uuid.uuid4())
-    first = await _callback(harness, message_id, message_id=callback_id)
-    second = await _callback(harness, message_id, message_id=callback_id)
-    assert first == (200, {**first[1], "state": "accepted"})
+    first = await post_callback(harness, message_id, message_id=callback_id)
+    second = await post_callback(harness, message_id, message_id=callback_id)
+    assert first[:2] == (200, {**first[1], "state": "accepted"})
     assert second[0] == 200
     assert second[1]["state"] == "duplicate"
-    await _until_state(harness, message_id, "callback_delivered")
+    await until_state(harness, message_id, "callback_delivered")
     assert harness.portal.deliveries.count(callback_id) == 1
 
 
 async def test_bad_callbacks_are_rejected_and_nothing_delivered(harness: Harness) -> None:
     """Bad signature, unknown correlation, schema violation, wrong kind of sender: all refused."""
     harness.national.callback_delay_s = 3600
-    message_id = await _apply(harness)
-    await _until_state(harness, message_id, "delivered")
+    message_id = await send_application(harness)
+    await until_state(harness, message_id, "delivered")
     cases = [
-        (await _callback(harness, message_id, key="stranger"), 401, "key_unknown"),
-        (await _callback(harness, str(uuid.uuid4())), 404, "message_unknown"),
-        (await _callback(harness, message_id, {"decision": "maybe"}), 422, "schema_invalid"),
+        (await post_callback(harness, message_id, key="stranger"), 401, "key_unknown"),
+        (await post_callback(harness, str(uuid.uuid4())), 404, "message_unknown"),
+        (await post_callback(harness, message_id, {"decision": "maybe"}), 422, "schema_invalid"),
         (
-            await _callback(harness, message_id, key="portal", member=PORTAL_ID),
+            await post_callback(harness, message_id, key="portal", member=PORTAL_ID),
             403,
             "forbidden",
         ),
     ]
-    for (status, problem), want_status, want_code in cases:
+    for (status, problem, _), want_status, want_code in cases:
         assert (status, problem["code"]) == (want_status, want_code), problem
     # A forged signature: right key id, wrong key material.
     url = f"{harness.url}/v1/callbacks/crossregion.apply"
-    data = json.dumps(DECISION).encode()
+    data = json.dumps(APPROVED).encode()
     headers: CIMultiDict[str] = CIMultiDict(
         {
             "Content-Type": "application/json",
@@ -226,8 +189,8 @@ async def test_bad_callbacks_are_rejected_and_nothing_delivered(harness: Harness
 async def test_member_outage_is_retried_until_delivered(harness: Harness) -> None:
     """The portal answers 503 twice; the gateway retries and delivers the same message id."""
     harness.portal.fail_next = 2
-    message_id = await _apply(harness)
-    await _until_state(harness, message_id, "callback_delivered")
+    message_id = await send_application(harness)
+    await until_state(harness, message_id, "callback_delivered")
     assert len(harness.portal.deliveries) == 1
     assert harness.portal.fail_next == 0
 
@@ -240,7 +203,7 @@ async def test_unreachable_member_dead_letters_the_callback(make_harness: Harnes
         doc["members"][0]["callback_url"] = "http://127.0.0.1:9/unreachable"
 
     h = await make_harness(edit)
-    message_id = await _apply(h)
+    message_id = await send_application(h)
 
     async def dead() -> bool:
         return any(d.kind == "callback" for d in await h.app[STORE].dead_letters())

@@ -26,6 +26,7 @@ from gateway.errors import DirectoryRefused
 from gateway.keys import KeyPair, KeyType, generate, write_keypair
 from gateway.outbound import OutboundPolicy
 from gateway.routing import RouteTable
+from tests.conftest import make_keys
 
 NOW = 1_800_000_000.0
 LOOPBACK = OutboundPolicy.loopback()  # the documents below name http://127.0.0.1 URLs
@@ -42,10 +43,7 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, KeyPair]:
         ("b", "ed25519"),
         ("b2", "ed25519"),
     ]
-    return {
-        name: write_keypair(generate(kind), d / f"{name}.pem", jwk_path_for(d / f"{name}.pem"))
-        for name, kind in kinds
-    }
+    return make_keys(d, dict(kinds)).pairs
 
 
 def payload(pairs: dict[str, KeyPair], *, version: int = 2, **over: Any) -> dict[str, Any]:

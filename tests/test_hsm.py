@@ -307,6 +307,7 @@ def test_sm2_in_a_token_is_refused_with_the_reason(
     assert "PKCS#11 defines no SM2 mechanism" in capsys.readouterr().err
 
 
+@pytest.mark.integration  # a `gateway keygen` process of its own
 def test_a_wrong_pin_is_refused_without_showing_it(token: Token, tmp_path: Path) -> None:
     """A wrong PIN: the token refuses the login, the error names the token, not the PIN."""
     wrong = tmp_path / "wrong.pin"

@@ -12,6 +12,8 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("gateway", "adapters")
 
@@ -152,9 +154,14 @@ def _cycle_path(graph: dict[str, set[str]], component: frozenset[str]) -> str:
     return ", ".join(sorted(component))  # pragma: no cover - a component has a cycle
 
 
-def test_the_graph_sees_modules_and_their_imports() -> None:
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    """The tree's import graph, parsed once for this module's tests (about 2 s of ast)."""
+    return import_graph()
+
+
+def test_the_graph_sees_modules_and_their_imports(graph: dict[str, set[str]]) -> None:
     """The graph is read from the source: it knows the pipeline imports the errors."""
-    graph = import_graph()
     assert "gateway.pipeline" in graph
     assert "adapters.base" in graph
     assert "gateway.errors" in graph["gateway.pipeline"]
@@ -168,15 +175,14 @@ def test_a_cycle_is_found_and_named() -> None:
     assert strongly_connected({"a": {"b"}, "b": set()}) == []
 
 
-def test_no_import_cycle_in_gateway_or_adapters() -> None:
+def test_no_import_cycle_in_gateway_or_adapters(graph: dict[str, set[str]]) -> None:
     """No module of gateway/ or adapters/ reaches itself through imports, except KNOWN."""
-    graph = import_graph()
     new = [c for c in strongly_connected(graph) if c not in KNOWN]
     assert not new, "import cycles:\n" + "\n".join(_cycle_path(graph, c) for c in new)
 
 
-def test_the_known_cycles_still_exist() -> None:
+def test_the_known_cycles_still_exist(graph: dict[str, set[str]]) -> None:
     """A known cycle that is broken leaves the allow-list (it cannot come back unseen)."""
-    components = set(strongly_connected(import_graph()))
+    components = set(strongly_connected(graph))
     gone = [sorted(c) for c in KNOWN if c not in components]
     assert not gone, f"no longer cycles, remove from KNOWN: {gone}"

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
@@ -32,6 +33,7 @@ from gateway.keys import (
     rotate_keypair,
     write_keypair,
 )
+from gateway.sm2 import Sm2PrivateKey
 from tests.conftest import (
     CREDIT_EXAMPLE,
     PORTAL_ID,
@@ -41,6 +43,8 @@ from tests.conftest import (
     config_document,
     unused_port,
 )
+from tests.test_observability import until_healthy
+from tests.test_signing_sm2 import openssl, openssl_verifies
 
 PASSPHRASE = "correct horse battery staple"
 ENV = "TEST_GATEWAY_PASSPHRASE"
@@ -371,6 +375,78 @@ def test_keygen_alg_sm2_writes_what_openssl_reads(
         )  # fmt: skip
         assert ran.returncode == 0, ran.stderr
         assert "ASN1 OID: SM2" in ran.stdout
+
+
+def _openssl_verifies_a_signature_of(pem: Path, tmp_path: Path) -> bool:
+    """A signature made with the key at ``pem`` (as the gateway signs) verifies with
+    `openssl pkeyutl -verify`, SM2 with SM3 and the protocol's signer ID, against the public
+    key `openssl pkey` takes out of that PEM: OpenSSL is the independent SM2 peer."""
+    data = b"signed with a key the command line made"
+    public = tmp_path / f"{pem.stem}.pub.pem"
+    public.write_bytes(openssl("pkey", "-in", str(pem), "-pubout"))
+    private = load_keypair(pem, jwk_path_for(pem)).private
+    assert isinstance(private, Sm2PrivateKey)
+    signature = private.sign(data)
+    return openssl_verifies(public, data, signature, tmp_path)
+
+
+def test_keygen_alg_sm2_sm3_makes_an_sm2_key_whose_signature_openssl_verifies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """keygen --alg sm2-sm3 (the algorithm's name) makes an SM2 key; OpenSSL verifies it."""
+    pem = tmp_path / "member.pem"
+    assert main(["keygen", "--alg", "sm2-sm3", "--out", str(pem)]) == 0
+    assert json.loads(capsys.readouterr().out)["alg"] == "sm2-sm3"
+    assert json.loads(jwk_path_for(pem).read_text())["crv"] == "SM2"
+    assert _openssl_verifies_a_signature_of(pem, tmp_path)
+
+
+def test_keygen_refuses_an_algorithm_it_does_not_know(tmp_path: Path) -> None:
+    """keygen --alg sm2-sha256 is a usage error (exit 2) and writes no key."""
+    with pytest.raises(SystemExit) as exited:
+        main(["keygen", "--alg", "sm2-sha256", "--out", str(tmp_path / "k.pem")])
+    assert exited.value.code == 2
+    assert not (tmp_path / "k.pem").exists()
+
+
+@pytest.mark.integration
+async def test_up_alg_sm2_sm3_creates_sm2_keys_that_openssl_verifies(
+    keys: Keys, tmp_path: Path
+) -> None:
+    """`gateway up --alg sm2-sm3`: the missing gateway and simulator keys are made SM2, the
+    running gateway publishes the SM2 key, and OpenSSL verifies signatures made with each."""
+    doc = config_document(keys, store=tmp_path / "gw.db", national_url="http://127.0.0.1:9")
+    ingress = unused_port()
+    doc["gateway"]["key"] = str(tmp_path / "made" / "gateway.pem")
+    doc["listen"] = {"ingress": {"port": ingress}, "admin": {"port": unused_port()}}
+    national = next(m["id"] for m in doc["members"] if m["kind"] == "platform")
+    doc["simulators"] = {
+        name: {"member_id": member, "port": unused_port(), "key": str(tmp_path / "made" / pem)}
+        for name, member, pem in (
+            ("national", national, "national.pem"),
+            ("portal", PORTAL_ID, "portal.pem"),
+        )
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    log_path = tmp_path / "up.log"
+    with log_path.open("wb") as out:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "gateway"), "up", "--config", str(config),
+             "--alg", "sm2-sm3"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        async with aiohttp.ClientSession() as session:
+            await until_healthy(session, process, ingress, log_path)
+            async with session.get(f"http://127.0.0.1:{ingress}/.well-known/jwks.json") as resp:
+                published = (await resp.json())["keys"]
+    finally:
+        process.terminate()
+        assert process.wait(10) == 0
+    assert [(k["kty"], k["crv"]) for k in published] == [("EC", "SM2")]
+    for pem in ("gateway.pem", "national.pem", "portal.pem"):
+        assert _openssl_verifies_a_signature_of(tmp_path / "made" / pem, tmp_path), pem
 
 
 def test_keys_rotate_keeps_an_sm2_gateway_key_sm2(

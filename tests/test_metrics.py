@@ -26,6 +26,7 @@ from tests.conftest import (
     Harness,
     HarnessFactory,
 )
+from tests.factories import until_state
 
 PORTAL = {"client": PORTAL_ID}
 CREDIT = {"client": PORTAL_ID, "service": "credit.query", "adapter": "national"}
@@ -62,13 +63,6 @@ async def scrape(h: Harness) -> Scrape:
     return Scrape(await resp.text())
 
 
-async def _until_state(h: Harness, message_id: str, state: str) -> None:
-    async def reached() -> bool:
-        return await h.state_of(message_id) == state
-
-    await h.wait_for(reached)
-
-
 async def test_mixed_exchanges_move_counters_and_histograms(harness: Harness) -> None:
     """Ten exchanges of every kind land in the right series, with bounded labels."""
     h = harness
@@ -89,7 +83,7 @@ async def test_mixed_exchanges_move_counters_and_histograms(harness: Harness) ->
     assert (await portal.exchange("no.such.service", {})).json()["code"] == "service_unknown"
     accepted = await portal.exchange("crossregion.apply", APPLY_EXAMPLE)
     assert accepted.status == 202
-    await _until_state(h, accepted.json()["message_id"], "callback_delivered")
+    await until_state(h, accepted.json()["message_id"], "callback_delivered")
     h.national.mode = "error"
     assert (await portal.exchange("credit.query", CREDIT_EXAMPLE)).status == 502
 
@@ -169,7 +163,7 @@ async def test_outbox_gauges_read_the_store_at_scrape_time(make_harness: Harness
     assert 59 < await h.app[STORE].oldest_outbox_age(time.time() + 60) < 120
     h.national.mode = "ok"
     for reply in ids:
-        await _until_state(h, reply["message_id"], "callback_delivered")
+        await until_state(h, reply["message_id"], "callback_delivered")
     m = await scrape(h)
     assert m.value("gateway_outbox_depth") == 0
     assert m.value("gateway_outbox_oldest_age_seconds") == 0
@@ -184,11 +178,11 @@ async def test_retries_and_dead_letters_are_counted(make_harness: HarnessFactory
     h = await make_harness(two_attempts)
     h.national.mode = "error"
     dead = (await h.client("portal").exchange("crossregion.apply", APPLY_EXAMPLE)).json()
-    await _until_state(h, dead["message_id"], "dead")
+    await until_state(h, dead["message_id"], "dead")
     h.national.mode = "ok"
     h.portal.fail_next = 1
     ok = (await h.client("portal").exchange("crossregion.apply", APPLY_EXAMPLE)).json()
-    await _until_state(h, ok["message_id"], "callback_delivered")
+    await until_state(h, ok["message_id"], "callback_delivered")
     m = await scrape(h)
     deliveries = "gateway_deliveries_total"
     assert m.value(deliveries, kind="message", outcome="retry") == 1

@@ -46,7 +46,6 @@ from gateway.registry import build_adapter
 from gateway.signing import RequestView, Signer
 from simulators.national import NationalPlatform, create_national_app
 from tests.conftest import (
-    APPLY_EXAMPLE,
     CREDIT_EXAMPLE,
     GATEWAY_ID,
     NATIONAL_ID,
@@ -57,6 +56,7 @@ from tests.conftest import (
     Keys,
     config_document,
 )
+from tests.factories import send_application
 
 RECORD = {
     "uscc": "91350100M000100Y43",
@@ -78,10 +78,11 @@ class Spy:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Spies = Callable[[Handler | None], Awaitable[Spy]]  # starts a spy answering with the handler
 
 
 @pytest.fixture
-async def spies() -> AsyncIterator[Callable[[Handler | None], Awaitable[Spy]]]:
+async def spies() -> AsyncIterator[Spies]:
     started: list[TestServer] = []
 
     async def start(handler: Handler | None = None) -> Spy:
@@ -106,13 +107,6 @@ async def spies() -> AsyncIterator[Callable[[Handler | None], Awaitable[Spy]]]:
         await server.close()
 
 
-async def _apply(h: Harness) -> str:
-    reply = await h.client("portal").exchange("crossregion.apply", APPLY_EXAMPLE)
-    assert reply.status == 202, reply.body
-    message_id: str = reply.json()["message_id"]
-    return message_id
-
-
 async def _dead_callback_error(h: Harness) -> str:
     dead = [d for d in await h.app[STORE].dead_letters() if d.kind == "callback"]
     assert len(dead) == 1
@@ -122,30 +116,50 @@ async def _dead_callback_error(h: Harness) -> str:
 # Callbacks never follow redirects ---------------------------------------------------
 
 
-@pytest.mark.integration
-async def test_a_307_from_a_member_does_not_repost_the_signed_callback(
-    make_harness: HarnessFactory, spies: Callable[[Handler | None], Awaitable[Spy]]
-) -> None:
-    """A member's 307 to a loopback service is a failed attempt: nothing is re-posted there."""
+async def _redirecting(spies: Spies, redirect: type[web.HTTPMove], path: str) -> tuple[Spy, Spy]:
+    """A spy, and a second spy that answers every request with ``redirect`` to ``path``
+    on the first: (where it points, the one redirecting)."""
     elsewhere = await spies(None)
 
-    async def redirect(request: web.Request) -> web.StreamResponse:
-        raise web.HTTPTemporaryRedirect(elsewhere.url("/steal"))
+    async def answer(request: web.Request) -> web.StreamResponse:
+        raise redirect(elsewhere.url(path))
 
-    member = await spies(redirect)
+    return elsewhere, await spies(answer)
+
+
+def _callbacks_to(member: Spy) -> Callable[[dict[str, Any]], None]:
+    """The portal's callbacks go to ``member``, two attempts each before a dead letter."""
 
     def edit(doc: dict[str, Any]) -> None:
         doc["delivery"]["max_attempts"] = 2
         doc["members"][0]["callback_url"] = member.url("/callbacks")
 
-    h = await make_harness(edit)
-    await _apply(h)
+    return edit
+
+
+async def _until_dead_callback_or(h: Harness, happened: Callable[[], Awaitable[bool]]) -> None:
+    """Wait until the callback is a dead letter, or until ``happened`` (what must not)."""
 
     async def settled() -> bool:
         dead = any(d.kind == "callback" for d in await h.app[STORE].dead_letters())
-        return dead or bool(elsewhere.hits)
+        return dead or await happened()
 
     await h.wait_for(settled)
+
+
+@pytest.mark.integration
+async def test_a_307_from_a_member_does_not_repost_the_signed_callback(
+    make_harness: HarnessFactory, spies: Spies
+) -> None:
+    """A member's 307 to a loopback service is a failed attempt: nothing is re-posted there."""
+    elsewhere, member = await _redirecting(spies, web.HTTPTemporaryRedirect, "/steal")
+    h = await make_harness(_callbacks_to(member))
+    await send_application(h)
+
+    async def stolen() -> bool:
+        return bool(elsewhere.hits)
+
+    await _until_dead_callback_or(h, stolen)
     assert elsewhere.hits == []
     assert [m for m, _, _ in member.hits] == ["POST", "POST"]  # two attempts, both refused
     error = await _dead_callback_error(h)
@@ -155,7 +169,7 @@ async def test_a_307_from_a_member_does_not_repost_the_signed_callback(
 
 @pytest.mark.integration
 async def test_a_302_to_the_admin_listener_is_not_counted_as_delivered(
-    make_harness: HarnessFactory, spies: Callable[[Handler | None], Awaitable[Spy]]
+    make_harness: HarnessFactory, spies: Spies
 ) -> None:
     """A 302 to the admin console (which answers 200) leaves the callback undelivered."""
     target: list[str] = []
@@ -164,37 +178,26 @@ async def test_a_302_to_the_admin_listener_is_not_counted_as_delivered(
         raise web.HTTPFound(target[0])
 
     member = await spies(redirect)
-
-    def edit(doc: dict[str, Any]) -> None:
-        doc["delivery"]["max_attempts"] = 2
-        doc["members"][0]["callback_url"] = member.url("/callbacks")
-
-    h = await make_harness(edit)
+    h = await make_harness(_callbacks_to(member))
     target.append(str(h.admin.make_url("/")))
     async with h.admin.session.get(h.admin.make_url("/")) as resp:
         assert resp.status == 200  # what a followed redirect would have taken as success
-    message_id = await _apply(h)
+    message_id = await send_application(h)
 
-    async def settled() -> bool:
-        dead = any(d.kind == "callback" for d in await h.app[STORE].dead_letters())
-        return dead or await h.state_of(message_id) == "callback_delivered"
+    async def delivered() -> bool:
+        return await h.state_of(message_id) == "callback_delivered"
 
-    await h.wait_for(settled)
-    assert await h.state_of(message_id) != "callback_delivered"
+    await _until_dead_callback_or(h, delivered)
+    assert not await delivered()
     assert "302" in await _dead_callback_error(h)
 
 
 @pytest.mark.integration
 async def test_a_redirecting_upstream_is_an_upstream_error_with_its_location(
-    make_harness: HarnessFactory, spies: Callable[[Handler | None], Awaitable[Spy]]
+    make_harness: HarnessFactory, spies: Spies
 ) -> None:
     """An adapter's upstream answering 307 is a 502 naming the Location; nothing follows it."""
-    elsewhere = await spies(None)
-
-    async def redirect(request: web.Request) -> web.StreamResponse:
-        raise web.HTTPTemporaryRedirect(elsewhere.url("/steal"))
-
-    upstream = await spies(redirect)
+    elsewhere, upstream = await _redirecting(spies, web.HTTPTemporaryRedirect, "/steal")
 
     def edit(doc: dict[str, Any]) -> None:
         doc["adapters"][0]["config"]["url"] = upstream.url("/api/exchange/{service}")
@@ -207,16 +210,9 @@ async def test_a_redirecting_upstream_is_an_upstream_error_with_its_location(
     assert elsewhere.hits == []
 
 
-async def test_a_redirecting_health_check_is_unhealthy(
-    keys: Keys, spies: Callable[[Handler | None], Awaitable[Spy]]
-) -> None:
+async def test_a_redirecting_health_check_is_unhealthy(keys: Keys, spies: Spies) -> None:
     """A health URL answering 302 reports the 302 and is not followed."""
-    elsewhere = await spies(None)
-
-    async def redirect(request: web.Request) -> web.StreamResponse:
-        raise web.HTTPFound(elsewhere.url("/health"))
-
-    upstream = await spies(redirect)
+    elsewhere, upstream = await _redirecting(spies, web.HTTPFound, "/health")
     async with aiohttp.ClientSession() as session:
         context = AdapterContext(
             member_id=GATEWAY_ID, signer=Signer(keys.pairs["gateway"]), session=session
@@ -269,7 +265,7 @@ def _national_adapter(url: str, keys: Keys) -> Callable[[dict[str, Any]], None]:
 @pytest.mark.parametrize("adapter_type", ["national_platform", "http"])
 async def test_an_answer_signed_for_another_request_is_refused(
     make_harness: HarnessFactory,
-    spies: Callable[[Handler | None], Awaitable[Spy]],
+    spies: Spies,
     keys: Keys,
     adapter_type: str,
 ) -> None:
@@ -295,7 +291,7 @@ async def test_an_answer_signed_for_another_request_is_refused(
 @pytest.mark.integration
 async def test_an_answer_bound_by_its_message_id_is_accepted_once(
     make_harness: HarnessFactory,
-    spies: Callable[[Handler | None], Awaitable[Spy]],
+    spies: Spies,
     keys: Keys,
 ) -> None:
     """An answer covering gw-message-id binds to that message: accepted for it, refused
@@ -339,7 +335,7 @@ def _exchange() -> Exchange:
 
 @pytest.mark.parametrize("suffix", ["/gw?x=", "/gw#", "/gw?"])
 async def test_a_query_or_fragment_in_a_peer_url_is_refused(
-    keys: Keys, spies: Callable[[Handler | None], Awaitable[Spy]], suffix: str
+    keys: Keys, spies: Spies, suffix: str
 ) -> None:
     """A peer URL with ``?`` or ``#`` is refused as config, so no request path can move
     into its query (string concatenation posted to ``/gw`` instead)."""
@@ -356,9 +352,7 @@ async def test_a_query_or_fragment_in_a_peer_url_is_refused(
     assert peer.hits == []
 
 
-async def test_a_peer_url_with_a_path_keeps_it(
-    keys: Keys, spies: Callable[[Handler | None], Awaitable[Spy]]
-) -> None:
+async def test_a_peer_url_with_a_path_keeps_it(keys: Keys, spies: Spies) -> None:
     """A peer base URL's path stays in front of the joined ``/v1/exchange/{service}``."""
     peer = await spies(None)
     async with aiohttp.ClientSession() as session:
@@ -413,7 +407,7 @@ async def _send_learnt(
 
 
 async def test_a_learnt_name_that_resolves_to_loopback_is_never_connected_to(
-    keys: Keys, spies: Callable[[Handler | None], Awaitable[Spy]]
+    keys: Keys, spies: Spies
 ) -> None:
     """DNS rebinding: a learnt peer whose name resolves to 127.0.0.1 is refused at connect
     time, although the name itself passed the policy; nothing reaches the server."""
@@ -429,7 +423,7 @@ async def test_a_learnt_name_that_resolves_to_loopback_is_never_connected_to(
 
 
 async def test_a_learnt_name_in_an_allowed_network_is_connected_to(
-    keys: Keys, spies: Callable[[Handler | None], Awaitable[Spy]]
+    keys: Keys, spies: Spies
 ) -> None:
     """With loopback allowed by config, the same learnt name reaches the server."""
     peer = await spies(None)
@@ -439,9 +433,7 @@ async def test_a_learnt_name_in_an_allowed_network_is_connected_to(
     assert [p for _, p, _ in peer.hits] == ["/v1/exchange/credit.query"]
 
 
-async def test_the_guarded_session_checks_literal_addresses_too(
-    keys: Keys, spies: Callable[[Handler | None], Awaitable[Spy]]
-) -> None:
+async def test_the_guarded_session_checks_literal_addresses_too(keys: Keys, spies: Spies) -> None:
     """A literal 127.0.0.1 skips DNS; the guarded session's own check still refuses it."""
     peer = await spies(None)
     with pytest.raises(OutboundRefused, match="not a public address"):
@@ -467,7 +459,7 @@ async def test_a_learnt_adapter_without_the_guarded_session_is_not_built(keys: K
 
 @pytest.mark.integration
 async def test_a_learnt_callback_url_on_loopback_is_refused_by_delivery(
-    make_harness: HarnessFactory, spies: Callable[[Handler | None], Awaitable[Spy]]
+    make_harness: HarnessFactory, spies: Spies
 ) -> None:
     """A member whose callback URL was learnt (no outbound allowance) never gets a
     callback posted to loopback: the attempts fail with the policy's reason."""
@@ -479,7 +471,7 @@ async def test_a_learnt_callback_url_on_loopback_is_refused_by_delivery(
         doc["members"][0]["learnt"] = True
 
     h = await make_harness(edit)
-    await _apply(h)
+    await send_application(h)
 
     async def dead() -> bool:
         return any(d.kind == "callback" for d in await h.app[STORE].dead_letters())
@@ -666,40 +658,27 @@ def test_outbound_config_is_parsed_and_validated(keys: Keys, tmp_path: Any) -> N
 # The member-side client (gateway/client.py) ----------------------------------------------
 
 
-async def test_the_exchange_client_joins_paths_and_keeps_queries(
-    keys: Keys, spies: Callable[[Handler | None], Awaitable[Spy]]
-) -> None:
+def _portal_client(keys: Keys, base_url: str, session: aiohttp.ClientSession) -> ExchangeClient:
+    return ExchangeClient(
+        member_id=PORTAL_ID, signer=Signer(keys.pairs["portal"]), base_url=base_url, session=session
+    )
+
+
+async def test_the_exchange_client_joins_paths_and_keeps_queries(keys: Keys, spies: Spies) -> None:
     """A base URL's path stays in front; a query in the path stays a query."""
     server = await spies(None)
     async with aiohttp.ClientSession() as session:
-        client = ExchangeClient(
-            member_id=PORTAL_ID,
-            signer=Signer(keys.pairs["portal"]),
-            base_url=server.url("/gw/"),
-            session=session,
-        )
+        client = _portal_client(keys, server.url("/gw/"), session)
         assert client.url_for("/v1/messages/abc") == server.url("/gw/v1/messages/abc")
         await client.request("GET", "/v1/monitoring/records?service=credit.query")
     assert [p for _, p, _ in server.hits] == ["/gw/v1/monitoring/records?service=credit.query"]
 
 
-async def test_the_exchange_client_does_not_follow_redirects(
-    keys: Keys, spies: Callable[[Handler | None], Awaitable[Spy]]
-) -> None:
+async def test_the_exchange_client_does_not_follow_redirects(keys: Keys, spies: Spies) -> None:
     """A gateway answering 307 gets the 307 back; the signed request goes nowhere else."""
-    elsewhere = await spies(None)
-
-    async def redirect(request: web.Request) -> web.StreamResponse:
-        raise web.HTTPTemporaryRedirect(elsewhere.url("/steal"))
-
-    gateway = await spies(redirect)
+    elsewhere, gateway = await _redirecting(spies, web.HTTPTemporaryRedirect, "/steal")
     async with aiohttp.ClientSession() as session:
-        client = ExchangeClient(
-            member_id=PORTAL_ID,
-            signer=Signer(keys.pairs["portal"]),
-            base_url=gateway.url(""),
-            session=session,
-        )
+        client = _portal_client(keys, gateway.url(""), session)
         reply = await client.exchange("credit.query", CREDIT_EXAMPLE)
     assert reply.status == 307
     assert elsewhere.hits == []
@@ -719,7 +698,7 @@ async def test_verify_reply_requires_the_binding(harness: Harness) -> None:
 
 
 async def test_the_simulator_does_not_follow_a_redirecting_gateway(
-    keys: Keys, spies: Callable[[Handler | None], Awaitable[Spy]]
+    keys: Keys, spies: Spies
 ) -> None:
     """The national simulator's callback to a gateway answering 307 is not re-posted."""
     elsewhere = await spies(None)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from adapters.base import Adapter, AdapterContext
@@ -22,19 +20,7 @@ from gateway.registry import (
     build_runtime,
     check_adapter_config,
 )
-from gateway.signing import Signer
-from tests.conftest import GATEWAY_ID, PEER_ID, PORTAL_ID, Keys, config_document
-
-
-@pytest.fixture
-async def context(keys: Keys, tmp_path: Path) -> AsyncIterator[AdapterContext]:
-    async with aiohttp.ClientSession() as session:
-        yield AdapterContext(
-            member_id=GATEWAY_ID,
-            signer=Signer(keys.pairs["gateway"]),
-            session=session,
-            base_dir=str(tmp_path),
-        )
+from tests.conftest import PEER_ID, PORTAL_ID, Keys, config_document
 
 
 def test_entry_points_find_http_and_mock() -> None:

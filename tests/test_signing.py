@@ -448,17 +448,22 @@ def test_rfc_ed25519_key_reproduces_b26_signature_bytes() -> None:
     assert request.headers["Signature"] == RFC_EXAMPLES[5]["signature"]
 
 
-def test_signer_signs_b26_base_with_alg_deterministically() -> None:
-    """Signer with the RFC key gives the B.2.6 base plus alg, Ed25519-signed byte for byte."""
-    vector = shared_b26()
-    request = shared_b26_request(vector, signed=False)
-    key = rfc_ed25519_private(vector)
-    pair = KeyPair(
+def _rfc_pair(key: ed25519.Ed25519PrivateKey) -> KeyPair:
+    """The RFC 9421 test key as a gateway key pair, under the RFC's key id."""
+    return KeyPair(
         kid="test-key-ed25519",
         algorithm="ed25519",
         private=key,
         jwk=private_to_jwk(key, "test-key-ed25519"),
     )
+
+
+def test_signer_signs_b26_base_with_alg_deterministically() -> None:
+    """Signer with the RFC key gives the B.2.6 base plus alg, Ed25519-signed byte for byte."""
+    vector = shared_b26()
+    request = shared_b26_request(vector, signed=False)
+    key = rfc_ed25519_private(vector)
+    pair = _rfc_pair(key)
     headers = CIMultiDict(request.headers)
     base = RFC_EXAMPLES[5]["signature_base"] + ';alg="ed25519"'
     expected = base64.b64encode(key.sign(base.encode())).decode()
@@ -484,12 +489,7 @@ def test_signer_reproduces_b26_signature_bytes() -> None:
     vector = shared_b26()
     request = shared_b26_request(vector, signed=False)
     key = rfc_ed25519_private(vector)
-    pair = KeyPair(
-        kid="test-key-ed25519",
-        algorithm="ed25519",
-        private=key,
-        jwk=private_to_jwk(key, "test-key-ed25519"),
-    )
+    pair = _rfc_pair(key)
 
     headers = CIMultiDict(request.headers)
     Signer(pair, label="sig-b26", include_alg=False, nonces=False).sign_request(

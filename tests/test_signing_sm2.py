@@ -25,11 +25,19 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from gateway.config import jwk_path_for
-from gateway.keys import KeyType, generate, private_to_jwk, write_keypair
+from gateway.keys import KeyType, private_to_jwk
 from gateway.signing import content_digest
 from gateway.sm2 import ORDER, Sm2PrivateKey
-from tests.conftest import CREDIT_EXAMPLE, PORTAL_ID, TAX_ID, Harness, HarnessFactory, Keys
+from tests.conftest import (
+    CREDIT_EXAMPLE,
+    KEY_KINDS,
+    PORTAL_ID,
+    TAX_ID,
+    Harness,
+    HarnessFactory,
+    Keys,
+    make_keys,
+)
 
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"  # dev.py test installs it when missing
 SIGN = ["pkeyutl", "-sign", "-rawin", "-digest", "sm3"]
@@ -43,24 +51,9 @@ _LOGGING_ERROR = re.compile(r"--- Logging error ---\n.*?\nArguments: [^\n]*\n", 
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    """The conftest's key set with SM2 for the gateway, portal and national platform."""
-    directory = tmp_path_factory.mktemp("sm2-keys")
-    kinds: dict[str, KeyType] = {
-        "gateway": "sm2",
-        "portal": "sm2",
-        "tax": "ecdsa-p256",
-        "disabled": "ed25519",
-        "national": "sm2",
-        "peer": "ed25519",
-        "stranger": "sm2",
-    }
-    pairs = {
-        name: write_keypair(
-            generate(kind), directory / f"{name}.pem", jwk_path_for(directory / f"{name}.pem")
-        )
-        for name, kind in kinds.items()
-    }
-    return Keys(directory, pairs)
+    """The conftest's key set with SM2 for the gateway, portal, national platform, stranger."""
+    sm2: dict[str, KeyType] = dict.fromkeys(("gateway", "portal", "national", "stranger"), "sm2")
+    return make_keys(tmp_path_factory.mktemp("sm2-keys"), {**KEY_KINDS, **sm2})
 
 
 def openssl(*args: str, data: bytes | None = None) -> bytes:

@@ -5,14 +5,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import sys
 import unicodedata
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from pathlib import Path
+from typing import Any
 
 from gateway.config import Config, load_config
+from gateway.keys import KEY_TYPE_NAMES, KeyType
 from gateway.secretstore import SecretBox
 from gateway.store import Store, create_store
 
-__all__ = ["load", "open_store", "plural", "table", "width", "with_config"]
+__all__ = [
+    "add_alg_option",
+    "load",
+    "open_store",
+    "plural",
+    "read_json",
+    "table",
+    "width",
+    "with_config",
+]
 
 DEFAULT_CONFIG = "config.yaml"
 
@@ -23,6 +37,36 @@ def with_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})"
     )
     return parser
+
+
+class _KeyTypeAction(argparse.Action):
+    """Stores the key type an ``--alg`` names (``sm2-sm3`` → ``sm2``)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, KEY_TYPE_NAMES[str(values)])
+
+
+def add_alg_option(
+    parser: argparse.ArgumentParser, help: str, default: KeyType | None = None
+) -> None:
+    """``--alg`` (alias ``--type``): a key type or the RFC 9421 algorithm of its keys
+    (``ed25519``, ``ecdsa-p256[-sha256]``, ``rsa-pss[-sha512]``, ``sm2[-sm3]``), stored
+    as the key type in ``args.type``."""
+    parser.add_argument(
+        "--alg",
+        "--type",
+        dest="type",
+        choices=KEY_TYPE_NAMES,
+        default=default,
+        action=_KeyTypeAction,
+        help=help,
+    )
 
 
 def load(args: argparse.Namespace) -> Config:
@@ -41,6 +85,18 @@ async def open_store(config: Config, *, readonly: bool = False) -> AsyncIterator
         yield store
     finally:
         await store.close()
+
+
+def read_json(path: str, error: Callable[[str], Exception]) -> Any:
+    """A JSON document from a file, or from stdin for ``-``; raises ``error(detail)`` (each
+    command group its own kind) when it cannot be read or is not JSON."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        return json.loads(text)
+    except OSError as exc:
+        raise error(f"{path}: {exc.strerror or exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: not a JSON document ({exc})") from exc
 
 
 def width(text: str) -> int:

@@ -28,7 +28,7 @@ from urllib.parse import quote, urlencode
 import aiohttp
 from yarl import URL
 
-from gateway.cli._common import plural, table, width
+from gateway.cli._common import plural, read_json, table, width
 from gateway.encoding import iso_utc
 
 __all__ = ["TOKEN_ENV", "AdminClient", "AdminError", "Output", "register"]
@@ -205,17 +205,6 @@ def _enabled(item: Mapping[str, Any]) -> str:
 # Input files -------------------------------------------------------------------------
 
 
-def _read_json(path: str) -> Any:
-    """A JSON document from a file, or from stdin for ``-``."""
-    try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-        return json.loads(text)
-    except OSError as exc:
-        raise AdminError(f"{path}: {exc.strerror or exc}") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdminError(f"{path}: not a JSON document ({exc})") from exc
-
-
 def _public_jwk(jwk: Any, where: str) -> Any:
     # A private key has no business on the wire; the API only ever needs the public half.
     if isinstance(jwk, Mapping) and "d" in jwk:
@@ -226,12 +215,13 @@ def _public_jwk(jwk: Any, where: str) -> Any:
 def _member_document(path: str) -> Any:
     """A member from a file; a key given as a string is a JWK file beside it (as in
     ``config.yaml``), read in here because the API takes only JWK objects."""
-    member = _read_json(path)
+    member = read_json(path, AdminError)
     if isinstance(member, dict) and isinstance(member.get("keys"), list):
         base = Path.cwd() if path == "-" else Path(path).parent
         member["keys"] = [
             _public_jwk(
-                _read_json(str(base / k)) if isinstance(k, str) else k, f"{path}: /keys/{i}"
+                read_json(str(base / k), AdminError) if isinstance(k, str) else k,
+                f"{path}: /keys/{i}",
             )
             for i, k in enumerate(member["keys"])
         ]
@@ -267,7 +257,7 @@ async def adapters_get(api: AdminClient, args: argparse.Namespace) -> Output:
 
 
 async def adapters_add(api: AdminClient, args: argparse.Namespace) -> Output:
-    data = await api.call("POST", "adapters", body=_read_json(args.file))
+    data = await api.call("POST", "adapters", body=read_json(args.file, AdminError))
     return Output(data=data, text=f"created adapter {data['name']} (type {data['type']})")
 
 
@@ -360,7 +350,7 @@ def _member_switch(enabled: bool) -> Command:
 
 
 async def keys_add(api: AdminClient, args: argparse.Namespace) -> Output:
-    jwk = _public_jwk(_read_json(args.jwk), args.jwk)
+    jwk = _public_jwk(read_json(args.jwk, AdminError), args.jwk)
     query = {"reinstate": "true"} if args.reinstate else None
     data = await api.call("POST", "members", args.member, "keys", body=jwk, query=query)
     return Output(data=data, text=f"added key {_cell(data.get('kid'))} to {args.member}")
@@ -396,7 +386,7 @@ async def services_get(api: AdminClient, args: argparse.Namespace) -> Output:
 
 
 async def services_add(api: AdminClient, args: argparse.Namespace) -> Output:
-    data = await api.call("POST", "services", body=_read_json(args.file))
+    data = await api.call("POST", "services", body=read_json(args.file, AdminError))
     return Output(data=data, text=f"created service {data['code']} ({data.get('mode', 'sync')})")
 
 

@@ -23,7 +23,7 @@ from gateway.audit import (
     stamp_files,
     verify_store,
 )
-from gateway.cli._common import load, open_store, with_config
+from gateway.cli._common import load, open_store, read_json, with_config
 from gateway.config import Config
 from gateway.errors import StoreError, TimestampError
 from gateway.keys import load_gateway_keypair
@@ -85,13 +85,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     purge.set_defaults(func=cmd_purge)
 
 
-def _read_json(path: str) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"cannot read {path}: {exc}") from exc
-
-
 def gateway_jwks(config: Config) -> dict[str, Any]:
     """The gateway's public keys (current and previous), as ``/.well-known/jwks.json``."""
     if config.gateway.jwk_path.exists():
@@ -102,7 +95,7 @@ def gateway_jwks(config: Config) -> dict[str, Any]:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     config = load(args)
-    jwks = _read_json(args.jwks) if args.jwks else gateway_jwks(config)
+    jwks = read_json(args.jwks, StoreError) if args.jwks else gateway_jwks(config)
 
     tsa = StampTrust.of(config.timestamping) if config.timestamping else None
 
@@ -254,7 +247,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return 1
-    trusted = _read_json(args.jwks) if args.jwks else None
+    trusted = read_json(args.jwks, StoreError) if args.jwks else None
     report = check_bundle(raw, trusted)
     for line in report.summary:
         print(line)

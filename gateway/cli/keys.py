@@ -20,13 +20,12 @@ from typing import Any
 
 import aiohttp
 
-from gateway.cli._common import load, with_config
+from gateway.cli._common import add_alg_option, load, with_config
 from gateway.config import Config, jwk_path_for
 from gateway.encoding import iso_utc
 from gateway.errors import GatewayError
 from gateway.hsm import Pkcs11Uri, generate_key
 from gateway.keys import (
-    KEY_TYPES,
     KeyPair,
     KeyType,
     generate,
@@ -189,9 +188,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "keygen",
         help="generate a key pair (PKCS#8 PEM 0600 + public JWK, or in a PKCS#11 token)",
     )
-    kg.add_argument(
-        "--alg", "--type", dest="type", choices=KEY_TYPES, default="ed25519", help="key type"
-    )
+    add_alg_option(kg, "key type, or its signature algorithm (default ed25519)", "ed25519")
     kg.add_argument("--out", help="private key path, e.g. keys/member.pem")
     kg.add_argument(
         "--pkcs11",
@@ -226,12 +223,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=7.0,
         help="days the old key stays published in the JWKS (default 7)",
     )
-    rotate.add_argument(
-        "--alg",
-        "--type",
-        dest="type",
-        choices=KEY_TYPES,
-        help="key type of the new key (default: the old key's)",
-    )
+    add_alg_option(rotate, "key type of the new key (default: the old key's)")
     rotate.add_argument("--kid", help="key id of the new key (default: RFC 7638 thumbprint)")
     rotate.set_defaults(func=cmd_rotate)

@@ -20,7 +20,7 @@ from aiohttp import web
 from gateway import eventloop
 from gateway.admin import create_admin_app
 from gateway.app import create_app
-from gateway.cli._common import load, with_config
+from gateway.cli._common import add_alg_option, load, with_config
 from gateway.config import Config, jwk_path_for, listen_address, load_config, with_listeners
 from gateway.errors import ConfigError
 from gateway.hsm import is_pkcs11_uri
@@ -66,9 +66,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="event loop: uvloop when installed (auto), or asyncio's (default auto)",
     )
     serve.set_defaults(func=cmd_serve)
-    with_config(
+    up = with_config(
         sub.add_parser("up", help="create missing keys; run gateway, simulator and demo system")
-    ).set_defaults(func=cmd_up)
+    )
+    add_alg_option(
+        up, "type of the keys it creates (default ed25519; sm2-sm3: SM2 with SM3)", "ed25519"
+    )
+    up.set_defaults(func=cmd_up)
     demo = sub.add_parser(
         "demo", help="a cross-province application end to end: A, national platform, B"
     )
@@ -207,12 +211,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         passphrase = read_passphrase(
             raw["gateway"].get("key_passphrase_env"), base / secret if secret else None
         )
-        gateway_pair = ensure_keypair(gw_pem, jwk_path_for(gw_pem), passphrase=passphrase)
+        gateway_pair = ensure_keypair(
+            gw_pem, jwk_path_for(gw_pem), args.type, passphrase=passphrase
+        )
     _ensure_local_pki(raw, base)
     sim_pairs = {}
     for name, sim in raw.get("simulators", {}).items():
         pem = base / sim["key"]
-        sim_pairs[name] = ensure_keypair(pem, jwk_path_for(pem))
+        sim_pairs[name] = ensure_keypair(pem, jwk_path_for(pem), args.type)
     config = load_config(config_path)
     if gateway_pair is None:
         gateway_pair = load_gateway_keypair(config.gateway)
