@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from multidict import CIMultiDict
 
+from gateway.backoff import backoff_delay
 from gateway.config import DeliveryConfig, GatewayIdentity
 from gateway.dispatch import call_adapter, exchange_of, receiver_for
 from gateway.errors import AdapterUnavailable, GatewayError, OutboundRefused, UpstreamError
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from gateway.monitoring import Monitor
     from gateway.registry import RuntimeHolder
 
-__all__ = ["Delivery", "DeliveryState", "backoff_delay"]
+__all__ = ["Delivery", "DeliveryState"]
 
 log = logging.getLogger("gateway.delivery")
 LEASE_S = 30.0  # renewed every RENEW_S while a delivery runs; expired, another takes over
@@ -54,11 +55,6 @@ class DeliveryState(enum.Enum):
     RUNNING = "running"  # claiming and delivering
     DRAINING = "draining"  # stopped claiming; in-flight work finishing
     STOPPED = "stopped"  # no task left
-
-
-def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(max, base·2^(n-1))]."""
-    return rng.uniform(0, min(max_s, base_s * 2 ** max(0, attempt - 1)))
 
 
 class Delivery:

@@ -48,7 +48,7 @@ from rfc3161_client import (
     decode_timestamp_response,
 )
 
-from gateway.delivery import backoff_delay
+from gateway.backoff import backoff_delay
 from gateway.errors import ConfigError, GatewayError, TimestampError
 from gateway.store.chain import CheckpointRow
 

@@ -13,7 +13,7 @@ import pytest
 from multidict import CIMultiDict
 
 from gateway.app import STORE
-from gateway.delivery import backoff_delay
+from gateway.backoff import backoff_delay
 from gateway.signing import Signer
 from gateway.store import MessageRecord
 from tests.conftest import NATIONAL_ID, PORTAL_ID, Harness, HarnessFactory
