@@ -29,7 +29,24 @@ from typing import Any, ClassVar, Protocol, TypeVar
 from gateway.errors import StoreError
 from gateway.secretstore import DataKey, SecretBox
 from gateway.states import CallbackState, MessageState
-from gateway.store import (
+from gateway.store.archived import ARCHIVE_COLUMNS, ArchiveMark
+from gateway.store.batch import BatchObserver
+from gateway.store.bodies import SEALED_COLUMNS, Opened, key_ids, seal_blob, seal_text
+from gateway.store.chain import CheckpointRow, body_digest
+from gateway.store.oprecords import (
+    INSERT_COLUMNS,
+    MONITORING_CHUNK,
+    MONITORING_COLUMNS,
+    PRUNE_SQL,
+    SAMPLES_SQL,
+    MonitoringQuery,
+    MonitoringRecord,
+    MonitoringSample,
+    monitoring_row,
+    query_sql,
+    record_from_row,
+)
+from gateway.store.records import (
     FORWARD,
     IN_OUTBOX,
     TAKES_CALLBACK,
@@ -51,23 +68,6 @@ from gateway.store import (
     TokenNameTaken,
     TokenRecord,
     sql_state,
-)
-from gateway.store.archived import ARCHIVE_COLUMNS, ArchiveMark
-from gateway.store.batch import BatchObserver
-from gateway.store.bodies import SEALED_COLUMNS, Opened, key_ids, seal_blob, seal_text
-from gateway.store.chain import CheckpointRow, body_digest
-from gateway.store.oprecords import (
-    INSERT_COLUMNS,
-    MONITORING_CHUNK,
-    MONITORING_COLUMNS,
-    PRUNE_SQL,
-    SAMPLES_SQL,
-    MonitoringQuery,
-    MonitoringRecord,
-    MonitoringSample,
-    monitoring_row,
-    query_sql,
-    record_from_row,
 )
 from gateway.store.rows import Row, accepted_record, callback_record, message_record, record
 from gateway.store.sealing import opened_changes, opened_overlay, sealed_change

@@ -30,7 +30,6 @@ import asyncpg
 
 from gateway.errors import StoreError, StoreReadOnly, StoreUnavailable
 from gateway.secretstore import SecretBox
-from gateway.store import Signer
 from gateway.store.archived import ARCHIVE_COLUMNS, ArchiveMark, mark_of
 from gateway.store.body import CONFIG_CHANNEL, Dialect, StoreBody, opened
 from gateway.store.chain import (
@@ -52,6 +51,7 @@ from gateway.store.pgcommit import (
     append_events,
     numbered,
 )
+from gateway.store.records import Signer
 
 __all__ = ["MIGRATION_LOCK", "Migration", "PostgresStore", "SchemaTooNew", "fault", "migrations"]
 

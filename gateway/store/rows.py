@@ -7,7 +7,7 @@ import dataclasses
 import json
 from typing import Any, Protocol, TypeVar
 
-from gateway.store import CallbackRecord, MessageRecord, NewMessage, via_hops
+from gateway.store.records import CallbackRecord, MessageRecord, NewMessage, via_hops
 
 __all__ = ["Row", "accepted_record", "callback_record", "message_record", "record"]
 

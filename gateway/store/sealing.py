@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.secretstore import SecretBox
-from gateway.store import ChangeRecord, ResourceChange
+from gateway.store.records import ChangeRecord, ResourceChange
 
 __all__ = ["opened_changes", "opened_overlay", "sealed_change"]
 

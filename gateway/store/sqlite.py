@@ -17,7 +17,7 @@ import aiosqlite
 
 from gateway.errors import StoreError, StoreReadOnly
 from gateway.secretstore import SecretBox
-from gateway.store import Signer, archived, instance_id
+from gateway.store import archived
 from gateway.store import chain as log_chain
 from gateway.store import stamps as log_stamps
 from gateway.store.archived import MIGRATION as ARCHIVE_MIGRATION
@@ -26,6 +26,7 @@ from gateway.store.batch import GroupCommit, Unit
 from gateway.store.body import Dialect, StoreBody, TxUnit, opened
 from gateway.store.chain import MIGRATION as CHAIN_MIGRATION
 from gateway.store.chain import ChainRow, CheckpointRow, HashChain, Head
+from gateway.store.records import Signer, instance_id
 from gateway.store.stamps import MIGRATION as STAMPS_MIGRATION
 from gateway.store.statements import Insert
 
