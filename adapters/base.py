@@ -104,7 +104,7 @@ class AdapterContext:
 
     ``session`` is the one to use. For an adapter whose URLs were learnt from the
     federation directory the core passes its guarded session there instead (addresses
-    checked against the outbound policy at connect time, ``gateway/outbound.py``);
+    checked against the outbound policy at connect time, ``gateway/config/outbound.py``);
     ``learnt_session`` is that guarded session, which the core swaps in."""
 
     member_id: str

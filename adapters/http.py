@@ -27,11 +27,10 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from adapters.base import AdapterContext, Answer, Exchange, Health
-from gateway.config import MEMBER_ID_PATTERN
+from gateway.config.model import MEMBER_ID_PATTERN
+from gateway.config.outbound import bound_to, client_context, location_of
+from gateway.crypto.keys import VerificationKey
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnbound
-from gateway.keys import VerificationKey
-from gateway.mtls import client_context
-from gateway.outbound import bound_to, location_of
 from gateway.signing import (
     RequestView,
     ResponseView,

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from adapters.base import AdapterContext, Answer, Exchange, Health
-from gateway.config import MEMBER_ID_PATTERN
+from gateway.config.model import MEMBER_ID_PATTERN
 from gateway.errors import UpstreamError
 
 __all__ = ["MockAdapter"]

@@ -19,9 +19,9 @@ from multidict import CIMultiDict
 
 from adapters.base import AdapterContext, Answer, Exchange
 from adapters.http import BASE_URL_PATTERN, HttpAdapter
-from gateway.config import MEMBER_ID_PATTERN
+from gateway.config.model import MEMBER_ID_PATTERN
+from gateway.config.outbound import join
 from gateway.errors import UpstreamError
-from gateway.outbound import join
 
 __all__ = ["NATIONAL_PLATFORM", "NationalPlatformAdapter"]
 

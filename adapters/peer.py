@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 
 from adapters.base import AdapterContext
 from adapters.http import BASE_URL_PATTERN, HttpAdapter
-from gateway.config import MEMBER_ID_PATTERN
-from gateway.outbound import join
+from gateway.config.model import MEMBER_ID_PATTERN
+from gateway.config.outbound import join
 
 __all__ = ["PeerGatewayAdapter"]
 

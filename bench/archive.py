@@ -30,7 +30,7 @@ from pathlib import Path
 
 from gateway.audit import make_checkpoint
 from gateway.audit.archive import verify_archives, write_archives
-from gateway.keys import KeyPair, algorithm_for, generate, private_to_jwk
+from gateway.crypto.keys import KeyPair, algorithm_for, generate, private_to_jwk
 from gateway.store import NewMessage, Store
 from gateway.store.sqlite import SQLiteStore
 

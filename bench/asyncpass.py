@@ -17,7 +17,7 @@ import aiohttp
 
 from bench.load import presign
 from bench.stack import Stack, example
-from gateway.config import StoreConfig
+from gateway.config.model import StoreConfig
 from gateway.store import create_store
 
 __all__ = ["AsyncResult", "run_async"]

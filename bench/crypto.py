@@ -1,5 +1,5 @@
 """Microseconds per signature operation, as the gateway does them: Ed25519 through
-libsodium (PyNaCl) and SM2 with SM3 through the system's libcrypto (gateway/sm2.py).
+libsodium (PyNaCl) and SM2 with SM3 through the system's libcrypto (gateway/crypto/sm2.py).
 
     .venv/bin/python -m bench.crypto [--n 2000] [--size 400]
 
@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 from nacl.signing import SigningKey
 
-from gateway.sm2 import SIGNER_ID, Sm2PrivateKey
+from gateway.crypto.sm2 import SIGNER_ID, Sm2PrivateKey
 
 __all__ = ["main", "per_op_us"]
 

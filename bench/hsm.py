@@ -1,4 +1,4 @@
-"""Microseconds per signature made in a PKCS#11 token (SoftHSM2, through gateway/hsm.py)
+"""Microseconds per signature made in a PKCS#11 token (SoftHSM2, through gateway/crypto/hsm.py)
 beside the same key type in process, and what a hop to a thread costs.
 
     .venv/bin/python -m bench.hsm [--n 2000]
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             check=True,
             capture_output=True,
         )
-        from gateway.hsm import Pkcs11Uri, generate_key  # after SOFTHSM2_CONF is set
+        from gateway.crypto.hsm import Pkcs11Uri, generate_key  # after SOFTHSM2_CONF is set
 
         message = b"x" * 400
         ed = ed25519.Ed25519PrivateKey.generate()

@@ -28,7 +28,7 @@ import aiohttp
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from bench import sig
-from gateway.sm2 import Sm2PrivateKey
+from gateway.crypto.sm2 import Sm2PrivateKey
 
 __all__ = ["Member", "PassResult", "SignedRequest", "presign", "run_python", "run_wrk"]
 

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 from bench.crypto import per_op_us
 from gateway.admin.views import message_view
-from gateway.logs import JsonFormatter
 from gateway.masking import mask_personal
+from gateway.observe.logs import JsonFormatter
 from gateway.store import MessageRecord
 
 __all__ = ["main"]

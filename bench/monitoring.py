@@ -89,8 +89,8 @@ async def _micro(records: int) -> dict[str, float]:
 
     from prometheus_client import CollectorRegistry
 
-    from gateway.config import MonitoringConfig, StoreConfig
-    from gateway.monitoring import Monitor
+    from gateway.config.model import MonitoringConfig, StoreConfig
+    from gateway.exchange.monitoring import Monitor
     from gateway.store import create_store
 
     with tempfile.TemporaryDirectory() as tmp:

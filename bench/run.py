@@ -36,7 +36,7 @@ from bench.load import PassResult, SignedRequest, presign, run_python, run_wrk
 from bench.rss import RssSampler
 from bench.scaleout import first_of, layouts, measure_layout, row_line, scaleout_report
 from bench.stack import ROOT, Stack, example, running
-from gateway import eventloop
+from gateway.serve import eventloop
 
 __all__ = ["Figures", "Round", "combine", "main", "median_pass"]
 

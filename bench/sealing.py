@@ -1,4 +1,4 @@
-"""Microseconds per seal and open of a stored secret (gateway/secretstore.py), SM4-GCM
+"""Microseconds per seal and open of a stored secret (gateway/config/secretstore.py), SM4-GCM
 beside AES-256-GCM, and of the bare AEAD on ``size`` bytes (what issue 24's message
 bodies will pay per record).
 
@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.crypto import per_op_us
-from gateway.config import SecretsConfig
-from gateway.secretstore import CIPHERS, SM4_GCM, CipherName, SecretBox, decrypt, encrypt
+from gateway.config.model import SecretsConfig
+from gateway.config.secretstore import CIPHERS, SM4_GCM, CipherName, SecretBox, decrypt, encrypt
 from gateway.store.sqlite import SQLiteStore
 
 __all__ = ["main"]

@@ -24,9 +24,9 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from bench import sig
-from gateway import eventloop
-from gateway.config import jwk_path_for
-from gateway.keys import load_keypair, public_from_jwk
+from gateway.config.model import jwk_path_for
+from gateway.crypto.keys import load_keypair, public_from_jwk
+from gateway.serve import eventloop
 
 __all__ = ["create_bare_app", "create_floor_app", "create_upstream_app", "main"]
 

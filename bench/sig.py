@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from gateway.sm2 import Sm2PrivateKey
+from gateway.crypto.sm2 import Sm2PrivateKey
 
 __all__ = [
     "REQUEST_HEADERS",

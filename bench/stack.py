@@ -26,10 +26,10 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from bench.load import Member
-from gateway.config import jwk_path_for
-from gateway.keys import KeyType, generate, write_keypair
-from gateway.ports import free_port
-from gateway.sm2 import Sm2PrivateKey
+from gateway.config.model import jwk_path_for
+from gateway.crypto.keys import KeyType, generate, write_keypair
+from gateway.crypto.sm2 import Sm2PrivateKey
+from gateway.serve.ports import free_port
 
 __all__ = ["PORTAL_ID", "ROOT", "Stack", "example", "running"]
 

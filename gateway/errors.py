@@ -150,7 +150,7 @@ class ConfigError(GatewayError):
 
 
 class TimestampError(GatewayError):
-    """An RFC 3161 time stamp not had or not good (gateway/timestamping.py); ``reason`` is
+    """An RFC 3161 time stamp not had or not good (gateway/audit/timestamping.py); ``reason`` is
     a stable word: ``unavailable`` (the TSA did not answer with a stamp), ``malformed``,
     ``mismatched`` (it covers other data), ``forged`` (its signature or certificate does
     not verify against the configured TSA), ``untimely`` (its time is outside the
@@ -181,7 +181,7 @@ class StoreUnavailable(StoreError):
 
 class StoreReadOnly(StoreError):
     """The database refuses writes: a read-only file, a replica, a database in recovery or
-    with ``default_transaction_read_only``. Readiness reports it (gateway/health.py)."""
+    with ``default_transaction_read_only``. Readiness reports it (gateway/exchange/health.py)."""
 
 
 class InternalError(GatewayError):

@@ -16,8 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.crypto.keys import KeyPair, VerificationKey
 from gateway.errors import GatewayError
-from gateway.keys import KeyPair, VerificationKey
 from gateway.signing import Signer, Verifier
 from simulators.common import note, problem, signed_json, verify_request
 

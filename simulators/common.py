@@ -10,8 +10,8 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.crypto.keys import VerificationKey
 from gateway.errors import GatewayError
-from gateway.keys import VerificationKey
 from gateway.signing import (
     RequestView,
     Signer,

@@ -17,7 +17,7 @@ registered, relayed to it (signed by the platform, vouching for the applicant); 
 gateway's decision arrives on ``POST /api/v1/callbacks/{service}`` and is relayed back
 to the gateway the application came from. Without a registered handling gateway, and
 for ``supervision.report``, the platform answers by callback itself.
-With a ``Publisher`` (``gateway/directory.py``) it is also the federation's directory:
+With a ``Publisher`` (``gateway/federation/directory.py``) it is also the federation's directory:
 ``GET /v1/directory`` serves the signed directory (``ETag``, ``If-None-Match`` → 304)
 and ``POST /v1/directory/announce`` takes a registered gateway's announcement of its
 keys and offered services, signed with a key the directory already lists for it. The
@@ -45,11 +45,11 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.client import ExchangeClient, verify_reply
-from gateway.directory import Publisher, etag_of
+from gateway.config.outbound import join, location_of
+from gateway.crypto.keys import KeyPair, VerificationKey
 from gateway.errors import DirectoryRefused, GatewayError
-from gateway.keys import KeyPair, VerificationKey
-from gateway.outbound import join, location_of
+from gateway.exchange.client import ExchangeClient, verify_reply
+from gateway.federation.directory import Publisher, etag_of
 from gateway.signing import Signer, Verifier
 from simulators.common import note, problem, signed_json, verify_request
 
@@ -591,8 +591,8 @@ def create_national_app(sim: NationalPlatform) -> web.Application:
 def main() -> None:  # pragma: no cover - exercised through `gateway up`
     from pathlib import Path
 
-    from gateway.config import jwk_path_for
-    from gateway.keys import ensure_keypair
+    from gateway.config.model import jwk_path_for
+    from gateway.crypto.keys import ensure_keypair
 
     parser = argparse.ArgumentParser(description="national platform simulator")
     parser.add_argument("--port", type=int, default=9000)

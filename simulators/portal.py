@@ -16,9 +16,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gateway.client import ExchangeClient, verify_reply
+from gateway.crypto.keys import KeyPair, VerificationKey
 from gateway.errors import GatewayError
-from gateway.keys import KeyPair, VerificationKey
+from gateway.exchange.client import ExchangeClient, verify_reply
 from gateway.signing import Signer, Verifier
 from simulators.common import note, problem, verify_request
 

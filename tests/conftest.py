@@ -24,17 +24,17 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from adapters.base import AdapterContext
 from gateway.admin import create_admin_app, create_token
-from gateway.app import DELIVERY, PIPELINE, STORE, create_app
 from gateway.audit import Report, verify_store
-from gateway.client import ExchangeClient
-from gateway.config import Config, StoreConfig, jwk_path_for, parse_config
-from gateway.keys import KeyPair, KeyType, VerificationKey, generate, write_keypair
-from gateway.limits import GatewayRunner
-from gateway.ports import free_port
+from gateway.config.model import Config, StoreConfig, jwk_path_for, parse_config
+from gateway.crypto.keys import KeyPair, KeyType, VerificationKey, generate, write_keypair
+from gateway.exchange.app import DELIVERY, PIPELINE, STORE, create_app
+from gateway.exchange.client import ExchangeClient
+from gateway.exchange.limits import GatewayRunner
+from gateway.observe.tracing import Tracing
+from gateway.serve.ports import free_port
 from gateway.signing import Signer
 from gateway.store import Store, create_store
 from gateway.store.sqlite import SQLiteStore
-from gateway.tracing import Tracing
 from simulators.national import NationalPlatform, create_national_app
 from simulators.portal import Portal, create_portal_app
 from tests.pg import PostgresServer, unavailable_reason
@@ -112,7 +112,7 @@ def restore_logging() -> Iterator[None]:
 
 
 def unused_port() -> int:
-    """A free loopback port outside the ephemeral range (gateway/ports.py says why)."""
+    """A free loopback port outside the ephemeral range (gateway/serve/ports.py says why)."""
     return free_port()
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from gateway.keys import KeyType, PrivateKey, generate
+from gateway.crypto.keys import KeyType, PrivateKey, generate
 from gateway.signing import Signer
 from tests.conftest import APPLY_EXAMPLE, NATIONAL_ID, Harness
 

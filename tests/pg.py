@@ -30,7 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from gateway.ports import free_port
+from gateway.serve.ports import free_port
 
 __all__ = ["PG_USER", "PostgresServer", "find_binaries", "unavailable_reason"]
 

@@ -18,8 +18,8 @@ from multidict import CIMultiDict
 
 from adapters.base import AdapterContext, Exchange
 from adapters.http import HttpAdapter
+from gateway.crypto.keys import KeyPair, VerificationKey
 from gateway.errors import SignatureInvalid, UpstreamError, UpstreamTimeout
-from gateway.keys import KeyPair, VerificationKey
 from gateway.signing import (
     REQUEST_COMPONENTS,
     RequestView,
@@ -441,8 +441,8 @@ class Office:
 
 @pytest.fixture
 async def office(tmp_path: Path) -> AsyncIterator[Office]:
-    from gateway.certs import issue, make_ca
-    from gateway.mtls import fingerprint_of
+    from gateway.exchange.certs import issue, make_ca
+    from gateway.exchange.mtls import fingerprint_of
 
     pki = tmp_path / "pki"
     make_ca(pki / "ca.crt", pki / "ca.key")
@@ -474,8 +474,8 @@ async def test_https_upstream_gets_the_client_certificate_and_is_checked_against
     office: Office, context: AdapterContext
 ) -> None:
     """tls.cert/key are presented, tls.ca verifies the office: the exchange goes through."""
-    from gateway.certs import load_ca
-    from gateway.mtls import fingerprint_of
+    from gateway.exchange.certs import load_ca
+    from gateway.exchange.mtls import fingerprint_of
 
     tls = {"cert": str(office.pki / "gw.crt"), "key": str(office.pki / "gw.key"),
            "ca": str(office.pki / "ca.crt")}  # fmt: skip

@@ -13,7 +13,7 @@ import pytest
 from adapters.base import Adapter, AdapterContext, Exchange
 from adapters.mock import MockAdapter
 from gateway.errors import UpstreamError
-from gateway.registry import check_adapter_config
+from gateway.runtime.registry import check_adapter_config
 from gateway.signing import Signer
 from tests.conftest import GATEWAY_ID, PORTAL_ID, Keys
 

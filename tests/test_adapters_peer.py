@@ -11,8 +11,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.app import STORE, create_app
-from gateway.config import parse_config
+from gateway.config.model import parse_config
+from gateway.exchange.app import STORE, create_app
 from gateway.store import Store
 from tests.conftest import (
     CREDIT_EXAMPLE,

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from gateway.app import STORE
-from gateway.client import ExchangeClient
-from gateway.keys import generate, private_to_jwk, write_keypair
+from gateway.crypto.keys import generate, private_to_jwk, write_keypair
+from gateway.exchange.app import STORE
+from gateway.exchange.client import ExchangeClient
 from gateway.signing import Signer
 from tests.conftest import CREDIT_EXAMPLE, PORTAL_ID, Harness, HarnessFactory
 

@@ -28,9 +28,9 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.app import LIVE
 from gateway.cli import main
-from gateway.client import ExchangeClient
+from gateway.exchange.app import LIVE
+from gateway.exchange.client import ExchangeClient
 from gateway.signing import Signer
 from tests.conftest import CREDIT_EXAMPLE, PORTAL_ID, Harness, HarnessFactory, Keys
 from tests.test_crash import deployed
@@ -491,7 +491,7 @@ async def test_a_patch_repeating_a_placeholder_keeps_the_header_the_upstream_rec
             assert resp.status in (200, 201)
         await h.client("portal").exchange("credit.query", CREDIT_EXAMPLE)
         assert seen == [bearer]
-        from gateway.app import STORE
+        from gateway.exchange.app import STORE
 
         trail = await h.app[STORE].changes(kind="adapters")
         assert bearer not in json.dumps([(e.before, e.after) for e in trail])

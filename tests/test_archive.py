@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.app import STORE
 from gateway.audit import make_checkpoint, verify_store
 from gateway.audit.archive import (
     ARCHIVE_FORMAT,
@@ -27,10 +26,11 @@ from gateway.audit.archive import (
     verify_archives,
     write_archives,
 )
+from gateway.audit.retention import LOCK, Retention
 from gateway.cli.log import duration
-from gateway.config import RetentionConfig, parse_config
+from gateway.config.model import RetentionConfig, parse_config
 from gateway.errors import ConfigError
-from gateway.retention import LOCK, Retention
+from gateway.exchange.app import STORE
 from gateway.store import Store
 from tests.conftest import (
     CREDIT_EXAMPLE,

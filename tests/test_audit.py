@@ -35,10 +35,10 @@ from gateway.audit import (
     verify_store,
 )
 from gateway.cli import main
-from gateway.client import ExchangeClient
-from gateway.config import parse_config
+from gateway.config.model import parse_config
+from gateway.crypto.keys import KeyPair, KeyType, generate, private_to_jwk
 from gateway.errors import ConfigError, StoreError
-from gateway.keys import KeyPair, KeyType, generate, private_to_jwk
+from gateway.exchange.client import ExchangeClient
 from gateway.signing import Signer
 from gateway.store import DuplicateMessage, NewCallback, NewMessage, Rejection, Store, chain
 from gateway.store.sqlite import MIGRATIONS, SQLiteStore

@@ -19,8 +19,9 @@ from bench.load import Member, PassResult, presign
 from bench.run import SM2, Round, Settings, combine, gateway_pool_size, max_throughput, report
 from bench.scaleout import layouts
 from bench.servers import create_floor_app, create_upstream_app
-from gateway.client import Reply, verify_reply
-from gateway.keys import VerificationKey, private_to_jwk
+from gateway.crypto.keys import VerificationKey, private_to_jwk
+from gateway.crypto.sm2 import Sm2PrivateKey
+from gateway.exchange.client import Reply, verify_reply
 from gateway.signing import (
     REQUEST_COMPONENTS,
     RequestView,
@@ -28,7 +29,6 @@ from gateway.signing import (
     check_content_digest,
     parse_signature_input,
 )
-from gateway.sm2 import Sm2PrivateKey
 from tests.conftest import CREDIT_EXAMPLE, PORTAL_ID, Keys, unused_port
 from tests.pg import PostgresServer
 

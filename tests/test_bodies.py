@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from gateway.audit import verify_store
-from gateway.config import SecretsConfig
+from gateway.config.model import SecretsConfig
+from gateway.config.secretstore import DataKey, SecretBox
 from gateway.errors import StoreError
-from gateway.secretstore import DataKey, SecretBox
 from gateway.store import NewCallback, NewMessage, Store
 from gateway.store.bodies import is_sealed, open_value, seal_blob
 from tests.conftest import (

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.breaker import BreakerState, CircuitBreaker
 from gateway.errors import AdapterUnavailable
+from gateway.runtime.breaker import BreakerState, CircuitBreaker
 
 
 class Clock:

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from gateway.app import STORE
+from gateway.exchange.app import STORE
 from gateway.signing import RequestView, Signer
 from tests.conftest import (
     APPLY_EXAMPLE,

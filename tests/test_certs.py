@@ -1,4 +1,4 @@
-"""``gateway certs`` (gateway/certs.py, gateway/cli/certs.py): a local CA, member
+"""``gateway certs`` (gateway/exchange/certs.py, gateway/cli/certs.py): a local CA, member
 certificates that name their member, CRLs; checked with ``cryptography`` as a reader."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.cli import main
-from gateway.mtls import fingerprint_of, member_names
+from gateway.exchange.mtls import fingerprint_of, member_names
 
 LEGACY = "330000:legacy-records"
 

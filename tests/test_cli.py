@@ -49,7 +49,7 @@ def _b64u(data: bytes) -> str:
 
 
 def _rfc7638(jwk: dict[str, Any]) -> str:
-    """RFC 7638 thumbprint computed here, independently of gateway.keys."""
+    """RFC 7638 thumbprint computed here, independently of gateway.crypto.keys."""
     members = {"OKP": ("crv", "kty", "x"), "EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n")}
     required = {name: jwk[name] for name in members[jwk["kty"]]}
     canonical = json.dumps(required, separators=(",", ":"), sort_keys=True)

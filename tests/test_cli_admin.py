@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from gateway.cli import main
 from gateway.cli.admin import TOKEN_ENV, default_url
-from gateway.client import ExchangeClient
-from gateway.config import jwk_path_for
-from gateway.keys import generate, private_to_jwk, write_keypair
+from gateway.config.model import jwk_path_for
+from gateway.crypto.keys import generate, private_to_jwk, write_keypair
+from gateway.exchange.client import ExchangeClient
 from gateway.signing import Signer
 from tests.conftest import (
     APPLY_EXAMPLE,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli._common import open_store, read_json, table, width
-from gateway.config import parse_config
+from gateway.config.model import parse_config
 from tests.conftest import Keys, config_document
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.app import SESSION, create_app
 from gateway.cli.serve import _run_sites
-from gateway.config import parse_config
+from gateway.config.model import parse_config
+from gateway.exchange.app import SESSION, create_app
 from tests.conftest import Keys, config_document
 
 

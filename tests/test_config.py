@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.config import (
+from gateway.config.model import (
     Config,
     jwk_path_for,
     listen_address,

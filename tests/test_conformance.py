@@ -27,10 +27,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from gateway.config import jwk_path_for
-from gateway.conformance import CallbackVerifier
+from gateway.config.model import jwk_path_for
+from gateway.crypto.keys import VerificationKey, generate, write_keypair
 from gateway.errors import GatewayError
-from gateway.keys import VerificationKey, generate, write_keypair
+from gateway.exchange.conformance import CallbackVerifier
 from simulators.national import NationalPlatform, create_national_app
 from tests.conftest import NATIONAL_ID, PORTAL_ID, ROOT, Keys, unused_port
 
@@ -241,7 +241,7 @@ async def test_the_documented_kit_run_passes_every_check_against_the_sandbox(s: 
     assert data["skipped"] == 0, out
     ids = {c["id"] for c in data["checks"]}
     assert {
-        "gateway.keys", "discovery", "roundtrip.ed25519", "roundtrip.ecdsa-p256-sha256",
+        "gateway.crypto.keys", "discovery", "roundtrip.ed25519", "roundtrip.ecdsa-p256-sha256",
         "roundtrip.sm2-sm3", "digest.sha-512", "digest.sm3", "idempotency", "error.401",
         "error.403", "error.409", "error.422", "error.429", "error.503", "async.callback",
         "callback.tampered", "callback.genuine", "callback.replayed",

@@ -1,4 +1,4 @@
-"""``CallbackVerifier`` (gateway/conformance.py), the check a member's callback endpoint
+"""``CallbackVerifier`` (gateway/exchange/conformance.py), the check a member's callback endpoint
 makes, on callbacks signed by the gateway's own ``Signer`` as delivery signs them."""
 
 from __future__ import annotations
@@ -14,9 +14,15 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from gateway.cli import main
-from gateway.conformance import CallbackVerifier, KitOptions, _invalid_for, _tamper, run_kit
+from gateway.crypto.keys import KeyPair, VerificationKey, algorithm_for, generate, private_to_jwk
 from gateway.errors import DigestMismatch, GatewayError, KeyUnknown, SignatureInvalid
-from gateway.keys import KeyPair, VerificationKey, algorithm_for, generate, private_to_jwk
+from gateway.exchange.conformance import (
+    CallbackVerifier,
+    KitOptions,
+    _invalid_for,
+    _tamper,
+    run_kit,
+)
 from gateway.signing import Signer
 
 URL = "https://portal.example/callbacks"
@@ -35,7 +41,7 @@ def gateway() -> KeyPair:
 
 
 def _callback(pair: KeyPair, *, url: str = URL, body: bytes = BODY) -> CIMultiDict[str]:
-    """Headers as gateway/delivery.py sends a callback: signed afresh, with a nonce."""
+    """Headers as gateway/exchange/delivery.py sends a callback: signed afresh, with a nonce."""
     headers: CIMultiDict[str] = CIMultiDict()
     headers["Content-Type"] = "application/json"
     headers["Gw-Client"] = "330000:gateway"

@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway.admin import create_admin_app
-from gateway.app import LIVE, STORE
-from gateway.console import CONSOLE, CSP
+from gateway.admin.console import CONSOLE, CSP
+from gateway.exchange.app import LIVE, STORE
 from tests.conftest import PORTAL_ID, Harness
 
 Client = TestClient[web.Request, web.Application]

@@ -23,9 +23,9 @@ from typing import Any, TypeVar
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, expect, sync_playwright
 
-from gateway.app import LIVE, MONITOR, STORE
-from gateway.console import CONSOLE
-from gateway.monitoring import aggregate
+from gateway.admin.console import CONSOLE
+from gateway.exchange.app import LIVE, MONITOR, STORE
+from gateway.exchange.monitoring import aggregate
 from tests.conftest import APPLY_EXAMPLE, CREDIT_EXAMPLE, PORTAL_ID, Harness
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -7,7 +7,7 @@ from typing import Any
 import jsonschema
 
 from adapters.http import HttpAdapter
-from gateway.console.forms import (
+from gateway.admin.console.forms import (
     config_fields,
     config_from_form,
     errors_by_field,

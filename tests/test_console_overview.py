@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from gateway.console.overview import Sampler, exchange_totals
-from gateway.metrics import Metrics
+from gateway.admin.console.overview import Sampler, exchange_totals
+from gateway.observe.metrics import Metrics
 
 EXPOSITION = """# HELP gateway_exchanges_total Exchanges answered.
 # TYPE gateway_exchanges_total counter

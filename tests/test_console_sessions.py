@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.console import sessions as sessions_module
-from gateway.console.sessions import Sessions
+from gateway.admin.console import sessions as sessions_module
+from gateway.admin.console.sessions import Sessions
 
 
 class Clock:

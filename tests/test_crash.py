@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aiohttp.typedefs import Handler, Middleware
 
-from gateway.client import ExchangeClient
+from gateway.exchange.client import ExchangeClient
 from gateway.signing import Signer
 from simulators.national import NationalPlatform, create_national_app
 from simulators.portal import Portal, create_portal_app

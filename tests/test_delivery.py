@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict
 
-from gateway.app import STORE
 from gateway.backoff import backoff_delay
+from gateway.exchange.app import STORE
 from gateway.signing import Signer
 from gateway.store import MessageRecord
 from tests.conftest import NATIONAL_ID, PORTAL_ID, Harness, HarnessFactory

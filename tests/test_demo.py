@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.demo import A_GATEWAY, B_GATEWAY, PORTAL, REFRESH_S, run_demo
+from gateway.serve.demo import A_GATEWAY, B_GATEWAY, PORTAL, REFRESH_S, run_demo
 
 pytestmark = pytest.mark.integration  # starts gateway processes
 

@@ -7,8 +7,12 @@ from typing import Any
 
 import pytest
 
-from gateway.config import RouteConfig, jwk_path_for
-from gateway.directory import (
+from gateway.config.model import RouteConfig, jwk_path_for
+from gateway.config.outbound import OutboundPolicy
+from gateway.crypto.keys import KeyPair, KeyType, generate, write_keypair
+from gateway.encoding import iso_utc
+from gateway.errors import DirectoryRefused
+from gateway.federation.directory import (
     NATIONAL_ADAPTER,
     Directory,
     Publisher,
@@ -21,11 +25,7 @@ from gateway.directory import (
     sign_directory,
     verify_directory,
 )
-from gateway.encoding import iso_utc
-from gateway.errors import DirectoryRefused
-from gateway.keys import KeyPair, KeyType, generate, write_keypair
-from gateway.outbound import OutboundPolicy
-from gateway.routing import RouteTable
+from gateway.runtime.routing import RouteTable
 from tests.conftest import make_keys
 
 NOW = 1_800_000_000.0

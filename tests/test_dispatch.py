@@ -1,4 +1,4 @@
-"""Adapter dispatch (gateway/dispatch.py): a stored message to an adapter and back."""
+"""Adapter dispatch (gateway/exchange/dispatch.py): a stored message to an adapter and back."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 from adapters.base import Answer, Exchange, Health
-from gateway.breaker import BreakerState
-from gateway.config import AdapterConfig, RouteConfig, ServiceConfig
-from gateway.dispatch import call_adapter, exchange_of, validate_answer
+from gateway.config.model import AdapterConfig, RouteConfig, ServiceConfig
 from gateway.errors import AdapterUnavailable, UpstreamError
-from gateway.registry import AdapterSlot, Runtime, Service
-from gateway.routing import RouteTable
+from gateway.exchange.dispatch import call_adapter, exchange_of, validate_answer
+from gateway.runtime.breaker import BreakerState
+from gateway.runtime.registry import AdapterSlot, Runtime, Service
+from gateway.runtime.routing import RouteTable
 from gateway.states import MessageState
 from gateway.store import MessageRecord
 from gateway.validation import DocumentValidator

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict
 
-from gateway.app import STORE
 from gateway.errors import GatewayError
+from gateway.exchange.app import STORE
 from gateway.store.sqlite import SQLiteStore
 from tests.conftest import APPLY_EXAMPLE, CREDIT_EXAMPLE, PORTAL_ID, Harness, HarnessFactory
 

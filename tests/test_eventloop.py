@@ -1,4 +1,4 @@
-"""The event-loop choice (gateway/eventloop.py): uvloop when installed, asyncio's on request."""
+"""The event-loop choice (gateway/serve/eventloop.py): uvloop when installed, else asyncio."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 import uvloop
 
-from gateway import eventloop
+from gateway.serve import eventloop
 from tests.conftest import Keys
 from tests.test_observability import _serve_config, until_healthy
 

@@ -22,13 +22,13 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.app import DIRECTORY, RUNTIME, create_app
 from gateway.cli import main
-from gateway.client import ExchangeClient
-from gateway.config import Config, jwk_path_for, parse_config
-from gateway.directory import Publisher, sign_directory
+from gateway.config.model import Config, jwk_path_for, parse_config
+from gateway.crypto.keys import KeyPair, generate, load_keypair, write_keypair
 from gateway.encoding import iso_utc
-from gateway.keys import KeyPair, generate, load_keypair, write_keypair
+from gateway.exchange.app import DIRECTORY, RUNTIME, create_app
+from gateway.exchange.client import ExchangeClient
+from gateway.federation.directory import Publisher, sign_directory
 from gateway.signing import Signer
 from simulators.national import NationalPlatform, create_national_app
 from tests.conftest import CREDIT_EXAMPLE, SCHEMAS, unused_port
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.integration
 A_ID, B_ID, PORTAL_ID = "330000:gateway", "440000:gateway", "330000:one-stop-portal"
 PLATFORM_ID = "100000:national-platform"
 REFRESH_S = 0.3
-# Every party runs on loopback over http: allowed explicitly (gateway/outbound.py).
+# Every party runs on loopback over http: allowed explicitly (gateway/config/outbound.py).
 LOOPBACK = {"allow_http": True, "allow_networks": ["127.0.0.0/8", "::1/128"]}
 RECORD = {
     "uscc": "91350100M000100Y43",
@@ -367,7 +367,7 @@ async def test_bad_directories_are_refused_and_the_last_good_one_kept(
     for jws, reason in cases:
         hostile.jws = jws
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="gateway.federation"):
+        with caplog.at_level(logging.WARNING, logger="gateway.federation.follower"):
             assert await follower.refresh() == "refused"
         assert follower.current.jws == good, reason  # the last good one is kept
         assert any(f"reason {reason}" in r.getMessage() for r in caplog.records), reason

@@ -27,12 +27,12 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from gateway.admin import create_token
-from gateway.client import ExchangeClient
-from gateway.config import jwk_path_for, parse_config
-from gateway.directory import Publisher
+from gateway.config.model import jwk_path_for, parse_config
+from gateway.crypto.keys import KeyPair, generate, write_keypair
 from gateway.encoding import iso_utc
-from gateway.federation import ANNOUNCE_COVERED
-from gateway.keys import KeyPair, generate, write_keypair
+from gateway.exchange.client import ExchangeClient
+from gateway.federation.directory import Publisher
+from gateway.federation.follower import ANNOUNCE_COVERED
 from gateway.signing import Signer
 from gateway.store import create_store
 from simulators.national import NationalPlatform, create_national_app
@@ -157,7 +157,7 @@ def _a_config(w: World) -> dict[str, Any]:
             "admin": {"host": "127.0.0.1", "port": w.ports["admin"]},
         },
         "store": {"path": str(w.tmp / "a.db")},
-        # Every party runs on loopback over http: allowed explicitly (gateway/outbound.py).
+        # Every party runs on loopback over http: allowed explicitly (gateway/config/outbound.py).
         "outbound": {"allow_http": True, "allow_networks": ["127.0.0.0/8", "::1/128"]},
         "directory": {
             "url": f"{w.url('national')}/v1/directory",

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from gateway.errors import GatewayError, MalformedRequest
-from gateway.limits import check_json_shape
+from gateway.exchange.limits import check_json_shape
 from gateway.signing import check_content_digest, content_digest, parse_signature_input
 from tests.conftest import CREDIT_EXAMPLE, Harness, examples
 

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from gateway.app import READINESS, STORE
+from gateway.exchange.app import READINESS, STORE
 from gateway.store.sqlite import SQLiteStore
 from tests.conftest import Harness, HarnessFactory
 

@@ -18,7 +18,7 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.app import STORE
+from gateway.exchange.app import STORE
 from gateway.signing import content_digest
 from tests.conftest import CREDIT_EXAMPLE, NATIONAL_ID, PORTAL_ID, Harness, HarnessFactory
 from tests.test_errors import Req, _add, _body, _set, _without, hand_signed, signed

@@ -1,4 +1,4 @@
-"""Signing keys in a PKCS#11 token (gateway/hsm.py), against a real SoftHSM2 token made
+"""Signing keys in a PKCS#11 token (gateway/crypto/hsm.py), against a real SoftHSM2 token made
 per test session; OpenSC's pkcs11-tool and ``http-message-signatures`` are the
 independent parties that read the token and check what the gateway signed.
 
@@ -34,12 +34,12 @@ from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from gateway.cli import main
-from gateway.client import ExchangeClient, Reply, verify_reply
-from gateway.config import parse_config
-from gateway.directory import Publisher, read_directory, sign_directory
+from gateway.config.model import parse_config
+from gateway.crypto.hsm import HardwareKey, Pkcs11Uri
+from gateway.crypto.keys import KeyPair, VerificationKey, load_key, private_pem, public_to_jwk
 from gateway.errors import ConfigError, InternalError
-from gateway.hsm import HardwareKey, Pkcs11Uri
-from gateway.keys import KeyPair, VerificationKey, load_key, private_pem, public_to_jwk
+from gateway.exchange.client import ExchangeClient, Reply, verify_reply
+from gateway.federation.directory import Publisher, read_directory, sign_directory
 from gateway.signing import Signer
 from gateway.signing.algorithms import ALGORITHM_CLASSES
 from simulators.national import NationalPlatform, create_national_app

@@ -151,9 +151,9 @@ def graph() -> dict[str, set[str]]:
 
 def test_the_graph_sees_modules_and_their_imports(graph: dict[str, set[str]]) -> None:
     """The graph is read from the source: it knows the pipeline imports the errors."""
-    assert "gateway.pipeline" in graph
+    assert "gateway.exchange.pipeline" in graph
     assert "adapters.base" in graph
-    assert "gateway.errors" in graph["gateway.pipeline"]
+    assert "gateway.errors" in graph["gateway.exchange.pipeline"]
 
 
 def test_a_cycle_is_found_and_named() -> None:
@@ -175,3 +175,56 @@ def test_the_known_cycles_still_exist(graph: dict[str, set[str]]) -> None:
     components = set(strongly_connected(graph))
     gone = [sorted(c) for c in KNOWN if c not in components]
     assert not gone, f"no longer cycles, remove from KNOWN: {gone}"
+
+
+# The rooms of the house, lowest first (docs/architecture.md draws them): a module may
+# import its own room and the rooms below it, never one above. The floor is gateway's
+# top-level modules (errors, encoding, states, masking, formats, problem, validation) and
+# adapters.base, the interface every adapter implements.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("floor",),
+    ("gateway.crypto",),
+    ("gateway.signing",),
+    ("gateway.config",),
+    ("gateway.store", "adapters"),
+    ("gateway.runtime",),
+    ("gateway.observe",),
+    ("gateway.audit",),
+    ("gateway.federation",),
+    ("gateway.exchange",),
+    ("gateway.admin",),
+    ("gateway.serve",),
+    ("gateway.cli",),
+)
+RANK = {room: rank for rank, rooms in enumerate(LAYERS) for room in rooms}
+
+
+def room_of(module: str) -> str:
+    """The room a module lives in: its subpackage of gateway/, adapters, or the floor."""
+    if module == "adapters.base" or module == "gateway" or module == "adapters":
+        return "floor"
+    if module.startswith("adapters."):
+        return "adapters"
+    parts = module.split(".")
+    if len(parts) >= 2 and f"gateway.{parts[1]}" in RANK:
+        return f"gateway.{parts[1]}"
+    return "floor"
+
+
+def test_every_subpackage_is_a_room() -> None:
+    """Each subpackage of gateway/ has its place in LAYERS (a new one must be placed)."""
+    packages = {p.name for p in (ROOT / "gateway").iterdir() if (p / "__init__.py").exists()}
+    assert {f"gateway.{p}" for p in packages} <= set(RANK)
+
+
+def test_no_module_imports_a_room_above_its_own() -> None:
+    """Imports go down the house (or sideways within a room), never up."""
+    graph = import_graph()
+    upward = sorted(
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        for target in targets
+        if RANK[room_of(target)] > RANK[room_of(module)]
+        or (RANK[room_of(target)] == RANK[room_of(module)] and room_of(target) != room_of(module))
+    )
+    assert not upward, "imports up the house:\n" + "\n".join(upward)

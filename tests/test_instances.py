@@ -23,8 +23,8 @@ import yaml
 from aiohttp.test_utils import TestServer
 
 from gateway.admin import create_token
-from gateway.client import ExchangeClient
-from gateway.config import parse_config
+from gateway.config.model import parse_config
+from gateway.exchange.client import ExchangeClient
 from gateway.signing import Signer
 from gateway.store import create_store
 from simulators.national import NationalPlatform, create_national_app

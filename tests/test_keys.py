@@ -18,10 +18,8 @@ import pytest
 import yaml
 
 from gateway.cli import main
-from gateway.client import verify_reply
-from gateway.config import jwk_path_for, parse_config
-from gateway.errors import ConfigError
-from gateway.keys import (
+from gateway.config.model import jwk_path_for, parse_config
+from gateway.crypto.keys import (
     VerificationKey,
     expiry_warning,
     generate,
@@ -33,7 +31,9 @@ from gateway.keys import (
     rotate_keypair,
     write_keypair,
 )
-from gateway.sm2 import Sm2PrivateKey
+from gateway.crypto.sm2 import Sm2PrivateKey
+from gateway.errors import ConfigError
+from gateway.exchange.client import verify_reply
 from tests.conftest import (
     CREDIT_EXAMPLE,
     PORTAL_ID,

@@ -1,4 +1,4 @@
-"""Limits (gateway/limits.py and their pipeline stages): each answered as problem+json with
+"""Limits (gateway/exchange/limits.py and their pipeline stages): each answered as problem+json with
 its protocol code, on a real gateway on loopback, and nothing past a limit reaches an
 adapter."""
 
@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.client import ExchangeClient, Reply
-from gateway.config import MemberConfig, RateLimit, SecurityConfig
+from gateway.config.model import MemberConfig, RateLimit, SecurityConfig
 from gateway.errors import MalformedRequest, RateLimited
-from gateway.limits import (
+from gateway.exchange.client import ExchangeClient, Reply
+from gateway.exchange.limits import (
     IN_FLIGHT,
     RateLimiter,
     TokenBucket,

@@ -13,10 +13,10 @@ from typing import Any
 
 from cryptography import x509
 
-from gateway.app import LIVE, RUNTIME, STORE
-from gateway.certs import issue, make_ca
 from gateway.errors import CertificateRevoked
-from gateway.mtls import LOCAL_TLS, PeerCertificate
+from gateway.exchange.app import LIVE, RUNTIME, STORE
+from gateway.exchange.certs import issue, make_ca
+from gateway.exchange.mtls import LOCAL_TLS, PeerCertificate
 from tests.conftest import (
     CREDIT_EXAMPLE,
     PORTAL_ID,

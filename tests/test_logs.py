@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from gateway.logs import JsonFormatter, TextFormatter, configure_logging
 from gateway.masking import mask_personal
+from gateway.observe.logs import JsonFormatter, TextFormatter, configure_logging
 
 RESIDENT_ID = "11010519491231002X"
 MASKED = "110105********002X"

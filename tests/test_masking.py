@@ -27,16 +27,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from gateway.app import STORE
 from gateway.cli import main
-from gateway.config import TracingConfig
+from gateway.config.model import TracingConfig
 from gateway.errors import FieldError, MalformedRequest, SchemaInvalid
+from gateway.exchange.app import STORE
 from gateway.formats import resident_id_check_char
-from gateway.logs import JsonFormatter, TextFormatter
 from gateway.masking import MASK, mask_headers, mask_personal, mask_pointers, masked_body
+from gateway.observe.logs import JsonFormatter, TextFormatter
+from gateway.observe.tracing import create_tracing
 from gateway.problem import problem_body
 from gateway.signing import Signer
-from gateway.tracing import create_tracing
 from simulators.common import signed_json
 from tests.conftest import (
     APPLY_EXAMPLE,

@@ -1,4 +1,4 @@
-"""Discovery (gateway/meta.py): signed reads, cut from the caller's ACL, leaking nothing.
+"""Discovery (gateway/exchange/meta.py): signed reads, cut from the caller's ACL, leaking nothing.
 
 Each test runs a real gateway, national platform and portal on loopback (the harness);
 requests are signed by ``ExchangeClient`` as a member's system signs them, and every
@@ -16,9 +16,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 from openapi_spec_validator import validate
 
-from gateway.client import Reply, verify_reply
-from gateway.directory import Publisher
-from gateway.openapi import service_document
+from gateway.exchange.client import Reply, verify_reply
+from gateway.exchange.openapi import service_document
+from gateway.federation.directory import Publisher
 from simulators.national import NationalPlatform, create_national_app
 from tests.conftest import (
     CREDIT_EXAMPLE,
@@ -152,7 +152,7 @@ async def test_the_service_document_is_valid_openapi_with_the_service_s_schemas(
 
 def test_local_references_of_a_service_schema_resolve_inside_the_openapi_document() -> None:
     """A schema with its own $id and #/$defs references still validates once embedded."""
-    from gateway.config import ServiceConfig
+    from gateway.config.model import ServiceConfig
 
     schema = {
         "$id": "https://example.invalid/s.json",

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.app import METRICS, STORE
-from gateway.metrics import BUCKETS, STAGES, Metrics
+from gateway.exchange.app import METRICS, STORE
+from gateway.observe.metrics import BUCKETS, STAGES, Metrics
 from gateway.store.sqlite import SQLiteStore
 from tests.conftest import (
     APPLY_EXAMPLE,
@@ -251,8 +251,8 @@ def test_an_app_keeps_its_own_registry(harness: Harness) -> None:
 
 _WORKER = """
 import sys
-from gateway.breaker import BreakerState
-from gateway.metrics import Metrics
+from gateway.runtime.breaker import BreakerState
+from gateway.observe.metrics import Metrics
 
 metrics = Metrics()
 assert metrics.multiprocess

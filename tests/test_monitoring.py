@@ -1,4 +1,4 @@
-"""Operational monitoring (gateway/monitoring.py): records, their API, aggregates."""
+"""Operational monitoring (gateway/exchange/monitoring.py): records, their API, aggregates."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.app import STORE
-from gateway.client import verify_reply
-from gateway.config import MonitoringConfig
+from gateway.config.model import MonitoringConfig
 from gateway.errors import MalformedRequest
-from gateway.monitoring import (
+from gateway.exchange.app import STORE
+from gateway.exchange.client import verify_reply
+from gateway.exchange.monitoring import (
     MAX_LIMIT,
     Monitor,
     aggregate,
@@ -80,7 +80,7 @@ def _monitor(store: Store, registry: CollectorRegistry | None = None, **config: 
 
 async def _settle(h: Harness) -> None:
     """Write what the gateway's monitor has queued (the background task would, later)."""
-    from gateway.app import MONITOR
+    from gateway.exchange.app import MONITOR
 
     await h.app[MONITOR].flush()
 
@@ -210,7 +210,7 @@ async def test_retention_prunes_old_records_only(store: Store) -> None:
 
 def test_retention_config_takes_units_and_defaults_on() -> None:
     """monitoring.retention "12h" is 43200 s; monitoring is on by default, 30 days."""
-    from gateway.config import _monitoring
+    from gateway.config.model import _monitoring
 
     assert _monitoring({"retention": "12h"}).retention_s == 43200
     assert _monitoring({"retention": 90}).retention_s == 90
@@ -465,8 +465,8 @@ async def test_the_national_simulator_pulls_aggregates_from_a_real_gateway(
     import aiohttp
     import yaml
 
-    from gateway.client import ExchangeClient
-    from gateway.keys import load_keypair
+    from gateway.crypto.keys import load_keypair
+    from gateway.exchange.client import ExchangeClient
     from gateway.signing import Signer
     from tests.conftest import ROOT, unused_port
     from tests.test_observability import until_healthy

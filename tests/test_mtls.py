@@ -2,7 +2,7 @@
 (mTLS) listener, the national-platform simulator in-process, and the member's own HTTPS
 callback receiver that admits only the gateway's client certificate.
 
-Certificates are made for this module with ``cryptography`` (gateway/certs.py): the
+Certificates are made for this module with ``cryptography`` (gateway/exchange/certs.py): the
 listener's CA and server certificate, the demo member's, one expired, one revoked in the
 CRL from the start, one revoked while the gateway runs, one from another CA, one valid
 for a different member, one pinned by fingerprint, and the gateway's own client one."""
@@ -38,16 +38,16 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from multidict import CIMultiDict
 
-from gateway.app import STORE, create_app
 from gateway.audit import verify_store
-from gateway.certs import Issued, issue, load_ca, make_ca, revoke
-from gateway.client import ExchangeClient
-from gateway.config import parse_config
+from gateway.config.model import parse_config
+from gateway.crypto.keys import VerificationKey
 from gateway.errors import CertificateRevoked, CertificateUnknown
-from gateway.keys import VerificationKey
-from gateway.limits import GatewayRunner
-from gateway.mtls import LOCAL_TLS, LocalTls, PeerCertificate, fingerprint_of, member_names
-from gateway.registry import Runtime, build_runtime
+from gateway.exchange.app import STORE, create_app
+from gateway.exchange.certs import Issued, issue, load_ca, make_ca, revoke
+from gateway.exchange.client import ExchangeClient
+from gateway.exchange.limits import GatewayRunner
+from gateway.exchange.mtls import LOCAL_TLS, LocalTls, PeerCertificate, fingerprint_of, member_names
+from gateway.runtime.registry import Runtime, build_runtime
 from gateway.signing import Signer
 from simulators.national import NationalPlatform, create_national_app
 from tests.conftest import (
@@ -711,7 +711,7 @@ async def test_the_fingerprint_is_chained_evidence_on_both_store_backends(
         await runner.cleanup()
 
 
-# gateway/mtls.py on its own: mapping and CRL rules an attacker would probe -----------
+# gateway/exchange/mtls.py on its own: mapping and CRL rules an attacker would probe -----------
 
 
 def _local(keys: Keys, pki: Pki, tmp_path: Path, crl: Path | None = None) -> LocalTls:

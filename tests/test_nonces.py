@@ -1,4 +1,4 @@
-"""Single-use nonces (gateway/nonces.py and the pipeline's freshness stage): held
+"""Single-use nonces (gateway/exchange/nonces.py and the pipeline's freshness stage): held
 in memory and in the store, message-id dedupe across a restart and across two instances
 on one store, and the created/expires window; on SQLite and on PostgreSQL."""
 
@@ -17,9 +17,9 @@ import asyncpg
 import pytest
 from multidict import CIMultiDict
 
-from gateway.app import STORE
 from gateway.errors import SignatureInvalid
-from gateway.nonces import NonceGuard
+from gateway.exchange.app import STORE
+from gateway.exchange.nonces import NonceGuard
 from gateway.store import Store
 from tests.conftest import CREDIT_EXAMPLE, Harness, HarnessFactory, store_at
 

@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 import yaml
 
-from gateway.app import STORE
-from gateway.logs import JsonFormatter, TextFormatter
+from gateway.exchange.app import STORE
+from gateway.observe.logs import JsonFormatter, TextFormatter
 from tests.conftest import (
     APPLY_EXAMPLE,
     CREDIT_EXAMPLE,

@@ -14,7 +14,7 @@ from openapi_spec_validator import OpenAPIV31SpecValidator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from gateway.openapi import admin_document, ingress_document
+from gateway.exchange.openapi import admin_document, ingress_document
 from tests.conftest import CREDIT_EXAMPLE, PORTAL_ID, TAX_ID, Harness
 
 METHODS = {"get", "put", "post", "delete", "patch", "options", "head", "trace"}
@@ -33,7 +33,7 @@ async def served(client: Client) -> dict[str, Any]:
 
 def registered(app: web.Application) -> set[tuple[str, str]]:
     """(path template, method) of every route in an app's router; HEAD is aiohttp's echo.
-    The web console's pages and stylesheet (gateway/console/) are HTML, not API."""
+    The web console's pages and stylesheet (gateway/admin/console/) are HTML, not API."""
     operations = set()
     for route in app.router.routes():
         if route.method == "HEAD":
@@ -41,7 +41,7 @@ def registered(app: web.Application) -> set[tuple[str, str]]:
         assert route.resource is not None
         if isinstance(route.resource, web.StaticResource) or getattr(
             route.handler, "__module__", ""
-        ).startswith("gateway.console"):
+        ).startswith("gateway.admin.console"):
             continue
         # `canonical` is the path with each `{name:regex}` written `{name}`, as OpenAPI does.
         operations.add((route.resource.canonical, route.method.lower()))

@@ -3,7 +3,7 @@
 The attacks run against real servers on loopback: a member endpoint that redirects, an
 upstream that answers with a signature bound to nothing (replaying another request's
 answer), a peer URL with a ``?`` in it, names that resolve to loopback. The URL policy
-(gateway/outbound.py) has its unit tests at the end.
+(gateway/config/outbound.py) has its unit tests at the end.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ from multidict import CIMultiDict
 
 from adapters.base import AdapterContext, Exchange
 from adapters.peer import PeerGatewayAdapter
-from gateway.app import STORE
-from gateway.client import ExchangeClient, Reply, verify_reply
-from gateway.config import AdapterConfig, parse_config
-from gateway.directory import (
+from gateway.config.model import AdapterConfig, parse_config
+from gateway.config.outbound import GuardedResolver, OutboundPolicy, join, learnt_session
+from gateway.errors import ConfigError, GatewayError, OutboundRefused, UpstreamError
+from gateway.exchange.app import STORE
+from gateway.exchange.client import ExchangeClient, Reply, verify_reply
+from gateway.federation.directory import (
     NATIONAL_ADAPTER,
     Directory,
     DirectoryKey,
@@ -40,9 +42,7 @@ from gateway.directory import (
     ServiceOffer,
     directory_layer,
 )
-from gateway.errors import ConfigError, GatewayError, OutboundRefused, UpstreamError
-from gateway.outbound import GuardedResolver, OutboundPolicy, join, learnt_session
-from gateway.registry import build_adapter
+from gateway.runtime.registry import build_adapter
 from gateway.signing import RequestView, Signer
 from simulators.national import NationalPlatform, create_national_app
 from tests.conftest import (
@@ -516,7 +516,7 @@ def test_the_directory_layer_leaves_out_parties_the_policy_refuses(
     """By default, http and loopback URLs from the directory make no member, adapter or
     route; each refused entry is logged with its reason."""
     d = _directory(keys, "http://127.0.0.1:9000", "https://10.1.2.3")
-    with caplog.at_level(logging.WARNING, logger="gateway.directory"):
+    with caplog.at_level(logging.WARNING, logger="gateway.federation.directory"):
         layer = _layer(d, OutboundPolicy())
     assert layer == {}
     refused = [r for r in caplog.records if getattr(r, "event", "") == "directory_entry_refused"]
@@ -655,7 +655,7 @@ def test_outbound_config_is_parsed_and_validated(keys: Keys, tmp_path: Any) -> N
         parse_config(copy.deepcopy(doc), base=tmp_path)
 
 
-# The member-side client (gateway/client.py) ----------------------------------------------
+# The member-side client (gateway/exchange/client.py) ----------------------------------------------
 
 
 def _portal_client(keys: Keys, base_url: str, session: aiohttp.ClientSession) -> ExchangeClient:

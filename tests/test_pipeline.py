@@ -16,13 +16,13 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gateway.app import STORE
-from gateway.client import ExchangeClient, verify_reply
-from gateway.config import MemberConfig, parse_config
+from gateway.config.model import MemberConfig, parse_config
+from gateway.crypto.keys import public_from_jwk
 from gateway.errors import MalformedRequest, NotPermitted
-from gateway.keys import public_from_jwk
-from gateway.pipeline import Authenticated, Pipeline, via_chain
-from gateway.registry import Member
+from gateway.exchange.app import STORE
+from gateway.exchange.client import ExchangeClient, verify_reply
+from gateway.exchange.pipeline import Authenticated, Pipeline, via_chain
+from gateway.runtime.registry import Member
 from gateway.signing import Signer, VerifiedSignature
 from gateway.store import MessageRecord
 from tests.conftest import (

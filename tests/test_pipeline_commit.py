@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.app import STORE
-from gateway.client import ExchangeClient
+from gateway.exchange.app import STORE
+from gateway.exchange.client import ExchangeClient
 from gateway.signing import Signer
 from tests.conftest import CREDIT_EXAMPLE, PORTAL_ID, Harness, HarnessFactory
 

@@ -1,10 +1,10 @@
-"""Free ports for started processes (gateway/ports.py): bindable, never ephemeral."""
+"""Free ports for started processes (gateway/serve/ports.py): bindable, never ephemeral."""
 
 from __future__ import annotations
 
 import socket
 
-from gateway.ports import _ephemeral_range, free_port
+from gateway.serve.ports import _ephemeral_range, free_port
 
 
 def test_free_ports_are_bindable_and_outside_the_ephemeral_range() -> None:

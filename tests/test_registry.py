@@ -10,10 +10,10 @@ import pytest
 from adapters.base import Adapter, AdapterContext
 from adapters.http import HttpAdapter
 from adapters.mock import MockAdapter
-from gateway.breaker import BreakerState
-from gateway.config import AdapterConfig, parse_config
+from gateway.config.model import AdapterConfig, parse_config
 from gateway.errors import ConfigError
-from gateway.registry import (
+from gateway.runtime.breaker import BreakerState
+from gateway.runtime.registry import (
     AdapterSlot,
     adapter_types,
     build_adapter,

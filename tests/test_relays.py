@@ -30,8 +30,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from gateway.client import ExchangeClient, Reply
-from gateway.directory import Publisher
+from gateway.exchange.client import ExchangeClient, Reply
+from gateway.federation.directory import Publisher
 from gateway.signing import RequestView, Signer
 from simulators.national import NationalPlatform, create_national_app
 from tests.conftest import (

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gateway.config import RouteConfig, parse_config
-from gateway.routing import RouteTable
+from gateway.config.model import RouteConfig, parse_config
+from gateway.runtime.routing import RouteTable
 from tests.conftest import PEER_ID, TAX_ID, Keys, config_document
 
 ROUTES = [

@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 from adapters.http import HttpAdapter
 from adapters.national import NationalPlatformAdapter
 from adapters.peer import PeerGatewayAdapter
-from gateway.errors import SchemaInvalid
-from gateway.secrets import (
+from gateway.config.secrets import (
     JWK_SECRET_MEMBERS,
     fingerprint,
     is_placeholder,
@@ -27,6 +26,7 @@ from gateway.secrets import (
     secret_pointers,
     secrets_of,
 )
+from gateway.errors import SchemaInvalid
 from tests.conftest import examples
 
 SECRET_TEXT = st.text(min_size=1, max_size=60)

@@ -1,4 +1,4 @@
-"""Secrets by reference and encrypted at rest (gateway/secretstore.py): the AEAD and its
+"""Secrets by reference and encrypted at rest (gateway/config/secretstore.py): the AEAD and its
 vector, the key-encryption key, references in config.yaml, sealing in both real stores,
 rekey and KEK rotation, and what ``gateway check`` says."""
 
@@ -28,13 +28,10 @@ from aiohttp.test_utils import TestServer
 from cryptography.exceptions import InvalidTag
 
 from gateway.admin import create_token
-from gateway.app import STORE
 from gateway.cli import main
-from gateway.client import ExchangeClient
-from gateway.config import SecretsConfig, parse_config
-from gateway.errors import ConfigError, StoreError
-from gateway.secrets import secret_pointers
-from gateway.secretstore import (
+from gateway.config.model import SecretsConfig, parse_config
+from gateway.config.secrets import secret_pointers
+from gateway.config.secretstore import (
     AES_256_GCM,
     SEALED,
     SM4_GCM,
@@ -47,6 +44,9 @@ from gateway.secretstore import (
     resolve_document,
     sm4_gcm_available,
 )
+from gateway.errors import ConfigError, StoreError
+from gateway.exchange.app import STORE
+from gateway.exchange.client import ExchangeClient
 from gateway.signing import Signer
 from gateway.store import ResourceChange, Store
 from tests.conftest import (

@@ -1,4 +1,4 @@
-"""Tests for gateway.signing (RFC 9421 / RFC 9530) and gateway.keys (JWK, RFC 7638, PEM files).
+"""Tests for gateway.signing (RFC 9421 / RFC 9530) and gateway.crypto.keys (JWK, RFC 7638, PEM).
 
 The RFC 9421 Appendix B vectors live in tests/vectors/rfc9421-appendix-b.json; the
 B.2.6 vector with the Ed25519 private key is shared with the other implementations in
@@ -29,14 +29,7 @@ from http_message_signatures import (
 )
 from multidict import CIMultiDict
 
-from gateway.errors import (
-    ConfigError,
-    DigestMismatch,
-    SignatureExpired,
-    SignatureInvalid,
-    SignatureMissing,
-)
-from gateway.keys import (
+from gateway.crypto.keys import (
     KeyPair,
     PrivateKey,
     PublicKey,
@@ -47,6 +40,14 @@ from gateway.keys import (
     private_to_jwk,
     public_from_jwk,
     write_keypair,
+)
+from gateway.crypto.sm2 import Sm2PublicKey
+from gateway.errors import (
+    ConfigError,
+    DigestMismatch,
+    SignatureExpired,
+    SignatureInvalid,
+    SignatureMissing,
 )
 from gateway.signing import (
     REQUEST_COMPONENTS,
@@ -60,7 +61,6 @@ from gateway.signing import (
     parse_signature_input,
 )
 from gateway.signing.algorithms import SM2_SM3
-from gateway.sm2 import Sm2PublicKey
 
 VECTORS = Path(__file__).parent / "vectors" / "rfc9421-appendix-b.json"
 # The workspace's shared vector when present (CI lays shared/ beside the clone), else our copy.

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from gateway.crypto.keys import KeyPair, VerificationKey, generate, private_to_jwk
 from gateway.errors import DigestMismatch
-from gateway.keys import KeyPair, VerificationKey, generate, private_to_jwk
 from gateway.signing import (
     RequestView,
     ResponseView,

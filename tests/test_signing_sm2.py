@@ -25,9 +25,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from gateway.keys import KeyType, private_to_jwk
+from gateway.crypto.keys import KeyType, private_to_jwk
+from gateway.crypto.sm2 import ORDER, Sm2PrivateKey
 from gateway.signing import content_digest
-from gateway.sm2 import ORDER, Sm2PrivateKey
 from tests.conftest import (
     CREDIT_EXAMPLE,
     KEY_KINDS,

@@ -1,4 +1,4 @@
-"""SM2 with SM3 (gateway/sm2.py and its use in keys and checkpoints): the GB/T 32918 vector,
+"""SM2 with SM3 (gateway/crypto/sm2.py and its use in keys and checkpoints): the GB/T 32918 vector,
 the OpenSSL command line as an independent peer, canonical signatures only, quiet failures,
 keys round-tripping PEM ↔ JWK, and the SM2-SM3 checkpoint JWS."""
 
@@ -20,9 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.audit import JwsInvalid, sign_jws, verify_jws
-from gateway.config import jwk_path_for
-from gateway.errors import ConfigError, DigestMismatch
-from gateway.keys import (
+from gateway.config.model import jwk_path_for
+from gateway.crypto.keys import (
     KeyPair,
     VerificationKey,
     generate,
@@ -34,8 +33,9 @@ from gateway.keys import (
     rotate_keypair,
     write_keypair,
 )
+from gateway.crypto.sm2 import ORDER, Sm2PrivateKey, Sm2PublicKey, _lib
+from gateway.errors import ConfigError, DigestMismatch
 from gateway.signing import check_content_digest, content_digest
-from gateway.sm2 import ORDER, Sm2PrivateKey, Sm2PublicKey, _lib
 
 LOCAL_VECTOR = Path(__file__).parent / "vectors" / "sm2-sm3-gbt32918.json"
 DISTID = "distid:1234567812345678"

@@ -26,19 +26,19 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.app import STAMPER, STORE
 from gateway.audit import canonical_bundle, check_bundle, make_checkpoint, verify_store
-from gateway.cli import main
-from gateway.config import TimestampingConfig, parse_config
-from gateway.errors import ConfigError, TimestampError
-from gateway.store import NewMessage, Store
-from gateway.timestamping import (
+from gateway.audit.timestamping import (
     StampTrust,
     check_stamp,
     request_stamp,
     stamp_checkpoints,
     stamped_data,
 )
+from gateway.cli import main
+from gateway.config.model import TimestampingConfig, parse_config
+from gateway.errors import ConfigError, TimestampError
+from gateway.exchange.app import STAMPER, STORE
+from gateway.store import NewMessage, Store
 from tests.conftest import (
     CREDIT_EXAMPLE,
     GATEWAY_ID,

@@ -1,4 +1,4 @@
-"""TLS on the ingress and mutual TLS for peers (gateway/tls.py), with a CA, a server
+"""TLS on the ingress and mutual TLS for peers (gateway/exchange/tls.py), with a CA, a server
 certificate and client certificates generated at test time, on real TLS listeners."""
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.app import create_app
-from gateway.client import ExchangeClient, verify_reply
-from gateway.config import parse_config
+from gateway.config.model import parse_config
 from gateway.errors import ConfigError
-from gateway.limits import GatewayRunner
+from gateway.exchange.app import create_app
+from gateway.exchange.client import ExchangeClient, verify_reply
+from gateway.exchange.limits import GatewayRunner
+from gateway.exchange.tls import TLS_CONTEXT
 from gateway.signing import Signer
-from gateway.tls import TLS_CONTEXT
 from tests.conftest import PORTAL_ID, Keys, config_document, unused_port
 
 # Certificates --------------------------------------------------------------------------

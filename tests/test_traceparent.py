@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from gateway.traceparent import child_traceparent, ensure_traceparent, trace_id_of
+from gateway.observe.traceparent import child_traceparent, ensure_traceparent, trace_id_of
 
 VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 SHAPE = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")

@@ -10,8 +10,8 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from gateway.config import TracingConfig
-from gateway.tracing import NO_TRACING, create_tracing
+from gateway.config.model import TracingConfig
+from gateway.observe.tracing import NO_TRACING, create_tracing
 from tests.conftest import APPLY_EXAMPLE, CREDIT_EXAMPLE, HarnessFactory
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -42,7 +42,7 @@ def test_an_endpoint_without_the_exporter_package_warns_and_stays_off(
     if installed is not None:
         pytest.skip("the OTLP exporter is installed here")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
-    with caplog.at_level(logging.WARNING, logger="gateway.tracing"):
+    with caplog.at_level(logging.WARNING, logger="gateway.observe.tracing"):
         assert create_tracing(TracingConfig()) is NO_TRACING
     assert "opentelemetry.exporter" in caplog.text
 

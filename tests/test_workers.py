@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from gateway.admin import create_token
-from gateway.client import ExchangeClient
+from gateway.exchange.client import ExchangeClient
 from gateway.signing import Signer
 from gateway.store.sqlite import SQLiteStore
 from tests.conftest import APPLY_EXAMPLE, CREDIT_EXAMPLE, PORTAL_ID, Keys

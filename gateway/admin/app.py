@@ -36,7 +36,6 @@ from gateway.admin.operations import (
     withdraw_token,
 )
 from gateway.admin.views import audit_view, dead_letter_view, for_role, message_view, resource_view
-from gateway.app import LIVE, RUNTIME, STORE
 from gateway.errors import (
     GatewayError,
     InternalError,
@@ -44,10 +43,11 @@ from gateway.errors import (
     NotPermitted,
     ResourceUnknown,
 )
-from gateway.live import LiveConfig
-from gateway.monitoring import admin_records
+from gateway.exchange.app import LIVE, RUNTIME, STORE
+from gateway.exchange.monitoring import admin_records
 from gateway.problem import problem_response
-from gateway.registry import adapter_types
+from gateway.runtime.live import LiveConfig
+from gateway.runtime.registry import adapter_types
 
 __all__ = ["create_admin_app"]
 
@@ -406,7 +406,7 @@ async def revoke_token(request: web.Request) -> web.Response:
 
 def create_admin_app(ingress: web.Application) -> web.Application:
     """The admin listener's app; it shares the ingress app's store and live config."""
-    from gateway.openapi import admin_document
+    from gateway.exchange.openapi import admin_document
 
     app = web.Application(middlewares=[admin_middleware], client_max_size=4 * 1024 * 1024)
     app[INGRESS] = ingress
@@ -458,9 +458,9 @@ def create_admin_app(ingress: web.Application) -> web.Application:
         return web.json_response(admin_document())
 
     r.add_get("/openapi.json", openapi)
-    # Local: importing gateway.console first imports gateway.admin (its operations), whose
+    # Local: importing gateway.admin.console first imports gateway.admin (its operations), whose
     # __init__ imports this module; at module level that order would find it half-made.
-    from gateway.console import mount_console
+    from gateway.admin.console import mount_console
 
-    mount_console(app)  # the web console at / (gateway/console/)
+    mount_console(app)  # the web console at / (gateway/admin/console/)
     return app

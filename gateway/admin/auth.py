@@ -10,7 +10,7 @@ Tokens are shown once, stored only as SHA-256 hashes, compared in constant time.
 - ``auditor``: reads the configuration, the audit trail, the token list (who holds
   access) and messages and dead letters without their bodies or headers; writes nothing.
 
-No role reads a secret: views show write-only values as placeholders (gateway/secrets.py).
+No role reads a secret: views show write-only values as placeholders (gateway/config/secrets.py).
 Every admin route names the permission it needs (``gateway/admin/app.py``); a route
 without one is refused to everyone.
 """

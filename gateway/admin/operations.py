@@ -1,5 +1,5 @@
 """The admin operations: every write the admin API (``gateway.admin.app``) and the web
-console (``gateway.console``) both make, as a function of the live config (or the ingress
+console (``gateway.admin.console``) both make, as a function of the live config (or the ingress
 app, or the store) and the principal, so both run the very same permission check,
 validation, audit entry and live swap. The API's handlers and the console's views are thin
 over these; neither imports the other.
@@ -18,7 +18,7 @@ from aiohttp import web
 
 from gateway.admin.auth import Principal, create_token
 from gateway.admin.resources import carry_revocations, check_resource
-from gateway.app import DELIVERY, STORE
+from gateway.config.secrets import restore
 from gateway.errors import (
     ConfigError,
     FieldError,
@@ -27,9 +27,9 @@ from gateway.errors import (
     ResourceUnknown,
     SchemaInvalid,
 )
-from gateway.live import LiveConfig, resource_id
+from gateway.exchange.app import DELIVERY, STORE
 from gateway.masking import masked_error
-from gateway.secrets import restore
+from gateway.runtime.live import LiveConfig, resource_id
 from gateway.states import CallbackState, MessageState
 from gateway.store import ResourceChange, Store
 

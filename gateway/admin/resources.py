@@ -15,12 +15,12 @@ from typing import Any
 
 import jsonschema
 
-from gateway.config import SCHEMA_DIR
+from gateway.config.model import SCHEMA_DIR
+from gateway.config.secretstore import own_keys, resolve_resource
+from gateway.crypto.keys import VerificationKey
 from gateway.errors import FieldError, SchemaInvalid, SecretUnresolved
-from gateway.keys import VerificationKey
-from gateway.live import LiveConfig
-from gateway.registry import adapter_types
-from gateway.secretstore import own_keys, resolve_resource
+from gateway.runtime.live import LiveConfig
+from gateway.runtime.registry import adapter_types
 from gateway.validation import field_errors, pointer_of
 
 __all__ = ["carry_revocations", "check_resource", "resource_schema"]

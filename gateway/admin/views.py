@@ -1,7 +1,7 @@
 """What the admin API and the console show, per role: one view of each shape.
 
 - a resource (member, adapter, service, route) with its secrets as placeholders
-  (``resource_view``; what is secret is declared in ``gateway/secrets.py``);
+  (``resource_view``; what is secret is declared in ``gateway/config/secrets.py``);
 - an audit entry, its before and after redacted the same way (``audit_view``): the trail
   records fingerprints since secrets became write-only, and an entry written before that
   is redacted when read;
@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gateway.admin.auth import Principal
+from gateway.config.secrets import redact
 from gateway.masking import mask_headers, masked_body, masked_error
-from gateway.secrets import redact
 from gateway.store import ChangeRecord, DeadLetter, MessageRecord
 
 __all__ = [

@@ -8,7 +8,7 @@ this package works on it through the store, on either backend:
 - ``verify``: walks a store's chain in one snapshot and names the first break;
 - ``bundle``: exports one message as an evidence bundle, and checks one offline;
 - ``signer``: the task that signs the head now and then, and at shutdown (and tells the
-  TSA stamper, gateway/timestamping.py, of each checkpoint it signed).
+  TSA stamper, gateway/audit/timestamping.py, of each checkpoint it signed).
 
 Formats and the reasoning behind them: ``docs/audit.md``.
 """

@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from gateway.audit.jws import JwsInvalid, sign_jws, verify_jws
+from gateway.audit.timestamping import StampTrust
 from gateway.audit.verify import Finding, Report, verify_chain
+from gateway.crypto.keys import KeyPair
 from gateway.errors import StoreError
-from gateway.keys import KeyPair
 from gateway.states import CallbackState, MessageState
 from gateway.store import ChainSnapshot, Store
 from gateway.store.archived import ArchiveMark
 from gateway.store.chain import GENESIS, ChainRow, CheckpointRow, canonical, content_digest, link
-from gateway.timestamping import StampTrust
 
 __all__ = [
     "ARCHIVE_FORMAT",

@@ -22,13 +22,13 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from rfc3161_client import decode_timestamp_response
 
 from gateway.audit.jws import JwsInvalid, verify_jws
+from gateway.audit.timestamping import CLOCK_SKEW_S, signer_certificate
 from gateway.audit.verify import body_matches, text_sha
+from gateway.config.secretstore import SecretBox
 from gateway.errors import StoreError
-from gateway.secretstore import SecretBox
 from gateway.store import ChainSnapshot, chain
 from gateway.store.bodies import opened_dict
 from gateway.store.chain import link
-from gateway.timestamping import CLOCK_SKEW_S, signer_certificate
 
 __all__ = [
     "BUNDLE_FORMAT",

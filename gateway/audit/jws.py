@@ -22,10 +22,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
+from gateway.crypto.hsm import HardwareKey
+from gateway.crypto.keys import KeyPair, public_from_jwk
+from gateway.crypto.sm2 import Sm2PrivateKey, Sm2PublicKey
 from gateway.errors import StoreError
-from gateway.hsm import HardwareKey
-from gateway.keys import KeyPair, public_from_jwk
-from gateway.sm2 import Sm2PrivateKey, Sm2PublicKey
 from gateway.store.chain import canonical
 
 __all__ = ["CHECKPOINT_TYPE", "JwsInvalid", "jwks_from", "sign_jws", "verify_jws"]

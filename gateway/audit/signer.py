@@ -13,8 +13,8 @@ import logging
 from collections.abc import Callable
 
 from gateway.audit.jws import sign_jws
+from gateway.crypto.keys import KeyPair
 from gateway.errors import GatewayError
-from gateway.keys import KeyPair
 from gateway.store import Store
 from gateway.store.chain import CheckpointRow, Head
 

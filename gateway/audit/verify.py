@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.audit.jws import JwsInvalid, verify_jws
+from gateway.audit.timestamping import StampTrust, check_stamp, stamped_data
+from gateway.config.secretstore import SecretBox
 from gateway.errors import GatewayError, StoreError, TimestampError
-from gateway.secretstore import SecretBox
 from gateway.store import ChainSnapshot, Store, chain
 from gateway.store.archived import ArchiveMark
 from gateway.store.bodies import SEALED_COLUMNS, is_sealed, open_value, ready
 from gateway.store.chain import ChainRow, CheckpointRow, link
-from gateway.timestamping import StampTrust, check_stamp, stamped_data
 
 __all__ = [
     "KINDS",

@@ -43,7 +43,7 @@ from gateway.cli import (
     tokens,
 )
 from gateway.errors import ConfigError, GatewayError
-from gateway.logs import configure_logging
+from gateway.observe.logs import configure_logging
 
 __all__ = ["build_parser", "main"]
 

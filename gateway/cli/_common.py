@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.config import Config, load_config
-from gateway.keys import KEY_TYPE_NAMES, KeyType
-from gateway.secretstore import SecretBox
+from gateway.config.model import Config, load_config
+from gateway.config.secretstore import SecretBox
+from gateway.crypto.keys import KEY_TYPE_NAMES, KeyType
 from gateway.store import Store, create_store
 
 __all__ = [

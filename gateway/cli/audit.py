@@ -23,12 +23,12 @@ from gateway.audit import (
     stamp_files,
     verify_store,
 )
+from gateway.audit.timestamping import StampTrust, stamp_checkpoints
 from gateway.cli._common import load, open_store, read_json, with_config
-from gateway.config import Config
+from gateway.config.model import Config
+from gateway.crypto.keys import load_gateway_keypair
 from gateway.errors import StoreError, TimestampError
-from gateway.keys import load_gateway_keypair
 from gateway.store import Store
-from gateway.timestamping import StampTrust, stamp_checkpoints
 
 __all__ = ["EXIT_UNTRUSTED", "register"]
 

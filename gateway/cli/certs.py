@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gateway.certs import issue, make_ca, revoke
+from gateway.exchange.certs import issue, make_ca, revoke
 
 __all__ = ["register"]
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.cli._common import load, open_store, with_config
-from gateway.config import warnings_of
+from gateway.config.model import warnings_of
+from gateway.config.secrets import redact_document
 from gateway.errors import ConfigError
-from gateway.secrets import redact_document
 
 __all__ = ["register"]
 
@@ -34,8 +34,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from gateway.registry import check_adapter_config
-    from gateway.secretstore import KeyEncryptionKey
+    from gateway.config.secretstore import KeyEncryptionKey
+    from gateway.runtime.registry import check_adapter_config
 
     try:
         config = load(args)
@@ -75,8 +75,8 @@ def cmd_config_export(args: argparse.Namespace) -> int:
     """The live configuration (file + admin changes) as YAML that `gateway serve` accepts."""
     import yaml
 
-    from gateway.config import parse_config
-    from gateway.live import merge
+    from gateway.config.model import parse_config
+    from gateway.runtime.live import merge
 
     config = load(args)
 

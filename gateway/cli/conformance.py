@@ -1,4 +1,4 @@
-"""``gateway conformance``: the member's conformance kit (gateway/conformance.py) from the
+"""``gateway conformance``: the member's conformance kit (gateway/exchange/conformance.py) from the
 command line; a pass/fail line per check, a JSON report, exit 1 on any failure."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import re
 import sys
 from pathlib import Path
 
-from gateway.config import MEMBER_ID_PATTERN, jwk_path_for
-from gateway.conformance import KitOptions, parse_jwks, run_kit
+from gateway.config.model import MEMBER_ID_PATTERN, jwk_path_for
+from gateway.crypto.keys import KeyPair, load_keypair
 from gateway.errors import ConfigError, GatewayError
-from gateway.keys import KeyPair, load_keypair
+from gateway.exchange.conformance import KitOptions, parse_jwks, run_kit
 
 __all__ = ["register"]
 

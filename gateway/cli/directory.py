@@ -18,12 +18,12 @@ from typing import Any
 
 import aiohttp
 
-from gateway.config import jwk_path_for
-from gateway.directory import check_succession, read_directory, sign_directory
+from gateway.config.model import jwk_path_for
+from gateway.crypto.hsm import is_pkcs11_uri
+from gateway.crypto.keys import load_key
 from gateway.encoding import iso_utc
 from gateway.errors import DirectoryRefused
-from gateway.hsm import is_pkcs11_uri
-from gateway.keys import load_key
+from gateway.federation.directory import check_succession, read_directory, sign_directory
 
 __all__ = ["register"]
 

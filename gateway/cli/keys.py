@@ -21,11 +21,9 @@ from typing import Any
 import aiohttp
 
 from gateway.cli._common import add_alg_option, load, with_config
-from gateway.config import Config, jwk_path_for
-from gateway.encoding import iso_utc
-from gateway.errors import GatewayError
-from gateway.hsm import Pkcs11Uri, generate_key
-from gateway.keys import (
+from gateway.config.model import Config, jwk_path_for
+from gateway.crypto.hsm import Pkcs11Uri, generate_key
+from gateway.crypto.keys import (
     KeyPair,
     KeyType,
     generate,
@@ -34,6 +32,8 @@ from gateway.keys import (
     rotate_keypair,
     write_keypair,
 )
+from gateway.encoding import iso_utc
+from gateway.errors import GatewayError
 
 __all__ = ["register"]
 
@@ -167,7 +167,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 
 async def _announce(config: Config, url: str, old: KeyPair, new: KeyPair) -> int | str:
-    from gateway.federation import announce, announcement_of  # imports the app's modules
+    from gateway.federation.follower import announce, announcement_of  # imports the app's modules
 
     async with aiohttp.ClientSession() as session:
         try:

@@ -73,7 +73,7 @@ def cmd_log_show(args: argparse.Namespace) -> int:
             if not records:
                 print(f"no message {args.id}", file=sys.stderr)
                 return 1
-            from gateway.live import merge
+            from gateway.runtime.live import merge
 
             sensitive = _sensitive(merge(config.raw, await store.load_overlay()))
             for r in records:
@@ -88,9 +88,9 @@ def cmd_log_show(args: argparse.Namespace) -> int:
 
 
 def cmd_log_archive(args: argparse.Namespace) -> int:
+    from gateway.audit.retention import archive_now, run_hook
     from gateway.cli.audit import gateway_jwks
-    from gateway.keys import load_gateway_keypair
-    from gateway.retention import archive_now, run_hook
+    from gateway.crypto.keys import load_gateway_keypair
 
     config = load(args)
     jwks = gateway_jwks(config)

@@ -17,18 +17,23 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import eventloop
 from gateway.admin import create_admin_app
-from gateway.app import create_app
 from gateway.cli._common import add_alg_option, load, with_config
-from gateway.config import Config, jwk_path_for, listen_address, load_config, with_listeners
+from gateway.config.model import Config, jwk_path_for, listen_address, load_config, with_listeners
+from gateway.crypto.hsm import is_pkcs11_uri
+from gateway.crypto.keys import (
+    VerificationKey,
+    ensure_keypair,
+    load_gateway_keypair,
+    read_passphrase,
+)
 from gateway.errors import ConfigError
-from gateway.hsm import is_pkcs11_uri
-from gateway.keys import VerificationKey, ensure_keypair, load_gateway_keypair, read_passphrase
-from gateway.limits import GatewayRunner
-from gateway.logs import configure_logging
-from gateway.mtls import LOCAL_TLS
-from gateway.tls import TLS_CONTEXT
+from gateway.exchange.app import create_app
+from gateway.exchange.limits import GatewayRunner
+from gateway.exchange.mtls import LOCAL_TLS
+from gateway.exchange.tls import TLS_CONTEXT
+from gateway.observe.logs import configure_logging
+from gateway.serve import eventloop
 
 __all__ = ["load_raw", "register"]
 
@@ -116,7 +121,7 @@ async def _run_sites(
             if not quiet:
                 print(f"  {label:<34} {scheme}://{host}:{port}", flush=True)
             local = app.get(LOCAL_TLS)
-            if local is not None:  # the same app, served to mtls members (gateway/mtls.py)
+            if local is not None:  # the same app, served to mtls members (gateway/exchange/mtls.py)
                 where = local.config
                 await web.TCPSite(
                     runner,
@@ -178,7 +183,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers <= 1:
         eventloop.run(_run_sites(_gateway_sites(config), shutdown_timeout=grace), loop)
         return 0
-    from gateway.workers import supervise
+    from gateway.serve.workers import supervise
 
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # Metrics of all workers are merged from files in one directory.
@@ -265,7 +270,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def _ensure_local_pki(raw: dict[str, Any], base: Path) -> None:
     """The shipped local listener's certificates (its CA ``local-ca.crt``, the server's,
     one per mtls member of that CA), made when missing as the keys are."""
-    from gateway.certs import ensure_local_pki
+    from gateway.exchange.certs import ensure_local_pki
 
     tls = raw.get("listen", {}).get("local", {}).get("tls", {})
     ca = tls.get("client_ca")
@@ -303,6 +308,6 @@ def _examples(config: Config) -> dict[str, Any]:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Province A, the national platform and province B on loopback, end to end."""
-    from gateway.demo import main as demo
+    from gateway.serve.demo import main as demo
 
     return demo(args.crypto)

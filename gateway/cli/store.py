@@ -10,9 +10,9 @@ from pathlib import Path
 
 from gateway.audit import verify_store
 from gateway.cli._common import load, with_config
-from gateway.config import Config, SecretsConfig
+from gateway.config.model import Config, SecretsConfig
+from gateway.config.secretstore import CIPHERS, KeyEncryptionKey, SecretBox
 from gateway.errors import StoreError
-from gateway.secretstore import CIPHERS, KeyEncryptionKey, SecretBox
 from gateway.store import create_store, store_url
 from gateway.store.postgres import PostgresStore, migrate
 

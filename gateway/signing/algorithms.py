@@ -1,6 +1,6 @@
 """Signature algorithms: which primitive signs and verifies for each RFC 9421 algorithm.
 
-A key's algorithm follows from its type (gateway/keys.py); this module maps it to the
+A key's algorithm follows from its type (gateway/crypto/keys.py); this module maps it to the
 code that does the work and is the one place a new algorithm is added.
 """
 
@@ -15,8 +15,8 @@ from http_message_signatures import HTTPSignatureAlgorithm, HTTPSignatureKeyReso
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from gateway.keys import PublicKey, VerificationKey
-from gateway.sm2 import Sm2PrivateKey, Sm2PublicKey
+from gateway.crypto.keys import PublicKey, VerificationKey
+from gateway.crypto.sm2 import Sm2PrivateKey, Sm2PublicKey
 
 __all__ = ["ALGORITHM_CLASSES", "SM2_SM3", "OneKey", "hardware_class", "verify_raw"]
 
@@ -55,7 +55,7 @@ ALGORITHM_CLASSES: dict[str, type[HTTPSignatureAlgorithm]] = {
 
 @functools.cache
 def hardware_class(algorithm_id: str) -> type[HTTPSignatureAlgorithm]:
-    """The class for a key in a PKCS#11 token (``gateway.hsm.HardwareKey``): the token
+    """The class for a key in a PKCS#11 token (``gateway.crypto.hsm.HardwareKey``): the token
     signs, and gives the signature in RFC 9421's form already (ECDSA ``r‖s``)."""
 
     class Hardware(HTTPSignatureAlgorithm):

@@ -15,9 +15,9 @@ from http_message_signatures.exceptions import HTTPMessageSignaturesException
 from multidict import CIMultiDict
 from nacl.signing import SigningKey
 
+from gateway.crypto.hsm import HardwareKey
+from gateway.crypto.keys import KeyPair, PrivateKey
 from gateway.errors import InternalError, SignatureInvalid
-from gateway.hsm import HardwareKey
-from gateway.keys import KeyPair, PrivateKey
 from gateway.signing.algorithms import ALGORITHM_CLASSES, OneKey, hardware_class
 from gateway.signing.base import (
     RESPONSE_COMPONENTS,
@@ -69,7 +69,7 @@ class Signer:
         if digest is not None and digest not in DIGESTS:
             raise ValueError(f"unsupported Content-Digest algorithm {digest!r}")
         self.digest = digest or ("sm3" if self.algorithm == "sm2-sm3" else "sha-256")
-        # A key in a token signs there (gateway/hsm.py), on the calling thread: measured
+        # A key in a token signs there (gateway/crypto/hsm.py), on the calling thread: measured
         # in docs/decisions.md (Keys in hardware), a thread would not make it cheaper.
         algorithm_class = (
             hardware_class(self.algorithm)

@@ -12,8 +12,8 @@ from cryptography.exceptions import InvalidSignature as CryptoInvalidSignature
 from http_message_signatures import HTTPMessageVerifier
 from http_message_signatures.exceptions import HTTPMessageSignaturesException, InvalidSignature
 
+from gateway.crypto.keys import VerificationKey
 from gateway.errors import SignatureExpired, SignatureInvalid
-from gateway.keys import VerificationKey
 from gateway.signing.algorithms import ALGORITHM_CLASSES, OneKey, verify_raw
 from gateway.signing.base import (
     RequestView,

@@ -47,7 +47,7 @@ from gateway.store.records import (
 )
 
 if TYPE_CHECKING:
-    from gateway.config import StoreConfig
+    from gateway.config.model import StoreConfig
 
 __all__ = [
     "FORWARD",

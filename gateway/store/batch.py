@@ -57,7 +57,7 @@ _RETRY_MAX_S = 0.004
 
 
 class BatchObserver(Protocol):
-    """Told about each batch (gateway/metrics.py turns it into histograms)."""
+    """Told about each batch (gateway/observe/metrics.py turns it into histograms)."""
 
     def committed(self, units: int, seconds: float) -> None:
         """A batch of ``units`` committed; ``seconds`` from BEGIN to COMMIT (the loop's

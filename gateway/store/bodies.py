@@ -2,7 +2,7 @@
 
 Request, response, callback and result bodies and the stored header JSON are written
 through the same AEAD and key hierarchy as the secrets of admin writes
-(gateway/secretstore.py): the current data key (SM4-GCM by default, AES-256-GCM
+(gateway/config/secretstore.py): the current data key (SM4-GCM by default, AES-256-GCM
 selectable), itself wrapped by the key-encryption key from ``secrets.kek``. One key
 hierarchy: a data key seals secrets and bodies alike; ``gateway store rekey`` adds a
 generation (new writes use it, old ones stay readable under theirs) or re-wraps every
@@ -27,8 +27,8 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 
+from gateway.config.secretstore import DataKey, SecretBox, decrypt, encrypt
 from gateway.errors import GatewayError, StoreError
-from gateway.secretstore import DataKey, SecretBox, decrypt, encrypt
 
 __all__ = [
     "SEALED_COLUMNS",

@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar
 
+from gateway.config.secretstore import DataKey, SecretBox
 from gateway.errors import StoreError
-from gateway.secretstore import DataKey, SecretBox
 from gateway.states import CallbackState, MessageState
 from gateway.store.archived import ARCHIVE_COLUMNS, ArchiveMark
 from gateway.store.batch import BatchObserver
@@ -85,7 +85,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-CONFIG_CHANNEL = "gateway_config"  # an admin write committed (gateway/live.py)
+CONFIG_CHANNEL = "gateway_config"  # an admin write committed (gateway/runtime/live.py)
 
 
 class Tx(Protocol):
@@ -1229,7 +1229,7 @@ class StoreBody:
         )
         return count == 1
 
-    # Secrets at rest (gateway/secretstore.py) -----------------------------------------
+    # Secrets at rest (gateway/config/secretstore.py) -----------------------------------------
 
     def use_secrets(self, box: SecretBox) -> None:
         self._secrets = box
@@ -1356,7 +1356,7 @@ class StoreBody:
     async def prune_nonces(self, now: float) -> int:
         return await self._execute("DELETE FROM nonces WHERE expires_at <= ?", now)
 
-    # Operational monitoring (gateway/monitoring.py): apart from the log, no chain ------
+    # Operational monitoring (gateway/exchange/monitoring.py): apart from the log, no chain ------
 
     async def insert_monitoring(self, records: Sequence[MonitoringRecord]) -> None:
         """One unit per batch: multi-row INSERTs of at most MONITORING_CHUNK rows each
@@ -1483,7 +1483,7 @@ class StoreBody:
         return counts[0], counts[1]
 
     # --- tsa ---
-    # Third-party time (gateway/timestamping.py): checkpoint_stamps, one claim row per
+    # Third-party time (gateway/audit/timestamping.py): checkpoint_stamps, one claim row per
     # checkpoint (gateway/store/stamps.py).
 
     async def claim_unstamped(

@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from gateway.config.secretstore import SecretBox
 from gateway.errors import StoreError, StoreReadOnly, StoreUnavailable
-from gateway.secretstore import SecretBox
 from gateway.store.archived import ARCHIVE_COLUMNS, ArchiveMark, mark_of
 from gateway.store.body import CONFIG_CHANNEL, Dialect, StoreBody, opened
 from gateway.store.chain import (
@@ -429,7 +429,7 @@ class PostgresStore(StoreBody):
                 "checkpoints), 0))",
                 checkpoint_high_water,
             )
-            # The configuration version goes on from the copied one (gateway/live.py).
+            # The configuration version goes on from the copied one (gateway/runtime/live.py).
             await tx.conn.execute(
                 "UPDATE config_version SET version = GREATEST(version, "
                 "(SELECT COALESCE(MAX(version), 0) FROM resources))"

@@ -24,7 +24,7 @@ from gateway.store.chain import ChainRow, CheckpointRow, Head
 from gateway.store.oprecords import MonitoringQuery, MonitoringRecord, MonitoringSample
 
 if TYPE_CHECKING:
-    from gateway.secretstore import DataKey, SecretBox
+    from gateway.config.secretstore import DataKey, SecretBox
 
 __all__ = [
     "FORWARD",
@@ -254,7 +254,7 @@ class ResourceChange:
     before: Any = None
     after: Any = None
     # What the audit trail keeps of (before, after) when it must differ from the states
-    # themselves: write-only secrets as their fingerprints (gateway/secrets.py). ``after``
+    # themselves: write-only secrets as their fingerprints (gateway/config/secrets.py). ``after``
     # stays the resource's stored body; None records before and after as they are.
     recorded: tuple[Any, Any] | None = None
 
@@ -461,7 +461,7 @@ class Store(Protocol):
     ) -> int: ...
     async def config_version(self) -> int: ...
     async def wait_for_config_change(self, timeout_s: float) -> None: ...
-    # The last accepted federation directory (gateway/federation.py): kept unless one of
+    # The last accepted federation directory (gateway/federation/follower.py): kept unless one of
     # a higher version already is; True when this one is now kept.
     async def save_directory(self, version: int, jws: str) -> bool: ...
     async def load_directory(self) -> str | None: ...
@@ -474,7 +474,7 @@ class Store(Protocol):
     async def list_tokens(self) -> list[TokenRecord]: ...
     async def revoke_token(self, name: str) -> bool: ...
 
-    # Secrets at rest (gateway/secretstore.py). The store seals the secrets of resource
+    # Secrets at rest (gateway/config/secretstore.py). The store seals the secrets of resource
     # bodies and change records with its box on the way in and opens them on the way out
     # (a store without one refuses to keep a secret in clear). Data keys are kept wrapped
     # by the key-encryption key; add_data_key is False when that generation exists.
@@ -494,7 +494,7 @@ class Store(Protocol):
     ) -> bool: ...
     async def prune_nonces(self, now: float) -> int: ...
 
-    # Operational monitoring (gateway/monitoring.py): apart from the evidence log.
+    # Operational monitoring (gateway/exchange/monitoring.py): apart from the evidence log.
     async def insert_monitoring(self, records: Sequence[MonitoringRecord]) -> None: ...
     async def monitoring_records(self, query: MonitoringQuery) -> list[MonitoringRecord]: ...
     async def monitoring_samples(
@@ -525,7 +525,7 @@ class Store(Protocol):
     # --- end archive ---
 
     # --- tsa ---
-    # Third-party time (gateway/timestamping.py). claim_unstamped leases the checkpoints
+    # Third-party time (gateway/audit/timestamping.py). claim_unstamped leases the checkpoints
     # without a stamp to this instance until now + lease_s (those it holds already, those
     # never claimed, those whose lease ran out), oldest first; save_stamp keeps a stamp
     # only while this instance holds the claim and none is kept yet (True when kept);

@@ -1,5 +1,5 @@
 """The secrets of admin writes sealed on their way into the store and opened on the way
-out (gateway/secretstore.py), once for both backends: resource bodies of the overlay and
+out (gateway/config/secretstore.py), once for both backends: resource bodies of the overlay and
 the before/after of change records."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.secretstore import SecretBox
+from gateway.config.secretstore import SecretBox
 from gateway.store.records import ChangeRecord, ResourceChange
 
 __all__ = ["opened_changes", "opened_overlay", "sealed_change"]

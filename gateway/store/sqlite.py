@@ -15,8 +15,8 @@ from typing import Any, TypeVar, cast
 
 import aiosqlite
 
+from gateway.config.secretstore import SecretBox
 from gateway.errors import StoreError, StoreReadOnly
-from gateway.secretstore import SecretBox
 from gateway.store import archived
 from gateway.store import chain as log_chain
 from gateway.store import stamps as log_stamps
@@ -188,7 +188,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX callbacks_original ON callbacks (original_seq, seq);
     """,
     """
-    -- Data keys (gateway/secretstore.py): random AEAD keys, each wrapped by the
+    -- Data keys (gateway/config/secretstore.py): random AEAD keys, each wrapped by the
     -- key-encryption key from config; the highest generation seals what is written now.
     CREATE TABLE data_keys (
         generation INTEGER PRIMARY KEY,

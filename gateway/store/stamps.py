@@ -1,4 +1,4 @@
-"""RFC 3161 stamps kept with their checkpoints (gateway/timestamping.py): SQLite's table
+"""RFC 3161 stamps kept with their checkpoints (gateway/audit/timestamping.py): SQLite's table
 and the snapshot's read of it (the claims and writes are ``StoreBody``'s, body.py).
 
 One ``checkpoint_stamps`` row per checkpoint that an instance has claimed: who holds the
@@ -15,7 +15,7 @@ __all__ = ["MIGRATION", "stamps"]
 
 # SQLite migration 12.
 MIGRATION = """
-    -- Third-party time: the TSA's stamp of each checkpoint (gateway/timestamping.py).
+    -- Third-party time: the TSA's stamp of each checkpoint (gateway/audit/timestamping.py).
     CREATE TABLE checkpoint_stamps (
         checkpoint_id INTEGER PRIMARY KEY,  -- checkpoints.id
         owner         TEXT    NOT NULL,     -- the instance that holds the claim
