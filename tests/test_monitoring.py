@@ -476,6 +476,7 @@ async def test_the_national_simulator_pulls_aggregates_from_a_real_gateway(
     ports = {name: unused_port() for name in ("ingress", "admin", "national", "portal")}
     doc["listen"]["ingress"]["port"] = ports["ingress"]
     doc["listen"]["admin"]["port"] = ports["admin"]
+    doc["listen"]["local"]["port"] = unused_port()  # the mTLS listener, off 8443
     doc["simulators"]["national"]["port"] = ports["national"]
     doc["simulators"]["national"]["monitor_every_s"] = 0.2
     doc["simulators"]["portal"]["port"] = ports["portal"]
