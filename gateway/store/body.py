@@ -339,21 +339,25 @@ class InsertMessage:
         return seqs
 
     def chained(self, tx: Tx, seq: int) -> None:
-        m = self.msg
-        tx.wake = tx.wake or m.next_attempt_at is not None
-        tx.chain(
-            "message.accepted",
-            seq,
-            self.now,
-            message_id=m.message_id,
-            client=m.client,
-            service=m.service,
-            mode=m.mode,
-            state=m.state,
-            target=m.target,
-            request_digest=m.request_digest,
-            headers_digest=body_digest(self.headers.encode()),
-        )
+        tx.wake = tx.wake or self.msg.next_attempt_at is not None
+        chain_accepted(tx, seq, self.now, self.msg, self.headers)
+
+
+def chain_accepted(tx: Tx, seq: int, at: float, m: NewMessage, headers: str) -> None:
+    """The ``message.accepted`` event of a new message (its facts, never its bodies)."""
+    tx.chain(
+        "message.accepted",
+        seq,
+        at,
+        message_id=m.message_id,
+        client=m.client,
+        service=m.service,
+        mode=m.mode,
+        state=m.state,
+        target=m.target,
+        request_digest=m.request_digest,
+        headers_digest=body_digest(headers.encode()),
+    )
 
 
 class _Observed(Protocol):
@@ -436,19 +440,7 @@ class RecordExchange:
             if seq is None:
                 continue
             m, o = u.msg, u.outcome
-            tx.chain(
-                "message.accepted",
-                seq,
-                u.received_at,
-                message_id=m.message_id,
-                client=m.client,
-                service=m.service,
-                mode=m.mode,
-                state=m.state,
-                target=m.target,
-                request_digest=m.request_digest,
-                headers_digest=body_digest(u.headers.encode()),
-            )
+            chain_accepted(tx, seq, u.received_at, m, u.headers)
             tx.chain(
                 "message.finished",
                 seq,
